@@ -1,0 +1,1362 @@
+"""OpenAI-compatible HTTP API over the local, logged-in ``claude`` CLI.
+
+Start it with ``python claude_api.py`` and point any OpenAI client at
+``http://127.0.0.1:8765/v1``. Every request runs ``claude -p`` with its built-in tools
+switched off, in a private empty working directory, so no client can make it touch the
+host. The CLI brings its own login: no API key is needed.
+
+Endpoints:
+    POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not
+    GET  /v1/models             the model aliases the CLI understands
+    GET  /v1/models/{id}        one of them
+    GET  /health                CLI path and version, in-flight and queued requests
+    GET  /                      a pointer to the above
+
+Settings are environment variables, read once by ``load_settings``; the ``Settings``
+dataclass lists them all, and README.md / README.en.md describe each with its default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, TypedDict
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("claude_api")
+
+MiB = 1024 * 1024
+
+
+# --- Settings ---
+
+SystemPromptMode = Literal["replace", "append", "embed"]
+StreamMode = Literal["live", "pseudo"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be told, each field read from one environment variable."""
+
+    host: str = "127.0.0.1"  # CLAUDE_API_HOST
+    port: int = 8765  # CLAUDE_API_PORT
+    api_keys: tuple[str, ...] = ()  # CLAUDE_API_KEYS, comma-separated
+    claude_bin: str = "claude"  # CLAUDE_BIN
+    default_model: str = ""  # CLAUDE_DEFAULT_MODEL; empty: the CLI's own default
+    extra_models: tuple[str, ...] = ()  # CLAUDE_MODELS, comma-separated
+    model_map: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # CLAUDE_MODEL_MAP (JSON)
+    max_concurrency: int = 4  # CLAUDE_MAX_CONCURRENCY
+    max_queue: int = 100  # CLAUDE_MAX_QUEUE
+    timeout: float = 300.0  # CLAUDE_TIMEOUT, seconds per attempt
+    max_retries: int = 5  # CLAUDE_MAX_RETRIES
+    base_backoff: float = 2.0  # CLAUDE_BASE_BACKOFF, seconds
+    system_prompt_mode: SystemPromptMode = "replace"  # CLAUDE_SYSTEM_PROMPT_MODE
+    workdir: str = ""  # CLAUDE_WORKDIR; empty: a private temporary directory
+    max_body_bytes: int = 20 * MiB  # CLAUDE_MAX_BODY_BYTES
+    log_level: str = "INFO"  # CLAUDE_LOG_LEVEL
+    stream_mode: StreamMode = "live"  # CLAUDE_STREAM_MODE
+    keepalive: float = 15.0  # CLAUDE_KEEPALIVE, seconds
+    shutdown_grace: float = 10.0  # CLAUDE_SHUTDOWN_GRACE, seconds
+    effort: str = ""  # CLAUDE_EFFORT; empty: the CLI's own default
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot use; the message names the variable."""
+
+
+def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
+    def text(name: str, default: str) -> str:
+        return environ.get(name, default).strip()
+
+    def number(name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> Any:
+        raw = environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            value = None
+        kind = "an integer" if integer else "a number"
+        if value is None or value < minimum or (not integer and value != value):
+            raise SettingsError(f"{name} must be {kind} >= {minimum:g}, got {raw!r}")
+        return value
+
+    def choice(name: str, default: str, allowed: Iterable[str]) -> str:
+        value = text(name, default).lower() or default
+        if value not in allowed:
+            raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def names(name: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+
+    model_map = dict(OPENAI_MODEL_MAP)
+    raw_map = text("CLAUDE_MODEL_MAP", "")
+    if raw_map:
+        try:
+            extra = json.loads(raw_map)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"CLAUDE_MODEL_MAP must be a JSON object, got {raw_map!r}: {exc}") from None
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise SettingsError(f"CLAUDE_MODEL_MAP must map names to strings, got {raw_map!r}")
+        model_map.update(extra)
+    for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", "")]:
+        if target and not MODEL_NAME.fullmatch(target):
+            raise SettingsError(f"invalid model name {target!r} in CLAUDE_MODEL_MAP, CLAUDE_MODELS or "
+                                "CLAUDE_DEFAULT_MODEL")
+
+    effort = choice("CLAUDE_EFFORT", "", ["", *EFFORTS])
+    return Settings(
+        host=text("CLAUDE_API_HOST", "127.0.0.1"),
+        port=number("CLAUDE_API_PORT", 8765, minimum=0, integer=True),
+        api_keys=names("CLAUDE_API_KEYS"),
+        claude_bin=text("CLAUDE_BIN", "claude") or "claude",
+        default_model=text("CLAUDE_DEFAULT_MODEL", ""),
+        extra_models=names("CLAUDE_MODELS"),
+        model_map=MappingProxyType(model_map),
+        max_concurrency=number("CLAUDE_MAX_CONCURRENCY", 4, minimum=1, integer=True),
+        max_queue=number("CLAUDE_MAX_QUEUE", 100, minimum=0, integer=True),
+        timeout=number("CLAUDE_TIMEOUT", 300.0, minimum=0.001),
+        max_retries=number("CLAUDE_MAX_RETRIES", 5, minimum=0, integer=True),
+        base_backoff=number("CLAUDE_BASE_BACKOFF", 2.0),
+        system_prompt_mode=choice("CLAUDE_SYSTEM_PROMPT_MODE", "replace", ["replace", "append", "embed"]),  # type: ignore[arg-type]
+        workdir=text("CLAUDE_WORKDIR", ""),
+        max_body_bytes=number("CLAUDE_MAX_BODY_BYTES", 20 * MiB, minimum=1, integer=True),
+        log_level=choice("CLAUDE_LOG_LEVEL", "info", ["debug", "info", "warning", "error"]).upper(),
+        stream_mode=choice("CLAUDE_STREAM_MODE", "live", ["live", "pseudo"]),  # type: ignore[arg-type]
+        keepalive=number("CLAUDE_KEEPALIVE", 15.0, minimum=0.01),
+        shutdown_grace=number("CLAUDE_SHUTDOWN_GRACE", 10.0),
+        effort=EFFORTS.get(effort, ""),
+    )
+
+
+# --- Errors ---
+
+
+class ProxyError(Exception):
+    """An error the client sees as OpenAI's ``{"error": {...}}`` with an HTTP status."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+    retryable = False  # transient: worth another attempt while nothing has reached the client
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+
+
+class BadRequest(ProxyError):
+    status, type = 400, "invalid_request_error"
+
+
+class InvalidApiKey(ProxyError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class CliNotLoggedIn(ProxyError):
+    status, type, code = 401, "authentication_error", "cli_not_logged_in"
+
+
+class PlanRefused(ProxyError):
+    status, type, code = 403, "permission_error", "third_party_app_refused"
+
+
+class NotFound(ProxyError):
+    status, type, code = 404, "invalid_request_error", "unknown_url"
+
+
+class ModelNotFound(ProxyError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(ProxyError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status, type, code, retryable = 429, "rate_limit_error", "rate_limit_exceeded", True
+
+
+class CliFailed(ProxyError):
+    """The CLI crashed, printed nonsense, or the upstream failed in a way worth retrying."""
+
+    status, type, code, retryable = 502, "server_error", "cli_failed", True
+
+
+class UpstreamRejected(ProxyError):
+    """The upstream API refused the request itself; retrying would not help."""
+
+    status, type, code = 502, "server_error", "upstream_rejected"
+
+
+class CliUnavailable(ProxyError):
+    status, type, code = 503, "server_error", "cli_not_found"
+
+
+class Overloaded(ProxyError):
+    status, type, code = 503, "server_error", "overloaded"
+
+
+class CliTimeout(ProxyError):
+    status, type, code, retryable = 504, "server_error", "timeout", True
+
+
+class ClientGone(Exception):
+    """The client closed the connection; there is nobody left to answer."""
+
+
+def missing(param: str) -> BadRequest:
+    return BadRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+
+
+def wrong_type(param: str, expected: str, value: Any) -> BadRequest:
+    got = {bool: "a boolean", int: "an integer", float: "a decimal", str: "a string", list: "an array",
+           dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    return BadRequest(f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
+                      param=param, code="invalid_type")
+
+
+# --- Wire shapes and tables ---
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+FinishReason = Literal["stop", "length"]
+ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+
+# Aliases the CLI resolves itself; /v1/models lists these plus CLAUDE_MODELS.
+CLI_ALIASES = ("default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan")
+# Names meaning "whatever the account's default is": no --model (or CLAUDE_DEFAULT_MODEL).
+DEFAULT_NAMES = frozenset({"", "default", "auto", "claude", "claude-cli"})
+OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType({
+    "gpt-4o": "sonnet", "gpt-4o-mini": "haiku", "gpt-4": "opus", "gpt-4-turbo": "sonnet",
+    "gpt-3.5-turbo": "haiku", "gpt-4.1": "sonnet", "gpt-4.1-mini": "haiku", "gpt-4.1-nano": "haiku",
+    "gpt-5": "opus", "gpt-5-mini": "sonnet", "gpt-5-nano": "haiku", "o1": "opus", "o1-mini": "sonnet",
+    "o3": "opus", "o3-mini": "sonnet", "o4-mini": "sonnet",
+})
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")
+# OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
+EFFORTS: Mapping[str, str] = MappingProxyType({
+    "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max",
+})
+UNSUPPORTED_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
+NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
+MODEL_CREATED = 1_700_000_000  # a fixed timestamp: the models are aliases, not releases
+
+
+class ChatMessage(TypedDict, total=False):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: None
+    annotations: list[Any]
+    reasoning_content: str
+
+
+class Usage(TypedDict, total=False):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int]
+    completion_tokens_details: dict[str, int]
+    cache_read_input_tokens: int
+    cache_creation_input_tokens: int
+    total_cost_usd: float
+
+
+# --- Translation: OpenAI request to a CLI call ---
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Literal["user", "assistant", "tool"]
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated chat completion request, reduced to what the CLI can act on."""
+
+    model: str  # the name the client sent, echoed back
+    cli_model: str | None  # what goes to --model; None: the CLI's default
+    system: str
+    turns: tuple[Turn, ...]
+    stream: bool = False
+    include_usage: bool = False
+    stop: tuple[str, ...] = ()
+    max_tokens: int | None = None
+    effort: str = ""
+
+
+def resolve_model(name: str, settings: Settings) -> str | None:
+    """Map a client's model name to a --model value, or None for the CLI's default."""
+    if name in DEFAULT_NAMES:
+        return settings.default_model or None
+    name = settings.model_map.get(name, name)
+    if not MODEL_NAME.fullmatch(name):
+        raise BadRequest(f"Invalid model name {name!r}: use letters, digits and . - _ : [ ], not starting with '-'.",
+                         param="model", code="invalid_value")
+    return None if name in DEFAULT_NAMES else name
+
+
+def known_models(settings: Settings) -> list[str]:
+    return list(dict.fromkeys([*CLI_ALIASES, *settings.extra_models]))
+
+
+def message_text(content: Any, param: str) -> str:
+    """The text of a message's content: a string, or a list of text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise wrong_type(param, "a string or an array of content parts", content)
+    texts = []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if not isinstance(part, dict):
+            raise wrong_type(where, "an object", part)
+        kind = part.get("type")
+        if kind in UNSUPPORTED_PARTS:
+            raise BadRequest(f"Content part {where} is of type '{kind}': {UNSUPPORTED_PARTS[kind]} input is not "
+                             "supported by this server.", param=f"{where}.type", code="unsupported_content")
+        if kind not in ("text", "input_text"):
+            raise BadRequest(f"Invalid value for '{where}.type': {kind!r}. Supported values are 'text'.",
+                             param=f"{where}.type", code="invalid_value")
+        if not isinstance(part.get("text"), str):
+            raise wrong_type(f"{where}.text", "a string", part.get("text"))
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def tool_calls_text(calls: Any, param: str) -> str:
+    if not isinstance(calls, list):
+        raise wrong_type(param, "an array", calls)
+    lines = []
+    for call in calls:
+        function = call.get("function", {}) if isinstance(call, dict) else {}
+        lines.append(f"[called {function.get('name', '?')} with {function.get('arguments', '{}')} "
+                     f"(id {call.get('id', '?') if isinstance(call, dict) else '?'})]")
+    return "\n".join(lines)
+
+
+def flatten_messages(messages: Any) -> tuple[str, tuple[Turn, ...]]:
+    """Split OpenAI messages into the system prompt and the conversation turns."""
+    if messages is None:
+        raise missing("messages")
+    if not isinstance(messages, list):
+        raise wrong_type("messages", "an array", messages)
+    if not messages:
+        raise BadRequest("Invalid 'messages': empty array. Expected an array with minimum length 1.",
+                         param="messages", code="empty_array")
+    system: list[str] = []
+    turns: list[Turn] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise wrong_type(where, "an object", message)
+        role = message.get("role")
+        if role is None:
+            raise missing(f"{where}.role")
+        if role not in ROLES:
+            raise BadRequest(f"Invalid value: {role!r}. Supported values are: {', '.join(map(repr, ROLES))}.",
+                             param=f"{where}.role", code="invalid_value")
+        text = message_text(message.get("content"), f"{where}.content")
+        if role in ("system", "developer"):
+            system.append(text)
+        elif role == "assistant":
+            if message.get("tool_calls"):
+                text = "\n".join(filter(None, [text, tool_calls_text(message["tool_calls"], f"{where}.tool_calls")]))
+            turns.append(Turn("assistant", text))
+        elif role in ("tool", "function"):
+            ref = message.get("tool_call_id") or message.get("name") or "?"
+            turns.append(Turn("tool", f"[result of {ref}]\n{text}"))
+        else:
+            if message.get("content") is None:
+                raise missing(f"{where}.content")
+            turns.append(Turn("user", text))
+    if not turns:
+        raise BadRequest("'messages' holds only system messages; add at least one user message.",
+                         param="messages", code="invalid_value")
+    return "\n\n".join(system), tuple(turns)
+
+
+def render_transcript(turns: tuple[Turn, ...]) -> str:
+    """One user turn goes as it is; a longer history becomes a labelled transcript."""
+    if len(turns) == 1 and turns[0].role == "user":
+        return turns[0].text
+    labels = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
+    return "\n\n".join(f"{labels[turn.role]}: {turn.text}" for turn in turns)
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> None:
+    value = body.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong_type(key, "a decimal", value)
+    if value > high:
+        raise BadRequest(f"Invalid '{key}': decimal above maximum value. Expected a value <= {high:g}, but got "
+                         f"{value} instead.", param=key, code="decimal_above_max_value")
+    if value < low:
+        raise BadRequest(f"Invalid '{key}': decimal below minimum value. Expected a value >= {low:g}, but got "
+                         f"{value} instead.", param=key, code="decimal_below_min_value")
+
+
+def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise wrong_type(key, "an integer", value)
+    if low is not None and value < low:
+        raise BadRequest(f"Invalid '{key}': integer below minimum value. Expected a value >= {low}, but got "
+                         f"{value} instead.", param=key, code="integer_below_min_value")
+    return value
+
+
+def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected: str, param: str = "") -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise wrong_type(param or key, expected, value)
+    return value
+
+
+def parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise wrong_type("stop", "a string or an array of strings", value)
+    if len(value) > 4:
+        raise BadRequest("Invalid 'stop': array too long. Expected an array with maximum length 4.",
+                         param="stop", code="array_above_max_length")
+    return tuple(s for s in value if s)
+
+
+def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
+    """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    model = _typed(body, "model", (str,), "a string") or ""
+    cli_model = resolve_model(model, settings)
+    # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
+    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
+    stop = parse_stop(body.get("stop"))
+    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1),
+                           ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+        _number(body, key, low, high)
+    n = _integer(body, "n", 1)
+    max_tokens = _integer(body, "max_tokens", 1)
+    max_completion_tokens = _integer(body, "max_completion_tokens", 1)
+    _integer(body, "seed")
+    logprobs = _typed(body, "logprobs", (bool,), "a boolean")
+    top_logprobs = _integer(body, "top_logprobs", 0)
+    _typed(body, "user", (str,), "a string")
+    _typed(body, "parallel_tool_calls", (bool,), "a boolean")
+    _typed(body, "logit_bias", (dict,), "an object")
+    stream_options = _typed(body, "stream_options", (dict,), "an object") or {}
+    include_usage = _typed(stream_options, "include_usage", (bool,), "a boolean", "stream_options.include_usage")
+    effort = _typed(body, "reasoning_effort", (str,), "a string")
+    if effort is not None and effort not in EFFORTS:
+        raise BadRequest(f"Invalid value for 'reasoning_effort': {effort!r}. Supported values are: "
+                         f"{', '.join(map(repr, EFFORTS))}.", param="reasoning_effort", code="invalid_value")
+
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise BadRequest("max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
+                         param="max_tokens", code="invalid_parameter_combination")
+    if top_logprobs is not None and not logprobs:
+        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
+    if body.get("stream_options") is not None and not stream:
+        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                         param="stream_options")
+    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
+        raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are specified.",
+                         param="parallel_tool_calls")
+    if logprobs:
+        raise BadRequest("logprobs are not available through the claude CLI.", param="logprobs",
+                         code="unsupported_parameter")
+    if n is not None and n > 1:
+        raise BadRequest("n > 1 is not supported: send n separate requests instead.", param="n",
+                         code="unsupported_value")
+    if body.get("tools"):
+        raise BadRequest("Function calling is not supported by this server yet.", param="tools",
+                         code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if not isinstance(response_format, dict):
+            raise wrong_type("response_format", "an object", response_format)
+        if kind != "text":
+            raise BadRequest(f"response_format type {kind!r} is not supported by this server yet.",
+                             param="response_format.type", code="unsupported_value")
+
+    system, turns = flatten_messages(body.get("messages"))
+    return ChatRequest(
+        model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
+        include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
+        effort=EFFORTS[effort] if effort else settings.effort,
+    )
+
+
+@dataclass(frozen=True)
+class CliCall:
+    """Everything needed to run the CLI once: argv, the stdin payload, the environment changes."""
+
+    args: tuple[str, ...]
+    stdin: bytes
+    system_prompt: str | None  # written to a file and passed with system_flag; never put in argv
+    system_flag: str = "--system-prompt-file"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+# Variables a parent Claude Code session sets, and the server's own secrets: never inherited by the child.
+SCRUBBED_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_API_KEYS")
+
+
+def user_message_line(text: str) -> bytes:
+    """One stream-json user message. A text starting with '/' would run as a CLI slash command;
+    a trailing whitespace-only block stops that, and the CLI drops it before the upstream call."""
+    blocks = [{"type": "text", "text": text}]
+    if text.lstrip().startswith("/"):
+        blocks.append({"type": "text", "text": "\n"})
+    line = {"type": "user", "message": {"role": "user", "content": blocks}}
+    return json.dumps(line, ensure_ascii=False).encode() + b"\n"
+
+
+def build_cli_call(request: ChatRequest, settings: Settings) -> CliCall:
+    args = ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+            "--include-partial-messages", "--tools", "", "--no-session-persistence", "--strict-mcp-config"]
+    if request.cli_model:
+        args += ["--model", request.cli_model]
+    if request.effort:
+        args += ["--effort", request.effort]
+    prompt = render_transcript(request.turns)
+    system: str | None = request.system or None
+    flag = "--system-prompt-file"
+    if settings.system_prompt_mode == "embed":
+        if system:
+            prompt = f"{system}\n\n{prompt}"
+        system = None  # keep the CLI's own prompt: the plan accepts only that one
+    elif settings.system_prompt_mode == "append":
+        flag = "--append-system-prompt-file"
+    else:
+        system = system or NEUTRAL_SYSTEM_PROMPT
+    env = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(request.max_tokens)} if request.max_tokens else {}
+    return CliCall(args=tuple(args), stdin=user_message_line(prompt), system_prompt=system, system_flag=flag,
+                   env=env)
+
+
+def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in SCRUBBED_ENV}
+    # Our retry policy owns retries; the CLI's own (10, for minutes on a bad login) would multiply with it.
+    env.update({"CLAUDE_CODE_MAX_RETRIES": "0", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                "DISABLE_AUTOUPDATER": "1"})
+    env.update(extra)
+    return env
+
+
+# --- Translation: CLI events to OpenAI objects ---
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class CliResult:
+    text: str
+    stop_reason: str | None
+    usage: Usage
+    cost: float | None
+    session_id: str | None = None
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return "length" if self.stop_reason == "max_tokens" else "stop"
+
+
+CliEvent = TextDelta | ThinkingDelta | CliResult
+
+
+def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
+    """OpenAI usage from the CLI's Anthropic usage; counts the CLI did not report stay out."""
+    raw = raw or {}
+    fresh, read, created = (int(raw.get(k) or 0) for k in
+                            ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+    prompt, completion = fresh + read + created, int(raw.get("output_tokens") or 0)
+    usage: Usage = {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": read},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+        "cache_read_input_tokens": read, "cache_creation_input_tokens": created,
+    }
+    if cost is not None:
+        usage["total_cost_usd"] = cost
+    return usage
+
+
+AUTH_FAILURE = re.compile(r"not logged in|/login|invalid api key|authentication|oauth token", re.IGNORECASE)
+
+
+def error_from_result(event: Mapping[str, Any]) -> ProxyError:
+    """Classify a failed ``result`` event (``is_error: true``) into the error the client should get."""
+    status = event.get("api_error_status")
+    text = str(event.get("result") or event.get("subtype") or "")
+    if "third-party apps" in text.lower():
+        return PlanRefused("The Claude plan refused this request as coming from a third-party app (\"Third-party "
+                           "apps now draw from your extra usage\"). Set CLAUDE_SYSTEM_PROMPT_MODE=embed (or append) "
+                           "so the CLI keeps its own system prompt.")
+    if status in (401, 403) or (status is None and AUTH_FAILURE.search(text)):
+        return CliNotLoggedIn("The claude CLI on the server is not logged in (or its login expired): run `claude` "
+                              "on that machine and log in, then retry.")
+    if status == 429:
+        return RateLimited("The Claude account is rate-limited; retry later.", retry_after=30)
+    if status == 404:
+        return ModelNotFound("The upstream API does not know the requested model.", param="model")
+    if isinstance(status, int) and 400 <= status < 500:
+        return UpstreamRejected(f"The upstream API rejected the request (HTTP {status}).")
+    if isinstance(status, int):
+        return CliFailed(f"The upstream API failed (HTTP {status}).")
+    return CliFailed(f"The claude CLI reported an error ({event.get('subtype') or 'unknown'}).")
+
+
+def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
+    """One stream-json line to an event we act on; unknown types and fields are ignored."""
+    kind = line.get("type")
+    if kind == "stream_event":
+        event = line.get("event") or {}
+        delta = event.get("delta") or {}
+        if event.get("type") == "content_block_delta":
+            if delta.get("type") == "text_delta" and delta.get("text"):
+                return TextDelta(delta["text"])
+            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                return ThinkingDelta(delta["thinking"])
+        return None
+    if kind == "system" and line.get("subtype") == "api_retry" and line.get("error_status") in (401, 403):
+        # Only seen if the CLI retries on its own; a bad login never heals by waiting.
+        raise error_from_result({"api_error_status": line["error_status"]})
+    if kind == "result":
+        if line.get("is_error") or line.get("subtype", "success") != "success":
+            raise error_from_result(line)
+        return CliResult(text=str(line.get("result") or ""), stop_reason=line.get("stop_reason"),
+                         usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
+                         cost=line.get("total_cost_usd"), session_id=line.get("session_id"))
+    return None
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(cid: str, created: int, model: str, text: str, finish: FinishReason, usage: Usage,
+                    reasoning: str = "") -> dict[str, Any]:
+    message: ChatMessage = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage}
+
+
+@dataclass
+class ChunkMaker:
+    """Builds the chunks of one stream: same id and created on each, ``usage: null`` when usage was asked for."""
+
+    model: str
+    include_usage: bool
+    id: str = field(default_factory=completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def delta(self, delta: dict[str, Any], finish: FinishReason | None = None) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+
+    def role(self) -> dict[str, Any]:
+        return self.delta({"role": "assistant", "content": "", "refusal": None})
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return {**self._chunk([]), "usage": usage}
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string, holding back just enough to catch one split across deltas."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.hold = max(map(len, stops), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        keep = len(self.pending) - self.hold
+        out, self.pending = self.pending[:max(keep, 0)], self.pending[max(keep, 0):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    scanner = StopScanner(stops)
+    out = scanner.feed(text)
+    return (out, True) if scanner.stopped else (out + scanner.flush(), False)
+
+
+# --- The runner: one CLI process per attempt, with concurrency, timeout and retries ---
+
+STDOUT_LIMIT = 64 * MiB  # one stream-json line can carry a whole long answer
+STDERR_TAIL = 50
+
+
+def resolve_binary(settings: Settings, environ: Mapping[str, str]) -> str | None:
+    return shutil.which(settings.claude_bin, path=environ.get("PATH", os.defpath))
+
+
+def kill_group(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+class CliProcess:
+    """Owns one CLI process: started in its own process group, killed and reaped on every way out."""
+
+    def __init__(self, binary: str, call: CliCall, workdir: str, environ: Mapping[str, str],
+                 processes: set[asyncio.subprocess.Process]) -> None:
+        self.binary, self.call, self.workdir, self.environ, self.processes = binary, call, workdir, environ, processes
+        self.process: asyncio.subprocess.Process | None = None
+        self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
+        self._prompt_file: str | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> CliProcess:
+        args = list(self.call.args)
+        if self.call.system_prompt is not None:
+            fd, self._prompt_file = tempfile.mkstemp(prefix="system-", suffix=".txt")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self.call.system_prompt)
+            args += [self.call.system_flag, self._prompt_file]
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                self.binary, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=self.workdir, env=child_environment(self.environ, self.call.env),
+                start_new_session=True, limit=STDOUT_LIMIT)
+        except OSError as exc:
+            self._remove_prompt_file()
+            raise CliUnavailable(f"The claude CLI could not be started ({exc.strerror or exc}).") from None
+        self.processes.add(self.process)
+        self._stderr_task = asyncio.create_task(self._drain_stderr())
+        return self
+
+    async def _drain_stderr(self) -> None:
+        assert self.process and self.process.stderr
+        async for line in self.process.stderr:
+            self.stderr.append(line.decode(errors="replace").rstrip())
+
+    async def send(self, data: bytes, *, close: bool = True) -> None:
+        assert self.process and self.process.stdin
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.process.stdin.write(data)
+            await self.process.stdin.drain()
+            if close:
+                self.process.stdin.close()
+
+    async def events(self) -> AsyncIterator[CliEvent]:
+        """Parsed events until the ``result``; a process that ends without one has failed."""
+        assert self.process and self.process.stdout
+        garbage = 0
+        async for raw in self.process.stdout:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                garbage += 1
+                log.debug("non-JSON line from the CLI: %.200r", raw)
+                continue
+            if not isinstance(line, dict):
+                continue
+            event = parse_event(line)
+            if event is not None:
+                yield event
+                if isinstance(event, CliResult):
+                    return
+        code = await self.process.wait()
+        if self._stderr_task:
+            await asyncio.wait({self._stderr_task}, timeout=1)
+        log.warning("CLI exited with status %s and no result%s; stderr tail: %s", code,
+                    f" after {garbage} unparseable lines" if garbage else "", " | ".join(self.stderr) or "(empty)")
+        raise CliFailed(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        process = self.process
+        if process is not None:
+            kill_group(process)
+            # Reap even when the caller is being cancelled: no zombie, no orphaned group.
+            await asyncio.shield(self._reap(process))
+        self._remove_prompt_file()
+
+    async def _reap(self, process: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            await process.wait()
+        if self._stderr_task:
+            self._stderr_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stderr_task
+        self.processes.discard(process)
+
+    def _remove_prompt_file(self) -> None:
+        if self._prompt_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self._prompt_file)
+            self._prompt_file = None
+
+
+class Runner:
+    """Runs CLI calls under the concurrency cap, the per-attempt timeout and the retry policy."""
+
+    def __init__(self, settings: Settings, workdir: str, environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.environ = environ  # the base of every child's environment
+        self.slots = asyncio.Semaphore(settings.max_concurrency)
+        self.in_flight = 0
+        self.queued = 0
+        self.closing = False
+        self.processes: set[asyncio.subprocess.Process] = set()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.closing:
+            raise Overloaded("The server is shutting down.", retry_after=5)
+        if self.slots.locked() and self.queued >= self.settings.max_queue:
+            raise Overloaded(f"Too many requests waiting ({self.queued}); retry shortly.", retry_after=5)
+        self.queued += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.queued -= 1
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.slots.release()
+
+    def binary(self) -> str:
+        binary = resolve_binary(self.settings, self.environ)
+        if binary is None:
+            raise CliUnavailable(f"The claude CLI was not found (CLAUDE_BIN={self.settings.claude_bin!r}). Install it "
+                                 "with `npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
+        return binary
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, call: CliCall) -> AsyncIterator[AsyncIterator[CliEvent]]:
+        """One attempt: a slot, a process, its events, all under CLAUDE_TIMEOUT."""
+        binary = self.binary()
+        async with self.slot():
+            try:
+                async with asyncio.timeout(self.settings.timeout):
+                    async with CliProcess(binary, call, self.workdir, self.environ, self.processes) as cli:
+                        await cli.send(call.stdin)
+                        yield cli.events()
+            except TimeoutError:
+                raise CliTimeout(f"The claude CLI did not finish within CLAUDE_TIMEOUT={self.settings.timeout:g} s.",
+                                 ) from None
+
+    def backoff(self, attempt: int, error: ProxyError) -> float:
+        delay = min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+        return delay
+
+    async def retrying(self, run: Callable[[], Awaitable[Any]], *, may_retry: Callable[[], bool] = lambda: True) -> Any:
+        """Run ``run`` until it succeeds, retrying transient failures while ``may_retry()`` holds."""
+        for attempt in range(self.settings.max_retries + 1):
+            try:
+                return await run()
+            except ProxyError as error:
+                if not error.retryable or attempt >= self.settings.max_retries or not may_retry() or self.closing:
+                    raise
+                delay = self.backoff(attempt, error)
+                log.info("attempt %d failed (%s: %s); retrying in %.1f s", attempt + 1, type(error).__name__,
+                         error.message, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def complete(self, call: CliCall) -> tuple[CliResult, str]:
+        """Run a call to the end: the result and any thinking text."""
+
+        async def once() -> tuple[CliResult, str]:
+            thinking: list[str] = []
+            async with self.attempt(call) as events:
+                async for event in events:
+                    if isinstance(event, ThinkingDelta):
+                        thinking.append(event.text)
+                    elif isinstance(event, CliResult):
+                        return event, "".join(thinking)
+            raise CliFailed("The claude CLI ended without an answer.")
+
+        return await self.retrying(once)
+
+    async def kill_all(self) -> None:
+        for process in list(self.processes):
+            kill_group(process)
+        for process in list(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                await process.wait()
+
+    async def version(self) -> str | None:
+        binary = resolve_binary(self.settings, self.environ)
+        if binary is None:
+            return None
+        try:
+            process = await asyncio.create_subprocess_exec(
+                binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL, env=child_environment(self.environ, {}), start_new_session=True)
+        except OSError:
+            return None
+        try:
+            async with asyncio.timeout(15):
+                out, _ = await process.communicate()
+        except TimeoutError:
+            return None
+        finally:
+            kill_group(process)
+            await process.wait()
+        return out.decode(errors="replace").strip() or None
+
+
+# --- Streaming ---
+
+KEEPALIVE = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PSEUDO_SLICE = 24  # characters per chunk when slicing a finished answer
+
+
+def sse(payload: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+@dataclass
+class StreamOutcome:
+    """What a producer reports at the end of a stream, for the final chunks and the log line."""
+
+    finish: FinishReason = "stop"
+    usage: Usage | None = None
+
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def produce_live(runner: Runner, call: CliCall, request: ChatRequest, emit: Emit) -> StreamOutcome:
+    """Forward text and thinking deltas as they arrive; retry only while nothing has gone out."""
+    sent = False
+
+    async def once() -> StreamOutcome:
+        nonlocal sent
+        scanner = StopScanner(request.stop)
+        async with runner.attempt(call) as events:
+            async for event in events:
+                if isinstance(event, ThinkingDelta):
+                    sent = True
+                    await emit({"reasoning_content": event.text})
+                elif isinstance(event, TextDelta):
+                    text = scanner.feed(event.text)
+                    if text:
+                        sent = True
+                        await emit({"content": text})
+                    if scanner.stopped:  # the rest would be cut anyway: stop paying for it
+                        return StreamOutcome("stop", None)
+                elif isinstance(event, CliResult):
+                    if tail := scanner.flush():
+                        await emit({"content": tail})
+                    return StreamOutcome(event.finish_reason, event.usage)
+        raise CliFailed("The claude CLI ended without an answer.")
+
+    return await runner.retrying(once, may_retry=lambda: not sent)
+
+
+async def produce_pseudo(runner: Runner, call: CliCall, request: ChatRequest, emit: Emit) -> StreamOutcome:
+    """Run to the end (retrying freely), then slice the answer into chunks."""
+    result, thinking = await runner.complete(call)
+    text, stopped = apply_stop(result.text, request.stop)
+    if thinking:
+        await emit({"reasoning_content": thinking})
+    for start in range(0, len(text), PSEUDO_SLICE):
+        await emit({"content": text[start:start + PSEUDO_SLICE]})
+    return StreamOutcome("stop" if stopped else result.finish_reason, result.usage)
+
+
+# --- Routes and app ---
+
+
+@dataclass
+class RequestLog:
+    """The one log line each request gets."""
+
+    id: str
+    model: str
+    mode: str
+    started: float = field(default_factory=time.monotonic)
+    status: int = 200
+    usage: Usage | None = None
+
+    def finish(self, status: int, usage: Usage | None = None) -> None:
+        self.status, self.usage = status, usage or self.usage
+        self.write()
+
+    def write(self) -> None:
+        usage = self.usage or {}
+        log.info("%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s", self.id, self.model, self.mode,
+                 self.status, time.monotonic() - self.started, usage.get("prompt_tokens", "-"),
+                 usage.get("completion_tokens", "-"), usage.get("total_cost_usd", "-"))
+
+
+def error_response(error: ProxyError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+async def until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it (and so killing its CLI process) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        return await task
+    raise ClientGone()
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    body = await read_json(request, settings.max_body_bytes)
+    chat = parse_chat_request(body, settings)
+    call = build_cli_call(chat, settings)
+    runner: Runner = state.runner
+    if runner.closing:
+        raise Overloaded("The server is shutting down.", retry_after=5)
+    if chat.stream:
+        return await stream_response(request, runner, call, chat)
+    entry = RequestLog(completion_id(), chat.model, "json")
+    try:
+        result, thinking = await unless_disconnected(request, runner.complete(call))
+    except ProxyError as error:
+        entry.finish(error.status)
+        raise
+    except ClientGone:
+        entry.finish(499)
+        return Response(status_code=499)
+    text, stopped = apply_stop(result.text, chat.stop)
+    entry.finish(200, result.usage)
+    finish: FinishReason = "stop" if stopped else result.finish_reason
+    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, text, finish, result.usage, thinking))
+
+
+async def stream_response(request: Request, runner: Runner, call: CliCall, chat: ChatRequest) -> Response:
+    """Start the producer; answer with a plain JSON error if it fails before anything is worth sending."""
+    settings: Settings = request.app.state.settings
+    mode = settings.stream_mode
+    chunks = ChunkMaker(chat.model, chat.include_usage)
+    entry = RequestLog(chunks.id, chat.model, f"stream-{mode}")
+    queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
+    produce = produce_live if mode == "live" else produce_pseudo
+
+    async def producer() -> None:
+        try:
+            await queue.put(await produce(runner, call, chat, queue.put))
+        except (ProxyError, Exception) as error:  # handed to the consumer, which reports it
+            await queue.put(error)
+
+    task = asyncio.create_task(producer())
+    # Hold the headers back until the first item or one keep-alive period: an early error keeps its status.
+    try:
+        first = await unless_disconnected(request, asyncio.wait_for(queue.get(), settings.keepalive))
+    except TimeoutError:
+        first = None
+    except ClientGone:
+        await cancel(task)
+        entry.finish(499)
+        return Response(status_code=499)
+    if isinstance(first, BaseException):
+        await cancel(task)
+        entry.finish(first.status if isinstance(first, ProxyError) else 500)
+        raise first
+
+    async def body() -> AsyncIterator[bytes]:
+        item: Any = first
+        try:
+            yield sse(chunks.role())
+            while True:
+                if item is None:
+                    yield KEEPALIVE
+                elif isinstance(item, dict):
+                    yield sse(chunks.delta(item))
+                elif isinstance(item, StreamOutcome):
+                    entry.usage = item.usage
+                    yield sse(chunks.delta({}, item.finish))
+                    if chat.include_usage:
+                        yield sse(chunks.usage(item.usage or openai_usage(None, None)))
+                    break
+                else:
+                    error = item if isinstance(item, ProxyError) else CliFailed("The stream failed; see the log.")
+                    if not isinstance(item, ProxyError):
+                        log.error("stream failed", exc_info=item)
+                    entry.status = error.status
+                    yield sse(error.body())
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), settings.keepalive)
+                except TimeoutError:
+                    item = None
+            yield DONE
+        except BaseException:
+            entry.status = 499
+            raise
+        finally:
+            await cancel(task)
+            entry.write()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.shield(task)
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [model_card(m) for m in known_models(request.app.state.settings)]})
+
+
+async def get_model(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    model_id = request.path_params["model_id"]
+    if model_id not in known_models(settings) and model_id not in settings.model_map and model_id not in DEFAULT_NAMES:
+        raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.")
+    return JSONResponse(model_card(model_id))
+
+
+def model_card(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": "anthropic"}
+
+
+async def health(request: Request) -> Response:
+    state = request.app.state
+    runner: Runner = state.runner
+    binary = resolve_binary(state.settings, runner.environ)
+    counts = {"in_flight": runner.in_flight, "queued": runner.queued}
+    if binary is None:
+        return JSONResponse({"status": "unavailable", "reason": f"claude CLI not found "
+                             f"(CLAUDE_BIN={state.settings.claude_bin!r})", **counts}, status_code=503)
+    if state.cli_version is None:
+        state.cli_version = await runner.version()
+    return JSONResponse({"status": "shutting_down" if runner.closing else "ok", "cli": {"path": binary,
+                         "version": state.cli_version}, **counts}, status_code=503 if runner.closing else 200)
+
+
+async def index(request: Request) -> Response:
+    return JSONResponse({"service": "claude_api", "endpoints": ["/v1/chat/completions", "/v1/models",
+                                                                "/v1/models/{id}", "/health"]})
+
+
+async def proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return error_response(exc)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
+    if exc.status_code == 404:
+        return error_response(NotFound(f"Invalid URL ({request.method} {request.url.path})."))
+    return error_response(BadRequest(str(exc.detail)))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(ProxyError("The server hit an unexpected error; see its log."))
+
+
+class BearerAuth:
+    """Requires ``Authorization: Bearer <key>`` on /v1 routes when CLAUDE_API_KEYS is set."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            # Compare against every key, so the time taken says nothing about which one was close.
+            matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+            if scheme.lower() != b"bearer" or not any(matches):
+                error = InvalidApiKey("Missing or incorrect API key: send `Authorization: Bearer <key>` with one of "
+                                      "the keys in CLAUDE_API_KEYS.")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
+    """The app. ``environ`` is the base of the CLI's environment (tests pass their own)."""
+    settings = settings or load_settings(environ)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        private = None if settings.workdir else tempfile.mkdtemp(prefix="claude_api-")
+        app.state.runner = Runner(settings, settings.workdir or private or "", environ)
+        try:
+            yield
+        finally:
+            await shutdown(app.state.runner, settings.shutdown_grace)
+            if private:
+                shutil.rmtree(private, ignore_errors=True)
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/health", health),
+            Route("/v1/models", list_models),
+            Route("/v1/models/{model_id:path}", get_model),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        ],
+        exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )
+    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.state.settings = settings
+    app.state.cli_version = None
+    return app
+
+
+async def shutdown(runner: Runner, grace: float) -> None:
+    """Refuse new work, give in-flight requests ``grace`` seconds, then kill what is left."""
+    runner.closing = True
+    if runner.processes:
+        await asyncio.wait([asyncio.create_task(p.wait()) for p in runner.processes], timeout=grace)
+    await runner.kill_all()
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, marking the app as closing the moment a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.api = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        runner = getattr(self.api.state, "runner", None)
+        if runner is not None:
+            runner.closing = True
+        super().handle_exit(sig, frame)
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"claude_api: {exc}") from None
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not is_loopback(settings.host) and not settings.api_keys:
+        raise SystemExit(f"claude_api: refusing to listen on {settings.host} without keys. Set CLAUDE_API_KEYS to a "
+                         "comma-separated list of secrets (clients send `Authorization: Bearer <key>`), or bind "
+                         "CLAUDE_API_HOST=127.0.0.1.")
+    if resolve_binary(settings, os.environ) is None:
+        log.warning("claude CLI not found (CLAUDE_BIN=%r): requests will get 503 until it is installed",
+                    settings.claude_bin)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=settings.shutdown_grace)
+    Server(config, app).run()
+
+
+if __name__ == "__main__":
+    main()
