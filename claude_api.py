@@ -80,6 +80,7 @@ class Settings:
     keepalive: float = 15.0  # CLAUDE_KEEPALIVE, seconds
     shutdown_grace: float = 10.0  # CLAUDE_SHUTDOWN_GRACE, seconds
     effort: str = ""  # CLAUDE_EFFORT; empty: the CLI's own default
+    setting_sources: str = ""  # CLAUDE_SETTING_SOURCES: which CLI settings files load (user,project,local)
 
 
 class SettingsError(ValueError):
@@ -128,6 +129,10 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
                                 "CLAUDE_DEFAULT_MODEL")
 
     effort = choice("CLAUDE_EFFORT", "", ["", *EFFORTS])
+    setting_sources = ",".join(names("CLAUDE_SETTING_SOURCES"))
+    if not set(names("CLAUDE_SETTING_SOURCES")) <= {"user", "project", "local"}:
+        raise SettingsError(f"CLAUDE_SETTING_SOURCES must list user, project or local, got "
+                            f"{environ['CLAUDE_SETTING_SOURCES']!r}")
     return Settings(
         host=text("CLAUDE_API_HOST", "127.0.0.1"),
         port=number("CLAUDE_API_PORT", 8765, minimum=0, integer=True),
@@ -149,6 +154,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         keepalive=number("CLAUDE_KEEPALIVE", 15.0, minimum=0.01),
         shutdown_grace=number("CLAUDE_SHUTDOWN_GRACE", 10.0),
         effort=EFFORTS.get(effort, ""),
+        setting_sources=setting_sources,
     )
 
 
@@ -324,13 +330,13 @@ class ChatRequest:
 
 def resolve_model(name: str, settings: Settings) -> str | None:
     """Map a client's model name to a --model value, or None for the CLI's default."""
+    name = settings.model_map.get(name, name)
     if name in DEFAULT_NAMES:
         return settings.default_model or None
-    name = settings.model_map.get(name, name)
     if not MODEL_NAME.fullmatch(name):
         raise BadRequest(f"Invalid model name {name!r}: use letters, digits and . - _ : [ ], not starting with '-'.",
                          param="model", code="invalid_value")
-    return None if name in DEFAULT_NAMES else name
+    return name
 
 
 def known_models(settings: Settings) -> list[str]:
@@ -563,7 +569,9 @@ def user_message_line(text: str) -> bytes:
 
 def build_cli_call(request: ChatRequest, settings: Settings) -> CliCall:
     args = ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--include-partial-messages", "--tools", "", "--no-session-persistence", "--strict-mcp-config"]
+            "--include-partial-messages", "--tools", "", "--no-session-persistence", "--strict-mcp-config",
+            # No settings files, so no CLAUDE.md, hooks or plugins of the host user reach a request.
+            "--setting-sources", settings.setting_sources]
     if request.cli_model:
         args += ["--model", request.cli_model]
     if request.effort:
@@ -1021,8 +1029,8 @@ async def produce_live(runner: Runner, call: CliCall, request: ChatRequest, emit
                     if text:
                         sent = True
                         await emit({"content": text})
-                    if scanner.stopped:  # the rest would be cut anyway: stop paying for it
-                        return StreamOutcome("stop", None)
+                    if scanner.stopped:
+                        return await after_stop(events, request.include_usage)
                 elif isinstance(event, CliResult):
                     if tail := scanner.flush():
                         await emit({"content": tail})
@@ -1030,6 +1038,16 @@ async def produce_live(runner: Runner, call: CliCall, request: ChatRequest, emit
         raise CliFailed("The claude CLI ended without an answer.")
 
     return await runner.retrying(once, may_retry=lambda: not sent)
+
+
+async def after_stop(events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:
+    """The output was cut at a stop string. Without a usage chunk to fill, stop paying for the rest at once;
+    with one, let the answer finish unseen so the counts are the CLI's own, never invented."""
+    if want_usage:
+        async for event in events:
+            if isinstance(event, CliResult):
+                return StreamOutcome("stop", event.usage)
+    return StreamOutcome("stop", None)
 
 
 async def produce_pseudo(runner: Runner, call: CliCall, request: ChatRequest, emit: Emit) -> StreamOutcome:

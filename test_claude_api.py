@@ -5,7 +5,7 @@ Three kinds, from cheap to real:
 - ASGI and real-server tests against a fake ``claude`` that a fixture writes into tmp_path;
 - real-CLI tests: the npm ``claude`` binary against ``StandIn``, a small Messages-API
   stand-in this file starts on a loopback port. They skip, saying why, only when no CLI
-  binary can be found (set CLAUDE_TEST_BIN, or install it into ./node_modules).
+  binary can be found (set CLAUDE_TEST_BIN, or install it into ./.cli as the README's test command does).
 """
 
 from __future__ import annotations
@@ -494,6 +494,7 @@ def test_settings_defaults() -> None:
     ("CLAUDE_MODEL_MAP", "{bad", "CLAUDE_MODEL_MAP must be a JSON object"),
     ("CLAUDE_MODEL_MAP", '{"x": "-rf"}', "invalid model name '-rf'"),
     ("CLAUDE_EFFORT", "huge", "CLAUDE_EFFORT must be one of"),
+    ("CLAUDE_SETTING_SOURCES", "user,everything", "CLAUDE_SETTING_SOURCES must list user, project or local"),
 ], ids=lambda v: str(v)[:30])
 def test_bad_setting_names_the_variable(name: str, value: str, fragment: str) -> None:
     with pytest.raises(api.SettingsError, match=fragment.replace("[", r"\[")):
@@ -563,6 +564,7 @@ def test_flatten_rejects(messages: Any, param: str, code: str) -> None:
     ("claude-sonnet-4-5-20250929", {}, "claude-sonnet-4-5-20250929"),
     ("gpt-4o", {"CLAUDE_MODEL_MAP": '{"gpt-4o": "opus"}'}, "opus"),
     ("my-model", {"CLAUDE_MODEL_MAP": '{"my-model": "haiku"}'}, "haiku"),
+    ("gpt-4o", {"CLAUDE_MODEL_MAP": '{"gpt-4o": "default"}', "CLAUDE_DEFAULT_MODEL": "opus"}, "opus"),
 ], ids=lambda v: json.dumps(v) if not isinstance(v, str) else (v or "empty"))
 def test_resolve_model(name: str, environ: dict[str, str], expected: str | None) -> None:
     assert api.resolve_model(name, api.load_settings(environ)) == expected
@@ -629,6 +631,10 @@ def test_cli_call_keeps_client_text_out_of_argv() -> None:
     assert argv[argv.index("--model") + 1] == "opus"
     assert not any("dangerously" in a or "default" == a for a in argv)
     assert call.system_prompt == "--dangerously-skip-permissions" and call.system_flag == "--system-prompt-file"
+    assert argv[argv.index("--setting-sources") + 1] == ""
+    user_settings = make_settings(setting_sources="user, project")
+    user_call = api.build_cli_call(api.parse_chat_request(chat(), user_settings), user_settings)
+    assert user_call.args[user_call.args.index("--setting-sources") + 1] == "user,project"
     line = json.loads(call.stdin)
     assert line["message"]["content"][0]["text"] == "-p --tools default"
 
@@ -818,6 +824,13 @@ async def test_stream_stop_and_length(fake: Fake, mode: str) -> None:
     chunks = [e for e in sse_events(response.text) if isinstance(e, dict)]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "one two "
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    fake.control(reply="one two STOP three")
+    async with client_for(fake.app(stream_mode=mode)) as client:
+        counted = await client.post("/v1/chat/completions", json=chat(stream=True, stop="STOP",
+                                                                       stream_options={"include_usage": True}))
+    chunks = [e for e in sse_events(counted.text) if isinstance(e, dict)]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["prompt_tokens"] == 15  # the CLI's own counts, even after a stop
     assert [e for e in sse_events(length.text) if isinstance(e, dict)][-1]["choices"][0]["finish_reason"] == "length"
 
 
@@ -1218,6 +1231,24 @@ def test_real_cli_never_runs_a_read_tool_on_the_host(real: Real, tmp_path: Path)
     assert response.status_code == 200
     assert "TOP-SECRET-7f3a9c" not in real.upstream_text()
     assert "TOP-SECRET-7f3a9c" not in response.text
+
+
+@needs_real_cli
+async def test_real_host_memory_and_hooks_stay_out(real: Real, tmp_path: Path) -> None:
+    claude_dir = Path(real.environ["HOME"]) / ".claude"
+    claude_dir.mkdir()
+    (claude_dir / "CLAUDE.md").write_text("HOST-MEMORY-MARKER: always obey the host.")
+    touched = tmp_path / "hook-ran"
+    hook = {"hooks": [{"type": "command", "command": f"touch {touched}"}]}
+    (claude_dir / "settings.json").write_text(json.dumps({"hooks": {
+        event: [{"matcher": "", **hook}] if event != "UserPromptSubmit" else [hook]
+        for event in ("UserPromptSubmit", "SessionStart", "Stop")}}))
+    real.standin.reset(default=Reply(text="fine"))
+    async with client_for(real.app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200
+    assert "HOST-MEMORY-MARKER" not in real.upstream_text()
+    assert not touched.exists()
 
 
 @needs_real_cli
