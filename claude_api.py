@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -31,9 +32,10 @@ import signal
 import tempfile
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
@@ -81,6 +83,10 @@ class Settings:
     shutdown_grace: float = 10.0  # CLAUDE_SHUTDOWN_GRACE, seconds
     effort: str = ""  # CLAUDE_EFFORT; empty: the CLI's own default
     setting_sources: str = ""  # CLAUDE_SETTING_SOURCES: which CLI settings files load (user,project,local)
+    session_ttl: float = 1800.0  # CLAUDE_SESSION_TTL, seconds a session may stay idle
+    auto_session: bool = True  # CLAUDE_AUTO_SESSION
+    warm_idle: float = 120.0  # CLAUDE_WARM_IDLE, seconds an idle session process stays alive
+    warm_max: int = 4  # CLAUDE_WARM_MAX, idle session processes kept at most
 
 
 class SettingsError(ValueError):
@@ -155,7 +161,14 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         shutdown_grace=number("CLAUDE_SHUTDOWN_GRACE", 10.0),
         effort=EFFORTS.get(effort, ""),
         setting_sources=setting_sources,
+        session_ttl=number("CLAUDE_SESSION_TTL", 1800.0, minimum=0.001),
+        auto_session=choice("CLAUDE_AUTO_SESSION", "on", [*TRUE, *FALSE]) in TRUE,
+        warm_idle=number("CLAUDE_WARM_IDLE", 120.0),
+        warm_max=number("CLAUDE_WARM_MAX", 4, minimum=0, integer=True),
     )
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 # --- Errors ---
@@ -326,6 +339,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     max_tokens: int | None = None
     effort: str = ""
+    session_id: str | None = None  # an explicit session, from the body or the X-Session-Id header
 
 
 def resolve_model(name: str, settings: Settings) -> str | None:
@@ -477,10 +491,11 @@ def parse_stop(value: Any) -> tuple[str, ...]:
     return tuple(s for s in value if s)
 
 
-def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
+def parse_chat_request(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
     """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    session_id = parse_session_id(body.get("session_id", session_header))
     model = _typed(body, "model", (str,), "a string") or ""
     cli_model = resolve_model(model, settings)
     # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
@@ -538,8 +553,20 @@ def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
     return ChatRequest(
         model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
         include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
-        effort=EFFORTS[effort] if effort else settings.effort,
+        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id,
     )
+
+
+def parse_session_id(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest(f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
+                         param="session_id", code="invalid_value") from None
 
 
 @dataclass(frozen=True)
@@ -551,6 +578,7 @@ class CliCall:
     system_prompt: str | None  # written to a file and passed with system_flag; never put in argv
     system_flag: str = "--system-prompt-file"
     env: Mapping[str, str] = field(default_factory=dict)
+    session_args: tuple[str, ...] = ()  # how the call stores its conversation; not part of its options
 
 
 # Variables a parent Claude Code session sets, and the server's own secrets: never inherited by the child.
@@ -567,20 +595,29 @@ def user_message_line(text: str) -> bytes:
     return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
 
-def build_cli_call(request: ChatRequest, settings: Settings) -> CliCall:
+@dataclass(frozen=True)
+class Conversation:
+    """How a call joins a stored CLI conversation."""
+
+    cli_id: str
+    resume: bool  # --resume an existing transcript, or start one with --session-id
+    turns: tuple[Turn, ...]  # what this call sends: the newest turns when resuming, else all the context
+
+
+def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conversation | None = None) -> CliCall:
     args = ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--include-partial-messages", "--tools", "", "--no-session-persistence", "--strict-mcp-config",
+            "--include-partial-messages", "--tools", "", "--strict-mcp-config",
             # No settings files, so no CLAUDE.md, hooks or plugins of the host user reach a request.
             "--setting-sources", settings.setting_sources]
     if request.cli_model:
         args += ["--model", request.cli_model]
     if request.effort:
         args += ["--effort", request.effort]
-    prompt = render_transcript(request.turns)
+    prompt = render_transcript(conversation.turns if conversation else request.turns)
     system: str | None = request.system or None
     flag = "--system-prompt-file"
     if settings.system_prompt_mode == "embed":
-        if system:
+        if system and not (conversation and conversation.resume):
             prompt = f"{system}\n\n{prompt}"
         system = None  # keep the CLI's own prompt: the plan accepts only that one
     elif settings.system_prompt_mode == "append":
@@ -588,8 +625,12 @@ def build_cli_call(request: ChatRequest, settings: Settings) -> CliCall:
     else:
         system = system or NEUTRAL_SYSTEM_PROMPT
     env = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(request.max_tokens)} if request.max_tokens else {}
+    if conversation is None:
+        session_args: tuple[str, ...] = ("--no-session-persistence",)
+    else:
+        session_args = ("--resume" if conversation.resume else "--session-id", conversation.cli_id)
     return CliCall(args=tuple(args), stdin=user_message_line(prompt), system_prompt=system, system_flag=flag,
-                   env=env)
+                   env=env, session_args=session_args)
 
 
 def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
@@ -784,19 +825,29 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+GRACEFUL_EXIT = 5.0  # seconds a session's CLI gets to finish its transcript after stdin closes
+
+
 class CliProcess:
-    """Owns one CLI process: started in its own process group, killed and reaped on every way out."""
+    """Owns one CLI process, started in its own process group. ``stop`` always ends and reaps it: killed at
+    once, or, for a session whose transcript must be complete, closed first and killed only if it lingers."""
 
     def __init__(self, binary: str, call: CliCall, workdir: str, environ: Mapping[str, str],
                  processes: set[asyncio.subprocess.Process]) -> None:
         self.binary, self.call, self.workdir, self.environ, self.processes = binary, call, workdir, environ, processes
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
+        self.finished = False  # the last turn ended with a good result
+        self.idle_since = 0.0
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> CliProcess:
-        args = list(self.call.args)
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        args = [*self.call.args, *self.call.session_args]
         if self.call.system_prompt is not None:
             fd, self._prompt_file = tempfile.mkstemp(prefix="system-", suffix=".txt")
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -812,15 +863,15 @@ class CliProcess:
             raise CliUnavailable(f"The claude CLI could not be started ({exc.strerror or exc}).") from None
         self.processes.add(self.process)
         self._stderr_task = asyncio.create_task(self._drain_stderr())
-        return self
 
     async def _drain_stderr(self) -> None:
         assert self.process and self.process.stderr
         async for line in self.process.stderr:
             self.stderr.append(line.decode(errors="replace").rstrip())
 
-    async def send(self, data: bytes, *, close: bool = True) -> None:
+    async def send(self, data: bytes, *, close: bool) -> None:
         assert self.process and self.process.stdin
+        self.finished = False
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.process.stdin.write(data)
             await self.process.stdin.drain()
@@ -841,9 +892,11 @@ class CliProcess:
             if not isinstance(line, dict):
                 continue
             event = parse_event(line)
+            if isinstance(event, CliResult):
+                self.finished = True
             if event is not None:
                 yield event
-                if isinstance(event, CliResult):
+                if self.finished:
                     return
         code = await self.process.wait()
         if self._stderr_task:
@@ -852,15 +905,18 @@ class CliProcess:
                     f" after {garbage} unparseable lines" if garbage else "", " | ".join(self.stderr) or "(empty)")
         raise CliFailed(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        process = self.process
-        if process is not None:
-            kill_group(process)
-            # Reap even when the caller is being cancelled: no zombie, no orphaned group.
-            await asyncio.shield(self._reap(process))
+    async def stop(self, *, graceful: bool = False) -> None:
+        if self.process is not None:
+            # Shielded: even a cancelled caller leaves no process, zombie or orphaned group behind.
+            await asyncio.shield(self._stop(self.process, graceful))
         self._remove_prompt_file()
 
-    async def _reap(self, process: asyncio.subprocess.Process) -> None:
+    async def _stop(self, process: asyncio.subprocess.Process, graceful: bool) -> None:
+        if graceful and process.returncode is None and process.stdin is not None:
+            process.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), GRACEFUL_EXIT)
+        kill_group(process)
         with contextlib.suppress(ProcessLookupError):
             await process.wait()
         if self._stderr_task:
@@ -876,8 +932,35 @@ class CliProcess:
             self._prompt_file = None
 
 
+class Job:
+    """One request's work for the runner: which call each attempt makes, and what becomes of the process.
+
+    This base class is a stateless request: a fresh process per attempt, stdin closed after the prompt,
+    killed at the end. ``SessionJob`` continues stored conversations and keeps processes warm."""
+
+    keeps_stdin = False
+
+    def __init__(self, call: CliCall) -> None:
+        self.call = call
+
+    def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Held across all attempts of the request; taken before a concurrency slot."""
+        return contextlib.nullcontext()
+
+    def plan(self) -> tuple[CliCall, CliProcess | None]:
+        """The call for the next attempt, and a warm process to reuse, if any."""
+        return self.call, None
+
+    async def settle(self, cli: CliProcess) -> None:
+        """The attempt is over (``cli.finished`` tells whether it answered): end or keep the process."""
+        await cli.stop()
+
+    def answered(self, result: CliResult, *, shown_whole: bool) -> None:
+        """The answer went out; ``shown_whole`` is false when the client got less than the CLI said."""
+
+
 class Runner:
-    """Runs CLI calls under the concurrency cap, the per-attempt timeout and the retry policy."""
+    """Runs jobs under the concurrency cap, the per-attempt timeout and the retry policy."""
 
     def __init__(self, settings: Settings, workdir: str, environ: Mapping[str, str]) -> None:
         self.settings = settings
@@ -914,23 +997,30 @@ class Runner:
                                  "with `npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
         return binary
 
+    def process(self, call: CliCall) -> CliProcess:
+        return CliProcess(self.binary(), call, self.workdir, self.environ, self.processes)
+
     @contextlib.asynccontextmanager
-    async def attempt(self, call: CliCall) -> AsyncIterator[AsyncIterator[CliEvent]]:
-        """One attempt: a slot, a process, its events, all under CLAUDE_TIMEOUT."""
+    async def attempt(self, job: Job) -> AsyncIterator[AsyncIterator[CliEvent]]:
+        """One attempt: a slot, a process (warm or new), its events, all under CLAUDE_TIMEOUT."""
         binary = self.binary()
         async with self.slot():
+            call, cli = job.plan()
+            cli = cli or CliProcess(binary, call, self.workdir, self.environ, self.processes)
             try:
                 async with asyncio.timeout(self.settings.timeout):
-                    async with CliProcess(binary, call, self.workdir, self.environ, self.processes) as cli:
-                        await cli.send(call.stdin)
-                        yield cli.events()
+                    if cli.process is None:
+                        await cli.start()
+                    await cli.send(call.stdin, close=not job.keeps_stdin)
+                    yield cli.events()
             except TimeoutError:
-                raise CliTimeout(f"The claude CLI did not finish within CLAUDE_TIMEOUT={self.settings.timeout:g} s.",
+                raise CliTimeout(f"The claude CLI did not finish within CLAUDE_TIMEOUT={self.settings.timeout:g} s."
                                  ) from None
+            finally:
+                await job.settle(cli)
 
-    def backoff(self, attempt: int, error: ProxyError) -> float:
-        delay = min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
-        return delay
+    def backoff(self, attempt: int) -> float:
+        return min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
 
     async def retrying(self, run: Callable[[], Awaitable[Any]], *, may_retry: Callable[[], bool] = lambda: True) -> Any:
         """Run ``run`` until it succeeds, retrying transient failures while ``may_retry()`` holds."""
@@ -940,18 +1030,18 @@ class Runner:
             except ProxyError as error:
                 if not error.retryable or attempt >= self.settings.max_retries or not may_retry() or self.closing:
                     raise
-                delay = self.backoff(attempt, error)
+                delay = self.backoff(attempt)
                 log.info("attempt %d failed (%s: %s); retrying in %.1f s", attempt + 1, type(error).__name__,
                          error.message, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def complete(self, call: CliCall) -> tuple[CliResult, str]:
-        """Run a call to the end: the result and any thinking text."""
+    async def complete(self, job: Job) -> tuple[CliResult, str]:
+        """Run a job to the end: the result and any thinking text."""
 
         async def once() -> tuple[CliResult, str]:
             thinking: list[str] = []
-            async with self.attempt(call) as events:
+            async with self.attempt(job) as events:
                 async for event in events:
                     if isinstance(event, ThinkingDelta):
                         thinking.append(event.text)
@@ -989,6 +1079,242 @@ class Runner:
         return out.decode(errors="replace").strip() or None
 
 
+# --- Sessions: explicit and automatic, with warm processes between turns ---
+
+
+def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn]) -> str:
+    """Identifies a conversation exactly: any edit, reformat or other model gives another fingerprint."""
+    material = json.dumps([system, cli_model, [(turn.role, turn.text) for turn in turns]], ensure_ascii=False)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def newest_turns(turns: tuple[Turn, ...]) -> tuple[Turn, ...]:
+    """The turns after the last assistant turn: what a resumed conversation has not seen yet."""
+    for i in range(len(turns) - 1, -1, -1):
+        if turns[i].role == "assistant":
+            return turns[i + 1:] or turns[-1:]
+    return turns
+
+
+@dataclass(eq=False)
+class Session:
+    """One conversation with the CLI: its ids, what it was started with, its lock, maybe a warm process."""
+
+    key: str  # the client's session id, or a private one for automatic sessions
+    cli_id: str  # the CLI's session id; a rebuilt conversation gets a new one
+    system: str
+    cli_model: str | None
+    explicit: bool
+    history: list[Turn] = field(default_factory=list)  # the turns answered in this conversation, in order
+    started: bool = False  # the CLI holds a transcript for cli_id
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
+    last_used: float = field(default_factory=time.monotonic)
+    process: CliProcess | None = None  # an idle warm process that holds this conversation
+
+
+class Sessions:
+    """The session map: explicit sessions by id, automatic ones by the fingerprint of their history,
+    the idle warm processes (least recently used first), and the TTL sweeper that bounds them all."""
+
+    def __init__(self, settings: Settings, runner: Runner, transcripts: Path | None, own_workdir: bool) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.transcripts = transcripts  # where the CLI keeps this workdir's transcripts
+        self.own_workdir = own_workdir  # nobody else's transcripts live there: stale ones may be swept
+        self.explicit: dict[str, Session] = {}
+        self.auto: OrderedDict[str, Session] = OrderedDict()
+        self.warm: OrderedDict[Session, None] = OrderedDict()
+        self.background: set[asyncio.Task[None]] = set()
+
+    def job(self, chat: ChatRequest, call: CliCall) -> tuple[Job, str | None]:
+        """The job for a request, and a notice when the session ignored part of it."""
+        if chat.session_id:
+            return self.explicit_job(chat)
+        if not self.settings.auto_session:
+            return Job(call), None
+        turns = chat.turns
+        if len(turns) >= 3 and turns[-1].role == "user" and turns[-2].role == "assistant":
+            # Taken out of the map while in use: an identical request arriving meanwhile starts afresh.
+            session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1]), None)
+            if session is not None:
+                return SessionJob(self, session, chat), None
+        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False)
+        return SessionJob(self, session, chat), None
+
+    def explicit_job(self, chat: ChatRequest) -> tuple[Job, str | None]:
+        key = chat.session_id or ""
+        session = self.explicit.get(key)
+        if session is None:
+            session = Session(key, key, chat.system, chat.cli_model, explicit=True)
+            known = self.transcript(key)  # a session this server started before a restart
+            session.started = known is not None and known.exists()
+            self.explicit[key] = session
+            return SessionJob(self, session, chat), None
+        ignored = [name for name, same in (("system prompt", chat.system == session.system),
+                                           ("model", chat.cli_model == session.cli_model)) if not same]
+        notice = (f"The {' and '.join(ignored)} of session {key} were fixed when it started; this request's "
+                  f"{' and '.join(ignored)} were ignored.") if ignored else None
+        return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
+
+    def transcript(self, cli_id: str) -> Path | None:
+        return self.transcripts / f"{cli_id}.jsonl" if self.transcripts else None
+
+    def remember(self, session: Session, turns: tuple[Turn, ...]) -> None:
+        """An automatic session answered: the client will come back with exactly these turns."""
+        key = fingerprint(session.system, session.cli_model, turns)
+        self.auto[key] = session
+        self.auto.move_to_end(key)
+        while len(self.auto) > MAX_AUTO_SESSIONS:
+            self.forget(self.auto.popitem(last=False)[1])
+
+    def park(self, session: Session, cli: CliProcess) -> None:
+        """Keep a process that just answered, warm for the session's next turn, within CLAUDE_WARM_MAX."""
+        if self.settings.warm_max == 0 or self.runner.closing:
+            self.spawn(cli.stop(graceful=True))
+            return
+        cli.idle_since = time.monotonic()
+        session.process = cli
+        self.warm[session] = None
+        self.warm.move_to_end(session)
+        while len(self.warm) > self.settings.warm_max:
+            self.cool(next(iter(self.warm)))
+
+    def take_warm(self, session: Session, call: CliCall) -> CliProcess | None:
+        """The session's warm process, if it is alive and was started with the same options."""
+        cli, session.process = session.process, None
+        self.warm.pop(session, None)
+        if cli is None:
+            return None
+        if cli.alive and (cli.call.args, cli.call.system_prompt, cli.call.system_flag, dict(cli.call.env)) == \
+                (call.args, call.system_prompt, call.system_flag, dict(call.env)):
+            return cli
+        self.spawn(cli.stop(graceful=True))
+        return None
+
+    def cool(self, session: Session) -> None:
+        """Retire a session's idle process; the transcript stays, so the next turn resumes it cold."""
+        self.warm.pop(session, None)
+        if session.process is not None:
+            self.spawn(session.process.stop(graceful=True))
+            session.process = None
+
+    def forget(self, session: Session) -> None:
+        """Drop a session for good: its process, its lock, its transcript."""
+        self.warm.pop(session, None)
+        cli, session.process = session.process, None
+        if session.explicit:
+            self.explicit.pop(session.key, None)
+        self.spawn(self.retire(cli, session.cli_id))
+
+    async def retire(self, cli: CliProcess | None, cli_id: str) -> None:
+        """Kill a process (its transcript is going anyway), then delete the transcript."""
+        if cli is not None:
+            await cli.stop()
+        path = self.transcript(cli_id)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop sessions idle past CLAUDE_SESSION_TTL, and cool processes idle past CLAUDE_WARM_IDLE."""
+        now = time.monotonic() if now is None else now
+        for session in [*self.explicit.values(), *self.auto.values()]:
+            if not session.lock.locked() and now - session.last_used > self.settings.session_ttl:
+                for key in [k for k, s in self.auto.items() if s is session]:
+                    del self.auto[key]
+                self.forget(session)
+        for session in list(self.warm):
+            if session.process is None or now - session.process.idle_since > self.settings.warm_idle:
+                self.cool(session)
+
+    def sweep_stale_transcripts(self) -> None:
+        """At start-up: transcripts an earlier run left in our own workdir's folder, idle past the TTL."""
+        if not (self.own_workdir and self.transcripts and self.transcripts.is_dir()):
+            return
+        cutoff = time.time() - self.settings.session_ttl
+        for path in self.transcripts.glob("*.jsonl"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+
+    async def run_sweeper(self) -> None:
+        interval = max(0.5, min(30.0, self.settings.session_ttl / 4, self.settings.warm_idle / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
+
+    async def close(self) -> None:
+        """At shutdown: let idle warm processes finish their transcripts and exit."""
+        for session in list(self.warm):
+            self.cool(session)
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=GRACEFUL_EXIT + 1)
+
+
+MAX_AUTO_SESSIONS = 1000  # fingerprints kept at most; the oldest go first
+
+
+class SessionJob(Job):
+    """A turn in a stored conversation: resumed (warm or cold) when the CLI holds it, rebuilt otherwise."""
+
+    keeps_stdin = True
+
+    def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest) -> None:
+        self.sessions, self.session, self.chat = sessions, session, chat
+        self.newest = newest_turns(chat.turns)
+        self.registered = False
+
+    def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self.locked()
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        async with self.session.lock:
+            try:
+                yield
+            finally:
+                self.session.last_used = time.monotonic()
+                if not self.session.explicit and not self.registered:
+                    self.sessions.forget(self.session)  # an automatic session nobody can reach again
+
+    def plan(self) -> tuple[CliCall, CliProcess | None]:
+        session, settings = self.session, self.sessions.settings
+        transcript = self.sessions.transcript(session.cli_id)
+        if session.started and (session.process is not None or transcript is None or transcript.exists()):
+            call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest))
+            return call, self.sessions.take_warm(session, call)
+        if session.started:  # the CLI lost it (transcript deleted): rebuild under a new id
+            self.sessions.cool(session)
+            session.cli_id, session.started = str(uuid.uuid4()), False
+        # A new conversation, or a rebuilt one: all the context we have goes in the first message.
+        context = (*session.history, *self.newest) if session.history else self.chat.turns
+        return build_cli_call(self.chat, settings, Conversation(session.cli_id, False, tuple(context))), None
+
+    async def settle(self, cli: CliProcess) -> None:
+        if cli.finished:
+            self.session.started = True
+            self.sessions.park(self.session, cli)
+            return
+        await cli.stop()
+        if self.session.started or cli.process is not None:
+            # A failed turn may have left half of itself in the transcript: the next attempt rebuilds.
+            old = self.session.cli_id
+            self.session.cli_id, self.session.started = str(uuid.uuid4()), False
+            self.sessions.spawn(self.sessions.retire(None, old))
+
+    def answered(self, result: CliResult, *, shown_whole: bool) -> None:
+        session = self.session
+        session.history += [*self.newest, Turn("assistant", result.text)]
+        if not session.explicit and shown_whole:
+            self.sessions.remember(session, (*self.chat.turns, Turn("assistant", result.text)))
+            self.registered = True
+
+
 # --- Streaming ---
 
 KEEPALIVE = b": keep-alive\n\n"
@@ -1012,14 +1338,14 @@ class StreamOutcome:
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-async def produce_live(runner: Runner, call: CliCall, request: ChatRequest, emit: Emit) -> StreamOutcome:
+async def produce_live(runner: Runner, job: Job, request: ChatRequest, emit: Emit) -> StreamOutcome:
     """Forward text and thinking deltas as they arrive; retry only while nothing has gone out."""
     sent = False
 
     async def once() -> StreamOutcome:
         nonlocal sent
         scanner = StopScanner(request.stop)
-        async with runner.attempt(call) as events:
+        async with runner.attempt(job) as events:
             async for event in events:
                 if isinstance(event, ThinkingDelta):
                     sent = True
@@ -1030,35 +1356,44 @@ async def produce_live(runner: Runner, call: CliCall, request: ChatRequest, emit
                         sent = True
                         await emit({"content": text})
                     if scanner.stopped:
-                        return await after_stop(events, request.include_usage)
+                        return await after_stop(job, events, request.include_usage)
                 elif isinstance(event, CliResult):
                     if tail := scanner.flush():
                         await emit({"content": tail})
+                    job.answered(event, shown_whole=True)
                     return StreamOutcome(event.finish_reason, event.usage)
         raise CliFailed("The claude CLI ended without an answer.")
 
     return await runner.retrying(once, may_retry=lambda: not sent)
 
 
-async def after_stop(events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:
+async def after_stop(job: Job, events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:
     """The output was cut at a stop string. Without a usage chunk to fill, stop paying for the rest at once;
     with one, let the answer finish unseen so the counts are the CLI's own, never invented."""
     if want_usage:
         async for event in events:
             if isinstance(event, CliResult):
+                job.answered(event, shown_whole=False)
                 return StreamOutcome("stop", event.usage)
     return StreamOutcome("stop", None)
 
 
-async def produce_pseudo(runner: Runner, call: CliCall, request: ChatRequest, emit: Emit) -> StreamOutcome:
+async def produce_pseudo(runner: Runner, job: Job, request: ChatRequest, emit: Emit) -> StreamOutcome:
     """Run to the end (retrying freely), then slice the answer into chunks."""
-    result, thinking = await runner.complete(call)
-    text, stopped = apply_stop(result.text, request.stop)
+    result, thinking, text, stopped = await answer(runner, job, request)
     if thinking:
         await emit({"reasoning_content": thinking})
     for start in range(0, len(text), PSEUDO_SLICE):
         await emit({"content": text[start:start + PSEUDO_SLICE]})
     return StreamOutcome("stop" if stopped else result.finish_reason, result.usage)
+
+
+async def answer(runner: Runner, job: Job, request: ChatRequest) -> tuple[CliResult, str, str, bool]:
+    """A whole answer: the result, its thinking, and its text cut at the first stop string (and whether it was)."""
+    result, thinking = await runner.complete(job)
+    text, stopped = apply_stop(result.text, request.stop)
+    job.answered(result, shown_whole=not stopped)
+    return result, thinking, text, stopped
 
 
 # --- Routes and app ---
@@ -1129,40 +1464,48 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     body = await read_json(request, settings.max_body_bytes)
-    chat = parse_chat_request(body, settings)
-    call = build_cli_call(chat, settings)
+    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
     if runner.closing:
         raise Overloaded("The server is shutting down.", retry_after=5)
+    job, notice = state.sessions.job(chat, build_cli_call(chat, settings))
+    headers = {"X-Session-Notice": notice} if notice else {}
     if chat.stream:
-        return await stream_response(request, runner, call, chat)
-    entry = RequestLog(completion_id(), chat.model, "json")
+        return await stream_response(request, runner, job, chat, headers)
+    entry = RequestLog(completion_id(), chat.model, "json" if type(job) is Job else "json-session")
+
+    async def run() -> tuple[CliResult, str, str, bool]:
+        async with job.hold():
+            return await answer(runner, job, chat)
+
     try:
-        result, thinking = await unless_disconnected(request, runner.complete(call))
+        result, thinking, text, stopped = await unless_disconnected(request, run())
     except ProxyError as error:
         entry.finish(error.status)
         raise
     except ClientGone:
         entry.finish(499)
         return Response(status_code=499)
-    text, stopped = apply_stop(result.text, chat.stop)
     entry.finish(200, result.usage)
     finish: FinishReason = "stop" if stopped else result.finish_reason
-    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, text, finish, result.usage, thinking))
+    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, text, finish, result.usage, thinking),
+                        headers=headers)
 
 
-async def stream_response(request: Request, runner: Runner, call: CliCall, chat: ChatRequest) -> Response:
+async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest,
+                          headers: dict[str, str]) -> Response:
     """Start the producer; answer with a plain JSON error if it fails before anything is worth sending."""
     settings: Settings = request.app.state.settings
     mode = settings.stream_mode
     chunks = ChunkMaker(chat.model, chat.include_usage)
-    entry = RequestLog(chunks.id, chat.model, f"stream-{mode}")
+    entry = RequestLog(chunks.id, chat.model, f"stream-{mode}" + ("" if type(job) is Job else "-session"))
     queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
     produce = produce_live if mode == "live" else produce_pseudo
 
     async def producer() -> None:
         try:
-            await queue.put(await produce(runner, call, chat, queue.put))
+            async with job.hold():
+                await queue.put(await produce(runner, job, chat, queue.put))
         except (ProxyError, Exception) as error:  # handed to the consumer, which reports it
             await queue.put(error)
 
@@ -1215,7 +1558,7 @@ async def stream_response(request: Request, runner: Runner, call: CliCall, chat:
             await cancel(task)
             entry.write()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
 
 async def cancel(task: asyncio.Task[Any]) -> None:
@@ -1244,7 +1587,9 @@ async def health(request: Request) -> Response:
     state = request.app.state
     runner: Runner = state.runner
     binary = resolve_binary(state.settings, runner.environ)
-    counts = {"in_flight": runner.in_flight, "queued": runner.queued}
+    sessions: Sessions = state.sessions
+    counts = {"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
+        "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm)}}
     if binary is None:
         return JSONResponse({"status": "unavailable", "reason": f"claude CLI not found "
                              f"(CLAUDE_BIN={state.settings.claude_bin!r})", **counts}, status_code=503)
@@ -1305,14 +1650,20 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        private = None if settings.workdir else tempfile.mkdtemp(prefix="claude_api-")
-        app.state.runner = Runner(settings, settings.workdir or private or "", environ)
+        workdir = Path(settings.workdir) if settings.workdir else private_workdir(environ)
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        runner = app.state.runner = Runner(settings, str(workdir), environ)
+        sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
+                                                 own_workdir=not settings.workdir)
+        sessions.sweep_stale_transcripts()
+        sweeper = asyncio.create_task(sessions.run_sweeper())
         try:
             yield
         finally:
-            await shutdown(app.state.runner, settings.shutdown_grace)
-            if private:
-                shutil.rmtree(private, ignore_errors=True)
+            sweeper.cancel()
+            runner.closing = True
+            await sessions.close()
+            await shutdown(runner, settings.shutdown_grace)
 
     app = Starlette(
         routes=[
@@ -1329,6 +1680,21 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
     app.state.settings = settings
     app.state.cli_version = None
     return app
+
+
+def private_workdir(environ: Mapping[str, str]) -> Path:
+    """An empty folder of our own to run the CLI in: stable, so stored sessions survive a restart."""
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or tempfile.gettempdir(), ".cache")
+    return Path(cache) / "claude_api" / "workdir"
+
+
+def transcripts_folder(workdir: Path, environ: Mapping[str, str]) -> Path | None:
+    """Where the CLI keeps the transcripts of sessions run in ``workdir``."""
+    config = environ.get("CLAUDE_CONFIG_DIR") or (os.path.join(environ["HOME"], ".claude") if environ.get("HOME")
+                                                  else None)
+    if config is None:
+        return None
+    return Path(config) / "projects" / re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
 
 
 async def shutdown(runner: Runner, grace: float) -> None:

@@ -267,7 +267,7 @@ def wait_until(condition: Any, timeout: float, interval: float = 0.02) -> bool:
 # --- A fake claude CLI, written into a folder by write_fake_cli ---
 
 FAKE_CLI = r'''
-import json, os, sys, time
+import json, os, re, sys, time
 from pathlib import Path
 
 HOME = Path(__file__).resolve().parent
@@ -275,25 +275,24 @@ args = sys.argv[1:]
 if "--version" in args:
     print("9.9.9 (Fake Code)")
     sys.exit(0)
-control = json.loads((HOME / "control.json").read_text()) if (HOME / "control.json").exists() else {}
 calls = HOME / "calls"
 calls.mkdir(exist_ok=True)
-lines = []
-for raw in sys.stdin:
-    lines.append(raw)
-    if control.get("read_one"):
-        break
-n = len(list(calls.glob("*.json")))
 system = None
 for flag in ("--system-prompt-file", "--append-system-prompt-file"):
     if flag in args:
         system = Path(args[args.index(flag) + 1]).read_text()
-record = {"argv": args, "stdin": "".join(lines), "env": dict(os.environ), "cwd": os.getcwd(),
-          "cwd_entries": sorted(os.listdir(".")), "system": system, "pid": os.getpid()}
-(calls / f"{n:04d}-{os.getpid()}.json").write_text(json.dumps(record))
-script = control.get("script", [])
-behaviour = script[n] if n < len(script) else control.get("default", "ok")
 session = "00000000-0000-4000-8000-000000000000"
+transcript = None
+for flag in ("--session-id", "--resume"):
+    if flag in args:
+        session = args[args.index(flag) + 1]
+        config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path(os.environ["HOME"]) / ".claude")
+        transcript = config / "projects" / re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd())) / f"{session}.jsonl"
+        if flag == "--resume" and not transcript.exists():
+            print("No conversation found with session ID: " + session, file=sys.stderr)
+            sys.exit(1)
+        transcript.parent.mkdir(parents=True, exist_ok=True)
+        transcript.touch()
 
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
@@ -316,48 +315,58 @@ def failure(text, status):
 
 emit({"type": "system", "subtype": "init", "session_id": session, "tools": [], "model": "fake"})
 emit({"type": "some_future_event", "payload": {"ignored": True}})
-prompt = ""
-if lines:
-    message = json.loads(lines[0])["message"]["content"]
-    prompt = message if isinstance(message, str) else "".join(b.get("text", "") for b in message)
-reply = control.get("reply", "echo: " + prompt)
 sys.stderr.write("fake-cli-stderr-secret: something internal\n")
-if behaviour == "ok" or behaviour == "max_tokens" or behaviour == "thinking":
-    if behaviour == "thinking":
-        delta("thinking_delta", "thinking", "let me think")
-    for i in range(0, len(reply), 5):
-        delta("text_delta", "text", reply[i:i + 5])
-        time.sleep(control.get("delay", 0))
-    result(reply, stop_reason="max_tokens" if behaviour == "max_tokens" else "end_turn")
-elif behaviour == "silent_then_ok":
-    time.sleep(control.get("silence", 1.0))
-    delta("text_delta", "text", reply)
-    result(reply)
-elif behaviour == "crash":
-    sys.stdout.write("partial garbage\n")
-    sys.exit(3)
-elif behaviour == "garbage":
-    print("this is not json")
-    print("[1, 2, 3]")
-    sys.exit(0)
-elif behaviour == "hang":
-    time.sleep(3600)
-elif behaviour == "content_then_hang":
-    delta("text_delta", "text", "first words")
-    time.sleep(3600)
-elif behaviour == "content_then_crash":
-    delta("text_delta", "text", "first words")
-    sys.exit(2)
-elif behaviour == "rate_limit":
-    failure("API Error: Request rejected (429) · rate limited", 429)
-elif behaviour == "overloaded":
-    failure("API Error: 529 overloaded", 529)
-elif behaviour == "bad_request":
-    failure("API Error: 400 invalid request", 400)
-elif behaviour == "not_logged_in":
-    failure("Not logged in · Please run /login", None)
-elif behaviour == "third_party":
-    failure("API Error: 400 Third-party apps now draw from your extra usage, not your plan limits.", 400)
+sys.stderr.flush()
+for line in sys.stdin:  # one user message a line, answered in turn, as the real CLI does with stream-json input
+    control = json.loads((HOME / "control.json").read_text()) if (HOME / "control.json").exists() else {}
+    n = len(list(calls.glob("*.json")))
+    record = {"argv": args, "stdin": line, "env": dict(os.environ), "cwd": os.getcwd(),
+              "cwd_entries": sorted(os.listdir(".")), "system": system, "pid": os.getpid()}
+    (calls / f"{n:04d}-{os.getpid()}.json").write_text(json.dumps(record))
+    script = control.get("script", [])
+    behaviour = script[n] if n < len(script) else control.get("default", "ok")
+    content = json.loads(line)["message"]["content"]
+    prompt = content if isinstance(content, str) else "".join(b.get("text", "") for b in content)
+    reply = control.get("reply", "echo: " + prompt)
+    if transcript is not None:
+        with transcript.open("a") as handle:
+            handle.write(json.dumps({"user": prompt, "assistant": reply}) + "\n")
+    if behaviour == "ok" or behaviour == "max_tokens" or behaviour == "thinking":
+        if behaviour == "thinking":
+            delta("thinking_delta", "thinking", "let me think")
+        for i in range(0, len(reply), 5):
+            delta("text_delta", "text", reply[i:i + 5])
+            time.sleep(control.get("delay", 0))
+        result(reply, stop_reason="max_tokens" if behaviour == "max_tokens" else "end_turn")
+    elif behaviour == "silent_then_ok":
+        time.sleep(control.get("silence", 1.0))
+        delta("text_delta", "text", reply)
+        result(reply)
+    elif behaviour == "crash":
+        sys.stdout.write("partial garbage\n")
+        sys.exit(3)
+    elif behaviour == "garbage":
+        print("this is not json")
+        print("[1, 2, 3]")
+        sys.exit(0)
+    elif behaviour == "hang":
+        time.sleep(3600)
+    elif behaviour == "content_then_hang":
+        delta("text_delta", "text", "first words")
+        time.sleep(3600)
+    elif behaviour == "content_then_crash":
+        delta("text_delta", "text", "first words")
+        sys.exit(2)
+    elif behaviour == "rate_limit":
+        failure("API Error: Request rejected (429) · rate limited", 429)
+    elif behaviour == "overloaded":
+        failure("API Error: 529 overloaded", 529)
+    elif behaviour == "bad_request":
+        failure("API Error: 400 invalid request", 400)
+    elif behaviour == "not_logged_in":
+        failure("Not logged in · Please run /login", None)
+    elif behaviour == "third_party":
+        failure("API Error: 400 Third-party apps now draw from your extra usage, not your plan limits.", 400)
 '''
 
 
@@ -392,7 +401,8 @@ def find_real_cli() -> str | None:
 
 def make_settings(**overrides: Any) -> api.Settings:
     """Settings from an environment dict, the way the service reads them."""
-    environ = {"CLAUDE_MAX_RETRIES": "0", "CLAUDE_BASE_BACKOFF": "0.01", "CLAUDE_TIMEOUT": "20"}
+    environ = {"CLAUDE_MAX_RETRIES": "0", "CLAUDE_BASE_BACKOFF": "0.01", "CLAUDE_TIMEOUT": "20",
+               "CLAUDE_AUTO_SESSION": "off"}  # the stateless path, unless a test turns sessions on
     environ.update({f"CLAUDE_{k.upper()}": str(v) for k, v in overrides.items()})
     return api.load_settings(environ)
 
@@ -626,7 +636,7 @@ def test_cli_call_keeps_client_text_out_of_argv() -> None:
         {"role": "system", "content": "--dangerously-skip-permissions"},
         {"role": "user", "content": "-p --tools default"}]}, settings)
     call = api.build_cli_call(request, settings)
-    argv = list(call.args)
+    argv = [*call.args, *call.session_args]
     assert argv[argv.index("--tools") + 1] == "" and "--no-session-persistence" in argv
     assert argv[argv.index("--model") + 1] == "opus"
     assert not any("dangerously" in a or "default" == a for a in argv)
@@ -725,19 +735,16 @@ async def test_completion_shape_and_what_the_cli_was_given(fake: Fake) -> None:
     env = call["env"]
     assert "CLAUDECODE" not in env and "CLAUDE_CODE_ENTRYPOINT" not in env and "CLAUDE_API_KEYS" not in env
     assert env["KEEP_ME"] == "yes" and env["CLAUDE_CODE_MAX_RETRIES"] == "0"
-    assert call["cwd_entries"] == [] and Path(call["cwd"]).name.startswith("claude_api-")
+    assert call["cwd_entries"] == [] and call["cwd"] == f"{fake.environ['HOME']}/.cache/claude_api/workdir"
     assert fake.alive() == []
 
 
-async def test_private_workdir_is_removed_at_shutdown_and_workdir_setting_overrides(fake: Fake, tmp_path: Path) -> None:
-    async with client_for(fake.app()) as client:
-        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
-    assert not await asyncio.to_thread(os.path.exists, fake.calls()[0]["cwd"])
+async def test_workdir_setting_overrides_the_private_one(fake: Fake, tmp_path: Path) -> None:
     chosen = tmp_path / "chosen"
     chosen.mkdir()
     async with client_for(fake.app(workdir=chosen)) as client:
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
-    assert Path(fake.calls()[1]["cwd"]) == chosen
+    assert Path(fake.calls()[0]["cwd"]) == chosen
 
 
 async def test_long_system_prompt_goes_through_a_file(fake: Fake) -> None:
@@ -1009,7 +1016,8 @@ async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
         health = await client.get("/health")
         assert health.status_code == 200
         assert health.json() == {"status": "ok", "cli": {"path": str(fake.bin), "version": "9.9.9 (Fake Code)"},
-                                 "in_flight": 0, "queued": 0}
+                                 "in_flight": 0, "queued": 0,
+                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0}}
         index = (await client.get("/")).json()
         assert "/v1/chat/completions" in index["endpoints"]
     missing = api.create_app(make_settings(bin=tmp_path / "no-such-claude"), fake.environ)
@@ -1200,7 +1208,7 @@ def openai_client(url: str, **kwargs: Any) -> Any:
 @needs_real_cli
 def test_real_sdk_round_trip_keeps_the_agent_prompt_and_tools_away(real: Real) -> None:
     real.standin.reset(default=Reply(text="Ahoy there, matey."))
-    with serve(real.app(api_keys="proxy-secret-key")) as url:
+    with serve(real.app(api_keys="proxy-secret-key", auto_session="on")) as url:
         client = openai_client(url)
         answer = client.chat.completions.create(model="sonnet", messages=[
             {"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "hi"}])
