@@ -838,13 +838,16 @@ class CliProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.finished = False  # the last turn ended with a good result
+        self.produced = False  # the last turn printed anything at all
         self.idle_since = 0.0
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
+        process = self.process
+        return process is not None and process.returncode is None and not (process.stdout and
+                                                                           process.stdout.at_eof())
 
     async def start(self) -> None:
         args = [*self.call.args, *self.call.session_args]
@@ -871,7 +874,7 @@ class CliProcess:
 
     async def send(self, data: bytes, *, close: bool) -> None:
         assert self.process and self.process.stdin
-        self.finished = False
+        self.finished = self.produced = False
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.process.stdin.write(data)
             await self.process.stdin.drain()
@@ -883,6 +886,7 @@ class CliProcess:
         assert self.process and self.process.stdout
         garbage = 0
         async for raw in self.process.stdout:
+            self.produced = True
             try:
                 line = json.loads(raw)
             except ValueError:
@@ -947,7 +951,7 @@ class Job:
         """Held across all attempts of the request; taken before a concurrency slot."""
         return contextlib.nullcontext()
 
-    def plan(self) -> tuple[CliCall, CliProcess | None]:
+    async def plan(self) -> tuple[CliCall, CliProcess | None]:
         """The call for the next attempt, and a warm process to reuse, if any."""
         return self.call, None
 
@@ -957,6 +961,10 @@ class Job:
 
     def answered(self, result: CliResult, *, shown_whole: bool) -> None:
         """The answer went out; ``shown_whole`` is false when the client got less than the CLI said."""
+
+    def lost_warm_process(self) -> bool:
+        """True (once) when the last attempt failed only because a warm process had died while idle."""
+        return False
 
 
 class Runner:
@@ -1005,7 +1013,7 @@ class Runner:
         """One attempt: a slot, a process (warm or new), its events, all under CLAUDE_TIMEOUT."""
         binary = self.binary()
         async with self.slot():
-            call, cli = job.plan()
+            call, cli = await job.plan()
             cli = cli or CliProcess(binary, call, self.workdir, self.environ, self.processes)
             try:
                 async with asyncio.timeout(self.settings.timeout):
@@ -1022,19 +1030,24 @@ class Runner:
     def backoff(self, attempt: int) -> float:
         return min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
 
-    async def retrying(self, run: Callable[[], Awaitable[Any]], *, may_retry: Callable[[], bool] = lambda: True) -> Any:
+    async def retrying(self, job: Job, run: Callable[[], Awaitable[Any]], *,
+                       may_retry: Callable[[], bool] = lambda: True) -> Any:
         """Run ``run`` until it succeeds, retrying transient failures while ``may_retry()`` holds."""
-        for attempt in range(self.settings.max_retries + 1):
+        attempt = 0
+        while True:
             try:
                 return await run()
             except ProxyError as error:
+                if error.retryable and may_retry() and job.lost_warm_process():
+                    log.info("a warm CLI process had died; replacing it")
+                    continue  # not the request's failure: no backoff, no attempt spent
                 if not error.retryable or attempt >= self.settings.max_retries or not may_retry() or self.closing:
                     raise
                 delay = self.backoff(attempt)
-                log.info("attempt %d failed (%s: %s); retrying in %.1f s", attempt + 1, type(error).__name__,
+                attempt += 1
+                log.info("attempt %d failed (%s: %s); retrying in %.1f s", attempt, type(error).__name__,
                          error.message, delay)
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     async def complete(self, job: Job) -> tuple[CliResult, str]:
         """Run a job to the end: the result and any thinking text."""
@@ -1049,7 +1062,7 @@ class Runner:
                         return event, "".join(thinking)
             raise CliFailed("The claude CLI ended without an answer.")
 
-        return await self.retrying(once)
+        return await self.retrying(job, once)
 
     async def kill_all(self) -> None:
         for process in list(self.processes):
@@ -1110,6 +1123,7 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
     last_used: float = field(default_factory=time.monotonic)
     process: CliProcess | None = None  # an idle warm process that holds this conversation
+    retiring: asyncio.Future[None] | None = None  # its last process, finishing the transcript as it exits
 
 
 class Sessions:
@@ -1170,7 +1184,7 @@ class Sessions:
     def park(self, session: Session, cli: CliProcess) -> None:
         """Keep a process that just answered, warm for the session's next turn, within CLAUDE_WARM_MAX."""
         if self.settings.warm_max == 0 or self.runner.closing:
-            self.spawn(cli.stop(graceful=True))
+            session.retiring = self.spawn(cli.stop(graceful=True))
             return
         cli.idle_since = time.monotonic()
         session.process = cli
@@ -1188,14 +1202,14 @@ class Sessions:
         if cli.alive and (cli.call.args, cli.call.system_prompt, cli.call.system_flag, dict(cli.call.env)) == \
                 (call.args, call.system_prompt, call.system_flag, dict(call.env)):
             return cli
-        self.spawn(cli.stop(graceful=True))
+        session.retiring = self.spawn(cli.stop(graceful=True))
         return None
 
     def cool(self, session: Session) -> None:
         """Retire a session's idle process; the transcript stays, so the next turn resumes it cold."""
         self.warm.pop(session, None)
         if session.process is not None:
-            self.spawn(session.process.stop(graceful=True))
+            session.retiring = self.spawn(session.process.stop(graceful=True))
             session.process = None
 
     def forget(self, session: Session) -> None:
@@ -1215,10 +1229,11 @@ class Sessions:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def spawn(self, work: Awaitable[None]) -> None:
+    def spawn(self, work: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
     def sweep(self, now: float | None = None) -> None:
         """Drop sessions idle past CLAUDE_SESSION_TTL, and cool processes idle past CLAUDE_WARM_IDLE."""
@@ -1268,6 +1283,7 @@ class SessionJob(Job):
         self.sessions, self.session, self.chat = sessions, session, chat
         self.newest = newest_turns(chat.turns)
         self.registered = False
+        self.reused = self.lost = False
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self.locked()
@@ -1282,16 +1298,22 @@ class SessionJob(Job):
                 if not self.session.explicit and not self.registered:
                     self.sessions.forget(self.session)  # an automatic session nobody can reach again
 
-    def plan(self) -> tuple[CliCall, CliProcess | None]:
+    async def plan(self) -> tuple[CliCall, CliProcess | None]:
         session, settings = self.session, self.sessions.settings
+        if session.retiring is not None:  # a process of ours may still be writing the transcript: let it finish
+            await asyncio.shield(session.retiring)
+            session.retiring = None
         transcript = self.sessions.transcript(session.cli_id)
         if session.started and (session.process is not None or transcript is None or transcript.exists()):
             call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest))
-            return call, self.sessions.take_warm(session, call)
+            warm = self.sessions.take_warm(session, call)
+            self.reused = warm is not None
+            return call, warm
         if session.started:  # the CLI lost it (transcript deleted): rebuild under a new id
             self.sessions.cool(session)
             session.cli_id, session.started = str(uuid.uuid4()), False
         # A new conversation, or a rebuilt one: all the context we have goes in the first message.
+        self.reused = False
         context = (*session.history, *self.newest) if session.history else self.chat.turns
         return build_cli_call(self.chat, settings, Conversation(session.cli_id, False, tuple(context))), None
 
@@ -1301,11 +1323,18 @@ class SessionJob(Job):
             self.sessions.park(self.session, cli)
             return
         await cli.stop()
+        if self.reused and not cli.produced:
+            self.lost = True  # it died while idle; the transcript is whole, so resume it cold
+            return
         if self.session.started or cli.process is not None:
             # A failed turn may have left half of itself in the transcript: the next attempt rebuilds.
             old = self.session.cli_id
             self.session.cli_id, self.session.started = str(uuid.uuid4()), False
             self.sessions.spawn(self.sessions.retire(None, old))
+
+    def lost_warm_process(self) -> bool:
+        lost, self.lost = self.lost, False
+        return lost
 
     def answered(self, result: CliResult, *, shown_whole: bool) -> None:
         session = self.session
@@ -1364,7 +1393,7 @@ async def produce_live(runner: Runner, job: Job, request: ChatRequest, emit: Emi
                     return StreamOutcome(event.finish_reason, event.usage)
         raise CliFailed("The claude CLI ended without an answer.")
 
-    return await runner.retrying(once, may_retry=lambda: not sent)
+    return await runner.retrying(job, once, may_retry=lambda: not sent)
 
 
 async def after_stop(job: Job, events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:

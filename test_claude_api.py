@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -22,7 +23,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,25 @@ class Reply:
     thinking: str = ""
     stop_reason: str = "end_turn"
     gate: threading.Event | None = None  # hold the last delta until this is set (10 s at most)
+    echo: bool = False  # answer "echo: <the last user text>" instead of ``text``
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    """The text of the last user message, without the CLI's own <system-reminder> blocks."""
+    content = body["messages"][-1]["content"]
+    blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+    return "".join(b.get("text", "") for b in blocks if not b.get("text", "").startswith("<system-reminder>")).strip()
+
+
+def conversation_shape(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(role, text) of each upstream message, the CLI's reminders left out: what the model was shown."""
+    shape = []
+    for message in body["messages"]:
+        content = message["content"]
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        text = "".join(b.get("text", "") for b in blocks if not b.get("text", "").startswith("<system-reminder>"))
+        shape.append((message["role"], text.strip()))
+    return shape
 
 
 def split_text(text: str, pieces: int) -> list[str]:
@@ -114,27 +135,32 @@ class StandIn:
         return JSONResponse({"input_tokens": 10})
 
     def usage_for(self, body: dict[str, Any]) -> dict[str, int]:
-        """Token counts as the Messages API reports them, with a prefix cache keyed on the exact blocks."""
-        blocks: list[Any] = [*(body.get("system") or []), *(body.get("tools") or [])]
+        """Token counts as the Messages API reports them (about 4 characters a token), with its prompt cache:
+        each ``cache_control`` mark writes the prefix up to it, and a later request reads the longest cached
+        prefix that ends at a mark or up to 20 blocks before one. The CLI's per-request billing header is
+        not part of the prompt."""
+        blocks = [{"role": "system", **b} for b in body.get("system") or []
+                  if not b.get("text", "").startswith("x-anthropic-billing-header")]
+        blocks += [{"role": "tool", **t} for t in body.get("tools") or []]
         for message in body.get("messages", []):
-            content = message.get("content")
-            blocks += content if isinstance(content, list) else [{"type": "text", "text": content}]
-        total = max(1, len(json.dumps(blocks)) // 4)
-        marks = [i for i, b in enumerate(blocks) if isinstance(b, dict) and b.get("cache_control")]
-        read = created = 0
+            content = message["content"]
+            for block in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+                blocks.append({"role": message["role"], **block})
+        keys = [json.dumps({k: v for k, v in b.items() if k != "cache_control"}, sort_keys=True) for b in blocks]
+        sizes = [len(k) // 4 for k in keys]
+        total = max(1, sum(sizes))
+        marks = [i for i, b in enumerate(blocks) if b.get("cache_control")]
+        prefix = [hashlib.sha256("".join(keys[:i + 1]).encode()).hexdigest() for i in range(len(keys))]
+        read_end = -1
         with self.lock:
             for mark in reversed(marks):
-                prefix = json.dumps([{k: v for k, v in b.items() if k != "cache_control"} if isinstance(b, dict)
-                                     else b for b in blocks[:mark + 1]])
-                if prefix in self.cached_prefixes:
-                    read = len(prefix) // 4
+                hits = [i for i in range(mark, max(-1, mark - 21), -1) if prefix[i] in self.cached_prefixes]
+                if hits:
+                    read_end = hits[0]
                     break
-            if marks:
-                last = json.dumps([{k: v for k, v in b.items() if k != "cache_control"} if isinstance(b, dict)
-                                   else b for b in blocks[:marks[-1] + 1]])
-                self.cached_prefixes.add(last)
-                created = max(0, len(last) // 4 - read)
-        read, created = min(read, total), min(created, total - min(read, total))
+            self.cached_prefixes.update(prefix[mark] for mark in marks)
+        read = sum(sizes[:read_end + 1])
+        created = sum(sizes[:marks[-1] + 1]) - read if marks and marks[-1] > read_end else 0
         return {"input_tokens": total - read - created, "cache_read_input_tokens": read,
                 "cache_creation_input_tokens": created}
 
@@ -148,6 +174,8 @@ class StandIn:
             return JSONResponse({"type": "error", "error": {"type": reply.error_type, "message": "stand-in error"}},
                                 status_code=reply.status, headers={"retry-after": "1"})
         usage = self.usage_for(body)
+        if reply.echo:
+            reply = replace(reply, text=f"echo: {last_user_text(body)}")
         return StreamingResponse(self.events(body, reply, usage), media_type="text/event-stream")
 
     async def events(self, body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> AsyncIterator[bytes]:
@@ -287,7 +315,8 @@ for flag in ("--session-id", "--resume"):
     if flag in args:
         session = args[args.index(flag) + 1]
         config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path(os.environ["HOME"]) / ".claude")
-        transcript = config / "projects" / re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd())) / f"{session}.jsonl"
+        folder = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd()))
+        transcript = config / "projects" / folder / f"{session}.jsonl"
         if flag == "--resume" and not transcript.exists():
             print("No conversation found with session ID: " + session, file=sys.stderr)
             sys.exit(1)
@@ -1372,3 +1401,247 @@ def test_real_sigterm_with_requests_in_flight_leaves_no_cli(real: Real) -> None:
         for thread in threads:
             thread.join(10)
     assert real.alive() == []
+
+
+# --- Sessions ---
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def session_app(real: Real, **overrides: Any) -> Starlette:
+    return real.app(**{"auto_session": "on", **overrides})
+
+
+@needs_real_cli
+def test_real_explicit_session_sends_only_the_newest_turn(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    with serve(session_app(real, auto_session="off")) as url:
+        client = openai_client(url)
+        answers = []
+        for text in ("My name is Ada.", "I like tea.", "What is my name?"):
+            answer = client.chat.completions.create(model="sonnet", messages=[user(text)],
+                                                    extra_body={"session_id": sid})
+            answers.append(answer.choices[0].message.content)
+        header = httpx.post(f"{url}/v1/chat/completions", json=chat("And my drink?"), headers={"X-Session-Id": sid},
+                            timeout=60)
+        assert header.status_code == 200
+        bad = httpx.post(f"{url}/v1/chat/completions", json=chat("x", session_id="not-a-uuid"), timeout=10)
+        assert_error(bad, 400, "invalid_value", "session_id")
+        assert "UUID" in bad.json()["error"]["message"]
+    assert answers == ["echo: My name is Ada.", "echo: I like tea.", "echo: What is my name?"]
+    assert conversation_shape(real.standin.bodies()[3]) == [
+        ("user", "My name is Ada."), ("assistant", "echo: My name is Ada."), ("user", "I like tea."),
+        ("assistant", "echo: I like tea."), ("user", "What is my name?"), ("assistant", "echo: What is my name?"),
+        ("user", "And my drink?")]
+
+
+@needs_real_cli
+def test_real_automatic_session_for_a_stateless_client(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    with serve(session_app(real)) as url:
+        client = openai_client(url)
+        messages: list[dict[str, str]] = [{"role": "system", "content": "Be brief."}]
+        usages = []
+        for text in ("My name is Ada.", "I like tea.", "What is my name?", "And my drink?"):
+            messages.append(user(text))
+            answer = client.chat.completions.create(model="sonnet", messages=messages)
+            messages.append(assistant(answer.choices[0].message.content or ""))
+            usages.append(answer.usage)
+        health = httpx.get(f"{url}/health").json()
+    bodies = real.standin.bodies()
+    assert len(bodies) == 4
+    assert conversation_shape(bodies[3]) == [(m["role"], m["content"]) for m in messages[1:-1]]
+    assert usages[3] is not None and usages[3].prompt_tokens_details.cached_tokens > 0
+    assert getattr(usages[3], "cache_read_input_tokens", 0) > 0
+    assert health["sessions"]["automatic"] == 1 and health["sessions"]["warm"] == 1
+
+
+@needs_real_cli
+def test_real_regenerate_edit_reformat_and_twins_get_their_own_history(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    with serve(session_app(real)) as url:
+        client = openai_client(url)
+
+        def ask(messages: list[dict[str, str]]) -> str:
+            return client.chat.completions.create(model="sonnet", messages=messages).choices[0].message.content or ""
+
+        first = ask([user("u1")])
+        base = [user("u1"), assistant(first), user("u2")]
+        ask(base)
+        real.standin.reset(default=Reply(echo=True))
+        ask(base)  # regenerate: the same history again, not the one the first answer extended
+        ask([user("u1 edited"), assistant(first), user("u2")])  # an edited first message
+        ask([user("u1"), assistant("Echo: U1!"), user("u2")])  # the client reformatted the answer
+        with ThreadPoolExecutor(2) as pool:  # two clients, identical histories, at the same moment
+            list(pool.map(ask, [[user("u1"), assistant(first), user("twin")]] * 2))
+    shapes = [conversation_shape(body) for body in real.standin.bodies()]
+    flat = [json.dumps(shape) for shape in shapes]
+    # Whatever path each took (resumed or rebuilt), every request showed the model exactly its own history.
+    assert all("u1" in f and "u2" in f for f in flat[:3])
+    assert "echo: u2" not in flat[0]
+    assert "u1 edited" in flat[1] and '"u1"' not in flat[1].replace("u1 edited", "")
+    assert "Echo: U1!" in flat[2] and "echo: u1" not in flat[2]
+    for twin in flat[3:]:
+        assert twin.count("twin") == 1 and "u2" not in twin
+
+
+@needs_real_cli
+def test_real_deleted_transcript_is_rebuilt_with_context(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    with serve(session_app(real, warm_max=0)) as url:
+        client = openai_client(url)
+        client.chat.completions.create(model="sonnet", messages=[user("My name is Ada.")],
+                                       extra_body={"session_id": sid})
+        projects = Path(real.environ["HOME"]) / ".claude" / "projects"
+        assert wait_until(lambda: list(projects.rglob("*.jsonl")) != [], 5)
+        transcripts = list(projects.rglob("*.jsonl"))
+        assert [t.stem for t in transcripts] == [sid]
+        transcripts[0].unlink()
+        answer = client.chat.completions.create(model="sonnet", messages=[user("What is my name?")],
+                                                extra_body={"session_id": sid})
+    assert answer.choices[0].message.content is not None
+    assert "Ada" in json.dumps(real.standin.bodies()[-1])
+
+
+@needs_real_cli
+def test_real_session_survives_a_server_restart(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    for text in ("My name is Ada.", "What is my name?"):  # a new server each turn: the CLI's transcript carries it
+        with serve(session_app(real)) as url:
+            openai_client(url).chat.completions.create(model="sonnet", messages=[user(text)],
+                                                       extra_body={"session_id": sid})
+    assert conversation_shape(real.standin.bodies()[1]) == [
+        ("user", "My name is Ada."), ("assistant", "echo: My name is Ada."), ("user", "What is my name?")]
+
+
+@needs_real_cli
+def test_real_ten_concurrent_turns_on_one_session(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    with serve(session_app(real)) as url:
+        client = openai_client(url)
+
+        def turn(i: int) -> str:
+            return client.chat.completions.create(model="sonnet", messages=[user(f"turn {i}")],
+                                                  extra_body={"session_id": sid}).choices[0].message.content or ""
+
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(turn, range(10)))
+    assert answers == [f"echo: turn {i}" for i in range(10)]
+    last = conversation_shape(real.standin.bodies()[-1])
+    users = [text for role, text in last if role == "user"]
+    assert sorted(users) == sorted(f"turn {i}" for i in range(10)) and len(last) == 19
+    # Served one at a time: each upstream request extends the previous one by exactly one turn.
+    bodies = real.standin.bodies()
+    for before, after in zip(bodies, bodies[1:], strict=False):
+        assert conversation_shape(after)[:-2] == conversation_shape(before)
+
+
+@needs_real_cli
+def test_real_warm_process_serves_the_next_turn_and_a_dead_one_is_replaced(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    with serve(session_app(real)) as url:
+        client = openai_client(url)
+
+        def ask(text: str) -> None:
+            client.chat.completions.create(model="sonnet", messages=[user(text)], extra_body={"session_id": sid})
+
+        ask("one")
+        [warm] = real.alive()
+        ask("two")
+        assert real.alive() == [warm]  # the same process answered, no new start
+        os.kill(warm, signal.SIGKILL)
+        assert wait_until(lambda: real.alive() == [], 2)
+        ask("three")
+        assert len(real.alive()) == 1 and real.alive() != [warm]
+    # Resumed from the transcript, or rebuilt from the history we kept if the killed process had not yet
+    # written its last turn: either way the answer stands on all three turns.
+    last = json.dumps(real.standin.bodies()[-1]["messages"])
+    assert 0 < last.index("one") < last.index("two") < last.index("three")
+
+
+async def test_session_notice_when_model_or_system_changes(fake: Fake) -> None:
+    sid = str(uuid.uuid4())
+    async with client_for(fake.app(auto_session="on")) as client:
+        first = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": sid})
+        assert "x-session-notice" not in first.headers
+        second = await client.post("/v1/chat/completions", json={"model": "opus", "session_id": sid, "messages": [
+            {"role": "system", "content": "Another prompt"}, user("again")]})
+    assert second.status_code == 200
+    notice = second.headers["x-session-notice"]
+    assert "system prompt" in notice and "model" in notice
+    later = fake.calls()[-1]
+    assert later["system"] == api.NEUTRAL_SYSTEM_PROMPT and "opus" not in later["argv"]
+
+
+async def test_warm_processes_are_bounded_lru(fake: Fake) -> None:
+    app = fake.app(auto_session="on", warm_max=2)
+    async with client_for(app) as client:
+        ids = [str(uuid.uuid4()) for _ in range(3)]
+        for sid in ids:
+            assert (await client.post("/v1/chat/completions", json={**chat("x"), "session_id": sid})).status_code == 200
+        sessions = app.state.sessions
+        assert [s.key for s in sessions.warm] == ids[1:]  # the least recently used went first
+        await asyncio.wait(list(sessions.background), timeout=10)
+        assert len(fake.alive()) == 2
+        # Idle processes don't hold concurrency slots.
+        assert app.state.runner.in_flight == 0 and not app.state.runner.slots.locked()
+    assert wait_until(lambda: fake.alive() == [], 10)
+
+
+async def test_ttl_expiry_removes_locks_fingerprints_processes_and_files(fake: Fake) -> None:
+    app = fake.app(auto_session="on", session_ttl=60)
+    async with client_for(app) as client:
+        sid = str(uuid.uuid4())
+        await client.post("/v1/chat/completions", json={**chat("explicit"), "session_id": sid})
+        await client.post("/v1/chat/completions", json=chat("automatic"))
+        sessions = app.state.sessions
+        assert len(sessions.explicit) == 1 and len(sessions.auto) == 1 and len(sessions.warm) == 2
+        files = list(sessions.transcripts.glob("*.jsonl"))
+        assert len(files) == 2 and len(fake.alive()) == 2
+        sessions.sweep(now=time.monotonic() + 30)
+        assert len(sessions.explicit) == 1  # not idle long enough yet
+        sessions.sweep(now=time.monotonic() + 61)
+        await asyncio.wait(list(sessions.background), timeout=10)
+        assert (sessions.explicit, sessions.auto, sessions.warm) == ({}, {}, {})
+        assert list(sessions.transcripts.glob("*.jsonl")) == []
+        assert fake.alive() == []
+
+
+async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> None:
+    app = fake.app(auto_session="on", warm_idle=5)
+    async with client_for(app) as client:
+        sid = str(uuid.uuid4())
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
+        sessions = app.state.sessions
+        sessions.sweep(now=time.monotonic() + 6)
+        await asyncio.wait(list(sessions.background), timeout=10)
+        assert sessions.warm == {} and fake.alive() == [] and len(sessions.explicit) == 1
+        second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
+    assert second.json()["choices"][0]["message"]["content"] == "echo: two"
+    argv = fake.calls()[-1]["argv"]
+    assert argv[argv.index("--resume") + 1] == sid  # resumed cold from the transcript
+
+
+async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None:
+    sid = str(uuid.uuid4())
+    async with client_for(fake.app(auto_session="on", max_retries=1)) as client:
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
+        fake.control(script=[*["ok"] * 1, "crash"], default="ok")
+        response = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
+    assert response.status_code == 200
+    retry = fake.calls()[-1]
+    argv = retry["argv"]
+    assert "--session-id" in argv and argv[argv.index("--session-id") + 1] != sid  # a fresh conversation
+    text = json.loads(retry["stdin"])["message"]["content"][0]["text"]
+    assert text == "User: one\n\nAssistant: echo: one\n\nUser: two"  # rebuilt from the history we kept
