@@ -245,6 +245,12 @@ class UpstreamRejected(ProxyError):
     status, type, code = 502, "server_error", "upstream_rejected"
 
 
+class InvalidModelOutput(ProxyError):
+    """The model would not reply in the requested format; nothing malformed is passed on."""
+
+    status, type, code = 502, "server_error", "invalid_model_output"
+
+
 class CliUnavailable(ProxyError):
     status, type, code = 503, "server_error", "cli_not_found"
 
@@ -275,7 +281,7 @@ def wrong_type(param: str, expected: str, value: Any) -> BadRequest:
 # --- Wire shapes and tables ---
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool", "function")
 
 # Aliases the CLI resolves itself; /v1/models lists these plus CLAUDE_MODELS.
@@ -304,6 +310,7 @@ class ChatMessage(TypedDict, total=False):
     refusal: None
     annotations: list[Any]
     reasoning_content: str
+    tool_calls: list[dict[str, Any]]
 
 
 class Usage(TypedDict, total=False):
@@ -327,6 +334,13 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """A validated chat completion request, reduced to what the CLI can act on."""
 
@@ -340,6 +354,16 @@ class ChatRequest:
     max_tokens: int | None = None
     effort: str = ""
     session_id: str | None = None  # an explicit session, from the body or the X-Session-Id header
+    tools: tuple[Tool, ...] = ()  # offered functions (empty with tool_choice "none")
+    tool_choice: str = "auto"  # "auto", "required", or the one function's name that must be called
+    parallel_tool_calls: bool = True
+    response_format: str = "text"  # "text", "json_object" or "json_schema"
+    schema: Mapping[str, Any] | None = None  # for json_schema
+
+    @property
+    def structured(self) -> bool:
+        """The reply is JSON we parse and check: function calling or a JSON response format."""
+        return bool(self.tools) or self.response_format != "text"
 
 
 def resolve_model(name: str, settings: Settings) -> str | None:
@@ -384,14 +408,20 @@ def message_text(content: Any, param: str) -> str:
 
 
 def tool_calls_text(calls: Any, param: str) -> str:
+    """An assistant's function calls, written in the very format the model is asked to reply in."""
     if not isinstance(calls, list):
         raise wrong_type(param, "an array", calls)
-    lines = []
-    for call in calls:
-        function = call.get("function", {}) if isinstance(call, dict) else {}
-        lines.append(f"[called {function.get('name', '?')} with {function.get('arguments', '{}')} "
-                     f"(id {call.get('id', '?') if isinstance(call, dict) else '?'})]")
-    return "\n".join(lines)
+    items = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f"'{param}[{j}]' must be a function call with 'function.name'.",
+                             param=f"{param}[{j}].function", code="invalid_value")
+        arguments = function.get("arguments") or "{}"
+        with contextlib.suppress(TypeError, ValueError):
+            arguments = json.loads(arguments)
+        items.append({"id": call.get("id"), "name": function["name"], "arguments": arguments})
+    return json.dumps({"type": "tool_calls", "tool_calls": items}, ensure_ascii=False)
 
 
 def flatten_messages(messages: Any) -> tuple[str, tuple[Turn, ...]]:
@@ -424,7 +454,7 @@ def flatten_messages(messages: Any) -> tuple[str, tuple[Turn, ...]]:
             turns.append(Turn("assistant", text))
         elif role in ("tool", "function"):
             ref = message.get("tool_call_id") or message.get("name") or "?"
-            turns.append(Turn("tool", f"[result of {ref}]\n{text}"))
+            turns.append(Turn("tool", f"[result of call {ref}]\n{text}"))
         else:
             if message.get("content") is None:
                 raise missing(f"{where}.content")
@@ -537,23 +567,16 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
     if n is not None and n > 1:
         raise BadRequest("n > 1 is not supported: send n separate requests instead.", param="n",
                          code="unsupported_value")
-    if body.get("tools"):
-        raise BadRequest("Function calling is not supported by this server yet.", param="tools",
-                         code="unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if not isinstance(response_format, dict):
-            raise wrong_type("response_format", "an object", response_format)
-        if kind != "text":
-            raise BadRequest(f"response_format type {kind!r} is not supported by this server yet.",
-                             param="response_format.type", code="unsupported_value")
+    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+    response_format, schema = parse_response_format(body.get("response_format"))
 
     system, turns = flatten_messages(body.get("messages"))
     return ChatRequest(
         model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
         include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
-        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id,
+        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id, tools=tools,
+        tool_choice=tool_choice, parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+        response_format=response_format, schema=schema,
     )
 
 
@@ -567,6 +590,256 @@ def parse_session_id(value: Any) -> str | None:
     except ValueError:
         raise BadRequest(f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
                          param="session_id", code="invalid_value") from None
+
+
+# --- Function calling and structured output ---
+# The CLI's own tools stay off. The client's functions are described in the system prompt, the model answers
+# with one JSON object in a fixed format, and every call's arguments are checked against the function's
+# JSON Schema before the client sees them.
+
+
+def parse_tools(raw: Any, choice: Any) -> tuple[tuple[Tool, ...], str]:
+    if raw is None:
+        if choice not in (None, "none", "auto"):
+            raise BadRequest("'tool_choice' requires 'tools'.", param="tool_choice", code="invalid_value")
+        return (), "auto"
+    if not isinstance(raw, list):
+        raise wrong_type("tools", "an array", raw)
+    tools = []
+    for i, item in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(item, dict):
+            raise wrong_type(where, "an object", item)
+        if item.get("type") != "function":
+            raise BadRequest(f"Tool {where} has type {item.get('type')!r}; only 'function' tools are supported.",
+                             param=f"{where}.type", code="unsupported_value")
+        function = item.get("function")
+        if not isinstance(function, dict):
+            raise missing(f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise BadRequest(f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'.",
+                             param=f"{where}.function.name", code="invalid_value")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise wrong_type(f"{where}.function.parameters", "an object", parameters)
+        tools.append(Tool(name, str(function.get("description") or ""), parameters))
+    names = [tool.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise BadRequest("Function names in 'tools' must be unique.", param="tools", code="invalid_value")
+    if choice is None or choice == "auto":
+        return tuple(tools), "auto"
+    if choice == "none":
+        return (), "auto"  # as if no tools were given
+    if choice == "required":
+        return tuple(tools), "required"
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in names:
+            raise BadRequest(f"tool_choice names function {name!r}, which is not in 'tools'.",
+                             param="tool_choice", code="invalid_value")
+        return tuple(tools), name
+    raise BadRequest("Invalid 'tool_choice': use 'none', 'auto', 'required' or {\"type\": \"function\", "
+                     "\"function\": {\"name\": ...}}.", param="tool_choice", code="invalid_value")
+
+
+def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
+    if raw is None:
+        return "text", None
+    if not isinstance(raw, dict):
+        raise wrong_type("response_format", "an object", raw)
+    kind = raw.get("type")
+    if kind in ("text", "json_object"):
+        return kind, None
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise BadRequest("response_format json_schema needs 'json_schema': {\"name\", \"schema\"}.",
+                             param="response_format.json_schema", code="invalid_value")
+        return kind, spec.get("schema") or {}
+    raise BadRequest(f"Invalid value for 'response_format.type': {kind!r}. Supported values are 'text', "
+                     "'json_object' and 'json_schema'.", param="response_format.type", code="invalid_value")
+
+
+def reply_instructions(request: ChatRequest) -> str:
+    """The system prompt addition that asks for a reply we can parse and check."""
+    if request.tools:
+        functions = json.dumps([{"name": t.name, "description": t.description, "parameters": t.parameters}
+                                for t in request.tools], ensure_ascii=False)
+        rules = {"auto": "Call functions when they help; otherwise answer with text.",
+                 "required": "You must call at least one function."}.get(
+            request.tool_choice, f"You must call the function {request.tool_choice!r}.")
+        if not request.parallel_tool_calls:
+            rules += " Call at most one function."
+        text_form = "a JSON value matching the response schema below" if request.response_format == "json_schema" \
+            else "a JSON object" if request.response_format == "json_object" else "your answer"
+        lines = [
+            "You can call these functions (JSON Schema parameters):", functions,
+            "Reply with exactly one JSON object and nothing else, in one of two forms:",
+            f'{{"type": "text", "content": <{text_form}>}}',
+            '{"type": "tool_calls", "tool_calls": [{"name": <function name>, "arguments": {<arguments>}}]}',
+            rules + " Earlier function calls in the conversation are shown in the same form, with their ids; "
+            "their results follow as [result of call <id>].",
+        ]
+    else:
+        lines = ["Reply with exactly one JSON value and nothing else: no prose, no code fences."]
+        if request.response_format == "json_object":
+            lines[0] = "Reply with exactly one JSON object and nothing else: no prose, no code fences."
+    if request.response_format == "json_schema":
+        lines += ["The JSON must validate against this JSON Schema:",
+                  json.dumps(request.schema, ensure_ascii=False)]
+    return "\n".join(lines)
+
+
+class InvalidReply(ValueError):
+    """The model's reply is not in the requested format; the message says why, for a corrective turn."""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+
+
+@dataclass(frozen=True)
+class Reply:
+    content: str | None
+    calls: tuple[ToolCall, ...] = ()
+
+
+def loads_reply(text: str) -> Any:
+    """Parse the model's JSON, forgiving only a Markdown code fence around it."""
+    stripped = text.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", stripped, re.DOTALL)
+    try:
+        return json.loads(fenced.group(1) if fenced else stripped)
+    except ValueError as exc:
+        raise InvalidReply(f"the reply is not valid JSON ({exc})") from None
+
+
+def parse_reply(text: str, request: ChatRequest) -> Reply:
+    """Check a structured reply against the request: never lets a malformed call or JSON through."""
+    if not request.tools:
+        return Reply(checked_content(loads_reply(text), request))
+    reply = loads_reply(text)
+    if not isinstance(reply, dict) or reply.get("type") not in ("text", "tool_calls"):
+        raise InvalidReply('the reply must be an object with "type": "text" or "tool_calls"')
+    if reply["type"] == "text":
+        if request.tool_choice != "auto":
+            raise InvalidReply("a function call is required, but the reply is text")
+        content = reply.get("content")
+        if request.response_format == "text":
+            if not isinstance(content, str):
+                raise InvalidReply('"content" must be a string')
+            return Reply(content)
+        return Reply(checked_content(content, request))
+    calls = reply.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        raise InvalidReply('"tool_calls" must be a non-empty array')
+    if not request.parallel_tool_calls and len(calls) > 1:
+        raise InvalidReply("only one function call is allowed")
+    tools = {tool.name: tool for tool in request.tools}
+    checked = []
+    for call in calls:
+        name = call.get("name") if isinstance(call, dict) else None
+        if name not in tools:
+            raise InvalidReply(f"there is no function named {name!r}")
+        if request.tool_choice not in ("auto", "required") and name != request.tool_choice:
+            raise InvalidReply(f"the function {request.tool_choice!r} must be called, not {name!r}")
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = loads_reply(arguments)
+        problem = schema_problem(arguments, tools[name].parameters)
+        if problem:
+            raise InvalidReply(f"the arguments of {name!r} do not match its parameters: {problem}")
+        checked.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, json.dumps(arguments, ensure_ascii=False)))
+    return Reply(None, tuple(checked))
+
+
+def checked_content(value: Any, request: ChatRequest) -> str:
+    if request.response_format == "json_object" and not isinstance(value, dict):
+        raise InvalidReply("the reply must be a JSON object")
+    if request.response_format == "json_schema" and (problem := schema_problem(value, request.schema or {})):
+        raise InvalidReply(f"the JSON does not match the schema: {problem}")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def correction(problem: str) -> str:
+    return (f"Your last reply could not be used: {problem}. Reply again with exactly one JSON object in the "
+            "required format, and nothing else.")
+
+
+JSON_TYPES: Mapping[str, Callable[[Any], bool]] = MappingProxyType({
+    "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer(),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool), "null": lambda v: v is None,
+})
+
+
+def schema_problem(value: Any, schema: Any, root: Any = None, path: str = "$") -> str | None:
+    """The first way ``value`` breaks ``schema`` (the JSON Schema keywords function parameters use), or None.
+    Keywords it does not know are ignored; ``$ref`` resolves within the schema (``#/$defs/...``)."""
+    root = schema if root is None else root
+    if schema is True or not isinstance(schema, dict):
+        return None if schema is not False else f"{path}: no value is allowed here"
+    if isinstance(schema.get("$ref"), str):
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#/").split("/") if schema["$ref"] != "#" else []:
+            target = target.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(target, dict) else {}
+        return schema_problem(value, target, root, path)
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not any(JSON_TYPES.get(kind, lambda v: True)(value) for kind in kinds):
+            return f"{path}: expected {' or '.join(kinds)}, got {json.dumps(value)[:60]}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{path}: {json.dumps(value)[:60]} is not one of {json.dumps(schema['enum'])[:120]}"
+    if "const" in schema and value != schema["const"]:
+        return f"{path}: must be {json.dumps(schema['const'])[:60]}"
+    for keyword in ("allOf", "anyOf", "oneOf"):
+        options = schema.get(keyword)
+        if isinstance(options, list):
+            problems = [schema_problem(value, option, root, path) for option in options]
+            passed = problems.count(None)
+            if keyword == "allOf" and passed < len(options):
+                return next(p for p in problems if p)
+            if keyword == "anyOf" and not passed or keyword == "oneOf" and passed != 1:
+                return f"{path}: matches {passed} of the {keyword} choices"
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        for name in schema.get("required") or []:
+            if name not in value:
+                return f"{path}: missing required property {name!r}"
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            if name in properties:
+                problem = schema_problem(item, properties[name], root, f"{path}.{name}")
+            elif extra is False:
+                problem = f"{path}: unexpected property {name!r}"
+            else:
+                problem = schema_problem(item, extra, root, f"{path}.{name}")
+            if problem:
+                return problem
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            return f"{path}: has {len(value)} items, outside the allowed count"
+        for i, item in enumerate(value):
+            if problem := schema_problem(item, schema.get("items", True), root, f"{path}[{i}]"):
+                return problem
+    if isinstance(value, str):
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+            return f"{path}: length {len(value)} is outside the allowed range"
+        if isinstance(schema.get("pattern"), str) and not re.search(schema["pattern"], value):
+            return f"{path}: does not match the pattern {schema['pattern']!r}"
+    if JSON_TYPES["number"](value):
+        for keyword, ok in (("minimum", lambda b: value >= b), ("maximum", lambda b: value <= b),
+                            ("exclusiveMinimum", lambda b: value > b), ("exclusiveMaximum", lambda b: value < b)):
+            bound = schema.get(keyword)
+            if JSON_TYPES["number"](bound) and not ok(bound):
+                return f"{path}: {value} breaks {keyword} {bound}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -614,7 +887,8 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
     if request.effort:
         args += ["--effort", request.effort]
     prompt = render_transcript(conversation.turns if conversation else request.turns)
-    system: str | None = request.system or None
+    system: str | None = "\n\n".join(filter(None, [request.system, request.structured and
+                                                  reply_instructions(request)])) or None
     flag = "--system-prompt-file"
     if settings.system_prompt_mode == "embed":
         if system and not (conversation and conversation.resume):
@@ -741,14 +1015,42 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def chat_completion(cid: str, created: int, model: str, text: str, finish: FinishReason, usage: Usage,
-                    reasoning: str = "") -> dict[str, Any]:
-    message: ChatMessage = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
-    if reasoning:
-        message["reasoning_content"] = reasoning
+@dataclass(frozen=True)
+class Answer:
+    """A finished answer, as the client gets it."""
+
+    content: str | None
+    calls: tuple[ToolCall, ...]
+    finish: FinishReason
+    usage: Usage
+    thinking: str = ""
+
+
+def wire_tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def chat_completion(cid: str, created: int, model: str, answer: Answer) -> dict[str, Any]:
+    message: ChatMessage = {"role": "assistant", "content": answer.content, "refusal": None, "annotations": []}
+    if answer.calls:
+        message["tool_calls"] = [wire_tool_call(call) for call in answer.calls]
+    if answer.thinking:
+        message["reasoning_content"] = answer.thinking
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage}
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
+            "usage": answer.usage}
+
+
+def add_usage(first: Usage, second: Usage) -> Usage:
+    """Both runs' counts, for an answer that took a corrective second run."""
+    total: dict[str, Any] = {}
+    for key in {*first, *second}:
+        a, b = first.get(key), second.get(key)  # type: ignore[misc]
+        if isinstance(a, dict) or isinstance(b, dict):
+            total[key] = {k: (a or {}).get(k, 0) + (b or {}).get(k, 0) for k in {*(a or {}), *(b or {})}}
+        else:
+            total[key] = (a or 0) + (b or 0)
+    return total  # type: ignore[return-value]
 
 
 @dataclass
@@ -1142,6 +1444,10 @@ class Sessions:
 
     def job(self, chat: ChatRequest, call: CliCall) -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
+        if chat.structured:  # function calling and JSON output run stateless (see the README)
+            notice = f"Session {chat.session_id} was not used: function calling and JSON output run " \
+                     "stateless." if chat.session_id else None
+            return Job(call), notice
         if chat.session_id:
             return self.explicit_job(chat)
         if not self.settings.auto_session:
@@ -1408,21 +1714,48 @@ async def after_stop(job: Job, events: AsyncIterator[CliEvent], want_usage: bool
 
 
 async def produce_pseudo(runner: Runner, job: Job, request: ChatRequest, emit: Emit) -> StreamOutcome:
-    """Run to the end (retrying freely), then slice the answer into chunks."""
-    result, thinking, text, stopped = await answer(runner, job, request)
-    if thinking:
-        await emit({"reasoning_content": thinking})
+    """Run to the end (retrying freely, checking a structured reply), then slice the answer into chunks.
+    Function calls go out as OpenAI streams them: per call an ``index``, the id and name first, then the
+    arguments in pieces."""
+    done = await answer(runner, job, request)
+    if done.thinking:
+        await emit({"reasoning_content": done.thinking})
+    text = done.content or ""
     for start in range(0, len(text), PSEUDO_SLICE):
         await emit({"content": text[start:start + PSEUDO_SLICE]})
-    return StreamOutcome("stop" if stopped else result.finish_reason, result.usage)
+    for index, call in enumerate(done.calls):
+        await emit({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                    "function": {"name": call.name, "arguments": ""}}]})
+        for start in range(0, len(call.arguments), PSEUDO_SLICE):
+            await emit({"tool_calls": [{"index": index, "function": {
+                "arguments": call.arguments[start:start + PSEUDO_SLICE]}}]})
+    return StreamOutcome(done.finish, done.usage)
 
 
-async def answer(runner: Runner, job: Job, request: ChatRequest) -> tuple[CliResult, str, str, bool]:
-    """A whole answer: the result, its thinking, and its text cut at the first stop string (and whether it was)."""
+async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
+    """A whole answer: plain text cut at the first stop string, or a structured reply parsed and checked,
+    with one corrective run when the model got the format wrong."""
     result, thinking = await runner.complete(job)
-    text, stopped = apply_stop(result.text, request.stop)
-    job.answered(result, shown_whole=not stopped)
-    return result, thinking, text, stopped
+    if not request.structured:
+        text, stopped = apply_stop(result.text, request.stop)
+        job.answered(result, shown_whole=not stopped)
+        return Answer(text, (), "stop" if stopped else result.finish_reason, result.usage, thinking)
+    usage = result.usage
+    try:
+        reply = parse_reply(result.text, request)
+    except InvalidReply as problem:
+        log.info("reply not in the requested format (%s); asking once more", problem)
+        again = replace(request, turns=(*request.turns, Turn("assistant", result.text),
+                                        Turn("user", correction(str(problem)))))
+        result, more = await runner.complete(Job(build_cli_call(again, runner.settings)))
+        usage, thinking = add_usage(usage, result.usage), thinking + more
+        try:
+            reply = parse_reply(result.text, request)
+        except InvalidReply as still:
+            hint = " (the reply hit max_tokens)" if result.finish_reason == "length" else ""
+            raise InvalidModelOutput(f"The model's reply did not match the requested format, even after a "
+                                     f"correction: {still}{hint}.") from None
+    return Answer(reply.content, reply.calls, "tool_calls" if reply.calls else result.finish_reason, usage, thinking)
 
 
 # --- Routes and app ---
@@ -1503,22 +1836,20 @@ async def chat_completions(request: Request) -> Response:
         return await stream_response(request, runner, job, chat, headers)
     entry = RequestLog(completion_id(), chat.model, "json" if type(job) is Job else "json-session")
 
-    async def run() -> tuple[CliResult, str, str, bool]:
+    async def run() -> Answer:
         async with job.hold():
             return await answer(runner, job, chat)
 
     try:
-        result, thinking, text, stopped = await unless_disconnected(request, run())
+        done = await unless_disconnected(request, run())
     except ProxyError as error:
         entry.finish(error.status)
         raise
     except ClientGone:
         entry.finish(499)
         return Response(status_code=499)
-    entry.finish(200, result.usage)
-    finish: FinishReason = "stop" if stopped else result.finish_reason
-    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, text, finish, result.usage, thinking),
-                        headers=headers)
+    entry.finish(200, done.usage)
+    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
 
 
 async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest,
@@ -1529,7 +1860,8 @@ async def stream_response(request: Request, runner: Runner, job: Job, chat: Chat
     chunks = ChunkMaker(chat.model, chat.include_usage)
     entry = RequestLog(chunks.id, chat.model, f"stream-{mode}" + ("" if type(job) is Job else "-session"))
     queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
-    produce = produce_live if mode == "live" else produce_pseudo
+    # A structured reply must be whole before it can be checked: it streams the way pseudo mode does.
+    produce = produce_live if mode == "live" and not chat.structured else produce_pseudo
 
     async def producer() -> None:
         try:

@@ -11,8 +11,8 @@ queues the rest, so with a cap of K the calls finish in waves of K. The script p
 call's latency, the calls sorted by completion time (the waves show there), and the highest
 ``in_flight`` and ``queued`` counts it saw while polling GET /health during the run.
 
-Environment: DEMO_MODEL (default "sonnet"); CLAUDE_API_KEY, the bearer key, when the
-server has CLAUDE_API_KEYS set.
+Environment: CLAUDE_API_BASE (default "http://127.0.0.1:8765/v1"); DEMO_MODEL (default
+"sonnet"); CLAUDE_API_KEY, the bearer key, when the server has CLAUDE_API_KEYS set.
 """
 
 import json
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from openai import APIError, OpenAI
 
-BASE_URL = "http://127.0.0.1:8765/v1"
+BASE_URL = os.environ.get("CLAUDE_API_BASE", "http://127.0.0.1:8765/v1").rstrip("/")
 HEALTH_URL = BASE_URL.removesuffix("/v1") + "/health"
 MODEL = os.environ.get("DEMO_MODEL", "sonnet")
 

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -558,7 +559,8 @@ def test_bad_setting_names_the_variable(name: str, value: str, fragment: str) ->
                   {"role": "assistant", "content": None, "tool_calls": [
                       {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": "{}"}}]},
                   {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], "",
-                 "User: weather?\n\nAssistant: [called get with {} (id call_1)]\n\nTool: [result of call_1]\nsunny",
+                 'User: weather?\n\nAssistant: {"type": "tool_calls", "tool_calls": [{"id": "call_1", "name": "get", '
+                 '"arguments": {}}]}\n\nTool: [result of call call_1]\nsunny',
                  id="tool-turns"),
     pytest.param([{"role": "user", "content": "x", "name": "bob", "extra_field": 1}], "", "x", id="extra-keys-ok"),
 ])
@@ -706,6 +708,9 @@ def test_slash_text_is_not_a_command() -> None:
     assert len(json.loads(api.user_message_line("plain"))["message"]["content"]) == 1
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city"], "additionalProperties": False}}}
 RECORDED = json.loads((HERE / "testdata" / "openai_recorded_cases.json").read_text())["cases"]
 STANDARD_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
                      {"role": "user", "content": "Hello"}]
@@ -987,9 +992,15 @@ async def test_queue_limit_gives_503_with_retry_after(fake: Fake) -> None:
     ({"messages": [{"role": "user", "content": "x"}], "model": "-bad"}, "model", "invalid_value"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "unsupported_value"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", None),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-     "response_format.type", "unsupported_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function",
+     "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}, "tools[0].type",
+     "unsupported_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format.type", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": "other"}}}, "tool_choice", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "invalid_value"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
     ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}, "reasoning_effort", None),
     ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options",
@@ -1645,3 +1656,237 @@ async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None
     assert "--session-id" in argv and argv[argv.index("--session-id") + 1] != sid  # a fresh conversation
     text = json.loads(retry["stdin"])["message"]["content"][0]["text"]
     assert text == "User: one\n\nAssistant: echo: one\n\nUser: two"  # rebuilt from the history we kept
+
+
+# --- Function calling and structured output ---
+
+PERSON_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
+    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    "pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]}},
+    "required": ["name", "age"], "additionalProperties": False,
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}}}
+
+
+@pytest.mark.parametrize("value,problem", [
+    ({"name": "Ada", "age": 36}, None),
+    ({"name": "Ada", "age": 36.0, "tags": ["a"], "pet": {"kind": "cat"}}, None),
+    ({"name": "Ada", "age": 36, "pet": None}, None),
+    ({"name": "Ada"}, "missing required property 'age'"),
+    ({"name": "Ada", "age": "36"}, "$.age: expected integer"),
+    ({"name": "Ada", "age": 36.5}, "$.age: expected integer"),
+    ({"name": "Ada", "age": -1}, "breaks minimum"),
+    ({"name": "Ada", "age": 1, "extra": True}, "unexpected property 'extra'"),
+    ({"name": "Ada", "age": 1, "tags": ["a", "b", "c", "d"]}, "outside the allowed count"),
+    ({"name": "Ada", "age": 1, "tags": [1]}, "$.tags[0]: expected string"),
+    ({"name": "Ada", "age": 1, "pet": {"kind": "fish"}}, "matches 0 of the anyOf choices"),
+    ({"name": True, "age": 1}, "$.name: expected string"),
+    ([1], "expected object"),
+], ids=lambda v: json.dumps(v)[:40])
+def test_schema_check(value: Any, problem: str | None) -> None:
+    found = api.schema_problem(value, PERSON_SCHEMA)
+    assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+def tool_request(**extra: Any) -> api.ChatRequest:
+    return api.parse_chat_request({"messages": [user("weather in Paris?")], "tools": [WEATHER], **extra},
+                                  make_settings())
+
+
+@pytest.mark.parametrize("extra,reply,expected", [
+    ({}, {"type": "text", "content": "No idea."}, "text"),
+    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}, "calls"),
+    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]}, "calls"),
+    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_time", "arguments": {}}]}, "no function named"),
+    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"town": "Paris"}}]},
+     "missing required property 'city'"),
+    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "P", "unit": "k"}}]},
+     "is not one of"),
+    ({}, {"type": "tool_calls", "tool_calls": []}, "non-empty array"),
+    ({}, {"type": "speech"}, '"type": "text" or "tool_calls"'),
+    ({"tool_choice": "required"}, {"type": "text", "content": "No."}, "function call is required"),
+    ({"parallel_tool_calls": False}, {"type": "tool_calls", "tool_calls": [
+        {"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_weather", "arguments": {"city": "B"}}]},
+     "only one function call"),
+], ids=lambda v: json.dumps(v)[:50])
+def test_parse_reply(extra: dict[str, Any], reply: Any, expected: str) -> None:
+    request = tool_request(**extra)
+    if expected in ("text", "calls"):
+        parsed = api.parse_reply(json.dumps(reply), request)
+        if expected == "text":
+            assert parsed == api.Reply("No idea.")
+        else:
+            [call] = parsed.calls
+            assert call.id.startswith("call_") and call.name == "get_weather"
+            assert json.loads(call.arguments) == {"city": "Paris"}
+        return
+    with pytest.raises(api.InvalidReply, match=re.escape(expected)):
+        api.parse_reply(json.dumps(reply), request)
+
+
+def test_parse_reply_json_modes() -> None:
+    settings = make_settings()
+    as_object = api.parse_chat_request({**chat(), "response_format": {"type": "json_object"}}, settings)
+    assert api.parse_reply('```json\n{"a": 1}\n```', as_object).content == '{"a": 1}'
+    with pytest.raises(api.InvalidReply, match="not valid JSON"):
+        api.parse_reply("Sure! {a: 1}", as_object)
+    with pytest.raises(api.InvalidReply, match="must be a JSON object"):
+        api.parse_reply("[1, 2]", as_object)
+    schema = api.parse_chat_request({**chat(), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "person", "schema": PERSON_SCHEMA}}}, settings)
+    assert json.loads(api.parse_reply('{"name": "Ada", "age": 36}', schema).content or "") == {"name": "Ada", "age": 36}
+    with pytest.raises(api.InvalidReply, match="missing required property 'age'"):
+        api.parse_reply('{"name": "Ada"}', schema)
+
+
+def test_tools_reach_the_system_prompt_and_none_means_no_tools() -> None:
+    settings = make_settings()
+    call = api.build_cli_call(tool_request(tool_choice={"type": "function", "function": {"name": "get_weather"}}),
+                              settings)
+    assert call.system_prompt is not None and '"get_weather"' in call.system_prompt
+    assert "You must call the function 'get_weather'" in call.system_prompt
+    none = tool_request(tool_choice="none")
+    assert none.tools == () and not none.structured
+    assert api.build_cli_call(none, settings).system_prompt == api.NEUTRAL_SYSTEM_PROMPT
+
+
+def calls_reply(*calls: tuple[str, dict[str, Any]]) -> Reply:
+    return Reply(text=json.dumps({"type": "tool_calls", "tool_calls": [
+        {"name": name, "arguments": arguments} for name, arguments in calls]}))
+
+
+def text_reply(content: Any) -> Reply:
+    return Reply(text=json.dumps({"type": "text", "content": content}))
+
+
+@needs_real_cli
+def test_real_sdk_function_calling_loop(real: Real) -> None:
+    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})), text_reply("It is sunny in Paris."))
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        messages: list[Any] = [user("Weather in Paris?")]
+        first = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER])
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls or []
+        assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "22 C, sunny"}]
+        final = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER])
+    assert final.choices[0].message.content == "It is sunny in Paris." and final.choices[0].finish_reason == "stop"
+    second = json.dumps(real.standin.bodies()[1])
+    assert call.id in second and "22 C, sunny" in second and "get_weather" in second
+
+
+@needs_real_cli
+def test_real_sdk_parallel_forced_and_streamed_calls(real: Real) -> None:
+    two = calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome", "unit": "c"}))
+    real.standin.reset(two, calls_reply(("get_weather", {"city": "Oslo"})), two)
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        parallel = client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER])
+        forced = client.chat.completions.create(
+            model="sonnet", messages=[user("Oslo")], tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        chunks = list(client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")],
+                                                     tools=[WEATHER], stream=True))
+    calls = parallel.choices[0].message.tool_calls or []
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
+    assert len({c.id for c in calls}) == 2
+    assert "You must call the function 'get_weather'" in json.dumps(real.standin.bodies()[1]["system"])
+    assert (forced.choices[0].message.tool_calls or [])[0].function.arguments == '{"city": "Oslo"}'
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert all(d.index in (0, 1) for d in deltas)
+    firsts = [d for d in deltas if d.id]
+    assert [(d.index, d.function.name) for d in firsts] == [(0, "get_weather"), (1, "get_weather")]
+    rebuilt = ["".join(d.function.arguments or "" for d in deltas if d.index == i) for i in (0, 1)]
+    assert [json.loads(a) for a in rebuilt] == [json.loads(c.function.arguments) for c in calls]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+@needs_real_cli
+def test_real_sdk_stream_helper_rebuilds_the_calls(real: Real) -> None:
+    real.standin.reset(default=calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})))
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        with client.chat.completions.stream(model="sonnet", messages=[user("Paris and Rome?")],
+                                            tools=[WEATHER]) as stream:
+            final = stream.get_final_completion()
+        plain = client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER])
+    streamed = [(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls or []]
+    assert streamed == [(c.function.name, c.function.arguments) for c in plain.choices[0].message.tool_calls or []]
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+@needs_real_cli
+async def test_real_invalid_arguments_get_one_correction(real: Real) -> None:
+    real.standin.reset(calls_reply(("get_weather", {"town": "Paris"})), calls_reply(("get_weather", {"city": "Paris"})))
+    async with client_for(real.app()) as client:
+        fixed = await client.post("/v1/chat/completions", json={**chat("Paris?"), "tools": [WEATHER]})
+        real.standin.reset(default=calls_reply(("get_weather", {"city": 7})))
+        broken = await client.post("/v1/chat/completions", json={**chat("Paris?"), "tools": [WEATHER]})
+    call = fixed.json()["choices"][0]["message"]["tool_calls"][0]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert fixed.json()["usage"]["completion_tokens"] > 0
+    error = assert_error(broken, 502, "invalid_model_output")
+    assert "$.city: expected string" in error["message"]
+    assert len(real.standin.requests) == 2  # one correction, then a clear error: never the bad arguments
+    assert "tool_calls" not in broken.text
+
+
+@needs_real_cli
+def test_real_json_modes_round_trip(real: Real) -> None:
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    real.standin.reset(Reply(text='{"city": "Paris", "sunny": true}'), Reply(text='{"name": "Ada", "age": 36}'),
+                       Reply(text='Here you go: {"name": "Ada"}'), Reply(text='{"name": "Ada", "age": 36}'))
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        as_object = client.chat.completions.create(model="sonnet", messages=[user("json please")],
+                                                   response_format={"type": "json_object"})
+        parsed = client.chat.completions.parse(model="sonnet", messages=[user("Ada, 36")], response_format=Person)
+        corrected = client.chat.completions.parse(model="sonnet", messages=[user("Ada, 36")], response_format=Person)
+    assert json.loads(as_object.choices[0].message.content or "") == {"city": "Paris", "sunny": True}
+    assert parsed.choices[0].message.parsed == Person(name="Ada", age=36)
+    assert corrected.choices[0].message.parsed == Person(name="Ada", age=36)
+    assert "Your last reply could not be used" in json.dumps(real.standin.bodies()[3]["messages"])
+    assert any('"age"' in block["text"] for block in real.standin.bodies()[1]["system"])  # the schema went up
+
+
+@needs_real_cli
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # raised inside langchain-openai itself
+def test_real_langchain_tools_and_structured_output(real: Real) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.tools import tool
+    from pydantic import BaseModel
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Weather for a city."""
+        return "sunny"
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    call = calls_reply(("get_weather", {"city": "Paris"}))
+    person = Reply(text='{"name": "Ada", "age": 36}')
+    real.standin.reset(call, call, person, person)
+    with serve(real.app()) as url:
+        model = langchain_openai.ChatOpenAI(model="sonnet", base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with_tools = model.bind_tools([get_weather])
+        invoked = with_tools.invoke("Weather in Paris?")
+        streamed = None
+        for piece in with_tools.stream("Weather in Paris?"):
+            streamed = piece if streamed is None else streamed + piece
+        structured = model.with_structured_output(Person)
+        assert structured.invoke("Ada, 36") == Person(name="Ada", age=36)
+        assert list(structured.stream("Ada, 36"))[-1] == Person(name="Ada", age=36)
+    assert [(c["name"], c["args"]) for c in invoked.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert streamed is not None
+    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [("get_weather", {"city": "Paris"})]
