@@ -75,7 +75,7 @@ class Settings:
     max_retries: int = 5  # CLAUDE_MAX_RETRIES
     base_backoff: float = 2.0  # CLAUDE_BASE_BACKOFF, seconds
     system_prompt_mode: SystemPromptMode = "replace"  # CLAUDE_SYSTEM_PROMPT_MODE
-    workdir: str = ""  # CLAUDE_WORKDIR; empty: a private temporary directory
+    workdir: str = ""  # CLAUDE_WORKDIR; empty: a private folder under the user's cache folder
     max_body_bytes: int = 20 * MiB  # CLAUDE_MAX_BODY_BYTES
     log_level: str = "INFO"  # CLAUDE_LOG_LEVEL
     stream_mode: StreamMode = "live"  # CLAUDE_STREAM_MODE
@@ -525,7 +525,7 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
     """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    session_id = parse_session_id(body.get("session_id", session_header))
+    session_id = parse_session_id(body["session_id"] if body.get("session_id") is not None else session_header)
     model = _typed(body, "model", (str,), "a string") or ""
     cli_model = resolve_model(model, settings)
     # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
@@ -1261,8 +1261,9 @@ class Job:
         """The attempt is over (``cli.finished`` tells whether it answered): end or keep the process."""
         await cli.stop()
 
-    def answered(self, result: CliResult, *, shown_whole: bool) -> None:
-        """The answer went out; ``shown_whole`` is false when the client got less than the CLI said."""
+    def answered(self, shown: str, result: CliResult | None) -> None:
+        """The answer went out: ``shown`` is the text the client got, ``result`` what the CLI said in full
+        (None when the CLI was stopped early, at a stop string)."""
 
     def lost_warm_process(self) -> bool:
         """True (once) when the last attempt failed only because a warm process had died while idle."""
@@ -1397,6 +1398,15 @@ class Runner:
 # --- Sessions: explicit and automatic, with warm processes between turns ---
 
 
+SESSION_NAMESPACE = uuid.UUID("6f1d8a4e-3c2b-5e7f-9a1b-2c3d4e5f6a7b")
+
+
+def cli_session_id(client_id: str) -> str:
+    """The CLI's id for a client's session: derived, so a client id can never name a transcript of the host
+    user's own (when CLAUDE_WORKDIR is shared), and stable, so the session survives a server restart."""
+    return str(uuid.uuid5(SESSION_NAMESPACE, client_id))
+
+
 def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn]) -> str:
     """Identifies a conversation exactly: any edit, reformat or other model gives another fingerprint."""
     material = json.dumps([system, cli_model, [(turn.role, turn.text) for turn in turns]], ensure_ascii=False)
@@ -1440,7 +1450,8 @@ class Sessions:
         self.explicit: dict[str, Session] = {}
         self.auto: OrderedDict[str, Session] = OrderedDict()
         self.warm: OrderedDict[Session, None] = OrderedDict()
-        self.background: set[asyncio.Task[None]] = set()
+        self.background: set[asyncio.Future[None]] = set()
+        self.waiting = 0  # requests queued on a busy session's lock
 
     def job(self, chat: ChatRequest, call: CliCall) -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
@@ -1465,15 +1476,16 @@ class Sessions:
         key = chat.session_id or ""
         session = self.explicit.get(key)
         if session is None:
-            session = Session(key, key, chat.system, chat.cli_model, explicit=True)
-            known = self.transcript(key)  # a session this server started before a restart
+            session = Session(key, cli_session_id(key), chat.system, chat.cli_model, explicit=True)
+            known = self.transcript(session.cli_id)  # a session this server started before a restart
             session.started = known is not None and known.exists()
             self.explicit[key] = session
             return SessionJob(self, session, chat), None
-        ignored = [name for name, same in (("system prompt", chat.system == session.system),
-                                           ("model", chat.cli_model == session.cli_model)) if not same]
-        notice = (f"The {' and '.join(ignored)} of session {key} were fixed when it started; this request's "
-                  f"{' and '.join(ignored)} were ignored.") if ignored else None
+        # A request without a system message (only the newest turn, as sessions invite) changes nothing.
+        ignored = [name for name, changed in (("system prompt", bool(chat.system) and chat.system != session.system),
+                                              ("model", chat.cli_model != session.cli_model)) if changed]
+        notice = (f"Session {key} keeps the {' and '.join(ignored)} it started with; this request's "
+                  f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored.") if ignored else None
         return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
 
     def transcript(self, cli_id: str) -> Path | None:
@@ -1517,6 +1529,13 @@ class Sessions:
         if session.process is not None:
             session.retiring = self.spawn(session.process.stop(graceful=True))
             session.process = None
+
+    def restart(self, session: Session) -> None:
+        """The CLI's copy of the conversation is no longer the client's: end it, delete its transcript, and let
+        the next turn rebuild it (under the same id, once ``retiring`` is done) from the history we kept."""
+        self.warm.pop(session, None)
+        cli, session.process, session.started = session.process, None, False
+        session.retiring = self.spawn(self.retire(cli, session.cli_id))
 
     def forget(self, session: Session) -> None:
         """Drop a session for good: its process, its lock, its transcript."""
@@ -1590,19 +1609,28 @@ class SessionJob(Job):
         self.newest = newest_turns(chat.turns)
         self.registered = False
         self.reused = self.lost = False
+        self.diverged = False  # the client got less than the CLI holds: the conversation must be rebuilt
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self.locked()
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
-        async with self.session.lock:
-            try:
-                yield
-            finally:
-                self.session.last_used = time.monotonic()
-                if not self.session.explicit and not self.registered:
-                    self.sessions.forget(self.session)  # an automatic session nobody can reach again
+        sessions, session = self.sessions, self.session
+        if session.lock.locked() and sessions.waiting >= sessions.settings.max_queue:
+            raise Overloaded(f"Too many requests waiting on session {session.key}; retry shortly.", retry_after=5)
+        sessions.waiting += 1
+        try:
+            await session.lock.acquire()
+        finally:
+            sessions.waiting -= 1
+        try:
+            yield
+        finally:
+            session.last_used = time.monotonic()
+            session.lock.release()
+            if not session.explicit and not self.registered:
+                sessions.forget(session)  # an automatic session nobody can reach again
 
     async def plan(self) -> tuple[CliCall, CliProcess | None]:
         session, settings = self.session, self.sessions.settings
@@ -1615,38 +1643,40 @@ class SessionJob(Job):
             warm = self.sessions.take_warm(session, call)
             self.reused = warm is not None
             return call, warm
-        if session.started:  # the CLI lost it (transcript deleted): rebuild under a new id
-            self.sessions.cool(session)
-            session.cli_id, session.started = str(uuid.uuid4()), False
+        if session.started:  # the CLI lost it (transcript deleted): rebuild it
+            self.sessions.restart(session)
+            await asyncio.shield(session.retiring)  # type: ignore[arg-type]
         # A new conversation, or a rebuilt one: all the context we have goes in the first message.
         self.reused = False
         context = (*session.history, *self.newest) if session.history else self.chat.turns
         return build_cli_call(self.chat, settings, Conversation(session.cli_id, False, tuple(context))), None
 
     async def settle(self, cli: CliProcess) -> None:
-        if cli.finished:
+        if cli.finished and not self.diverged:
             self.session.started = True
             self.sessions.park(self.session, cli)
             return
         await cli.stop()
+        if self.diverged:
+            return
         if self.reused and not cli.produced:
             self.lost = True  # it died while idle; the transcript is whole, so resume it cold
             return
         if self.session.started or cli.process is not None:
-            # A failed turn may have left half of itself in the transcript: the next attempt rebuilds.
-            old = self.session.cli_id
-            self.session.cli_id, self.session.started = str(uuid.uuid4()), False
-            self.sessions.spawn(self.sessions.retire(None, old))
+            self.sessions.restart(self.session)  # a failed turn may have left half of itself in the transcript
 
     def lost_warm_process(self) -> bool:
         lost, self.lost = self.lost, False
         return lost
 
-    def answered(self, result: CliResult, *, shown_whole: bool) -> None:
+    def answered(self, shown: str, result: CliResult | None) -> None:
         session = self.session
-        session.history += [*self.newest, Turn("assistant", result.text)]
-        if not session.explicit and shown_whole:
-            self.sessions.remember(session, (*self.chat.turns, Turn("assistant", result.text)))
+        session.history += [*self.newest, Turn("assistant", shown)]
+        if result is None or result.text != shown:
+            self.diverged = True  # cut at a stop string: continue from what the client saw, not what the CLI said
+            self.sessions.restart(session)
+        elif not session.explicit:
+            self.sessions.remember(session, (*self.chat.turns, Turn("assistant", shown)))
             self.registered = True
 
 
@@ -1680,36 +1710,39 @@ async def produce_live(runner: Runner, job: Job, request: ChatRequest, emit: Emi
     async def once() -> StreamOutcome:
         nonlocal sent
         scanner = StopScanner(request.stop)
+        shown: list[str] = []
         async with runner.attempt(job) as events:
             async for event in events:
                 if isinstance(event, ThinkingDelta):
                     sent = True
                     await emit({"reasoning_content": event.text})
                 elif isinstance(event, TextDelta):
-                    text = scanner.feed(event.text)
-                    if text:
+                    if text := scanner.feed(event.text):
                         sent = True
+                        shown.append(text)
                         await emit({"content": text})
                     if scanner.stopped:
-                        return await after_stop(job, events, request.include_usage)
+                        return await after_stop(job, "".join(shown), events, request.include_usage)
                 elif isinstance(event, CliResult):
                     if tail := scanner.flush():
+                        shown.append(tail)
                         await emit({"content": tail})
-                    job.answered(event, shown_whole=True)
+                    job.answered("".join(shown), event)
                     return StreamOutcome(event.finish_reason, event.usage)
         raise CliFailed("The claude CLI ended without an answer.")
 
     return await runner.retrying(job, once, may_retry=lambda: not sent)
 
 
-async def after_stop(job: Job, events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:
+async def after_stop(job: Job, shown: str, events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:
     """The output was cut at a stop string. Without a usage chunk to fill, stop paying for the rest at once;
     with one, let the answer finish unseen so the counts are the CLI's own, never invented."""
     if want_usage:
         async for event in events:
             if isinstance(event, CliResult):
-                job.answered(event, shown_whole=False)
+                job.answered(shown, event)
                 return StreamOutcome("stop", event.usage)
+    job.answered(shown, None)
     return StreamOutcome("stop", None)
 
 
@@ -1738,7 +1771,7 @@ async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
     result, thinking = await runner.complete(job)
     if not request.structured:
         text, stopped = apply_stop(result.text, request.stop)
-        job.answered(result, shown_whole=not stopped)
+        job.answered(text, result)
         return Answer(text, (), "stop" if stopped else result.finish_reason, result.usage, thinking)
     usage = result.usage
     try:
@@ -1950,7 +1983,8 @@ async def health(request: Request) -> Response:
     binary = resolve_binary(state.settings, runner.environ)
     sessions: Sessions = state.sessions
     counts = {"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
-        "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm)}}
+        "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm),
+        "waiting": sessions.waiting}}
     if binary is None:
         return JSONResponse({"status": "unavailable", "reason": f"claude CLI not found "
                              f"(CLAUDE_BIN={state.settings.claude_bin!r})", **counts}, status_code=503)

@@ -1057,7 +1057,7 @@ async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
         assert health.status_code == 200
         assert health.json() == {"status": "ok", "cli": {"path": str(fake.bin), "version": "9.9.9 (Fake Code)"},
                                  "in_flight": 0, "queued": 0,
-                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0}}
+                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0}}
         index = (await client.get("/")).json()
         assert "/v1/chat/completions" in index["endpoints"]
     missing = api.create_app(make_settings(bin=tmp_path / "no-such-claude"), fake.environ)
@@ -1514,7 +1514,7 @@ def test_real_deleted_transcript_is_rebuilt_with_context(real: Real) -> None:
         projects = Path(real.environ["HOME"]) / ".claude" / "projects"
         assert wait_until(lambda: list(projects.rglob("*.jsonl")) != [], 5)
         transcripts = list(projects.rglob("*.jsonl"))
-        assert [t.stem for t in transcripts] == [sid]
+        assert [t.stem for t in transcripts] == [api.cli_session_id(sid)]
         transcripts[0].unlink()
         answer = client.chat.completions.create(model="sonnet", messages=[user("What is my name?")],
                                                 extra_body={"session_id": sid})
@@ -1586,13 +1586,43 @@ async def test_session_notice_when_model_or_system_changes(fake: Fake) -> None:
     async with client_for(fake.app(auto_session="on")) as client:
         first = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": sid})
         assert "x-session-notice" not in first.headers
+        quiet = await client.post("/v1/chat/completions", json={**chat("only the new turn"), "session_id": sid})
+        assert "x-session-notice" not in quiet.headers
         second = await client.post("/v1/chat/completions", json={"model": "opus", "session_id": sid, "messages": [
             {"role": "system", "content": "Another prompt"}, user("again")]})
     assert second.status_code == 200
     notice = second.headers["x-session-notice"]
-    assert "system prompt" in notice and "model" in notice
+    assert "system prompt and model" in notice and "were ignored" in notice
     later = fake.calls()[-1]
     assert later["system"] == api.NEUTRAL_SYSTEM_PROMPT and "opus" not in later["argv"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_stop_cut_continues_the_session_from_what_the_client_saw(fake: Fake, stream: bool) -> None:
+    sid = str(uuid.uuid4())
+    async with client_for(fake.app(auto_session="on")) as client:
+        fake.control(reply="My name is Ada. END secret tail")
+        first = await client.post("/v1/chat/completions", json={**chat("hi", stop=["END"], stream=stream),
+                                                                 "session_id": sid})
+        fake.control()
+        await client.post("/v1/chat/completions", json={**chat("and now?"), "session_id": sid})
+    assert "secret tail" not in first.text
+    last = fake.calls()[-1]
+    argv = last["argv"]
+    assert argv[argv.index("--session-id") + 1] == api.cli_session_id(sid)  # rebuilt, not resumed
+    assert json.loads(last["stdin"])["message"]["content"][0]["text"] == \
+        "User: hi\n\nAssistant: My name is Ada. \n\nUser: and now?"
+
+
+async def test_session_id_from_header_and_a_null_body_field(fake: Fake) -> None:
+    sid = str(uuid.uuid4())
+    async with client_for(fake.app(auto_session="on")) as client:
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": None},
+                          headers={"X-Session-Id": sid})
+        await client.post("/v1/chat/completions", json=chat("two"), headers={"X-Session-Id": sid})
+    first, second = fake.calls()
+    assert first["argv"][first["argv"].index("--session-id") + 1] == api.cli_session_id(sid)
+    assert second["pid"] == first["pid"]  # the second turn went to the session's warm process
 
 
 async def test_warm_processes_are_bounded_lru(fake: Fake) -> None:
@@ -1641,7 +1671,7 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
         second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
     assert second.json()["choices"][0]["message"]["content"] == "echo: two"
     argv = fake.calls()[-1]["argv"]
-    assert argv[argv.index("--resume") + 1] == sid  # resumed cold from the transcript
+    assert argv[argv.index("--resume") + 1] == api.cli_session_id(sid)  # resumed cold from the transcript
 
 
 async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None:
@@ -1653,7 +1683,7 @@ async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None
     assert response.status_code == 200
     retry = fake.calls()[-1]
     argv = retry["argv"]
-    assert "--session-id" in argv and argv[argv.index("--session-id") + 1] != sid  # a fresh conversation
+    assert argv[argv.index("--session-id") + 1] == api.cli_session_id(sid)  # started afresh, not resumed
     text = json.loads(retry["stdin"])["message"]["content"][0]["text"]
     assert text == "User: one\n\nAssistant: echo: one\n\nUser: two"  # rebuilt from the history we kept
 
