@@ -19,6 +19,7 @@ dataclass lists them all, and README.md / README.en.md describe each with its de
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -87,6 +88,9 @@ class Settings:
     auto_session: bool = True  # CLAUDE_AUTO_SESSION
     warm_idle: float = 120.0  # CLAUDE_WARM_IDLE, seconds an idle session process stays alive
     warm_max: int = 4  # CLAUDE_WARM_MAX, idle session processes kept at most
+    max_image_bytes: int = 5 * MiB  # CLAUDE_MAX_IMAGE_BYTES, per image (the Messages API's own limit)
+    fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model when the model is overloaded
+    max_budget_usd: float | None = None  # CLAUDE_MAX_BUDGET_USD: --max-budget-usd per request
 
 
 class SettingsError(ValueError):
@@ -129,10 +133,11 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
             raise SettingsError(f"CLAUDE_MODEL_MAP must map names to strings, got {raw_map!r}")
         model_map.update(extra)
-    for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", "")]:
+    for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", ""),
+                   text("CLAUDE_FALLBACK_MODEL", "")]:
         if target and not MODEL_NAME.fullmatch(target):
-            raise SettingsError(f"invalid model name {target!r} in CLAUDE_MODEL_MAP, CLAUDE_MODELS or "
-                                "CLAUDE_DEFAULT_MODEL")
+            raise SettingsError(f"invalid model name {target!r} in CLAUDE_MODEL_MAP, CLAUDE_MODELS, "
+                                "CLAUDE_DEFAULT_MODEL or CLAUDE_FALLBACK_MODEL")
 
     effort = choice("CLAUDE_EFFORT", "", ["", *EFFORTS])
     setting_sources = ",".join(names("CLAUDE_SETTING_SOURCES"))
@@ -165,6 +170,9 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         auto_session=choice("CLAUDE_AUTO_SESSION", "on", [*TRUE, *FALSE]) in TRUE,
         warm_idle=number("CLAUDE_WARM_IDLE", 120.0),
         warm_max=number("CLAUDE_WARM_MAX", 4, minimum=0, integer=True),
+        max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
+        fallback_model=text("CLAUDE_FALLBACK_MODEL", ""),
+        max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),
     )
 
 
@@ -211,6 +219,12 @@ class CliNotLoggedIn(ProxyError):
 
 class PlanRefused(ProxyError):
     status, type, code = 403, "permission_error", "third_party_app_refused"
+
+
+class BudgetExceeded(ProxyError):
+    """The request reached CLAUDE_MAX_BUDGET_USD; retrying would only spend more."""
+
+    status, type, code = 402, "insufficient_quota", "max_budget_exceeded"
 
 
 class NotFound(ProxyError):
@@ -328,9 +342,20 @@ class Usage(TypedDict, total=False):
 
 
 @dataclass(frozen=True)
+class Image:
+    source: Mapping[str, str]  # an Anthropic image source: base64 data with its media type, or a URL
+    digest: str  # identifies the image in conversation fingerprints
+
+
+@dataclass(frozen=True)
 class Turn:
     role: Literal["user", "assistant", "tool"]
     text: str
+    parts: tuple[str | Image, ...] = ()  # text and images in order, when the turn carries images
+
+    @property
+    def images(self) -> tuple[Image, ...]:
+        return tuple(part for part in self.parts if isinstance(part, Image))
 
 
 @dataclass(frozen=True)
@@ -381,30 +406,86 @@ def known_models(settings: Settings) -> list[str]:
     return list(dict.fromkeys([*CLI_ALIASES, *settings.extra_models]))
 
 
-def message_text(content: Any, param: str) -> str:
-    """The text of a message's content: a string, or a list of text parts joined by newlines."""
+def message_parts(content: Any, param: str, image_limit: int | None) -> tuple[str | Image, ...]:
+    """A message's content as text and images in order; adjacent text parts are joined by newlines.
+    ``image_limit`` is the most bytes an image may have, or None where images are not accepted."""
     if content is None:
-        return ""
+        return ()
     if isinstance(content, str):
-        return content
+        return (content,)
     if not isinstance(content, list):
         raise wrong_type(param, "a string or an array of content parts", content)
-    texts = []
+    parts: list[str | Image] = []
     for j, part in enumerate(content):
         where = f"{param}[{j}]"
         if not isinstance(part, dict):
             raise wrong_type(where, "an object", part)
         kind = part.get("type")
-        if kind in UNSUPPORTED_PARTS:
-            raise BadRequest(f"Content part {where} is of type '{kind}': {UNSUPPORTED_PARTS[kind]} input is not "
-                             "supported by this server.", param=f"{where}.type", code="unsupported_content")
-        if kind not in ("text", "input_text"):
-            raise BadRequest(f"Invalid value for '{where}.type': {kind!r}. Supported values are 'text'.",
-                             param=f"{where}.type", code="invalid_value")
+        if kind in ("image_url", "input_image") and image_limit is not None:
+            parts.append(image_part(part.get("image_url"), where, image_limit))
+            continue
+        if kind in UNSUPPORTED_PARTS or kind == "input_image":
+            what = UNSUPPORTED_PARTS.get(kind, "image")
+            raise BadRequest(f"Content part {where} is of type '{kind}': {what} input is not supported "
+                             f"{'here' if what == 'image' else 'by this server'}.", param=f"{where}.type",
+                             code="unsupported_content")
+        if kind not in ("text", "input_text", "output_text"):
+            raise BadRequest(f"Invalid value for '{where}.type': {kind!r}. Supported values are 'text' and "
+                             "'image_url'.", param=f"{where}.type", code="invalid_value")
         if not isinstance(part.get("text"), str):
             raise wrong_type(f"{where}.text", "a string", part.get("text"))
-        texts.append(part["text"])
-    return "\n".join(texts)
+        if parts and isinstance(parts[-1], str):
+            parts[-1] += "\n" + part["text"]
+        else:
+            parts.append(part["text"])
+    return tuple(parts)
+
+
+def message_text(content: Any, param: str) -> str:
+    """The text of a message that cannot carry images."""
+    return "".join(part for part in message_parts(content, param, None) if isinstance(part, str))
+
+
+IMAGE_MAGIC: Mapping[str, Callable[[bytes], bool]] = MappingProxyType({
+    "image/png": lambda d: d.startswith(b"\x89PNG\r\n\x1a\n"),
+    "image/jpeg": lambda d: d.startswith(b"\xff\xd8\xff"),
+    "image/gif": lambda d: d[:6] in (b"GIF87a", b"GIF89a"),
+    "image/webp": lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP",
+})
+
+
+def image_part(spec: Any, where: str, limit: int) -> Image:
+    """An image_url part as an Anthropic image source: base64 data URLs checked to the byte, http(s) URLs
+    passed on for the upstream to fetch."""
+    url = spec.get("url", spec.get("image_url")) if isinstance(spec, dict) else spec
+    if not isinstance(url, str):
+        raise missing(f"{where}.image_url.url")
+    if url.startswith(("http://", "https://")):
+        return Image({"type": "url", "url": url}, hashlib.sha256(url.encode()).hexdigest())
+    found = re.fullmatch(r"data:([\w/+.-]+);base64,([A-Za-z0-9+/=\s]*)", url, re.DOTALL)
+    if not found:
+        raise BadRequest(f"Image {where} must be a base64 data: URL or an http(s) URL.",
+                         param=f"{where}.image_url.url", code="invalid_image_url")
+    media = found.group(1).lower().replace("image/jpg", "image/jpeg")
+    if media not in IMAGE_MAGIC:
+        raise BadRequest(f"Image {where} has media type {media!r}; supported are PNG, JPEG, GIF and WebP.",
+                         param=f"{where}.image_url.url", code="invalid_image_format")
+    encoded = re.sub(r"\s", "", found.group(2))
+    if len(encoded) * 3 // 4 > limit + 2:
+        raise BadRequest(f"Image {where} is larger than CLAUDE_MAX_IMAGE_BYTES ({limit} bytes).",
+                         param=f"{where}.image_url.url", code="image_too_large")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise BadRequest(f"Image {where} is not valid base64.", param=f"{where}.image_url.url",
+                         code="invalid_image") from None
+    if len(data) > limit:
+        raise BadRequest(f"Image {where} is larger than CLAUDE_MAX_IMAGE_BYTES ({limit} bytes).",
+                         param=f"{where}.image_url.url", code="image_too_large")
+    if not IMAGE_MAGIC[media](data):
+        raise BadRequest(f"Image {where} does not hold {media} data.", param=f"{where}.image_url.url",
+                         code="invalid_image")
+    return Image({"type": "base64", "media_type": media, "data": encoded}, hashlib.sha256(data).hexdigest())
 
 
 def tool_calls_text(calls: Any, param: str) -> str:
@@ -424,7 +505,7 @@ def tool_calls_text(calls: Any, param: str) -> str:
     return json.dumps({"type": "tool_calls", "tool_calls": items}, ensure_ascii=False)
 
 
-def flatten_messages(messages: Any) -> tuple[str, tuple[Turn, ...]]:
+def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tuple[Turn, ...]]:
     """Split OpenAI messages into the system prompt and the conversation turns."""
     if messages is None:
         raise missing("messages")
@@ -445,6 +526,13 @@ def flatten_messages(messages: Any) -> tuple[str, tuple[Turn, ...]]:
         if role not in ROLES:
             raise BadRequest(f"Invalid value: {role!r}. Supported values are: {', '.join(map(repr, ROLES))}.",
                              param=f"{where}.role", code="invalid_value")
+        if role == "user":
+            if message.get("content") is None:
+                raise missing(f"{where}.content")
+            parts = message_parts(message["content"], f"{where}.content", image_limit)
+            text = "".join(part for part in parts if isinstance(part, str))
+            turns.append(Turn("user", text, parts if any(isinstance(p, Image) for p in parts) else ()))
+            continue
         text = message_text(message.get("content"), f"{where}.content")
         if role in ("system", "developer"):
             system.append(text)
@@ -455,22 +543,41 @@ def flatten_messages(messages: Any) -> tuple[str, tuple[Turn, ...]]:
         elif role in ("tool", "function"):
             ref = message.get("tool_call_id") or message.get("name") or "?"
             turns.append(Turn("tool", f"[result of call {ref}]\n{text}"))
-        else:
-            if message.get("content") is None:
-                raise missing(f"{where}.content")
-            turns.append(Turn("user", text))
     if not turns:
         raise BadRequest("'messages' holds only system messages; add at least one user message.",
                          param="messages", code="invalid_value")
     return "\n\n".join(system), tuple(turns)
 
 
+TURN_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
 def render_transcript(turns: tuple[Turn, ...]) -> str:
     """One user turn goes as it is; a longer history becomes a labelled transcript."""
     if len(turns) == 1 and turns[0].role == "user":
         return turns[0].text
-    labels = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
-    return "\n\n".join(f"{labels[turn.role]}: {turn.text}" for turn in turns)
+    return "\n\n".join(f"{TURN_LABELS[turn.role]}: {turn.text}" for turn in turns)
+
+
+def render_blocks(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
+    """The transcript as content blocks: the text of ``render_transcript``, with each image in its place."""
+    if not any(turn.parts for turn in turns):
+        return [{"type": "text", "text": render_transcript(turns)}]
+    lone = len(turns) == 1 and turns[0].role == "user"
+    pieces: list[str | Image] = []
+    for i, turn in enumerate(turns):
+        if not lone:
+            pieces.append(f"{chr(10) * 2 if i else ''}{TURN_LABELS[turn.role]}: ")
+        pieces.extend(turn.parts or (turn.text,))
+    blocks: list[dict[str, Any]] = []
+    for piece in pieces:
+        if isinstance(piece, Image):
+            blocks.append({"type": "image", "source": dict(piece.source)})
+        elif blocks and blocks[-1]["type"] == "text":
+            blocks[-1]["text"] += piece
+        elif piece:
+            blocks.append({"type": "text", "text": piece})
+    return blocks
 
 
 def _number(body: dict[str, Any], key: str, low: float, high: float) -> None:
@@ -570,7 +677,7 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
     tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
     response_format, schema = parse_response_format(body.get("response_format"))
 
-    system, turns = flatten_messages(body.get("messages"))
+    system, turns = flatten_messages(body.get("messages"), settings.max_image_bytes)
     return ChatRequest(
         model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
         include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
@@ -858,12 +965,11 @@ class CliCall:
 SCRUBBED_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_API_KEYS")
 
 
-def user_message_line(text: str) -> bytes:
+def user_message_line(blocks: list[dict[str, Any]]) -> bytes:
     """One stream-json user message. A text starting with '/' would run as a CLI slash command;
     a trailing whitespace-only block stops that, and the CLI drops it before the upstream call."""
-    blocks = [{"type": "text", "text": text}]
-    if text.lstrip().startswith("/"):
-        blocks.append({"type": "text", "text": "\n"})
+    if any(b["type"] == "text" and b["text"].lstrip().startswith("/") for b in blocks):
+        blocks = [*blocks, {"type": "text", "text": "\n"}]
     line = {"type": "user", "message": {"role": "user", "content": blocks}}
     return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
@@ -886,13 +992,17 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         args += ["--model", request.cli_model]
     if request.effort:
         args += ["--effort", request.effort]
-    prompt = render_transcript(conversation.turns if conversation else request.turns)
+    if settings.fallback_model:
+        args += ["--fallback-model", settings.fallback_model]
+    if settings.max_budget_usd is not None:
+        args += ["--max-budget-usd", f"{settings.max_budget_usd:g}"]
+    blocks = render_blocks(conversation.turns if conversation else request.turns)
     system: str | None = "\n\n".join(filter(None, [request.system, request.structured and
                                                   reply_instructions(request)])) or None
     flag = "--system-prompt-file"
     if settings.system_prompt_mode == "embed":
         if system and not (conversation and conversation.resume):
-            prompt = f"{system}\n\n{prompt}"
+            blocks = render_blocks((Turn("user", system),)) + [{"type": "text", "text": "\n\n"}] + blocks
         system = None  # keep the CLI's own prompt: the plan accepts only that one
     elif settings.system_prompt_mode == "append":
         flag = "--append-system-prompt-file"
@@ -903,7 +1013,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         session_args: tuple[str, ...] = ("--no-session-persistence",)
     else:
         session_args = ("--resume" if conversation.resume else "--session-id", conversation.cli_id)
-    return CliCall(args=tuple(args), stdin=user_message_line(prompt), system_prompt=system, system_flag=flag,
+    return CliCall(args=tuple(args), stdin=user_message_line(blocks), system_prompt=system, system_flag=flag,
                    env=env, session_args=session_args)
 
 
@@ -962,6 +1072,7 @@ def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
     return usage
 
 
+OUTPUT_LIMIT = re.compile(r"exceeded the \d+ output token maximum")
 AUTH_FAILURE = re.compile(r"not logged in|/login|invalid api key|authentication|oauth token", re.IGNORECASE)
 
 
@@ -969,6 +1080,9 @@ def error_from_result(event: Mapping[str, Any]) -> ProxyError:
     """Classify a failed ``result`` event (``is_error: true``) into the error the client should get."""
     status = event.get("api_error_status")
     text = str(event.get("result") or event.get("subtype") or "")
+    if "budget" in str(event.get("subtype")):
+        return BudgetExceeded("The request reached its spending cap (CLAUDE_MAX_BUDGET_USD) before the answer was "
+                              "complete; raise the cap or unset it.")
     if "third-party apps" in text.lower():
         return PlanRefused("The Claude plan refused this request as coming from a third-party app (\"Third-party "
                            "apps now draw from your extra usage\"). Set CLAUDE_SYSTEM_PROMPT_MODE=embed (or append) "
@@ -1003,6 +1117,11 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
         # Only seen if the CLI retries on its own; a bad login never heals by waiting.
         raise error_from_result({"api_error_status": line["error_status"]})
     if kind == "result":
+        if line.get("is_error") and OUTPUT_LIMIT.search(str(line.get("result"))):
+            # The CLI reports max_tokens as an error after its own attempts to continue; to the client it is
+            # an answer cut for length, made of the text deltas already seen.
+            return CliResult(text="", stop_reason="max_tokens", usage=openai_usage(line.get("usage"), line.get(
+                "total_cost_usd")), cost=line.get("total_cost_usd"), session_id=line.get("session_id"))
         if line.get("is_error") or line.get("subtype", "success") != "success":
             raise error_from_result(line)
         return CliResult(text=str(line.get("result") or ""), stop_reason=line.get("stop_reason"),
@@ -1357,12 +1476,15 @@ class Runner:
 
         async def once() -> tuple[CliResult, str]:
             thinking: list[str] = []
+            text: list[str] = []
             async with self.attempt(job) as events:
                 async for event in events:
                     if isinstance(event, ThinkingDelta):
                         thinking.append(event.text)
+                    elif isinstance(event, TextDelta):
+                        text.append(event.text)
                     elif isinstance(event, CliResult):
-                        return event, "".join(thinking)
+                        return event if event.text else replace(event, text="".join(text)), "".join(thinking)
             raise CliFailed("The claude CLI ended without an answer.")
 
         return await self.retrying(job, once)
@@ -1409,7 +1531,8 @@ def cli_session_id(client_id: str) -> str:
 
 def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn]) -> str:
     """Identifies a conversation exactly: any edit, reformat or other model gives another fingerprint."""
-    material = json.dumps([system, cli_model, [(turn.role, turn.text) for turn in turns]], ensure_ascii=False)
+    material = json.dumps([system, cli_model, [(turn.role, turn.text, [image.digest for image in turn.images])
+                                               for turn in turns]], ensure_ascii=False)
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -11,6 +11,7 @@ Three kinds, from cheap to real:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -579,8 +580,9 @@ def test_flatten(messages: list[Any], system: str, prompt: str) -> None:
     pytest.param([{"role": "wizard", "content": "x"}], "messages[0].role", "invalid_value", id="unknown-role"),
     pytest.param([{"role": "user", "content": 5}], "messages[0].content", "invalid_type", id="content-number"),
     pytest.param([{"role": "user"}], "messages[0].content", "missing_required_parameter", id="user-no-content"),
-    pytest.param([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}],
-                 "messages[0].content[0].type", "unsupported_content", id="image"),
+    pytest.param([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]},
+                  {"role": "user", "content": "hi"}], "messages[0].content[0].type", "unsupported_content",
+                 id="image-in-system"),
     pytest.param([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
                  "messages[0].content[0].type", "unsupported_content", id="audio"),
     pytest.param([{"role": "user", "content": [{"type": "file", "file": {}}]}],
@@ -703,9 +705,9 @@ def test_no_system_message_gets_a_neutral_prompt() -> None:
 
 
 def test_slash_text_is_not_a_command() -> None:
-    blocks = json.loads(api.user_message_line("/cost"))["message"]["content"]
+    blocks = json.loads(api.user_message_line([{"type": "text", "text": "/cost"}]))["message"]["content"]
     assert blocks[0] == {"type": "text", "text": "/cost"} and blocks[1]["text"].strip() == ""
-    assert len(json.loads(api.user_message_line("plain"))["message"]["content"]) == 1
+    assert len(json.loads(api.user_message_line([{"type": "text", "text": "plain"}]))["message"]["content"]) == 1
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
@@ -1006,7 +1008,7 @@ async def test_queue_limit_gives_503_with_retry_after(fake: Fake) -> None:
     ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options",
      None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
-     "messages[0].content[0].type", "unsupported_content"),
+     "messages[0].content[0].image_url.url", "invalid_image_url"),
     ({"model": "sonnet"}, "messages", "missing_required_parameter"),
 ], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v))
 async def test_bad_requests_get_400_with_param(fake: Fake, body: dict[str, Any], param: str, code: str | None) -> None:
@@ -1920,3 +1922,96 @@ def test_real_langchain_tools_and_structured_output(real: Real) -> None:
     assert [(c["name"], c["args"]) for c in invoked.tool_calls] == [("get_weather", {"city": "Paris"})]
     assert streamed is not None
     assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [("get_weather", {"city": "Paris"})]
+
+
+# --- Images ---
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+                       "AAAABJRU5ErkJggg==")
+
+
+def data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(url: str, before: str = "look:", after: str = "what is it?") -> dict[str, Any]:
+    return user_parts(before, {"type": "image_url", "image_url": {"url": url}}, after)
+
+
+def user_parts(*parts: Any) -> dict[str, Any]:
+    return {"role": "user", "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]}
+
+
+@pytest.mark.parametrize("url,code,fragment", [
+    ("data:image/png;base64,@@@@", "invalid_image_url", "data: URL"),
+    ("data:image/png;base64,iVBORw0KGgo=x", "invalid_image", "not valid base64"),
+    (data_url(b"BM" + b"0" * 40, "image/bmp"), "invalid_image_format", "'image/bmp'"),
+    (data_url(b"GIF89a" + b"0" * 10, "image/png"), "invalid_image", "does not hold image/png"),
+    (data_url(PNG + b"0" * 2000), "image_too_large", "CLAUDE_MAX_IMAGE_BYTES"),
+    ("ftp://example.com/a.png", "invalid_image_url", "http(s) URL"),
+    ("file:///etc/passwd", "invalid_image_url", "http(s) URL"),
+], ids=["bad-data-url", "bad-base64", "bmp", "wrong-magic", "too-large", "ftp", "file"])
+async def test_bad_images_get_400_naming_the_part(fake: Fake, url: str, code: str, fragment: str) -> None:
+    async with client_for(fake.app(max_image_bytes=1000)) as client:
+        response = await client.post("/v1/chat/completions", json={"messages": [
+            user("first"), assistant("ok"), image_message(url)]})
+    error = assert_error(response, 400, code, "messages[2].content[1].image_url.url")
+    assert fragment in error["message"] and "messages[2].content[1]" in error["message"]
+    assert fake.calls() == []
+
+
+@pytest.mark.parametrize("part", [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                                  {"type": "file", "file": {"file_id": "f"}}], ids=["audio", "file"])
+async def test_audio_and_file_parts_are_refused(fake: Fake, part: dict[str, Any]) -> None:
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json={"messages": [user_parts("hi", part)]})
+    error = assert_error(response, 400, "unsupported_content", "messages[0].content[1].type")
+    assert "not supported" in error["message"]
+
+
+def test_images_keep_their_place_in_the_transcript() -> None:
+    settings = make_settings()
+    request = api.parse_chat_request({"messages": [
+        image_message(data_url(PNG), "first:", "and"), assistant("A dot."),
+        image_message("https://example.com/cat.jpg", "now:", "this?")]}, settings)
+    blocks = json.loads(api.build_cli_call(request, settings).stdin)["message"]["content"]
+    assert [b["type"] for b in blocks] == ["text", "image", "text", "image", "text"]
+    assert blocks[0]["text"] == "User: first:"
+    assert blocks[1]["source"] == {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
+    assert blocks[2]["text"] == "and\n\nAssistant: A dot.\n\nUser: now:"
+    assert blocks[3]["source"] == {"type": "url", "url": "https://example.com/cat.jpg"}
+    assert blocks[4]["text"] == "this?"
+    other = api.parse_chat_request({"messages": [image_message(data_url(PNG + b"x"), "first:", "and")]}, settings)
+    assert api.fingerprint("", None, request.turns[:1]) != api.fingerprint("", None, other.turns)
+
+
+@needs_real_cli
+async def test_real_image_reaches_upstream_as_an_image_block(real: Real) -> None:
+    real.standin.reset(default=Reply(text="A single pixel."))
+    async with client_for(real.app()) as client:
+        response = await client.post("/v1/chat/completions", json={"messages": [image_message(data_url(PNG))]})
+    assert response.json()["choices"][0]["message"]["content"] == "A single pixel."
+    content = real.standin.bodies()[0]["messages"][-1]["content"]
+    kinds = [(b["type"], b.get("text", "").strip()) for b in content if not b.get("text", "").startswith("<system")]
+    assert kinds == [("text", "look:"), ("image", ""), ("text", "what is it?")]
+    image = next(b for b in content if b["type"] == "image")
+    assert image["source"] == {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
+
+
+@needs_real_cli
+async def test_real_max_tokens_and_effort_reach_upstream(real: Real) -> None:
+    real.standin.reset(default=Reply(text="cut", stop_reason="max_tokens"))
+    async with client_for(real.app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat(max_tokens=42, reasoning_effort="low"))
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    body = real.standin.bodies()[0]
+    assert body["max_tokens"] == 42 and body.get("output_config", {}).get("effort") == "low"
+
+
+@needs_real_cli
+async def test_real_budget_stop_is_reported(real: Real) -> None:
+    real.standin.reset(default=Reply(text="expensive"))
+    async with client_for(real.app(max_budget_usd="0.0000001", fallback_model="haiku")) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    error = assert_error(response, 402, "max_budget_exceeded")
+    assert "CLAUDE_MAX_BUDGET_USD" in error["message"]
