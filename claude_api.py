@@ -1002,7 +1002,10 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
     flag = "--system-prompt-file"
     if settings.system_prompt_mode == "embed":
         if system and not (conversation and conversation.resume):
-            blocks = render_blocks((Turn("user", system),)) + [{"type": "text", "text": "\n\n"}] + blocks
+            if blocks[0]["type"] == "text":
+                blocks[0] = {"type": "text", "text": f"{system}\n\n{blocks[0]['text']}"}
+            else:
+                blocks.insert(0, {"type": "text", "text": f"{system}\n\n"})
         system = None  # keep the CLI's own prompt: the plan accepts only that one
     elif settings.system_prompt_mode == "append":
         flag = "--append-system-prompt-file"
