@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
 import uvicorn
 from starlette.applications import Starlette
@@ -1176,8 +1176,9 @@ def add_usage(first: Usage, second: Usage) -> Usage:
 
 
 @dataclass
-class ChunkMaker:
-    """Builds the chunks of one stream: same id and created on each, ``usage: null`` when usage was asked for."""
+class ChatStream:
+    """Renders a stream as ``chat.completion.chunk`` events: the same id and created on each chunk, and
+    ``usage: null`` on each when usage was asked for, then one usage chunk with ``choices: []``."""
 
     model: str
     include_usage: bool
@@ -1191,14 +1192,23 @@ class ChunkMaker:
             chunk["usage"] = None
         return chunk
 
-    def delta(self, delta: dict[str, Any], finish: FinishReason | None = None) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+    def _delta(self, delta: dict[str, Any], finish: FinishReason | None = None) -> bytes:
+        return sse(self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]))
 
-    def role(self) -> dict[str, Any]:
-        return self.delta({"role": "assistant", "content": "", "refusal": None})
+    def start(self) -> list[bytes]:
+        return [self._delta({"role": "assistant", "content": "", "refusal": None})]
 
-    def usage(self, usage: Usage) -> dict[str, Any]:
-        return {**self._chunk([]), "usage": usage}
+    def delta(self, delta: dict[str, Any]) -> list[bytes]:
+        return [self._delta(delta)]
+
+    def finish(self, outcome: StreamOutcome) -> list[bytes]:
+        events = [self._delta({}, outcome.finish)]
+        if self.include_usage:
+            events.append(sse({**self._chunk([]), "usage": outcome.usage or openai_usage(None, None)}))
+        return events + [DONE]
+
+    def fail(self, error: ProxyError) -> list[bytes]:
+        return [sse(error.body()), DONE]  # the openai SDK raises on a data payload with an "error" key
 
 
 class StopScanner:
@@ -1578,6 +1588,7 @@ class Sessions:
         self.warm: OrderedDict[Session, None] = OrderedDict()
         self.background: set[asyncio.Future[None]] = set()
         self.waiting = 0  # requests queued on a busy session's lock
+        self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # previous_response_id targets
 
     def job(self, chat: ChatRequest, call: CliCall) -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
@@ -1597,6 +1608,29 @@ class Sessions:
                 return SessionJob(self, session, chat), None
         session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False)
         return SessionJob(self, session, chat), None
+
+    def response_job(self, chat: ChatRequest, previous: str | None, store: bool) -> tuple[Job, ChatRequest]:
+        """The job for a Responses request, and the chat request it runs: any stored conversation it
+        continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
+        older response starts a new one from the whole context."""
+        prior = self.responses.get(previous) if previous else None
+        if prior is not None:
+            chat = replace(chat, turns=(*prior.turns, *chat.turns))
+        if chat.structured or (not store and prior is None):
+            return Job(build_cli_call(chat, self.settings)), chat
+        session = prior.session if prior else None
+        if session is None or session.history != list(prior.turns if prior else ()) or session.lock.locked() \
+                or (session.system, session.cli_model) != (chat.system, chat.cli_model):
+            key = f"response-{uuid.uuid4()}"
+            session = self.explicit[key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
+                                                   explicit=True, history=list(prior.turns) if prior else [])
+        return SessionJob(self, session, chat), chat
+
+    def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job) -> None:
+        session = job.session if isinstance(job, SessionJob) and not job.diverged else None
+        self.responses[response_id] = StoredResponse(turns, session)
+        while len(self.responses) > MAX_AUTO_SESSIONS:
+            self.responses.popitem(last=False)
 
     def explicit_job(self, chat: ChatRequest) -> tuple[Job, str | None]:
         key = chat.session_id or ""
@@ -1697,6 +1731,8 @@ class Sessions:
         for session in list(self.warm):
             if session.process is None or now - session.process.idle_since > self.settings.warm_idle:
                 self.cool(session)
+        for key in [k for k, r in self.responses.items() if now - r.created > self.settings.session_ttl]:
+            del self.responses[key]
 
     def sweep_stale_transcripts(self) -> None:
         """At start-up: transcripts an earlier run left in our own workdir's folder, idle past the TTL."""
@@ -1736,6 +1772,7 @@ class SessionJob(Job):
         self.registered = False
         self.reused = self.lost = False
         self.diverged = False  # the client got less than the CLI holds: the conversation must be rebuilt
+        self.context: tuple[Turn, ...] = ()  # the whole conversation this turn answers
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self.locked()
@@ -1765,6 +1802,7 @@ class SessionJob(Job):
             session.retiring = None
         transcript = self.sessions.transcript(session.cli_id)
         if session.started and (session.process is not None or transcript is None or transcript.exists()):
+            self.context = (*session.history, *self.newest)
             call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest))
             warm = self.sessions.take_warm(session, call)
             self.reused = warm is not None
@@ -1774,8 +1812,8 @@ class SessionJob(Job):
             await asyncio.shield(session.retiring)  # type: ignore[arg-type]
         # A new conversation, or a rebuilt one: all the context we have goes in the first message.
         self.reused = False
-        context = (*session.history, *self.newest) if session.history else self.chat.turns
-        return build_cli_call(self.chat, settings, Conversation(session.cli_id, False, tuple(context))), None
+        self.context = (*session.history, *self.newest) if session.history else self.chat.turns
+        return build_cli_call(self.chat, settings, Conversation(session.cli_id, False, self.context)), None
 
     async def settle(self, cli: CliProcess) -> None:
         if cli.finished and not self.diverged:
@@ -1797,7 +1835,7 @@ class SessionJob(Job):
 
     def answered(self, shown: str, result: CliResult | None) -> None:
         session = self.session
-        session.history += [*self.newest, Turn("assistant", shown)]
+        session.history = [*self.context, Turn("assistant", shown)]
         if result is None or result.text != shown:
             self.diverged = True  # cut at a stop string: continue from what the client saw, not what the CLI said
             self.sessions.restart(session)
@@ -1917,6 +1955,295 @@ async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
     return Answer(reply.content, reply.calls, "tool_calls" if reply.calls else result.finish_reason, usage, thinking)
 
 
+# --- Responses API ---
+# A Responses request is translated into the equivalent chat request (input item i becomes message i, so
+# validation errors point at the right item), served by the same machinery, and rendered back as a
+# ``response`` object or its event stream. previous_response_id continues through the session store.
+
+RESPONSE_PARAMS = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
+                   ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort"))
+
+
+def responses_to_chat(body: Any) -> dict[str, Any]:
+    """The chat completions body equivalent to a Responses body."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    raw = body.get("input")
+    if raw is None:
+        raise missing("input")
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise wrong_type("input", "a string or an array", raw)
+    messages = [input_item_message(item, f"input[{i}]") for i, item in enumerate(items)]
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": body.get("stream")}
+    for name in ("temperature", "top_p", "user", "parallel_tool_calls", "tool_choice", "tools"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if isinstance(chat.get("tools"), list):
+        chat["tools"] = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
+                         if isinstance(t, dict) else t for t in chat["tools"]]
+    if isinstance(chat.get("tool_choice"), dict) and "name" in chat["tool_choice"]:
+        chat["tool_choice"] = {"type": "function", "function": {"name": chat["tool_choice"]["name"]}}
+    if body.get("max_output_tokens") is not None:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
+    elif fmt is not None:
+        chat["response_format"] = fmt
+    return chat
+
+
+def input_item_message(item: Any, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise wrong_type(where, "an object", item)
+    kind = item.get("type", "message")
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": part.get("image_url")}}
+                       if isinstance(part, dict) and part.get("type") == "input_image" else part for part in content]
+        return {"role": item.get("role"), "content": content}
+    if kind == "function_call":
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]}
+    if kind == "function_call_output":
+        output = item.get("output")
+        return {"role": "tool", "tool_call_id": item.get("call_id"),
+                "content": output if isinstance(output, str) else json.dumps(output)}
+    if kind == "reasoning":
+        return {"role": "assistant", "content": ""}
+    raise BadRequest(f"Input item {where} has type {kind!r}; supported are message, function_call, "
+                     "function_call_output and reasoning.", param=f"{where}.type", code="unsupported_value")
+
+
+def as_responses_error(error: BadRequest) -> BadRequest:
+    """A validation error of the translated chat body, named in the Responses request's own terms."""
+    for chat_name, name in RESPONSE_PARAMS:
+        if error.param and error.param.startswith(chat_name):
+            error.param = name + error.param[len(chat_name):]
+            error.message = error.message.replace(f"'{chat_name}", f"'{name}")
+    if error.param and error.param.startswith("tools[") and ".function" in error.param:
+        error.param = error.param.replace(".function", "", 1)
+    return error
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """What a stored response continues from: the conversation up to and including its answer."""
+
+    turns: tuple[Turn, ...]
+    session: Session | None  # the CLI conversation whose head it is, when there is one
+    created: float = field(default_factory=time.monotonic)
+
+
+def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
+    if calls:
+        return Turn("assistant", json.dumps({"type": "tool_calls", "tool_calls": [
+            {"id": c.id, "name": c.name, "arguments": json.loads(c.arguments)} for c in calls]}, ensure_ascii=False))
+    return Turn("assistant", content or "")
+
+
+def response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"
+
+
+def response_usage(usage: Usage | None) -> dict[str, Any]:
+    usage = usage or openai_usage(None, None)
+    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
+            "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments if status == "completed" else "", "status": status}
+
+
+@dataclass
+class ResponseShell:
+    """The fields of a ``response`` object that do not depend on the answer."""
+
+    id: str
+    body: Mapping[str, Any]
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def render(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None,
+               error: ProxyError | None = None, incomplete: bool = False) -> dict[str, Any]:
+        body = self.body
+        text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "model": body.get("model") or "default", "output": output, "output_text": text,
+            "error": {"code": error.code or error.type, "message": error.message} if error else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
+            "store": body.get("store", True), "temperature": body.get("temperature"),
+            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
+            "metadata": body.get("metadata") or {}, "user": body.get("user"),
+            "usage": response_usage(usage) if usage is not None else None,
+        }
+
+
+def response_object(shell: ResponseShell, done: Answer) -> dict[str, Any]:
+    output = [call_item(f"fc_{uuid.uuid4().hex}", call) for call in done.calls]
+    if done.content is not None and not done.calls:
+        output.insert(0, message_item(f"msg_{uuid.uuid4().hex}", done.content))
+    incomplete = done.finish == "length"
+    return shell.render("incomplete" if incomplete else "completed", output, done.usage, incomplete=incomplete)
+
+
+@dataclass
+class ResponsesStream:
+    """Renders a stream as Responses events, in the order the openai SDK expects them."""
+
+    shell: ResponseShell
+    on_done: Callable[[Answer], None]
+    sequence: int = 0
+    output: list[dict[str, Any]] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, call id, name, arguments]
+
+    @property
+    def id(self) -> str:
+        return self.shell.id
+
+    def _event(self, kind: str, **data: Any) -> bytes:
+        self.sequence += 1
+        payload = {"type": kind, "sequence_number": self.sequence - 1, **data}
+        return f"event: {kind}\n".encode() + sse(payload)
+
+    def start(self) -> list[bytes]:
+        snapshot = self.shell.render("in_progress", [])
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def _open_message(self) -> list[bytes]:
+        item = message_item(f"msg_{uuid.uuid4().hex}", "", status="in_progress")
+        self.output.append(item)
+        index = len(self.output) - 1
+        return [self._event("response.output_item.added", output_index=index, item=item),
+                self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                            content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+
+    def _close_open_item(self) -> list[bytes]:
+        if not self.output or self.output[-1]["status"] != "in_progress":
+            return []
+        item, index = self.output[-1], len(self.output) - 1
+        if item["type"] == "message":
+            text = "".join(self.text)
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item.update(message_item(item["id"], text))
+            return [self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                content_index=0, text=text),
+                    self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                content_index=0, part=part),
+                    self._event("response.output_item.done", output_index=index, item=item)]
+        item["status"] = "completed"
+        return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            arguments=item["arguments"]),
+                self._event("response.output_item.done", output_index=index, item=item)]
+
+    def delta(self, delta: dict[str, Any]) -> list[bytes]:
+        events: list[bytes] = []
+        if delta.get("content"):
+            if not self.output or self.output[-1]["type"] != "message":
+                events += self._close_open_item() + self._open_message()
+            self.text.append(delta["content"])
+            events.append(self._event("response.output_text.delta", item_id=self.output[-1]["id"],
+                                      output_index=len(self.output) - 1, content_index=0, delta=delta["content"]))
+        for piece in delta.get("tool_calls") or []:
+            function = piece.get("function") or {}
+            if piece.get("id"):
+                events += self._close_open_item()
+                item = call_item(f"fc_{uuid.uuid4().hex}", ToolCall(piece["id"], function["name"], ""),
+                                 status="in_progress")
+                self.output.append(item)
+                events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
+                                          item=item))
+            if function.get("arguments"):
+                self.output[-1]["arguments"] += function["arguments"]
+                events.append(self._event("response.function_call_arguments.delta", item_id=self.output[-1]["id"],
+                                          output_index=len(self.output) - 1, delta=function["arguments"]))
+        return events
+
+    def finish(self, outcome: StreamOutcome) -> list[bytes]:
+        events = self._close_open_item()
+        incomplete = outcome.finish == "length"
+        calls = tuple(ToolCall(i["call_id"], i["name"], i["arguments"]) for i in self.output
+                      if i["type"] == "function_call")
+        self.on_done(Answer("".join(self.text), calls, outcome.finish, outcome.usage or openai_usage(None, None)))
+        final = self.shell.render("incomplete" if incomplete else "completed", self.output, outcome.usage,
+                                  incomplete=incomplete)
+        return events + [self._event("response.incomplete" if incomplete else "response.completed", response=final)]
+
+    def fail(self, error: ProxyError) -> list[bytes]:
+        return [self._event("error", code=error.code or error.type, message=error.message, param=error.param),
+                self._event("response.failed", response=self.shell.render("failed", self.output, error=error))]
+
+
+async def create_response(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    runner: Runner = state.runner
+    sessions: Sessions = state.sessions
+    body = await read_json(request, settings.max_body_bytes)
+    try:
+        chat = parse_chat_request(responses_to_chat(body), settings)
+    except BadRequest as error:
+        raise as_responses_error(error) from None
+    store = body.get("store", True) is not False
+    previous = body.get("previous_response_id")
+    if previous is not None and (not isinstance(previous, str) or previous not in sessions.responses):
+        raise BadRequest(f"Previous response with id {previous!r} not found (responses are kept for "
+                         "CLAUDE_SESSION_TTL seconds, and never with store: false).",
+                         param="previous_response_id", code="previous_response_not_found")
+    if runner.closing:
+        raise Overloaded("The server is shutting down.", retry_after=5)
+    job, chat = sessions.response_job(chat, previous, store)
+    shell = ResponseShell(response_id(), body)
+
+    def keep(done: Answer) -> None:
+        if store:
+            sessions.store_response(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job)
+
+    if chat.stream:
+        return await stream_response(request, runner, job, chat, {}, ResponsesStream(shell, keep), "responses")
+    entry = RequestLog(shell.id, chat.model, "responses")
+
+    async def run() -> Answer:
+        async with job.hold():
+            done = await answer(runner, job, chat)
+            keep(done)
+            return done
+
+    try:
+        done = await unless_disconnected(request, run())
+    except ProxyError as error:
+        entry.finish(error.status)
+        raise
+    except ClientGone:
+        entry.finish(499)
+        return Response(status_code=499)
+    entry.finish(200, done.usage)
+    return JSONResponse(response_object(shell, done))
+
+
 # --- Routes and app ---
 
 
@@ -1992,7 +2319,7 @@ async def chat_completions(request: Request) -> Response:
     job, notice = state.sessions.job(chat, build_cli_call(chat, settings))
     headers = {"X-Session-Notice": notice} if notice else {}
     if chat.stream:
-        return await stream_response(request, runner, job, chat, headers)
+        return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
     entry = RequestLog(completion_id(), chat.model, "json" if type(job) is Job else "json-session")
 
     async def run() -> Answer:
@@ -2011,13 +2338,21 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
 
 
-async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest,
-                          headers: dict[str, str]) -> Response:
+class StreamRenderer(Protocol):
+    id: str
+
+    def start(self) -> list[bytes]: ...
+    def delta(self, delta: dict[str, Any]) -> list[bytes]: ...
+    def finish(self, outcome: StreamOutcome) -> list[bytes]: ...
+    def fail(self, error: ProxyError) -> list[bytes]: ...
+
+
+async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest, headers: dict[str, str],
+                          renderer: StreamRenderer, kind: str = "stream") -> Response:
     """Start the producer; answer with a plain JSON error if it fails before anything is worth sending."""
     settings: Settings = request.app.state.settings
     mode = settings.stream_mode
-    chunks = ChunkMaker(chat.model, chat.include_usage)
-    entry = RequestLog(chunks.id, chat.model, f"stream-{mode}" + ("" if type(job) is Job else "-session"))
+    entry = RequestLog(renderer.id, chat.model, f"{kind}-{mode}" + ("" if type(job) is Job else "-session"))
     queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
     # A structured reply must be whole before it can be checked: it streams the way pseudo mode does.
     produce = produce_live if mode == "live" and not chat.structured else produce_pseudo
@@ -2047,30 +2382,30 @@ async def stream_response(request: Request, runner: Runner, job: Job, chat: Chat
     async def body() -> AsyncIterator[bytes]:
         item: Any = first
         try:
-            yield sse(chunks.role())
+            for event in renderer.start():
+                yield event
             while True:
                 if item is None:
-                    yield KEEPALIVE
+                    events = [KEEPALIVE]
                 elif isinstance(item, dict):
-                    yield sse(chunks.delta(item))
+                    events = renderer.delta(item)
                 elif isinstance(item, StreamOutcome):
                     entry.usage = item.usage
-                    yield sse(chunks.delta({}, item.finish))
-                    if chat.include_usage:
-                        yield sse(chunks.usage(item.usage or openai_usage(None, None)))
-                    break
+                    events = renderer.finish(item)
                 else:
                     error = item if isinstance(item, ProxyError) else CliFailed("The stream failed; see the log.")
                     if not isinstance(item, ProxyError):
                         log.error("stream failed", exc_info=item)
                     entry.status = error.status
-                    yield sse(error.body())
+                    events = renderer.fail(error)
+                for event in events:
+                    yield event
+                if item is not None and not isinstance(item, dict):
                     break
                 try:
                     item = await asyncio.wait_for(queue.get(), settings.keepalive)
                 except TimeoutError:
                     item = None
-            yield DONE
         except BaseException:
             entry.status = 499
             raise
@@ -2121,7 +2456,7 @@ async def health(request: Request) -> Response:
 
 
 async def index(request: Request) -> Response:
-    return JSONResponse({"service": "claude_api", "endpoints": ["/v1/chat/completions", "/v1/models",
+    return JSONResponse({"service": "claude_api", "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/models",
                                                                 "/v1/models/{id}", "/health"]})
 
 
@@ -2193,6 +2528,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
             Route("/v1/models", list_models),
             Route("/v1/models/{model_id:path}", get_model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/responses", create_response, methods=["POST"]),
         ],
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,

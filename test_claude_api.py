@@ -2015,3 +2015,101 @@ async def test_real_budget_stop_is_reported(real: Real) -> None:
         response = await client.post("/v1/chat/completions", json=chat())
     error = assert_error(response, 402, "max_budget_exceeded")
     assert "CLAUDE_MAX_BUDGET_USD" in error["message"]
+
+
+# --- Responses API ---
+
+RESPONSES_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+                     "parameters": WEATHER["function"]["parameters"]}
+
+
+@needs_real_cli
+def test_real_responses_plain_and_streamed(real: Real) -> None:
+    real.standin.reset(default=Reply(text="Hello there, friend.", delay=0.01))
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        plain = client.responses.create(model="sonnet", input="hi", instructions="Be brief.", max_output_tokens=50,
+                                        reasoning={"effort": "low"})
+        with client.responses.stream(model="sonnet", input=[{"role": "user", "content": [
+                {"type": "input_text", "text": "hi"}]}]) as stream:
+            events = list(stream)
+            final = stream.get_final_response()
+    assert plain.output_text == "Hello there, friend." and plain.status == "completed"
+    assert plain.id.startswith("resp_") and plain.output[0].type == "message"
+    assert plain.usage is not None and plain.usage.input_tokens > 0 and plain.usage.output_tokens > 0
+    assert plain.usage.input_tokens_details.cached_tokens >= 0
+    first = real.standin.bodies()[0]
+    assert "Be brief." in json.dumps(first["system"]) and first["max_tokens"] == 50
+    assert first["output_config"]["effort"] == "low"
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == final.output_text == "Hello there, friend."
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+@needs_real_cli
+def test_real_responses_function_call_loop(real: Real) -> None:
+    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})), text_reply("Sunny in Paris."),
+                       calls_reply(("get_weather", {"city": "Oslo"})))
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        first = client.responses.create(model="sonnet", input="Weather in Paris?", tools=[RESPONSES_WEATHER])
+        [call] = [item for item in first.output if item.type == "function_call"]
+        assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+        second = client.responses.create(model="sonnet", previous_response_id=first.id, tools=[RESPONSES_WEATHER],
+                                         input=[{"type": "function_call_output", "call_id": call.call_id,
+                                                 "output": "22 C"}])
+        with client.responses.stream(model="sonnet", input="Oslo?", tools=[RESPONSES_WEATHER],
+                                     tool_choice={"type": "function", "name": "get_weather"}) as stream:
+            events = list(stream)
+            streamed = stream.get_final_response()
+    assert second.output_text == "Sunny in Paris."
+    upstream = json.dumps(real.standin.bodies()[1])
+    assert call.call_id in upstream and "22 C" in upstream and "Weather in Paris?" in upstream
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+    [streamed_call] = [item for item in streamed.output if item.type == "function_call"]
+    assert json.loads(streamed_call.arguments) == {"city": "Oslo"}
+    assert "You must call the function 'get_weather'" in json.dumps(real.standin.bodies()[2]["system"])
+
+
+@needs_real_cli
+def test_real_responses_previous_response_id(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        first = client.responses.create(model="sonnet", input="My name is Ada.")
+        second = client.responses.create(model="sonnet", input="What is my name?", previous_response_id=first.id)
+        branch = client.responses.create(model="sonnet", input="Another branch.", previous_response_id=first.id)
+        unstored = client.responses.create(model="sonnet", input="Forget me.", store=False)
+        with pytest.raises(Exception) as missing_previous:
+            client.responses.create(model="sonnet", input="x", previous_response_id=unstored.id)
+    assert second.output_text == "echo: What is my name?"
+    bodies = real.standin.bodies()
+    assert conversation_shape(bodies[1]) == [("user", "My name is Ada."), ("assistant", "echo: My name is Ada."),
+                                             ("user", "What is my name?")]
+    assert "What is my name" not in json.dumps(bodies[2]) and "My name is Ada." in json.dumps(bodies[2])
+    assert branch.previous_response_id == first.id
+    assert getattr(missing_previous.value, "status_code", None) == 400
+
+
+async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
+    async with client_for(fake.app()) as client:
+        bad_item = await client.post("/v1/responses", json={"input": [{"type": "computer_call"}]})
+        assert_error(bad_item, 400, "unsupported_value", "input[0].type")
+        no_input = await client.post("/v1/responses", json={"model": "sonnet"})
+        assert_error(no_input, 400, "missing_required_parameter", "input")
+        bad_tokens = await client.post("/v1/responses", json={"input": "x", "max_output_tokens": 0})
+        assert_error(bad_tokens, 400, "integer_below_min_value", "max_output_tokens")
+        bad_tool = await client.post("/v1/responses", json={"input": "x", "tools": [{"type": "web_search"}]})
+        assert_error(bad_tool, 400, "unsupported_value", "tools[0].type")
+        unknown = await client.post("/v1/responses", json={"input": "x", "previous_response_id": "resp_nope"})
+        assert_error(unknown, 400, "previous_response_not_found", "previous_response_id")
+        image = await client.post("/v1/responses", json={"input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": data_url(PNG)}]}]})
+    assert image.status_code == 200 and image.json()["output_text"].startswith("echo: see")
+    assert fake.calls()[-1]["stdin"].count('"type": "image"') == 1
