@@ -1413,6 +1413,7 @@ class Runner:
         self.in_flight = 0
         self.queued = 0
         self.closing = False
+        self.reaper: asyncio.TimerHandle | None = None
         self.processes: set[asyncio.subprocess.Process] = set()
 
     @contextlib.asynccontextmanager
@@ -1426,6 +1427,9 @@ class Runner:
             await self.slots.acquire()
         finally:
             self.queued -= 1
+        if self.closing:  # the stop signal came while this request waited
+            self.slots.release()
+            raise Overloaded("The server is shutting down.", retry_after=5)
         self.in_flight += 1
         try:
             yield
@@ -1473,6 +1477,9 @@ class Runner:
             try:
                 return await run()
             except ProxyError as error:
+                if self.closing and error.retryable:
+                    raise Overloaded("The server shut down before this request was answered.",
+                                     retry_after=5) from None
                 if error.retryable and may_retry() and job.lost_warm_process():
                     log.info("a warm CLI process had died; replacing it")
                     continue  # not the request's failure: no backoff, no attempt spent
@@ -1501,6 +1508,12 @@ class Runner:
             raise CliFailed("The claude CLI ended without an answer.")
 
         return await self.retrying(job, once)
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Refuse new work now; in ``grace`` seconds kill what still runs, so its requests end with an error."""
+        if not self.closing:
+            self.closing = True
+            self.reaper = asyncio.get_running_loop().call_later(grace, lambda: asyncio.ensure_future(self.kill_all()))
 
     async def kill_all(self) -> None:
         for process in list(self.processes):
@@ -2557,6 +2570,8 @@ def transcripts_folder(workdir: Path, environ: Mapping[str, str]) -> Path | None
 async def shutdown(runner: Runner, grace: float) -> None:
     """Refuse new work, give in-flight requests ``grace`` seconds, then kill what is left."""
     runner.closing = True
+    if runner.reaper is not None:
+        runner.reaper.cancel()
     if runner.processes:
         await asyncio.wait([asyncio.create_task(p.wait()) for p in runner.processes], timeout=grace)
     await runner.kill_all()
@@ -2567,16 +2582,19 @@ def is_loopback(host: str) -> bool:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, marking the app as closing the moment a stop signal arrives."""
+    """uvicorn's server, closing the app the moment a stop signal arrives: new requests get 503, and the
+    CLIs still running after CLAUDE_SHUTDOWN_GRACE are killed, so their requests end with an OpenAI error
+    before uvicorn's own (longer) graceful timeout would cut the connections."""
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+    def __init__(self, config: uvicorn.Config, app: Starlette, grace: float) -> None:
         super().__init__(config)
-        self.api = app
+        self.api, self.grace = app, grace
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         runner = getattr(self.api.state, "runner", None)
         if runner is not None:
-            runner.closing = True
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_event_loop().call_soon_threadsafe(runner.begin_shutdown, self.grace)
         super().handle_exit(sig, frame)
 
 
@@ -2595,8 +2613,8 @@ def main() -> None:
                     settings.claude_bin)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=settings.shutdown_grace)
-    Server(config, app).run()
+                            timeout_graceful_shutdown=settings.shutdown_grace + GRACEFUL_EXIT + 2)
+    Server(config, app, settings.shutdown_grace).run()
 
 
 if __name__ == "__main__":
