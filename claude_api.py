@@ -88,6 +88,8 @@ class Settings:
     auto_session: bool = True  # CLAUDE_AUTO_SESSION
     warm_idle: float = 120.0  # CLAUDE_WARM_IDLE, seconds an idle session process stays alive
     warm_max: int = 4  # CLAUDE_WARM_MAX, idle session processes kept at most
+    prewarm: int = 2  # CLAUDE_PREWARM, CLI processes started ahead of time for new conversations
+    prewarm_max_age: float = 600.0  # CLAUDE_PREWARM_MAX_AGE, seconds before a waiting process is replaced
     max_image_bytes: int = 5 * MiB  # CLAUDE_MAX_IMAGE_BYTES, per image (the Messages API's own limit)
     fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model when the model is overloaded
     max_budget_usd: float | None = None  # CLAUDE_MAX_BUDGET_USD: --max-budget-usd per request
@@ -170,6 +172,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         auto_session=choice("CLAUDE_AUTO_SESSION", "on", [*TRUE, *FALSE]) in TRUE,
         warm_idle=number("CLAUDE_WARM_IDLE", 120.0),
         warm_max=number("CLAUDE_WARM_MAX", 4, minimum=0, integer=True),
+        prewarm=number("CLAUDE_PREWARM", 2, minimum=0, integer=True),
+        prewarm_max_age=number("CLAUDE_PREWARM_MAX_AGE", 600.0, minimum=1),
         max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
         fallback_model=text("CLAUDE_FALLBACK_MODEL", ""),
         max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),
@@ -1380,26 +1384,143 @@ class Job:
 
     def __init__(self, call: CliCall) -> None:
         self.call = call
+        self.reused = self.lost = False  # this attempt took a waiting process / it had died while idle
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """Held across all attempts of the request; taken before a concurrency slot."""
         return contextlib.nullcontext()
 
-    async def plan(self) -> tuple[CliCall, CliProcess | None]:
-        """The call for the next attempt, and a warm process to reuse, if any."""
-        return self.call, None
+    async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
+        """The call for the next attempt, and a waiting process to use (warm or pre-started), if any."""
+        cli = runner.pool.take(self.call)
+        self.reused = cli is not None
+        return self.call, cli
 
     async def settle(self, cli: CliProcess) -> None:
         """The attempt is over (``cli.finished`` tells whether it answered): end or keep the process."""
         await cli.stop()
+        self.lost = self.reused and not cli.produced
 
     def answered(self, shown: str, result: CliResult | None) -> None:
         """The answer went out: ``shown`` is the text the client got, ``result`` what the CLI said in full
         (None when the CLI was stopped early, at a stop string)."""
 
     def lost_warm_process(self) -> bool:
-        """True (once) when the last attempt failed only because a warm process had died while idle."""
-        return False
+        """True (once) when the last attempt failed only because a waiting process had died while idle."""
+        lost, self.lost = self.lost, False
+        return lost
+
+
+class Pool:
+    """CLI processes started ahead of time (CLAUDE_PREWARM), waiting on stdin, so a new conversation or a
+    one-shot request pays no start-up. They are spread over the most recently used combinations of model,
+    system prompt and options; each serves one request (then it is retired, or becomes that conversation's
+    warm process), and one that dies or outgrows CLAUDE_PREWARM_MAX_AGE is replaced."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.size = runner.settings.prewarm
+        self.idle: dict[tuple[Any, ...], list[CliProcess]] = {}
+        self.recent: OrderedDict[tuple[Any, ...], CliCall] = OrderedDict()  # templates, most recent last
+        self.starting: dict[asyncio.Task[None], tuple[Any, ...]] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(call: CliCall) -> tuple[Any, ...]:
+        return (call.args, call.system_prompt, call.system_flag, tuple(sorted(call.env.items())),
+                call.session_args[:1])
+
+    def expect(self, call: CliCall) -> tuple[Any, ...]:
+        """Note these options as the most recently used, and refill the pool to match."""
+        key = self.key(call)
+        self.recent[key] = replace(call, stdin=b"")
+        self.recent.move_to_end(key)
+        while len(self.recent) > self.size:
+            self.recent.popitem(last=False)
+        self.refill()
+        return key
+
+    def take(self, call: CliCall) -> CliProcess | None:
+        """A waiting process for this call's options, if one is ready; either way the pool refills."""
+        if self.size == 0 or self.runner.closing:
+            return None
+        key = self.key(call)
+        found = None
+        waiting = self.idle.get(key, [])
+        while waiting and found is None:
+            cli = waiting.pop(0)
+            if cli.alive:
+                found = cli
+            else:
+                self.retire(cli)
+        self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
+        self.expect(call)
+        return found
+
+    def targets(self) -> dict[tuple[Any, ...], int]:
+        newest_first = list(reversed(self.recent))
+        counts: dict[tuple[Any, ...], int] = {}
+        for i in range(self.size if newest_first else 0):
+            key = newest_first[i % len(newest_first)]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def refill(self) -> None:
+        """Start what the targets lack, and retire what they no longer want."""
+        if self.runner.closing:
+            return
+        targets = self.targets()
+        for key, waiting in self.idle.items():
+            while len(waiting) > targets.get(key, 0):
+                self.retire(waiting.pop())
+        for key, want in targets.items():
+            have = len(self.idle.get(key, [])) + sum(1 for k in self.starting.values() if k == key)
+            for _ in range(want - have):
+                task = asyncio.create_task(self.start(key, self.recent[key]))
+                self.starting[task] = key
+                task.add_done_callback(self.starting.pop)
+
+    async def start(self, key: tuple[Any, ...], template: CliCall) -> None:
+        call = template
+        if call.session_args[:1] == ("--session-id",):
+            call = replace(call, session_args=("--session-id", str(uuid.uuid4())))
+        try:
+            cli = self.runner.process(call)
+            await cli.start()
+        except ProxyError as error:
+            log.warning("could not pre-start a CLI process: %s", error.message)
+            return
+        cli.idle_since = time.monotonic()
+        if self.runner.closing:
+            await cli.stop()
+        else:
+            self.idle.setdefault(key, []).append(cli)
+
+    def retire(self, cli: CliProcess) -> None:
+        task = asyncio.create_task(cli.stop())
+        self.starting[task] = ()
+        task.add_done_callback(self.starting.pop)
+
+    def maintain(self, now: float | None = None) -> None:
+        """Replace waiting processes that died or grew too old."""
+        now = time.monotonic() if now is None else now
+        for waiting in self.idle.values():
+            for cli in [c for c in waiting if not c.alive or now - c.idle_since > self.runner.settings.prewarm_max_age]:
+                waiting.remove(cli)
+                self.retire(cli)
+        self.refill()
+
+    def status(self) -> dict[str, int]:
+        return {"size": self.size, "ready": sum(map(len, self.idle.values())),
+                "starting": sum(1 for key in self.starting.values() if key), "hits": self.hits, "misses": self.misses}
+
+    async def close(self) -> None:
+        for waiting in self.idle.values():
+            for cli in waiting:
+                self.retire(cli)
+            waiting.clear()
+        if self.starting:
+            await asyncio.wait(list(self.starting), timeout=GRACEFUL_EXIT + 1)
 
 
 class Runner:
@@ -1413,6 +1534,7 @@ class Runner:
         self.in_flight = 0
         self.queued = 0
         self.closing = False
+        self.pool = Pool(self)
         self.reaper: asyncio.TimerHandle | None = None
         self.processes: set[asyncio.subprocess.Process] = set()
 
@@ -1452,7 +1574,7 @@ class Runner:
         """One attempt: a slot, a process (warm or new), its events, all under CLAUDE_TIMEOUT."""
         binary = self.binary()
         async with self.slot():
-            call, cli = await job.plan()
+            call, cli = await job.plan(self)
             cli = cli or CliProcess(binary, call, self.workdir, self.environ, self.processes)
             try:
                 async with asyncio.timeout(self.settings.timeout):
@@ -1583,6 +1705,7 @@ class Session:
     started: bool = False  # the CLI holds a transcript for cli_id
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
     last_used: float = field(default_factory=time.monotonic)
+    pinned: bool = False  # cli_id is derived from the client's id and must stay so
     process: CliProcess | None = None  # an idle warm process that holds this conversation
     retiring: asyncio.Future[None] | None = None  # its last process, finishing the transcript as it exits
 
@@ -1649,7 +1772,7 @@ class Sessions:
         key = chat.session_id or ""
         session = self.explicit.get(key)
         if session is None:
-            session = Session(key, cli_session_id(key), chat.system, chat.cli_model, explicit=True)
+            session = Session(key, cli_session_id(key), chat.system, chat.cli_model, explicit=True, pinned=True)
             known = self.transcript(session.cli_id)  # a session this server started before a restart
             session.started = known is not None and known.exists()
             self.explicit[key] = session
@@ -1746,6 +1869,7 @@ class Sessions:
                 self.cool(session)
         for key in [k for k, r in self.responses.items() if now - r.created > self.settings.session_ttl]:
             del self.responses[key]
+        self.runner.pool.maintain()
 
     def sweep_stale_transcripts(self) -> None:
         """At start-up: transcripts an earlier run left in our own workdir's folder, idle past the TTL."""
@@ -1781,9 +1905,9 @@ class SessionJob(Job):
 
     def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest) -> None:
         self.sessions, self.session, self.chat = sessions, session, chat
+        self.reused = self.lost = False
         self.newest = newest_turns(chat.turns)
         self.registered = False
-        self.reused = self.lost = False
         self.diverged = False  # the client got less than the CLI holds: the conversation must be rebuilt
         self.context: tuple[Turn, ...] = ()  # the whole conversation this turn answers
 
@@ -1808,7 +1932,7 @@ class SessionJob(Job):
             if not session.explicit and not self.registered:
                 sessions.forget(session)  # an automatic session nobody can reach again
 
-    async def plan(self) -> tuple[CliCall, CliProcess | None]:
+    async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
         session, settings = self.session, self.sessions.settings
         if session.retiring is not None:  # a process of ours may still be writing the transcript: let it finish
             await asyncio.shield(session.retiring)
@@ -1824,9 +1948,15 @@ class SessionJob(Job):
             self.sessions.restart(session)
             await asyncio.shield(session.retiring)  # type: ignore[arg-type]
         # A new conversation, or a rebuilt one: all the context we have goes in the first message.
-        self.reused = False
         self.context = (*session.history, *self.newest) if session.history else self.chat.turns
-        return build_cli_call(self.chat, settings, Conversation(session.cli_id, False, self.context)), None
+        call = build_cli_call(self.chat, settings, Conversation(session.cli_id, False, self.context))
+        # A pre-started process brings its own session id, which only a conversation without one of the
+        # client's choosing can take.
+        cli = None if session.pinned else runner.pool.take(call)
+        if cli is not None:
+            session.cli_id = cli.call.session_args[1]
+        self.reused = cli is not None
+        return call, cli
 
     async def settle(self, cli: CliProcess) -> None:
         if cli.finished and not self.diverged:
@@ -1841,10 +1971,6 @@ class SessionJob(Job):
             return
         if self.session.started or cli.process is not None:
             self.sessions.restart(self.session)  # a failed turn may have left half of itself in the transcript
-
-    def lost_warm_process(self) -> bool:
-        lost, self.lost = self.lost, False
-        return lost
 
     def answered(self, shown: str, result: CliResult | None) -> None:
         session = self.session
@@ -2458,7 +2584,7 @@ async def health(request: Request) -> Response:
     sessions: Sessions = state.sessions
     counts = {"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
         "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm),
-        "waiting": sessions.waiting}}
+        "waiting": sessions.waiting}, "prewarm": runner.pool.status()}
     if binary is None:
         return JSONResponse({"status": "unavailable", "reason": f"claude CLI not found "
                              f"(CLAUDE_BIN={state.settings.claude_bin!r})", **counts}, status_code=503)
@@ -2525,12 +2651,17 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
         sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
                                                  own_workdir=not settings.workdir)
         sessions.sweep_stale_transcripts()
+        if settings.prewarm:  # ready for the first request with default options
+            chat = parse_chat_request({"messages": [{"role": "user", "content": "-"}]}, settings)
+            runner.pool.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
+                                              if settings.auto_session else None))
         sweeper = asyncio.create_task(sessions.run_sweeper())
         try:
             yield
         finally:
             sweeper.cancel()
             runner.closing = True
+            await runner.pool.close()
             await sessions.close()
             await shutdown(runner, settings.shutdown_grace)
 

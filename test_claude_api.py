@@ -433,7 +433,8 @@ def find_real_cli() -> str | None:
 def make_settings(**overrides: Any) -> api.Settings:
     """Settings from an environment dict, the way the service reads them."""
     environ = {"CLAUDE_MAX_RETRIES": "0", "CLAUDE_BASE_BACKOFF": "0.01", "CLAUDE_TIMEOUT": "20",
-               "CLAUDE_AUTO_SESSION": "off"}  # the stateless path, unless a test turns sessions on
+               # The stateless path and no pre-started processes, unless a test turns them on.
+               "CLAUDE_AUTO_SESSION": "off", "CLAUDE_PREWARM": "0"}
     environ.update({f"CLAUDE_{k.upper()}": str(v) for k, v in overrides.items()})
     return api.load_settings(environ)
 
@@ -1059,7 +1060,8 @@ async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
         assert health.status_code == 200
         assert health.json() == {"status": "ok", "cli": {"path": str(fake.bin), "version": "9.9.9 (Fake Code)"},
                                  "in_flight": 0, "queued": 0,
-                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0}}
+                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
+                                 "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}}
         index = (await client.get("/")).json()
         assert "/v1/chat/completions" in index["endpoints"]
     missing = api.create_app(make_settings(bin=tmp_path / "no-such-claude"), fake.environ)
@@ -1138,6 +1140,8 @@ def post_in_background(url: str, body: dict[str, Any], results: list[Any]) -> th
 
 
 def fake_server_env(fake: Fake, **settings: Any) -> dict[str, str]:
+    """The server's environment: stateless and without pre-started processes, unless a test says otherwise."""
+    settings = {"auto_session": "off", "prewarm": 0, **settings}
     return {"CLAUDE_BIN": str(fake.bin), "HOME": fake.environ["HOME"],
             **{f"CLAUDE_{k.upper()}": str(v) for k, v in settings.items()}}
 
@@ -1257,7 +1261,7 @@ def openai_client(url: str, **kwargs: Any) -> Any:
 @needs_real_cli
 def test_real_sdk_round_trip_keeps_the_agent_prompt_and_tools_away(real: Real) -> None:
     real.standin.reset(default=Reply(text="Ahoy there, matey."))
-    with serve(real.app(api_keys="proxy-secret-key", auto_session="on")) as url:
+    with serve(real.app(api_keys="proxy-secret-key", auto_session="on", prewarm=2)) as url:  # the defaults
         client = openai_client(url)
         answer = client.chat.completions.create(model="sonnet", messages=[
             {"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "hi"}])
@@ -1415,7 +1419,7 @@ def test_real_sigterm_with_requests_in_flight_leaves_no_cli(real: Real) -> None:
         results: list[Any] = []
         threads = [post_in_background(url, chat(stream=s), results) for s in (True, False)]
         assert wait_until(lambda: len(real.standin.requests) == 2, 20)
-        assert len(real.alive()) == 2
+        assert len(real.alive()) >= 2  # the two serving, and with the default settings, pre-started ones
         process.send_signal(signal.SIGTERM)
         process.wait(20)
         for thread in threads:
@@ -2120,3 +2124,91 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
             {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": data_url(PNG)}]}]})
     assert image.status_code == 200 and image.json()["output_text"].startswith("echo: see")
     assert fake.calls()[-1]["stdin"].count('"type": "image"') == 1
+
+
+# --- Pre-started processes ---
+
+
+async def ready(app: Starlette, count: int) -> None:
+    """Wait (with a ceiling) until the pool holds ``count`` started processes."""
+    for _ in range(500):
+        if app.state.runner.pool.status()["ready"] == count and not app.state.runner.pool.status()["starting"]:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"pool never reached {count}: {app.state.runner.pool.status()}")
+
+
+async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) -> None:
+    app = fake.app(prewarm=2, max_concurrency=1)
+    async with client_for(app) as client:
+        await ready(app, 2)
+        started = set(fake.alive())
+        assert len(started) == 2 and app.state.runner.in_flight == 0  # waiting processes hold no slot
+        first = await client.post("/v1/chat/completions", json={"messages": [user("one")]})
+        assert first.json()["choices"][0]["message"]["content"] == "echo: one"
+        [call] = fake.calls()
+        assert call["pid"] in started  # no start-up on the request path
+        assert wait_until(lambda: call["pid"] not in fake.alive(), 5)  # served once, then retired
+        await ready(app, 2)
+        assert app.state.runner.pool.status()["hits"] == 1
+        other = await client.post("/v1/chat/completions", json={"messages": [
+            {"role": "system", "content": "Another prompt"}, user("two")]})
+        assert other.status_code == 200 and app.state.runner.pool.status()["misses"] == 1
+        await ready(app, 2)  # now spread: one for each recent combination
+        keys = {key: len(waiting) for key, waiting in app.state.runner.pool.idle.items() if waiting}
+        assert sorted(keys.values()) == [1, 1]
+        third = await client.post("/v1/chat/completions", json={"messages": [
+            {"role": "system", "content": "Another prompt"}, user("three")]})
+        assert third.status_code == 200 and app.state.runner.pool.status()["hits"] == 2
+    assert wait_until(lambda: fake.alive() == [], 5)  # none survives shutdown
+
+
+async def test_prewarm_replaces_dead_and_old_processes(fake: Fake) -> None:
+    app = fake.app(prewarm=1, prewarm_max_age=60)
+    async with client_for(app) as client:
+        await ready(app, 1)
+        [first] = fake.alive()
+        os.kill(first, signal.SIGKILL)
+        response = await client.post("/v1/chat/completions", json={"messages": [user("still served")]})
+        assert response.json()["choices"][0]["message"]["content"] == "echo: still served"
+        await ready(app, 1)
+        [second] = fake.alive()
+        assert second != first
+        app.state.runner.pool.maintain(now=time.monotonic() + 61)
+        await ready(app, 1)
+        assert wait_until(lambda: len(fake.alive()) == 1 and fake.alive() != [second], 5)
+
+
+async def test_prewarm_with_sessions_becomes_the_warm_process(fake: Fake) -> None:
+    app = fake.app(prewarm=1, auto_session="on")
+    async with client_for(app) as client:
+        await ready(app, 1)
+        [started] = fake.alive()
+        first = await client.post("/v1/chat/completions", json={"messages": [user("hello")]})
+        text = first.json()["choices"][0]["message"]["content"]
+        await client.post("/v1/chat/completions", json={"messages": [user("hello"), assistant(text), user("again")]})
+        sid = str(uuid.uuid4())
+        await client.post("/v1/chat/completions", json={"messages": [user("pinned")], "session_id": sid})
+    one, two, pinned = fake.calls()
+    assert one["pid"] == two["pid"] == started  # pre-started, then kept warm for the same conversation
+    assert pinned["argv"][pinned["argv"].index("--session-id") + 1] == api.cli_session_id(sid)
+
+
+async def test_prewarm_off(fake: Fake) -> None:
+    app = fake.app(prewarm=0)
+    async with client_for(app) as client:
+        await client.post("/v1/chat/completions", json=chat())
+        assert app.state.runner.pool.status() == {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}
+    assert len(fake.calls()) == 1
+
+
+@needs_real_cli
+async def test_real_prewarmed_process_answers(real: Real) -> None:
+    real.standin.reset(default=Reply(text="Warm hello."))
+    app = real.app(prewarm=1)
+    async with client_for(app) as client:
+        await ready(app, 1)
+        response = await client.post("/v1/chat/completions", json={"messages": [user("hi")]})  # default model
+        health = (await client.get("/health")).json()
+    assert response.json()["choices"][0]["message"]["content"] == "Warm hello."
+    assert health["prewarm"]["hits"] == 1
