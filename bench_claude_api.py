@@ -28,15 +28,17 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +225,7 @@ def lab(cli: str) -> Iterator[Lab]:
         # A bound socket that never listens: connecting to it is refused at once. The CLI's proxy.
         refuser = stack.enter_context(socket.socket())
         refuser.bind(("127.0.0.1", 0))
-        standin = stack.enter_context(t.StandIn())
+        standin = stack.enter_context(TimedStandIn())
         shared = Lab(cli, standin, root, refuser.getsockname()[1])
         shared.json_call, shared.stream_call = shared.capture(stream=False), shared.capture(stream=True)
         yield shared
@@ -595,40 +597,64 @@ def stop(server: subprocess.Popen[bytes]) -> float | None:
         return None
 
 
+@dataclass
+class ServerProcess:
+    """``python claude_api.py`` in a process of its own (so its RSS is its own), driving a fake CLI."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    marker: str  # the fake CLI's folder: in the command line of each of its processes
+    log: Path
+    leftovers: list[int] = field(default_factory=list)  # fake CLIs that outlived the server (killed by now)
+
+    def tracebacks(self) -> int:
+        return self.log.read_text(errors="replace").count("Traceback")
+
+
+@contextlib.contextmanager
+def server_process(root: Path, fake: Path, **settings: str) -> Iterator[ServerProcess]:
+    """Start the server on a free loopback port with its own HOME and TMPDIR under ``root``, the fake CLI at
+    ``fake`` and these settings; on the way out stop it (SIGTERM, then SIGKILL) and kill, by pid, any fake CLI
+    process it left behind, noting them in ``leftovers``. A BenchError gets the server log's tail."""
+    for sub in ("home", "tmp"):
+        (root / sub).mkdir(exist_ok=True)
+    port = t.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_", "XDG_"))}
+    # Its own HOME: the server keeps a stable private workdir (and CLI transcripts) under it.
+    env.update({"HOME": str(root / "home"), "TMPDIR": str(root / "tmp"), "CLAUDE_BIN": str(fake),
+                "CLAUDE_API_HOST": "127.0.0.1", "CLAUDE_API_PORT": str(port), "CLAUDE_LOG_LEVEL": "warning",
+                **settings})
+    marker = str(fake.parent)
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, str(HERE / "claude_api.py")], cwd=HERE, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        running = ServerProcess(server, f"http://127.0.0.1:{port}", marker, log_path)
+        try:
+            yield running
+        except BenchError as error:
+            raise BenchError(f"{error}\nserver log tail:\n{_tail(log_path)}") from None
+        finally:
+            stop(server)
+            # Orphans re-parent within moments; kill (by pid) any the server left behind.
+            time.sleep(0.3)
+            running.leftovers = t.processes_running(marker)
+            for pid in running.leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def bench_memory() -> tuple[list[Row], list[int]]:
     """The rows, and the pids of any fake CLI processes that outlived the server (killed by now)."""
     with tempfile.TemporaryDirectory(prefix="bench_claude_api-mem-") as tmp:
         root = Path(tmp)
-        folder = root / "fake"
-        fake = t.write_fake_cli(folder, default="hang")
-        (root / "tmp").mkdir()
-        port = t.free_port()
-        (root / "home").mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_", "XDG_"))}
-        # Its own HOME: the server keeps a stable private workdir (and CLI transcripts) under it.
-        env.update({"HOME": str(root / "home"), "CLAUDE_BIN": str(fake), "CLAUDE_API_HOST": "127.0.0.1",
-                    "CLAUDE_API_PORT": str(port),
-                    "CLAUDE_MAX_CONCURRENCY": str(MEMORY_REQUESTS), "CLAUDE_TIMEOUT": "600",
-                    "CLAUDE_SHUTDOWN_GRACE": "1", "CLAUDE_MAX_RETRIES": "0", "CLAUDE_LOG_LEVEL": "warning",
-                    "TMPDIR": str(root / "tmp")})
-        marker = str(folder)
-        with open(root / "server.log", "wb") as log:
-            server = subprocess.Popen([sys.executable, str(HERE / "claude_api.py")], cwd=HERE, env=env,
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-            try:
-                got = asyncio.run(measure_memory(server, f"http://127.0.0.1:{port}", marker))
-            except BenchError as error:
-                raise BenchError(f"{error}\nserver log tail:\n{_tail(root / 'server.log')}") from None
-            finally:
-                stop(server)
-                # Orphans re-parent within moments; kill (by pid) any the server left behind.
-                time.sleep(0.3)
-                leftovers = t.processes_running(marker)
-                for pid in leftovers:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        tracebacks = (root / "server.log").read_text(errors="replace").count("Traceback")
+        fake = t.write_fake_cli(root / "fake", default="hang")
+        with server_process(root, fake, CLAUDE_MAX_CONCURRENCY=str(MEMORY_REQUESTS), CLAUDE_TIMEOUT="600",
+                            CLAUDE_SHUTDOWN_GRACE="1", CLAUDE_MAX_RETRIES="0") as server:
+            got = asyncio.run(measure_memory(server.process, server.url, server.marker))
+        leftovers = server.leftovers
+        tracebacks = server.tracebacks()
     figure = "3 server memory (RSS)"
     per_request = (got.busy_kib - got.idle_kib) / MEMORY_REQUESTS
     drained = f"not within {DRAIN_CEILING:g} s" if got.drain_seconds is None else f"{got.drain_seconds:.1f} s"
@@ -694,6 +720,645 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
     ]
 
 
+# --- Figure 5: prompt cache over a conversation from a stateless client ---
+
+
+class TimedStandIn(t.StandIn):
+    """The stand-in, also noting when each /v1/messages answer started and when its last byte went out: the
+    upstream's own share of a request's time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[tuple[float, float]] = []  # (start, end), perf_counter seconds
+
+    async def messages(self, request: Any) -> Any:
+        start = time.perf_counter()
+        response = await super().messages(request)
+        inner = getattr(response, "body_iterator", None)
+        if inner is None:  # an error status: answered at once
+            with self.lock:
+                self.spans.append((start, time.perf_counter()))
+            return response
+
+        async def timed() -> Any:
+            try:
+                async for chunk in inner:
+                    yield chunk
+            finally:
+                with self.lock:
+                    self.spans.append((start, time.perf_counter()))
+
+        response.body_iterator = timed()
+        return response
+
+    def forget_cache(self) -> None:
+        """A cold prompt cache, as for a conversation nobody has had before."""
+        with self.lock:
+            self.cached_prefixes.clear()
+
+    def upstream_seconds(self, start: float, end: float) -> float:
+        """How long, between ``start`` and ``end``, at least one /v1/messages answer was being produced."""
+        with self.lock:
+            spans = sorted((max(a, start), min(b, end)) for a, b in self.spans if start <= a <= end)
+        total, reach = 0.0, start
+        for a, b in spans:
+            if b > reach:
+                total += b - max(a, reach)
+                reach = b
+        return total
+
+
+SESSION_SYSTEM = (
+    "You are a patient tutor for a small team that runs its own web services. Answer in plain prose, in one "
+    "paragraph of about sixty words, without lists, headings or code blocks. Prefer concrete examples from "
+    "Python and Linux, say when an answer depends on the setup, and never invent command-line flags. If a "
+    "question is ambiguous, answer its most likely reading and name the assumption you made.")
+SESSION_ANSWER = (
+    "A reverse proxy such as nginx accepts the client's connection, terminates TLS, and forwards each request "
+    "to a local worker process, so the application never faces the internet directly. It can also buffer slow "
+    "clients, compress responses and serve static files. Keep timeouts on both sides consistent, otherwise "
+    "long requests fail at whichever hop gives up first.")
+SESSION_QUESTIONS = (
+    "What does a reverse proxy do in front of a Python web app?",
+    "How should I choose the number of worker processes?",
+    "Why do health checks matter for a load balancer?",
+    "What is the difference between a timeout and a retry budget?",
+    "How can I tell whether my service is CPU bound or waiting on I/O?",
+    "When is it worth adding a queue between two services?",
+    "What should a structured log line contain?",
+    "How do I roll out a configuration change safely?",
+    "Why might memory keep growing in a long-running worker?",
+    "What is a sensible alert for error rates?",
+    "How do I keep secrets out of process listings?",
+    "What does graceful shutdown mean for an HTTP server?",
+)
+SESSION_TURNS = 10
+CACHE_GOAL = 0.80
+WARM_GOAL = 5.0  # cold added latency / warm added latency, at least
+
+
+def question(n: int) -> str:
+    base = SESSION_QUESTIONS[n % len(SESSION_QUESTIONS)]
+    return base if n < len(SESSION_QUESTIONS) else f"{base} (Asked again, round {n // len(SESSION_QUESTIONS) + 1}.)"
+
+
+class StatelessChat:
+    """A plain openai SDK client that keeps no state on the server's side: every turn sends the system prompt
+    and the whole history, each assistant message appended exactly as the SDK returned it."""
+
+    def __init__(self, url: str) -> None:
+        import openai
+
+        self.http = httpx.Client(trust_env=False, timeout=CLI_TIMEOUT)
+        self.sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-bench", max_retries=0, timeout=CLI_TIMEOUT,
+                                 http_client=self.http)
+        self.messages: list[Any] = [{"role": "system", "content": SESSION_SYSTEM}]
+
+    def __enter__(self) -> StatelessChat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def turn(self, text: str, expect: str) -> tuple[float, float, Any]:
+        """Ask; return (perf_counter at the start, seconds to the answer, the usage object)."""
+        import openai
+
+        self.messages.append({"role": "user", "content": text})
+        start = time.perf_counter()
+        try:
+            completion = self.sdk.chat.completions.create(model="default", messages=self.messages)
+        except openai.APIError as error:
+            raise BenchError(f"turn {len(self.messages) // 2}: the server answered {error}") from None
+        elapsed = time.perf_counter() - start
+        message = completion.choices[0].message
+        if message.content != expect:
+            raise BenchError(f"turn {len(self.messages) // 2}: expected the stand-in's answer, got "
+                             f"{message.content!r:.300}")
+        self.messages.append(message)  # exactly as returned: the SDK sends it back as it came
+        return start, elapsed, completion.usage
+
+
+@dataclass
+class CacheFigures:
+    prompt: list[int]
+    cached: list[int]
+    upstream_calls: int
+
+    def share(self, first: int = 0) -> float:
+        return sum(self.cached[first:]) / max(1, sum(self.prompt[first:]))
+
+
+def conversation_cache(lab: Lab, url: str) -> CacheFigures:
+    assert isinstance(lab.standin, TimedStandIn)
+    lab.standin.reset(default=t.Reply(text=SESSION_ANSWER))
+    lab.standin.forget_cache()
+    got = CacheFigures([], [], 0)
+    with StatelessChat(url) as chat:
+        for n in range(SESSION_TURNS):
+            _, _, usage = chat.turn(question(n), SESSION_ANSWER)
+            details = usage.prompt_tokens_details
+            got.prompt.append(usage.prompt_tokens)
+            got.cached.append((details.cached_tokens if details else 0) or 0)
+    got.upstream_calls = len(lab.standin.requests)
+    return got
+
+
+def bench_session_cache(lab: Lab) -> list[Row]:
+    with t.serve(lab.app()) as url:
+        on = conversation_cache(lab, url)
+    with t.serve(lab.app(CLAUDE_AUTO_SESSION="off")) as url:
+        off = conversation_cache(lab, url)
+    lab.standin.reset()
+
+    def value(got: CacheFigures) -> str:
+        return (f"{got.share():.0%} ({sum(got.cached):,} of {sum(got.prompt):,} tokens; turn 1 "
+                f"{got.cached[0] / max(1, got.prompt[0]):.0%}, turns 2-{SESSION_TURNS} {got.share(1):.0%}; "
+                f"{got.upstream_calls} upstream calls)")
+
+    figure = f"5 prompt cache, {SESSION_TURNS} turns"
+    return [
+        Row(figure, "stateless SDK client, auto sessions (default)", value(on), f">= {CACHE_GOAL:.0%} cached",
+            verdict(on.share() >= CACHE_GOAL)),
+        Row(figure, "  same, CLAUDE_AUTO_SESSION=off (flattened)", value(off), "near 0 (report)"),
+        Row(figure, "  conversation", f"{len(SESSION_SYSTEM)}-char system prompt, "
+            f"{len(SESSION_ANSWER.split())}-word answers, history resent each turn"),
+    ]
+
+
+# --- Figure 6: a follow-up turn with the session's process warm vs cold ---
+
+
+def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
+    """Two conversations side by side, one per server: turn 1 and a warm-up turn, then ``runs`` timed turns
+    each, alternating which server goes first. Added latency is a turn's round trip minus the stand-in's time."""
+    assert isinstance(lab.standin, TimedStandIn)
+    standin = lab.standin
+    reply = t.Reply(text=SESSION_ANSWER, delay=0.005)  # about 0.3 s of upstream streaming
+    standin.reset(default=reply)
+    totals: dict[str, list[float]] = {"warm": [], "cold": []}
+    added: dict[str, list[float]] = {"warm": [], "cold": []}
+    with t.serve(lab.app()) as warm_url, t.serve(lab.app(CLAUDE_WARM_MAX="0")) as cold_url, \
+            StatelessChat(warm_url) as warm, StatelessChat(cold_url) as cold:
+        chats = {"warm": warm, "cold": cold}
+        for n in range(runs + 2):
+            order = ["warm", "cold"] if n % 2 == 0 else ["cold", "warm"]
+            for name in order:
+                start, elapsed, _ = chats[name].turn(question(n), SESSION_ANSWER)
+                if n >= 2:  # turn 1 starts the conversation; turn 2 is the warm-up
+                    totals[name].append(elapsed)
+                    added[name].append(elapsed - standin.upstream_seconds(start, start + elapsed))
+        time.sleep(0.2)  # the last stream's span is noted just after its last byte
+    standin.reset()
+    warm_p50, cold_p50 = percentile(added["warm"], 50), percentile(added["cold"], 50)
+    ratio = cold_p50 / warm_p50 if warm_p50 > 0 else float("inf")
+    upstream = [total - extra for total, extra in zip(totals["warm"] + totals["cold"],
+                                                      added["warm"] + added["cold"], strict=True)]
+    figure = "6 follow-up turn (N >= 3)"
+    return [
+        Row(figure, "warm (default): HTTP round trip", p50_p95(totals["warm"])),
+        Row(figure, "cold (CLAUDE_WARM_MAX=0, --resume): round trip", p50_p95(totals["cold"])),
+        Row(figure, "  of which the stand-in's reply (both)", p50_p95(upstream), "subtracted"),
+        Row(figure, "added latency, warm", p50_p95(added["warm"])),
+        Row(figure, "added latency, cold", p50_p95(added["cold"])),
+        Row(figure, "cold / warm added latency", f"{ratio:.1f}x at p50 ({signed_ms(cold_p50 - warm_p50)})",
+            f"warm >= {WARM_GOAL:g}x lower", verdict(ratio >= WARM_GOAL)),
+    ]
+
+
+# --- Requests under load, and their outcomes (figures 7 and 8) ---
+
+
+@dataclass
+class Outcome:
+    """How one request ended: ``kind`` is "ok" (200, the right answer), "<status> <code>" (an OpenAI JSON
+    error), "stream error <code>" (an SSE error event, then [DONE]), or "malformed: <why>"."""
+
+    kind: str
+    streamed: bool
+    seconds: float
+    ended: float  # perf_counter
+    retry_after: float | None = None
+
+
+def error_kind(status: int, raw: bytes) -> str:
+    """"<status> <code>" for an OpenAI-shaped JSON error body, else "malformed: ..."."""
+    try:
+        error = json.loads(raw)["error"]
+        message, kind, code = error["message"], error["type"], error["code"]
+    except (ValueError, KeyError, TypeError):
+        return f"malformed: {status} {raw[:200]!r}"
+    if not (isinstance(message, str) and message and isinstance(kind, str) and isinstance(code, str)):
+        return f"malformed: {status} error fields {error!r:.200}"
+    return f"{status} {code}"
+
+
+async def sse_kind(response: httpx.Response, expect: str) -> str:
+    """Read a 200 event stream to its end: "ok" for the right text then [DONE], "stream error <code>" for an
+    error event then [DONE], anything else "malformed: ..."."""
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        return f"malformed: stream with content-type {response.headers.get('content-type')!r}"
+    text: list[str] = []
+    finish = error = None
+    done = False
+    async for line in response.aiter_lines():
+        if not line or line.startswith(":"):
+            continue
+        if done:
+            return f"malformed: {line[:100]!r} after [DONE]"
+        if not line.startswith("data: "):
+            return f"malformed: SSE line {line[:100]!r}"
+        if line == "data: [DONE]":
+            done = True
+            continue
+        try:
+            chunk = json.loads(line[6:])
+        except ValueError:
+            return f"malformed: SSE data {line[:100]!r}"
+        if error is not None:
+            return f"malformed: {line[:100]!r} after an error event"
+        if "error" in chunk:
+            kind = error_kind(200, json.dumps(chunk).encode())
+            if kind.startswith("malformed"):
+                return kind
+            error = chunk["error"]["code"]
+            continue
+        for choice in chunk.get("choices") or []:
+            text.append((choice.get("delta") or {}).get("content") or "")
+            finish = choice.get("finish_reason") or finish
+    if not done:
+        return "malformed: the stream ended without [DONE]"
+    if error is not None:
+        return f"stream error {error}"
+    if "".join(text) != expect or finish != "stop":
+        return f"malformed: stream text {''.join(text)!r:.100}, finish {finish!r}"
+    return "ok"
+
+
+async def request_once(http: httpx.AsyncClient, url: str, n: int, stream: bool) -> Outcome:
+    """One chat completion for "request <n>", answered by the fake CLI with "echo: request <n>"."""
+    prompt = f"request {n}"
+    expect = f"echo: {prompt}"
+    body: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": prompt}]}
+    if stream:
+        body["stream"] = True
+    retry_after = None
+    start = time.perf_counter()
+    try:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code == 200 and stream:
+                kind = await sse_kind(response, expect)
+            else:
+                raw = await response.aread()
+                kind = error_kind(response.status_code, raw) if response.status_code != 200 else "ok"
+                if response.status_code == 200:
+                    try:
+                        choice = json.loads(raw)["choices"][0]
+                        if choice["message"]["content"] != expect or choice["finish_reason"] != "stop":
+                            kind = f"malformed: 200 with {choice!r:.150}"
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        kind = f"malformed: 200 with {raw[:150]!r}"
+            with contextlib.suppress(ValueError):
+                retry_after = float(response.headers.get("retry-after", ""))
+    except httpx.HTTPError as error:
+        kind = f"malformed: {type(error).__name__} {error}"
+    end = time.perf_counter()
+    return Outcome(kind, stream, end - start, end, retry_after)
+
+
+def worker_client() -> httpx.AsyncClient:
+    """One connection: each worker is a client of its own, as independent clients are."""
+    return httpx.AsyncClient(timeout=REQUEST_CEILING, trust_env=False,
+                             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+
+
+async def fire(url: str, total: int, concurrency: int, *, honour_retry_after: bool) -> tuple[list[Outcome], float]:
+    """``total`` requests from ``concurrency`` workers, odd numbers streaming. A worker refused with a
+    Retry-After waits that long (while work remains) before its next request, as a polite client does.
+    Returns the outcomes and the seconds from the first request to the end of the last."""
+    pending = list(range(total - 1, -1, -1))
+    outcomes: list[Outcome] = []
+    exhausted = asyncio.Event()  # every request has been sent: nobody waits for a Retry-After any more
+
+    async def worker() -> None:
+        http = worker_client()
+        try:
+            while pending:
+                n = pending.pop()
+                if not pending:
+                    exhausted.set()
+                got = await request_once(http, url, n, stream=n % 2 == 1)
+                outcomes.append(got)
+                if honour_retry_after and got.retry_after and pending:
+                    await http.aclose()  # no idle connection for the server's keep-alive timer to race with
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(exhausted.wait(), min(got.retry_after, 10.0))
+                    http = worker_client()
+        finally:
+            await http.aclose()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes, max(o.ended for o in outcomes) - start
+
+
+class ProcessCounter:
+    """Counts the fake CLI's live processes every ``interval`` seconds in a thread; keeps the most it saw."""
+
+    def __init__(self, marker: str, interval: float = 0.02) -> None:
+        self.marker, self.interval = marker, interval
+        self.most = self.samples = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while True:
+            self.most = max(self.most, len(t.processes_running(self.marker)))
+            self.samples += 1
+            if self.stopping.wait(self.interval):
+                return
+
+    def __enter__(self) -> ProcessCounter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+
+
+async def server_health(url: str, server: subprocess.Popen[bytes]) -> dict[str, Any]:
+    if server.poll() is not None:
+        raise BenchError(f"the server exited with {server.returncode}")
+    async with client() as probe:
+        try:
+            return (await probe.get(f"{url}/health", timeout=5)).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+
+async def healthy(server: ServerProcess) -> None:
+    async def ok() -> bool:
+        return (await server_health(server.url, server.process)).get("status") == "ok"
+
+    if await wait_for(ok, 20) is None:
+        raise BenchError("the server did not report healthy within 20 s")
+
+
+async def settled(server: ServerProcess, ceiling: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """Wait (up to ``ceiling``) for no fake CLI and nothing in flight; the fake CLIs still there, and /health."""
+    async def quiet() -> bool:
+        health = await server_health(server.url, server.process)
+        return not t.processes_running(server.marker) and health.get("in_flight") == 0 \
+            and health.get("queued") == 0
+    await wait_for(quiet, ceiling)
+    return len(t.processes_running(server.marker)), await server_health(server.url, server.process)
+
+
+def tally(outcomes: list[Outcome], keep: Callable[[Outcome], bool] = lambda o: True) -> str:
+    counts: dict[str, int] = {}
+    for got in outcomes:
+        if keep(got):
+            counts[got.kind] = counts.get(got.kind, 0) + 1
+    return ", ".join(f"{n}x {kind}" for kind, n in sorted(counts.items(), key=lambda item: -item[1])) or "none"
+
+
+# --- Figure 7: load, and memory with 100 streams open ---
+
+
+LOAD_REQUESTS = 2000
+LOAD_CONCURRENCY = 100
+LOAD_CAP = 16  # CLAUDE_MAX_CONCURRENCY
+LOAD_QUEUE = 64  # CLAUDE_MAX_QUEUE
+STREAMS_HELD = 100
+STREAMS_RSS_GOAL = 150 * 1000 * 1000  # bytes
+REQUEST_CEILING = 60.0  # seconds for one request of figures 7 and 8, on the client's side
+# Figures 7 and 8 measure the cap and the retry policy on their own: no pre-started processes (CLAUDE_PREWARM).
+FAKE_SERVER = {"CLAUDE_AUTO_SESSION": "off", "CLAUDE_PREWARM": "0", "CLAUDE_SHUTDOWN_GRACE": "1"}
+
+
+@dataclass
+class LoadFigures:
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+    most_clis: int = 0
+    samples: int = 0
+    idle_kib: int = 0
+    after_kib: int = 0
+    peak_kib: int = 0
+    left: int = 0
+    health_after: dict[str, Any] = field(default_factory=dict)
+
+
+async def measure_load(server: ServerProcess) -> LoadFigures:
+    got = LoadFigures()
+    await healthy(server)
+    await asyncio.sleep(0.5)
+    got.idle_kib = rss_kib(server.process.pid)
+    with ProcessCounter(server.marker) as counter:
+        got.outcomes, got.seconds = await fire(server.url, LOAD_REQUESTS, LOAD_CONCURRENCY, honour_retry_after=True)
+    got.most_clis, got.samples = counter.most, counter.samples
+    got.left, got.health_after = await settled(server)
+    await asyncio.sleep(0.5)
+    got.after_kib, got.peak_kib = rss_kib(server.process.pid), rss_kib(server.process.pid, "VmHWM")
+    return got
+
+
+@dataclass
+class StreamsFigures:
+    idle_kib: int = 0
+    open_kib: int = 0
+    peak_kib: int = 0
+    fill_seconds: float = 0.0
+    clis: int = 0
+    left: int = 0
+
+
+async def measure_streams(server: ServerProcess) -> StreamsFigures:
+    """``STREAMS_HELD`` streams, each held open after its first content chunk (the fake CLI then hangs)."""
+    got = StreamsFigures()
+    await healthy(server)
+    await asyncio.sleep(0.5)
+    got.idle_kib = rss_kib(server.process.pid)
+    started = 0
+    body = {"model": "default", "stream": True, "messages": [{"role": "user", "content": "hold"}]}
+    limits = httpx.Limits(max_connections=STREAMS_HELD, max_keepalive_connections=STREAMS_HELD)
+
+    async def hold(http: httpx.AsyncClient) -> None:
+        nonlocal started
+        async with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                raise BenchError(f"a held stream got {response.status_code}: {(await response.aread())[:300]!r}")
+            async for line in response.aiter_lines():
+                if line.startswith("data: {") and '"content": "first' in line:
+                    started += 1
+                    await asyncio.sleep(3600)
+
+    async with httpx.AsyncClient(timeout=600, trust_env=False, limits=limits) as http:
+        tasks = [asyncio.create_task(hold(http)) for _ in range(STREAMS_HELD)]
+        try:
+            async def all_open() -> bool:
+                if failed := [task for task in tasks if task.done()]:
+                    failed[0].result()  # raises what ended it
+                    raise BenchError("a held stream ended early")
+                return started == STREAMS_HELD
+
+            seconds = await wait_for(all_open, FILL_CEILING, 0.1)
+            if seconds is None:
+                raise BenchError(f"only {started} of {STREAMS_HELD} streams carried content within {FILL_CEILING:g} s")
+            got.fill_seconds = seconds
+            got.clis = len(t.processes_running(server.marker))
+            samples = []
+            for _ in range(5):
+                samples.append(rss_kib(server.process.pid))
+                await asyncio.sleep(0.1)
+            got.open_kib, got.peak_kib = max(samples), rss_kib(server.process.pid, "VmHWM")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    async def gone() -> bool:
+        return not t.processes_running(server.marker)
+
+    await wait_for(gone, DRAIN_CEILING)
+    got.left = len(t.processes_running(server.marker))
+    return got
+
+
+def bench_load() -> tuple[list[Row], list[int]]:
+    """The rows, and the pids of any fake CLI processes that outlived a server (killed by now)."""
+    leftovers: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="bench_claude_api-load-") as tmp:
+        root = Path(tmp) / "load"
+        fake = t.write_fake_cli(root / "fake", delay=0.005)
+        with server_process(root, fake, **FAKE_SERVER, CLAUDE_MAX_CONCURRENCY=str(LOAD_CAP),
+                            CLAUDE_MAX_QUEUE=str(LOAD_QUEUE), CLAUDE_TIMEOUT="60", CLAUDE_MAX_RETRIES="0") as server:
+            load = asyncio.run(measure_load(server))
+        leftovers += server.leftovers
+        load_tracebacks = server.tracebacks()
+
+        root = Path(tmp) / "streams"
+        fake = t.write_fake_cli(root / "fake", default="content_then_hang")
+        with server_process(root, fake, **FAKE_SERVER, CLAUDE_MAX_CONCURRENCY=str(STREAMS_HELD),
+                            CLAUDE_TIMEOUT="600", CLAUDE_MAX_RETRIES="0") as server:
+            streams = asyncio.run(measure_streams(server))
+        leftovers += server.leftovers
+
+    outcomes = load.outcomes
+    answered = [o.seconds for o in outcomes if o.kind == "ok"]
+    refused = [o for o in outcomes if o.kind == "503 overloaded"]
+    other = [o for o in outcomes if o.kind not in ("ok", "503 overloaded")]
+    streamed_ok = sum(1 for o in outcomes if o.kind == "ok" and o.streamed)
+    health = load.health_after
+    figure = "7 load (fake CLI)"
+    rows = [
+        Row(figure, "requests", f"{len(outcomes):,} from {LOAD_CONCURRENCY} workers, half streaming; server "
+            f"CLAUDE_MAX_CONCURRENCY={LOAD_CAP}, CLAUDE_MAX_QUEUE={LOAD_QUEUE}, AUTO_SESSION=off"),
+        Row(figure, "throughput", f"{len(outcomes) / load.seconds:,.1f} req/s in all, "
+            f"{len(answered) / load.seconds:,.1f} answered/s ({load.seconds:.1f} s)", "report"),
+        Row(figure, "latency of the answered (200)", f"p50 {ms(percentile(answered, 50)) if answered else '-'}, "
+            f"p95 {ms(percentile(answered, 95)) if answered else '-'}, p99 "
+            f"{ms(percentile(answered, 99)) if answered else '-'}", "report"),
+        Row(figure, "answered 200 with the right text", f"{len(answered):,} ({streamed_ok:,} streamed)", "report"),
+        Row(figure, "refused 503 overloaded (queue full)", f"{len(refused):,} (the client waits Retry-After, "
+            f"then sends its next request)", "report"),
+        Row(figure, "any other outcome", tally(other) + (f"; e.g. {other[0].kind[:120]}" if other else "")
+            + f"; {load_tracebacks} tracebacks in the log", "0", verdict(not other and not load_tracebacks)),
+        Row(figure, "most fake CLIs alive at once", f"{load.most_clis} ({load.samples:,} samples, every 20 ms)",
+            f"<= {LOAD_CAP} (the cap)", verdict(0 < load.most_clis <= LOAD_CAP)),
+        Row(figure, "server RSS before / after (peak)", f"{mib(load.idle_kib)} / {mib(load.after_kib)} "
+            f"(peak {mib(load.peak_kib)})", "report"),
+        Row(figure, "CLIs left after the run", f"{load.left} (/health: in_flight {health.get('in_flight')}, "
+            f"queued {health.get('queued')})", "0", verdict(load.left == 0 and health.get("in_flight") == 0)),
+        Row(figure, f"server RSS, {STREAMS_HELD} streams open", f"{mib(streams.open_kib)}, peak {mib(streams.peak_kib)}"
+            f" (idle {mib(streams.idle_kib)}; {streams.clis} fake CLIs; open in {streams.fill_seconds:.1f} s)",
+            f"peak < {STREAMS_RSS_GOAL // 10**6} MB", verdict(streams.peak_kib * 1024 < STREAMS_RSS_GOAL)),
+        Row(figure, "  CLIs left after those clients left", str(streams.left), "0", verdict(streams.left == 0)),
+        Row(figure, "  CLIs left after the servers exited", str(len(leftovers)), "0", verdict(not leftovers)),
+    ]
+    return rows, leftovers
+
+
+# --- Figure 8: a CLI that fails in 20% of calls ---
+
+
+FAULT_CALLS = 500  # the fake's script: one behaviour per call
+FAULT_SHARE = 0.20
+FAULT_SEED = 8
+FAULT_REQUESTS = 300
+FAULT_CONCURRENCY = 50
+FAULT_TIMEOUT = 2.0  # CLAUDE_TIMEOUT
+FAULT_RETRIES = 1  # CLAUDE_MAX_RETRIES
+FAULT_BACKOFF = 0.05  # CLAUDE_BASE_BACKOFF
+FAULT_SLACK = 3.0  # seconds beyond timeout * attempts + backoff: spawning, killing, reaping on 2 busy cores
+FAULTS = ("crash", "hang", "garbage")
+
+
+def fault_script() -> list[str]:
+    rng = random.Random(FAULT_SEED)
+    return [rng.choice(FAULTS) if rng.random() < FAULT_SHARE else "ok" for _ in range(FAULT_CALLS)]
+
+
+def bench_faults() -> tuple[list[Row], list[int]]:
+    script = fault_script()
+    bound = FAULT_TIMEOUT * (FAULT_RETRIES + 1) + FAULT_BACKOFF * FAULT_RETRIES + FAULT_SLACK
+    with tempfile.TemporaryDirectory(prefix="bench_claude_api-faults-") as tmp:
+        root = Path(tmp)
+        fake = t.write_fake_cli(root / "fake", script=script, delay=0.005)
+        # No queue: every request's time is its own attempts, so the time bound is exact.
+        with server_process(root, fake, **FAKE_SERVER, CLAUDE_MAX_CONCURRENCY=str(FAULT_CONCURRENCY),
+                            CLAUDE_TIMEOUT=f"{FAULT_TIMEOUT:g}", CLAUDE_MAX_RETRIES=str(FAULT_RETRIES),
+                            CLAUDE_BASE_BACKOFF=f"{FAULT_BACKOFF:g}") as server:
+
+            async def run() -> tuple[list[Outcome], float, int, dict[str, Any]]:
+                await healthy(server)
+                outcomes, seconds = await fire(server.url, FAULT_REQUESTS, FAULT_CONCURRENCY,
+                                               honour_retry_after=False)
+                left, health = await settled(server, FAULT_TIMEOUT + 3)
+                return outcomes, seconds, left, health
+
+            outcomes, seconds, left, health = asyncio.run(run())
+        tracebacks = server.tracebacks()
+        # The fake names each call's record "<call number>-<pid>.json": what each call was told to do; the
+        # record holds the prompt, so the attempts each request took.
+        drawn: dict[str, int] = {}
+        attempts: dict[str, int] = {}
+        for record in (root / "fake" / "calls").glob("*.json"):
+            n = int(record.name.split("-")[0])
+            behaviour = script[n] if n < len(script) else "ok"
+            drawn[behaviour] = drawn.get(behaviour, 0) + 1
+            prompt = json.loads(record.read_text())["stdin"]
+            attempts[prompt] = attempts.get(prompt, 0) + 1
+    calls = sum(drawn.values())
+    answered = sum(1 for o in outcomes if o.kind == "ok")
+    json_errors = [o for o in outcomes if o.kind.split(" ")[0] in ("502", "503", "504")]
+    stream_errors = [o for o in outcomes if o.kind.startswith("stream error")]
+    bad = [o for o in outcomes if o.kind != "ok" and o not in json_errors and o not in stream_errors]
+    slow = [o for o in outcomes if o.seconds > bound]
+    longest = max(o.seconds for o in outcomes)
+    figure = "8 faults (fake CLI, 20% bad)"
+    return [
+        Row(figure, f"requests, {FAULT_CONCURRENCY} workers, half streaming", f"{len(outcomes)} in {seconds:.1f} s"),
+        Row(figure, "  server settings", f"TIMEOUT={FAULT_TIMEOUT:g}, MAX_RETRIES={FAULT_RETRIES}, "
+            f"BASE_BACKOFF={FAULT_BACKOFF:g}, MAX_CONCURRENCY={FAULT_CONCURRENCY}"),
+        Row(figure, "  CLI calls and what they did", f"{calls}: " + ", ".join(
+            f"{drawn.get(b, 0)} {b}" for b in ("ok", *FAULTS)) + f" (script of {FAULT_CALLS}, seed {FAULT_SEED})"),
+        Row(figure, "answered 200 with the right text", str(answered), "report"),
+        Row(figure, "OpenAI JSON errors (502/503/504)", tally(json_errors), "report"),
+        Row(figure, "SSE error event, then [DONE]", tally(stream_errors), "report"),
+        Row(figure, "500 or malformed", tally(bad) + f"; {tracebacks} tracebacks in the log", "0",
+            verdict(not bad and not tracebacks)),
+        Row(figure, "most CLI calls for one request", str(max(attempts.values(), default=0)),
+            f"<= {FAULT_RETRIES + 1} (1 + retries)", verdict(max(attempts.values(), default=0) <= FAULT_RETRIES + 1)),
+        Row(figure, "longest request", f"{longest:.2f} s; {len(slow)} over {bound:g} s",
+            f"<= {bound:g} s (+{FAULT_SLACK:g} s slack)", verdict(not slow)),
+        Row(figure, "CLIs left after the run", f"{left} (/health: in_flight {health.get('in_flight')})", "0",
+            verdict(left == 0)),
+        Row(figure, "  CLIs left after the server exited", str(len(server.leftovers)), "0",
+            verdict(not server.leftovers)),
+    ], server.leftovers
+
+
 # --- Main ---
 
 
@@ -714,6 +1379,16 @@ def table(rows: list[Row]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def summary(rows: list[Row]) -> str:
+    """One line per goal: its verdict, where it is, what was measured, and the goal."""
+    goals = [row for row in rows if row.verdict]
+    width = max((len(row.verdict) for row in goals), default=0)
+    lines = [f"{row.verdict.ljust(width)}  {row.figure.split(' ', 1)[0]}. {row.figure.split(' ', 1)[1]}: "
+             f"{row.measure.strip()}: {row.value} (goal {row.goal})" for row in goals]
+    met = sum(1 for row in goals if row.verdict == "ok")
+    return "\n".join([f"summary: {met} of {len(goals)} goals met", *lines])
 
 
 def cli_version(cli: str) -> str:
@@ -743,19 +1418,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"claude CLI {version} at {cli}; {args.runs} timed runs each after one warm-up; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows: list[Row] = []
+    leftovers: list[int] = []
+    steps = 8
     try:
         with lab(cli) as shared:
-            print("1/4 latency ...", flush=True)
+            print(f"1/{steps} latency ...", flush=True)
             rows += bench_latency(shared, args.runs)
-            print("2/4 upstream bytes ...", flush=True)
+            print(f"2/{steps} upstream bytes ...", flush=True)
             rows += bench_upstream_bytes(shared)
-            print("3/4 memory (a separate server process, fake CLI) ...", flush=True)
-            memory_rows, leftovers = bench_memory()
+            print(f"3/{steps} memory (a separate server process, fake CLI) ...", flush=True)
+            memory_rows, gone = bench_memory()
             rows += memory_rows
-            print("4/4 time to first token ...", flush=True)
+            leftovers += gone
+            print(f"4/{steps} time to first token ...", flush=True)
             rows += bench_ttft(shared, args.runs)
+            print(f"5/{steps} prompt cache over a {SESSION_TURNS}-turn conversation ...", flush=True)
+            rows += bench_session_cache(shared)
+            print(f"6/{steps} follow-up turn, warm vs cold ...", flush=True)
+            rows += bench_warm_cold(shared, args.runs)
+        print(f"7/{steps} load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} (fake CLI) ...", flush=True)
+        load_rows, gone = bench_load()
+        rows += load_rows
+        leftovers += gone
+        print(f"8/{steps} faults: {FAULT_REQUESTS} requests, the fake CLI failing in {FAULT_SHARE:.0%} of calls ...",
+              flush=True)
+        fault_rows, gone = bench_faults()
+        rows += fault_rows
+        leftovers += gone
     except BenchError as error:
         print(table(rows), flush=True)
+        print(f"\n{summary(rows)}", flush=True)
         print(f"\nbench_claude_api: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -763,11 +1455,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"(load average at the end {os.getloadavg()[0]:.2f})\n")
     print(table(rows))
+    print()
+    print(summary(rows))
     if leftovers:
         print(f"\nbench_claude_api: fake CLI processes outlived the server (killed): {leftovers}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2094,6 +2094,195 @@ async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
     return Answer(reply.content, reply.calls, "tool_calls" if reply.calls else result.finish_reason, usage, thinking)
 
 
+# --- Routes and app ---
+
+
+@dataclass
+class RequestLog:
+    """The one log line each request gets."""
+
+    id: str
+    model: str
+    mode: str
+    started: float = field(default_factory=time.monotonic)
+    status: int = 200
+    usage: Usage | None = None
+
+    def finish(self, status: int, usage: Usage | None = None) -> None:
+        self.status, self.usage = status, usage or self.usage
+        self.write()
+
+    def write(self) -> None:
+        usage = self.usage or {}
+        log.info("%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s", self.id, self.model, self.mode,
+                 self.status, time.monotonic() - self.started, usage.get("prompt_tokens", "-"),
+                 usage.get("completion_tokens", "-"), usage.get("total_cost_usd", "-"))
+
+
+def error_response(error: ProxyError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+async def until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it (and so killing its CLI process) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        return await task
+    raise ClientGone()
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    body = await read_json(request, settings.max_body_bytes)
+    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
+    runner: Runner = state.runner
+    if runner.closing:
+        raise Overloaded("The server is shutting down.", retry_after=5)
+    job, notice = state.sessions.job(chat, build_cli_call(chat, settings))
+    headers = {"X-Session-Notice": notice} if notice else {}
+    if chat.stream:
+        return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
+    entry = RequestLog(completion_id(), chat.model, "json" if type(job) is Job else "json-session")
+    done = await answer_request(request, runner, job, chat, entry)
+    if done is None:
+        return Response(status_code=499)
+    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
+
+
+async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatRequest, entry: RequestLog,
+                         then: Callable[[Answer], None] = lambda done: None) -> Answer | None:
+    """A whole answer for a non-streaming request, logged; None when the client left before it was ready."""
+
+    async def run() -> Answer:
+        async with job.hold():
+            done = await answer(runner, job, chat)
+            then(done)
+            return done
+
+    try:
+        done = await unless_disconnected(request, run())
+    except ProxyError as error:
+        entry.finish(error.status)
+        raise
+    except ClientGone:
+        entry.finish(499)
+        return None
+    entry.finish(200, done.usage)
+    return done
+
+
+class StreamRenderer(Protocol):
+    id: str
+
+    def start(self) -> list[bytes]: ...
+    def delta(self, delta: dict[str, Any]) -> list[bytes]: ...
+    def finish(self, outcome: StreamOutcome) -> list[bytes]: ...
+    def fail(self, error: ProxyError) -> list[bytes]: ...
+
+
+async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest, headers: dict[str, str],
+                          renderer: StreamRenderer, kind: str = "stream") -> Response:
+    """Start the producer; answer with a plain JSON error if it fails before anything is worth sending."""
+    settings: Settings = request.app.state.settings
+    mode = settings.stream_mode
+    entry = RequestLog(renderer.id, chat.model, f"{kind}-{mode}" + ("" if type(job) is Job else "-session"))
+    queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
+    # A structured reply must be whole before it can be checked: it streams the way pseudo mode does.
+    produce = produce_live if mode == "live" and not chat.structured else produce_pseudo
+
+    async def producer() -> None:
+        try:
+            async with job.hold():
+                await queue.put(await produce(runner, job, chat, queue.put))
+        except (ProxyError, Exception) as error:  # handed to the consumer, which reports it
+            await queue.put(error)
+
+    task = asyncio.create_task(producer())
+    # Hold the headers back until the first item or one keep-alive period: an early error keeps its status.
+    try:
+        first = await unless_disconnected(request, asyncio.wait_for(queue.get(), settings.keepalive))
+    except TimeoutError:
+        first = None
+    except ClientGone:
+        await cancel(task)
+        entry.finish(499)
+        return Response(status_code=499)
+    if isinstance(first, BaseException):
+        await cancel(task)
+        entry.finish(first.status if isinstance(first, ProxyError) else 500)
+        raise first
+
+    async def body() -> AsyncIterator[bytes]:
+        item: Any = first
+        try:
+            for event in renderer.start():
+                yield event
+            while True:
+                if item is None:
+                    events = [KEEPALIVE]
+                elif isinstance(item, dict):
+                    events = renderer.delta(item)
+                elif isinstance(item, StreamOutcome):
+                    entry.usage = item.usage
+                    events = renderer.finish(item)
+                else:
+                    error = item if isinstance(item, ProxyError) else CliFailed("The stream failed; see the log.")
+                    if not isinstance(item, ProxyError):
+                        log.error("stream failed", exc_info=item)
+                    entry.status = error.status
+                    events = renderer.fail(error)
+                for event in events:
+                    yield event
+                if item is not None and not isinstance(item, dict):
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), settings.keepalive)
+                except TimeoutError:
+                    item = None
+        except BaseException:
+            entry.status = 499
+            raise
+        finally:
+            await cancel(task)
+            entry.write()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.shield(task)
+
+
 # --- Responses API ---
 # A Responses request is translated into the equivalent chat request (input item i becomes message i, so
 # validation errors point at the right item), served by the same machinery, and rendered back as a
@@ -2363,202 +2552,11 @@ async def create_response(request: Request) -> Response:
 
     if chat.stream:
         return await stream_response(request, runner, job, chat, {}, ResponsesStream(shell, keep), "responses")
-    entry = RequestLog(shell.id, chat.model, "responses")
-
-    async def run() -> Answer:
-        async with job.hold():
-            done = await answer(runner, job, chat)
-            keep(done)
-            return done
-
-    try:
-        done = await unless_disconnected(request, run())
-    except ProxyError as error:
-        entry.finish(error.status)
-        raise
-    except ClientGone:
-        entry.finish(499)
-        return Response(status_code=499)
-    entry.finish(200, done.usage)
-    return JSONResponse(response_object(shell, done))
+    done = await answer_request(request, runner, job, chat, RequestLog(shell.id, chat.model, "responses"), keep)
+    return JSONResponse(response_object(shell, done)) if done else Response(status_code=499)
 
 
-# --- Routes and app ---
-
-
-@dataclass
-class RequestLog:
-    """The one log line each request gets."""
-
-    id: str
-    model: str
-    mode: str
-    started: float = field(default_factory=time.monotonic)
-    status: int = 200
-    usage: Usage | None = None
-
-    def finish(self, status: int, usage: Usage | None = None) -> None:
-        self.status, self.usage = status, usage or self.usage
-        self.write()
-
-    def write(self) -> None:
-        usage = self.usage or {}
-        log.info("%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s", self.id, self.model, self.mode,
-                 self.status, time.monotonic() - self.started, usage.get("prompt_tokens", "-"),
-                 usage.get("completion_tokens", "-"), usage.get("total_cost_usd", "-"))
-
-
-def error_response(error: ProxyError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
-
-
-async def until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work``, cancelling it (and so killing its CLI process) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.create_task(until_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        return await task
-    raise ClientGone()
-
-
-async def chat_completions(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
-    body = await read_json(request, settings.max_body_bytes)
-    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
-    runner: Runner = state.runner
-    if runner.closing:
-        raise Overloaded("The server is shutting down.", retry_after=5)
-    job, notice = state.sessions.job(chat, build_cli_call(chat, settings))
-    headers = {"X-Session-Notice": notice} if notice else {}
-    if chat.stream:
-        return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
-    entry = RequestLog(completion_id(), chat.model, "json" if type(job) is Job else "json-session")
-
-    async def run() -> Answer:
-        async with job.hold():
-            return await answer(runner, job, chat)
-
-    try:
-        done = await unless_disconnected(request, run())
-    except ProxyError as error:
-        entry.finish(error.status)
-        raise
-    except ClientGone:
-        entry.finish(499)
-        return Response(status_code=499)
-    entry.finish(200, done.usage)
-    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
-
-
-class StreamRenderer(Protocol):
-    id: str
-
-    def start(self) -> list[bytes]: ...
-    def delta(self, delta: dict[str, Any]) -> list[bytes]: ...
-    def finish(self, outcome: StreamOutcome) -> list[bytes]: ...
-    def fail(self, error: ProxyError) -> list[bytes]: ...
-
-
-async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest, headers: dict[str, str],
-                          renderer: StreamRenderer, kind: str = "stream") -> Response:
-    """Start the producer; answer with a plain JSON error if it fails before anything is worth sending."""
-    settings: Settings = request.app.state.settings
-    mode = settings.stream_mode
-    entry = RequestLog(renderer.id, chat.model, f"{kind}-{mode}" + ("" if type(job) is Job else "-session"))
-    queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
-    # A structured reply must be whole before it can be checked: it streams the way pseudo mode does.
-    produce = produce_live if mode == "live" and not chat.structured else produce_pseudo
-
-    async def producer() -> None:
-        try:
-            async with job.hold():
-                await queue.put(await produce(runner, job, chat, queue.put))
-        except (ProxyError, Exception) as error:  # handed to the consumer, which reports it
-            await queue.put(error)
-
-    task = asyncio.create_task(producer())
-    # Hold the headers back until the first item or one keep-alive period: an early error keeps its status.
-    try:
-        first = await unless_disconnected(request, asyncio.wait_for(queue.get(), settings.keepalive))
-    except TimeoutError:
-        first = None
-    except ClientGone:
-        await cancel(task)
-        entry.finish(499)
-        return Response(status_code=499)
-    if isinstance(first, BaseException):
-        await cancel(task)
-        entry.finish(first.status if isinstance(first, ProxyError) else 500)
-        raise first
-
-    async def body() -> AsyncIterator[bytes]:
-        item: Any = first
-        try:
-            for event in renderer.start():
-                yield event
-            while True:
-                if item is None:
-                    events = [KEEPALIVE]
-                elif isinstance(item, dict):
-                    events = renderer.delta(item)
-                elif isinstance(item, StreamOutcome):
-                    entry.usage = item.usage
-                    events = renderer.finish(item)
-                else:
-                    error = item if isinstance(item, ProxyError) else CliFailed("The stream failed; see the log.")
-                    if not isinstance(item, ProxyError):
-                        log.error("stream failed", exc_info=item)
-                    entry.status = error.status
-                    events = renderer.fail(error)
-                for event in events:
-                    yield event
-                if item is not None and not isinstance(item, dict):
-                    break
-                try:
-                    item = await asyncio.wait_for(queue.get(), settings.keepalive)
-                except TimeoutError:
-                    item = None
-        except BaseException:
-            entry.status = 499
-            raise
-        finally:
-            await cancel(task)
-            entry.write()
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await asyncio.shield(task)
+# --- Models, health, errors, and the app ---
 
 
 async def list_models(request: Request) -> Response:
