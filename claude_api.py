@@ -1277,6 +1277,8 @@ class CliProcess:
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.finished = False  # the last turn ended with a good result
         self.produced = False  # the last turn printed anything at all
+        self.spoke = False  # the last turn produced any answer text or thinking
+        self.failure: ProxyError | None = None  # the error the last turn's result reported
         self.idle_since = 0.0
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
@@ -1312,7 +1314,8 @@ class CliProcess:
 
     async def send(self, data: bytes, *, close: bool) -> None:
         assert self.process and self.process.stdin
-        self.finished = self.produced = False
+        self.finished = self.produced = self.spoke = False
+        self.failure = None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.process.stdin.write(data)
             await self.process.stdin.drain()
@@ -1333,9 +1336,14 @@ class CliProcess:
                 continue
             if not isinstance(line, dict):
                 continue
-            event = parse_event(line)
+            try:
+                event = parse_event(line)
+            except ProxyError as error:
+                self.failure = error
+                raise
             if isinstance(event, CliResult):
                 self.finished = True
+            self.spoke = self.spoke or isinstance(event, TextDelta | ThinkingDelta)
             if event is not None:
                 yield event
                 if self.finished:
@@ -1345,7 +1353,9 @@ class CliProcess:
             await asyncio.wait({self._stderr_task}, timeout=1)
         log.warning("CLI exited with status %s and no result%s; stderr tail: %s", code,
                     f" after {garbage} unparseable lines" if garbage else "", " | ".join(self.stderr) or "(empty)")
-        raise CliFailed(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
+        self.failure = CliFailed(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the "
+                                 "server log.")
+        raise self.failure
 
     async def stop(self, *, graceful: bool = False) -> None:
         if self.process is not None:
@@ -1906,6 +1916,7 @@ class SessionJob(Job):
     def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest) -> None:
         self.sessions, self.session, self.chat = sessions, session, chat
         self.reused = self.lost = False
+        self.resuming = False  # this attempt resumes a stored transcript in a new process
         self.newest = newest_turns(chat.turns)
         self.registered = False
         self.diverged = False  # the client got less than the CLI holds: the conversation must be rebuilt
@@ -1942,7 +1953,7 @@ class SessionJob(Job):
             self.context = (*session.history, *self.newest)
             call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest))
             warm = self.sessions.take_warm(session, call)
-            self.reused = warm is not None
+            self.reused, self.resuming = warm is not None, warm is None
             return call, warm
         if session.started:  # the CLI lost it (transcript deleted): rebuild it
             self.sessions.restart(session)
@@ -1955,7 +1966,7 @@ class SessionJob(Job):
         cli = None if session.pinned else runner.pool.take(call)
         if cli is not None:
             session.cli_id = cli.call.session_args[1]
-        self.reused = cli is not None
+        self.reused, self.resuming = cli is not None, False
         return call, cli
 
     async def settle(self, cli: CliProcess) -> None:
@@ -1969,6 +1980,10 @@ class SessionJob(Job):
         if self.reused and not cli.produced:
             self.lost = True  # it died while idle; the transcript is whole, so resume it cold
             return
+        if self.resuming and not cli.spoke and type(cli.failure) is CliFailed:
+            # The CLI could not resume its transcript (lost, or cut short by a crash): not the request's
+            # failure. Rebuild the conversation from the history we kept, without spending an attempt.
+            self.lost = True
         if self.session.started or cli.process is not None:
             self.sessions.restart(self.session)  # a failed turn may have left half of itself in the transcript
 

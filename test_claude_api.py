@@ -1525,7 +1525,7 @@ def test_real_deleted_transcript_is_rebuilt_with_context(real: Real) -> None:
         client.chat.completions.create(model="sonnet", messages=[user("My name is Ada.")],
                                        extra_body={"session_id": sid})
         projects = Path(real.environ["HOME"]) / ".claude" / "projects"
-        assert wait_until(lambda: list(projects.rglob("*.jsonl")) != [], 5)
+        assert wait_until(lambda: real.alive() == [], 10)  # the turn's process has written all and exited
         transcripts = list(projects.rglob("*.jsonl"))
         assert [t.stem for t in transcripts] == [api.cli_session_id(sid)]
         transcripts[0].unlink()
@@ -1685,6 +1685,21 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
     assert second.json()["choices"][0]["message"]["content"] == "echo: two"
     argv = fake.calls()[-1]["argv"]
     assert argv[argv.index("--resume") + 1] == api.cli_session_id(sid)  # resumed cold from the transcript
+
+
+async def test_an_unresumable_transcript_is_rebuilt_without_spending_an_attempt(fake: Fake) -> None:
+    sid = str(uuid.uuid4())
+    app = fake.app(auto_session="on", warm_max=0, max_retries=0)
+    async with client_for(app) as client:
+        await client.post("/v1/chat/completions", json={**chat("My name is Ada."), "session_id": sid})
+        await asyncio.wait(list(app.state.sessions.background), timeout=10)
+        fake.control(script=["ok", "crash"], default="ok")  # the cold resume dies before answering
+        response = await client.post("/v1/chat/completions", json={**chat("Name?"), "session_id": sid})
+    assert response.status_code == 200, response.text
+    resumed, rebuilt = fake.calls()[1:]
+    assert "--resume" in resumed["argv"] and "--session-id" in rebuilt["argv"]
+    assert json.loads(rebuilt["stdin"])["message"]["content"][0]["text"] == \
+        "User: My name is Ada.\n\nAssistant: echo: My name is Ada.\n\nUser: Name?"
 
 
 async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None:
