@@ -2,12 +2,20 @@
 
     python bench_claude_api.py [--runs N] [--cli PATH]
 
-Prints one table with four figures:
+Prints one table with eight figures, then a one-line verdict per goal:
   1. added latency of a one-shot, non-streaming request through the server vs the same CLI run directly;
   2. bytes the CLI sends upstream for "hi" through the server vs a plain ``claude -p``;
   3. the server process's RSS (its CLI children excluded) idle and with 100 requests in flight, then what
      happens when those clients leave, and when the server gets SIGTERM under 100 requests;
-  4. time to first token when streaming: the CLI directly vs the server in live and in pseudo mode.
+  4. time to first token when streaming: the CLI directly vs the server in live and in pseudo mode;
+  5. the share of prompt tokens read from the prompt cache over a 10-turn conversation from a stateless
+     openai SDK client (it resends the whole history), with automatic sessions on and off;
+  6. the latency a follow-up turn adds with the session's CLI process kept warm vs resumed cold
+     (CLAUDE_WARM_MAX=0), the stand-in's own reply time subtracted;
+  7. 2000 requests from 100 workers, half streaming, against a server capped at 16 CLIs with a queue of 64:
+     throughput, latency, refusals, the most CLIs alive at once, RSS; and RSS with 100 streams open;
+  8. 300 requests from 50 workers while the CLI crashes, hangs or prints garbage in 20% of its calls: every
+     request must end in the right answer or a well-formed OpenAI error, within the retry policy's time.
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from test_claude_api) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -15,7 +23,9 @@ non-essential traffic (telemetry, update and feature checks) is sent to a loopba
 refuses connections, so nothing leaves the machine. "Direct, the server's argv" runs exactly what the
 server runs (argv, stdin line, environment, working directory), captured once from a server with the
 same settings driving test_claude_api's fake CLI, which records all of it; only a ``--session-id`` gets a
-fresh id per run. Figure 3 uses that fake CLI too, since it only needs processes that hang.
+fresh id per run. Figures 3, 7 and 8 use that fake CLI too, with the server as a separate
+``python claude_api.py`` process (so its RSS is its own) and CLAUDE_PREWARM=0, so the processes counted
+are the requests' own.
 
 Exits 1 with a message if the real CLI cannot be found or a measurement fails, and 2 if CLI
 processes outlive the server.
@@ -34,7 +44,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -650,8 +659,9 @@ def bench_memory() -> tuple[list[Row], list[int]]:
     with tempfile.TemporaryDirectory(prefix="bench_claude_api-mem-") as tmp:
         root = Path(tmp)
         fake = t.write_fake_cli(root / "fake", default="hang")
+        # No pre-started processes (CLAUDE_PREWARM=0): the fake CLIs counted are the requests' own.
         with server_process(root, fake, CLAUDE_MAX_CONCURRENCY=str(MEMORY_REQUESTS), CLAUDE_TIMEOUT="600",
-                            CLAUDE_SHUTDOWN_GRACE="1", CLAUDE_MAX_RETRIES="0") as server:
+                            CLAUDE_SHUTDOWN_GRACE="1", CLAUDE_MAX_RETRIES="0", CLAUDE_PREWARM="0") as server:
             got = asyncio.run(measure_memory(server.process, server.url, server.marker))
         leftovers = server.leftovers
         tracebacks = server.tracebacks()
@@ -777,7 +787,7 @@ SESSION_ANSWER = (
     "A reverse proxy such as nginx accepts the client's connection, terminates TLS, and forwards each request "
     "to a local worker process, so the application never faces the internet directly. It can also buffer slow "
     "clients, compress responses and serve static files. Keep timeouts on both sides consistent, otherwise "
-    "long requests fail at whichever hop gives up first.")
+    "long requests fail at whichever hop gives up first, usually the proxy itself.")
 SESSION_QUESTIONS = (
     "What does a reverse proxy do in front of a Python web app?",
     "How should I choose the number of worker processes?",
@@ -896,19 +906,21 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
     standin = lab.standin
     reply = t.Reply(text=SESSION_ANSWER, delay=0.005)  # about 0.3 s of upstream streaming
     standin.reset(default=reply)
-    totals: dict[str, list[float]] = {"warm": [], "cold": []}
-    added: dict[str, list[float]] = {"warm": [], "cold": []}
+    timed: list[tuple[str, float, float]] = []  # (server, start, seconds)
     with t.serve(lab.app()) as warm_url, t.serve(lab.app(CLAUDE_WARM_MAX="0")) as cold_url, \
             StatelessChat(warm_url) as warm, StatelessChat(cold_url) as cold:
         chats = {"warm": warm, "cold": cold}
         for n in range(runs + 2):
-            order = ["warm", "cold"] if n % 2 == 0 else ["cold", "warm"]
-            for name in order:
+            for name in ["warm", "cold"] if n % 2 == 0 else ["cold", "warm"]:
                 start, elapsed, _ = chats[name].turn(question(n), SESSION_ANSWER)
                 if n >= 2:  # turn 1 starts the conversation; turn 2 is the warm-up
-                    totals[name].append(elapsed)
-                    added[name].append(elapsed - standin.upstream_seconds(start, start + elapsed))
-        time.sleep(0.2)  # the last stream's span is noted just after its last byte
+                    timed.append((name, start, elapsed))
+        time.sleep(0.2)  # a stream's span is noted just after its last byte: let the last one land
+    totals: dict[str, list[float]] = {"warm": [], "cold": []}
+    added: dict[str, list[float]] = {"warm": [], "cold": []}
+    for name, start, elapsed in timed:
+        totals[name].append(elapsed)
+        added[name].append(elapsed - standin.upstream_seconds(start, start + elapsed))
     standin.reset()
     warm_p50, cold_p50 = percentile(added["warm"], 50), percentile(added["cold"], 50)
     ratio = cold_p50 / warm_p50 if warm_p50 > 0 else float("inf")
@@ -1062,29 +1074,48 @@ async def fire(url: str, total: int, concurrency: int, *, honour_retry_after: bo
     return outcomes, max(o.ended for o in outcomes) - start
 
 
+COUNTER_SCRIPT = """
+import os, select, sys
+sys.path.insert(0, os.environ["BENCH_HERE"])
+import test_claude_api as t
+marker, interval = os.environ["BENCH_MARKER"], float(os.environ["BENCH_INTERVAL"])
+most = samples = 0
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], interval)[0]:  # until the bench closes our stdin
+    most = max(most, len(t.processes_running(marker)))
+    samples += 1
+print(most, samples, flush=True)
+"""
+
+
 class ProcessCounter:
-    """Counts the fake CLI's live processes every ``interval`` seconds in a thread; keeps the most it saw."""
+    """Counts the fake CLI's live processes (test_claude_api.processes_running) every ``interval`` seconds and
+    keeps the most it saw. It runs in a process of its own, so its scans of /proc neither wait for this
+    process's GIL nor hold up its requests; the marker goes in its environment, not its command line."""
 
     def __init__(self, marker: str, interval: float = 0.02) -> None:
-        self.marker, self.interval = marker, interval
         self.most = self.samples = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        while True:
-            self.most = max(self.most, len(t.processes_running(self.marker)))
-            self.samples += 1
-            if self.stopping.wait(self.interval):
-                return
+        env = {**os.environ, "BENCH_HERE": str(HERE), "BENCH_MARKER": marker, "BENCH_INTERVAL": str(interval)}
+        self.process = subprocess.Popen([sys.executable, "-c", COUNTER_SCRIPT], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env, start_new_session=True)
 
     def __enter__(self) -> ProcessCounter:
-        self.thread.start()
+        assert self.process.stdout
+        if self.process.stdout.readline().strip() != b"ready":
+            self.process.kill()
+            self.process.wait()
+            raise BenchError("the process counter did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self.thread.join(5)
+        try:
+            out, _ = self.process.communicate(timeout=10)  # closes its stdin: it prints its count and exits
+            self.most, self.samples = (int(word) for word in out.split())
+        except (subprocess.TimeoutExpired, ValueError):
+            self.process.kill()
+            self.process.wait()
+            if exc == (None, None, None):
+                raise BenchError("the process counter gave no count") from None
 
 
 async def server_health(url: str, server: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -1115,11 +1146,11 @@ async def settled(server: ServerProcess, ceiling: float = 5.0) -> tuple[int, dic
     return len(t.processes_running(server.marker)), await server_health(server.url, server.process)
 
 
-def tally(outcomes: list[Outcome], keep: Callable[[Outcome], bool] = lambda o: True) -> str:
+def tally(outcomes: list[Outcome]) -> str:
+    """"3x 502 cli_failed, 1x 504 timeout": each kind of outcome and how often, the most frequent first."""
     counts: dict[str, int] = {}
     for got in outcomes:
-        if keep(got):
-            counts[got.kind] = counts.get(got.kind, 0) + 1
+        counts[got.kind] = counts.get(got.kind, 0) + 1
     return ", ".join(f"{n}x {kind}" for kind, n in sorted(counts.items(), key=lambda item: -item[1])) or "none"
 
 
@@ -1217,6 +1248,7 @@ async def measure_streams(server: ServerProcess) -> StreamsFigures:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
     async def gone() -> bool:
         return not t.processes_running(server.marker)
 
@@ -1252,19 +1284,20 @@ def bench_load() -> tuple[list[Row], list[int]]:
     health = load.health_after
     figure = "7 load (fake CLI)"
     rows = [
-        Row(figure, "requests", f"{len(outcomes):,} from {LOAD_CONCURRENCY} workers, half streaming; server "
-            f"CLAUDE_MAX_CONCURRENCY={LOAD_CAP}, CLAUDE_MAX_QUEUE={LOAD_QUEUE}, AUTO_SESSION=off"),
-        Row(figure, "throughput", f"{len(outcomes) / load.seconds:,.1f} req/s in all, "
-            f"{len(answered) / load.seconds:,.1f} answered/s ({load.seconds:.1f} s)", "report"),
-        Row(figure, "latency of the answered (200)", f"p50 {ms(percentile(answered, 50)) if answered else '-'}, "
-            f"p95 {ms(percentile(answered, 95)) if answered else '-'}, p99 "
-            f"{ms(percentile(answered, 99)) if answered else '-'}", "report"),
+        Row(figure, f"requests, {LOAD_CONCURRENCY} workers, half streaming",
+            f"{len(outcomes):,} in {load.seconds:.1f} s"),
+        Row(figure, "  server settings", f"MAX_CONCURRENCY={LOAD_CAP}, MAX_QUEUE={LOAD_QUEUE}, AUTO_SESSION=off"),
+        Row(figure, "throughput", f"{len(outcomes) / load.seconds:,.1f} req/s, of which "
+            f"{len(answered) / load.seconds:,.1f} answered", "report"),
+        Row(figure, "latency of the answered, queueing included", " ".join(
+            f"p{q} {ms(percentile(answered, q)) if answered else '-'}," for q in (50, 95, 99)).rstrip(","), "report"),
         Row(figure, "answered 200 with the right text", f"{len(answered):,} ({streamed_ok:,} streamed)", "report"),
-        Row(figure, "refused 503 overloaded (queue full)", f"{len(refused):,} (the client waits Retry-After, "
-            f"then sends its next request)", "report"),
+        Row(figure, "refused 503 overloaded (queue full)", f"{len(refused):,} (each worker then waits Retry-After)",
+            "report"),
         Row(figure, "any other outcome", tally(other) + (f"; e.g. {other[0].kind[:120]}" if other else "")
             + f"; {load_tracebacks} tracebacks in the log", "0", verdict(not other and not load_tracebacks)),
-        Row(figure, "most fake CLIs alive at once", f"{load.most_clis} ({load.samples:,} samples, every 20 ms)",
+        Row(figure, "most fake CLIs alive at once", f"{load.most_clis} ({load.samples:,} samples, one per "
+            f"{load.seconds / max(1, load.samples) * 1000:.0f} ms)",
             f"<= {LOAD_CAP} (the cap)", verdict(0 < load.most_clis <= LOAD_CAP)),
         Row(figure, "server RSS before / after (peak)", f"{mib(load.idle_kib)} / {mib(load.after_kib)} "
             f"(peak {mib(load.peak_kib)})", "report"),
@@ -1305,7 +1338,7 @@ def bench_faults() -> tuple[list[Row], list[int]]:
     with tempfile.TemporaryDirectory(prefix="bench_claude_api-faults-") as tmp:
         root = Path(tmp)
         fake = t.write_fake_cli(root / "fake", script=script, delay=0.005)
-        # No queue: every request's time is its own attempts, so the time bound is exact.
+        # A slot for every worker, so no request waits in the queue: its time is its own attempts'.
         with server_process(root, fake, **FAKE_SERVER, CLAUDE_MAX_CONCURRENCY=str(FAULT_CONCURRENCY),
                             CLAUDE_TIMEOUT=f"{FAULT_TIMEOUT:g}", CLAUDE_MAX_RETRIES=str(FAULT_RETRIES),
                             CLAUDE_BASE_BACKOFF=f"{FAULT_BACKOFF:g}") as server:
@@ -1419,29 +1452,32 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows: list[Row] = []
     leftovers: list[int] = []
-    steps = 8
+    began = time.perf_counter()
+
+    def step(n: int, what: str) -> None:
+        print(f"[{time.perf_counter() - began:5.0f} s] {n}/8 {what} ...", flush=True)
+
     try:
         with lab(cli) as shared:
-            print(f"1/{steps} latency ...", flush=True)
+            step(1, "latency")
             rows += bench_latency(shared, args.runs)
-            print(f"2/{steps} upstream bytes ...", flush=True)
+            step(2, "upstream bytes")
             rows += bench_upstream_bytes(shared)
-            print(f"3/{steps} memory (a separate server process, fake CLI) ...", flush=True)
+            step(3, "memory (a separate server process, fake CLI)")
             memory_rows, gone = bench_memory()
             rows += memory_rows
             leftovers += gone
-            print(f"4/{steps} time to first token ...", flush=True)
+            step(4, "time to first token")
             rows += bench_ttft(shared, args.runs)
-            print(f"5/{steps} prompt cache over a {SESSION_TURNS}-turn conversation ...", flush=True)
+            step(5, f"prompt cache over a {SESSION_TURNS}-turn conversation")
             rows += bench_session_cache(shared)
-            print(f"6/{steps} follow-up turn, warm vs cold ...", flush=True)
+            step(6, "follow-up turn, warm vs cold")
             rows += bench_warm_cold(shared, args.runs)
-        print(f"7/{steps} load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} (fake CLI) ...", flush=True)
+        step(7, f"load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} (fake CLI)")
         load_rows, gone = bench_load()
         rows += load_rows
         leftovers += gone
-        print(f"8/{steps} faults: {FAULT_REQUESTS} requests, the fake CLI failing in {FAULT_SHARE:.0%} of calls ...",
-              flush=True)
+        step(8, f"faults: {FAULT_REQUESTS} requests, the fake CLI failing in {FAULT_SHARE:.0%} of calls")
         fault_rows, gone = bench_faults()
         rows += fault_rows
         leftovers += gone
@@ -1453,7 +1489,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbench_claude_api: interrupted", file=sys.stderr)
         return 130
-    print(f"(load average at the end {os.getloadavg()[0]:.2f})\n")
+    print(f"(load average at the end {os.getloadavg()[0]:.2f}; {time.perf_counter() - began:.0f} s in all)\n")
     print(table(rows))
     print()
     print(summary(rows))
@@ -1461,6 +1497,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbench_claude_api: fake CLI processes outlived the server (killed): {leftovers}", file=sys.stderr)
         return 2
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

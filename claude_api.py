@@ -6,7 +6,9 @@ switched off, in a private empty working directory, so no client can make it tou
 host. The CLI brings its own login: no API key is needed.
 
 Endpoints:
-    POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not
+    POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not, with function calling,
+                                JSON output, images and sessions
+    POST /v1/responses          the Responses API, on the same machinery
     GET  /v1/models             the model aliases the CLI understands
     GET  /v1/models/{id}        one of them
     GET  /health                CLI path and version, in-flight and queued requests
@@ -543,7 +545,8 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
         elif role == "assistant":
             if message.get("tool_calls"):
                 text = "\n".join(filter(None, [text, tool_calls_text(message["tool_calls"], f"{where}.tool_calls")]))
-            turns.append(Turn("assistant", text))
+            if text:  # an empty assistant turn says nothing (a Responses reasoning item, say)
+                turns.append(Turn("assistant", text))
         elif role in ("tool", "function"):
             ref = message.get("tool_call_id") or message.get("name") or "?"
             turns.append(Turn("tool", f"[result of call {ref}]\n{text}"))
@@ -1059,7 +1062,15 @@ class CliResult:
         return "length" if self.stop_reason == "max_tokens" else "stop"
 
 
-CliEvent = TextDelta | ThinkingDelta | CliResult
+@dataclass(frozen=True)
+class ModelCall:
+    """The start (usage in) or end (stop reason, usage out) of one upstream model call."""
+
+    usage: Mapping[str, Any]
+    stop_reason: str | None = None
+
+
+CliEvent = TextDelta | ThinkingDelta | CliResult | ModelCall
 
 
 def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
@@ -1119,6 +1130,10 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
                 return TextDelta(delta["text"])
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
                 return ThinkingDelta(delta["thinking"])
+        if event.get("type") == "message_start":
+            return ModelCall((event.get("message") or {}).get("usage") or {})
+        if event.get("type") == "message_delta":
+            return ModelCall(event.get("usage") or {}, delta.get("stop_reason"))
         return None
     if kind == "system" and line.get("subtype") == "api_retry" and line.get("error_status") in (401, 403):
         # Only seen if the CLI retries on its own; a bad login never heals by waiting.
@@ -1279,6 +1294,7 @@ class CliProcess:
         self.produced = False  # the last turn printed anything at all
         self.spoke = False  # the last turn produced any answer text or thinking
         self.failure: ProxyError | None = None  # the error the last turn's result reported
+        self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
         self.idle_since = 0.0
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
@@ -1326,6 +1342,7 @@ class CliProcess:
         """Parsed events until the ``result``; a process that ends without one has failed."""
         assert self.process and self.process.stdout
         garbage = 0
+        calls: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
         async for raw in self.process.stdout:
             self.produced = True
             try:
@@ -1341,8 +1358,18 @@ class CliProcess:
             except ProxyError as error:
                 self.failure = error
                 raise
+            if isinstance(event, ModelCall):
+                calls.update(event.usage)
+                if event.stop_reason == "max_tokens":
+                    # The answer hit max_tokens. Left alone, the CLI would ask the model to go on, several
+                    # times, at the user's cost; stop here with the upstream's own counts (the process is
+                    # killed, since this turn did not finish).
+                    yield CliResult("", "max_tokens", openai_usage(calls, None), None)
+                    return
+                continue
             if isinstance(event, CliResult):
                 self.finished = True
+                event = self.turn_cost(event)
             self.spoke = self.spoke or isinstance(event, TextDelta | ThinkingDelta)
             if event is not None:
                 yield event
@@ -1356,6 +1383,13 @@ class CliProcess:
         self.failure = CliFailed(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the "
                                  "server log.")
         raise self.failure
+
+    def turn_cost(self, result: CliResult) -> CliResult:
+        """A process that answers several turns reports its running total cost: keep this turn's share."""
+        if result.cost is None:
+            return result
+        cost, self.cost_so_far = result.cost - self.cost_so_far, result.cost
+        return replace(result, cost=cost, usage={**result.usage, "total_cost_usd": cost})
 
     async def stop(self, *, graceful: bool = False) -> None:
         if self.process is not None:
@@ -1760,8 +1794,9 @@ class Sessions:
         continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
         older response starts a new one from the whole context."""
         prior = self.responses.get(previous) if previous else None
+        new_input = chat.turns
         if prior is not None:
-            chat = replace(chat, turns=(*prior.turns, *chat.turns))
+            chat = replace(chat, turns=(*prior.turns, *new_input))
         if chat.structured or (not store and prior is None):
             return Job(build_cli_call(chat, self.settings)), chat
         session = prior.session if prior else None
@@ -1770,7 +1805,7 @@ class Sessions:
             key = f"response-{uuid.uuid4()}"
             session = self.explicit[key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
                                                    explicit=True, history=list(prior.turns) if prior else [])
-        return SessionJob(self, session, chat), chat
+        return SessionJob(self, session, chat, new_input if prior else None), chat
 
     def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job) -> None:
         session = job.session if isinstance(job, SessionJob) and not job.diverged else None
@@ -1807,7 +1842,8 @@ class Sessions:
 
     def park(self, session: Session, cli: CliProcess) -> None:
         """Keep a process that just answered, warm for the session's next turn, within CLAUDE_WARM_MAX."""
-        if self.settings.warm_max == 0 or self.runner.closing:
+        # The CLI's budget cap counts a process's whole life: with one set, each turn gets its own process.
+        if self.settings.warm_max == 0 or self.runner.closing or self.settings.max_budget_usd is not None:
             session.retiring = self.spawn(cli.stop(graceful=True))
             return
         cli.idle_since = time.monotonic()
@@ -1913,11 +1949,12 @@ class SessionJob(Job):
 
     keeps_stdin = True
 
-    def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest) -> None:
+    def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest,
+                 newest: tuple[Turn, ...] | None = None) -> None:
         self.sessions, self.session, self.chat = sessions, session, chat
         self.reused = self.lost = False
         self.resuming = False  # this attempt resumes a stored transcript in a new process
-        self.newest = newest_turns(chat.turns)
+        self.newest = newest_turns(chat.turns) if newest is None else newest
         self.registered = False
         self.diverged = False  # the client got less than the CLI holds: the conversation must be rebuilt
         self.context: tuple[Turn, ...] = ()  # the whole conversation this turn answers
@@ -2375,6 +2412,8 @@ def as_responses_error(error: BadRequest) -> BadRequest:
             error.message = error.message.replace(f"'{chat_name}", f"'{name}")
     if error.param and error.param.startswith("tools[") and ".function" in error.param:
         error.param = error.param.replace(".function", "", 1)
+    if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
+        error.param = error.param.removesuffix(".url")
     return error
 
 

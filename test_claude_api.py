@@ -333,9 +333,14 @@ def delta(kind, key, text):
     emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
           "delta": {"type": kind, key: text}}, "session_id": session})
 
+turns_answered = 0
+
+
 def result(text, **extra):
+    global turns_answered
+    turns_answered += 1  # like the real CLI, a process reports its running total cost
     emit({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None, "result": text,
-          "stop_reason": "end_turn", "session_id": session, "total_cost_usd": 0.0012,
+          "stop_reason": "end_turn", "session_id": session, "total_cost_usd": round(0.0012 * turns_answered, 6),
           "usage": {"input_tokens": 5, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3,
                     "output_tokens": 4}, **extra})
 
@@ -1571,6 +1576,19 @@ def test_real_ten_concurrent_turns_on_one_session(real: Real) -> None:
 
 
 @needs_real_cli
+async def test_real_warm_turns_report_their_own_cost(real: Real) -> None:
+    real.standin.reset(default=Reply(text="Twelve words in every answer, so the turns cost about the same."))
+    sid = str(uuid.uuid4())
+    async with client_for(session_app(real)) as client:
+        costs = []
+        for text in ("one", "two", "three"):
+            response = await client.post("/v1/chat/completions", json={**chat(text), "session_id": sid})
+            costs.append(response.json()["usage"]["total_cost_usd"])
+        assert len(real.alive()) == 1  # all three turns went to one warm process
+    assert 0 < costs[2] < costs[0] and 0 < costs[1] < costs[0]  # not the process's running total
+
+
+@needs_real_cli
 def test_real_warm_process_serves_the_next_turn_and_a_dead_one_is_replaced(real: Real) -> None:
     real.standin.reset(default=Reply(echo=True))
     sid = str(uuid.uuid4())
@@ -2030,7 +2048,9 @@ async def test_real_max_tokens_and_effort_reach_upstream(real: Real) -> None:
     async with client_for(real.app()) as client:
         response = await client.post("/v1/chat/completions", json=chat(max_tokens=42, reasoning_effort="low"))
     assert response.json()["choices"][0]["finish_reason"] == "length"
-    body = real.standin.bodies()[0]
+    assert response.json()["choices"][0]["message"]["content"] == "cut"
+    assert response.json()["usage"]["completion_tokens"] > 0
+    [body] = real.standin.bodies()  # stopped at the limit: the CLI was not left to ask the model to go on
     assert body["max_tokens"] == 42 and body.get("output_config", {}).get("effort") == "low"
 
 
@@ -2123,6 +2143,18 @@ def test_real_responses_previous_response_id(real: Real) -> None:
     assert getattr(missing_previous.value, "status_code", None) == 400
 
 
+async def test_responses_continue_with_every_new_item(fake: Fake) -> None:
+    async with client_for(fake.app()) as client:
+        first = (await client.post("/v1/responses", json={"input": [
+            {"type": "reasoning", "summary": []}, {"role": "user", "content": "start"}]})).json()
+        await client.post("/v1/responses", json={"previous_response_id": first["id"], "input": [
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]})
+    one, two = fake.calls()
+    assert json.loads(one["stdin"])["message"]["content"][0]["text"] == "start"  # the reasoning item added nothing
+    assert two["pid"] == one["pid"]  # the stored conversation's own process goes on with all the new items
+    assert json.loads(two["stdin"])["message"]["content"][0]["text"] == "User: a\n\nAssistant: b\n\nUser: c"
+
+
 async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
     async with client_for(fake.app()) as client:
         bad_item = await client.post("/v1/responses", json={"input": [{"type": "computer_call"}]})
@@ -2135,6 +2167,9 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
         assert_error(bad_tool, 400, "unsupported_value", "tools[0].type")
         unknown = await client.post("/v1/responses", json={"input": "x", "previous_response_id": "resp_nope"})
         assert_error(unknown, 400, "previous_response_not_found", "previous_response_id")
+        bad_image = await client.post("/v1/responses", json={"input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]})
+        assert_error(bad_image, 400, "invalid_image", "input[0].content[0].image_url")
         image = await client.post("/v1/responses", json={"input": [{"role": "user", "content": [
             {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": data_url(PNG)}]}]})
     assert image.status_code == 200 and image.json()["output_text"].startswith("echo: see")
