@@ -66,7 +66,9 @@ DRAIN_CEILING = 30.0  # seconds for their CLI processes to go after the clients 
 STOP_CEILING = 20.0  # seconds for the server to exit after SIGTERM
 BYTES_GOAL = 2048
 LATENCY_GOAL = 1.10
+PREWARM_ADDED_GOAL = 0.100  # seconds a request adds over the upstream's own time, with the pool full
 TTFT_GOAL = 1.10
+COLD = {"CLAUDE_PREWARM": "0"}  # every request starts its CLI, as a direct run does
 
 
 class BenchError(Exception):
@@ -202,7 +204,7 @@ class Lab:
             async with client() as http:
                 await (timed_first_chunk(http, url) if stream else timed_completion(http, url))
 
-        with t.serve(self.app(CLAUDE_BIN=str(fake))) as url:
+        with t.serve(self.app(CLAUDE_BIN=str(fake), **COLD)) as url:
             asyncio.run(one(url))
         records = t.fake_calls(folder)
         if len(records) != 1:
@@ -240,8 +242,8 @@ def lab(cli: str) -> Iterator[Lab]:
         yield shared
 
 
-def chat_body(stream: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": PROMPT}]}
+def chat_body(stream: bool = False, prompt: str = PROMPT) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": prompt}]}
     if stream:
         body["stream"] = True
     return body
@@ -311,19 +313,26 @@ async def run_cli(call: Call, expect: str) -> CliRun:
     return CliRun(first_token, result, exited, stdout)
 
 
-async def timed_completion(client: httpx.AsyncClient, url: str) -> float:
+def fresh_prompt() -> str:
+    """A first user message never sent before: the request is a new conversation, which no session or warm
+    process of an earlier request can serve."""
+    return f"{PROMPT} (request {uuid.uuid4().hex[:8]})"
+
+
+async def timed_completion(client: httpx.AsyncClient, url: str, prompt: str = PROMPT) -> float:
     start = time.perf_counter()
-    response = await client.post(f"{url}/v1/chat/completions", json=chat_body())
+    response = await client.post(f"{url}/v1/chat/completions", json=chat_body(prompt=prompt))
     elapsed = time.perf_counter() - start
     if response.status_code != 200 or not response.json()["choices"][0]["message"]["content"]:
         raise BenchError(f"the server answered {response.status_code}: {response.text[:500]}")
     return elapsed
 
 
-async def timed_first_chunk(client: httpx.AsyncClient, url: str) -> float:
+async def timed_first_chunk(client: httpx.AsyncClient, url: str, prompt: str = PROMPT) -> float:
     """Seconds from sending a streaming request to the first SSE chunk carrying non-empty content."""
     start = time.perf_counter()
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=chat_body(stream=True)) as response:
+    body = chat_body(stream=True, prompt=prompt)
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise BenchError(f"the server answered {response.status_code}: {(await response.aread())[:500]!r}")
         first = None
@@ -346,16 +355,58 @@ def client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=CLI_TIMEOUT, trust_env=False)
 
 
-async def interleaved(runs: int, samplers: dict[str, Callable[[], Awaitable[float]]]) -> dict[str, list[float]]:
-    """One warm-up each, then ``runs`` rounds, rotating the order each round so drift hits every sampler alike."""
-    for sample in samplers.values():
-        await sample()
+async def interleaved(runs: int, samplers: dict[str, Callable[[], Awaitable[float]]],
+                      before: Callable[[], Awaitable[None]] | None = None) -> dict[str, list[float]]:
+    """One warm-up each, then ``runs`` rounds, rotating the order each round so drift hits every sampler alike.
+    ``before`` is awaited ahead of every sample, warm-ups included."""
+    async def one(name: str) -> float:
+        if before is not None:
+            await before()
+        return await samplers[name]()
+
+    for name in samplers:
+        await one(name)
     names = list(samplers)
     results: dict[str, list[float]] = {name: [] for name in names}
     for i in range(runs):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            results[name].append(await samplers[name]())
+            results[name].append(await one(name))
     return results
+
+
+POOL_CEILING = 15.0  # seconds for a server's pre-started CLI processes to be all ready
+
+
+@dataclass
+class WarmPool:
+    """An in-process server with pre-started CLI processes (CLAUDE_PREWARM). ``settle`` waits, up to POOL_CEILING,
+    until all of them are ready and none is starting. Awaited before every sample of a figure, it gives each
+    request to this server a full pool, and keeps the pool's refills (a CLI start-up each) from competing for
+    the CPU with the next sample, whichever it is."""
+
+    http: httpx.AsyncClient
+    url: str
+    waits: int = 0
+    short: int = 0  # waits that hit the ceiling
+
+    async def health(self) -> dict[str, Any]:
+        return (await self.http.get(f"{self.url}/health")).json()
+
+    async def settle(self) -> None:
+        async def full() -> bool:
+            pool = (await self.health()).get("prewarm") or {}
+            return pool.get("size", 0) > 0 and pool.get("ready") == pool["size"] and pool.get("starting") == 0
+
+        self.waits += 1
+        if await wait_for(full, POOL_CEILING, 0.02) is None:
+            self.short += 1
+
+    async def described(self, requests: int) -> str:
+        """How the pool served its ``requests`` requests (warm-up included): /health's counts, and the waits."""
+        pool = (await self.health()).get("prewarm") or {}
+        return (f"{pool.get('hits')} of {requests} requests took a waiting process (/health: {pool.get('hits')} "
+                f"hits, {pool.get('misses')} misses); pool full before {self.waits - self.short} of {self.waits} "
+                f"samples (ceiling {POOL_CEILING:g} s)")
 
 
 def descendants() -> list[int]:
@@ -389,11 +440,23 @@ def total_rss_kib(pids: list[int]) -> int:
 # --- Figure 1: added latency, non-streaming ---
 
 
+def added_over_upstream(standin: TimedStandIn, timed: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """For requests timed as (start, seconds): the stand-in's own reply time within each, and what the request
+    took beyond it."""
+    upstream = [standin.upstream_seconds(start, start + seconds) for start, seconds in timed]
+    return upstream, [seconds - own for (_, seconds), own in zip(timed, upstream, strict=True)]
+
+
 def bench_latency(lab: Lab, runs: int) -> list[Row]:
-    lab.standin.reset()
-    assert lab.json_call
-    plain, same, expect = lab.plain_call(), lab.json_call, lab.standin.default.text
+    """The direct runs and three servers, interleaved: PREWARM=0 with and without automatic sessions (each
+    request starts its CLI, as a direct run does), and the default PREWARM=2 with its pool full before each
+    request. Every request through a server is a new conversation (a unique first message)."""
+    assert lab.json_call and isinstance(lab.standin, TimedStandIn)
+    standin = lab.standin
+    standin.reset()
+    plain, same, expect = lab.plain_call(), lab.json_call, standin.default.text
     result_lines: list[float] = []
+    timed: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # (start, seconds), warm-up first
 
     async def direct_plain() -> float:
         return (await run_cli(plain, expect)).exited
@@ -404,33 +467,64 @@ def bench_latency(lab: Lab, runs: int) -> list[Row]:
             result_lines.append(run.result)
         return run.exited
 
-    async def measure(url: str, stateless: str) -> tuple[dict[str, list[float]], Any, list[int], int]:
-        async with client() as http:
-            got = await interleaved(runs, {"plain": direct_plain, "same": direct_same,
-                                           "server": lambda: timed_completion(http, url),
-                                           "stateless": lambda: timed_completion(http, stateless)})
-            await asyncio.sleep(0.5)  # let processes being retired go
-            warm = (await http.get(f"{url}/health")).json().get("sessions", {}).get("warm")
-            idle = descendants()
-            return got, warm, idle, total_rss_kib(idle)
+    async def through(http: httpx.AsyncClient, url: str, name: str = "") -> float:
+        start = time.perf_counter()
+        seconds = await timed_completion(http, url, fresh_prompt())
+        if name:
+            timed[name].append((start, seconds))
+        return seconds
 
-    with t.serve(lab.app()) as url, t.serve(lab.app(CLAUDE_AUTO_SESSION="off")) as stateless:
-        got, warm, idle, idle_kib = asyncio.run(measure(url, stateless))
-    same_p50, server_p50 = percentile(got["same"], 50), percentile(got["server"], 50)
-    ratio = server_p50 / same_p50
-    paired = percentile([s - d for s, d in zip(got["server"], got["same"], strict=True)], 50)
+    async def measure(cold: str, stateless: str, warm: str) -> tuple[dict[str, list[float]], str, str, list[int], int]:
+        async with client() as http:
+            pool = WarmPool(http, warm)
+            got = await interleaved(runs, {"plain": direct_plain, "same": direct_same,
+                                           "cold": lambda: through(http, cold, "cold"),
+                                           "stateless": lambda: through(http, stateless),
+                                           "warm": lambda: through(http, warm, "warm")}, before=pool.settle)
+            served = await pool.described(runs + 1)
+            await asyncio.sleep(0.5)  # let processes being retired go, and the stand-in note its last reply
+            counts = []
+            for name, url in (("PREWARM=0", cold), ("PREWARM=2", warm)):
+                health = (await http.get(f"{url}/health")).json()
+                counts.append(f"{name}: {health['sessions']['warm']} warm + {health['prewarm']['ready']} pre-started")
+            idle = descendants()
+            return got, served, "; ".join(counts), idle, total_rss_kib(idle)
+
+    with t.serve(lab.app(**COLD)) as cold, t.serve(lab.app(**COLD, CLAUDE_AUTO_SESSION="off")) as stateless, \
+            t.serve(lab.app()) as warm:
+        got, served, counts, idle, idle_kib = asyncio.run(measure(cold, stateless, warm))
+    upstream = {}
+    added = {}
+    for name in timed:
+        upstream[name], added[name] = added_over_upstream(standin, timed[name][1:])
+    same_p50, cold_p50, warm_p50 = (percentile(got[name], 50) for name in ("same", "cold", "warm"))
+    ratio, warm_ratio = cold_p50 / same_p50, warm_p50 / same_p50
+    paired = percentile([s - d for s, d in zip(got["cold"], got["same"], strict=True)], 50)
+    versus_result = cold_p50 / percentile(result_lines[1:], 50)
+    added_cold, added_warm = percentile(added["cold"], 50), percentile(added["warm"], 50)
     figure = "1 latency, non-streaming"
     return [
         Row(figure, "direct `claude -p` (plain, to exit)", p50_p95(got["plain"]), "reference"),
         Row(figure, "direct, the server's argv (to exit)", p50_p95(got["same"]), "baseline"),
         Row(figure, "  of which until its result line", p50_p95(result_lines[1:])),
-        Row(figure, "through the server (HTTP round trip)", p50_p95(got["server"])),
-        Row(figure, "  same, CLAUDE_AUTO_SESSION=off", p50_p95(got["stateless"]), "report"),
-        Row(figure, "server / direct (server's argv)",
-            f"{ratio:.2f}x at p50 ({signed_ms(server_p50 - same_p50)}; paired per-round median "
-            f"{signed_ms(paired)})", f"p50 <= {LATENCY_GOAL:.2f}x", verdict(ratio <= LATENCY_GOAL)),
-        Row(figure, "CLIs the server keeps idle afterwards",
-            f"{len(idle)} processes, {mib(idle_kib)} RSS in all (/health: {warm} warm)", "report"),
+        Row(figure, "  each run", "a new conversation: a fresh --session-id (direct); a unique first user "
+            "message (through a server)"),
+        Row(figure, "server, PREWARM=0 (cold): HTTP round trip", p50_p95(got["cold"])),
+        Row(figure, "  same, also CLAUDE_AUTO_SESSION=off", p50_p95(got["stateless"]), "report"),
+        Row(figure, "server PREWARM=0 / direct (server's argv)",
+            f"{ratio:.2f}x at p50 ({signed_ms(cold_p50 - same_p50)}; paired per-round median {signed_ms(paired)}; "
+            f"{versus_result:.2f}x the direct run's result line)", f"p50 <= {LATENCY_GOAL:.2f}x",
+            verdict(ratio <= LATENCY_GOAL)),
+        Row(figure, "server, PREWARM=2 (default), pool full", p50_p95(got["warm"]) + f" ({warm_ratio:.2f}x direct)"),
+        Row(figure, "  its pre-started processes", served),
+        Row(figure, "  the stand-in's own reply, in each request", p50_p95(upstream["cold"] + upstream["warm"]),
+            "subtracted"),
+        Row(figure, "added over the stand-in, PREWARM=2 (pool full)", p50_p95(added["warm"]),
+            f"p50 <= {ms(PREWARM_ADDED_GOAL)}", verdict(added_warm <= PREWARM_ADDED_GOAL)),
+        Row(figure, "added over the stand-in, PREWARM=0 (cold)", p50_p95(added["cold"]) +
+            f" ({signed_ms(added_cold - added_warm)} at p50 over PREWARM=2)", "report (a CLI start-up, ~600 ms)"),
+        Row(figure, "CLIs the servers keep idle afterwards",
+            f"{len(idle)} processes, {mib(idle_kib)} RSS in all (/health: {counts})", "report"),
     ]
 
 
@@ -699,6 +793,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def bench_ttft(lab: Lab, runs: int) -> list[Row]:
+    """The direct CLI against servers in live and pseudo mode with PREWARM=0 (each request starts its CLI, as the
+    direct run does), and in live mode with the default PREWARM=2, its pool full before each request."""
     lab.standin.reset(default=STREAM_REPLY)
     assert lab.stream_call
     same = lab.stream_call
@@ -709,24 +805,37 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
             raise BenchError("the CLI printed no text_delta stream_event")
         return run.first_token
 
-    async def measure(live: str, pseudo: str) -> dict[str, list[float]]:
+    async def measure(live: str, pseudo: str, warm: str) -> tuple[dict[str, list[float]], str]:
         async with client() as http:
-            return await interleaved(runs, {"direct": direct, "live": lambda: timed_first_chunk(http, live),
-                                            "pseudo": lambda: timed_first_chunk(http, pseudo)})
+            pool = WarmPool(http, warm)
+            got = await interleaved(runs, {
+                "direct": direct, "live": lambda: timed_first_chunk(http, live, fresh_prompt()),
+                "pseudo": lambda: timed_first_chunk(http, pseudo, fresh_prompt()),
+                "warm": lambda: timed_first_chunk(http, warm, fresh_prompt())}, before=pool.settle)
+            return got, await pool.described(runs + 1)
 
-    with t.serve(lab.app(CLAUDE_STREAM_MODE="live")) as live, t.serve(lab.app(CLAUDE_STREAM_MODE="pseudo")) as pseudo:
-        got = asyncio.run(measure(live, pseudo))
+    with t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="live")) as live, \
+            t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="pseudo")) as pseudo, \
+            t.serve(lab.app(CLAUDE_STREAM_MODE="live")) as warm:
+        got, served = asyncio.run(measure(live, pseudo, warm))
     lab.standin.reset()
     direct_p50, live_p50 = percentile(got["direct"], 50), percentile(got["live"], 50)
     ratio = live_p50 / direct_p50
     paired = percentile([s - d for s, d in zip(got["live"], got["direct"], strict=True)], 50)
+    warm_p50 = percentile(got["warm"], 50)
     figure = "4 time to first token"
     return [
         Row(figure, "direct CLI (first text_delta line)", p50_p95(got["direct"]), "baseline"),
-        Row(figure, "server, live mode (first content chunk)", p50_p95(got["live"])),
-        Row(figure, "server, pseudo mode (first content chunk)", p50_p95(got["pseudo"]), "report (waits for the end)"),
-        Row(figure, "live / direct", f"{ratio:.2f}x at p50 ({signed_ms(live_p50 - direct_p50)}; paired per-round "
-            f"median {signed_ms(paired)})", f"p50 <= {TTFT_GOAL:.1f}x", verdict(ratio <= TTFT_GOAL)),
+        Row(figure, "server PREWARM=0, live (first content chunk)", p50_p95(got["live"])),
+        Row(figure, "server PREWARM=0, pseudo (first content chunk)", p50_p95(got["pseudo"]),
+            "report (waits for the end)"),
+        Row(figure, "live PREWARM=0 / direct", f"{ratio:.2f}x at p50 ({signed_ms(live_p50 - direct_p50)}; paired "
+            f"per-round median {signed_ms(paired)})", f"p50 <= {TTFT_GOAL:.1f}x", verdict(ratio <= TTFT_GOAL)),
+        Row(figure, "server PREWARM=2 (default), live, pool full", p50_p95(got["warm"]) +
+            f" ({warm_p50 / direct_p50:.2f}x direct, {signed_ms(warm_p50 - direct_p50)})", "report"),
+        Row(figure, "  its pre-started processes", served),
+        Row(figure, "  each run", "a new conversation: a fresh --session-id (direct); a unique first user "
+            "message (through a server)"),
     ]
 
 
@@ -944,12 +1053,14 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
 @dataclass
 class Outcome:
     """How one request ended: ``kind`` is "ok" (200, the right answer), "<status> <code>" (an OpenAI JSON
-    error), "stream error <code>" (an SSE error event, then [DONE]), or "malformed: <why>"."""
+    error), "stream error <code>" (an SSE error event, then [DONE]; "... after content" when content chunks
+    came first), or "malformed: <why>"."""
 
     kind: str
     streamed: bool
     seconds: float
     ended: float  # perf_counter
+    request: int  # its number n: the prompt was "request <n>"
     retry_after: float | None = None
 
 
@@ -967,7 +1078,8 @@ def error_kind(status: int, raw: bytes) -> str:
 
 async def sse_kind(response: httpx.Response, expect: str) -> str:
     """Read a 200 event stream to its end: "ok" for the right text then [DONE], "stream error <code>" for an
-    error event then [DONE], anything else "malformed: ..."."""
+    error event then [DONE] ("stream error <code> after content" if content came before it), anything else
+    "malformed: ..."."""
     if not response.headers.get("content-type", "").startswith("text/event-stream"):
         return f"malformed: stream with content-type {response.headers.get('content-type')!r}"
     text: list[str] = []
@@ -1001,7 +1113,7 @@ async def sse_kind(response: httpx.Response, expect: str) -> str:
     if not done:
         return "malformed: the stream ended without [DONE]"
     if error is not None:
-        return f"stream error {error}"
+        return f"stream error {error}" + (" after content" if "".join(text) else "")
     if "".join(text) != expect or finish != "stop":
         return f"malformed: stream text {''.join(text)!r:.100}, finish {finish!r}"
     return "ok"
@@ -1035,7 +1147,7 @@ async def request_once(http: httpx.AsyncClient, url: str, n: int, stream: bool) 
     except httpx.HTTPError as error:
         kind = f"malformed: {type(error).__name__} {error}"
     end = time.perf_counter()
-    return Outcome(kind, stream, end - start, end, retry_after)
+    return Outcome(kind, stream, end - start, end, n, retry_after)
 
 
 def worker_client() -> httpx.AsyncClient:
@@ -1324,12 +1436,21 @@ FAULT_TIMEOUT = 2.0  # CLAUDE_TIMEOUT
 FAULT_RETRIES = 1  # CLAUDE_MAX_RETRIES
 FAULT_BACKOFF = 0.05  # CLAUDE_BASE_BACKOFF
 FAULT_SLACK = 3.0  # seconds beyond timeout * attempts + backoff: spawning, killing, reaping on 2 busy cores
-FAULTS = ("crash", "hang", "garbage")
+# crash: exits with a line of garbage, no answer; hang: says nothing until killed; garbage: prints non-JSON and
+# exits 0; content_then_crash: prints its first words, then exits 2 (a stream must then end with one error event).
+FAULTS = ("crash", "hang", "garbage", "content_then_crash")
 
 
 def fault_script() -> list[str]:
     rng = random.Random(FAULT_SEED)
     return [rng.choice(FAULTS) if rng.random() < FAULT_SHARE else "ok" for _ in range(FAULT_CALLS)]
+
+
+def request_number(stdin: str) -> int:
+    """n, from the stdin line the server wrote for "request <n>"."""
+    content = json.loads(stdin)["message"]["content"]
+    text = content if isinstance(content, str) else "".join(block.get("text", "") for block in content)
+    return int(text.split()[-1])
 
 
 def bench_faults() -> tuple[list[Row], list[int]]:
@@ -1353,16 +1474,21 @@ def bench_faults() -> tuple[list[Row], list[int]]:
             outcomes, seconds, left, health = asyncio.run(run())
         tracebacks = server.tracebacks()
         # The fake names each call's record "<call number>-<pid>.json": what each call was told to do; the
-        # record holds the prompt, so the attempts each request took.
+        # record holds the prompt, so which request made the call.
         drawn: dict[str, int] = {}
-        attempts: dict[str, int] = {}
+        behaviours: dict[int, list[str]] = {}  # request number: what each of its CLI calls did
         for record in (root / "fake" / "calls").glob("*.json"):
             n = int(record.name.split("-")[0])
             behaviour = script[n] if n < len(script) else "ok"
             drawn[behaviour] = drawn.get(behaviour, 0) + 1
-            prompt = json.loads(record.read_text())["stdin"]
-            attempts[prompt] = attempts.get(prompt, 0) + 1
+            behaviours.setdefault(request_number(json.loads(record.read_text())["stdin"]), []).append(behaviour)
     calls = sum(drawn.values())
+    attempts = max(map(len, behaviours.values()), default=0)
+    # A stream whose CLI printed content and then crashed cannot be retried (the content went out): it must end
+    # with content, one error event, then [DONE]. Streams are the odd-numbered requests.
+    cut = {n for n, did in behaviours.items() if n % 2 == 1 and "content_then_crash" in did}
+    after_content = [o for o in outcomes if o.kind.endswith(" after content")]
+    cut_ok = {o.request for o in after_content} == cut and len(after_content) == len(cut)
     answered = sum(1 for o in outcomes if o.kind == "ok")
     json_errors = [o for o in outcomes if o.kind.split(" ")[0] in ("502", "503", "504")]
     stream_errors = [o for o in outcomes if o.kind.startswith("stream error")]
@@ -1379,10 +1505,14 @@ def bench_faults() -> tuple[list[Row], list[int]]:
         Row(figure, "answered 200 with the right text", str(answered), "report"),
         Row(figure, "OpenAI JSON errors (502/503/504)", tally(json_errors), "report"),
         Row(figure, "SSE error event, then [DONE]", tally(stream_errors), "report"),
+        Row(figure, "  streams whose CLI crashed after content", f"{len(cut)}; {len(after_content)} streams ended with "
+            f"content, one error event, [DONE]" + ("" if cut_ok else f" (requests {sorted(cut)} vs "
+                                                   f"{sorted(o.request for o in after_content)})"),
+            "each ends so", verdict(cut_ok)),
         Row(figure, "500 or malformed", tally(bad) + f"; {tracebacks} tracebacks in the log", "0",
             verdict(not bad and not tracebacks)),
-        Row(figure, "most CLI calls for one request", str(max(attempts.values(), default=0)),
-            f"<= {FAULT_RETRIES + 1} (1 + retries)", verdict(max(attempts.values(), default=0) <= FAULT_RETRIES + 1)),
+        Row(figure, "most CLI calls for one request", str(attempts), f"<= {FAULT_RETRIES + 1} (1 + retries)",
+            verdict(attempts <= FAULT_RETRIES + 1)),
         Row(figure, "longest request", f"{longest:.2f} s; {len(slow)} over {bound:g} s",
             f"<= {bound:g} s (+{FAULT_SLACK:g} s slack)", verdict(not slow)),
         Row(figure, "CLIs left after the run", f"{left} (/health: in_flight {health.get('in_flight')})", "0",

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -178,7 +179,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         prewarm_max_age=number("CLAUDE_PREWARM_MAX_AGE", 600.0, minimum=1),
         max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
         fallback_model=text("CLAUDE_FALLBACK_MODEL", ""),
-        max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),
+        max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),  # type: ignore[arg-type]
     )
 
 
@@ -1004,8 +1005,8 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
     if settings.max_budget_usd is not None:
         args += ["--max-budget-usd", f"{settings.max_budget_usd:g}"]
     blocks = render_blocks(conversation.turns if conversation else request.turns)
-    system: str | None = "\n\n".join(filter(None, [request.system, request.structured and
-                                                  reply_instructions(request)])) or None
+    instructions = reply_instructions(request) if request.structured else ""
+    system: str | None = "\n\n".join(filter(None, [request.system, instructions])) or None
     flag = "--system-prompt-file"
     if settings.system_prompt_mode == "embed":
         if system and not (conversation and conversation.resume):
@@ -1182,16 +1183,16 @@ def chat_completion(cid: str, created: int, model: str, answer: Answer) -> dict[
             "usage": answer.usage}
 
 
-def add_usage(first: Usage, second: Usage) -> Usage:
+def add_usage(first: Mapping[str, Any], second: Mapping[str, Any]) -> Any:
     """Both runs' counts, for an answer that took a corrective second run."""
     total: dict[str, Any] = {}
     for key in {*first, *second}:
-        a, b = first.get(key), second.get(key)  # type: ignore[misc]
+        a, b = first.get(key), second.get(key)
         if isinstance(a, dict) or isinstance(b, dict):
-            total[key] = {k: (a or {}).get(k, 0) + (b or {}).get(k, 0) for k in {*(a or {}), *(b or {})}}
+            total[key] = add_usage(a or {}, b or {})
         else:
             total[key] = (a or 0) + (b or 0)
-    return total  # type: ignore[return-value]
+    return total
 
 
 @dataclass
@@ -2252,7 +2253,8 @@ async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatR
 
 
 class StreamRenderer(Protocol):
-    id: str
+    @property
+    def id(self) -> str: ...
 
     def start(self) -> list[bytes]: ...
     def delta(self, delta: dict[str, Any]) -> list[bytes]: ...
@@ -2796,7 +2798,7 @@ def main() -> None:
                     settings.claude_bin)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=settings.shutdown_grace + GRACEFUL_EXIT + 2)
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + GRACEFUL_EXIT + 2))
     Server(config, app, settings.shutdown_grace).run()
 
 
