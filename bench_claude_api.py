@@ -3,29 +3,41 @@
     python bench_claude_api.py [--runs N] [--cli PATH]
 
 Prints one table with eight figures, then a one-line verdict per goal:
-  1. added latency of a one-shot, non-streaming request through the server vs the same CLI run directly;
-  2. bytes the CLI sends upstream for "hi" through the server vs a plain ``claude -p``;
+  1. a one-shot, non-streaming request, each a new conversation: a plain ``claude -p`` for reference; the CLI
+     run directly with the server's argv (to its exit, and to its result line); the HTTP round trip through a
+     server with CLAUDE_PREWARM=0, which starts a CLI per request as the direct run does (goal: within 1.10x of
+     the direct run), and through one with the default CLAUDE_PREWARM=2, its pool of pre-started processes full
+     and idle before each request (and whether each request took one, from /health); what each run takes
+     beyond the stand-in's own reply time, before the upstream call and after it (goal with the pool full:
+     p50 <= 100 ms); the CLIs both servers keep idle afterwards;
+  2. bytes the CLI sends upstream for "hi": through the server, directly with the server's argv, and from a
+     plain ``claude -p``;
   3. the server process's RSS (its CLI children excluded) idle and with 100 requests in flight, then what
      happens when those clients leave, and when the server gets SIGTERM under 100 requests;
-  4. time to first token when streaming: the CLI directly vs the server in live and in pseudo mode;
+  4. time to first token when streaming: the CLI directly vs servers with CLAUDE_PREWARM=0 in live mode (goal:
+     within 1.1x) and in pseudo mode, and a server with the default CLAUDE_PREWARM=2 in live mode, pool full;
   5. the share of prompt tokens read from the prompt cache over a 10-turn conversation from a stateless
      openai SDK client (it resends the whole history), with automatic sessions on and off;
   6. the latency a follow-up turn adds with the session's CLI process kept warm vs resumed cold
      (CLAUDE_WARM_MAX=0), the stand-in's own reply time subtracted;
   7. 2000 requests from 100 workers, half streaming, against a server capped at 16 CLIs with a queue of 64:
      throughput, latency, refusals, the most CLIs alive at once, RSS; and RSS with 100 streams open;
-  8. 300 requests from 50 workers while the CLI crashes, hangs or prints garbage in 20% of its calls: every
-     request must end in the right answer or a well-formed OpenAI error, within the retry policy's time.
+  8. 300 requests from 50 workers while the CLI crashes, hangs, prints garbage, or crashes after its first
+     words in 20% of its calls: every request must end in the right answer or a well-formed OpenAI error,
+     within the retry policy's time, and every stream cut after content with one error event, then [DONE].
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from test_claude_api) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
 non-essential traffic (telemetry, update and feature checks) is sent to a loopback proxy port that
 refuses connections, so nothing leaves the machine. "Direct, the server's argv" runs exactly what the
 server runs (argv, stdin line, environment, working directory), captured once from a server with the
-same settings driving test_claude_api's fake CLI, which records all of it; only a ``--session-id`` gets a
-fresh id per run. Figures 3, 7 and 8 use that fake CLI too, with the server as a separate
-``python claude_api.py`` process (so its RSS is its own) and CLAUDE_PREWARM=0, so the processes counted
-are the requests' own.
+same settings (CLAUDE_PREWARM=0) driving test_claude_api's fake CLI, which records all of it; only a
+``--session-id`` gets a fresh id per run. The stand-in notes when each of its replies starts and ends, so
+figures 1 and 6 can subtract the upstream's own time. Before every sample, figures 1 and 4 wait until the
+PREWARM=2 server's pool is full and no CLI process is busy starting, answering or exiting, so that no sample
+shares the CPU with the leftovers of another. Figures 3, 7 and 8 use that fake CLI too, with the
+server as a separate ``python claude_api.py`` process (so its RSS is its own) and CLAUDE_PREWARM=0, so the
+processes counted are the requests' own.
 
 Exits 1 with a message if the real CLI cannot be found or a measurement fails, and 2 if CLI
 processes outlive the server.
@@ -167,7 +179,7 @@ class Lab:
     the exact calls the server makes (captured from it, see ``capture``)."""
 
     cli: str
-    standin: t.StandIn
+    standin: TimedStandIn
     root: Path
     proxy_port: int
     json_call: Call | None = None
@@ -240,6 +252,56 @@ def lab(cli: str) -> Iterator[Lab]:
         shared = Lab(cli, standin, root, refuser.getsockname()[1])
         shared.json_call, shared.stream_call = shared.capture(stream=False), shared.capture(stream=True)
         yield shared
+
+
+class TimedStandIn(t.StandIn):
+    """The stand-in, also noting when each /v1/messages answer started and when its last byte went out: the
+    upstream's own share of a request's time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[tuple[float, float]] = []  # (start, end), perf_counter seconds
+
+    async def messages(self, request: Any) -> Any:
+        start = time.perf_counter()
+        response = await super().messages(request)
+        inner = getattr(response, "body_iterator", None)
+        if inner is None:  # an error status: answered at once
+            with self.lock:
+                self.spans.append((start, time.perf_counter()))
+            return response
+
+        async def timed() -> Any:
+            try:
+                async for chunk in inner:
+                    yield chunk
+            finally:
+                with self.lock:
+                    self.spans.append((start, time.perf_counter()))
+
+        response.body_iterator = timed()
+        return response
+
+    def forget_cache(self) -> None:
+        """A cold prompt cache, as for a conversation nobody has had before."""
+        with self.lock:
+            self.cached_prefixes.clear()
+
+    def first_call(self, start: float, end: float) -> float | None:
+        """When the first /v1/messages answer between ``start`` and ``end`` started, if any did."""
+        with self.lock:
+            return min((a for a, _ in self.spans if start <= a <= end), default=None)
+
+    def upstream_seconds(self, start: float, end: float) -> float:
+        """How long, between ``start`` and ``end``, at least one /v1/messages answer was being produced."""
+        with self.lock:
+            spans = sorted((max(a, start), min(b, end)) for a, b in self.spans if start <= a <= end)
+        total, reach = 0.0, start
+        for a, b in spans:
+            if b > reach:
+                total += b - max(a, reach)
+                reach = b
+        return total
 
 
 def chat_body(stream: bool = False, prompt: str = PROMPT) -> dict[str, Any]:
@@ -374,15 +436,37 @@ async def interleaved(runs: int, samplers: dict[str, Callable[[], Awaitable[floa
     return results
 
 
-POOL_CEILING = 15.0  # seconds for a server's pre-started CLI processes to be all ready
+POOL_CEILING = 15.0  # seconds for a server's pre-started CLI processes to be ready and done starting
+QUIET_WINDOW = 0.1  # seconds over which the CLI processes must be ...
+QUIET_SHARE = 0.3  # ... using less than this share of one core, all together
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """CPU time (user + system) each process has used so far."""
+    used = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
+async def children_quiet() -> bool:
+    """True when this process's descendants (the in-process servers' CLIs) are idle: none is starting up,
+    answering or exiting."""
+    before = cpu_seconds(descendants())
+    await asyncio.sleep(QUIET_WINDOW)
+    after = cpu_seconds(descendants())
+    return sum(max(0.0, used - before.get(pid, 0.0)) for pid, used in after.items()) < QUIET_SHARE * QUIET_WINDOW
 
 
 @dataclass
 class WarmPool:
     """An in-process server with pre-started CLI processes (CLAUDE_PREWARM). ``settle`` waits, up to POOL_CEILING,
-    until all of them are ready and none is starting. Awaited before every sample of a figure, it gives each
-    request to this server a full pool, and keeps the pool's refills (a CLI start-up each) from competing for
-    the CPU with the next sample, whichever it is."""
+    until all of them are ready and none is starting, and then until the CLI processes have gone idle (/health
+    counts a process ready once it is spawned; the CLI takes most of a second more to load). Awaited before every
+    sample of a figure, it gives each request to this server a full pool of started processes, and keeps the
+    pool's refills, and other servers' processes exiting, from competing for the CPU with the next sample."""
 
     http: httpx.AsyncClient
     url: str
@@ -398,15 +482,19 @@ class WarmPool:
             return pool.get("size", 0) > 0 and pool.get("ready") == pool["size"] and pool.get("starting") == 0
 
         self.waits += 1
-        if await wait_for(full, POOL_CEILING, 0.02) is None:
+        start = time.perf_counter()
+        if await wait_for(full, POOL_CEILING, 0.02) is None or \
+                await wait_for(children_quiet, POOL_CEILING - (time.perf_counter() - start), 0) is None:
             self.short += 1
 
-    async def described(self, requests: int) -> str:
-        """How the pool served its ``requests`` requests (warm-up included): /health's counts, and the waits."""
+    async def row(self, figure: str, requests: int) -> Row:
+        """How the pool served its ``requests`` requests (warm-up included): each should have taken a waiting
+        process (/health's hits), and the pool should have been full and idle before every sample."""
         pool = (await self.health()).get("prewarm") or {}
-        return (f"{pool.get('hits')} of {requests} requests took a waiting process (/health: {pool.get('hits')} "
-                f"hits, {pool.get('misses')} misses); pool full before {self.waits - self.short} of {self.waits} "
-                f"samples (ceiling {POOL_CEILING:g} s)")
+        value = (f"/health: {pool.get('hits')} hits, {pool.get('misses')} misses in {requests} requests; pool full, "
+                 f"CLIs idle before {self.waits - self.short} of {self.waits} samples (ceiling {POOL_CEILING:g} s)")
+        return Row(figure, f"  PREWARM={pool.get('size')}: its pre-started processes", value, "a hit each, always full",
+                   verdict(pool.get("hits") == requests and not self.short))
 
 
 def descendants() -> list[int]:
@@ -440,48 +528,69 @@ def total_rss_kib(pids: list[int]) -> int:
 # --- Figure 1: added latency, non-streaming ---
 
 
-def added_over_upstream(standin: TimedStandIn, timed: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
-    """For requests timed as (start, seconds): the stand-in's own reply time within each, and what the request
-    took beyond it."""
+@dataclass
+class Split:
+    """Requests, each timed as (start, seconds), split by the stand-in's record of its replies."""
+
+    upstream: list[float]  # the stand-in's own reply time within each request
+    added: list[float]  # the rest: what the request took beyond it
+    before: list[float]  # of the rest, the part before the first upstream call began
+
+    def described(self) -> str:
+        after = [added - before for added, before in zip(self.added, self.before, strict=True)]
+        return (f"{p50_p95(self.added)} ({ms(percentile(self.before, 50))} before the upstream call, "
+                f"{ms(percentile(after, 50))} after its reply, at p50)")
+
+
+def split_by_upstream(standin: TimedStandIn, timed: list[tuple[float, float]]) -> Split:
     upstream = [standin.upstream_seconds(start, start + seconds) for start, seconds in timed]
-    return upstream, [seconds - own for (_, seconds), own in zip(timed, upstream, strict=True)]
+    before = []
+    for start, seconds in timed:
+        first = standin.first_call(start, start + seconds)
+        if first is None:
+            raise BenchError("a timed run made no /v1/messages call")
+        before.append(first - start)
+    return Split(upstream, [seconds - own for (_, seconds), own in zip(timed, upstream, strict=True)], before)
 
 
 def bench_latency(lab: Lab, runs: int) -> list[Row]:
-    """The direct runs and three servers, interleaved: PREWARM=0 with and without automatic sessions (each
-    request starts its CLI, as a direct run does), and the default PREWARM=2 with its pool full before each
-    request. Every request through a server is a new conversation (a unique first message)."""
-    assert lab.json_call and isinstance(lab.standin, TimedStandIn)
+    """The direct runs and two servers, interleaved: PREWARM=0 (each request starts its CLI, as a direct run
+    does) and the default PREWARM=2, its pool full before each request. Every request through a server is a new
+    conversation (a unique first message), so no session or warm process of an earlier one helps."""
+    assert lab.json_call
     standin = lab.standin
     standin.reset()
     plain, same, expect = lab.plain_call(), lab.json_call, standin.default.text
     result_lines: list[float] = []
-    timed: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # (start, seconds), warm-up first
+    # (start, seconds) of each run, warm-up first: to the HTTP response, or to the direct run's result line
+    timed: dict[str, list[tuple[float, float]]] = {"same": [], "cold": [], "warm": []}
+    figure = "1 latency, non-streaming"
 
     async def direct_plain() -> float:
         return (await run_cli(plain, expect)).exited
 
     async def direct_same() -> float:
+        start = time.perf_counter()
         run = await run_cli(same, expect)
-        if run.result is not None:
-            result_lines.append(run.result)
+        if run.result is None:
+            raise BenchError("the CLI printed no result line")
+        result_lines.append(run.result)
+        timed["same"].append((start, run.result))
         return run.exited
 
-    async def through(http: httpx.AsyncClient, url: str, name: str = "") -> float:
+    async def through(http: httpx.AsyncClient, url: str, name: str) -> float:
         start = time.perf_counter()
         seconds = await timed_completion(http, url, fresh_prompt())
-        if name:
-            timed[name].append((start, seconds))
+        timed[name].append((start, seconds))
         return seconds
 
-    async def measure(cold: str, stateless: str, warm: str) -> tuple[dict[str, list[float]], str, str, list[int], int]:
+    async def measure(cold: str, warm: str) -> tuple[dict[str, list[float]], Row, str, list[int], int]:
         async with client() as http:
             pool = WarmPool(http, warm)
             got = await interleaved(runs, {"plain": direct_plain, "same": direct_same,
                                            "cold": lambda: through(http, cold, "cold"),
-                                           "stateless": lambda: through(http, stateless),
                                            "warm": lambda: through(http, warm, "warm")}, before=pool.settle)
-            served = await pool.described(runs + 1)
+            served = await pool.row(figure, runs + 1)
             await asyncio.sleep(0.5)  # let processes being retired go, and the stand-in note its last reply
             counts = []
             for name, url in (("PREWARM=0", cold), ("PREWARM=2", warm)):
@@ -490,19 +599,14 @@ def bench_latency(lab: Lab, runs: int) -> list[Row]:
             idle = descendants()
             return got, served, "; ".join(counts), idle, total_rss_kib(idle)
 
-    with t.serve(lab.app(**COLD)) as cold, t.serve(lab.app(**COLD, CLAUDE_AUTO_SESSION="off")) as stateless, \
-            t.serve(lab.app()) as warm:
-        got, served, counts, idle, idle_kib = asyncio.run(measure(cold, stateless, warm))
-    upstream = {}
-    added = {}
-    for name in timed:
-        upstream[name], added[name] = added_over_upstream(standin, timed[name][1:])
+    with t.serve(lab.app(**COLD)) as cold, t.serve(lab.app()) as warm:
+        got, served, counts, idle, idle_kib = asyncio.run(measure(cold, warm))
+    split = {name: split_by_upstream(standin, requests[1:]) for name, requests in timed.items()}
+    added_warm = percentile(split["warm"].added, 50)
     same_p50, cold_p50, warm_p50 = (percentile(got[name], 50) for name in ("same", "cold", "warm"))
     ratio, warm_ratio = cold_p50 / same_p50, warm_p50 / same_p50
     paired = percentile([s - d for s, d in zip(got["cold"], got["same"], strict=True)], 50)
     versus_result = cold_p50 / percentile(result_lines[1:], 50)
-    added_cold, added_warm = percentile(added["cold"], 50), percentile(added["warm"], 50)
-    figure = "1 latency, non-streaming"
     return [
         Row(figure, "direct `claude -p` (plain, to exit)", p50_p95(got["plain"]), "reference"),
         Row(figure, "direct, the server's argv (to exit)", p50_p95(got["same"]), "baseline"),
@@ -510,19 +614,18 @@ def bench_latency(lab: Lab, runs: int) -> list[Row]:
         Row(figure, "  each run", "a new conversation: a fresh --session-id (direct); a unique first user "
             "message (through a server)"),
         Row(figure, "server, PREWARM=0 (cold): HTTP round trip", p50_p95(got["cold"])),
-        Row(figure, "  same, also CLAUDE_AUTO_SESSION=off", p50_p95(got["stateless"]), "report"),
         Row(figure, "server PREWARM=0 / direct (server's argv)",
             f"{ratio:.2f}x at p50 ({signed_ms(cold_p50 - same_p50)}; paired per-round median {signed_ms(paired)}; "
             f"{versus_result:.2f}x the direct run's result line)", f"p50 <= {LATENCY_GOAL:.2f}x",
             verdict(ratio <= LATENCY_GOAL)),
         Row(figure, "server, PREWARM=2 (default), pool full", p50_p95(got["warm"]) + f" ({warm_ratio:.2f}x direct)"),
-        Row(figure, "  its pre-started processes", served),
-        Row(figure, "  the stand-in's own reply, in each request", p50_p95(upstream["cold"] + upstream["warm"]),
-            "subtracted"),
-        Row(figure, "added over the stand-in, PREWARM=2 (pool full)", p50_p95(added["warm"]),
+        served,
+        Row(figure, "the stand-in's own reply, in each run",
+            p50_p95([own for name in split for own in split[name].upstream]), "subtracted"),
+        Row(figure, "beyond the stand-in: direct (to result line)", split["same"].described(), "reference"),
+        Row(figure, "beyond the stand-in: server, PREWARM=0", split["cold"].described(), "report (expected ~600 ms)"),
+        Row(figure, "beyond the stand-in: server, PREWARM=2, full", split["warm"].described(),
             f"p50 <= {ms(PREWARM_ADDED_GOAL)}", verdict(added_warm <= PREWARM_ADDED_GOAL)),
-        Row(figure, "added over the stand-in, PREWARM=0 (cold)", p50_p95(added["cold"]) +
-            f" ({signed_ms(added_cold - added_warm)} at p50 over PREWARM=2)", "report (a CLI start-up, ~600 ms)"),
         Row(figure, "CLIs the servers keep idle afterwards",
             f"{len(idle)} processes, {mib(idle_kib)} RSS in all (/health: {counts})", "report"),
     ]
@@ -798,6 +901,7 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
     lab.standin.reset(default=STREAM_REPLY)
     assert lab.stream_call
     same = lab.stream_call
+    figure = "4 time to first token"
 
     async def direct() -> float:
         run = await run_cli(same, STREAM_REPLY.text)
@@ -805,14 +909,14 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
             raise BenchError("the CLI printed no text_delta stream_event")
         return run.first_token
 
-    async def measure(live: str, pseudo: str, warm: str) -> tuple[dict[str, list[float]], str]:
+    async def measure(live: str, pseudo: str, warm: str) -> tuple[dict[str, list[float]], Row]:
         async with client() as http:
             pool = WarmPool(http, warm)
             got = await interleaved(runs, {
                 "direct": direct, "live": lambda: timed_first_chunk(http, live, fresh_prompt()),
                 "pseudo": lambda: timed_first_chunk(http, pseudo, fresh_prompt()),
                 "warm": lambda: timed_first_chunk(http, warm, fresh_prompt())}, before=pool.settle)
-            return got, await pool.described(runs + 1)
+            return got, await pool.row(figure, runs + 1)
 
     with t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="live")) as live, \
             t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="pseudo")) as pseudo, \
@@ -823,7 +927,6 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
     ratio = live_p50 / direct_p50
     paired = percentile([s - d for s, d in zip(got["live"], got["direct"], strict=True)], 50)
     warm_p50 = percentile(got["warm"], 50)
-    figure = "4 time to first token"
     return [
         Row(figure, "direct CLI (first text_delta line)", p50_p95(got["direct"]), "baseline"),
         Row(figure, "server PREWARM=0, live (first content chunk)", p50_p95(got["live"])),
@@ -833,58 +936,13 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
             f"per-round median {signed_ms(paired)})", f"p50 <= {TTFT_GOAL:.1f}x", verdict(ratio <= TTFT_GOAL)),
         Row(figure, "server PREWARM=2 (default), live, pool full", p50_p95(got["warm"]) +
             f" ({warm_p50 / direct_p50:.2f}x direct, {signed_ms(warm_p50 - direct_p50)})", "report"),
-        Row(figure, "  its pre-started processes", served),
+        served,
         Row(figure, "  each run", "a new conversation: a fresh --session-id (direct); a unique first user "
             "message (through a server)"),
     ]
 
 
 # --- Figure 5: prompt cache over a conversation from a stateless client ---
-
-
-class TimedStandIn(t.StandIn):
-    """The stand-in, also noting when each /v1/messages answer started and when its last byte went out: the
-    upstream's own share of a request's time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spans: list[tuple[float, float]] = []  # (start, end), perf_counter seconds
-
-    async def messages(self, request: Any) -> Any:
-        start = time.perf_counter()
-        response = await super().messages(request)
-        inner = getattr(response, "body_iterator", None)
-        if inner is None:  # an error status: answered at once
-            with self.lock:
-                self.spans.append((start, time.perf_counter()))
-            return response
-
-        async def timed() -> Any:
-            try:
-                async for chunk in inner:
-                    yield chunk
-            finally:
-                with self.lock:
-                    self.spans.append((start, time.perf_counter()))
-
-        response.body_iterator = timed()
-        return response
-
-    def forget_cache(self) -> None:
-        """A cold prompt cache, as for a conversation nobody has had before."""
-        with self.lock:
-            self.cached_prefixes.clear()
-
-    def upstream_seconds(self, start: float, end: float) -> float:
-        """How long, between ``start`` and ``end``, at least one /v1/messages answer was being produced."""
-        with self.lock:
-            spans = sorted((max(a, start), min(b, end)) for a, b in self.spans if start <= a <= end)
-        total, reach = 0.0, start
-        for a, b in spans:
-            if b > reach:
-                total += b - max(a, reach)
-                reach = b
-        return total
 
 
 SESSION_SYSTEM = (
@@ -969,7 +1027,6 @@ class CacheFigures:
 
 
 def conversation_cache(lab: Lab, url: str) -> CacheFigures:
-    assert isinstance(lab.standin, TimedStandIn)
     lab.standin.reset(default=t.Reply(text=SESSION_ANSWER))
     lab.standin.forget_cache()
     got = CacheFigures([], [], 0)
@@ -1011,7 +1068,6 @@ def bench_session_cache(lab: Lab) -> list[Row]:
 def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
     """Two conversations side by side, one per server: turn 1 and a warm-up turn, then ``runs`` timed turns
     each, alternating which server goes first. Added latency is a turn's round trip minus the stand-in's time."""
-    assert isinstance(lab.standin, TimedStandIn)
     standin = lab.standin
     reply = t.Reply(text=SESSION_ANSWER, delay=0.005)  # about 0.3 s of upstream streaming
     standin.reset(default=reply)
@@ -1568,7 +1624,7 @@ def cli_version(cli: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (default 10)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
     parser.add_argument("--cli", help="path of the real claude CLI (default: CLAUDE_TEST_BIN, ./.cli, PATH)")
     args = parser.parse_args(argv)
     if args.runs < 1:

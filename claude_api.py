@@ -1287,8 +1287,9 @@ class CliProcess:
     once, or, for a session whose transcript must be complete, closed first and killed only if it lingers."""
 
     def __init__(self, binary: str, call: CliCall, workdir: str, environ: Mapping[str, str],
-                 processes: set[asyncio.subprocess.Process]) -> None:
+                 processes: set[asyncio.subprocess.Process], background: set[asyncio.Future[None]]) -> None:
         self.binary, self.call, self.workdir, self.environ, self.processes = binary, call, workdir, environ, processes
+        self.background = background  # the runner's: holds a background stop until it is done
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.finished = False  # the last turn ended with a good result
@@ -1392,6 +1393,14 @@ class CliProcess:
         cost, self.cost_so_far = result.cost - self.cost_so_far, result.cost
         return replace(result, cost=cost, usage={**result.usage, "total_cost_usd": cost})
 
+    def kill(self) -> None:
+        """Kill the process group now and reap it in the background: an answer need not wait for that."""
+        if self.process is not None:
+            kill_group(self.process)
+        task = asyncio.ensure_future(self.stop())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     async def stop(self, *, graceful: bool = False) -> None:
         if self.process is not None:
             # Shielded: even a cancelled caller leaves no process, zombie or orphaned group behind.
@@ -1443,7 +1452,7 @@ class Job:
 
     async def settle(self, cli: CliProcess) -> None:
         """The attempt is over (``cli.finished`` tells whether it answered): end or keep the process."""
-        await cli.stop()
+        cli.kill()
         self.lost = self.reused and not cli.produced
 
     def answered(self, shown: str, result: CliResult | None) -> None:
@@ -1582,6 +1591,7 @@ class Runner:
         self.pool = Pool(self)
         self.reaper: asyncio.TimerHandle | None = None
         self.processes: set[asyncio.subprocess.Process] = set()
+        self.reaping: set[asyncio.Future[None]] = set()  # processes killed, being reaped in the background
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -1611,8 +1621,8 @@ class Runner:
                                  "with `npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
         return binary
 
-    def process(self, call: CliCall) -> CliProcess:
-        return CliProcess(self.binary(), call, self.workdir, self.environ, self.processes)
+    def process(self, call: CliCall, binary: str = "") -> CliProcess:
+        return CliProcess(binary or self.binary(), call, self.workdir, self.environ, self.processes, self.reaping)
 
     @contextlib.asynccontextmanager
     async def attempt(self, job: Job) -> AsyncIterator[AsyncIterator[CliEvent]]:
@@ -1620,7 +1630,7 @@ class Runner:
         binary = self.binary()
         async with self.slot():
             call, cli = await job.plan(self)
-            cli = cli or CliProcess(binary, call, self.workdir, self.environ, self.processes)
+            cli = cli or self.process(call, binary)
             try:
                 async with asyncio.timeout(self.settings.timeout):
                     if cli.process is None:
@@ -1688,6 +1698,8 @@ class Runner:
         for process in list(self.processes):
             with contextlib.suppress(ProcessLookupError):
                 await process.wait()
+        if self.reaping:
+            await asyncio.wait(list(self.reaping), timeout=GRACEFUL_EXIT)
 
     async def version(self) -> str | None:
         binary = resolve_binary(self.settings, self.environ)
