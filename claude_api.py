@@ -1297,6 +1297,7 @@ class CliProcess:
         self.spoke = False  # the last turn produced any answer text or thinking
         self.failure: ProxyError | None = None  # the error the last turn's result reported
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
+        self.reaped: asyncio.Future[None] | None = None  # the background stop after ``kill``
         self.idle_since = 0.0
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
@@ -1397,7 +1398,7 @@ class CliProcess:
         """Kill the process group now and reap it in the background: an answer need not wait for that."""
         if self.process is not None:
             kill_group(self.process)
-        task = asyncio.ensure_future(self.stop())
+        task = self.reaped = asyncio.ensure_future(self.stop())
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
@@ -1577,6 +1578,13 @@ class Pool:
             await asyncio.wait(list(self.starting), timeout=GRACEFUL_EXIT + 1)
 
 
+@dataclass
+class Slot:
+    """A concurrency slot; ``until`` defers its release to the end of a process being reaped."""
+
+    until: asyncio.Future[None] | None = None
+
+
 class Runner:
     """Runs jobs under the concurrency cap, the per-attempt timeout and the retry policy."""
 
@@ -1594,7 +1602,7 @@ class Runner:
         self.reaping: set[asyncio.Future[None]] = set()  # processes killed, being reaped in the background
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self) -> AsyncIterator[Slot]:
         if self.closing:
             raise Overloaded("The server is shutting down.", retry_after=5)
         if self.slots.locked() and self.queued >= self.settings.max_queue:
@@ -1608,11 +1616,18 @@ class Runner:
             self.slots.release()
             raise Overloaded("The server is shutting down.", retry_after=5)
         self.in_flight += 1
+        held = Slot()
         try:
-            yield
+            yield held
         finally:
-            self.in_flight -= 1
-            self.slots.release()
+            if held.until is None or held.until.done():
+                self.release()
+            else:  # the process is dying: the slot is free once it is gone, so the cap holds to the letter
+                held.until.add_done_callback(lambda _: self.release())
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.slots.release()
 
     def binary(self) -> str:
         binary = resolve_binary(self.settings, self.environ)
@@ -1628,7 +1643,7 @@ class Runner:
     async def attempt(self, job: Job) -> AsyncIterator[AsyncIterator[CliEvent]]:
         """One attempt: a slot, a process (warm or new), its events, all under CLAUDE_TIMEOUT."""
         binary = self.binary()
-        async with self.slot():
+        async with self.slot() as slot:
             call, cli = await job.plan(self)
             cli = cli or self.process(call, binary)
             try:
@@ -1642,6 +1657,7 @@ class Runner:
                                  ) from None
             finally:
                 await job.settle(cli)
+                slot.until = cli.reaped
 
     def backoff(self, attempt: int) -> float:
         return min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
