@@ -36,7 +36,7 @@ HEALTH_URL = BASE_URL.removesuffix("/v1") + "/health"
 MODEL = os.environ.get("DEMO_MODEL", "sonnet")
 
 # No system message: a session's system prompt is fixed by its first request, and a later
-# request that sends another one (or none after one) gets an X-Session-Notice saying so.
+# request that sends a different one gets an X-Session-Notice saying it was ignored.
 TURNS = [
     "My name is Ada and I write compilers for a living. Please greet me in one short sentence.",
     "Name one classic textbook about compilers, in one line.",
