@@ -968,6 +968,11 @@ class CliCall:
     env: Mapping[str, str] = field(default_factory=dict)
     session_args: tuple[str, ...] = ()  # how the call stores its conversation; not part of its options
 
+    @property
+    def options(self) -> tuple[Any, ...]:
+        """What a started process is fixed to: a waiting process serves only a call with the same options."""
+        return self.args, self.system_prompt, self.system_flag, tuple(sorted(self.env.items()))
+
 
 # Variables a parent Claude Code session sets, and the server's own secrets: never inherited by the child.
 SCRUBBED_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_API_KEYS")
@@ -1482,8 +1487,7 @@ class Pool:
 
     @staticmethod
     def key(call: CliCall) -> tuple[Any, ...]:
-        return (call.args, call.system_prompt, call.system_flag, tuple(sorted(call.env.items())),
-                call.session_args[:1])
+        return call.options, call.session_args[:1]
 
     def expect(self, call: CliCall) -> tuple[Any, ...]:
         """Note these options as the most recently used, and refill the pool to match."""
@@ -1507,7 +1511,7 @@ class Pool:
             if cli.alive:
                 found = cli
             else:
-                self.retire(cli)
+                cli.kill()
         self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
         self.expect(call)
         return found
@@ -1527,7 +1531,7 @@ class Pool:
         targets = self.targets()
         for key, waiting in self.idle.items():
             while len(waiting) > targets.get(key, 0):
-                self.retire(waiting.pop())
+                waiting.pop().kill()
         for key, want in targets.items():
             have = len(self.idle.get(key, [])) + sum(1 for k in self.starting.values() if k == key)
             for _ in range(want - have):
@@ -1551,28 +1555,23 @@ class Pool:
         else:
             self.idle.setdefault(key, []).append(cli)
 
-    def retire(self, cli: CliProcess) -> None:
-        task = asyncio.create_task(cli.stop())
-        self.starting[task] = ()
-        task.add_done_callback(self.starting.pop)
-
     def maintain(self, now: float | None = None) -> None:
         """Replace waiting processes that died or grew too old."""
         now = time.monotonic() if now is None else now
         for waiting in self.idle.values():
             for cli in [c for c in waiting if not c.alive or now - c.idle_since > self.runner.settings.prewarm_max_age]:
                 waiting.remove(cli)
-                self.retire(cli)
+                cli.kill()
         self.refill()
 
     def status(self) -> dict[str, int]:
-        return {"size": self.size, "ready": sum(map(len, self.idle.values())),
-                "starting": sum(1 for key in self.starting.values() if key), "hits": self.hits, "misses": self.misses}
+        return {"size": self.size, "ready": sum(map(len, self.idle.values())), "starting": len(self.starting),
+                "hits": self.hits, "misses": self.misses}
 
     async def close(self) -> None:
         for waiting in self.idle.values():
             for cli in waiting:
-                self.retire(cli)
+                cli.kill()
             waiting.clear()
         if self.starting:
             await asyncio.wait(list(self.starting), timeout=GRACEFUL_EXIT + 1)
@@ -1871,12 +1870,12 @@ class Sessions:
 
     def park(self, session: Session, cli: CliProcess) -> None:
         """Keep a process that just answered, warm for the session's next turn, within CLAUDE_WARM_MAX."""
-        # The CLI's budget cap counts a process's whole life: with one set, each turn gets its own process.
-        if self.settings.warm_max == 0 or self.runner.closing or self.settings.max_budget_usd is not None:
-            session.retiring = self.spawn(cli.stop(graceful=True))
-            return
         cli.idle_since = time.monotonic()
         session.process = cli
+        # The CLI's budget cap counts a process's whole life: with one set, each turn gets its own process.
+        if self.settings.warm_max == 0 or self.runner.closing or self.settings.max_budget_usd is not None:
+            self.cool(session)
+            return
         self.warm[session] = None
         self.warm.move_to_end(session)
         while len(self.warm) > self.settings.warm_max:
@@ -1884,14 +1883,12 @@ class Sessions:
 
     def take_warm(self, session: Session, call: CliCall) -> CliProcess | None:
         """The session's warm process, if it is alive and was started with the same options."""
-        cli, session.process = session.process, None
-        self.warm.pop(session, None)
-        if cli is None:
-            return None
-        if cli.alive and (cli.call.args, cli.call.system_prompt, cli.call.system_flag, dict(cli.call.env)) == \
-                (call.args, call.system_prompt, call.system_flag, dict(call.env)):
+        cli = session.process
+        if cli is not None and cli.alive and cli.call.options == call.options:
+            self.warm.pop(session, None)
+            session.process = None
             return cli
-        session.retiring = self.spawn(cli.stop(graceful=True))
+        self.cool(session)
         return None
 
     def cool(self, session: Session) -> None:
@@ -1910,11 +1907,9 @@ class Sessions:
 
     def forget(self, session: Session) -> None:
         """Drop a session for good: its process, its lock, its transcript."""
-        self.warm.pop(session, None)
-        cli, session.process = session.process, None
         if session.explicit:
             self.explicit.pop(session.key, None)
-        self.spawn(self.retire(cli, session.cli_id))
+        self.restart(session)
 
     async def retire(self, cli: CliProcess | None, cli_id: str) -> None:
         """Kill a process (its transcript is going anyway), then delete the transcript."""
@@ -2245,8 +2240,6 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, settings.max_body_bytes)
     chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
-    if runner.closing:
-        raise Overloaded("The server is shutting down.", retry_after=5)
     job, notice = state.sessions.job(chat, build_cli_call(chat, settings))
     headers = {"X-Session-Notice": notice} if notice else {}
     if chat.stream:
@@ -2457,9 +2450,9 @@ class StoredResponse:
 
 
 def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
+    """The answer as the next request's history will show it."""
     if calls:
-        return Turn("assistant", json.dumps({"type": "tool_calls", "tool_calls": [
-            {"id": c.id, "name": c.name, "arguments": json.loads(c.arguments)} for c in calls]}, ensure_ascii=False))
+        return Turn("assistant", tool_calls_text([wire_tool_call(call) for call in calls], "tool_calls"))
     return Turn("assistant", content or "")
 
 
@@ -2625,8 +2618,6 @@ async def create_response(request: Request) -> Response:
         raise BadRequest(f"Previous response with id {previous!r} not found (responses are kept for "
                          "CLAUDE_SESSION_TTL seconds, and never with store: false).",
                          param="previous_response_id", code="previous_response_not_found")
-    if runner.closing:
-        raise Overloaded("The server is shutting down.", retry_after=5)
     job, chat = sessions.response_job(chat, previous, store)
     shell = ResponseShell(response_id(), body)
 
