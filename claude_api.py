@@ -1798,16 +1798,16 @@ class Sessions:
         self.waiting = 0  # requests queued on a busy session's lock
         self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # previous_response_id targets
 
-    def job(self, chat: ChatRequest, call: CliCall) -> tuple[Job, str | None]:
+    def job(self, chat: ChatRequest) -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
         if chat.structured:  # function calling and JSON output run stateless (see the README)
             notice = f"Session {chat.session_id} was not used: function calling and JSON output run " \
                      "stateless." if chat.session_id else None
-            return Job(call), notice
+            return Job(build_cli_call(chat, self.settings)), notice
         if chat.session_id:
             return self.explicit_job(chat)
         if not self.settings.auto_session:
-            return Job(call), None
+            return Job(build_cli_call(chat, self.settings)), None
         turns = chat.turns
         if len(turns) >= 3 and turns[-1].role == "user" and turns[-2].role == "assistant":
             # Taken out of the map while in use: an identical request arriving meanwhile starts afresh.
@@ -2240,7 +2240,7 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, settings.max_body_bytes)
     chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
-    job, notice = state.sessions.job(chat, build_cli_call(chat, settings))
+    job, notice = state.sessions.job(chat)
     headers = {"X-Session-Notice": notice} if notice else {}
     if chat.stream:
         return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
