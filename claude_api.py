@@ -1298,7 +1298,10 @@ class CliProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.finished = False  # the last turn ended with a good result
-        self.produced = False  # the last turn printed anything at all
+        # The last turn printed something of its own: garbage, or an event we act on. A process's start-up
+        # lines (``system``/``init``) do not count: a pre-started process killed while it waited still has
+        # them buffered, and such a process died before the turn began.
+        self.produced = False
         self.spoke = False  # the last turn produced any answer text or thinking
         self.failure: ProxyError | None = None  # the error the last turn's result reported
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
@@ -1352,10 +1355,10 @@ class CliProcess:
         garbage = 0
         calls: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
         async for raw in self.process.stdout:
-            self.produced = True
             try:
                 line = json.loads(raw)
             except ValueError:
+                self.produced = True
                 garbage += 1
                 log.debug("non-JSON line from the CLI: %.200r", raw)
                 continue
@@ -1364,8 +1367,9 @@ class CliProcess:
             try:
                 event = parse_event(line)
             except ProxyError as error:
-                self.failure = error
+                self.produced, self.failure = True, error
                 raise
+            self.produced = self.produced or event is not None
             if isinstance(event, ModelCall):
                 calls.update(event.usage)
                 if event.stop_reason == "max_tokens":
@@ -2006,6 +2010,10 @@ class SessionJob(Job):
 
     async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
         session, settings = self.session, self.sessions.settings
+        if session.process is not None and not session.process.alive:
+            # Its warm process died on its own, perhaps before its transcript held the last turn: rebuild the
+            # conversation from the history we kept rather than resume a transcript that may be short.
+            self.sessions.restart(session)
         if session.retiring is not None:  # a process of ours may still be writing the transcript: let it finish
             await asyncio.shield(session.retiring)
             session.retiring = None
@@ -2039,7 +2047,9 @@ class SessionJob(Job):
         if self.diverged:
             return
         if self.reused and not cli.produced:
-            self.lost = True  # it died while idle; the transcript is whole, so resume it cold
+            # It died while idle, perhaps before its transcript held the last turn: rebuild from our history.
+            self.lost = True
+            self.sessions.restart(self.session)
             return
         if self.resuming and not cli.spoke and type(cli.failure) is CliFailed:
             # The CLI could not resume its transcript (lost, or cut short by a crash): not the request's

@@ -388,6 +388,8 @@ for line in sys.stdin:  # one user message a line, answered in turn, as the real
         time.sleep(control.get("silence", 1.0))
         delta("text_delta", "text", reply)
         result(reply)
+    elif behaviour == "vanish":  # dies before the turn begins, as a process killed while it waited
+        sys.exit(1)
     elif behaviour == "crash":
         sys.stdout.write("partial garbage\n")
         sys.exit(3)
@@ -1716,6 +1718,25 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
     assert argv[argv.index("--resume") + 1] == api.cli_session_id(sid)  # resumed cold from the transcript
 
 
+@pytest.mark.parametrize("noticed", [True, False], ids=["death-noticed", "death-unnoticed"])
+async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(fake: Fake, noticed: bool) -> None:
+    # A warm process killed from outside may not have written its last turn to the transcript yet, so the
+    # next turn must not resume that transcript: it rebuilds the conversation from the history we kept.
+    app = fake.app(auto_session="on")
+    sid = str(uuid.uuid4())
+    async with client_for(app) as client:
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
+        [warm] = fake.alive()
+        os.kill(warm, signal.SIGKILL)
+        if noticed:
+            assert await eventually(lambda: not app.state.sessions.explicit[sid].process.alive)
+        second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
+    assert second.json()["choices"][0]["message"]["content"].endswith("two")
+    last = fake.calls()[-1]
+    assert "--resume" not in last["argv"] and "--session-id" in last["argv"]
+    assert "one" in last["stdin"] and "two" in last["stdin"]  # the whole conversation, in a fresh process
+
+
 async def test_an_unresumable_transcript_is_rebuilt_without_spending_an_attempt(fake: Fake) -> None:
     sid = str(uuid.uuid4())
     app = fake.app(auto_session="on", warm_max=0, max_retries=0)
@@ -2055,14 +2076,17 @@ async def test_real_image_reaches_upstream_as_an_image_block(real: Real) -> None
 
 @needs_real_cli
 async def test_real_max_tokens_and_effort_reach_upstream(real: Real) -> None:
-    real.standin.reset(default=Reply(text="cut", stop_reason="max_tokens"))
+    # The CLI would ask the model to go on after max_tokens; the stand-in never answers such a request, so
+    # the answer comes back only if the server stops at the first limit instead of waiting for the CLI.
+    real.standin.reset(Reply(text="cut", stop_reason="max_tokens"), default=Reply(stall=True))
     async with client_for(real.app()) as client:
         response = await client.post("/v1/chat/completions", json=chat(max_tokens=42, reasoning_effort="low"))
     assert response.json()["choices"][0]["finish_reason"] == "length"
     assert response.json()["choices"][0]["message"]["content"] == "cut"
     assert response.json()["usage"]["completion_tokens"] > 0
-    [body] = real.standin.bodies()  # stopped at the limit: the CLI was not left to ask the model to go on
+    body = real.standin.bodies()[0]
     assert body["max_tokens"] == 42 and body.get("output_config", {}).get("effort") == "low"
+    assert wait_until(lambda: real.alive() == [], 5)  # the CLI was stopped, not left to go on
 
 
 @needs_real_cli
@@ -2239,6 +2263,24 @@ async def test_prewarm_replaces_dead_and_old_processes(fake: Fake) -> None:
         app.state.runner.pool.maintain(now=time.monotonic() + 61)
         await ready(app, 1)
         assert wait_until(lambda: len(fake.alive()) == 1 and fake.alive() != [second], 20)
+
+
+@pytest.mark.parametrize("prewarm, status", [(1, 200), (0, 502)], ids=["pre-started", "fresh"])
+async def test_a_waiting_process_that_dies_before_the_turn_gets_a_free_retry(fake: Fake, prewarm: int,
+                                                                             status: int) -> None:
+    # A pre-started process still has its start-up lines buffered when it dies: they are not part of the turn,
+    # so its death is the server's loss (a free retry), not the request's failure. A fresh process that dies
+    # is a failure of the request (no retries are configured here).
+    fake.control(script=["vanish"])
+    app = fake.app(prewarm=prewarm)
+    async with client_for(app) as client:
+        if prewarm:
+            await ready(app, 1)
+        response = await client.post("/v1/chat/completions", json={"messages": [user("still served")]})
+    assert response.status_code == status
+    if status == 200:
+        assert response.json()["choices"][0]["message"]["content"] == "echo: still served"
+        assert len(fake.calls()) == 2
 
 
 async def test_prewarm_with_sessions_becomes_the_warm_process(fake: Fake) -> None:
