@@ -976,6 +976,11 @@ class CliCall:
 
 # Variables a parent Claude Code session sets, and the server's own secrets: never inherited by the child.
 SCRUBBED_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_API_KEYS")
+# The CLI expands `@path` in any prompt text (absolute, ~/, ../, directories as listings) into the file's
+# content, built-in tools off or not. DISABLE_ATTACHMENTS stops it on every CLI version we support (2.1.197
+# and 2.1.332); DISABLE_FILE_MENTIONS and the deny rule stop it too from 2.1.332 on, and older ones ignore them.
+NO_FILE_MENTIONS = MappingProxyType({"CLAUDE_CODE_DISABLE_ATTACHMENTS": "1", "CLAUDE_CODE_DISABLE_FILE_MENTIONS": "1"})
+NO_FILE_READS = json.dumps({"permissions": {"deny": ["Read"]}})
 
 
 def user_message_line(blocks: list[dict[str, Any]]) -> bytes:
@@ -1000,7 +1005,9 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
     args = ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
             "--include-partial-messages", "--tools", "", "--strict-mcp-config",
             # No settings files, so no CLAUDE.md, hooks or plugins of the host user reach a request.
-            "--setting-sources", settings.setting_sources]
+            "--setting-sources", settings.setting_sources,
+            # A second guard against `@path` mentions (see child_environment), honoured by newer CLIs.
+            "--settings", NO_FILE_READS]
     if request.cli_model:
         args += ["--model", request.cli_model]
     if request.effort:
@@ -1037,7 +1044,7 @@ def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict
     env = {k: v for k, v in base.items() if k not in SCRUBBED_ENV}
     # Our retry policy owns retries; the CLI's own (10, for minutes on a bad login) would multiply with it.
     env.update({"CLAUDE_CODE_MAX_RETRIES": "0", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                "DISABLE_AUTOUPDATER": "1"})
+                "DISABLE_AUTOUPDATER": "1", **NO_FILE_MENTIONS})
     env.update(extra)
     return env
 
