@@ -45,11 +45,13 @@ from typing import Any, Literal, Protocol, TypedDict
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("claude_api")
 
@@ -96,6 +98,29 @@ class Settings:
     max_image_bytes: int = 5 * MiB  # CLAUDE_MAX_IMAGE_BYTES, per image (the Messages API's own limit)
     fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model when the model is overloaded
     max_budget_usd: float | None = None  # CLAUDE_MAX_BUDGET_USD: --max-budget-usd per request
+    allowed_hosts: tuple[str, ...] = ()  # CLAUDE_ALLOWED_HOSTS, comma-separated; empty: from CLAUDE_API_HOST
+    allowed_origins: tuple[str, ...] = ()  # CLAUDE_ALLOWED_ORIGINS, comma-separated; empty: same origin only
+
+    @property
+    def trusted_hosts(self) -> tuple[str, ...]:
+        """The names a request's Host header may carry: CLAUDE_ALLOWED_HOSTS, else the address we listen on.
+        A wildcard bind listens on every address the machine has, so any name goes (and keys are required)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        if self.host in WILDCARD_BINDS:
+            return ("*",)
+        host = f"[{self.host}]" if ":" in self.host else self.host.lower()
+        return tuple(dict.fromkeys([*LOOPBACK_NAMES, host])) if is_loopback(self.host) else (host,)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:.]+\]")
+ORIGIN_PATTERN = re.compile(r"\*|null|https?://[a-z0-9.:\[\]-]+")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class SettingsError(ValueError):
@@ -127,6 +152,13 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
 
     def names(name: str) -> tuple[str, ...]:
         return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+
+    def patterns(name: str, pattern: re.Pattern[str], example: str) -> tuple[str, ...]:
+        values = tuple(value.lower().rstrip("/") for value in names(name))
+        for value in values:
+            if not pattern.fullmatch(value):
+                raise SettingsError(f"{name} must be a comma-separated list like {example}, got {value!r}")
+        return values
 
     model_map = dict(OPENAI_MODEL_MAP)
     raw_map = text("CLAUDE_MODEL_MAP", "")
@@ -180,6 +212,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
         fallback_model=text("CLAUDE_FALLBACK_MODEL", ""),
         max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),  # type: ignore[arg-type]
+        allowed_hosts=patterns("CLAUDE_ALLOWED_HOSTS", HOST_PATTERN, "'api.example.com,*.lan,[::1]' or '*'"),
+        allowed_origins=patterns("CLAUDE_ALLOWED_ORIGINS", ORIGIN_PATTERN, "'https://app.example.com' or '*'"),
     )
 
 
@@ -234,6 +268,14 @@ class BudgetExceeded(ProxyError):
     status, type, code = 402, "insufficient_quota", "max_budget_exceeded"
 
 
+class HostNotAllowed(ProxyError):
+    status, type, code = 400, "invalid_request_error", "host_not_allowed"
+
+
+class OriginNotAllowed(ProxyError):
+    status, type, code = 403, "permission_error", "origin_not_allowed"
+
+
 class NotFound(ProxyError):
     status, type, code = 404, "invalid_request_error", "unknown_url"
 
@@ -248,6 +290,10 @@ class MethodNotAllowed(ProxyError):
 
 class PayloadTooLarge(ProxyError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
 
 
 class RateLimited(ProxyError):
@@ -2207,6 +2253,11 @@ def error_response(error: ProxyError) -> JSONResponse:
 
 
 async def read_json(request: Request, limit: int) -> Any:
+    # Only JSON: a web page can post text/plain to any address without asking, but not application/json.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"The request body must be sent with Content-Type: application/json, not "
+                                   f"{media_type or 'none'!r}.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
@@ -2719,6 +2770,49 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+TRUSTED_HOST = "claude_api.trusted_host"  # set in the scope when TrustedHostMiddleware let the request through
+
+
+class BrowserGuard(TrustedHostMiddleware):
+    """Refuses what only a web page would send: a Host that does not name this server (a DNS-rebinding page
+    reaches 127.0.0.1 under its own name), and a cross-site Origin. Starlette's TrustedHostMiddleware decides
+    the Host; its plain-text refusal is replaced by an OpenAI error."""
+
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...], origins: tuple[str, ...]) -> None:
+        super().__init__(self.trusted, allowed_hosts=hosts, www_redirect=False)
+        self.next, self.origins = app, origins
+
+    @staticmethod
+    async def trusted(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[TRUSTED_HOST] = True
+
+    @staticmethod
+    async def discard(message: Message) -> None:
+        pass
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.next(scope, receive, send)
+            return
+        await super().__call__(scope, receive, self.discard)
+        headers = Headers(scope=scope)
+        host, origin = headers.get("host", ""), headers.get("origin")
+        error: ProxyError | None = None
+        if not scope.pop(TRUSTED_HOST, False):
+            error = HostNotAllowed(f"The Host header {host!r} does not name this server. To serve it under "
+                                   "another name, add that name to CLAUDE_ALLOWED_HOSTS.")
+        elif origin is not None and not self.same_site(origin.lower().rstrip("/"), host.lower()):
+            error = OriginNotAllowed(f"Requests from web pages of {origin!r} are refused. To let a page use this "
+                                     "server, add its origin to CLAUDE_ALLOWED_ORIGINS.")
+        if error is not None:
+            await error_response(error)(scope, receive, send)
+            return
+        await self.next(scope, receive, send)
+
+    def same_site(self, origin: str, host: str) -> bool:
+        return "*" in self.origins or origin in self.origins or origin == f"http://{host}"
+
+
 def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
     """The app. ``environ`` is the base of the CLI's environment (tests pass their own)."""
     settings = settings or load_settings(environ)
@@ -2758,6 +2852,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
         lifespan=lifespan,
     )
     app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.add_middleware(BrowserGuard, hosts=settings.trusted_hosts, origins=settings.allowed_origins)
     app.state.settings = settings
     app.state.cli_version = None
     return app
@@ -2786,10 +2881,6 @@ async def shutdown(runner: Runner, grace: float) -> None:
     if runner.processes:
         await asyncio.wait([asyncio.create_task(p.wait()) for p in runner.processes], timeout=grace)
     await runner.kill_all()
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class Server(uvicorn.Server):

@@ -493,7 +493,7 @@ def fake(tmp_path: Path) -> Iterator[Fake]:
 async def client_for(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
             yield client
 
 
@@ -1038,17 +1038,20 @@ async def test_bad_requests_get_400_with_param(fake: Fake, body: dict[str, Any],
 
 
 async def test_malformed_bodies(fake: Fake) -> None:
+    as_json = {"content-type": "application/json"}
     async with client_for(fake.app(max_body_bytes=1000)) as client:
-        assert_error(await client.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json")
+        assert_error(await client.post("/v1/chat/completions", content=b"{not json", headers=as_json), 400,
+                     "invalid_json")
         assert_error(await client.post("/v1/chat/completions", json=[1, 2]), 400, "invalid_json")
-        assert_error(await client.post("/v1/chat/completions", content=b""), 400, "invalid_json")
+        assert_error(await client.post("/v1/chat/completions", content=b"", headers=as_json), 400, "invalid_json")
         assert_error(await client.post("/v1/chat/completions", json=chat("x" * 2000)), 413, "request_too_large")
 
         async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
             for _ in range(20):
                 yield b" " * 100
 
-        assert_error(await client.post("/v1/chat/completions", content=chunked()), 413, "request_too_large")
+        assert_error(await client.post("/v1/chat/completions", content=chunked(), headers=as_json), 413,
+                     "request_too_large")
         assert_error(await client.get("/v1/chat/completions"), 405, "method_not_allowed")
         assert_error(await client.get("/v1/nothing-here"), 404, "unknown_url")
     assert fake.calls() == []
@@ -1106,6 +1109,102 @@ async def test_bearer_keys(fake: Fake) -> None:
         assert ok.status_code == 200
         assert (await client.get("/health")).status_code == 200
     assert "k1" not in json.dumps(fake.calls()[0]["env"])
+
+
+
+# --- A web page must not drive the server: Host, Origin and Content-Type ---
+
+
+@pytest.mark.parametrize("environ,hosts", [
+    ({}, ("localhost", "127.0.0.1", "[::1]")),
+    ({"CLAUDE_API_HOST": "localhost"}, ("localhost", "127.0.0.1", "[::1]")),
+    ({"CLAUDE_API_HOST": "::1"}, ("localhost", "127.0.0.1", "[::1]")),
+    ({"CLAUDE_API_HOST": "127.0.0.2"}, ("localhost", "127.0.0.1", "[::1]", "127.0.0.2")),
+    ({"CLAUDE_API_HOST": "192.168.1.5"}, ("192.168.1.5",)),
+    ({"CLAUDE_API_HOST": "0.0.0.0"}, ("*",)),
+    ({"CLAUDE_ALLOWED_HOSTS": "API.example.com, *.lan"}, ("api.example.com", "*.lan")),
+], ids=lambda v: str(v)[:40])
+def test_trusted_hosts_come_from_the_bind_address(environ: dict[str, str], hosts: tuple[str, ...]) -> None:
+    assert api.load_settings(environ).trusted_hosts == hosts
+
+
+@pytest.mark.parametrize("name,value", [("CLAUDE_ALLOWED_HOSTS", "a*.example.com"),
+                                        ("CLAUDE_ALLOWED_HOSTS", "http://example.com"),
+                                        ("CLAUDE_ALLOWED_ORIGINS", "example.com"),
+                                        ("CLAUDE_ALLOWED_ORIGINS", "ftp://example.com")])
+def test_bad_allowed_hosts_and_origins_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(api.SettingsError, match=name):
+        api.load_settings({name: value})
+
+
+@pytest.mark.parametrize("host,allowed", [
+    ("127.0.0.1:8765", True), ("127.0.0.1", True), ("localhost:8765", True), ("LOCALHOST", True),
+    ("[::1]:8765", True), ("[::1]", True),
+    ("attacker.example:8765", False), ("attacker.example", False), ("127.0.0.1.attacker.example", False),
+    ("192.168.1.5:8765", False), ("", False), ("not a host", False),
+])
+async def test_host_header_must_name_this_server(fake: Fake, host: str, allowed: bool) -> None:
+    async with client_for(fake.app()) as client:
+        for response in [await client.get("/health", headers={"host": host}),
+                         await client.get("/v1/models", headers={"host": host}),
+                         await client.post("/v1/chat/completions", json=chat(), headers={"host": host})]:
+            if allowed:
+                assert response.status_code == 200, response.text
+            else:
+                assert "CLAUDE_ALLOWED_HOSTS" in assert_error(response, 400, "host_not_allowed")["message"]
+    assert len(fake.calls()) == (1 if allowed else 0)
+
+
+async def test_allowed_hosts_setting_replaces_the_default(fake: Fake) -> None:
+    async with client_for(fake.app(allowed_hosts="api.example.com")) as client:
+        assert (await client.get("/v1/models", headers={"host": "api.example.com:443"})).status_code == 200
+        assert_error(await client.get("/v1/models"), 400, "host_not_allowed")  # 127.0.0.1 is no longer listed
+    async with client_for(fake.app(api_host="0.0.0.0", api_keys="k")) as client:  # every address: any name
+        response = await client.get("/v1/models", headers={"host": "box.lan:8765", "authorization": "Bearer k"})
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize("origin,allowed_origins,allowed", [
+    (None, "", True),  # a normal client sends no Origin
+    ("http://127.0.0.1", "", True),  # the same origin as the Host the request names
+    ("http://attacker.example", "", False),
+    ("http://localhost:3000", "", False),  # another web app on this machine is another site
+    ("http://127.0.0.1:3000", "", False),
+    ("null", "", False),  # sandboxed frames and file:// pages
+    ("http://localhost:3000", "http://localhost:3000", True),
+    ("http://LOCALHOST:3000/", "http://localhost:3000", True),
+    ("https://app.example.com", "*", True),
+])
+async def test_cross_site_origin_is_refused(fake: Fake, origin: str | None, allowed_origins: str,
+                                            allowed: bool) -> None:
+    headers = {"origin": origin} if origin else {}
+    async with client_for(fake.app(allowed_origins=allowed_origins)) as client:
+        response = await client.post("/v1/chat/completions", json=chat(), headers=headers)
+        listing = await client.get("/v1/models", headers=headers)
+    if allowed:
+        assert response.status_code == 200 and listing.status_code == 200
+    else:
+        assert "CLAUDE_ALLOWED_ORIGINS" in assert_error(response, 403, "origin_not_allowed")["message"]
+        assert_error(listing, 403, "origin_not_allowed")
+        assert fake.calls() == []
+
+
+@pytest.mark.parametrize("content_type,status", [
+    ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON", 200),
+    ("text/plain", 415), ("text/plain;charset=UTF-8", 415), ("application/x-www-form-urlencoded", 415),
+    ("multipart/form-data; boundary=x", 415), ("application/jsonx", 415), (None, 415),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_only_json_bodies_are_accepted(fake: Fake, path: str, content_type: str | None, status: int) -> None:
+    body = json.dumps(chat() if path.endswith("completions") else {"model": "sonnet", "input": "hi"})
+    headers = {"content-type": content_type} if content_type else {}
+    async with client_for(fake.app()) as client:
+        response = await client.post(path, content=body, headers=headers)
+    if status == 200:
+        assert response.status_code == 200, response.text
+    else:
+        assert_error(response, 415, "unsupported_media_type")
+        assert fake.calls() == []
 
 
 # --- The service as a real process, with the fake CLI ---
