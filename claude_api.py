@@ -90,6 +90,7 @@ class Settings:
     effort: str = ""  # CLAUDE_EFFORT; empty: the CLI's own default
     setting_sources: str = ""  # CLAUDE_SETTING_SOURCES: which CLI settings files load (user,project,local)
     session_ttl: float = 1800.0  # CLAUDE_SESSION_TTL, seconds a session may stay idle
+    max_sessions: int = 1000  # CLAUDE_MAX_SESSIONS, explicit sessions kept at most (the least recently used go)
     auto_session: bool = True  # CLAUDE_AUTO_SESSION
     warm_idle: float = 120.0  # CLAUDE_WARM_IDLE, seconds an idle session process stays alive
     warm_max: int = 4  # CLAUDE_WARM_MAX, idle session processes kept at most
@@ -204,6 +205,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         effort=EFFORTS.get(effort, ""),
         setting_sources=setting_sources,
         session_ttl=number("CLAUDE_SESSION_TTL", 1800.0, minimum=0.001),
+        max_sessions=number("CLAUDE_MAX_SESSIONS", 1000, minimum=1, integer=True),
         auto_session=choice("CLAUDE_AUTO_SESSION", "on", [*TRUE, *FALSE]) in TRUE,
         warm_idle=number("CLAUDE_WARM_IDLE", 120.0),
         warm_max=number("CLAUDE_WARM_MAX", 4, minimum=0, integer=True),
@@ -1796,16 +1798,26 @@ class Runner:
 SESSION_NAMESPACE = uuid.UUID("6f1d8a4e-3c2b-5e7f-9a1b-2c3d4e5f6a7b")
 
 
-def cli_session_id(client_id: str) -> str:
+# Where BearerAuth leaves the owner of a request in its ASGI scope: a digest of the API key it carried, never
+# the key. Sessions, their processes and stored responses belong to their owner; "" when no keys are set.
+KEY_OWNER = "claude_api.key_owner"
+
+
+def owner_of(key: bytes) -> str:
+    return hashlib.sha256(b"claude_api key owner\0" + key).hexdigest()[:32]
+
+
+def cli_session_id(client_id: str, owner: str = "") -> str:
     """The CLI's id for a client's session: derived, so a client id can never name a transcript of the host
-    user's own (when CLAUDE_WORKDIR is shared), and stable, so the session survives a server restart."""
-    return str(uuid.uuid5(SESSION_NAMESPACE, client_id))
+    user's own (when CLAUDE_WORKDIR is shared), nor one of another key's, and stable, so the session survives
+    a server restart."""
+    return str(uuid.uuid5(SESSION_NAMESPACE, f"{owner}/{client_id}" if owner else client_id))
 
 
-def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn]) -> str:
-    """Identifies a conversation exactly: any edit, reformat or other model gives another fingerprint."""
+def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn], owner: str = "") -> str:
+    """Identifies a conversation exactly: any edit, reformat or other model (or key) gives another fingerprint."""
     material = json.dumps([system, cli_model, [(turn.role, turn.text, [image.digest for image in turn.images])
-                                               for turn in turns]], ensure_ascii=False)
+                                               for turn in turns], owner], ensure_ascii=False)
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -1833,6 +1845,7 @@ class Session:
     pinned: bool = False  # cli_id is derived from the client's id and must stay so
     process: CliProcess | None = None  # an idle warm process that holds this conversation
     retiring: asyncio.Future[None] | None = None  # its last process, finishing the transcript as it exits
+    owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
 
 
 class Sessions:
@@ -1844,37 +1857,44 @@ class Sessions:
         self.runner = runner
         self.transcripts = transcripts  # where the CLI keeps this workdir's transcripts
         self.own_workdir = own_workdir  # nobody else's transcripts live there: stale ones may be swept
-        self.explicit: dict[str, Session] = {}
+        self.explicit: dict[tuple[str, str], Session] = {}  # by owner and the client's id
         self.auto: OrderedDict[str, Session] = OrderedDict()
         self.warm: OrderedDict[Session, None] = OrderedDict()
         self.background: set[asyncio.Future[None]] = set()
         self.waiting = 0  # requests queued on a busy session's lock
         self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # previous_response_id targets
 
-    def job(self, chat: ChatRequest) -> tuple[Job, str | None]:
+    def job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
         if chat.structured:  # function calling and JSON output run stateless (see the README)
             notice = f"Session {chat.session_id} was not used: function calling and JSON output run " \
                      "stateless." if chat.session_id else None
             return Job(build_cli_call(chat, self.settings)), notice
         if chat.session_id:
-            return self.explicit_job(chat)
+            return self.explicit_job(chat, owner)
         if not self.settings.auto_session:
             return Job(build_cli_call(chat, self.settings)), None
         turns = chat.turns
         if len(turns) >= 3 and turns[-1].role == "user" and turns[-2].role == "assistant":
             # Taken out of the map while in use: an identical request arriving meanwhile starts afresh.
-            session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1]), None)
+            session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1], owner), None)
             if session is not None:
                 return SessionJob(self, session, chat), None
-        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False)
+        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False,
+                          owner=owner)
         return SessionJob(self, session, chat), None
 
-    def response_job(self, chat: ChatRequest, previous: str | None, store: bool) -> tuple[Job, ChatRequest]:
+    def stored(self, response_id: Any, owner: str) -> StoredResponse | None:
+        """A stored response, for its owner only: to another key it does not exist."""
+        stored = self.responses.get(response_id) if isinstance(response_id, str) else None
+        return stored if stored is not None and stored.owner == owner else None
+
+    def response_job(self, chat: ChatRequest, previous: str | None, store: bool,
+                     owner: str = "") -> tuple[Job, ChatRequest]:
         """The job for a Responses request, and the chat request it runs: any stored conversation it
         continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
         older response starts a new one from the whole context."""
-        prior = self.responses.get(previous) if previous else None
+        prior = self.stored(previous, owner) if previous else None
         new_input = chat.turns
         if prior is not None:
             chat = replace(chat, turns=(*prior.turns, *new_input))
@@ -1884,24 +1904,28 @@ class Sessions:
         if session is None or session.history != list(prior.turns if prior else ()) or session.lock.locked() \
                 or (session.system, session.cli_model) != (chat.system, chat.cli_model):
             key = f"response-{uuid.uuid4()}"
-            session = self.explicit[key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
-                                                   explicit=True, history=list(prior.turns) if prior else [])
+            self.make_room()
+            session = self.explicit[owner, key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
+                                                          explicit=True, history=list(prior.turns) if prior else [],
+                                                          owner=owner)
         return SessionJob(self, session, chat, new_input if prior else None), chat
 
-    def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job) -> None:
+    def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
         session = job.session if isinstance(job, SessionJob) and not job.diverged else None
-        self.responses[response_id] = StoredResponse(turns, session)
+        self.responses[response_id] = StoredResponse(turns, session, owner)
         while len(self.responses) > MAX_AUTO_SESSIONS:
             self.responses.popitem(last=False)
 
-    def explicit_job(self, chat: ChatRequest) -> tuple[Job, str | None]:
+    def explicit_job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         key = chat.session_id or ""
-        session = self.explicit.get(key)
+        session = self.explicit.get((owner, key))
         if session is None:
-            session = Session(key, cli_session_id(key), chat.system, chat.cli_model, explicit=True, pinned=True)
+            self.make_room()
+            session = Session(key, cli_session_id(key, owner), chat.system, chat.cli_model, explicit=True,
+                              pinned=True, owner=owner)
             known = self.transcript(session.cli_id)  # a session this server started before a restart
             session.started = known is not None and known.exists()
-            self.explicit[key] = session
+            self.explicit[owner, key] = session
             return SessionJob(self, session, chat), None
         # A request without a system message (only the newest turn, as sessions invite) changes nothing.
         ignored = [name for name, changed in (("system prompt", bool(chat.system) and chat.system != session.system),
@@ -1910,12 +1934,23 @@ class Sessions:
                   f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored.") if ignored else None
         return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
 
+    def make_room(self) -> None:
+        """Before a new explicit session: keep CLAUDE_MAX_SESSIONS by dropping the least recently used idle
+        one, as its TTL would; when every one is busy, refuse."""
+        if len(self.explicit) < self.settings.max_sessions:
+            return
+        idle = min((s for s in self.explicit.values() if not s.lock.locked()), key=lambda s: s.last_used, default=None)
+        if idle is None:
+            raise Overloaded(f"All {len(self.explicit)} sessions are busy (CLAUDE_MAX_SESSIONS); retry shortly.",
+                             retry_after=5)
+        self.forget(idle)
+
     def transcript(self, cli_id: str) -> Path | None:
         return self.transcripts / f"{cli_id}.jsonl" if self.transcripts else None
 
     def remember(self, session: Session, turns: tuple[Turn, ...]) -> None:
         """An automatic session answered: the client will come back with exactly these turns."""
-        key = fingerprint(session.system, session.cli_model, turns)
+        key = fingerprint(session.system, session.cli_model, turns, session.owner)
         self.auto[key] = session
         self.auto.move_to_end(key)
         while len(self.auto) > MAX_AUTO_SESSIONS:
@@ -1961,7 +1996,7 @@ class Sessions:
     def forget(self, session: Session) -> None:
         """Drop a session for good: its process, its lock, its transcript."""
         if session.explicit:
-            self.explicit.pop(session.key, None)
+            self.explicit.pop((session.owner, session.key), None)
         self.restart(session)
 
     async def retire(self, cli: CliProcess | None, cli_id: str) -> None:
@@ -2298,7 +2333,7 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, settings.max_body_bytes)
     chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
-    job, notice = state.sessions.job(chat)
+    job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
     headers = {"X-Session-Notice": notice} if notice else {}
     if chat.stream:
         return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
@@ -2504,6 +2539,7 @@ class StoredResponse:
 
     turns: tuple[Turn, ...]
     session: Session | None  # the CLI conversation whose head it is, when there is one
+    owner: str = ""  # the API key that made it (see KEY_OWNER)
     created: float = field(default_factory=time.monotonic)
 
 
@@ -2672,16 +2708,17 @@ async def create_response(request: Request) -> Response:
         raise as_responses_error(error) from None
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")
-    if previous is not None and (not isinstance(previous, str) or previous not in sessions.responses):
+    owner = request.scope.get(KEY_OWNER, "")
+    if previous is not None and sessions.stored(previous, owner) is None:
         raise BadRequest(f"Previous response with id {previous!r} not found (responses are kept for "
                          "CLAUDE_SESSION_TTL seconds, and never with store: false).",
                          param="previous_response_id", code="previous_response_not_found")
-    job, chat = sessions.response_job(chat, previous, store)
+    job, chat = sessions.response_job(chat, previous, store, owner)
     shell = ResponseShell(response_id(), body)
 
     def keep(done: Answer) -> None:
         if store:
-            sessions.store_response(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job)
+            sessions.store_response(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job, owner)
 
     if chat.stream:
         return await stream_response(request, runner, job, chat, {}, ResponsesStream(shell, keep), "responses")
@@ -2755,6 +2792,7 @@ class BearerAuth:
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.owners = [owner_of(key) for key in self.keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
@@ -2767,6 +2805,7 @@ class BearerAuth:
                                       "the keys in CLAUDE_API_KEYS.")
                 await error_response(error)(scope, receive, send)
                 return
+            scope[KEY_OWNER] = self.owners[matches.index(True)]
         await self.app(scope, receive, send)
 
 

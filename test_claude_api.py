@@ -1909,6 +1909,102 @@ async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None
     assert text == "User: one\n\nAssistant: echo: one\n\nUser: two"  # rebuilt from the history we kept
 
 
+
+# --- Keys mean separate users; explicit sessions are capped ---
+
+
+def session_arg(call: dict[str, Any]) -> tuple[str, str]:
+    """How a recorded CLI call joined its conversation: ("--session-id" or "--resume", the CLI's id)."""
+    argv = call["argv"]
+    flag = "--resume" if "--resume" in argv else "--session-id"
+    return flag, argv[argv.index(flag) + 1]
+
+
+async def test_keys_do_not_share_sessions_processes_or_responses(fake: Fake) -> None:
+    app = fake.app(auto_session="on", api_keys="key-a,key-b")
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    sid = str(uuid.uuid4())
+    async with client_for(app) as client:
+        async def post(headers: dict[str, str], body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
+            response = await client.post(path, json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        # The same explicit session id under two keys: two conversations.
+        await post(a, {**chat("I am A."), "session_id": sid})
+        await post(b, {**chat("I am B."), "session_id": sid})
+        await post(a, {**chat("Who am I?"), "session_id": sid})
+        # An automatic session: key B sending key A's exact history does not continue A's conversation.
+        first = await post(a, chat("auto hello"))
+        history = [user("auto hello"), assistant(first["choices"][0]["message"]["content"]), user("and then?")]
+        await post(b, {"model": "sonnet", "messages": history})
+        await post(a, {"model": "sonnet", "messages": history})
+        # A stored response: another key cannot continue it, nor learn that it exists.
+        stored = await post(a, {"model": "sonnet", "input": "A's secret plan"}, "/v1/responses")
+        other = await client.post("/v1/responses", headers=b, json={
+            "model": "sonnet", "input": "what was the plan?", "previous_response_id": stored["id"]})
+        assert_error(other, 400, "previous_response_not_found", "previous_response_id")
+        await post(a, {"model": "sonnet", "input": "go on", "previous_response_id": stored["id"]}, "/v1/responses")
+        assert len(app.state.sessions.explicit) == 3  # two under the one id, one for the stored response
+    a1, b1, a2, auto_a, auto_b, auto_a2, resp_a, resp_a2 = fake.calls()
+
+    def continues(later: dict[str, Any], earlier: dict[str, Any]) -> bool:
+        """``later`` was answered in ``earlier``'s conversation: by its warm process, or resuming its transcript."""
+        return later["pid"] == earlier["pid"] or session_arg(later) == ("--resume", session_arg(earlier)[1])
+
+    assert session_arg(a1)[0] == session_arg(b1)[0] == "--session-id" and session_arg(a1)[1] != session_arg(b1)[1]
+    assert continues(a2, a1) and not continues(b1, a1) and not continues(a2, b1)
+    assert "I am A" not in b1["stdin"] and "I am B" not in a2["stdin"]
+    assert session_arg(auto_b)[0] == "--session-id" and not continues(auto_b, auto_a)
+    assert "auto hello" in auto_b["stdin"]  # the whole history went in: nothing of A's was resumed
+    assert continues(auto_a2, auto_a) and continues(resp_a2, resp_a)
+
+
+@needs_real_cli
+def test_real_same_session_id_under_two_keys_is_two_conversations(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    with serve(real.app(api_keys="key-a,key-b")) as url:
+        for key, text in (("key-a", "My password is swordfish."), ("key-b", "What is my password?")):
+            httpx.post(f"{url}/v1/chat/completions", json={**chat(text), "session_id": sid},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=60).raise_for_status()
+    assert "swordfish" not in json.dumps(real.standin.bodies()[-1])
+    shape = [turn for turn in conversation_shape(real.standin.bodies()[-1]) if turn[0] != "system"]  # 2.1.332's
+    assert shape == [("user", "What is my password?")]
+
+
+async def test_explicit_sessions_are_capped_least_recently_used_first(fake: Fake) -> None:
+    app = fake.app(max_sessions=2)
+    sids = [str(uuid.uuid4()) for _ in range(3)]
+    async with client_for(app) as client:
+        for sid in (sids[0], sids[1], sids[0], sids[2]):  # sids[1] is now the least recently used
+            response = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": sid})
+            assert response.status_code == 200
+        sessions = app.state.sessions
+        assert sorted(key for _, key in sessions.explicit) == sorted([sids[0], sids[2]])
+        assert await eventually(lambda: not sessions.background)
+        assert sorted(t.stem for t in sessions.transcripts.glob("*.jsonl")) == sorted(
+            api.cli_session_id(sid) for sid in (sids[0], sids[2]))
+        # Dropped as its TTL would drop it: the id starts a new conversation.
+        await client.post("/v1/chat/completions", json={**chat("back"), "session_id": sids[1]})
+    assert session_arg(fake.calls()[-1]) == ("--session-id", api.cli_session_id(sids[1]))
+
+
+async def test_a_new_session_is_refused_when_every_session_is_busy(fake: Fake) -> None:
+    fake.control(default="hang")
+    app = fake.app(max_sessions=1)
+    async with client_for(app) as client:
+        busy = asyncio.create_task(client.post("/v1/chat/completions",
+                                               json={**chat("slow"), "session_id": str(uuid.uuid4())}))
+        assert await eventually(lambda: len(fake.calls()) == 1)
+        response = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": str(uuid.uuid4())})
+        assert "CLAUDE_MAX_SESSIONS" in assert_error(response, 503, "overloaded")["message"]
+        assert "retry-after" in response.headers and len(fake.calls()) == 1
+        busy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await busy
+
+
 # --- Function calling and structured output ---
 
 PERSON_SCHEMA = {"type": "object", "properties": {
