@@ -132,7 +132,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     def text(name: str, default: str) -> str:
         return environ.get(name, default).strip()
 
-    def number(name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> Any:
+    def number(name: str, default: float, *, minimum: float = 0.0, maximum: float = math.inf,
+               integer: bool = False) -> Any:
         raw = environ.get(name, "").strip()
         if not raw:
             return default
@@ -141,8 +142,11 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         except ValueError:
             value = None
         kind = "an integer" if integer else "a number"
-        if value is None or value < minimum or (not integer and value != value):
-            raise SettingsError(f"{name} must be {kind} >= {minimum:g}, got {raw!r}")
+        # NaN and infinity are refused: no setting means "never", and either would fail later, mid-request.
+        if value is None or not math.isfinite(value) or not minimum <= value <= maximum:
+            bounds = f">= {minimum:g}" if maximum == math.inf else f"from {minimum:g} to {maximum:g}"
+            bounds += "" if integer else " and finite"
+            raise SettingsError(f"{name} must be {kind} {bounds}, got {raw!r}")
         return value
 
     def choice(name: str, default: str, allowed: Iterable[str]) -> str:
@@ -170,6 +174,9 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
             raise SettingsError(f"CLAUDE_MODEL_MAP must be a JSON object, got {raw_map!r}: {exc}") from None
         if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
             raise SettingsError(f"CLAUDE_MODEL_MAP must map names to strings, got {raw_map!r}")
+        if remapped := sorted(DEFAULT_NAMES & set(extra)):
+            raise SettingsError(f"CLAUDE_MODEL_MAP cannot remap the default names ({', '.join(map(repr, remapped))}); "
+                                "set CLAUDE_DEFAULT_MODEL to choose the default model")
         model_map.update(extra)
     for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", ""),
                    text("CLAUDE_FALLBACK_MODEL", "")]:
@@ -184,7 +191,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
                             f"{environ['CLAUDE_SETTING_SOURCES']!r}")
     return Settings(
         host=text("CLAUDE_API_HOST", "127.0.0.1"),
-        port=number("CLAUDE_API_PORT", 8765, minimum=0, integer=True),
+        port=number("CLAUDE_API_PORT", 8765, minimum=0, maximum=65535, integer=True),
         api_keys=names("CLAUDE_API_KEYS"),
         claude_bin=text("CLAUDE_BIN", "claude") or "claude",
         default_model=text("CLAUDE_DEFAULT_MODEL", ""),
@@ -2858,8 +2865,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        workdir = Path(settings.workdir) if settings.workdir else private_workdir(environ)
-        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        workdir = prepare_workdir(settings, environ)
         runner = app.state.runner = Runner(settings, str(workdir), environ)
         sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
                                                  own_workdir=not settings.workdir)
@@ -2901,6 +2907,27 @@ def private_workdir(environ: Mapping[str, str]) -> Path:
     """An empty folder of our own to run the CLI in: stable, so stored sessions survive a restart."""
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or tempfile.gettempdir(), ".cache")
     return Path(cache) / "claude_api" / "workdir"
+
+
+def prepare_workdir(settings: Settings, environ: Mapping[str, str]) -> Path:
+    """The CLI's working directory, created if missing; a SettingsError when it cannot be used."""
+    workdir = Path(settings.workdir) if settings.workdir else private_workdir(environ)
+    problem = ""
+    try:
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        problem = "it is not a directory"
+    except OSError as exc:
+        problem = f"it cannot be created: {exc.strerror or exc}"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=workdir):  # the CLI writes there; a read-only folder fails only later
+                pass
+        except OSError as exc:
+            problem = f"it is not writable: {exc.strerror or exc}"
+    if problem:
+        raise SettingsError(f"CLAUDE_WORKDIR: cannot run the CLI in {str(workdir)!r}, {problem}")
+    return workdir
 
 
 def transcripts_folder(workdir: Path, environ: Mapping[str, str]) -> Path | None:
@@ -2949,6 +2976,10 @@ def main() -> None:
         raise SystemExit(f"claude_api: refusing to listen on {settings.host} without keys. Set CLAUDE_API_KEYS to a "
                          "comma-separated list of secrets (clients send `Authorization: Bearer <key>`), or bind "
                          "CLAUDE_API_HOST=127.0.0.1.")
+    try:
+        prepare_workdir(settings, os.environ)
+    except SettingsError as exc:
+        raise SystemExit(f"claude_api: {exc}") from None
     if resolve_binary(settings, os.environ) is None:
         log.warning("claude CLI not found (CLAUDE_BIN=%r): requests will get 503 until it is installed",
                     settings.claude_bin)

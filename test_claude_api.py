@@ -558,6 +558,65 @@ def test_bad_setting_names_the_variable(name: str, value: str, fragment: str) ->
         api.load_settings({name: value})
 
 
+
+# --- Settings that would fail later stop the start, with one line ---
+
+
+@pytest.mark.parametrize("name,value,fragment", [
+    ("CLAUDE_API_PORT", "65536", "CLAUDE_API_PORT must be an integer from 0 to 65535"),
+    ("CLAUDE_API_PORT", "-1", "CLAUDE_API_PORT must be an integer from 0 to 65535"),
+    ("CLAUDE_SHUTDOWN_GRACE", "inf", "CLAUDE_SHUTDOWN_GRACE must be a number >= 0 and finite"),
+    ("CLAUDE_MAX_BUDGET_USD", "inf", "CLAUDE_MAX_BUDGET_USD must be a number"),
+    ("CLAUDE_MAX_BUDGET_USD", "nan", "CLAUDE_MAX_BUDGET_USD must be a number"),
+    ("CLAUDE_TIMEOUT", "NaN", "CLAUDE_TIMEOUT must be a number"),
+    ("CLAUDE_KEEPALIVE", "Infinity", "CLAUDE_KEEPALIVE must be a number"),
+    ("CLAUDE_SESSION_TTL", "-inf", "CLAUDE_SESSION_TTL must be a number"),
+    ("CLAUDE_MAX_SESSIONS", "0", "CLAUDE_MAX_SESSIONS must be an integer >= 1"),
+    ("CLAUDE_MODEL_MAP", '{"default": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
+    ("CLAUDE_MODEL_MAP", '{"auto": "haiku", "gpt-4o": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
+    ("CLAUDE_MODEL_MAP", '{"claude-cli": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
+], ids=lambda v: str(v)[:30])
+def test_settings_that_would_fail_later_are_refused(name: str, value: str, fragment: str) -> None:
+    with pytest.raises(api.SettingsError, match=re.escape(fragment)):
+        api.load_settings({name: value})
+
+
+def test_the_port_range_and_a_map_to_the_default_are_accepted() -> None:
+    assert api.load_settings({"CLAUDE_API_PORT": "65535"}).port == 65535
+    settings = api.load_settings({"CLAUDE_MODEL_MAP": '{"my-default": "default"}'})
+    assert api.resolve_model("my-default", settings) is None and api.resolve_model("default", settings) is None
+
+
+def unusable_workdirs(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "a-file").write_text("x")
+    places = {"not a directory": tmp_path / "a-file", "cannot be created": tmp_path / "a-file" / "below"}
+    if Path("/proc/1").is_dir():  # a directory that no one, root included, can write to
+        places["not writable"] = Path("/proc/1")
+    return places
+
+
+def test_an_unusable_workdir_names_the_variable(tmp_path: Path) -> None:
+    for problem, path in unusable_workdirs(tmp_path).items():
+        with pytest.raises(api.SettingsError, match=f"CLAUDE_WORKDIR: .*{problem}"):
+            api.prepare_workdir(api.load_settings({"CLAUDE_WORKDIR": str(path)}), {})
+    made = api.prepare_workdir(api.load_settings({"CLAUDE_WORKDIR": str(tmp_path / "new" / "work")}), {})
+    assert made.is_dir() and list(made.iterdir()) == []  # the probe leaves nothing behind
+
+
+@pytest.mark.parametrize("name,value", [
+    ("CLAUDE_API_PORT", "70000"), ("CLAUDE_SHUTDOWN_GRACE", "inf"), ("CLAUDE_MAX_BUDGET_USD", "inf"),
+    ("CLAUDE_MODEL_MAP", '{"default": "opus"}'), ("CLAUDE_WORKDIR", "a-file"), ("CLAUDE_WORKDIR", "a-file/below"),
+])
+def test_a_setting_that_would_fail_later_stops_the_start_in_one_line(tmp_path: Path, name: str, value: str) -> None:
+    (tmp_path / "a-file").write_text("x")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "CLAUDE_API_PORT": str(free_port()),
+           name: str(tmp_path / value) if name == "CLAUDE_WORKDIR" else value}
+    done = subprocess.run([sys.executable, str(HERE / "claude_api.py")], env=env, capture_output=True, timeout=15)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr.decode()
+    assert lines[0].startswith(f"claude_api: {name}")
+
+
 # --- Translation: flattening, aliases, validation ---
 
 
