@@ -1389,7 +1389,9 @@ class CliProcess:
                 start_new_session=True, limit=STDOUT_LIMIT)
         except OSError as exc:
             self._remove_prompt_file()
-            raise CliUnavailable(f"The claude CLI could not be started ({exc.strerror or exc}).") from None
+            # Error bodies never carry host paths or setting values; the log has them.
+            log.error("could not start the claude CLI %r: %s", self.binary, exc)
+            raise CliUnavailable("The claude CLI could not be started; the server's log says why.") from None
         self.processes.add(self.process)
         self._stderr_task = asyncio.create_task(self._drain_stderr())
 
@@ -1693,8 +1695,9 @@ class Runner:
     def binary(self) -> str:
         binary = resolve_binary(self.settings, self.environ)
         if binary is None:
-            raise CliUnavailable(f"The claude CLI was not found (CLAUDE_BIN={self.settings.claude_bin!r}). Install it "
-                                 "with `npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
+            log.error("claude CLI not found (CLAUDE_BIN=%r)", self.settings.claude_bin)
+            raise CliUnavailable("The claude CLI was not found on the server (see CLAUDE_BIN). Install it with "
+                                 "`npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
         return binary
 
     def process(self, call: CliCall, binary: str = "") -> CliProcess:
@@ -1714,7 +1717,7 @@ class Runner:
                     await cli.send(call.stdin, close=not job.keeps_stdin)
                     yield cli.events()
             except TimeoutError:
-                raise CliTimeout(f"The claude CLI did not finish within CLAUDE_TIMEOUT={self.settings.timeout:g} s."
+                raise CliTimeout("The claude CLI did not finish within the server's time limit (CLAUDE_TIMEOUT)."
                                  ) from None
             finally:
                 await job.settle(cli)

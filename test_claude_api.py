@@ -1171,6 +1171,32 @@ async def test_bearer_keys(fake: Fake) -> None:
 
 
 
+
+# --- Error bodies carry no host paths and no setting values ---
+
+
+async def test_error_bodies_carry_no_host_paths_or_setting_values(fake: Fake, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "broken-place" / "claude"  # found, but it cannot start: its interpreter is missing
+    broken.parent.mkdir()
+    broken.write_text("#!/no-such-interpreter-place/python\n")
+    broken.chmod(0o755)
+    bodies = []
+    for binary in (tmp_path / "missing-place" / "claude", broken):
+        async with client_for(api.create_app(make_settings(bin=binary), fake.environ)) as client:
+            response = await client.post("/v1/chat/completions", json=chat())
+        assert_error(response, 503, "cli_not_found")
+        bodies.append(response.text)
+    fake.control(default="hang")
+    async with client_for(fake.app(timeout="0.437")) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert "CLAUDE_TIMEOUT" in assert_error(response, 504, "timeout")["message"]
+    bodies.append(response.text)
+    for body in bodies:
+        assert not any(secret in body for secret in ("-place", str(tmp_path), "0.437")), body
+    assert "missing-place" in caplog.text and "broken-place" in caplog.text  # the log has them
+
+
 # --- A web page must not drive the server: Host, Origin and Content-Type ---
 
 
