@@ -1397,6 +1397,27 @@ def test_sigterm_with_requests_in_flight_leaves_no_cli(fake: Fake) -> None:
             assert_error(response, 503, "overloaded")
 
 
+def test_after_sigterm_new_connections_are_refused_during_the_grace(fake: Fake) -> None:
+    fake.control(default="content_then_hang")
+    with server_process(fake_server_env(fake, shutdown_grace=5)) as (url, process):
+        results: list[Any] = []
+        thread = post_in_background(url, chat(), results)
+        assert wait_until(lambda: len(fake.alive()) == 1, 10)
+        process.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                httpx.get(f"{url}/v1/models", timeout=1)
+            except httpx.ConnectError:
+                return True
+            return False
+
+        assert wait_until(refused, 3)
+        assert process.poll() is None and results == []  # still serving the request in flight
+        thread.join(15)
+    assert_error(results[0], 503, "overloaded")
+
+
 def test_refuses_a_public_bind_without_keys(fake: Fake) -> None:
     env = {"PATH": os.environ.get("PATH", ""), "CLAUDE_API_HOST": "0.0.0.0", "CLAUDE_BIN": str(fake.bin)}
     done = subprocess.run([sys.executable, str(HERE / "claude_api.py")], env=env, capture_output=True, timeout=30)
