@@ -62,6 +62,14 @@ MiB = 1024 * 1024
 
 SystemPromptMode = Literal["replace", "append", "embed"]
 StreamMode = Literal["live", "pseudo"]
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # the Host names of a loopback bind
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:.]+\]")
+ORIGIN_PATTERN = re.compile(r"\*|null|https?://[a-z0-9.:\[\]-]+")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @dataclass(frozen=True)
@@ -112,16 +120,6 @@ class Settings:
             return ("*",)
         host = f"[{self.host}]" if ":" in self.host else self.host.lower()
         return tuple(dict.fromkeys([*LOOPBACK_NAMES, host])) if is_loopback(self.host) else (host,)
-
-
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-WILDCARD_BINDS = ("0.0.0.0", "::", "")
-HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:.]+\]")
-ORIGIN_PATTERN = re.compile(r"\*|null|https?://[a-z0-9.:\[\]-]+")
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class SettingsError(ValueError):
@@ -2848,10 +2846,10 @@ class BrowserGuard(TrustedHostMiddleware):
         host, origin = headers.get("host", ""), headers.get("origin")
         error: ProxyError | None = None
         if not scope.pop(TRUSTED_HOST, False):
-            error = HostNotAllowed(f"The Host header {host!r} does not name this server. To serve it under "
+            error = HostNotAllowed(f"The Host header {host[:100]!r} does not name this server. To serve it under "
                                    "another name, add that name to CLAUDE_ALLOWED_HOSTS.")
         elif origin is not None and not self.same_site(origin.lower().rstrip("/"), host.lower()):
-            error = OriginNotAllowed(f"Requests from web pages of {origin!r} are refused. To let a page use this "
+            error = OriginNotAllowed(f"Requests from web pages of {origin[:100]!r} are refused. To let a page use this "
                                      "server, add its origin to CLAUDE_ALLOWED_ORIGINS.")
         if error is not None:
             await error_response(error)(scope, receive, send)
