@@ -1,9 +1,11 @@
 """OpenAI-compatible HTTP API over the local, logged-in ``claude`` CLI.
 
 Start it with ``python claude_api.py`` and point any OpenAI client at
-``http://127.0.0.1:8765/v1``. Every request runs ``claude -p`` with its built-in tools
-switched off, in a private empty working directory, so no client can make it touch the
-host. The CLI brings its own login: no API key is needed.
+``http://127.0.0.1:8765/v1``. Every request runs ``claude -p`` with its built-in tools and
+its ``@file`` mentions switched off, in a private empty working directory, so no client can
+make it touch the host; requests a web page could send (another Host, a cross-site Origin, a
+body that is not JSON) are refused. The CLI brings its own login: no API key is needed; with
+keys, each key is a separate user.
 
 Endpoints:
     POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not, with function calling,
