@@ -1,9 +1,11 @@
 """OpenAI-compatible HTTP API over the local, logged-in ``claude`` CLI.
 
 Start it with ``python claude_api.py`` and point any OpenAI client at
-``http://127.0.0.1:8765/v1``. Every request runs ``claude -p`` with its built-in tools
-switched off, in a private empty working directory, so no client can make it touch the
-host. The CLI brings its own login: no API key is needed.
+``http://127.0.0.1:8765/v1``. Every request runs ``claude -p`` with its built-in tools and
+its ``@file`` mentions switched off, in a private empty working directory, so no client can
+make it touch the host; requests a web page could send (another Host, a cross-site Origin, a
+body that is not JSON) are refused. The CLI brings its own login: no API key is needed; with
+keys, each key is a separate user.
 
 Endpoints:
     POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not, with function calling,
@@ -45,11 +47,13 @@ from typing import Any, Literal, Protocol, TypedDict
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("claude_api")
 
@@ -60,6 +64,14 @@ MiB = 1024 * 1024
 
 SystemPromptMode = Literal["replace", "append", "embed"]
 StreamMode = Literal["live", "pseudo"]
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # the Host names of a loopback bind
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:.]+\]")
+ORIGIN_PATTERN = re.compile(r"\*|null|https?://[a-z0-9.:\[\]-]+")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class Settings:
     effort: str = ""  # CLAUDE_EFFORT; empty: the CLI's own default
     setting_sources: str = ""  # CLAUDE_SETTING_SOURCES: which CLI settings files load (user,project,local)
     session_ttl: float = 1800.0  # CLAUDE_SESSION_TTL, seconds a session may stay idle
+    max_sessions: int = 1000  # CLAUDE_MAX_SESSIONS, explicit sessions kept at most (the least recently used go)
     auto_session: bool = True  # CLAUDE_AUTO_SESSION
     warm_idle: float = 120.0  # CLAUDE_WARM_IDLE, seconds an idle session process stays alive
     warm_max: int = 4  # CLAUDE_WARM_MAX, idle session processes kept at most
@@ -96,6 +109,19 @@ class Settings:
     max_image_bytes: int = 5 * MiB  # CLAUDE_MAX_IMAGE_BYTES, per image (the Messages API's own limit)
     fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model when the model is overloaded
     max_budget_usd: float | None = None  # CLAUDE_MAX_BUDGET_USD: --max-budget-usd per request
+    allowed_hosts: tuple[str, ...] = ()  # CLAUDE_ALLOWED_HOSTS, comma-separated; empty: from CLAUDE_API_HOST
+    allowed_origins: tuple[str, ...] = ()  # CLAUDE_ALLOWED_ORIGINS, comma-separated; empty: same origin only
+
+    @property
+    def trusted_hosts(self) -> tuple[str, ...]:
+        """The names a request's Host header may carry: CLAUDE_ALLOWED_HOSTS, else the address we listen on.
+        A wildcard bind listens on every address the machine has, so any name goes (and keys are required)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        if self.host in WILDCARD_BINDS:
+            return ("*",)
+        host = f"[{self.host}]" if ":" in self.host else self.host.lower()
+        return tuple(dict.fromkeys([*LOOPBACK_NAMES, host])) if is_loopback(self.host) else (host,)
 
 
 class SettingsError(ValueError):
@@ -106,7 +132,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     def text(name: str, default: str) -> str:
         return environ.get(name, default).strip()
 
-    def number(name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> Any:
+    def number(name: str, default: float, *, minimum: float = 0.0, maximum: float = math.inf,
+               integer: bool = False) -> Any:
         raw = environ.get(name, "").strip()
         if not raw:
             return default
@@ -115,8 +142,11 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         except ValueError:
             value = None
         kind = "an integer" if integer else "a number"
-        if value is None or value < minimum or (not integer and value != value):
-            raise SettingsError(f"{name} must be {kind} >= {minimum:g}, got {raw!r}")
+        # NaN and infinity are refused: no setting means "never", and either would fail later, mid-request.
+        if value is None or not math.isfinite(value) or not minimum <= value <= maximum:
+            bounds = f">= {minimum:g}" if maximum == math.inf else f"from {minimum:g} to {maximum:g}"
+            bounds += "" if integer else " and finite"
+            raise SettingsError(f"{name} must be {kind} {bounds}, got {raw!r}")
         return value
 
     def choice(name: str, default: str, allowed: Iterable[str]) -> str:
@@ -128,6 +158,13 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     def names(name: str) -> tuple[str, ...]:
         return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
 
+    def patterns(name: str, pattern: re.Pattern[str], example: str) -> tuple[str, ...]:
+        values = tuple(value.lower().rstrip("/") for value in names(name))
+        for value in values:
+            if not pattern.fullmatch(value):
+                raise SettingsError(f"{name} must be a comma-separated list like {example}, got {value!r}")
+        return values
+
     model_map = dict(OPENAI_MODEL_MAP)
     raw_map = text("CLAUDE_MODEL_MAP", "")
     if raw_map:
@@ -137,6 +174,9 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
             raise SettingsError(f"CLAUDE_MODEL_MAP must be a JSON object, got {raw_map!r}: {exc}") from None
         if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
             raise SettingsError(f"CLAUDE_MODEL_MAP must map names to strings, got {raw_map!r}")
+        if remapped := sorted(DEFAULT_NAMES & set(extra)):
+            raise SettingsError(f"CLAUDE_MODEL_MAP cannot remap the default names ({', '.join(map(repr, remapped))}); "
+                                "set CLAUDE_DEFAULT_MODEL to choose the default model")
         model_map.update(extra)
     for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", ""),
                    text("CLAUDE_FALLBACK_MODEL", "")]:
@@ -151,7 +191,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
                             f"{environ['CLAUDE_SETTING_SOURCES']!r}")
     return Settings(
         host=text("CLAUDE_API_HOST", "127.0.0.1"),
-        port=number("CLAUDE_API_PORT", 8765, minimum=0, integer=True),
+        port=number("CLAUDE_API_PORT", 8765, minimum=0, maximum=65535, integer=True),
         api_keys=names("CLAUDE_API_KEYS"),
         claude_bin=text("CLAUDE_BIN", "claude") or "claude",
         default_model=text("CLAUDE_DEFAULT_MODEL", ""),
@@ -172,6 +212,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         effort=EFFORTS.get(effort, ""),
         setting_sources=setting_sources,
         session_ttl=number("CLAUDE_SESSION_TTL", 1800.0, minimum=0.001),
+        max_sessions=number("CLAUDE_MAX_SESSIONS", 1000, minimum=1, integer=True),
         auto_session=choice("CLAUDE_AUTO_SESSION", "on", [*TRUE, *FALSE]) in TRUE,
         warm_idle=number("CLAUDE_WARM_IDLE", 120.0),
         warm_max=number("CLAUDE_WARM_MAX", 4, minimum=0, integer=True),
@@ -180,6 +221,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
         fallback_model=text("CLAUDE_FALLBACK_MODEL", ""),
         max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),  # type: ignore[arg-type]
+        allowed_hosts=patterns("CLAUDE_ALLOWED_HOSTS", HOST_PATTERN, "'api.example.com,*.lan,[::1]' or '*'"),
+        allowed_origins=patterns("CLAUDE_ALLOWED_ORIGINS", ORIGIN_PATTERN, "'https://app.example.com' or '*'"),
     )
 
 
@@ -234,6 +277,14 @@ class BudgetExceeded(ProxyError):
     status, type, code = 402, "insufficient_quota", "max_budget_exceeded"
 
 
+class HostNotAllowed(ProxyError):
+    status, type, code = 400, "invalid_request_error", "host_not_allowed"
+
+
+class OriginNotAllowed(ProxyError):
+    status, type, code = 403, "permission_error", "origin_not_allowed"
+
+
 class NotFound(ProxyError):
     status, type, code = 404, "invalid_request_error", "unknown_url"
 
@@ -248,6 +299,10 @@ class MethodNotAllowed(ProxyError):
 
 class PayloadTooLarge(ProxyError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
 
 
 class RateLimited(ProxyError):
@@ -976,6 +1031,11 @@ class CliCall:
 
 # Variables a parent Claude Code session sets, and the server's own secrets: never inherited by the child.
 SCRUBBED_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_API_KEYS")
+# The CLI expands `@path` in any prompt text (absolute, ~/, ../, directories as listings) into the file's
+# content, built-in tools off or not. DISABLE_ATTACHMENTS stops it on every CLI version we support (2.1.197
+# and 2.1.332); DISABLE_FILE_MENTIONS and the deny rule stop it too from 2.1.332 on, and older ones ignore them.
+NO_FILE_MENTIONS = MappingProxyType({"CLAUDE_CODE_DISABLE_ATTACHMENTS": "1", "CLAUDE_CODE_DISABLE_FILE_MENTIONS": "1"})
+NO_FILE_READS = json.dumps({"permissions": {"deny": ["Read"]}})
 
 
 def user_message_line(blocks: list[dict[str, Any]]) -> bytes:
@@ -1000,7 +1060,9 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
     args = ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
             "--include-partial-messages", "--tools", "", "--strict-mcp-config",
             # No settings files, so no CLAUDE.md, hooks or plugins of the host user reach a request.
-            "--setting-sources", settings.setting_sources]
+            "--setting-sources", settings.setting_sources,
+            # A second guard against `@path` mentions (see child_environment), honoured by newer CLIs.
+            "--settings", NO_FILE_READS]
     if request.cli_model:
         args += ["--model", request.cli_model]
     if request.effort:
@@ -1037,7 +1099,7 @@ def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict
     env = {k: v for k, v in base.items() if k not in SCRUBBED_ENV}
     # Our retry policy owns retries; the CLI's own (10, for minutes on a bad login) would multiply with it.
     env.update({"CLAUDE_CODE_MAX_RETRIES": "0", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                "DISABLE_AUTOUPDATER": "1"})
+                "DISABLE_AUTOUPDATER": "1", **NO_FILE_MENTIONS})
     env.update(extra)
     return env
 
@@ -1330,7 +1392,9 @@ class CliProcess:
                 start_new_session=True, limit=STDOUT_LIMIT)
         except OSError as exc:
             self._remove_prompt_file()
-            raise CliUnavailable(f"The claude CLI could not be started ({exc.strerror or exc}).") from None
+            # Error bodies never carry host paths or setting values; the log has them.
+            log.error("could not start the claude CLI %r: %s", self.binary, exc)
+            raise CliUnavailable("The claude CLI could not be started; the server's log says why.") from None
         self.processes.add(self.process)
         self._stderr_task = asyncio.create_task(self._drain_stderr())
 
@@ -1635,8 +1699,9 @@ class Runner:
     def binary(self) -> str:
         binary = resolve_binary(self.settings, self.environ)
         if binary is None:
-            raise CliUnavailable(f"The claude CLI was not found (CLAUDE_BIN={self.settings.claude_bin!r}). Install it "
-                                 "with `npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
+            log.error("claude CLI not found (CLAUDE_BIN=%r)", self.settings.claude_bin)
+            raise CliUnavailable("The claude CLI was not found on the server (see CLAUDE_BIN). Install it with "
+                                 "`npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
         return binary
 
     def process(self, call: CliCall, binary: str = "") -> CliProcess:
@@ -1656,7 +1721,7 @@ class Runner:
                     await cli.send(call.stdin, close=not job.keeps_stdin)
                     yield cli.events()
             except TimeoutError:
-                raise CliTimeout(f"The claude CLI did not finish within CLAUDE_TIMEOUT={self.settings.timeout:g} s."
+                raise CliTimeout("The claude CLI did not finish within the server's time limit (CLAUDE_TIMEOUT)."
                                  ) from None
             finally:
                 await job.settle(cli)
@@ -1747,16 +1812,26 @@ class Runner:
 SESSION_NAMESPACE = uuid.UUID("6f1d8a4e-3c2b-5e7f-9a1b-2c3d4e5f6a7b")
 
 
-def cli_session_id(client_id: str) -> str:
+# Where BearerAuth leaves the owner of a request in its ASGI scope: a digest of the API key it carried, never
+# the key. Sessions, their processes and stored responses belong to their owner; "" when no keys are set.
+KEY_OWNER = "claude_api.key_owner"
+
+
+def owner_of(key: bytes) -> str:
+    return hashlib.sha256(b"claude_api key owner\0" + key).hexdigest()[:32]
+
+
+def cli_session_id(client_id: str, owner: str = "") -> str:
     """The CLI's id for a client's session: derived, so a client id can never name a transcript of the host
-    user's own (when CLAUDE_WORKDIR is shared), and stable, so the session survives a server restart."""
-    return str(uuid.uuid5(SESSION_NAMESPACE, client_id))
+    user's own (when CLAUDE_WORKDIR is shared), nor one of another key's, and stable, so the session survives
+    a server restart."""
+    return str(uuid.uuid5(SESSION_NAMESPACE, f"{owner}/{client_id}" if owner else client_id))
 
 
-def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn]) -> str:
-    """Identifies a conversation exactly: any edit, reformat or other model gives another fingerprint."""
+def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn], owner: str = "") -> str:
+    """Identifies a conversation exactly: any edit, reformat or other model (or key) gives another fingerprint."""
     material = json.dumps([system, cli_model, [(turn.role, turn.text, [image.digest for image in turn.images])
-                                               for turn in turns]], ensure_ascii=False)
+                                               for turn in turns], owner], ensure_ascii=False)
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -1784,6 +1859,7 @@ class Session:
     pinned: bool = False  # cli_id is derived from the client's id and must stay so
     process: CliProcess | None = None  # an idle warm process that holds this conversation
     retiring: asyncio.Future[None] | None = None  # its last process, finishing the transcript as it exits
+    owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
 
 
 class Sessions:
@@ -1795,37 +1871,44 @@ class Sessions:
         self.runner = runner
         self.transcripts = transcripts  # where the CLI keeps this workdir's transcripts
         self.own_workdir = own_workdir  # nobody else's transcripts live there: stale ones may be swept
-        self.explicit: dict[str, Session] = {}
+        self.explicit: dict[tuple[str, str], Session] = {}  # by owner and the client's id
         self.auto: OrderedDict[str, Session] = OrderedDict()
         self.warm: OrderedDict[Session, None] = OrderedDict()
         self.background: set[asyncio.Future[None]] = set()
         self.waiting = 0  # requests queued on a busy session's lock
         self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # previous_response_id targets
 
-    def job(self, chat: ChatRequest) -> tuple[Job, str | None]:
+    def job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
         if chat.structured:  # function calling and JSON output run stateless (see the README)
             notice = f"Session {chat.session_id} was not used: function calling and JSON output run " \
                      "stateless." if chat.session_id else None
             return Job(build_cli_call(chat, self.settings)), notice
         if chat.session_id:
-            return self.explicit_job(chat)
+            return self.explicit_job(chat, owner)
         if not self.settings.auto_session:
             return Job(build_cli_call(chat, self.settings)), None
         turns = chat.turns
         if len(turns) >= 3 and turns[-1].role == "user" and turns[-2].role == "assistant":
             # Taken out of the map while in use: an identical request arriving meanwhile starts afresh.
-            session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1]), None)
+            session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1], owner), None)
             if session is not None:
                 return SessionJob(self, session, chat), None
-        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False)
+        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False,
+                          owner=owner)
         return SessionJob(self, session, chat), None
 
-    def response_job(self, chat: ChatRequest, previous: str | None, store: bool) -> tuple[Job, ChatRequest]:
+    def stored(self, response_id: Any, owner: str) -> StoredResponse | None:
+        """A stored response, for its owner only: to another key it does not exist."""
+        stored = self.responses.get(response_id) if isinstance(response_id, str) else None
+        return stored if stored is not None and stored.owner == owner else None
+
+    def response_job(self, chat: ChatRequest, previous: str | None, store: bool,
+                     owner: str = "") -> tuple[Job, ChatRequest]:
         """The job for a Responses request, and the chat request it runs: any stored conversation it
         continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
         older response starts a new one from the whole context."""
-        prior = self.responses.get(previous) if previous else None
+        prior = self.stored(previous, owner) if previous else None
         new_input = chat.turns
         if prior is not None:
             chat = replace(chat, turns=(*prior.turns, *new_input))
@@ -1835,24 +1918,28 @@ class Sessions:
         if session is None or session.history != list(prior.turns if prior else ()) or session.lock.locked() \
                 or (session.system, session.cli_model) != (chat.system, chat.cli_model):
             key = f"response-{uuid.uuid4()}"
-            session = self.explicit[key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
-                                                   explicit=True, history=list(prior.turns) if prior else [])
+            self.make_room()
+            session = self.explicit[owner, key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
+                                                          explicit=True, history=list(prior.turns) if prior else [],
+                                                          owner=owner)
         return SessionJob(self, session, chat, new_input if prior else None), chat
 
-    def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job) -> None:
+    def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
         session = job.session if isinstance(job, SessionJob) and not job.diverged else None
-        self.responses[response_id] = StoredResponse(turns, session)
+        self.responses[response_id] = StoredResponse(turns, session, owner)
         while len(self.responses) > MAX_AUTO_SESSIONS:
             self.responses.popitem(last=False)
 
-    def explicit_job(self, chat: ChatRequest) -> tuple[Job, str | None]:
+    def explicit_job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         key = chat.session_id or ""
-        session = self.explicit.get(key)
+        session = self.explicit.get((owner, key))
         if session is None:
-            session = Session(key, cli_session_id(key), chat.system, chat.cli_model, explicit=True, pinned=True)
+            self.make_room()
+            session = Session(key, cli_session_id(key, owner), chat.system, chat.cli_model, explicit=True,
+                              pinned=True, owner=owner)
             known = self.transcript(session.cli_id)  # a session this server started before a restart
             session.started = known is not None and known.exists()
-            self.explicit[key] = session
+            self.explicit[owner, key] = session
             return SessionJob(self, session, chat), None
         # A request without a system message (only the newest turn, as sessions invite) changes nothing.
         ignored = [name for name, changed in (("system prompt", bool(chat.system) and chat.system != session.system),
@@ -1861,12 +1948,23 @@ class Sessions:
                   f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored.") if ignored else None
         return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
 
+    def make_room(self) -> None:
+        """Before a new explicit session: keep CLAUDE_MAX_SESSIONS by dropping the least recently used idle
+        one, as its TTL would; when every one is busy, refuse."""
+        if len(self.explicit) < self.settings.max_sessions:
+            return
+        idle = min((s for s in self.explicit.values() if not s.lock.locked()), key=lambda s: s.last_used, default=None)
+        if idle is None:
+            raise Overloaded(f"All {len(self.explicit)} sessions are busy (CLAUDE_MAX_SESSIONS); retry shortly.",
+                             retry_after=5)
+        self.forget(idle)
+
     def transcript(self, cli_id: str) -> Path | None:
         return self.transcripts / f"{cli_id}.jsonl" if self.transcripts else None
 
     def remember(self, session: Session, turns: tuple[Turn, ...]) -> None:
         """An automatic session answered: the client will come back with exactly these turns."""
-        key = fingerprint(session.system, session.cli_model, turns)
+        key = fingerprint(session.system, session.cli_model, turns, session.owner)
         self.auto[key] = session
         self.auto.move_to_end(key)
         while len(self.auto) > MAX_AUTO_SESSIONS:
@@ -1912,7 +2010,7 @@ class Sessions:
     def forget(self, session: Session) -> None:
         """Drop a session for good: its process, its lock, its transcript."""
         if session.explicit:
-            self.explicit.pop(session.key, None)
+            self.explicit.pop((session.owner, session.key), None)
         self.restart(session)
 
     async def retire(self, cli: CliProcess | None, cli_id: str) -> None:
@@ -2210,6 +2308,11 @@ def error_response(error: ProxyError) -> JSONResponse:
 
 
 async def read_json(request: Request, limit: int) -> Any:
+    # Only JSON: a web page can post text/plain to any address without asking, but not application/json.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"The request body must be sent with Content-Type: application/json, not "
+                                   f"{media_type or 'none'!r}.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
@@ -2250,7 +2353,7 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, settings.max_body_bytes)
     chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
-    job, notice = state.sessions.job(chat)
+    job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
     headers = {"X-Session-Notice": notice} if notice else {}
     if chat.stream:
         return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
@@ -2456,6 +2559,7 @@ class StoredResponse:
 
     turns: tuple[Turn, ...]
     session: Session | None  # the CLI conversation whose head it is, when there is one
+    owner: str = ""  # the API key that made it (see KEY_OWNER)
     created: float = field(default_factory=time.monotonic)
 
 
@@ -2624,16 +2728,17 @@ async def create_response(request: Request) -> Response:
         raise as_responses_error(error) from None
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")
-    if previous is not None and (not isinstance(previous, str) or previous not in sessions.responses):
+    owner = request.scope.get(KEY_OWNER, "")
+    if previous is not None and sessions.stored(previous, owner) is None:
         raise BadRequest(f"Previous response with id {previous!r} not found (responses are kept for "
                          "CLAUDE_SESSION_TTL seconds, and never with store: false).",
                          param="previous_response_id", code="previous_response_not_found")
-    job, chat = sessions.response_job(chat, previous, store)
+    job, chat = sessions.response_job(chat, previous, store, owner)
     shell = ResponseShell(response_id(), body)
 
     def keep(done: Answer) -> None:
         if store:
-            sessions.store_response(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job)
+            sessions.store_response(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job, owner)
 
     if chat.stream:
         return await stream_response(request, runner, job, chat, {}, ResponsesStream(shell, keep), "responses")
@@ -2707,6 +2812,7 @@ class BearerAuth:
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.owners = [owner_of(key) for key in self.keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
@@ -2719,7 +2825,51 @@ class BearerAuth:
                                       "the keys in CLAUDE_API_KEYS.")
                 await error_response(error)(scope, receive, send)
                 return
+            scope[KEY_OWNER] = self.owners[matches.index(True)]
         await self.app(scope, receive, send)
+
+
+TRUSTED_HOST = "claude_api.trusted_host"  # set in the scope when TrustedHostMiddleware let the request through
+
+
+class BrowserGuard(TrustedHostMiddleware):
+    """Refuses what only a web page would send: a Host that does not name this server (a DNS-rebinding page
+    reaches 127.0.0.1 under its own name), and a cross-site Origin. Starlette's TrustedHostMiddleware decides
+    the Host; its plain-text refusal is replaced by an OpenAI error."""
+
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...], origins: tuple[str, ...]) -> None:
+        super().__init__(self.trusted, allowed_hosts=hosts, www_redirect=False)
+        self.next, self.origins = app, origins
+
+    @staticmethod
+    async def trusted(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[TRUSTED_HOST] = True
+
+    @staticmethod
+    async def discard(message: Message) -> None:
+        pass
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.next(scope, receive, send)
+            return
+        await super().__call__(scope, receive, self.discard)
+        headers = Headers(scope=scope)
+        host, origin = headers.get("host", ""), headers.get("origin")
+        error: ProxyError | None = None
+        if not scope.pop(TRUSTED_HOST, False):
+            error = HostNotAllowed(f"The Host header {host[:100]!r} does not name this server. To serve it under "
+                                   "another name, add that name to CLAUDE_ALLOWED_HOSTS.")
+        elif origin is not None and not self.same_site(origin.lower().rstrip("/"), host.lower()):
+            error = OriginNotAllowed(f"Requests from web pages of {origin[:100]!r} are refused. To let a page use this "
+                                     "server, add its origin to CLAUDE_ALLOWED_ORIGINS.")
+        if error is not None:
+            await error_response(error)(scope, receive, send)
+            return
+        await self.next(scope, receive, send)
+
+    def same_site(self, origin: str, host: str) -> bool:
+        return "*" in self.origins or origin in self.origins or origin == f"http://{host}"
 
 
 def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
@@ -2728,8 +2878,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        workdir = Path(settings.workdir) if settings.workdir else private_workdir(environ)
-        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        workdir = prepare_workdir(settings, environ)
         runner = app.state.runner = Runner(settings, str(workdir), environ)
         sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
                                                  own_workdir=not settings.workdir)
@@ -2761,6 +2910,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
         lifespan=lifespan,
     )
     app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.add_middleware(BrowserGuard, hosts=settings.trusted_hosts, origins=settings.allowed_origins)
     app.state.settings = settings
     app.state.cli_version = None
     return app
@@ -2770,6 +2920,27 @@ def private_workdir(environ: Mapping[str, str]) -> Path:
     """An empty folder of our own to run the CLI in: stable, so stored sessions survive a restart."""
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or tempfile.gettempdir(), ".cache")
     return Path(cache) / "claude_api" / "workdir"
+
+
+def prepare_workdir(settings: Settings, environ: Mapping[str, str]) -> Path:
+    """The CLI's working directory, created if missing; a SettingsError when it cannot be used."""
+    workdir = Path(settings.workdir) if settings.workdir else private_workdir(environ)
+    problem = ""
+    try:
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        problem = "it is not a directory"
+    except OSError as exc:
+        problem = f"it cannot be created: {exc.strerror or exc}"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=workdir):  # the CLI writes there; a read-only folder fails only later
+                pass
+        except OSError as exc:
+            problem = f"it is not writable: {exc.strerror or exc}"
+    if problem:
+        raise SettingsError(f"CLAUDE_WORKDIR: cannot run the CLI in {str(workdir)!r}, {problem}")
+    return workdir
 
 
 def transcripts_folder(workdir: Path, environ: Mapping[str, str]) -> Path | None:
@@ -2789,10 +2960,6 @@ async def shutdown(runner: Runner, grace: float) -> None:
     if runner.processes:
         await asyncio.wait([asyncio.create_task(p.wait()) for p in runner.processes], timeout=grace)
     await runner.kill_all()
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class Server(uvicorn.Server):
@@ -2822,6 +2989,10 @@ def main() -> None:
         raise SystemExit(f"claude_api: refusing to listen on {settings.host} without keys. Set CLAUDE_API_KEYS to a "
                          "comma-separated list of secrets (clients send `Authorization: Bearer <key>`), or bind "
                          "CLAUDE_API_HOST=127.0.0.1.")
+    try:
+        prepare_workdir(settings, os.environ)
+    except SettingsError as exc:
+        raise SystemExit(f"claude_api: {exc}") from None
     if resolve_binary(settings, os.environ) is None:
         log.warning("claude CLI not found (CLAUDE_BIN=%r): requests will get 503 until it is installed",
                     settings.claude_bin)
