@@ -63,22 +63,23 @@ class Reply:
     echo: bool = False  # answer "echo: <the last user text>" instead of ``text``
 
 
-def last_user_text(body: dict[str, Any]) -> str:
-    """The text of the last user message, without the CLI's own <system-reminder> blocks."""
-    content = body["messages"][-1]["content"]
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text, without the CLI's own <system-reminder> blocks."""
+    content = message["content"]
     blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
     return "".join(b.get("text", "") for b in blocks if not b.get("text", "").startswith("<system-reminder>")).strip()
 
 
+def last_user_text(body: dict[str, Any]) -> str:
+    """The text of the last user message. Not simply the last message: newer CLIs (2.1.332) put their environment
+    notes in role "system" messages inside ``messages``, one after the first user message, and may end with one."""
+    return message_text([m for m in body["messages"] if m["role"] == "user"][-1])
+
+
 def conversation_shape(body: dict[str, Any]) -> list[tuple[str, str]]:
-    """(role, text) of each upstream message, the CLI's reminders left out: what the model was shown."""
-    shape = []
-    for message in body["messages"]:
-        content = message["content"]
-        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
-        text = "".join(b.get("text", "") for b in blocks if not b.get("text", "").startswith("<system-reminder>"))
-        shape.append((message["role"], text.strip()))
-    return shape
+    """(role, text) of each user and assistant message upstream, the CLI's reminders and environment notes left
+    out: the conversation the model was shown."""
+    return [(m["role"], message_text(m)) for m in body["messages"] if m["role"] in ("user", "assistant")]
 
 
 def split_text(text: str, pieces: int) -> list[str]:
@@ -1373,8 +1374,7 @@ async def test_real_slash_text_reaches_the_model_as_text(real: Real) -> None:
     async with client_for(real.app()) as client:
         response = await client.post("/v1/chat/completions", json=chat("/cost"))
     assert response.json()["choices"][0]["message"]["content"] == "It is a command name."
-    last_user = real.standin.bodies()[0]["messages"][-1]["content"]
-    assert any(block.get("text") == "/cost" for block in last_user)
+    assert last_user_text(real.standin.bodies()[0]) == "/cost"  # the user's text reached the model, as text
 
 
 @needs_real_cli
@@ -2046,7 +2046,7 @@ async def test_real_image_reaches_upstream_as_an_image_block(real: Real) -> None
     async with client_for(real.app()) as client:
         response = await client.post("/v1/chat/completions", json={"messages": [image_message(data_url(PNG))]})
     assert response.json()["choices"][0]["message"]["content"] == "A single pixel."
-    content = real.standin.bodies()[0]["messages"][-1]["content"]
+    content = [m for m in real.standin.bodies()[0]["messages"] if m["role"] == "user"][-1]["content"]
     kinds = [(b["type"], b.get("text", "").strip()) for b in content if not b.get("text", "").startswith("<system")]
     assert kinds == [("text", "look:"), ("image", ""), ("text", "what is it?")]
     image = next(b for b in content if b["type"] == "image")
