@@ -61,6 +61,7 @@ class Reply:
     stop_reason: str = "end_turn"
     gate: threading.Event | None = None  # hold the last delta until this is set (10 s at most)
     echo: bool = False  # answer "echo: <the last user text>" instead of ``text``
+    context_tokens: int = 0  # report this many prompt tokens read from cache: a context window nearly full
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -177,6 +178,8 @@ class StandIn:
             return JSONResponse({"type": "error", "error": {"type": reply.error_type, "message": "stand-in error"}},
                                 status_code=reply.status, headers={"retry-after": "1"})
         usage = self.usage_for(body)
+        if reply.context_tokens:
+            usage["cache_read_input_tokens"] = reply.context_tokens
         if reply.echo:
             reply = replace(reply, text=f"echo: {last_user_text(body)}")
         return StreamingResponse(self.events(body, reply, usage), media_type="text/event-stream")
@@ -313,9 +316,16 @@ from pathlib import Path
 
 HOME = Path(__file__).resolve().parent
 args = sys.argv[1:]
+control = json.loads((HOME / "control.json").read_text()) if (HOME / "control.json").exists() else {}
 if "--version" in args:
-    print("9.9.9 (Fake Code)")
+    print(control.get("version", "9.9.9 (Fake Code)"))
     sys.exit(0)
+if "--help" in args:
+    print("Usage: claude [options]\n" + "\n".join(control.get("flags", ["--model <model>", "--resume [value]"])))
+    sys.exit(0)
+if args[:2] == ["auth", "status"]:
+    print(json.dumps({"loggedIn": control.get("logged_in", True), "authMethod": "fake"}))
+    sys.exit(0 if control.get("logged_in", True) else 1)
 calls = HOME / "calls"
 calls.mkdir(exist_ok=True)
 system = None
@@ -449,8 +459,8 @@ def find_real_cli() -> str | None:
 def make_settings(**overrides: Any) -> api.Settings:
     """Settings from an environment dict, the way the service reads them."""
     environ = {"CLAUDE_MAX_RETRIES": "0", "CLAUDE_BASE_BACKOFF": "0.01", "CLAUDE_TIMEOUT": "20",
-               # The stateless path and no pre-started processes, unless a test turns them on.
-               "CLAUDE_AUTO_SESSION": "off", "CLAUDE_PREWARM": "0"}
+               # The stateless path, no pre-started processes and no self-check, unless a test turns them on.
+               "CLAUDE_AUTO_SESSION": "off", "CLAUDE_PREWARM": "0", "CLAUDE_SELF_CHECK": "off"}
     environ.update({f"CLAUDE_{k.upper()}": str(v) for k, v in overrides.items()})
     return api.load_settings(environ)
 
@@ -471,7 +481,8 @@ class Fake:
         return fake_calls(self.folder)
 
     def alive(self) -> list[int]:
-        return processes_running(str(self.bin))
+        """Its model-call processes: not the short `--version`, `--help` and `auth status` ones of start-up."""
+        return processes_running(f"{self.bin} -p")
 
     def app(self, **overrides: Any) -> Starlette:
         settings = make_settings(bin=self.bin, **overrides) if overrides else self.settings
@@ -1075,7 +1086,9 @@ async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
     async with client_for(fake.app()) as client:
         health = await client.get("/health")
         assert health.status_code == 200
-        assert health.json() == {"status": "ok", "cli": {"path": str(fake.bin), "version": "9.9.9 (Fake Code)"},
+        assert health.json() == {"status": "ok", "cli": {"version": "9.9.9 (Fake Code)", "tested": False,
+                                                          "login": health.json()["cli"]["login"], "self_check": {
+                                                              "state": "off", "problems": [], "seconds": None}},
                                  "in_flight": 0, "queued": 0,
                                  "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
                                  "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}}
@@ -1158,7 +1171,7 @@ def post_in_background(url: str, body: dict[str, Any], results: list[Any]) -> th
 
 def fake_server_env(fake: Fake, **settings: Any) -> dict[str, str]:
     """The server's environment: stateless and without pre-started processes, unless a test says otherwise."""
-    settings = {"auto_session": "off", "prewarm": 0, **settings}
+    settings = {"auto_session": "off", "prewarm": 0, "self_check": "off", **settings}
     return {"CLAUDE_BIN": str(fake.bin), "HOME": fake.environ["HOME"],
             **{f"CLAUDE_{k.upper()}": str(v) for k, v in settings.items()}}
 
@@ -2274,3 +2287,187 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
         health = (await client.get("/health")).json()
     assert response.json()["choices"][0]["message"]["content"] == "Warm hello."
     assert health["prewarm"]["hits"] == 1
+
+
+# --- The CLI's version, flags, login and self-check; /health and the start-up log ---
+
+
+async def checked(app: Starlette) -> None:
+    """Wait for the background start-up checks (login, self-check) to report."""
+    assert await eventually(lambda: app.state.runner.login != "unknown" and app.state.self_check.state != "pending",
+                            30)
+
+
+async def test_health_shows_details_and_the_cli_path_only_to_key_holders(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys="k1")) as client:
+        anonymous = await client.get("/health")
+        assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}
+        holder = (await client.get("/health", headers={"Authorization": "Bearer k1"})).json()
+        assert holder["cli"]["path"] == str(fake.bin) and holder["cli"]["version"] == "9.9.9 (Fake Code)"
+        assert "in_flight" in holder
+        assert (await client.get("/health", headers={"Authorization": "Bearer k2"})).json() == {"status": "ok"}
+    async with client_for(fake.app()) as client:  # no keys (the loopback default): details, but no host path
+        open_health = await client.get("/health")
+        assert open_health.json()["cli"]["version"] == "9.9.9 (Fake Code)" and "in_flight" in open_health.json()
+        assert str(fake.folder) not in open_health.text and "path" not in open_health.json()["cli"]
+
+
+async def test_version_is_learnt_at_start_up_not_per_health_call(fake: Fake) -> None:
+    app = fake.app()
+    async with client_for(app) as client:
+        (fake.folder / "claude").write_text("#!/bin/sh\nexit 1\n")  # any later --version would fail
+        assert (await client.get("/health")).json()["cli"]["version"] == "9.9.9 (Fake Code)"
+
+
+async def test_start_up_log_says_what_the_service_is(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="claude_api")
+    async with client_for(fake.app(stream_mode="pseudo")):
+        pass
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("claude_api on ")]
+    workdir = Path(fake.environ["HOME"]) / ".cache" / "claude_api" / "workdir"
+    for part in ("http://127.0.0.1:8765/v1", "auth off", str(fake.bin), "9.9.9 (Fake Code)", "stream mode pseudo"):
+        assert part in line
+    assert "workdir " in line and str(workdir) not in line or "workdir" in line
+
+
+@pytest.mark.parametrize(("version", "warned"), [("9.9.9 (Fake Code)", True), ("2.1.100 (Claude Code)", True),
+                                                 ("2.1.197 (Claude Code)", False), ("2.1.250 (Claude Code)", False),
+                                                 ("2.1.332 (Claude Code)", False), ("nonsense", True)])
+async def test_a_cli_outside_the_tested_range_is_warned_about_not_refused(
+        fake: Fake, caplog: pytest.LogCaptureFixture, version: str, warned: bool) -> None:
+    fake.control(version=version)
+    async with client_for(fake.app()) as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert (await client.get("/health")).json()["cli"]["tested"] is not warned
+    assert any("outside the tested range" in r.getMessage() for r in caplog.records) is warned
+
+
+async def test_not_logged_in_shows_in_health_and_the_log(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    fake.control(logged_in=False)
+    app = fake.app()
+    async with client_for(app) as client:
+        await checked(app)
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "not_logged_in"
+        assert health.json()["cli"]["login"] == "not_logged_in" and "log in" in health.json()["reason"]
+    assert any("not logged in" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_a_401_from_a_request_marks_the_login(fake: Fake) -> None:
+    app = fake.app()
+    async with client_for(app) as client:
+        await checked(app)
+        assert (await client.get("/health")).json()["cli"]["login"] == "logged_in"
+        fake.control(default="not_logged_in")
+        assert_error(await client.post("/v1/chat/completions", json=chat()), 401, "cli_not_logged_in")
+        assert (await client.get("/health")).json()["status"] == "not_logged_in"
+        fake.control(default="ok")  # logged in again: the next answer says so
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert (await client.get("/health")).json()["status"] == "ok"
+
+
+async def test_snapshot_flag_is_turned_off_only_where_help_lists_it(fake: Fake) -> None:
+    async with client_for(fake.app()) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    assert "--system-prompt-snapshot" not in fake.calls()[-1]["argv"]
+    fake.control(flags=["--model <model>", "--system-prompt-snapshot <on|off>  Record the system prompt once"])
+    async with client_for(fake.app()) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    argv = fake.calls()[-1]["argv"]
+    assert argv[argv.index("--system-prompt-snapshot") + 1] == "off"
+
+
+async def test_autocompact_is_off_on_every_cli(fake: Fake) -> None:
+    async with client_for(fake.app()) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    assert fake.calls()[0]["env"]["DISABLE_AUTO_COMPACT"] == "1"
+
+
+async def test_fallback_model_may_be_a_list(fake: Fake) -> None:
+    settings = make_settings(bin=fake.bin, fallback_model=" sonnet, claude-haiku-4-5 ")
+    assert settings.fallback_model == "sonnet,claude-haiku-4-5"
+    async with client_for(api.create_app(settings, fake.environ)) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    argv = fake.calls()[0]["argv"]
+    assert argv[argv.index("--fallback-model") + 1] == "sonnet,claude-haiku-4-5"
+    with pytest.raises(api.SettingsError, match="CLAUDE_FALLBACK_MODEL"):
+        make_settings(fallback_model="sonnet,-x")
+
+
+async def test_self_check_reports_missing_features_honestly(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    app = fake.app(self_check="on")
+    async with client_for(app) as client:
+        await checked(app)
+        health = await client.get("/health")
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200  # degraded, not refused
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    check = health.json()["cli"]["self_check"]
+    assert check["state"] == "failed" and any("control protocol" in p for p in check["problems"])
+    assert any("self-check failed" in r.getMessage() for r in caplog.records)
+    [probe] = [c for c in fake.calls() if c["env"].get("ANTHROPIC_API_KEY") == "sk-self-check"]
+    # A private home and config, a loopback stand-in, and nothing else of the server's environment.
+    assert probe["env"]["HOME"] != fake.environ["HOME"] and probe["env"]["ANTHROPIC_BASE_URL"].startswith(
+        "http://127.0.0.1:") and "KEEP_ME" not in probe["env"]
+    assert probe["env"]["CLAUDE_CONFIG_DIR"].startswith(probe["env"]["HOME"])
+
+
+@needs_real_cli
+async def test_real_self_check_passes_quickly_and_spends_nothing(real: Real) -> None:
+    app = real.app(self_check="on")
+    async with client_for(app) as client:
+        await checked(app)
+        health = (await client.get("/health")).json()
+    check = health["cli"]["self_check"]
+    assert check["state"] == "passed" and check["problems"] == [], check
+    assert check["seconds"] < 10  # about 0.5 s on an idle machine; the ceiling is for a busy one
+    assert real.standin.bodies() == []  # nothing reached the upstream the user pays for
+    assert health["cli"]["tested"] is True and health["status"] == "ok"
+
+
+@needs_real_cli
+async def test_real_login_state_comes_from_auth_status(real: Real) -> None:
+    app = real.app()
+    async with client_for(app):
+        await checked(app)
+        assert app.state.runner.login == "logged_in"  # the key the stand-in accepts
+    logged_out = api.create_app(make_settings(bin=real.bin),
+                                {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"})
+    async with client_for(logged_out) as client:
+        await checked(logged_out)
+        assert (await client.get("/health")).json()["status"] == "not_logged_in"
+    assert real.standin.bodies() == []
+
+
+@needs_real_cli
+def test_real_autocompact_never_rewrites_a_kept_session(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True, context_tokens=990_000))  # every answer says: context nearly full
+    sid = str(uuid.uuid4())
+    with serve(session_app(real)) as url:
+        for text in ("My name is Ada.", "I like tea.", "What is my name?"):
+            httpx.post(f"{url}/v1/chat/completions", json=chat(text, session_id=sid), timeout=60)
+    # Whatever the CLI then answers (a full context is an error, not a secret rewrite), no request summarised the
+    # session or replaced its history with a summary.
+    upstream = real.upstream_text()
+    assert "My name is Ada." in upstream
+    assert "Respond with TEXT ONLY" not in upstream and "continued from a previous conversation" not in upstream
+
+
+@needs_real_cli
+def test_real_session_sends_the_system_prompt_the_server_passes(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    for system in ("Speak as a pirate.", "Speak as a poet."):  # a restart forgets the first prompt; the CLI must too
+        with serve(session_app(real)) as url:
+            openai_client(url).chat.completions.create(
+                model="sonnet", messages=[{"role": "system", "content": system}, user("hello")],
+                extra_body={"session_id": sid})
+    first, second = (json.dumps(body["system"]) for body in real.standin.bodies())
+    assert "pirate" in first and "poet" in second and "pirate" not in second
+
+
+@needs_real_cli
+async def test_real_fallback_model_list_is_accepted(real: Real) -> None:
+    real.standin.reset(default=Reply(text="fine"))
+    async with client_for(real.app(fallback_model="haiku,opus")) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "fine"
