@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import time
 import uuid
@@ -3015,7 +3016,17 @@ async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: 
 
 
 def private_workdir(environ: Mapping[str, str]) -> Path:
-    """An empty folder of our own to run the CLI in: stable, so stored sessions survive a restart."""
+    """An empty folder of our own to run the CLI in. Stable, so stored sessions survive a restart; the same for every
+    process, so the environment text newer CLIs send (which names it) is identical and the prompt cache stays warm;
+    and named without the user's home or name, since that text reaches the model. If someone else owns the neutral
+    folder (the temp folder is shared), a folder under the user's cache folder is used instead."""
+    neutral = Path(environ.get("TMPDIR") or tempfile.gettempdir()) / f"claude_api-{os.getuid()}"
+    with contextlib.suppress(OSError):
+        neutral.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(neutral)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+            return neutral / "workdir"
+    log.warning("%s is not a private folder of this user; running the CLI under the cache folder instead", neutral)
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or tempfile.gettempdir(), ".cache")
     return Path(cache) / "claude_api" / "workdir"
 

@@ -799,7 +799,7 @@ async def test_completion_shape_and_what_the_cli_was_given(fake: Fake) -> None:
     env = call["env"]
     assert "CLAUDECODE" not in env and "CLAUDE_CODE_ENTRYPOINT" not in env and "CLAUDE_API_KEYS" not in env
     assert env["KEEP_ME"] == "yes" and env["CLAUDE_CODE_MAX_RETRIES"] == "0"
-    assert call["cwd_entries"] == [] and call["cwd"] == f"{fake.environ['HOME']}/.cache/claude_api/workdir"
+    assert call["cwd_entries"] == [] and call["cwd"] == str(api.private_workdir(fake.environ))
     assert fake.alive() == []
 
 
@@ -2324,10 +2324,9 @@ async def test_start_up_log_says_what_the_service_is(fake: Fake, caplog: pytest.
     async with client_for(fake.app(stream_mode="pseudo")):
         pass
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("claude_api on ")]
-    workdir = Path(fake.environ["HOME"]) / ".cache" / "claude_api" / "workdir"
-    for part in ("http://127.0.0.1:8765/v1", "auth off", str(fake.bin), "9.9.9 (Fake Code)", "stream mode pseudo"):
+    for part in ("http://127.0.0.1:8765/v1", "auth off", str(fake.bin), "9.9.9 (Fake Code)",
+                 f"workdir {api.private_workdir(fake.environ)}", "stream mode pseudo"):
         assert part in line
-    assert "workdir " in line and str(workdir) not in line or "workdir" in line
 
 
 @pytest.mark.parametrize(("version", "warned"), [("9.9.9 (Fake Code)", True), ("2.1.100 (Claude Code)", True),
@@ -2471,3 +2470,30 @@ async def test_real_fallback_model_list_is_accepted(real: Real) -> None:
     async with client_for(real.app(fallback_model="haiku,opus")) as client:
         response = await client.post("/v1/chat/completions", json=chat())
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "fine"
+
+
+async def test_the_working_directory_names_nothing_of_the_user(fake: Fake, tmp_path: Path) -> None:
+    """Newer CLIs send the working directory to the model: it must not carry the home path, and must be the same
+    for every process and every restart (the prompt cache)."""
+    home = tmp_path / "home-of-alice"
+    environ = {**fake.environ, "HOME": str(home), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    for _ in range(2):
+        async with client_for(api.create_app(fake.settings, environ)) as client:
+            await client.post("/v1/chat/completions", json=chat())
+    first, second = (call["cwd"] for call in fake.calls())
+    assert first == second == str(tmp_path / "tmp" / f"claude_api-{os.getuid()}" / "workdir")
+    assert "alice" not in first
+    foreign = tmp_path / "tmp" / f"claude_api-{os.getuid()}"
+    foreign.chmod(0o777)  # not private any more: someone else could plant files there
+    assert api.private_workdir(environ) == home / ".cache" / "claude_api" / "workdir"
+
+
+@needs_real_cli
+async def test_real_environment_text_names_no_home_path(real: Real) -> None:
+    async with client_for(real.app()) as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+    upstream = real.upstream_text()
+    assert real.environ["HOME"] not in upstream
+    if "Primary working directory" in upstream:  # 2.1.332 and later name it; 2.1.197 sends only the date
+        assert f"Primary working directory: {api.private_workdir(real.environ)}" in upstream
