@@ -150,8 +150,8 @@ def find_cli(explicit: str | None) -> str:
     if not candidate or not os.access(candidate, os.X_OK):
         where = f"{explicit!r} is not an executable file" if explicit else "none found"
         raise SystemExit(f"bench_claude_api: the real claude CLI is required ({where}). Pass --cli PATH, set "
-                         "CLAUDE_TEST_BIN, or install it with `npm install --no-save --prefix .cli "
-                         "@anthropic-ai/claude-code`.")
+                         "CLAUDE_TEST_BIN, or install it with `npm install --no-save --prefix .cli/latest "
+                         "@anthropic-ai/claude-code@latest`.")
     return candidate
 
 

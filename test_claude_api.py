@@ -5,7 +5,8 @@ Three kinds, from cheap to real:
 - ASGI and real-server tests against a fake ``claude`` that a fixture writes into tmp_path;
 - real-CLI tests: the npm ``claude`` binary against ``StandIn``, a small Messages-API
   stand-in this file starts on a loopback port. They skip, saying why, only when no CLI
-  binary can be found (set CLAUDE_TEST_BIN, or install it into ./.cli as the README's test command does).
+  binary can be found (set CLAUDE_TEST_BIN, or install it into ./.cli as the README's test command does),
+  and never in CI (CI=true): there a missing CLI fails them.
 """
 
 from __future__ import annotations
@@ -444,12 +445,14 @@ def fake_calls(folder: Path) -> list[dict[str, Any]]:
 
 
 def find_real_cli() -> str | None:
-    """The npm CLI: CLAUDE_TEST_BIN, then ./.cli (where the README's test command installs it), then PATH."""
+    """The npm CLI: CLAUDE_TEST_BIN, then ./.cli/latest (where the README's test command installs the newest), then
+    ./.cli (where older test commands installed it), then PATH. An absolute path: the CLI runs in another folder."""
     import shutil
-    for candidate in (os.environ.get("CLAUDE_TEST_BIN"), str(HERE / ".cli" / "node_modules" / ".bin" / "claude"),
-                      shutil.which("claude")):
+    for candidate in (os.environ.get("CLAUDE_TEST_BIN"), str(HERE / ".cli" / "latest" / "node_modules" / ".bin" /
+                                                              "claude"),
+                      str(HERE / ".cli" / "node_modules" / ".bin" / "claude"), shutil.which("claude")):
         if candidate and os.access(candidate, os.X_OK):
-            return candidate
+            return os.path.abspath(candidate)
     return None
 
 
@@ -1242,8 +1245,10 @@ def test_bad_setting_stops_the_start(fake: Fake) -> None:
 # --- The real CLI, against the stand-in ---
 
 REAL_CLI = find_real_cli()
-needs_real_cli = pytest.mark.skipif(REAL_CLI is None, reason="the npm claude CLI is not installed: run the README's "
-                                    "test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN")
+# In CI a missing CLI fails the real-CLI tests (in the ``real`` fixture) instead of skipping them.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+needs_real_cli = pytest.mark.skipif(REAL_CLI is None and not IN_CI, reason="the npm claude CLI is not installed: run "
+                                    "the README's test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN")
 
 
 @pytest.fixture(scope="module")
@@ -1272,7 +1277,7 @@ class Real:
 
 @pytest.fixture
 def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
-    assert REAL_CLI is not None
+    assert REAL_CLI is not None, "CI must run the real CLI: install it as the README's test command does"
     standin.reset()
     home = tmp_path / "home"
     home.mkdir()
