@@ -1269,7 +1269,8 @@ class Real:
         return api.create_app(make_settings(bin=self.bin, **overrides), self.environ)
 
     def alive(self) -> list[int]:
-        return processes_running(self.bin)
+        """Its model-call processes: not the short `--version`, `--help` and `auth status` ones of start-up."""
+        return processes_running(f"{self.bin} -p")
 
     def upstream_text(self) -> str:
         return json.dumps(self.standin.bodies())
@@ -1285,7 +1286,7 @@ def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
                "ANTHROPIC_API_KEY": "sk-test", "CLAUDE_API_KEYS": "proxy-secret-key"}
     item = Real(standin, environ, REAL_CLI)
     yield item
-    assert wait_until(lambda: item.alive() == [], 5), "a CLI process outlived its test"
+    assert wait_until(lambda: processes_running(item.bin) == [], 5), "a CLI process outlived its test"
 
 
 def openai_client(url: str, **kwargs: Any) -> Any:
