@@ -3022,7 +3022,7 @@ def private_workdir(environ: Mapping[str, str]) -> Path:
     folder (the temp folder is shared), a folder under the user's cache folder is used instead."""
     neutral = Path(environ.get("TMPDIR") or tempfile.gettempdir()) / f"claude_api-{os.getuid()}"
     with contextlib.suppress(OSError):
-        neutral.mkdir(mode=0o700, exist_ok=True)
+        neutral.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(neutral)
         if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
             return neutral / "workdir"
