@@ -150,8 +150,8 @@ def find_cli(explicit: str | None) -> str:
     if not candidate or not os.access(candidate, os.X_OK):
         where = f"{explicit!r} is not an executable file" if explicit else "none found"
         raise SystemExit(f"bench_claude_api: the real claude CLI is required ({where}). Pass --cli PATH, set "
-                         "CLAUDE_TEST_BIN, or install it with `npm install --no-save --prefix .cli "
-                         "@anthropic-ai/claude-code`.")
+                         "CLAUDE_TEST_BIN, or install it with `npm install --no-save --prefix .cli/latest "
+                         "@anthropic-ai/claude-code@latest`.")
     return candidate
 
 
@@ -203,7 +203,7 @@ class Lab:
 
     def app(self, **settings: str) -> Any:
         values = {"CLAUDE_BIN": self.cli, "CLAUDE_LOG_LEVEL": "warning", "CLAUDE_MAX_RETRIES": "0",
-                  "CLAUDE_TIMEOUT": str(CLI_TIMEOUT), **settings}
+                  "CLAUDE_TIMEOUT": str(CLI_TIMEOUT), "CLAUDE_SELF_CHECK": "off", **settings}
         return api.create_app(api.load_settings(values), environ=self.environ())
 
     def capture(self, *, stream: bool) -> Call:
@@ -826,10 +826,11 @@ def server_process(root: Path, fake: Path, **settings: str) -> Iterator[ServerPr
         (root / sub).mkdir(exist_ok=True)
     port = t.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_", "XDG_"))}
-    # Its own HOME: the server keeps a stable private workdir (and CLI transcripts) under it.
+    # Its own HOME and TMPDIR: the server keeps a stable private workdir (and CLI transcripts) under them. No
+    # start-up self-check: the fake CLI would fail it, and its one CLI start would share the measured CPU.
     env.update({"HOME": str(root / "home"), "TMPDIR": str(root / "tmp"), "CLAUDE_BIN": str(fake),
                 "CLAUDE_API_HOST": "127.0.0.1", "CLAUDE_API_PORT": str(port), "CLAUDE_LOG_LEVEL": "warning",
-                **settings})
+                "CLAUDE_SELF_CHECK": "off", **settings})
     marker = str(fake.parent)
     log_path = root / "server.log"
     with open(log_path, "wb") as log:

@@ -13,7 +13,7 @@ Endpoints:
     POST /v1/responses          the Responses API, on the same machinery
     GET  /v1/models             the model aliases the CLI understands
     GET  /v1/models/{id}        one of them
-    GET  /health                CLI path and version, in-flight and queued requests
+    GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
     GET  /                      a pointer to the above
 
 Settings are environment variables, read once by ``load_settings``; the ``Settings``
@@ -35,6 +35,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import time
 import uuid
@@ -107,7 +108,7 @@ class Settings:
     prewarm: int = 2  # CLAUDE_PREWARM, CLI processes started ahead of time for new conversations
     prewarm_max_age: float = 600.0  # CLAUDE_PREWARM_MAX_AGE, seconds before a waiting process is replaced
     max_image_bytes: int = 5 * MiB  # CLAUDE_MAX_IMAGE_BYTES, per image (the Messages API's own limit)
-    fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model when the model is overloaded
+    fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model, a comma-separated list tried in order
     max_budget_usd: float | None = None  # CLAUDE_MAX_BUDGET_USD: --max-budget-usd per request
     allowed_hosts: tuple[str, ...] = ()  # CLAUDE_ALLOWED_HOSTS, comma-separated; empty: from CLAUDE_API_HOST
     allowed_origins: tuple[str, ...] = ()  # CLAUDE_ALLOWED_ORIGINS, comma-separated; empty: same origin only
@@ -122,6 +123,7 @@ class Settings:
             return ("*",)
         host = f"[{self.host}]" if ":" in self.host else self.host.lower()
         return tuple(dict.fromkeys([*LOOPBACK_NAMES, host])) if is_loopback(self.host) else (host,)
+    self_check: bool = True  # CLAUDE_SELF_CHECK: try the CLI's stream-json features once at start-up
 
 
 class SettingsError(ValueError):
@@ -179,7 +181,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
                                 "set CLAUDE_DEFAULT_MODEL to choose the default model")
         model_map.update(extra)
     for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", ""),
-                   text("CLAUDE_FALLBACK_MODEL", "")]:
+                   *names("CLAUDE_FALLBACK_MODEL")]:
         if target and not MODEL_NAME.fullmatch(target):
             raise SettingsError(f"invalid model name {target!r} in CLAUDE_MODEL_MAP, CLAUDE_MODELS, "
                                 "CLAUDE_DEFAULT_MODEL or CLAUDE_FALLBACK_MODEL")
@@ -219,10 +221,11 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         prewarm=number("CLAUDE_PREWARM", 2, minimum=0, integer=True),
         prewarm_max_age=number("CLAUDE_PREWARM_MAX_AGE", 600.0, minimum=1),
         max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
-        fallback_model=text("CLAUDE_FALLBACK_MODEL", ""),
+        fallback_model=",".join(names("CLAUDE_FALLBACK_MODEL")),
         max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),  # type: ignore[arg-type]
         allowed_hosts=patterns("CLAUDE_ALLOWED_HOSTS", HOST_PATTERN, "'api.example.com,*.lan,[::1]' or '*'"),
         allowed_origins=patterns("CLAUDE_ALLOWED_ORIGINS", ORIGIN_PATTERN, "'https://app.example.com' or '*'"),
+        self_check=choice("CLAUDE_SELF_CHECK", "on", [*TRUE, *FALSE]) in TRUE,
     )
 
 
@@ -378,6 +381,8 @@ EFFORTS: Mapping[str, str] = MappingProxyType({
 UNSUPPORTED_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
 NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
 MODEL_CREATED = 1_700_000_000  # a fixed timestamp: the models are aliases, not releases
+LoginState = Literal["logged_in", "not_logged_in", "unknown"]  # the CLI's login, as far as the server knows
+CheckState = Literal["pending", "passed", "failed", "off"]  # the start-up self-check
 
 
 class ChatMessage(TypedDict, total=False):
@@ -1099,7 +1104,10 @@ def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict
     env = {k: v for k, v in base.items() if k not in SCRUBBED_ENV}
     # Our retry policy owns retries; the CLI's own (10, for minutes on a bad login) would multiply with it.
     env.update({"CLAUDE_CODE_MAX_RETRIES": "0", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                "DISABLE_AUTOUPDATER": "1", **NO_FILE_MENTIONS})
+                "DISABLE_AUTOUPDATER": "1", **NO_FILE_MENTIONS,
+                # Automatic compaction would rewrite a kept session's history behind the client's back (on by
+                # default on every version; the variable works on all of them, the --autocompact flag only sizes it).
+                "DISABLE_AUTO_COMPACT": "1"})
     env.update(extra)
     return env
 
@@ -1354,8 +1362,10 @@ class CliProcess:
     once, or, for a session whose transcript must be complete, closed first and killed only if it lingers."""
 
     def __init__(self, binary: str, call: CliCall, workdir: str, environ: Mapping[str, str],
-                 processes: set[asyncio.subprocess.Process], background: set[asyncio.Future[None]]) -> None:
+                 processes: set[asyncio.subprocess.Process], background: set[asyncio.Future[None]],
+                 version_args: tuple[str, ...] = ()) -> None:
         self.binary, self.call, self.workdir, self.environ, self.processes = binary, call, workdir, environ, processes
+        self.version_args = version_args  # the same for every process of a server: not part of the call's options
         self.background = background  # the runner's: holds a background stop until it is done
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
@@ -1379,7 +1389,7 @@ class CliProcess:
                                                                            process.stdout.at_eof())
 
     async def start(self) -> None:
-        args = [*self.call.args, *self.call.session_args]
+        args = [*self.call.args, *self.version_args, *self.call.session_args]
         if self.call.system_prompt is not None:
             fd, self._prompt_file = tempfile.mkstemp(prefix="system-", suffix=".txt")
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -1667,6 +1677,8 @@ class Runner:
         self.reaper: asyncio.TimerHandle | None = None
         self.processes: set[asyncio.subprocess.Process] = set()
         self.reaping: set[asyncio.Future[None]] = set()  # processes killed, being reaped in the background
+        self.version_args: tuple[str, ...] = ()  # flags for this CLI version, learnt at start-up (cli_arguments)
+        self.login: LoginState = "unknown"  # from `claude auth status` at start-up, then from each answer
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -1705,7 +1717,8 @@ class Runner:
         return binary
 
     def process(self, call: CliCall, binary: str = "") -> CliProcess:
-        return CliProcess(binary or self.binary(), call, self.workdir, self.environ, self.processes, self.reaping)
+        return CliProcess(binary or self.binary(), call, self.workdir, self.environ, self.processes, self.reaping,
+                          self.version_args)
 
     @contextlib.asynccontextmanager
     async def attempt(self, job: Job) -> AsyncIterator[AsyncIterator[CliEvent]]:
@@ -1736,8 +1749,12 @@ class Runner:
         attempt = 0
         while True:
             try:
-                return await run()
+                done = await run()
+                self.login = "logged_in"
+                return done
             except ProxyError as error:
+                if isinstance(error, CliNotLoggedIn):
+                    self.login = "not_logged_in"
                 if self.closing and error.retryable:
                     raise Overloaded("The server shut down before this request was answered.",
                                      retry_after=5) from None
@@ -1785,25 +1802,209 @@ class Runner:
         if self.reaping:
             await asyncio.wait(list(self.reaping), timeout=GRACEFUL_EXIT)
 
-    async def version(self) -> str | None:
-        binary = resolve_binary(self.settings, self.environ)
-        if binary is None:
-            return None
-        try:
-            process = await asyncio.create_subprocess_exec(
-                binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-                stdin=asyncio.subprocess.DEVNULL, env=child_environment(self.environ, {}), start_new_session=True)
-        except OSError:
-            return None
-        try:
-            async with asyncio.timeout(15):
-                out, _ = await process.communicate()
-        except TimeoutError:
-            return None
-        finally:
-            kill_group(process)
-            await process.wait()
-        return out.decode(errors="replace").strip() or None
+
+# --- The CLI itself: its version and flags, its login, and a self-check of the features we use ---
+
+OLDEST_SUPPORTED = (2, 1, 197)  # the oldest version the tests run on (README: supported versions)
+NEWEST_TESTED = (2, 1, 332)  # the newest version the tests ran on when this file was last changed
+HELP_FLAG = re.compile(r"--[a-z][a-z0-9-]*")
+VERSION_NUMBER = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+@dataclass(frozen=True)
+class CliInfo:
+    """What the installed CLI is, learnt once at start-up from `claude --version` and `claude --help`."""
+
+    path: str
+    version: str | None  # as it prints it, e.g. "2.1.332 (Claude Code)"
+    flags: frozenset[str] = frozenset()  # the long options its --help lists
+
+    @property
+    def number(self) -> tuple[int, ...] | None:
+        found = VERSION_NUMBER.match(self.version or "")
+        return tuple(int(part) for part in found.groups()) if found else None
+
+    @property
+    def is_tested(self) -> bool:
+        return self.number is not None and OLDEST_SUPPORTED <= self.number <= NEWEST_TESTED
+
+
+def cli_arguments(info: CliInfo) -> tuple[str, ...]:
+    """Flags that exist only on some versions, given where --help lists them, so every version behaves alike."""
+    args: tuple[str, ...] = ()
+    if "--system-prompt-snapshot" in info.flags:
+        # Newer CLIs record a conversation's first system prompt and send that record on every resume, even when a
+        # later launch passes another. The server already decides which prompt a session keeps; the CLI must send
+        # what it is given, as older versions do.
+        args += ("--system-prompt-snapshot", "off")
+    return args
+
+
+QUICK_ANSWER = 15.0  # seconds for `--version`, `--help` or `auth status`
+
+
+async def run_quietly(binary: str, *args: str, env: Mapping[str, str]) -> tuple[int | None, str]:
+    """Run the CLI for a short answer (never a model call): its exit status (None if it failed to run) and stdout."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            binary, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL, env=dict(env), start_new_session=True)
+    except OSError:
+        return None, ""
+    try:
+        async with asyncio.timeout(QUICK_ANSWER):
+            out, _ = await process.communicate()
+    except TimeoutError:
+        return None, ""
+    finally:
+        kill_group(process)
+        await process.wait()
+    return process.returncode, out.decode(errors="replace")
+
+
+async def probe_cli(binary: str, environ: Mapping[str, str]) -> CliInfo:
+    env = child_environment(environ, {})
+    (_, version), (_, help_text) = await asyncio.gather(run_quietly(binary, "--version", env=env),
+                                                        run_quietly(binary, "--help", env=env))
+    return CliInfo(binary, version.strip() or None, frozenset(HELP_FLAG.findall(help_text)))
+
+
+async def login_state(binary: str, environ: Mapping[str, str]) -> LoginState:
+    """`claude auth status` (on every supported version): local, and free of any model call."""
+    code, out = await run_quietly(binary, "auth", "status", env=child_environment(environ, {}))
+    with contextlib.suppress(ValueError, AttributeError):
+        logged_in = json.loads(out).get("loggedIn")
+        if isinstance(logged_in, bool):
+            return "logged_in" if logged_in else "not_logged_in"
+    return "unknown" if code is None or code == 0 else "not_logged_in"
+
+
+@dataclass
+class SelfCheck:
+    """The start-up self-check: the CLI against a throwaway loopback stand-in of the Messages API."""
+
+    state: CheckState = "pending"
+    problems: tuple[str, ...] = ()
+    seconds: float | None = None
+
+    def report(self) -> dict[str, Any]:
+        return {"state": self.state, "problems": list(self.problems), "seconds": self.seconds}
+
+
+SELF_CHECK_TEXT = "self-check ok"
+SELF_CHECK_PROMPT = "self-check prompt"
+SELF_CHECK_TIMEOUT = 20.0
+
+
+def sse_event(name: str, data: Mapping[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+SELF_CHECK_STREAM = b"".join([
+    sse_event("message_start", {"type": "message_start", "message": {
+        "id": "msg_self_check", "type": "message", "role": "assistant", "model": "self-check", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+    sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}}),
+    *(sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": piece}})
+      for piece in ("self-check", " ok")),
+    sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    sse_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": 2}}),
+    sse_event("message_stop", {"type": "message_stop"}),
+])
+
+
+class MessagesStandIn:
+    """A loopback Messages API that answers every message request with SELF_CHECK_STREAM and remembers what it was
+    sent. Plain asyncio streams: it serves one local client for a second, and a second uvicorn server in the same
+    process would take over its signal handling."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.answer, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            target = head.split(" ", 2)[1] if head.count(" ") >= 2 else ""
+            length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
+                           if line.lower().startswith("content-length:")), 0)
+            body = await reader.readexactly(length) if length else b""
+            if head.startswith("POST /v1/messages?") or head.startswith("POST /v1/messages "):
+                self.prompts.append(body.decode(errors="replace"))
+                kind, payload = "text/event-stream", SELF_CHECK_STREAM
+            elif target.startswith("/v1/messages/count_tokens"):
+                kind, payload = "application/json", b'{"input_tokens": 1}'
+            else:
+                kind, payload = "application/json", b"{}"
+            writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {len(payload)}\r\n"
+                         "connection: close\r\n\r\n".encode() + payload)
+            await writer.drain()
+        writer.close()
+
+
+def self_check_problems(lines: list[dict[str, Any]], prompts: list[str]) -> tuple[str, ...]:
+    """What the CLI's output and the stand-in's requests say about each feature we depend on."""
+    problems = []
+    if not any(line.get("type") == "control_response" and (line.get("response") or {}).get("request_id") ==
+               "self-check" and line["response"].get("subtype") == "success" for line in lines):
+        problems.append("control protocol: no answer to an initialize request")
+    if not any(SELF_CHECK_PROMPT in prompt for prompt in prompts):
+        problems.append("stream-json input: the user message did not reach the model")
+    if not any(isinstance(parse_event(line) if line.get("type") == "stream_event" else None, TextDelta)
+               for line in lines):
+        problems.append("partial messages: no text deltas, so live streams arrive in one piece")
+    results = [line for line in lines if line.get("type") == "result"]
+    if not results or results[-1].get("is_error") or results[-1].get("result") != SELF_CHECK_TEXT:
+        problems.append("stream-json output: no result carrying the answer")
+    return tuple(problems)
+
+
+async def self_check(info: CliInfo, settings: Settings, environ: Mapping[str, str], args: tuple[str, ...]) -> SelfCheck:
+    """Run the CLI once, as requests run it, against MessagesStandIn: no quota is spent and the user's login is never
+    touched (a private HOME and config folder, a dummy key, and only PATH taken from the server's environment)."""
+    started = time.monotonic()
+    stand_in = MessagesStandIn()
+    lines: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="claude_api-self-check-") as home:
+        async with stand_in as url:
+            env = child_environment({"PATH": environ.get("PATH", os.defpath)}, {
+                "HOME": home, "CLAUDE_CONFIG_DIR": os.path.join(home, ".claude"), "ANTHROPIC_BASE_URL": url,
+                "ANTHROPIC_API_KEY": "sk-self-check"})
+            chat = parse_chat_request({"messages": [{"role": "user", "content": SELF_CHECK_PROMPT}]}, settings)
+            call = build_cli_call(chat, replace(settings, fallback_model="", max_budget_usd=None))
+            initialize = {"type": "control_request", "request_id": "self-check", "request": {"subtype": "initialize"}}
+            cli = CliProcess(info.path, call, home, env, set(), set(), args)
+            try:
+                async with asyncio.timeout(SELF_CHECK_TIMEOUT):
+                    await cli.start()
+                    assert cli.process and cli.process.stdout
+                    await cli.send(json.dumps(initialize).encode() + b"\n" + call.stdin, close=True)
+                    async for raw in cli.process.stdout:
+                        with contextlib.suppress(ValueError):
+                            line = json.loads(raw)
+                            if isinstance(line, dict):
+                                lines.append(line)
+                                if line.get("type") == "result":
+                                    break
+            except (TimeoutError, ProxyError):
+                pass
+            finally:
+                await cli.stop()
+    problems = self_check_problems(lines, stand_in.prompts)
+    return SelfCheck("failed" if problems else "passed", problems, round(time.monotonic() - started, 3))
+
 
 
 # --- Sessions: explicit and automatic, with warm processes between turns ---
@@ -2766,20 +2967,33 @@ def model_card(model_id: str) -> dict[str, Any]:
 
 
 async def health(request: Request) -> Response:
+    """Status for anyone; versions, login, self-check and counts too, unless keys are set and the caller has none;
+    the CLI's path (a host path) only to a caller with a key."""
     state = request.app.state
     runner: Runner = state.runner
-    binary = resolve_binary(state.settings, runner.environ)
-    sessions: Sessions = state.sessions
-    counts = {"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
-        "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm),
-        "waiting": sessions.waiting}, "prewarm": runner.pool.status()}
-    if binary is None:
-        return JSONResponse({"status": "unavailable", "reason": f"claude CLI not found "
-                             f"(CLAUDE_BIN={state.settings.claude_bin!r})", **counts}, status_code=503)
-    if state.cli_version is None:
-        state.cli_version = await runner.version()
-    return JSONResponse({"status": "shutting_down" if runner.closing else "ok", "cli": {"path": binary,
-                         "version": state.cli_version}, **counts}, status_code=503 if runner.closing else 200)
+    settings: Settings = state.settings
+    info: CliInfo | None = state.cli
+    if info is None:
+        status, reason = "unavailable", "claude CLI not found (see the server log)"
+    elif runner.closing:
+        status, reason = "shutting_down", "the server is stopping"
+    elif runner.login == "not_logged_in":
+        status, reason = "not_logged_in", "the claude CLI is not logged in: run `claude` on the server and log in"
+    elif state.self_check.state == "failed":
+        status, reason = "degraded", "the start-up self-check failed: " + "; ".join(state.self_check.problems)
+    else:
+        status, reason = "ok", None
+    body: dict[str, Any] = {"status": status, **({"reason": reason} if reason else {})}
+    authorized = bool(settings.api_keys) and has_key(request.headers.get("authorization", ""), settings.api_keys)
+    if authorized or not settings.api_keys:
+        sessions: Sessions = state.sessions
+        body["cli"] = {**({"path": info.path} if authorized and info else {}),
+                       "version": info.version if info else None, "tested": info.is_tested if info else False,
+                       "login": runner.login, "self_check": state.self_check.report()}
+        body.update({"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
+            "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm),
+            "waiting": sessions.waiting}, "prewarm": runner.pool.status()})
+    return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
 
 async def index(request: Request) -> Response:
@@ -2806,26 +3020,36 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
     return error_response(ProxyError("The server hit an unexpected error; see its log."))
 
 
+def key_index(authorization: str, keys: tuple[str, ...]) -> int | None:
+    """Which of ``keys`` an Authorization header carries as a bearer token, if any."""
+    scheme, _, token = authorization.partition(" ")
+    # Compare against every key, so the time taken says nothing about which one was close.
+    matches = [hmac.compare_digest(token.strip().encode("latin-1"), key.encode()) for key in keys]
+    return matches.index(True) if scheme.lower() == "bearer" and any(matches) else None
+
+
+def has_key(authorization: str, keys: tuple[str, ...]) -> bool:
+    return key_index(authorization, keys) is not None
+
+
 class BearerAuth:
     """Requires ``Authorization: Bearer <key>`` on /v1 routes when CLAUDE_API_KEYS is set."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
         self.app = app
-        self.keys = [key.encode() for key in keys]
-        self.owners = [owner_of(key) for key in self.keys]
+        self.keys = keys
+        self.owners = [owner_of(key.encode()) for key in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
             header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
-            # Compare against every key, so the time taken says nothing about which one was close.
-            matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-            if scheme.lower() != b"bearer" or not any(matches):
+            index = key_index(header.decode("latin-1"), self.keys)
+            if index is None:
                 error = InvalidApiKey("Missing or incorrect API key: send `Authorization: Bearer <key>` with one of "
                                       "the keys in CLAUDE_API_KEYS.")
                 await error_response(error)(scope, receive, send)
                 return
-            scope[KEY_OWNER] = self.owners[matches.index(True)]
+            scope[KEY_OWNER] = self.owners[index]
         await self.app(scope, receive, send)
 
 
@@ -2880,6 +3104,10 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         workdir = prepare_workdir(settings, environ)
         runner = app.state.runner = Runner(settings, str(workdir), environ)
+        binary = resolve_binary(settings, environ)
+        info = app.state.cli = await probe_cli(binary, environ) if binary else None
+        runner.version_args = cli_arguments(info) if info else ()
+        log_start(settings, info, workdir)
         sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
                                                  own_workdir=not settings.workdir)
         sessions.sweep_stale_transcripts()
@@ -2888,10 +3116,13 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
             runner.pool.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
                                               if settings.auto_session else None))
         sweeper = asyncio.create_task(sessions.run_sweeper())
+        checks = asyncio.create_task(check_cli(app, info, settings, environ)) if info else None
         try:
             yield
         finally:
             sweeper.cancel()
+            if checks is not None:
+                await cancel(checks)
             runner.closing = True
             await runner.pool.close()
             await sessions.close()
@@ -2912,12 +3143,55 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
     app.add_middleware(BearerAuth, keys=settings.api_keys)
     app.add_middleware(BrowserGuard, hosts=settings.trusted_hosts, origins=settings.allowed_origins)
     app.state.settings = settings
-    app.state.cli_version = None
+    app.state.cli = None
+    app.state.self_check = SelfCheck("pending" if settings.self_check else "off")
     return app
 
 
+def log_start(settings: Settings, info: CliInfo | None, workdir: Path) -> None:
+    """One line that says what this server is, and a warning for a CLI the tests never ran on."""
+    log.info("claude_api on http://%s:%d/v1, auth %s; CLI %s, version %s; workdir %s; stream mode %s",
+             settings.host, settings.port, "on" if settings.api_keys else "off (no CLAUDE_API_KEYS)",
+             info.path if info else f"not found (CLAUDE_BIN={settings.claude_bin!r})",
+             (info.version or "unknown") if info else "-", workdir, settings.stream_mode)
+    if info is not None and not info.is_tested:
+        log.warning("claude CLI version %s is outside the tested range %s to %s: it may work, but expect surprises",
+                    info.version or "unknown", ".".join(map(str, OLDEST_SUPPORTED)), ".".join(map(str, NEWEST_TESTED)))
+
+
+async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: Mapping[str, str]) -> None:
+    """In the background, once the server is up: the CLI's login, and the self-check of its features."""
+    runner: Runner = app.state.runner
+
+    async def check() -> SelfCheck:
+        return await self_check(info, settings, environ, runner.version_args) if settings.self_check \
+            else app.state.self_check
+
+    login, result = await asyncio.gather(login_state(info.path, environ), check())
+    if runner.login == "unknown":  # a request may have learnt it meanwhile
+        runner.login = login
+    if runner.login == "not_logged_in":
+        log.warning("the claude CLI is not logged in: requests will get 401 until you run `claude` and log in")
+    app.state.self_check = result
+    if result.state == "failed":
+        log.warning("CLI self-check failed in %.2f s: %s", result.seconds, "; ".join(result.problems))
+    elif result.state == "passed":
+        log.info("CLI self-check passed in %.2f s (stream-json input, partial messages, control protocol)",
+                 result.seconds)
+
+
 def private_workdir(environ: Mapping[str, str]) -> Path:
-    """An empty folder of our own to run the CLI in: stable, so stored sessions survive a restart."""
+    """An empty folder of our own to run the CLI in. Stable, so stored sessions survive a restart; the same for every
+    process, so the environment text newer CLIs send (which names it) is identical and the prompt cache stays warm;
+    and named without the user's home or name, since that text reaches the model. If someone else owns the neutral
+    folder (the temp folder is shared), a folder under the user's cache folder is used instead."""
+    neutral = Path(environ.get("TMPDIR") or tempfile.gettempdir()) / f"claude_api-{os.getuid()}"
+    with contextlib.suppress(OSError):
+        neutral.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(neutral)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+            return neutral / "workdir"
+    log.warning("%s is not a private folder of this user; running the CLI under the cache folder instead", neutral)
     cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or tempfile.gettempdir(), ".cache")
     return Path(cache) / "claude_api" / "workdir"
 

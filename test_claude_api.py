@@ -5,7 +5,8 @@ Three kinds, from cheap to real:
 - ASGI and real-server tests against a fake ``claude`` that a fixture writes into tmp_path;
 - real-CLI tests: the npm ``claude`` binary against ``StandIn``, a small Messages-API
   stand-in this file starts on a loopback port. They skip, saying why, only when no CLI
-  binary can be found (set CLAUDE_TEST_BIN, or install it into ./.cli as the README's test command does).
+  binary can be found (set CLAUDE_TEST_BIN, or install it into ./.cli as the README's test command does),
+  and never in CI (CI=true): there a missing CLI fails them.
 """
 
 from __future__ import annotations
@@ -61,24 +62,26 @@ class Reply:
     stop_reason: str = "end_turn"
     gate: threading.Event | None = None  # hold the last delta until this is set (10 s at most)
     echo: bool = False  # answer "echo: <the last user text>" instead of ``text``
+    context_tokens: int = 0  # report this many prompt tokens read from cache: a context window nearly full
 
 
-def last_user_text(body: dict[str, Any]) -> str:
-    """The text of the last user message, without the CLI's own <system-reminder> blocks."""
-    content = body["messages"][-1]["content"]
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text, without the CLI's own <system-reminder> blocks."""
+    content = message["content"]
     blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
     return "".join(b.get("text", "") for b in blocks if not b.get("text", "").startswith("<system-reminder>")).strip()
 
 
+def last_user_text(body: dict[str, Any]) -> str:
+    """The text of the last user message. Not simply the last message: newer CLIs (2.1.332) put their environment
+    notes in role "system" messages inside ``messages``, one after the first user message, and may end with one."""
+    return message_text([m for m in body["messages"] if m["role"] == "user"][-1])
+
+
 def conversation_shape(body: dict[str, Any]) -> list[tuple[str, str]]:
-    """(role, text) of each upstream message, the CLI's reminders left out: what the model was shown."""
-    shape = []
-    for message in body["messages"]:
-        content = message["content"]
-        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
-        text = "".join(b.get("text", "") for b in blocks if not b.get("text", "").startswith("<system-reminder>"))
-        shape.append((message["role"], text.strip()))
-    return shape
+    """(role, text) of each user and assistant message upstream, the CLI's reminders and environment notes left
+    out: the conversation the model was shown."""
+    return [(m["role"], message_text(m)) for m in body["messages"] if m["role"] in ("user", "assistant")]
 
 
 def split_text(text: str, pieces: int) -> list[str]:
@@ -176,6 +179,8 @@ class StandIn:
             return JSONResponse({"type": "error", "error": {"type": reply.error_type, "message": "stand-in error"}},
                                 status_code=reply.status, headers={"retry-after": "1"})
         usage = self.usage_for(body)
+        if reply.context_tokens:
+            usage["cache_read_input_tokens"] = reply.context_tokens
         if reply.echo:
             reply = replace(reply, text=f"echo: {last_user_text(body)}")
         return StreamingResponse(self.events(body, reply, usage), media_type="text/event-stream")
@@ -312,9 +317,16 @@ from pathlib import Path
 
 HOME = Path(__file__).resolve().parent
 args = sys.argv[1:]
+control = json.loads((HOME / "control.json").read_text()) if (HOME / "control.json").exists() else {}
 if "--version" in args:
-    print("9.9.9 (Fake Code)")
+    print(control.get("version", "9.9.9 (Fake Code)"))
     sys.exit(0)
+if "--help" in args:
+    print("Usage: claude [options]\n" + "\n".join(control.get("flags", ["--model <model>", "--resume [value]"])))
+    sys.exit(0)
+if args[:2] == ["auth", "status"]:
+    print(json.dumps({"loggedIn": control.get("logged_in", True), "authMethod": "fake"}))
+    sys.exit(0 if control.get("logged_in", True) else 1)
 calls = HOME / "calls"
 calls.mkdir(exist_ok=True)
 system = None
@@ -435,12 +447,14 @@ def fake_calls(folder: Path) -> list[dict[str, Any]]:
 
 
 def find_real_cli() -> str | None:
-    """The npm CLI: CLAUDE_TEST_BIN, then ./.cli (where the README's test command installs it), then PATH."""
+    """The npm CLI: CLAUDE_TEST_BIN, then ./.cli/latest (where the README's test command installs the newest), then
+    ./.cli (where older test commands installed it), then PATH. An absolute path: the CLI runs in another folder."""
     import shutil
-    for candidate in (os.environ.get("CLAUDE_TEST_BIN"), str(HERE / ".cli" / "node_modules" / ".bin" / "claude"),
-                      shutil.which("claude")):
+    for candidate in (os.environ.get("CLAUDE_TEST_BIN"), str(HERE / ".cli" / "latest" / "node_modules" / ".bin" /
+                                                              "claude"),
+                      str(HERE / ".cli" / "node_modules" / ".bin" / "claude"), shutil.which("claude")):
         if candidate and os.access(candidate, os.X_OK):
-            return candidate
+            return os.path.abspath(candidate)
     return None
 
 
@@ -450,8 +464,8 @@ def find_real_cli() -> str | None:
 def make_settings(**overrides: Any) -> api.Settings:
     """Settings from an environment dict, the way the service reads them."""
     environ = {"CLAUDE_MAX_RETRIES": "0", "CLAUDE_BASE_BACKOFF": "0.01", "CLAUDE_TIMEOUT": "20",
-               # The stateless path and no pre-started processes, unless a test turns them on.
-               "CLAUDE_AUTO_SESSION": "off", "CLAUDE_PREWARM": "0"}
+               # The stateless path, no pre-started processes and no self-check, unless a test turns them on.
+               "CLAUDE_AUTO_SESSION": "off", "CLAUDE_PREWARM": "0", "CLAUDE_SELF_CHECK": "off"}
     environ.update({f"CLAUDE_{k.upper()}": str(v) for k, v in overrides.items()})
     return api.load_settings(environ)
 
@@ -472,7 +486,8 @@ class Fake:
         return fake_calls(self.folder)
 
     def alive(self) -> list[int]:
-        return processes_running(str(self.bin))
+        """Its model-call processes: not the short `--version`, `--help` and `auth status` ones of start-up."""
+        return processes_running(f"{self.bin} -p")
 
     def app(self, **overrides: Any) -> Starlette:
         settings = make_settings(bin=self.bin, **overrides) if overrides else self.settings
@@ -848,7 +863,7 @@ async def test_completion_shape_and_what_the_cli_was_given(fake: Fake) -> None:
     env = call["env"]
     assert "CLAUDECODE" not in env and "CLAUDE_CODE_ENTRYPOINT" not in env and "CLAUDE_API_KEYS" not in env
     assert env["KEEP_ME"] == "yes" and env["CLAUDE_CODE_MAX_RETRIES"] == "0"
-    assert call["cwd_entries"] == [] and call["cwd"] == f"{fake.environ['HOME']}/.cache/claude_api/workdir"
+    assert call["cwd_entries"] == [] and call["cwd"] == str(api.private_workdir(fake.environ))
     assert fake.alive() == []
 
 
@@ -1138,7 +1153,9 @@ async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
     async with client_for(fake.app()) as client:
         health = await client.get("/health")
         assert health.status_code == 200
-        assert health.json() == {"status": "ok", "cli": {"path": str(fake.bin), "version": "9.9.9 (Fake Code)"},
+        assert health.json() == {"status": "ok", "cli": {"version": "9.9.9 (Fake Code)", "tested": False,
+                                                          "login": health.json()["cli"]["login"], "self_check": {
+                                                              "state": "off", "problems": [], "seconds": None}},
                                  "in_flight": 0, "queued": 0,
                                  "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
                                  "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}}
@@ -1343,7 +1360,7 @@ def post_in_background(url: str, body: dict[str, Any], results: list[Any]) -> th
 
 def fake_server_env(fake: Fake, **settings: Any) -> dict[str, str]:
     """The server's environment: stateless and without pre-started processes, unless a test says otherwise."""
-    settings = {"auto_session": "off", "prewarm": 0, **settings}
+    settings = {"auto_session": "off", "prewarm": 0, "self_check": "off", **settings}
     return {"CLAUDE_BIN": str(fake.bin), "HOME": fake.environ["HOME"],
             **{f"CLAUDE_{k.upper()}": str(v) for k, v in settings.items()}}
 
@@ -1435,8 +1452,10 @@ def test_bad_setting_stops_the_start(fake: Fake) -> None:
 # --- The real CLI, against the stand-in ---
 
 REAL_CLI = find_real_cli()
-needs_real_cli = pytest.mark.skipif(REAL_CLI is None, reason="the npm claude CLI is not installed: run the README's "
-                                    "test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN")
+# In CI a missing CLI fails the real-CLI tests (in the ``real`` fixture) instead of skipping them.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+needs_real_cli = pytest.mark.skipif(REAL_CLI is None and not IN_CI, reason="the npm claude CLI is not installed: run "
+                                    "the README's test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN")
 
 
 @pytest.fixture(scope="module")
@@ -1457,7 +1476,8 @@ class Real:
         return api.create_app(make_settings(bin=self.bin, **overrides), self.environ)
 
     def alive(self) -> list[int]:
-        return processes_running(self.bin)
+        """Its model-call processes: not the short `--version`, `--help` and `auth status` ones of start-up."""
+        return processes_running(f"{self.bin} -p")
 
     def upstream_text(self) -> str:
         return json.dumps(self.standin.bodies())
@@ -1465,7 +1485,7 @@ class Real:
 
 @pytest.fixture
 def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
-    assert REAL_CLI is not None
+    assert REAL_CLI is not None, "CI must run the real CLI: install it as the README's test command does"
     standin.reset()
     home = tmp_path / "home"
     home.mkdir()
@@ -1473,7 +1493,7 @@ def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
                "ANTHROPIC_API_KEY": "sk-test", "CLAUDE_API_KEYS": "proxy-secret-key"}
     item = Real(standin, environ, REAL_CLI)
     yield item
-    assert wait_until(lambda: item.alive() == [], 5), "a CLI process outlived its test"
+    assert wait_until(lambda: processes_running(item.bin) == [], 5), "a CLI process outlived its test"
 
 
 def openai_client(url: str, **kwargs: Any) -> Any:
@@ -1580,8 +1600,7 @@ async def test_real_slash_text_reaches_the_model_as_text(real: Real) -> None:
     async with client_for(real.app()) as client:
         response = await client.post("/v1/chat/completions", json=chat("/cost"))
     assert response.json()["choices"][0]["message"]["content"] == "It is a command name."
-    last_user = real.standin.bodies()[0]["messages"][-1]["content"]
-    assert any(block.get("text") == "/cost" for block in last_user)
+    assert last_user_text(real.standin.bodies()[0]) == "/cost"  # the user's text reached the model, as text
 
 
 @needs_real_cli
@@ -1999,7 +2018,7 @@ async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(f
         [warm] = fake.alive()
         os.kill(warm, signal.SIGKILL)
         if noticed:
-            assert await eventually(lambda: not app.state.sessions.explicit[sid].process.alive)
+            assert await eventually(lambda: not next(iter(app.state.sessions.explicit.values())).process.alive)
         second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
     assert second.json()["choices"][0]["message"]["content"].endswith("two")
     last = fake.calls()[-1]
@@ -2433,7 +2452,7 @@ async def test_real_image_reaches_upstream_as_an_image_block(real: Real) -> None
     async with client_for(real.app()) as client:
         response = await client.post("/v1/chat/completions", json={"messages": [image_message(data_url(PNG))]})
     assert response.json()["choices"][0]["message"]["content"] == "A single pixel."
-    content = real.standin.bodies()[0]["messages"][-1]["content"]
+    content = [m for m in real.standin.bodies()[0]["messages"] if m["role"] == "user"][-1]["content"]
     kinds = [(b["type"], b.get("text", "").strip()) for b in content if not b.get("text", "").startswith("<system")]
     assert kinds == [("text", "look:"), ("image", ""), ("text", "what is it?")]
     image = next(b for b in content if b["type"] == "image")
@@ -2682,3 +2701,213 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
         health = (await client.get("/health")).json()
     assert response.json()["choices"][0]["message"]["content"] == "Warm hello."
     assert health["prewarm"]["hits"] == 1
+
+
+# --- The CLI's version, flags, login and self-check; /health and the start-up log ---
+
+
+async def checked(app: Starlette) -> None:
+    """Wait for the background start-up checks (login, self-check) to report."""
+    assert await eventually(lambda: app.state.runner.login != "unknown" and app.state.self_check.state != "pending",
+                            30)
+
+
+async def test_health_shows_details_and_the_cli_path_only_to_key_holders(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys="k1")) as client:
+        anonymous = await client.get("/health")
+        assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}
+        holder = (await client.get("/health", headers={"Authorization": "Bearer k1"})).json()
+        assert holder["cli"]["path"] == str(fake.bin) and holder["cli"]["version"] == "9.9.9 (Fake Code)"
+        assert "in_flight" in holder
+        assert (await client.get("/health", headers={"Authorization": "Bearer k2"})).json() == {"status": "ok"}
+    async with client_for(fake.app()) as client:  # no keys (the loopback default): details, but no host path
+        open_health = await client.get("/health")
+        assert open_health.json()["cli"]["version"] == "9.9.9 (Fake Code)" and "in_flight" in open_health.json()
+        assert str(fake.folder) not in open_health.text and "path" not in open_health.json()["cli"]
+
+
+async def test_version_is_learnt_at_start_up_not_per_health_call(fake: Fake) -> None:
+    app = fake.app()
+    async with client_for(app) as client:
+        (fake.folder / "claude").write_text("#!/bin/sh\nexit 1\n")  # any later --version would fail
+        assert (await client.get("/health")).json()["cli"]["version"] == "9.9.9 (Fake Code)"
+
+
+async def test_start_up_log_says_what_the_service_is(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="claude_api")
+    async with client_for(fake.app(stream_mode="pseudo")):
+        pass
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("claude_api on ")]
+    for part in ("http://127.0.0.1:8765/v1", "auth off", str(fake.bin), "9.9.9 (Fake Code)",
+                 f"workdir {api.private_workdir(fake.environ)}", "stream mode pseudo"):
+        assert part in line
+
+
+@pytest.mark.parametrize(("version", "warned"), [("9.9.9 (Fake Code)", True), ("2.1.100 (Claude Code)", True),
+                                                 ("2.1.197 (Claude Code)", False), ("2.1.250 (Claude Code)", False),
+                                                 ("2.1.332 (Claude Code)", False), ("nonsense", True)])
+async def test_a_cli_outside_the_tested_range_is_warned_about_not_refused(
+        fake: Fake, caplog: pytest.LogCaptureFixture, version: str, warned: bool) -> None:
+    fake.control(version=version)
+    async with client_for(fake.app()) as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert (await client.get("/health")).json()["cli"]["tested"] is not warned
+    assert any("outside the tested range" in r.getMessage() for r in caplog.records) is warned
+
+
+async def test_not_logged_in_shows_in_health_and_the_log(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    fake.control(logged_in=False)
+    app = fake.app()
+    async with client_for(app) as client:
+        await checked(app)
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "not_logged_in"
+        assert health.json()["cli"]["login"] == "not_logged_in" and "log in" in health.json()["reason"]
+    assert any("not logged in" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_a_401_from_a_request_marks_the_login(fake: Fake) -> None:
+    app = fake.app()
+    async with client_for(app) as client:
+        await checked(app)
+        assert (await client.get("/health")).json()["cli"]["login"] == "logged_in"
+        fake.control(default="not_logged_in")
+        assert_error(await client.post("/v1/chat/completions", json=chat()), 401, "cli_not_logged_in")
+        assert (await client.get("/health")).json()["status"] == "not_logged_in"
+        fake.control(default="ok")  # logged in again: the next answer says so
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert (await client.get("/health")).json()["status"] == "ok"
+
+
+async def test_snapshot_flag_is_turned_off_only_where_help_lists_it(fake: Fake) -> None:
+    async with client_for(fake.app()) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    assert "--system-prompt-snapshot" not in fake.calls()[-1]["argv"]
+    fake.control(flags=["--model <model>", "--system-prompt-snapshot <on|off>  Record the system prompt once"])
+    async with client_for(fake.app()) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    argv = fake.calls()[-1]["argv"]
+    assert argv[argv.index("--system-prompt-snapshot") + 1] == "off"
+
+
+async def test_autocompact_is_off_on_every_cli(fake: Fake) -> None:
+    async with client_for(fake.app()) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    assert fake.calls()[0]["env"]["DISABLE_AUTO_COMPACT"] == "1"
+
+
+async def test_fallback_model_may_be_a_list(fake: Fake) -> None:
+    settings = make_settings(bin=fake.bin, fallback_model=" sonnet, claude-haiku-4-5 ")
+    assert settings.fallback_model == "sonnet,claude-haiku-4-5"
+    async with client_for(api.create_app(settings, fake.environ)) as client:
+        await client.post("/v1/chat/completions", json=chat())
+    argv = fake.calls()[0]["argv"]
+    assert argv[argv.index("--fallback-model") + 1] == "sonnet,claude-haiku-4-5"
+    with pytest.raises(api.SettingsError, match="CLAUDE_FALLBACK_MODEL"):
+        make_settings(fallback_model="sonnet,-x")
+
+
+async def test_self_check_reports_missing_features_honestly(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    app = fake.app(self_check="on")
+    async with client_for(app) as client:
+        await checked(app)
+        health = await client.get("/health")
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200  # degraded, not refused
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    check = health.json()["cli"]["self_check"]
+    assert check["state"] == "failed" and any("control protocol" in p for p in check["problems"])
+    assert any("self-check failed" in r.getMessage() for r in caplog.records)
+    [probe] = [c for c in fake.calls() if c["env"].get("ANTHROPIC_API_KEY") == "sk-self-check"]
+    # A private home and config, a loopback stand-in, and nothing else of the server's environment.
+    assert probe["env"]["HOME"] != fake.environ["HOME"] and probe["env"]["ANTHROPIC_BASE_URL"].startswith(
+        "http://127.0.0.1:") and "KEEP_ME" not in probe["env"]
+    assert probe["env"]["CLAUDE_CONFIG_DIR"].startswith(probe["env"]["HOME"])
+
+
+@needs_real_cli
+async def test_real_self_check_passes_quickly_and_spends_nothing(real: Real) -> None:
+    app = real.app(self_check="on")
+    async with client_for(app) as client:
+        await checked(app)
+        health = (await client.get("/health")).json()
+    check = health["cli"]["self_check"]
+    assert check["state"] == "passed" and check["problems"] == [], check
+    assert check["seconds"] < 10  # about 0.5 s on an idle machine; the ceiling is for a busy one
+    assert real.standin.bodies() == []  # nothing reached the upstream the user pays for
+    assert health["cli"]["tested"] is True and health["status"] == "ok"
+
+
+@needs_real_cli
+async def test_real_login_state_comes_from_auth_status(real: Real) -> None:
+    app = real.app()
+    async with client_for(app):
+        await checked(app)
+        assert app.state.runner.login == "logged_in"  # the key the stand-in accepts
+    logged_out = api.create_app(make_settings(bin=real.bin),
+                                {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"})
+    async with client_for(logged_out) as client:
+        await checked(logged_out)
+        assert (await client.get("/health")).json()["status"] == "not_logged_in"
+    assert real.standin.bodies() == []
+
+
+@needs_real_cli
+def test_real_autocompact_never_rewrites_a_kept_session(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True, context_tokens=990_000))  # every answer says: context nearly full
+    sid = str(uuid.uuid4())
+    with serve(session_app(real)) as url:
+        for text in ("My name is Ada.", "I like tea.", "What is my name?"):
+            httpx.post(f"{url}/v1/chat/completions", json=chat(text, session_id=sid), timeout=60)
+    # Whatever the CLI then answers (a full context is an error, not a secret rewrite), no request summarised the
+    # session or replaced its history with a summary.
+    upstream = real.upstream_text()
+    assert "My name is Ada." in upstream
+    assert "Respond with TEXT ONLY" not in upstream and "continued from a previous conversation" not in upstream
+
+
+@needs_real_cli
+def test_real_session_sends_the_system_prompt_the_server_passes(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    for system in ("Speak as a pirate.", "Speak as a poet."):  # a restart forgets the first prompt; the CLI must too
+        with serve(session_app(real)) as url:
+            openai_client(url).chat.completions.create(
+                model="sonnet", messages=[{"role": "system", "content": system}, user("hello")],
+                extra_body={"session_id": sid})
+    first, second = (json.dumps(body["system"]) for body in real.standin.bodies())
+    assert "pirate" in first and "poet" in second and "pirate" not in second
+
+
+@needs_real_cli
+async def test_real_fallback_model_list_is_accepted(real: Real) -> None:
+    real.standin.reset(default=Reply(text="fine"))
+    async with client_for(real.app(fallback_model="haiku,opus")) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "fine"
+
+
+async def test_the_working_directory_names_nothing_of_the_user(fake: Fake, tmp_path: Path) -> None:
+    """Newer CLIs send the working directory to the model: it must not carry the home path, and must be the same
+    for every process and every restart (the prompt cache)."""
+    home = tmp_path / "home-of-alice"
+    environ = {**fake.environ, "HOME": str(home), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    for _ in range(2):
+        async with client_for(api.create_app(fake.settings, environ)) as client:
+            await client.post("/v1/chat/completions", json=chat())
+    first, second = (call["cwd"] for call in fake.calls())
+    assert first == second == str(tmp_path / "tmp" / f"claude_api-{os.getuid()}" / "workdir")
+    assert "alice" not in first
+    foreign = tmp_path / "tmp" / f"claude_api-{os.getuid()}"
+    foreign.chmod(0o777)  # not private any more: someone else could plant files there
+    assert api.private_workdir(environ) == home / ".cache" / "claude_api" / "workdir"
+
+
+@needs_real_cli
+async def test_real_environment_text_names_no_home_path(real: Real) -> None:
+    async with client_for(real.app()) as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+    upstream = real.upstream_text()
+    assert real.environ["HOME"] not in upstream
+    if "Primary working directory" in upstream:  # 2.1.332 and later name it; 2.1.197 sends only the date
+        assert f"Primary working directory: {api.private_workdir(real.environ)}" in upstream
