@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -76,6 +76,7 @@ class Settings:
     max_concurrency: int = 4  # CLAUDE_MAX_CONCURRENCY
     max_queue: int = 100  # CLAUDE_MAX_QUEUE
     timeout: float = 300.0  # CLAUDE_TIMEOUT, seconds per attempt
+    request_timeout: float = 600.0  # CLAUDE_REQUEST_TIMEOUT, seconds a request may take in all, retries included
     max_retries: int = 5  # CLAUDE_MAX_RETRIES
     base_backoff: float = 2.0  # CLAUDE_BASE_BACKOFF, seconds
     system_prompt_mode: SystemPromptMode = "replace"  # CLAUDE_SYSTEM_PROMPT_MODE
@@ -160,6 +161,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         max_concurrency=number("CLAUDE_MAX_CONCURRENCY", 4, minimum=1, integer=True),
         max_queue=number("CLAUDE_MAX_QUEUE", 100, minimum=0, integer=True),
         timeout=number("CLAUDE_TIMEOUT", 300.0, minimum=0.001),
+        request_timeout=number("CLAUDE_REQUEST_TIMEOUT", 600.0, minimum=0.001),
         max_retries=number("CLAUDE_MAX_RETRIES", 5, minimum=0, integer=True),
         base_backoff=number("CLAUDE_BASE_BACKOFF", 2.0),
         system_prompt_mode=choice("CLAUDE_SYSTEM_PROMPT_MODE", "replace", ["replace", "append", "embed"]),  # type: ignore[arg-type]
@@ -1200,42 +1202,6 @@ def add_usage(first: Mapping[str, Any], second: Mapping[str, Any]) -> Any:
     return total
 
 
-@dataclass
-class ChatStream:
-    """Renders a stream as ``chat.completion.chunk`` events: the same id and created on each chunk, and
-    ``usage: null`` on each when usage was asked for, then one usage chunk with ``choices: []``."""
-
-    model: str
-    include_usage: bool
-    id: str = field(default_factory=completion_id)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "system_fingerprint": None, "choices": choices}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def _delta(self, delta: dict[str, Any], finish: FinishReason | None = None) -> bytes:
-        return sse(self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]))
-
-    def start(self) -> list[bytes]:
-        return [self._delta({"role": "assistant", "content": "", "refusal": None})]
-
-    def delta(self, delta: dict[str, Any]) -> list[bytes]:
-        return [self._delta(delta)]
-
-    def finish(self, outcome: StreamOutcome) -> list[bytes]:
-        events = [self._delta({}, outcome.finish)]
-        if self.include_usage:
-            events.append(sse({**self._chunk([]), "usage": outcome.usage or openai_usage(None, None)}))
-        return events + [DONE]
-
-    def fail(self, error: ProxyError) -> list[bytes]:
-        return [sse(error.body()), DONE]  # the openai SDK raises on a data payload with an "error" key
-
-
 class StopScanner:
     """Cuts streamed text at the first stop string, holding back just enough to catch one split across deltas."""
 
@@ -1268,10 +1234,20 @@ def apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (out, True) if scanner.stopped else (out + scanner.flush(), False)
 
 
-# --- The runner: one CLI process per attempt, with concurrency, timeout and retries ---
+# --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
 
 STDOUT_LIMIT = 64 * MiB  # one stream-json line can carry a whole long answer
 STDERR_TAIL = 50
+GRACEFUL_EXIT = 5.0  # seconds a session's CLI gets to finish its transcript after stdin closes
+
+
+class TurnNotStarted(CliFailed):
+    """The process ended before this turn produced anything: nothing was spent on it."""
+
+
+class ProcessLost(TurnNotStarted):
+    """A waiting process (pre-started, or warm between turns) died before this turn began: the server's loss,
+    retried at no cost to the request's attempts."""
 
 
 def resolve_binary(settings: Settings, environ: Mapping[str, str]) -> str | None:
@@ -1284,29 +1260,26 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-GRACEFUL_EXIT = 5.0  # seconds a session's CLI gets to finish its transcript after stdin closes
+ProcessState = Literal["new", "ready", "waiting", "busy", "spent", "closed"]
 
 
 class CliProcess:
-    """Owns one CLI process, started in its own process group. ``stop`` always ends and reaps it: killed at
-    once, or, for a session whose transcript must be complete, closed first and killed only if it lingers."""
+    """One CLI process in its own process group, from start to reaping.
+
+    Its life: ``new`` -> ``start`` -> ``ready``; a store keeps it ``waiting``; each ``turn`` makes it ``busy``
+    until the turn's result leaves it ``ready`` (at a turn boundary, fit for another turn) or anything else
+    leaves it ``spent``. ``aclose`` (or ``close_soon``) is the one way out, on every path: it kills the group
+    and reaps it, idempotent and shielded, so not even a cancelled caller leaves a process behind."""
 
     def __init__(self, binary: str, call: CliCall, workdir: str, environ: Mapping[str, str],
-                 processes: set[asyncio.subprocess.Process], background: set[asyncio.Future[None]]) -> None:
-        self.binary, self.call, self.workdir, self.environ, self.processes = binary, call, workdir, environ, processes
-        self.background = background  # the runner's: holds a background stop until it is done
+                 on_closed: Callable[[CliProcess], None] = lambda cli: None) -> None:
+        self.binary, self.call, self.workdir, self.environ = binary, call, workdir, environ
+        self.on_closed = on_closed
+        self.state: ProcessState = "new"
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
-        self.finished = False  # the last turn ended with a good result
-        # The last turn printed something of its own: garbage, or an event we act on. A process's start-up
-        # lines (``system``/``init``) do not count: a pre-started process killed while it waited still has
-        # them buffered, and such a process died before the turn began.
-        self.produced = False
-        self.spoke = False  # the last turn produced any answer text or thinking
-        self.failure: ProxyError | None = None  # the error the last turn's result reported
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
-        self.reaped: asyncio.Future[None] | None = None  # the background stop after ``kill``
-        self.idle_since = 0.0
+        self._closing: asyncio.Future[None] | None = None
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
 
@@ -1315,6 +1288,11 @@ class CliProcess:
         process = self.process
         return process is not None and process.returncode is None and not (process.stdout and
                                                                            process.stdout.at_eof())
+
+    @property
+    def at_boundary(self) -> bool:
+        """The last turn ended with its result: the process can take another turn."""
+        return self.state in ("ready", "waiting") and self.alive
 
     async def start(self) -> None:
         args = [*self.call.args, *self.call.session_args]
@@ -1329,9 +1307,9 @@ class CliProcess:
                 stderr=asyncio.subprocess.PIPE, cwd=self.workdir, env=child_environment(self.environ, self.call.env),
                 start_new_session=True, limit=STDOUT_LIMIT)
         except OSError as exc:
-            self._remove_prompt_file()
+            self.close_soon()
             raise CliUnavailable(f"The claude CLI could not be started ({exc.strerror or exc}).") from None
-        self.processes.add(self.process)
+        self.state = "ready"
         self._stderr_task = asyncio.create_task(self._drain_stderr())
 
     async def _drain_stderr(self) -> None:
@@ -1339,62 +1317,63 @@ class CliProcess:
         async for line in self.process.stderr:
             self.stderr.append(line.decode(errors="replace").rstrip())
 
-    async def send(self, data: bytes, *, close: bool) -> None:
-        assert self.process and self.process.stdin
-        self.finished = self.produced = self.spoke = False
-        self.failure = None
+    async def turn(self, message: bytes, *, close_stdin: bool) -> AsyncGenerator[CliEvent, None]:
+        """Send one user message and yield the turn's events up to its result. A turn that ends any other way
+        (an error, an early stop, a process that exits) leaves the process spent."""
+        assert self.process and self.process.stdin and self.process.stdout
+        waited, self.state = self.state == "waiting", "busy"
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.process.stdin.write(data)
+            self.process.stdin.write(message)
             await self.process.stdin.drain()
-            if close:
+            if close_stdin:
                 self.process.stdin.close()
-
-    async def events(self) -> AsyncIterator[CliEvent]:
-        """Parsed events until the ``result``; a process that ends without one has failed."""
-        assert self.process and self.process.stdout
-        garbage = 0
-        calls: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
-        async for raw in self.process.stdout:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                self.produced = True
-                garbage += 1
-                log.debug("non-JSON line from the CLI: %.200r", raw)
-                continue
-            if not isinstance(line, dict):
-                continue
-            try:
+        began, garbage = False, 0
+        usage: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
+        try:
+            async for raw in self.process.stdout:
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    garbage += 1
+                    log.debug("non-JSON line from the CLI: %.200r", raw)
+                    continue
+                if not isinstance(line, dict):
+                    continue
                 event = parse_event(line)
-            except ProxyError as error:
-                self.produced, self.failure = True, error
-                raise
-            self.produced = self.produced or event is not None
-            if isinstance(event, ModelCall):
-                calls.update(event.usage)
-                if event.stop_reason == "max_tokens":
-                    # The answer hit max_tokens. Left alone, the CLI would ask the model to go on, several
-                    # times, at the user's cost; stop here with the upstream's own counts (the process is
-                    # killed, since this turn did not finish).
-                    yield CliResult("", "max_tokens", openai_usage(calls, None), None)
+                if event is None:  # start-up lines, and events we do not act on
+                    continue
+                began = True
+                if isinstance(event, ModelCall):
+                    usage.update(event.usage)
+                    if event.stop_reason == "max_tokens":
+                        # Left alone, the CLI would ask the model to go on, several times, at the user's cost:
+                        # stop here with the upstream's own counts (the process is spent).
+                        yield CliResult("", "max_tokens", openai_usage(usage, None), None)
+                        return
+                    continue
+                if isinstance(event, CliResult):
+                    self.state = "ready"
+                    yield self.turn_cost(event)
                     return
-                continue
-            if isinstance(event, CliResult):
-                self.finished = True
-                event = self.turn_cost(event)
-            self.spoke = self.spoke or isinstance(event, TextDelta | ThinkingDelta)
-            if event is not None:
                 yield event
-                if self.finished:
-                    return
+            raise await self._ended(began, waited, garbage)
+        finally:
+            if self.state == "busy":
+                self.state = "spent"
+
+    async def _ended(self, began: bool, waited: bool, garbage: int) -> CliFailed:
+        """The error for a process that ended without a result, its stderr logged once."""
+        assert self.process
         code = await self.process.wait()
         if self._stderr_task:
             await asyncio.wait({self._stderr_task}, timeout=1)
+        if waited and not began:
+            log.info("a waiting CLI process had died (status %s); replacing it", code)
+            return ProcessLost("A waiting claude CLI process had died.")
         log.warning("CLI exited with status %s and no result%s; stderr tail: %s", code,
                     f" after {garbage} unparseable lines" if garbage else "", " | ".join(self.stderr) or "(empty)")
-        self.failure = CliFailed(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the "
-                                 "server log.")
-        raise self.failure
+        error = TurnNotStarted if not began else CliFailed
+        return error(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
 
     def turn_cost(self, result: CliResult) -> CliResult:
         """A process that answers several turns reports its running total cost: keep this turn's share."""
@@ -1403,88 +1382,157 @@ class CliProcess:
         cost, self.cost_so_far = result.cost - self.cost_so_far, result.cost
         return replace(result, cost=cost, usage={**result.usage, "total_cost_usd": cost})
 
-    def kill(self) -> None:
-        """Kill the process group now and reap it in the background: an answer need not wait for that."""
-        if self.process is not None:
+    def close_soon(self, *, graceful: bool = False) -> asyncio.Future[None]:
+        """Start closing (once) and return the close to wait on. ``graceful`` first closes stdin and gives the
+        CLI GRACEFUL_EXIT seconds to finish its transcript; a later plain close cuts that short."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(graceful))
+            self._closing.add_done_callback(lambda _: self.on_closed(self))
+        elif not graceful and self.process is not None:
             kill_group(self.process)
-        task = self.reaped = asyncio.ensure_future(self.stop())
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        return self._closing
 
-    async def stop(self, *, graceful: bool = False) -> None:
-        if self.process is not None:
-            # Shielded: even a cancelled caller leaves no process, zombie or orphaned group behind.
-            await asyncio.shield(self._stop(self.process, graceful))
-        self._remove_prompt_file()
+    async def aclose(self, *, graceful: bool = False) -> None:
+        await asyncio.shield(self.close_soon(graceful=graceful))
 
-    async def _stop(self, process: asyncio.subprocess.Process, graceful: bool) -> None:
-        if graceful and process.returncode is None and process.stdin is not None:
-            process.stdin.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), GRACEFUL_EXIT)
-        kill_group(process)
-        with contextlib.suppress(ProcessLookupError):
-            await process.wait()
+    async def __aenter__(self) -> CliProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _close(self, graceful: bool) -> None:
+        process = self.process
+        if process is not None:
+            if graceful and process.returncode is None and process.stdin is not None:
+                process.stdin.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), GRACEFUL_EXIT)
+            kill_group(process)
+            with contextlib.suppress(ProcessLookupError):
+                await process.wait()
         if self._stderr_task:
             self._stderr_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stderr_task
-        self.processes.discard(process)
-
-    def _remove_prompt_file(self) -> None:
         if self._prompt_file:
             with contextlib.suppress(OSError):
                 os.unlink(self._prompt_file)
             self._prompt_file = None
+        self.state = "closed"
 
 
-class Job:
-    """One request's work for the runner: which call each attempt makes, and what becomes of the process.
-
-    This base class is a stateless request: a fresh process per attempt, stdin closed after the prompt,
-    killed at the end. ``SessionJob`` continues stored conversations and keeps processes warm."""
-
-    keeps_stdin = False
-
-    def __init__(self, call: CliCall) -> None:
-        self.call = call
-        self.reused = self.lost = False  # this attempt took a waiting process / it had died while idle
-
-    def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """Held across all attempts of the request; taken before a concurrency slot."""
-        return contextlib.nullcontext()
-
-    async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
-        """The call for the next attempt, and a waiting process to use (warm or pre-started), if any."""
-        cli = runner.pool.take(self.call)
-        self.reused = cli is not None
-        return self.call, cli
-
-    async def settle(self, cli: CliProcess) -> None:
-        """The attempt is over (``cli.finished`` tells whether it answered): end or keep the process."""
-        cli.kill()
-        self.lost = self.reused and not cli.produced
-
-    def answered(self, shown: str, result: CliResult | None) -> None:
-        """The answer went out: ``shown`` is the text the client got, ``result`` what the CLI said in full
-        (None when the CLI was stopped early, at a stop string)."""
-
-    def lost_warm_process(self) -> bool:
-        """True (once) when the last attempt failed only because a waiting process had died while idle."""
-        lost, self.lost = self.lost, False
-        return lost
+IdleKind = Literal["prestarted", "warm"]
 
 
-class Pool:
-    """CLI processes started ahead of time (CLAUDE_PREWARM), waiting on stdin, so a new conversation or a
-    one-shot request pays no start-up. They are spread over the most recently used combinations of model,
-    system prompt and options; each serves one request (then it is retired, or becomes that conversation's
-    warm process), and one that dies or outgrows CLAUDE_PREWARM_MAX_AGE is replaced."""
+@dataclass(eq=False)
+class Idle:
+    cli: CliProcess
+    kind: IdleKind
+    key: Any  # a pre-started process's options; a warm process's conversation
+    since: float
+
+
+class ProcessStore:
+    """Every idle CLI process, least recently stored first: pre-started ones, waiting for a new conversation with
+    their options, and warm ones, holding a conversation at a turn boundary. Each kind has one bound and one age
+    limit; past either, the oldest of that kind goes first. A process leaves the store taken or closed.
+
+    ``pending`` holds the closing of a conversation's last process (which may still be writing its
+    transcript), so that conversation's next turn can wait for it; ``died`` the conversations whose warm process
+    died on its own, perhaps before its transcript held the last turn."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.idle: list[Idle] = []
+        self.pending: dict[Any, asyncio.Future[None]] = {}
+        self.died: set[Any] = set()
+        self.closing = False
+
+    def limits(self, kind: IdleKind) -> tuple[int, float]:
+        """The most processes of a kind kept at once, and the longest one stays idle."""
+        settings = self.settings
+        if kind == "prestarted":
+            return settings.prewarm, settings.prewarm_max_age
+        # The CLI's budget cap counts a process's whole life: with one set, each turn gets its own process.
+        return (0 if settings.max_budget_usd is not None else settings.warm_max), settings.warm_idle
+
+    def count(self, kind: IdleKind, key: Any = None) -> int:
+        return sum(1 for e in self.idle if e.kind == kind and (key is None or e.key == key))
+
+    def put(self, kind: IdleKind, key: Any, cli: CliProcess, now: float | None = None) -> None:
+        """Keep an idle process, within its kind's bound; a conversation keeps at most one."""
+        if self.closing or not cli.at_boundary or self.limits(kind)[0] == 0:
+            self.close(Idle(cli, kind, key, 0.0))
+            return
+        if kind == "warm":
+            self.discard(key)
+        cli.state = "waiting"
+        self.idle.append(Idle(cli, kind, key, time.monotonic() if now is None else now))
+        while self.count(kind) > self.limits(kind)[0]:
+            self.close(next(e for e in self.idle if e.kind == kind))
+
+    def take(self, kind: IdleKind, key: Any) -> CliProcess | None:
+        """The newest live process of that kind and key, out of the store; dead ones found on the way are closed."""
+        while entry := next((e for e in reversed(self.idle) if e.kind == kind and e.key == key), None):
+            self.idle.remove(entry)
+            if entry.cli.alive:
+                return entry.cli
+            self.close(entry)
+        return None
+
+    def close(self, entry: Idle) -> None:
+        if entry in self.idle:
+            self.idle.remove(entry)
+        if entry.kind == "warm" and not entry.cli.alive:
+            self.died.add(entry.key)
+        graceful = entry.kind == "warm" and entry.cli.alive
+        self.closed(entry.key if entry.kind == "warm" else None, entry.cli, graceful=graceful)
+
+    def closed(self, key: Any, cli: CliProcess, *, graceful: bool = False) -> asyncio.Future[None]:
+        """Close a process; a conversation's next turn waits for its last process to be gone."""
+        closing = cli.close_soon(graceful=graceful)
+        if key is not None:
+            self.pending[key] = closing
+            closing.add_done_callback(lambda _: self.pending.pop(key, None) if self.pending.get(key) is closing
+                                      else None)
+        return closing
+
+    def discard(self, key: Any) -> None:
+        """Close a conversation's warm process, if it has one; it may finish its transcript."""
+        for entry in [e for e in self.idle if e.kind == "warm" and e.key == key]:
+            self.close(entry)
+
+    async def settled(self, key: Any) -> None:
+        """Wait until the conversation's last process is gone."""
+        while (closing := self.pending.get(key)) is not None:
+            await asyncio.shield(closing)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Close processes that died or outstayed their kind's age limit."""
+        now = time.monotonic() if now is None else now
+        for entry in list(self.idle):
+            if not entry.cli.alive or now - entry.since > self.limits(entry.kind)[1]:
+                self.close(entry)
+
+    async def aclose(self) -> None:
+        """At shutdown: close every idle process (warm ones finish their transcripts) and wait for them."""
+        self.closing = True
+        for entry in list(self.idle):
+            self.close(entry)
+        if self.pending:
+            await asyncio.wait(list(self.pending.values()), timeout=GRACEFUL_EXIT + 1)
+
+
+class Prestart:
+    """Keeps CLAUDE_PREWARM processes started ahead of time in the store, so a new conversation or a one-shot
+    request pays no start-up. They are spread over the most recently used combinations of model, system
+    prompt and options; each serves one request (then it ends, or becomes that conversation's warm process)."""
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.size = runner.settings.prewarm
-        self.idle: dict[tuple[Any, ...], list[CliProcess]] = {}
         self.recent: OrderedDict[tuple[Any, ...], CliCall] = OrderedDict()  # templates, most recent last
         self.starting: dict[asyncio.Task[None], tuple[Any, ...]] = {}
         self.hits = self.misses = 0
@@ -1493,29 +1541,20 @@ class Pool:
     def key(call: CliCall) -> tuple[Any, ...]:
         return call.options, call.session_args[:1]
 
-    def expect(self, call: CliCall) -> tuple[Any, ...]:
-        """Note these options as the most recently used, and refill the pool to match."""
+    def expect(self, call: CliCall) -> None:
+        """Note these options as the most recently used, and refill to match."""
         key = self.key(call)
         self.recent[key] = replace(call, stdin=b"")
         self.recent.move_to_end(key)
         while len(self.recent) > self.size:
             self.recent.popitem(last=False)
         self.refill()
-        return key
 
     def take(self, call: CliCall) -> CliProcess | None:
-        """A waiting process for this call's options, if one is ready; either way the pool refills."""
+        """A waiting process for this call's options, if one is ready; either way the store refills."""
         if self.size == 0 or self.runner.closing:
             return None
-        key = self.key(call)
-        found = None
-        waiting = self.idle.get(key, [])
-        while waiting and found is None:
-            cli = waiting.pop(0)
-            if cli.alive:
-                found = cli
-            else:
-                cli.kill()
+        found = self.runner.store.take("prestarted", self.key(call))
         self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
         self.expect(call)
         return found
@@ -1529,15 +1568,15 @@ class Pool:
         return counts
 
     def refill(self) -> None:
-        """Start what the targets lack, and retire what they no longer want."""
+        """Start what the targets lack, and close what they no longer want."""
         if self.runner.closing:
             return
-        targets = self.targets()
-        for key, waiting in self.idle.items():
-            while len(waiting) > targets.get(key, 0):
-                waiting.pop().kill()
+        store, targets = self.runner.store, self.targets()
+        for entry in [e for e in store.idle if e.kind == "prestarted"]:
+            if store.count("prestarted", entry.key) > targets.get(entry.key, 0):
+                store.close(entry)
         for key, want in targets.items():
-            have = len(self.idle.get(key, [])) + sum(1 for k in self.starting.values() if k == key)
+            have = store.count("prestarted", key) + sum(1 for k in self.starting.values() if k == key)
             for _ in range(want - have):
                 task = asyncio.create_task(self.start(key, self.recent[key]))
                 self.starting[task] = key
@@ -1553,32 +1592,65 @@ class Pool:
         except ProxyError as error:
             log.warning("could not pre-start a CLI process: %s", error.message)
             return
-        cli.idle_since = time.monotonic()
-        if self.runner.closing:
-            await cli.stop()
-        else:
-            self.idle.setdefault(key, []).append(cli)
-
-    def maintain(self, now: float | None = None) -> None:
-        """Replace waiting processes that died or grew too old."""
-        now = time.monotonic() if now is None else now
-        for waiting in self.idle.values():
-            for cli in [c for c in waiting if not c.alive or now - c.idle_since > self.runner.settings.prewarm_max_age]:
-                waiting.remove(cli)
-                cli.kill()
-        self.refill()
+        self.runner.store.put("prestarted", key, cli)
 
     def status(self) -> dict[str, int]:
-        return {"size": self.size, "ready": sum(map(len, self.idle.values())), "starting": len(self.starting),
+        return {"size": self.size, "ready": self.runner.store.count("prestarted"), "starting": len(self.starting),
                 "hits": self.hits, "misses": self.misses}
 
-    async def close(self) -> None:
-        for waiting in self.idle.values():
-            for cli in waiting:
-                cli.kill()
-            waiting.clear()
+    async def aclose(self) -> None:
         if self.starting:
             await asyncio.wait(list(self.starting), timeout=GRACEFUL_EXIT + 1)
+
+
+# --- The runner: attempts under the concurrency cap, the timeouts and the retry policy ---
+
+AttemptSource = Literal["fresh", "waiting", "resume"]  # a new process; a pre-started or warm one; a cold resume
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What becomes of a process after an attempt; the runner acts on it, in one place."""
+
+    action: Literal["keep", "finish", "end"]  # keep it warm / let it finish its transcript, then end / end it now
+    conversation: Any = None  # the conversation it holds, for "keep" and "finish"
+
+
+END = Verdict("end")
+
+
+class Job:
+    """One request's work for the runner: which call each attempt makes, and what becomes of its process.
+
+    This base class is a stateless request: a fresh or pre-started process per attempt, stdin closed after the
+    prompt, ended after the attempt. ``SessionJob`` continues stored conversations and keeps processes warm."""
+
+    keeps_stdin = False
+
+    def __init__(self, call: CliCall) -> None:
+        self.call = call
+        self.source: AttemptSource = "fresh"  # where the current attempt's process came from
+
+    def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Held across all attempts of the request; taken before a concurrency slot."""
+        return contextlib.nullcontext()
+
+    async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
+        """The call for the next attempt, and a waiting process to use, if any."""
+        cli = runner.prestart.take(self.call)
+        self.source = "waiting" if cli is not None else "fresh"
+        return self.call, cli
+
+    def verdict(self, cli: CliProcess, error: BaseException | None) -> Verdict:
+        return END
+
+    def free_retry(self, error: ProxyError) -> bool:
+        """The attempt failed for the server's reasons, not the request's: try again at no cost."""
+        return isinstance(error, ProcessLost)
+
+    def answered(self, shown: str, result: CliResult | None) -> None:
+        """The answer went out: ``shown`` is the text the client got, ``result`` what the CLI said in full
+        (None when the CLI was stopped early, at a stop string)."""
 
 
 @dataclass
@@ -1588,8 +1660,42 @@ class Slot:
     until: asyncio.Future[None] | None = None
 
 
+FREE_RETRIES = 3  # lost waiting processes replaced per request at most, before it counts as a failure
+
+
+class Retries:
+    """One request's retry policy: transient failures, while nothing has reached the client, with backoff,
+    at most CLAUDE_MAX_RETRIES times and never past the request's deadline (CLAUDE_REQUEST_TIMEOUT)."""
+
+    def __init__(self, runner: Runner, job: Job) -> None:
+        self.runner, self.job = runner, job
+        self.deadline = time.monotonic() + runner.settings.request_timeout
+        self.attempts = self.free = 0
+
+    async def after(self, error: ProxyError, *, may_retry: bool = True) -> None:
+        """Return when the failed attempt is worth another, or raise what the client should get. ``may_retry``
+        is false once part of the answer has reached the client."""
+        runner = self.runner
+        if runner.closing and error.retryable:
+            raise Overloaded("The server shut down before this request was answered.", retry_after=5) from None
+        if not may_retry:
+            raise error
+        if self.job.free_retry(error) and self.free < FREE_RETRIES:
+            self.free += 1
+            return
+        delay = runner.backoff(self.attempts)
+        if not error.retryable or self.attempts >= runner.settings.max_retries or runner.closing \
+                or time.monotonic() + delay >= self.deadline:
+            raise error
+        self.attempts += 1
+        log.info("attempt %d failed (%s: %s); retrying in %.1f s", self.attempts, type(error).__name__,
+                 error.message, delay)
+        await asyncio.sleep(delay)
+
+
 class Runner:
-    """Runs jobs under the concurrency cap, the per-attempt timeout and the retry policy."""
+    """Runs jobs' attempts under the concurrency cap and the timeouts, and owns every CLI process: the live ones,
+    and through its store, the idle ones."""
 
     def __init__(self, settings: Settings, workdir: str, environ: Mapping[str, str]) -> None:
         self.settings = settings
@@ -1599,10 +1705,10 @@ class Runner:
         self.in_flight = 0
         self.queued = 0
         self.closing = False
-        self.pool = Pool(self)
+        self.live: set[CliProcess] = set()  # every process not yet reaped
+        self.store = ProcessStore(settings)
+        self.prestart = Prestart(self)
         self.reaper: asyncio.TimerHandle | None = None
-        self.processes: set[asyncio.subprocess.Process] = set()
-        self.reaping: set[asyncio.Future[None]] = set()  # processes killed, being reaped in the background
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -1640,85 +1746,59 @@ class Runner:
         return binary
 
     def process(self, call: CliCall, binary: str = "") -> CliProcess:
-        return CliProcess(binary or self.binary(), call, self.workdir, self.environ, self.processes, self.reaping)
+        cli = CliProcess(binary or self.binary(), call, self.workdir, self.environ, on_closed=self.live.discard)
+        self.live.add(cli)
+        return cli
 
     @contextlib.asynccontextmanager
-    async def attempt(self, job: Job) -> AsyncIterator[AsyncIterator[CliEvent]]:
-        """One attempt: a slot, a process (warm or new), its events, all under CLAUDE_TIMEOUT."""
+    async def attempt(self, job: Job, deadline: float) -> AsyncIterator[AsyncIterator[CliEvent]]:
+        """One attempt: a slot, a process (waiting or new), its turn's events, under CLAUDE_TIMEOUT and the
+        request's deadline. Whatever happens, the job's verdict decides what becomes of the process."""
         binary = self.binary()
         async with self.slot() as slot:
             call, cli = await job.plan(self)
             cli = cli or self.process(call, binary)
+            limit = min(self.settings.timeout, max(0.0, deadline - time.monotonic()))
+            error: BaseException | None = None
             try:
-                async with asyncio.timeout(self.settings.timeout):
-                    if cli.process is None:
+                async with asyncio.timeout(limit):
+                    if cli.state == "new":
                         await cli.start()
-                    await cli.send(call.stdin, close=not job.keeps_stdin)
-                    yield cli.events()
+                    async with contextlib.aclosing(cli.turn(call.stdin, close_stdin=not job.keeps_stdin)) as events:
+                        yield events
             except TimeoutError:
-                raise CliTimeout(f"The claude CLI did not finish within CLAUDE_TIMEOUT={self.settings.timeout:g} s."
-                                 ) from None
+                error = CliTimeout(f"The claude CLI did not finish within {limit:g} s (CLAUDE_TIMEOUT, "
+                                   "CLAUDE_REQUEST_TIMEOUT).")
+                raise error from None
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
-                await job.settle(cli)
-                slot.until = cli.reaped
+                slot.until = self.settle(cli, job.verdict(cli, error))
+
+    def settle(self, cli: CliProcess, verdict: Verdict) -> asyncio.Future[None] | None:
+        """Act on a verdict: keep the process warm, let it finish, or end it (returning the end to wait on)."""
+        if verdict.action == "keep" and cli.at_boundary:
+            self.store.put("warm", verdict.conversation, cli)
+            return None
+        if verdict.action in ("keep", "finish"):
+            self.store.closed(verdict.conversation, cli, graceful=True)
+            return None
+        return self.store.closed(verdict.conversation, cli)
 
     def backoff(self, attempt: int) -> float:
         return min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
 
-    async def retrying(self, job: Job, run: Callable[[], Awaitable[Any]], *,
-                       may_retry: Callable[[], bool] = lambda: True) -> Any:
-        """Run ``run`` until it succeeds, retrying transient failures while ``may_retry()`` holds."""
-        attempt = 0
-        while True:
-            try:
-                return await run()
-            except ProxyError as error:
-                if self.closing and error.retryable:
-                    raise Overloaded("The server shut down before this request was answered.",
-                                     retry_after=5) from None
-                if error.retryable and may_retry() and job.lost_warm_process():
-                    log.info("a warm CLI process had died; replacing it")
-                    continue  # not the request's failure: no backoff, no attempt spent
-                if not error.retryable or attempt >= self.settings.max_retries or not may_retry() or self.closing:
-                    raise
-                delay = self.backoff(attempt)
-                attempt += 1
-                log.info("attempt %d failed (%s: %s); retrying in %.1f s", attempt, type(error).__name__,
-                         error.message, delay)
-                await asyncio.sleep(delay)
-
-    async def complete(self, job: Job) -> tuple[CliResult, str]:
-        """Run a job to the end: the result and any thinking text."""
-
-        async def once() -> tuple[CliResult, str]:
-            thinking: list[str] = []
-            text: list[str] = []
-            async with self.attempt(job) as events:
-                async for event in events:
-                    if isinstance(event, ThinkingDelta):
-                        thinking.append(event.text)
-                    elif isinstance(event, TextDelta):
-                        text.append(event.text)
-                    elif isinstance(event, CliResult):
-                        return event if event.text else replace(event, text="".join(text)), "".join(thinking)
-            raise CliFailed("The claude CLI ended without an answer.")
-
-        return await self.retrying(job, once)
-
     def begin_shutdown(self, grace: float) -> None:
-        """Refuse new work now; in ``grace`` seconds kill what still runs, so its requests end with an error."""
+        """Refuse new work now; in ``grace`` seconds end what still runs, so its requests end with an error."""
         if not self.closing:
             self.closing = True
             self.reaper = asyncio.get_running_loop().call_later(grace, lambda: asyncio.ensure_future(self.kill_all()))
 
     async def kill_all(self) -> None:
-        for process in list(self.processes):
-            kill_group(process)
-        for process in list(self.processes):
-            with contextlib.suppress(ProcessLookupError):
-                await process.wait()
-        if self.reaping:
-            await asyncio.wait(list(self.reaping), timeout=GRACEFUL_EXIT)
+        closing = [cli.close_soon() for cli in list(self.live)]
+        if closing:
+            await asyncio.wait(closing, timeout=GRACEFUL_EXIT)
 
     async def version(self) -> str | None:
         binary = resolve_binary(self.settings, self.environ)
@@ -1741,10 +1821,11 @@ class Runner:
         return out.decode(errors="replace").strip() or None
 
 
-# --- Sessions: explicit and automatic, with warm processes between turns ---
+# --- Sessions: conversations the CLI keeps between turns ---
 
 
 SESSION_NAMESPACE = uuid.UUID("6f1d8a4e-3c2b-5e7f-9a1b-2c3d4e5f6a7b")
+MAX_AUTO_SESSIONS = 1000  # fingerprints (and stored responses) kept at most; the oldest go first
 
 
 def cli_session_id(client_id: str) -> str:
@@ -1768,27 +1849,35 @@ def newest_turns(turns: tuple[Turn, ...]) -> tuple[Turn, ...]:
     return turns
 
 
+SessionKind = Literal["explicit", "automatic", "response"]
+# new: the CLI holds nothing under cli_id; stored: it holds our history there; stale: it holds something else
+# there (a failed or cut turn), to be deleted before the conversation is rebuilt from our history.
+SessionState = Literal["new", "stored", "stale"]
+
+
 @dataclass(eq=False)
 class Session:
-    """One conversation with the CLI: its ids, what it was started with, its lock, maybe a warm process."""
+    """One conversation with the CLI: its ids, what it was started with, what it said, and its lock."""
 
-    key: str  # the client's session id, or a private one for automatic sessions
-    cli_id: str  # the CLI's session id; a rebuilt conversation gets a new one
+    key: str  # the client's session id, or a private one
+    cli_id: str  # the CLI's session id
     system: str
     cli_model: str | None
-    explicit: bool
+    kind: SessionKind
+    state: SessionState = "new"
     history: list[Turn] = field(default_factory=list)  # the turns answered in this conversation, in order
-    started: bool = False  # the CLI holds a transcript for cli_id
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
     last_used: float = field(default_factory=time.monotonic)
-    pinned: bool = False  # cli_id is derived from the client's id and must stay so
-    process: CliProcess | None = None  # an idle warm process that holds this conversation
-    retiring: asyncio.Future[None] | None = None  # its last process, finishing the transcript as it exits
+
+    @property
+    def pinned(self) -> bool:
+        """Its CLI id is derived from the client's id and must stay so."""
+        return self.kind == "explicit"
 
 
 class Sessions:
-    """The session map: explicit sessions by id, automatic ones by the fingerprint of their history,
-    the idle warm processes (least recently used first), and the TTL sweeper that bounds them all."""
+    """The conversations: explicit ones by the client's id, automatic ones by the fingerprint of their history,
+    and the TTL sweep that bounds them. Their idle processes live in the runner's store."""
 
     def __init__(self, settings: Settings, runner: Runner, transcripts: Path | None, own_workdir: bool) -> None:
         self.settings = settings
@@ -1797,10 +1886,8 @@ class Sessions:
         self.own_workdir = own_workdir  # nobody else's transcripts live there: stale ones may be swept
         self.explicit: dict[str, Session] = {}
         self.auto: OrderedDict[str, Session] = OrderedDict()
-        self.warm: OrderedDict[Session, None] = OrderedDict()
         self.background: set[asyncio.Future[None]] = set()
         self.waiting = 0  # requests queued on a busy session's lock
-        self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # previous_response_id targets
 
     def job(self, chat: ChatRequest) -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
@@ -1818,40 +1905,16 @@ class Sessions:
             session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1]), None)
             if session is not None:
                 return SessionJob(self, session, chat), None
-        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False)
+        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, "automatic")
         return SessionJob(self, session, chat), None
-
-    def response_job(self, chat: ChatRequest, previous: str | None, store: bool) -> tuple[Job, ChatRequest]:
-        """The job for a Responses request, and the chat request it runs: any stored conversation it
-        continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
-        older response starts a new one from the whole context."""
-        prior = self.responses.get(previous) if previous else None
-        new_input = chat.turns
-        if prior is not None:
-            chat = replace(chat, turns=(*prior.turns, *new_input))
-        if chat.structured or (not store and prior is None):
-            return Job(build_cli_call(chat, self.settings)), chat
-        session = prior.session if prior else None
-        if session is None or session.history != list(prior.turns if prior else ()) or session.lock.locked() \
-                or (session.system, session.cli_model) != (chat.system, chat.cli_model):
-            key = f"response-{uuid.uuid4()}"
-            session = self.explicit[key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
-                                                   explicit=True, history=list(prior.turns) if prior else [])
-        return SessionJob(self, session, chat, new_input if prior else None), chat
-
-    def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job) -> None:
-        session = job.session if isinstance(job, SessionJob) and not job.diverged else None
-        self.responses[response_id] = StoredResponse(turns, session)
-        while len(self.responses) > MAX_AUTO_SESSIONS:
-            self.responses.popitem(last=False)
 
     def explicit_job(self, chat: ChatRequest) -> tuple[Job, str | None]:
         key = chat.session_id or ""
         session = self.explicit.get(key)
         if session is None:
-            session = Session(key, cli_session_id(key), chat.system, chat.cli_model, explicit=True, pinned=True)
+            session = Session(key, cli_session_id(key), chat.system, chat.cli_model, "explicit")
             known = self.transcript(session.cli_id)  # a session this server started before a restart
-            session.started = known is not None and known.exists()
+            session.state = "stored" if known is not None and known.exists() else "new"
             self.explicit[key] = session
             return SessionJob(self, session, chat), None
         # A request without a system message (only the newest turn, as sessions invite) changes nothing.
@@ -1861,8 +1924,33 @@ class Sessions:
                   f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored.") if ignored else None
         return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
 
+    def response_job(self, chat: ChatRequest, prior: StoredResponse | None, store: bool) -> tuple[Job, ChatRequest]:
+        """The job for a Responses request, and the chat request it runs: any stored conversation it
+        continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
+        older response starts a new one from the whole context."""
+        new_input = chat.turns
+        if prior is not None:
+            chat = replace(chat, turns=(*prior.turns, *new_input))
+        if chat.structured or (not store and prior is None):
+            return Job(build_cli_call(chat, self.settings)), chat
+        session = prior.session if prior else None
+        if session is None or session.history != list(prior.turns if prior else ()) or session.lock.locked() \
+                or (session.system, session.cli_model) != (chat.system, chat.cli_model):
+            key = f"response-{uuid.uuid4()}"
+            session = self.explicit[key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model, "response",
+                                                   history=list(prior.turns) if prior else [])
+        return SessionJob(self, session, chat, new_input if prior else None), chat
+
     def transcript(self, cli_id: str) -> Path | None:
         return self.transcripts / f"{cli_id}.jsonl" if self.transcripts else None
+
+    async def delete_transcript(self, session: Session) -> None:
+        """Once the session's last process is gone, delete what the CLI keeps of it."""
+        await self.runner.store.settled(session)
+        path = self.transcript(session.cli_id)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def remember(self, session: Session, turns: tuple[Turn, ...]) -> None:
         """An automatic session answered: the client will come back with exactly these turns."""
@@ -1872,78 +1960,24 @@ class Sessions:
         while len(self.auto) > MAX_AUTO_SESSIONS:
             self.forget(self.auto.popitem(last=False)[1])
 
-    def park(self, session: Session, cli: CliProcess) -> None:
-        """Keep a process that just answered, warm for the session's next turn, within CLAUDE_WARM_MAX."""
-        cli.idle_since = time.monotonic()
-        session.process = cli
-        # The CLI's budget cap counts a process's whole life: with one set, each turn gets its own process.
-        if self.settings.warm_max == 0 or self.runner.closing or self.settings.max_budget_usd is not None:
-            self.cool(session)
-            return
-        self.warm[session] = None
-        self.warm.move_to_end(session)
-        while len(self.warm) > self.settings.warm_max:
-            self.cool(next(iter(self.warm)))
-
-    def take_warm(self, session: Session, call: CliCall) -> CliProcess | None:
-        """The session's warm process, if it is alive and was started with the same options."""
-        cli = session.process
-        if cli is not None and cli.alive and cli.call.options == call.options:
-            self.warm.pop(session, None)
-            session.process = None
-            return cli
-        self.cool(session)
-        return None
-
-    def cool(self, session: Session) -> None:
-        """Retire a session's idle process; the transcript stays, so the next turn resumes it cold."""
-        self.warm.pop(session, None)
-        if session.process is not None:
-            session.retiring = self.spawn(session.process.stop(graceful=True))
-            session.process = None
-
-    def restart(self, session: Session) -> None:
-        """The CLI's copy of the conversation is no longer the client's: end it, delete its transcript, and let
-        the next turn rebuild it (under the same id, once ``retiring`` is done) from the history we kept."""
-        self.warm.pop(session, None)
-        cli, session.process, session.started = session.process, None, False
-        session.retiring = self.spawn(self.retire(cli, session.cli_id))
-
     def forget(self, session: Session) -> None:
-        """Drop a session for good: its process, its lock, its transcript."""
-        if session.explicit:
+        """Drop a session for good: its process, its place in the maps, its transcript."""
+        if session.kind != "automatic":
             self.explicit.pop(session.key, None)
-        self.restart(session)
-
-    async def retire(self, cli: CliProcess | None, cli_id: str) -> None:
-        """Kill a process (its transcript is going anyway), then delete the transcript."""
-        if cli is not None:
-            await cli.stop()
-        path = self.transcript(cli_id)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-    def spawn(self, work: Awaitable[None]) -> asyncio.Future[None]:
-        task = asyncio.ensure_future(work)
+        self.runner.store.discard(session)
+        self.runner.store.died.discard(session)
+        task = asyncio.ensure_future(self.delete_transcript(session))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-        return task
 
     def sweep(self, now: float | None = None) -> None:
-        """Drop sessions idle past CLAUDE_SESSION_TTL, and cool processes idle past CLAUDE_WARM_IDLE."""
+        """Drop sessions idle past CLAUDE_SESSION_TTL."""
         now = time.monotonic() if now is None else now
         for session in [*self.explicit.values(), *self.auto.values()]:
             if not session.lock.locked() and now - session.last_used > self.settings.session_ttl:
                 for key in [k for k, s in self.auto.items() if s is session]:
                     del self.auto[key]
                 self.forget(session)
-        for session in list(self.warm):
-            if session.process is None or now - session.process.idle_since > self.settings.warm_idle:
-                self.cool(session)
-        for key in [k for k, r in self.responses.items() if now - r.created > self.settings.session_ttl]:
-            del self.responses[key]
-        self.runner.pool.maintain()
 
     def sweep_stale_transcripts(self) -> None:
         """At start-up: transcripts an earlier run left in our own workdir's folder, idle past the TTL."""
@@ -1955,36 +1989,23 @@ class Sessions:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
 
-    async def run_sweeper(self) -> None:
-        interval = max(0.5, min(30.0, self.settings.session_ttl / 4, self.settings.warm_idle / 4))
-        while True:
-            await asyncio.sleep(interval)
-            self.sweep()
-
-    async def close(self) -> None:
-        """At shutdown: let idle warm processes finish their transcripts and exit."""
-        for session in list(self.warm):
-            self.cool(session)
+    async def aclose(self) -> None:
         if self.background:
             await asyncio.wait(list(self.background), timeout=GRACEFUL_EXIT + 1)
 
 
-MAX_AUTO_SESSIONS = 1000  # fingerprints kept at most; the oldest go first
-
-
 class SessionJob(Job):
-    """A turn in a stored conversation: resumed (warm or cold) when the CLI holds it, rebuilt otherwise."""
+    """A turn in a stored conversation: continued in its warm process, resumed cold from the CLI's transcript,
+    or rebuilt from the history we kept."""
 
     keeps_stdin = True
 
     def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest,
                  newest: tuple[Turn, ...] | None = None) -> None:
         self.sessions, self.session, self.chat = sessions, session, chat
-        self.reused = self.lost = False
-        self.resuming = False  # this attempt resumes a stored transcript in a new process
+        self.source: AttemptSource = "fresh"
         self.newest = newest_turns(chat.turns) if newest is None else newest
         self.registered = False
-        self.diverged = False  # the client got less than the CLI holds: the conversation must be rebuilt
         self.context: tuple[Turn, ...] = ()  # the whole conversation this turn answers
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -2005,179 +2026,416 @@ class SessionJob(Job):
         finally:
             session.last_used = time.monotonic()
             session.lock.release()
-            if not session.explicit and not self.registered:
+            if session.kind == "automatic" and not self.registered:
                 sessions.forget(session)  # an automatic session nobody can reach again
 
     async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
-        session, settings = self.session, self.sessions.settings
-        if session.process is not None and not session.process.alive:
-            # Its warm process died on its own, perhaps before its transcript held the last turn: rebuild the
-            # conversation from the history we kept rather than resume a transcript that may be short.
-            self.sessions.restart(session)
-        if session.retiring is not None:  # a process of ours may still be writing the transcript: let it finish
-            await asyncio.shield(session.retiring)
-            session.retiring = None
+        session, settings, store = self.session, self.sessions.settings, runner.store
+        warm = store.take("warm", session)
+        if session in store.died:  # perhaps before its transcript held the last turn: rebuild from our history
+            store.died.discard(session)
+            session.state = "stale"
+        await store.settled(session)  # a process of ours may still be writing the transcript: let it finish
+        if session.state == "stale":
+            await self.sessions.delete_transcript(session)
+            session.state = "new"
         transcript = self.sessions.transcript(session.cli_id)
-        if session.started and (session.process is not None or transcript is None or transcript.exists()):
+        if session.state == "stored" and (warm is not None or transcript is None or transcript.exists()):
             self.context = (*session.history, *self.newest)
             call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest))
-            warm = self.sessions.take_warm(session, call)
-            self.reused, self.resuming = warm is not None, warm is None
-            return call, warm
-        if session.started:  # the CLI lost it (transcript deleted): rebuild it
-            self.sessions.restart(session)
-            await asyncio.shield(session.retiring)  # type: ignore[arg-type]
-        # A new conversation, or a rebuilt one: all the context we have goes in the first message.
+            if warm is not None and warm.call.options == call.options:
+                self.source = "waiting"
+                return call, warm
+            if warm is not None:  # started with other options: let it finish its transcript, then resume cold
+                store.closed(session, warm, graceful=True)
+                await store.settled(session)
+            self.source = "resume"
+            return call, None
+        # A new conversation, or a rebuilt one (the CLI lost it): all the context we have goes in the first message.
         self.context = (*session.history, *self.newest) if session.history else self.chat.turns
         call = build_cli_call(self.chat, settings, Conversation(session.cli_id, False, self.context))
         # A pre-started process brings its own session id, which only a conversation without one of the
         # client's choosing can take.
-        cli = None if session.pinned else runner.pool.take(call)
+        cli = None if session.pinned else runner.prestart.take(call)
         if cli is not None:
             session.cli_id = cli.call.session_args[1]
-        self.reused, self.resuming = cli is not None, False
+        self.source = "waiting" if cli is not None else "fresh"
         return call, cli
 
-    async def settle(self, cli: CliProcess) -> None:
-        if cli.finished and not self.diverged:
-            self.session.started = True
-            self.sessions.park(self.session, cli)
-            return
-        await cli.stop()
-        if self.diverged:
-            return
-        if self.reused and not cli.produced:
-            # It died while idle, perhaps before its transcript held the last turn: rebuild from our history.
-            self.lost = True
-            self.sessions.restart(self.session)
-            return
-        if self.resuming and not cli.spoke and type(cli.failure) is CliFailed:
-            # The CLI could not resume its transcript (lost, or cut short by a crash): not the request's
-            # failure. Rebuild the conversation from the history we kept, without spending an attempt.
-            self.lost = True
-        if self.session.started or cli.process is not None:
-            self.sessions.restart(self.session)  # a failed turn may have left half of itself in the transcript
+    def verdict(self, cli: CliProcess, error: BaseException | None) -> Verdict:
+        session = self.session
+        if error is None and cli.at_boundary and session.state != "stale":
+            session.state = "stored"
+            return Verdict("keep", session)
+        # A failed or cut turn may have left part of itself in the transcript: rebuild before the next turn.
+        session.state = "stale"
+        return Verdict("end", session)
+
+    def free_retry(self, error: ProxyError) -> bool:
+        # A cold resume that failed before the turn began could not read its transcript (lost, or cut short by
+        # a crash): rebuild the conversation from the history we kept, without spending an attempt.
+        return super().free_retry(error) or self.source == "resume" and isinstance(error, TurnNotStarted)
 
     def answered(self, shown: str, result: CliResult | None) -> None:
         session = self.session
         session.history = [*self.context, Turn("assistant", shown)]
         if result is None or result.text != shown:
-            self.diverged = True  # cut at a stop string: continue from what the client saw, not what the CLI said
-            self.sessions.restart(session)
-        elif not session.explicit:
+            session.state = "stale"  # cut at a stop string: continue from what the client saw, not what the CLI said
+        elif session.kind == "automatic":
             self.sessions.remember(session, (*self.chat.turns, Turn("assistant", shown)))
             self.registered = True
 
 
-# --- Streaming ---
+@dataclass(frozen=True)
+class StoredResponse:
+    """What a stored response continues from: the conversation up to and including its answer."""
+
+    turns: tuple[Turn, ...]
+    session: Session | None  # the CLI conversation whose head it is, when there is one
+    created: float = field(default_factory=time.monotonic)
+
+
+class ResponseStore:
+    """Responses objects kept for ``previous_response_id``: at most MAX_AUTO_SESSIONS, for CLAUDE_SESSION_TTL."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.items: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def get(self, response_id: Any) -> StoredResponse | None:
+        return self.items.get(response_id) if isinstance(response_id, str) else None
+
+    def put(self, response_id: str, turns: tuple[Turn, ...], job: Job) -> None:
+        self.items[response_id] = StoredResponse(turns, job.session if isinstance(job, SessionJob) else None)
+        while len(self.items) > MAX_AUTO_SESSIONS:
+            self.items.popitem(last=False)
+
+    def sweep(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for key in [k for k, r in self.items.items() if now - r.created > self.ttl]:
+            del self.items[key]
+
+
+# --- Turns: each request's answer as one stream of typed events ---
+# A turn yields TextDelta, ThinkingDelta, CallStarted and ArgumentsDelta events, then one Finished, or raises the
+# ProxyError it failed with. The non-streaming answer is that stream folded; pseudo streaming folds, then
+# replays; each wire format renders the same events.
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish: FinishReason
+    usage: Usage | None  # None only when a stream was cut at a stop string and no usage was asked for
+
+
+TurnEvent = TextDelta | ThinkingDelta | CallStarted | ArgumentsDelta | Finished
+PSEUDO_SLICE = 24  # characters per event when replaying a finished answer
+
+
+async def attempt_events(runner: Runner, job: Job, request: ChatRequest, deadline: float,
+                         want_usage: bool = True) -> AsyncGenerator[TurnEvent, None]:
+    """One attempt's answer: text cut at the first stop string, then Finished. After a stop, the rest of the
+    answer is paid for only when usage is wanted (so the counts are the CLI's own, never invented)."""
+    scanner = StopScanner(request.stop)
+    shown: list[str] = []
+    streamed = False  # text came as deltas (as it does with partial messages), not only in the result
+    finished: Finished | None = None
+    async with runner.attempt(job, deadline) as events:
+        async for event in events:
+            if isinstance(event, ThinkingDelta):
+                yield event
+            elif isinstance(event, TextDelta):
+                streamed = True
+                if text := scanner.feed(event.text):
+                    shown.append(text)
+                    yield TextDelta(text)
+                if scanner.stopped:
+                    result = await final_result(events) if want_usage else None
+                    job.answered("".join(shown), result)
+                    finished = Finished("stop", result.usage if result else None)
+                    break
+            elif isinstance(event, CliResult):
+                tail = "" if streamed else scanner.feed(event.text)
+                tail += "" if scanner.stopped else scanner.flush()
+                if tail:
+                    shown.append(tail)
+                    yield TextDelta(tail)
+                job.answered("".join(shown), event)
+                finished = Finished("stop" if scanner.stopped else event.finish_reason, event.usage)
+                break
+    if finished is None:
+        raise CliFailed("The claude CLI ended without an answer.")
+    yield finished  # once the attempt is settled, so a consumer that stops here costs the process nothing
+
+
+async def final_result(events: AsyncIterator[CliEvent]) -> CliResult | None:
+    async for event in events:
+        if isinstance(event, CliResult):
+            return event
+    return None
+
+
+async def fold(stream: AsyncGenerator[TurnEvent, None]) -> Answer:
+    """The whole answer a stream of events adds up to."""
+    text: list[str] = []
+    thinking: list[str] = []
+    calls: dict[int, list[str]] = {}
+    async with contextlib.aclosing(stream) as events:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, ThinkingDelta):
+                thinking.append(event.text)
+            elif isinstance(event, CallStarted):
+                calls[event.index] = [event.id, event.name, ""]
+            elif isinstance(event, ArgumentsDelta):
+                calls[event.index][2] += event.text
+            elif isinstance(event, Finished):
+                return Answer("".join(text), tuple(ToolCall(*calls[i]) for i in sorted(calls)), event.finish,
+                              event.usage or openai_usage(None, None), "".join(thinking))
+    raise CliFailed("The claude CLI ended without an answer.")
+
+
+def replay(done: Answer) -> Iterator[TurnEvent]:
+    """A finished answer as events, sliced as OpenAI streams them: per call an index, its id and name, then its
+    arguments in pieces."""
+    if done.thinking:
+        yield ThinkingDelta(done.thinking)
+    text = done.content or ""
+    for start in range(0, len(text), PSEUDO_SLICE):
+        yield TextDelta(text[start:start + PSEUDO_SLICE])
+    for index, call in enumerate(done.calls):
+        yield CallStarted(index, call.id, call.name)
+        for start in range(0, len(call.arguments), PSEUDO_SLICE):
+            yield ArgumentsDelta(index, call.arguments[start:start + PSEUDO_SLICE])
+    yield Finished(done.finish, done.usage)
+
+
+async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
+    """A whole answer, retried as the policy allows: plain text, or a structured reply parsed and checked, with
+    one corrective run when the model got the format wrong."""
+    done = await folded(runner, job, request)
+    if not request.structured:
+        return done
+    try:
+        reply = parse_reply(done.content or "", request)
+    except InvalidReply as problem:
+        log.info("reply not in the requested format (%s); asking once more", problem)
+        again = replace(request, turns=(*request.turns, Turn("assistant", done.content or ""),
+                                        Turn("user", correction(str(problem)))))
+        retry = await folded(runner, Job(build_cli_call(again, runner.settings)), request)
+        done = replace(retry, usage=add_usage(done.usage, retry.usage), thinking=done.thinking + retry.thinking)
+        try:
+            reply = parse_reply(done.content or "", request)
+        except InvalidReply as still:
+            hint = " (the reply hit max_tokens)" if done.finish == "length" else ""
+            raise InvalidModelOutput(f"The model's reply did not match the requested format, even after a "
+                                     f"correction: {still}{hint}.") from None
+    return replace(done, content=reply.content, calls=reply.calls, finish="tool_calls" if reply.calls else done.finish)
+
+
+async def folded(runner: Runner, job: Job, request: ChatRequest) -> Answer:
+    """One job's answer, folded; any failed attempt may be retried, since nothing has reached the client."""
+    retries = Retries(runner, job)
+    while True:
+        try:
+            return await fold(attempt_events(runner, job, replace(request, stop=()) if request.structured else request,
+                                             retries.deadline))
+        except ProxyError as error:
+            await retries.after(error)
+
+
+async def live(runner: Runner, job: Job, request: ChatRequest) -> AsyncGenerator[TurnEvent, None]:
+    """The answer as the CLI writes it; a failed attempt is retried only while nothing has gone out."""
+    retries = Retries(runner, job)
+    sent = False
+    while True:
+        try:
+            async with contextlib.aclosing(attempt_events(runner, job, request, retries.deadline,
+                                                          request.include_usage)) as events:
+                async for event in events:
+                    sent = True
+                    yield event
+            return
+        except ProxyError as error:
+            await retries.after(error, may_retry=not sent)
+
+
+async def turn(runner: Runner, job: Job, request: ChatRequest, mode: StreamMode) -> AsyncGenerator[TurnEvent, None]:
+    """A streamed request's events, under the job's hold for as long as the stream lives. A structured reply must
+    be whole before it can be checked: it streams the way pseudo mode does."""
+    async with job.hold():
+        if mode == "live" and not request.structured:
+            async for event in live(runner, job, request):
+                yield event
+        else:
+            for event in replay(await answer(runner, job, request)):
+                yield event
+
+
+# --- Rendering: turn events as each protocol streams them ---
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-PSEUDO_SLICE = 24  # characters per chunk when slicing a finished answer
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
+class StreamRenderer(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    def start(self) -> list[bytes]: ...
+    def render(self, event: TurnEvent) -> list[bytes]: ...
+    def fail(self, error: ProxyError) -> list[bytes]: ...
+
+
 @dataclass
-class StreamOutcome:
-    """What a producer reports at the end of a stream, for the final chunks and the log line."""
+class ChatStream:
+    """Renders a stream as ``chat.completion.chunk`` events: the same id and created on each chunk, and
+    ``usage: null`` on each when usage was asked for, then one usage chunk with ``choices: []``."""
 
-    finish: FinishReason = "stop"
-    usage: Usage | None = None
+    model: str
+    include_usage: bool
+    id: str = field(default_factory=completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
 
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
+    def _delta(self, delta: dict[str, Any], finish: FinishReason | None = None) -> bytes:
+        return sse(self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]))
 
+    def start(self) -> list[bytes]:
+        return [self._delta({"role": "assistant", "content": "", "refusal": None})]
 
-async def produce_live(runner: Runner, job: Job, request: ChatRequest, emit: Emit) -> StreamOutcome:
-    """Forward text and thinking deltas as they arrive; retry only while nothing has gone out."""
-    sent = False
+    def render(self, event: TurnEvent) -> list[bytes]:
+        if isinstance(event, TextDelta):
+            return [self._delta({"content": event.text})]
+        if isinstance(event, ThinkingDelta):
+            return [self._delta({"reasoning_content": event.text})]
+        if isinstance(event, CallStarted):
+            return [self._delta({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                                 "function": {"name": event.name, "arguments": ""}}]})]
+        if isinstance(event, ArgumentsDelta):
+            return [self._delta({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})]
+        events = [self._delta({}, event.finish)]
+        if self.include_usage:
+            events.append(sse({**self._chunk([]), "usage": event.usage or openai_usage(None, None)}))
+        return events + [DONE]
 
-    async def once() -> StreamOutcome:
-        nonlocal sent
-        scanner = StopScanner(request.stop)
-        shown: list[str] = []
-        async with runner.attempt(job) as events:
-            async for event in events:
-                if isinstance(event, ThinkingDelta):
-                    sent = True
-                    await emit({"reasoning_content": event.text})
-                elif isinstance(event, TextDelta):
-                    if text := scanner.feed(event.text):
-                        sent = True
-                        shown.append(text)
-                        await emit({"content": text})
-                    if scanner.stopped:
-                        return await after_stop(job, "".join(shown), events, request.include_usage)
-                elif isinstance(event, CliResult):
-                    if tail := scanner.flush():
-                        shown.append(tail)
-                        await emit({"content": tail})
-                    job.answered("".join(shown), event)
-                    return StreamOutcome(event.finish_reason, event.usage)
-        raise CliFailed("The claude CLI ended without an answer.")
-
-    return await runner.retrying(job, once, may_retry=lambda: not sent)
-
-
-async def after_stop(job: Job, shown: str, events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:
-    """The output was cut at a stop string. Without a usage chunk to fill, stop paying for the rest at once;
-    with one, let the answer finish unseen so the counts are the CLI's own, never invented."""
-    if want_usage:
-        async for event in events:
-            if isinstance(event, CliResult):
-                job.answered(shown, event)
-                return StreamOutcome("stop", event.usage)
-    job.answered(shown, None)
-    return StreamOutcome("stop", None)
+    def fail(self, error: ProxyError) -> list[bytes]:
+        return [sse(error.body()), DONE]  # the openai SDK raises on a data payload with an "error" key
 
 
-async def produce_pseudo(runner: Runner, job: Job, request: ChatRequest, emit: Emit) -> StreamOutcome:
-    """Run to the end (retrying freely, checking a structured reply), then slice the answer into chunks.
-    Function calls go out as OpenAI streams them: per call an ``index``, the id and name first, then the
-    arguments in pieces."""
-    done = await answer(runner, job, request)
-    if done.thinking:
-        await emit({"reasoning_content": done.thinking})
-    text = done.content or ""
-    for start in range(0, len(text), PSEUDO_SLICE):
-        await emit({"content": text[start:start + PSEUDO_SLICE]})
-    for index, call in enumerate(done.calls):
-        await emit({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                    "function": {"name": call.name, "arguments": ""}}]})
-        for start in range(0, len(call.arguments), PSEUDO_SLICE):
-            await emit({"tool_calls": [{"index": index, "function": {
-                "arguments": call.arguments[start:start + PSEUDO_SLICE]}}]})
-    return StreamOutcome(done.finish, done.usage)
+@dataclass
+class ResponsesStream:
+    """Renders a stream as Responses events, in the order the openai SDK expects them."""
 
+    shell: ResponseShell
+    on_done: Callable[[Answer], None]
+    sequence: int = 0
+    output: list[dict[str, Any]] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
 
-async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
-    """A whole answer: plain text cut at the first stop string, or a structured reply parsed and checked,
-    with one corrective run when the model got the format wrong."""
-    result, thinking = await runner.complete(job)
-    if not request.structured:
-        text, stopped = apply_stop(result.text, request.stop)
-        job.answered(text, result)
-        return Answer(text, (), "stop" if stopped else result.finish_reason, result.usage, thinking)
-    usage = result.usage
-    try:
-        reply = parse_reply(result.text, request)
-    except InvalidReply as problem:
-        log.info("reply not in the requested format (%s); asking once more", problem)
-        again = replace(request, turns=(*request.turns, Turn("assistant", result.text),
-                                        Turn("user", correction(str(problem)))))
-        result, more = await runner.complete(Job(build_cli_call(again, runner.settings)))
-        usage, thinking = add_usage(usage, result.usage), thinking + more
-        try:
-            reply = parse_reply(result.text, request)
-        except InvalidReply as still:
-            hint = " (the reply hit max_tokens)" if result.finish_reason == "length" else ""
-            raise InvalidModelOutput(f"The model's reply did not match the requested format, even after a "
-                                     f"correction: {still}{hint}.") from None
-    return Answer(reply.content, reply.calls, "tool_calls" if reply.calls else result.finish_reason, usage, thinking)
+    @property
+    def id(self) -> str:
+        return self.shell.id
+
+    def _event(self, kind: str, **data: Any) -> bytes:
+        self.sequence += 1
+        payload = {"type": kind, "sequence_number": self.sequence - 1, **data}
+        return f"event: {kind}\n".encode() + sse(payload)
+
+    def start(self) -> list[bytes]:
+        snapshot = self.shell.render("in_progress", [])
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def render(self, event: TurnEvent) -> list[bytes]:
+        if isinstance(event, TextDelta):
+            return self._text(event.text)
+        if isinstance(event, CallStarted):
+            item = call_item(f"fc_{uuid.uuid4().hex}", ToolCall(event.id, event.name, ""), status="in_progress")
+            events = self._close_open_item()
+            self.output.append(item)
+            return events + [self._event("response.output_item.added", output_index=len(self.output) - 1, item=item)]
+        if isinstance(event, ArgumentsDelta):
+            self.output[-1]["arguments"] += event.text
+            return [self._event("response.function_call_arguments.delta", item_id=self.output[-1]["id"],
+                                output_index=len(self.output) - 1, delta=event.text)]
+        if isinstance(event, Finished):
+            return self._finish(event)
+        return []  # thinking has no place in a Responses stream here
+
+    def _text(self, text: str) -> list[bytes]:
+        events: list[bytes] = []
+        if not self.output or self.output[-1]["type"] != "message":
+            events += self._close_open_item() + self._open_message()
+        self.text.append(text)
+        events.append(self._event("response.output_text.delta", item_id=self.output[-1]["id"],
+                                  output_index=len(self.output) - 1, content_index=0, delta=text))
+        return events
+
+    def _open_message(self) -> list[bytes]:
+        item = message_item(f"msg_{uuid.uuid4().hex}", "", status="in_progress")
+        self.output.append(item)
+        index = len(self.output) - 1
+        return [self._event("response.output_item.added", output_index=index, item=item),
+                self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                            content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+
+    def _close_open_item(self) -> list[bytes]:
+        if not self.output or self.output[-1]["status"] != "in_progress":
+            return []
+        item, index = self.output[-1], len(self.output) - 1
+        if item["type"] == "message":
+            text = "".join(self.text)
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item.update(message_item(item["id"], text))
+            return [self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                content_index=0, text=text),
+                    self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                content_index=0, part=part),
+                    self._event("response.output_item.done", output_index=index, item=item)]
+        item["status"] = "completed"
+        return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            arguments=item["arguments"]),
+                self._event("response.output_item.done", output_index=index, item=item)]
+
+    def _finish(self, event: Finished) -> list[bytes]:
+        events = self._close_open_item()
+        incomplete = event.finish == "length"
+        calls = tuple(ToolCall(i["call_id"], i["name"], i["arguments"]) for i in self.output
+                      if i["type"] == "function_call")
+        self.on_done(Answer("".join(self.text), calls, event.finish, event.usage or openai_usage(None, None)))
+        final = self.shell.render("incomplete" if incomplete else "completed", self.output, event.usage,
+                                  incomplete=incomplete)
+        return events + [self._event("response.incomplete" if incomplete else "response.completed", response=final)]
+
+    def fail(self, error: ProxyError) -> list[bytes]:
+        return [self._event("error", code=error.code or error.type, message=error.message, param=error.param),
+                self._event("response.failed", response=self.shell.render("failed", self.output, error=error))]
 
 
 # --- Routes and app ---
@@ -2252,9 +2510,12 @@ async def chat_completions(request: Request) -> Response:
     runner: Runner = state.runner
     job, notice = state.sessions.job(chat)
     headers = {"X-Session-Notice": notice} if notice else {}
+    session = "" if type(job) is Job else "-session"
     if chat.stream:
-        return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
-    entry = RequestLog(completion_id(), chat.model, "json" if type(job) is Job else "json-session")
+        renderer = ChatStream(chat.model, chat.include_usage)
+        entry = RequestLog(renderer.id, chat.model, f"stream-{settings.stream_mode}{session}")
+        return await stream_response(request, turn(runner, job, chat, settings.stream_mode), renderer, entry, headers)
+    entry = RequestLog(completion_id(), chat.model, f"json{session}")
     done = await answer_request(request, runner, job, chat, entry)
     if done is None:
         return Response(status_code=499)
@@ -2283,89 +2544,89 @@ async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatR
     return done
 
 
-class StreamRenderer(Protocol):
-    @property
-    def id(self) -> str: ...
-
-    def start(self) -> list[bytes]: ...
-    def delta(self, delta: dict[str, Any]) -> list[bytes]: ...
-    def finish(self, outcome: StreamOutcome) -> list[bytes]: ...
-    def fail(self, error: ProxyError) -> list[bytes]: ...
+END_OF_STREAM = object()
 
 
-async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest, headers: dict[str, str],
-                          renderer: StreamRenderer, kind: str = "stream") -> Response:
-    """Start the producer; answer with a plain JSON error if it fails before anything is worth sending."""
-    settings: Settings = request.app.state.settings
-    mode = settings.stream_mode
-    entry = RequestLog(renderer.id, chat.model, f"{kind}-{mode}" + ("" if type(job) is Job else "-session"))
-    queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
-    # A structured reply must be whole before it can be checked: it streams the way pseudo mode does.
-    produce = produce_live if mode == "live" and not chat.structured else produce_pseudo
-
-    async def producer() -> None:
-        try:
-            async with job.hold():
-                await queue.put(await produce(runner, job, chat, queue.put))
-        except (ProxyError, Exception) as error:  # handed to the consumer, which reports it
-            await queue.put(error)
-
-    task = asyncio.create_task(producer())
-    # Hold the headers back until the first item or one keep-alive period: an early error keeps its status.
+async def next_event(events: AsyncIterator[TurnEvent | None]) -> Any:
     try:
-        first = await unless_disconnected(request, asyncio.wait_for(queue.get(), settings.keepalive))
-    except TimeoutError:
-        first = None
+        return await anext(events)
+    except StopAsyncIteration:
+        return END_OF_STREAM
+
+
+async def with_keepalive(events: AsyncGenerator[TurnEvent, None],
+                         interval: float) -> AsyncGenerator[TurnEvent | None, None]:
+    """The events, with None whenever ``interval`` seconds pass without one (for a keep-alive comment)."""
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(next_event(events))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            item, pending = pending.result(), None
+            if item is END_OF_STREAM:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            await cancel(pending)
+        await events.aclose()
+
+
+async def cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel a task and wait until it has finished, whatever it raised."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: whatever it was is moot now
+
+
+async def stream_response(request: Request, events: AsyncGenerator[TurnEvent, None], renderer: StreamRenderer,
+                          entry: RequestLog, headers: Mapping[str, str]) -> Response:
+    """Hold the headers back until the first event or one keep-alive period, so that an early error keeps its
+    status; then stream. The events' producer lives exactly as long as the response body."""
+    ticks = with_keepalive(events, request.app.state.settings.keepalive)
+    try:
+        first = await unless_disconnected(request, next_event(ticks))
     except ClientGone:
-        await cancel(task)
+        await ticks.aclose()
         entry.finish(499)
         return Response(status_code=499)
-    if isinstance(first, BaseException):
-        await cancel(task)
-        entry.finish(first.status if isinstance(first, ProxyError) else 500)
-        raise first
+    except ProxyError as error:
+        await ticks.aclose()
+        entry.finish(error.status)
+        raise
 
     async def body() -> AsyncIterator[bytes]:
-        item: Any = first
+        item = first
         try:
-            for event in renderer.start():
-                yield event
-            while True:
-                if item is None:
-                    events = [KEEPALIVE]
-                elif isinstance(item, dict):
-                    events = renderer.delta(item)
-                elif isinstance(item, StreamOutcome):
+            for chunk in renderer.start():
+                yield chunk
+            while item is not END_OF_STREAM:
+                for chunk in [KEEPALIVE] if item is None else renderer.render(item):
+                    yield chunk
+                if isinstance(item, Finished):
                     entry.usage = item.usage
-                    events = renderer.finish(item)
-                else:
-                    error = item if isinstance(item, ProxyError) else CliFailed("The stream failed; see the log.")
-                    if not isinstance(item, ProxyError):
-                        log.error("stream failed", exc_info=item)
-                    entry.status = error.status
-                    events = renderer.fail(error)
-                for event in events:
-                    yield event
-                if item is not None and not isinstance(item, dict):
-                    break
-                try:
-                    item = await asyncio.wait_for(queue.get(), settings.keepalive)
-                except TimeoutError:
-                    item = None
+                item = await next_event(ticks)
+        except ProxyError as error:
+            entry.status = error.status
+            for chunk in renderer.fail(error):
+                yield chunk
+        except Exception:  # a bug: the client still gets a well-formed end, the log the traceback
+            log.exception("stream failed")
+            entry.status = 500
+            for chunk in renderer.fail(ProxyError("The stream failed; see the server log.")):
+                yield chunk
         except BaseException:
             entry.status = 499
             raise
         finally:
-            await cancel(task)
+            await ticks.aclose()
             entry.write()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await asyncio.shield(task)
 
 
 # --- Responses API ---
@@ -2450,15 +2711,6 @@ def as_responses_error(error: BadRequest) -> BadRequest:
     return error
 
 
-@dataclass(frozen=True)
-class StoredResponse:
-    """What a stored response continues from: the conversation up to and including its answer."""
-
-    turns: tuple[Turn, ...]
-    session: Session | None  # the CLI conversation whose head it is, when there is one
-    created: float = field(default_factory=time.monotonic)
-
-
 def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
     """The answer as the next request's history will show it."""
     if calls:
@@ -2523,95 +2775,6 @@ def response_object(shell: ResponseShell, done: Answer) -> dict[str, Any]:
     return shell.render("incomplete" if incomplete else "completed", output, done.usage, incomplete=incomplete)
 
 
-@dataclass
-class ResponsesStream:
-    """Renders a stream as Responses events, in the order the openai SDK expects them."""
-
-    shell: ResponseShell
-    on_done: Callable[[Answer], None]
-    sequence: int = 0
-    output: list[dict[str, Any]] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, call id, name, arguments]
-
-    @property
-    def id(self) -> str:
-        return self.shell.id
-
-    def _event(self, kind: str, **data: Any) -> bytes:
-        self.sequence += 1
-        payload = {"type": kind, "sequence_number": self.sequence - 1, **data}
-        return f"event: {kind}\n".encode() + sse(payload)
-
-    def start(self) -> list[bytes]:
-        snapshot = self.shell.render("in_progress", [])
-        return [self._event("response.created", response=snapshot),
-                self._event("response.in_progress", response=snapshot)]
-
-    def _open_message(self) -> list[bytes]:
-        item = message_item(f"msg_{uuid.uuid4().hex}", "", status="in_progress")
-        self.output.append(item)
-        index = len(self.output) - 1
-        return [self._event("response.output_item.added", output_index=index, item=item),
-                self._event("response.content_part.added", item_id=item["id"], output_index=index,
-                            content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
-
-    def _close_open_item(self) -> list[bytes]:
-        if not self.output or self.output[-1]["status"] != "in_progress":
-            return []
-        item, index = self.output[-1], len(self.output) - 1
-        if item["type"] == "message":
-            text = "".join(self.text)
-            part = {"type": "output_text", "text": text, "annotations": []}
-            item.update(message_item(item["id"], text))
-            return [self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                content_index=0, text=text),
-                    self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                content_index=0, part=part),
-                    self._event("response.output_item.done", output_index=index, item=item)]
-        item["status"] = "completed"
-        return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=item["arguments"]),
-                self._event("response.output_item.done", output_index=index, item=item)]
-
-    def delta(self, delta: dict[str, Any]) -> list[bytes]:
-        events: list[bytes] = []
-        if delta.get("content"):
-            if not self.output or self.output[-1]["type"] != "message":
-                events += self._close_open_item() + self._open_message()
-            self.text.append(delta["content"])
-            events.append(self._event("response.output_text.delta", item_id=self.output[-1]["id"],
-                                      output_index=len(self.output) - 1, content_index=0, delta=delta["content"]))
-        for piece in delta.get("tool_calls") or []:
-            function = piece.get("function") or {}
-            if piece.get("id"):
-                events += self._close_open_item()
-                item = call_item(f"fc_{uuid.uuid4().hex}", ToolCall(piece["id"], function["name"], ""),
-                                 status="in_progress")
-                self.output.append(item)
-                events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
-                                          item=item))
-            if function.get("arguments"):
-                self.output[-1]["arguments"] += function["arguments"]
-                events.append(self._event("response.function_call_arguments.delta", item_id=self.output[-1]["id"],
-                                          output_index=len(self.output) - 1, delta=function["arguments"]))
-        return events
-
-    def finish(self, outcome: StreamOutcome) -> list[bytes]:
-        events = self._close_open_item()
-        incomplete = outcome.finish == "length"
-        calls = tuple(ToolCall(i["call_id"], i["name"], i["arguments"]) for i in self.output
-                      if i["type"] == "function_call")
-        self.on_done(Answer("".join(self.text), calls, outcome.finish, outcome.usage or openai_usage(None, None)))
-        final = self.shell.render("incomplete" if incomplete else "completed", self.output, outcome.usage,
-                                  incomplete=incomplete)
-        return events + [self._event("response.incomplete" if incomplete else "response.completed", response=final)]
-
-    def fail(self, error: ProxyError) -> list[bytes]:
-        return [self._event("error", code=error.code or error.type, message=error.message, param=error.param),
-                self._event("response.failed", response=self.shell.render("failed", self.output, error=error))]
-
-
 async def create_response(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
@@ -2622,21 +2785,25 @@ async def create_response(request: Request) -> Response:
         chat = parse_chat_request(responses_to_chat(body), settings)
     except BadRequest as error:
         raise as_responses_error(error) from None
+    responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")
-    if previous is not None and (not isinstance(previous, str) or previous not in sessions.responses):
+    prior = responses.get(previous)
+    if previous is not None and prior is None:
         raise BadRequest(f"Previous response with id {previous!r} not found (responses are kept for "
                          "CLAUDE_SESSION_TTL seconds, and never with store: false).",
                          param="previous_response_id", code="previous_response_not_found")
-    job, chat = sessions.response_job(chat, previous, store)
+    job, chat = sessions.response_job(chat, prior, store)
     shell = ResponseShell(response_id(), body)
 
     def keep(done: Answer) -> None:
         if store:
-            sessions.store_response(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job)
+            responses.put(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job)
 
     if chat.stream:
-        return await stream_response(request, runner, job, chat, {}, ResponsesStream(shell, keep), "responses")
+        entry = RequestLog(shell.id, chat.model, f"responses-{settings.stream_mode}")
+        return await stream_response(request, turn(runner, job, chat, settings.stream_mode),
+                                     ResponsesStream(shell, keep), entry, {})
     done = await answer_request(request, runner, job, chat, RequestLog(shell.id, chat.model, "responses"), keep)
     return JSONResponse(response_object(shell, done)) if done else Response(status_code=499)
 
@@ -2666,8 +2833,8 @@ async def health(request: Request) -> Response:
     binary = resolve_binary(state.settings, runner.environ)
     sessions: Sessions = state.sessions
     counts = {"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
-        "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm),
-        "waiting": sessions.waiting}, "prewarm": runner.pool.status()}
+        "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": runner.store.count("warm"),
+        "waiting": sessions.waiting}, "prewarm": runner.prestart.status()}
     if binary is None:
         return JSONResponse({"status": "unavailable", "reason": f"claude CLI not found "
                              f"(CLAUDE_BIN={state.settings.claude_bin!r})", **counts}, status_code=503)
@@ -2736,16 +2903,18 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
         sessions.sweep_stale_transcripts()
         if settings.prewarm:  # ready for the first request with default options
             chat = parse_chat_request({"messages": [{"role": "user", "content": "-"}]}, settings)
-            runner.pool.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
-                                              if settings.auto_session else None))
-        sweeper = asyncio.create_task(sessions.run_sweeper())
+            runner.prestart.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
+                                                  if settings.auto_session else None))
+        app.state.responses = ResponseStore(settings.session_ttl)
+        sweeper = asyncio.create_task(sweep_forever(app))
         try:
             yield
         finally:
             sweeper.cancel()
             runner.closing = True
-            await runner.pool.close()
-            await sessions.close()
+            await runner.prestart.aclose()
+            await runner.store.aclose()
+            await sessions.aclose()
             await shutdown(runner, settings.shutdown_grace)
 
     app = Starlette(
@@ -2781,13 +2950,32 @@ def transcripts_folder(workdir: Path, environ: Mapping[str, str]) -> Path | None
     return Path(config) / "projects" / re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
 
 
+def sweep(app: Starlette, now: float | None = None) -> None:
+    """Drop what outlived its time: sessions (CLAUDE_SESSION_TTL), stored responses, idle processes."""
+    app.state.sessions.sweep(now)
+    app.state.responses.sweep(now)
+    app.state.runner.store.sweep(now)
+    app.state.runner.prestart.refill()
+
+
+async def sweep_forever(app: Starlette) -> None:
+    settings: Settings = app.state.settings
+    interval = max(0.5, min(30.0, settings.session_ttl / 4, settings.warm_idle / 4))
+    while True:
+        await asyncio.sleep(interval)
+        sweep(app)
+
+
 async def shutdown(runner: Runner, grace: float) -> None:
-    """Refuse new work, give in-flight requests ``grace`` seconds, then kill what is left."""
+    """Refuse new work, give in-flight requests ``grace`` seconds, then end what is left."""
     runner.closing = True
     if runner.reaper is not None:
         runner.reaper.cancel()
-    if runner.processes:
-        await asyncio.wait([asyncio.create_task(p.wait()) for p in runner.processes], timeout=grace)
+    exits = [asyncio.ensure_future(cli.process.wait()) for cli in runner.live if cli.process is not None]
+    if exits:
+        await asyncio.wait(exits, timeout=grace)
+        for waiting in exits:
+            waiting.cancel()
     await runner.kill_all()
 
 

@@ -1670,17 +1670,21 @@ async def test_session_id_from_header_and_a_null_body_field(fake: Fake) -> None:
 
 
 async def test_warm_processes_are_bounded_lru(fake: Fake) -> None:
-    app = fake.app(auto_session="on", warm_max=2)
+    app = fake.app(auto_session="on", warm_max=2, max_concurrency=2)
     async with client_for(app) as client:
         ids = [str(uuid.uuid4()) for _ in range(3)]
         for sid in ids:
             assert (await client.post("/v1/chat/completions", json={**chat("x"), "session_id": sid})).status_code == 200
-        sessions = app.state.sessions
-        assert [s.key for s in sessions.warm] == ids[1:]  # the least recently used went first
-        await asyncio.wait(list(sessions.background), timeout=10)
-        assert len(fake.alive()) == 2
+        assert await eventually(lambda: len(fake.alive()) == 2)
+        health = (await client.get("/health")).json()
         # Idle processes don't hold concurrency slots.
-        assert app.state.runner.in_flight == 0 and not app.state.runner.slots.locked()
+        assert health["sessions"]["warm"] == 2 and health["in_flight"] == 0
+        pids = {call["stdin"]: call["pid"] for call in fake.calls()}
+        for sid in (ids[2], ids[1], ids[0]):  # two slots: busy warm processes would block the third turn
+            await client.post("/v1/chat/completions", json={**chat("y"), "session_id": sid})
+    first, second, third = fake.calls()[3:]
+    assert third["pid"] not in pids.values() and "--resume" in third["argv"]  # the least recently used went first
+    assert first["pid"] == fake.calls()[2]["pid"] and second["pid"] == fake.calls()[1]["pid"]  # still warm
     assert wait_until(lambda: fake.alive() == [], 10)
 
 
@@ -1690,17 +1694,17 @@ async def test_ttl_expiry_removes_locks_fingerprints_processes_and_files(fake: F
         sid = str(uuid.uuid4())
         await client.post("/v1/chat/completions", json={**chat("explicit"), "session_id": sid})
         await client.post("/v1/chat/completions", json=chat("automatic"))
-        sessions = app.state.sessions
-        assert len(sessions.explicit) == 1 and len(sessions.auto) == 1 and len(sessions.warm) == 2
-        files = list(sessions.transcripts.glob("*.jsonl"))
+        transcripts = app.state.sessions.transcripts
+        assert (await client.get("/health")).json()["sessions"] == {"explicit": 1, "automatic": 1, "warm": 2,
+                                                                    "waiting": 0}
+        files = list(transcripts.glob("*.jsonl"))
         assert len(files) == 2 and len(fake.alive()) == 2
-        sessions.sweep(now=time.monotonic() + 30)
-        assert len(sessions.explicit) == 1  # not idle long enough yet
-        sessions.sweep(now=time.monotonic() + 61)
-        await asyncio.wait(list(sessions.background), timeout=10)
-        assert (sessions.explicit, sessions.auto, sessions.warm) == ({}, {}, {})
-        assert list(sessions.transcripts.glob("*.jsonl")) == []
-        assert fake.alive() == []
+        api.sweep(app, now=time.monotonic() + 30)
+        assert (await client.get("/health")).json()["sessions"]["explicit"] == 1  # not idle long enough yet
+        api.sweep(app, now=time.monotonic() + 61)
+        assert await eventually(lambda: fake.alive() == [] and list(transcripts.glob("*.jsonl")) == [])
+        assert (await client.get("/health")).json()["sessions"] == {"explicit": 0, "automatic": 0, "warm": 0,
+                                                                    "waiting": 0}
 
 
 async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> None:
@@ -1708,18 +1712,18 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
     async with client_for(app) as client:
         sid = str(uuid.uuid4())
         await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
-        sessions = app.state.sessions
-        sessions.sweep(now=time.monotonic() + 6)
-        await asyncio.wait(list(sessions.background), timeout=10)
-        assert sessions.warm == {} and fake.alive() == [] and len(sessions.explicit) == 1
+        api.sweep(app, now=time.monotonic() + 6)
+        assert await eventually(lambda: fake.alive() == [])
+        sessions = (await client.get("/health")).json()["sessions"]
+        assert sessions["warm"] == 0 and sessions["explicit"] == 1
         second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
     assert second.json()["choices"][0]["message"]["content"] == "echo: two"
     argv = fake.calls()[-1]["argv"]
     assert argv[argv.index("--resume") + 1] == api.cli_session_id(sid)  # resumed cold from the transcript
 
 
-@pytest.mark.parametrize("noticed", [True, False], ids=["death-noticed", "death-unnoticed"])
-async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(fake: Fake, noticed: bool) -> None:
+@pytest.mark.parametrize("noticed", ["swept", "found", "unnoticed"])
+async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(fake: Fake, noticed: str) -> None:
     # A warm process killed from outside may not have written its last turn to the transcript yet, so the
     # next turn must not resume that transcript: it rebuilds the conversation from the history we kept.
     app = fake.app(auto_session="on")
@@ -1728,8 +1732,10 @@ async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(f
         await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
         [warm] = fake.alive()
         os.kill(warm, signal.SIGKILL)
-        if noticed:
-            assert await eventually(lambda: not app.state.sessions.explicit[sid].process.alive)
+        if noticed != "unnoticed":
+            assert await eventually(lambda: fake.alive() == [])
+        if noticed == "swept":
+            api.sweep(app)
         second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
     assert second.json()["choices"][0]["message"]["content"].endswith("two")
     last = fake.calls()[-1]
@@ -1742,7 +1748,7 @@ async def test_an_unresumable_transcript_is_rebuilt_without_spending_an_attempt(
     app = fake.app(auto_session="on", warm_max=0, max_retries=0)
     async with client_for(app) as client:
         await client.post("/v1/chat/completions", json={**chat("My name is Ada."), "session_id": sid})
-        await asyncio.wait(list(app.state.sessions.background), timeout=10)
+        assert await eventually(lambda: fake.alive() == [])
         fake.control(script=["ok", "crash"], default="ok")  # the cold resume dies before answering
         response = await client.post("/v1/chat/completions", json={**chat("Name?"), "session_id": sid})
     assert response.status_code == 200, response.text
@@ -2214,54 +2220,59 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
 # --- Pre-started processes ---
 
 
-async def ready(app: Starlette, count: int) -> None:
-    """Wait (with a ceiling) until the pool holds ``count`` started processes."""
+async def prewarm(client: httpx.AsyncClient) -> dict[str, int]:
+    return (await client.get("/health")).json()["prewarm"]
+
+
+async def ready(client: httpx.AsyncClient, count: int) -> None:
+    """Wait (with a ceiling) until ``count`` started processes wait, as /health tells."""
     for _ in range(1500):  # a ceiling of 30 s, for a busy machine; normally a few tens of milliseconds
-        if app.state.runner.pool.status()["ready"] == count and not app.state.runner.pool.status()["starting"]:
+        status = await prewarm(client)
+        if status["ready"] == count and not status["starting"]:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"pool never reached {count}: {app.state.runner.pool.status()}")
+    raise AssertionError(f"never {count} ready: {await prewarm(client)}")
 
 
 async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) -> None:
     app = fake.app(prewarm=2, max_concurrency=1)
     async with client_for(app) as client:
-        await ready(app, 2)
+        await ready(client, 2)
         started = set(fake.alive())
-        assert len(started) == 2 and app.state.runner.in_flight == 0  # waiting processes hold no slot
+        assert len(started) == 2 and (await client.get("/health")).json()["in_flight"] == 0  # they hold no slot
         first = await client.post("/v1/chat/completions", json={"messages": [user("one")]})
         assert first.json()["choices"][0]["message"]["content"] == "echo: one"
         [call] = fake.calls()
         assert call["pid"] in started  # no start-up on the request path
         assert wait_until(lambda: call["pid"] not in fake.alive(), 5)  # served once, then retired
-        await ready(app, 2)
-        assert app.state.runner.pool.status()["hits"] == 1
+        await ready(client, 2)
+        assert (await prewarm(client))["hits"] == 1
         other = await client.post("/v1/chat/completions", json={"messages": [
             {"role": "system", "content": "Another prompt"}, user("two")]})
-        assert other.status_code == 200 and app.state.runner.pool.status()["misses"] == 1
-        await ready(app, 2)  # now spread: one for each recent combination
-        keys = {key: len(waiting) for key, waiting in app.state.runner.pool.idle.items() if waiting}
-        assert sorted(keys.values()) == [1, 1]
-        third = await client.post("/v1/chat/completions", json={"messages": [
-            {"role": "system", "content": "Another prompt"}, user("three")]})
-        assert third.status_code == 200 and app.state.runner.pool.status()["hits"] == 2
+        assert other.status_code == 200 and (await prewarm(client))["misses"] == 1
+        await ready(client, 2)  # now spread: one for each recent combination, so both are served waiting
+        for prompt in ("Another prompt", None):
+            system = [{"role": "system", "content": prompt}] if prompt else []
+            answered = await client.post("/v1/chat/completions", json={"messages": [*system, user("again")]})
+            assert answered.status_code == 200
+        assert (await prewarm(client))["hits"] == 3
     assert wait_until(lambda: fake.alive() == [], 5)  # none survives shutdown
 
 
 async def test_prewarm_replaces_dead_and_old_processes(fake: Fake) -> None:
     app = fake.app(prewarm=1, prewarm_max_age=60)
     async with client_for(app) as client:
-        await ready(app, 1)
+        await ready(client, 1)
         [first] = fake.alive()
         os.kill(first, signal.SIGKILL)
         response = await client.post("/v1/chat/completions", json={"messages": [user("still served")]})
         assert response.json()["choices"][0]["message"]["content"] == "echo: still served"
-        await ready(app, 1)
+        await ready(client, 1)
         assert wait_until(lambda: len(fake.alive()) == 1, 20)  # the killed one reaped, its replacement waiting
         [second] = fake.alive()
         assert second != first
-        app.state.runner.pool.maintain(now=time.monotonic() + 61)
-        await ready(app, 1)
+        api.sweep(app, now=time.monotonic() + 61)
+        await ready(client, 1)
         assert wait_until(lambda: len(fake.alive()) == 1 and fake.alive() != [second], 20)
 
 
@@ -2275,7 +2286,7 @@ async def test_a_waiting_process_that_dies_before_the_turn_gets_a_free_retry(fak
     app = fake.app(prewarm=prewarm)
     async with client_for(app) as client:
         if prewarm:
-            await ready(app, 1)
+            await ready(client, 1)
         response = await client.post("/v1/chat/completions", json={"messages": [user("still served")]})
     assert response.status_code == status
     if status == 200:
@@ -2286,7 +2297,7 @@ async def test_a_waiting_process_that_dies_before_the_turn_gets_a_free_retry(fak
 async def test_prewarm_with_sessions_becomes_the_warm_process(fake: Fake) -> None:
     app = fake.app(prewarm=1, auto_session="on")
     async with client_for(app) as client:
-        await ready(app, 1)
+        await ready(client, 1)
         [started] = fake.alive()
         first = await client.post("/v1/chat/completions", json={"messages": [user("hello")]})
         text = first.json()["choices"][0]["message"]["content"]
@@ -2302,7 +2313,7 @@ async def test_prewarm_off(fake: Fake) -> None:
     app = fake.app(prewarm=0)
     async with client_for(app) as client:
         await client.post("/v1/chat/completions", json=chat())
-        assert app.state.runner.pool.status() == {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}
+        assert await prewarm(client) == {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}
     assert len(fake.calls()) == 1
 
 
@@ -2311,7 +2322,7 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
     real.standin.reset(default=Reply(text="Warm hello."))
     app = real.app(prewarm=1)
     async with client_for(app) as client:
-        await ready(app, 1)
+        await ready(client, 1)
         response = await client.post("/v1/chat/completions", json={"messages": [user("hi")]})  # default model
         health = (await client.get("/health")).json()
     assert response.json()["choices"][0]["message"]["content"] == "Warm hello."
