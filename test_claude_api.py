@@ -986,6 +986,18 @@ async def test_timeout_is_retried_under_the_policy(fake: Fake) -> None:
     assert response.status_code == 200 and len(fake.calls()) == 2 and fake.alive() == []
 
 
+async def test_retries_stop_at_the_request_deadline(fake: Fake) -> None:
+    # Each attempt may take CLAUDE_TIMEOUT (20 s here), but the request as a whole only CLAUDE_REQUEST_TIMEOUT:
+    # the first attempt is cut at the deadline and no retry starts after it.
+    fake.control(default="hang")
+    async with client_for(fake.app(timeout=20, request_timeout=1, max_retries=5)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+        elapsed = time.monotonic() - started
+    assert_error(response, 504, "timeout")
+    assert len(fake.calls()) == 1 and elapsed < 10
+
+
 async def test_queue_limit_gives_503_with_retry_after(fake: Fake) -> None:
     fake.control(default="hang")
     app = fake.app(max_concurrency=1, max_queue=1, timeout=10)
