@@ -38,7 +38,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, TypedDict
@@ -56,136 +56,170 @@ log = logging.getLogger("claude_api")
 MiB = 1024 * 1024
 
 
+# --- Tables: models, efforts, roles ---
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+
+# Aliases the CLI resolves itself; /v1/models lists these plus CLAUDE_MODELS.
+CLI_ALIASES = ("default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan")
+# Names meaning "whatever the account's default is": no --model (or CLAUDE_DEFAULT_MODEL).
+DEFAULT_NAMES = frozenset({"", "default", "auto", "claude", "claude-cli"})
+OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType({
+    "gpt-4o": "sonnet", "gpt-4o-mini": "haiku", "gpt-4": "opus", "gpt-4-turbo": "sonnet",
+    "gpt-3.5-turbo": "haiku", "gpt-4.1": "sonnet", "gpt-4.1-mini": "haiku", "gpt-4.1-nano": "haiku",
+    "gpt-5": "opus", "gpt-5-mini": "sonnet", "gpt-5-nano": "haiku", "o1": "opus", "o1-mini": "sonnet",
+    "o3": "opus", "o3-mini": "sonnet", "o4-mini": "sonnet",
+})
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")  # linear: no nested repetition
+# OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
+EFFORTS: Mapping[str, str] = MappingProxyType({
+    "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max",
+})
+UNSUPPORTED_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
+NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
+MODEL_CREATED = 1_700_000_000  # a fixed timestamp: the models are aliases, not releases
+
+
 # --- Settings ---
+# Each setting is stated once: its field, its environment variable, its default and its parser, side by side.
+# ``load_settings`` reads them all; a variable that is unset or blank keeps the default.
 
 SystemPromptMode = Literal["replace", "append", "embed"]
 StreamMode = Literal["live", "pseudo"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the service can be told, each field read from one environment variable."""
-
-    host: str = "127.0.0.1"  # CLAUDE_API_HOST
-    port: int = 8765  # CLAUDE_API_PORT
-    api_keys: tuple[str, ...] = ()  # CLAUDE_API_KEYS, comma-separated
-    claude_bin: str = "claude"  # CLAUDE_BIN
-    default_model: str = ""  # CLAUDE_DEFAULT_MODEL; empty: the CLI's own default
-    extra_models: tuple[str, ...] = ()  # CLAUDE_MODELS, comma-separated
-    model_map: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # CLAUDE_MODEL_MAP (JSON)
-    max_concurrency: int = 4  # CLAUDE_MAX_CONCURRENCY
-    max_queue: int = 100  # CLAUDE_MAX_QUEUE
-    timeout: float = 300.0  # CLAUDE_TIMEOUT, seconds per attempt
-    request_timeout: float = 600.0  # CLAUDE_REQUEST_TIMEOUT, seconds a request may take in all, retries included
-    max_retries: int = 5  # CLAUDE_MAX_RETRIES
-    base_backoff: float = 2.0  # CLAUDE_BASE_BACKOFF, seconds
-    system_prompt_mode: SystemPromptMode = "replace"  # CLAUDE_SYSTEM_PROMPT_MODE
-    workdir: str = ""  # CLAUDE_WORKDIR; empty: a private folder under the user's cache folder
-    max_body_bytes: int = 20 * MiB  # CLAUDE_MAX_BODY_BYTES
-    log_level: str = "INFO"  # CLAUDE_LOG_LEVEL
-    stream_mode: StreamMode = "live"  # CLAUDE_STREAM_MODE
-    keepalive: float = 15.0  # CLAUDE_KEEPALIVE, seconds
-    shutdown_grace: float = 10.0  # CLAUDE_SHUTDOWN_GRACE, seconds
-    effort: str = ""  # CLAUDE_EFFORT; empty: the CLI's own default
-    setting_sources: str = ""  # CLAUDE_SETTING_SOURCES: which CLI settings files load (user,project,local)
-    session_ttl: float = 1800.0  # CLAUDE_SESSION_TTL, seconds a session may stay idle
-    auto_session: bool = True  # CLAUDE_AUTO_SESSION
-    warm_idle: float = 120.0  # CLAUDE_WARM_IDLE, seconds an idle session process stays alive
-    warm_max: int = 4  # CLAUDE_WARM_MAX, idle session processes kept at most
-    prewarm: int = 2  # CLAUDE_PREWARM, CLI processes started ahead of time for new conversations
-    prewarm_max_age: float = 600.0  # CLAUDE_PREWARM_MAX_AGE, seconds before a waiting process is replaced
-    max_image_bytes: int = 5 * MiB  # CLAUDE_MAX_IMAGE_BYTES, per image (the Messages API's own limit)
-    fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model when the model is overloaded
-    max_budget_usd: float | None = None  # CLAUDE_MAX_BUDGET_USD: --max-budget-usd per request
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot use; the message names the variable."""
 
 
-def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
-    def text(name: str, default: str) -> str:
-        return environ.get(name, default).strip()
+Parser = Callable[[str, str], Any]  # (variable name, raw value) -> value, or SettingsError
 
-    def number(name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> Any:
-        raw = environ.get(name, "").strip()
-        if not raw:
-            return default
+
+def text(name: str, raw: str) -> str:
+    return raw
+
+
+def names(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def number(minimum: float = 0.0, *, integer: bool = False) -> Parser:
+    kind = "an integer" if integer else "a number"
+
+    def parse(name: str, raw: str) -> float | int:
         try:
-            value = int(raw) if integer else float(raw)
+            value: float | int = int(raw) if integer else float(raw)
         except ValueError:
-            value = None
-        kind = "an integer" if integer else "a number"
-        if value is None or value < minimum or (not integer and value != value):
+            value = math.nan
+        if not value >= minimum:  # NaN fails this too
             raise SettingsError(f"{name} must be {kind} >= {minimum:g}, got {raw!r}")
         return value
 
-    def choice(name: str, default: str, allowed: Iterable[str]) -> str:
-        value = text(name, default).lower() or default
+    return parse
+
+
+def choice(*allowed: str) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.lower()
         if value not in allowed:
             raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return value
 
-    def names(name: str) -> tuple[str, ...]:
-        return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
-
-    model_map = dict(OPENAI_MODEL_MAP)
-    raw_map = text("CLAUDE_MODEL_MAP", "")
-    if raw_map:
-        try:
-            extra = json.loads(raw_map)
-        except json.JSONDecodeError as exc:
-            raise SettingsError(f"CLAUDE_MODEL_MAP must be a JSON object, got {raw_map!r}: {exc}") from None
-        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
-            raise SettingsError(f"CLAUDE_MODEL_MAP must map names to strings, got {raw_map!r}")
-        model_map.update(extra)
-    for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", ""),
-                   text("CLAUDE_FALLBACK_MODEL", "")]:
-        if target and not MODEL_NAME.fullmatch(target):
-            raise SettingsError(f"invalid model name {target!r} in CLAUDE_MODEL_MAP, CLAUDE_MODELS, "
-                                "CLAUDE_DEFAULT_MODEL or CLAUDE_FALLBACK_MODEL")
-
-    effort = choice("CLAUDE_EFFORT", "", ["", *EFFORTS])
-    setting_sources = ",".join(names("CLAUDE_SETTING_SOURCES"))
-    if not set(names("CLAUDE_SETTING_SOURCES")) <= {"user", "project", "local"}:
-        raise SettingsError(f"CLAUDE_SETTING_SOURCES must list user, project or local, got "
-                            f"{environ['CLAUDE_SETTING_SOURCES']!r}")
-    return Settings(
-        host=text("CLAUDE_API_HOST", "127.0.0.1"),
-        port=number("CLAUDE_API_PORT", 8765, minimum=0, integer=True),
-        api_keys=names("CLAUDE_API_KEYS"),
-        claude_bin=text("CLAUDE_BIN", "claude") or "claude",
-        default_model=text("CLAUDE_DEFAULT_MODEL", ""),
-        extra_models=names("CLAUDE_MODELS"),
-        model_map=MappingProxyType(model_map),
-        max_concurrency=number("CLAUDE_MAX_CONCURRENCY", 4, minimum=1, integer=True),
-        max_queue=number("CLAUDE_MAX_QUEUE", 100, minimum=0, integer=True),
-        timeout=number("CLAUDE_TIMEOUT", 300.0, minimum=0.001),
-        request_timeout=number("CLAUDE_REQUEST_TIMEOUT", 600.0, minimum=0.001),
-        max_retries=number("CLAUDE_MAX_RETRIES", 5, minimum=0, integer=True),
-        base_backoff=number("CLAUDE_BASE_BACKOFF", 2.0),
-        system_prompt_mode=choice("CLAUDE_SYSTEM_PROMPT_MODE", "replace", ["replace", "append", "embed"]),  # type: ignore[arg-type]
-        workdir=text("CLAUDE_WORKDIR", ""),
-        max_body_bytes=number("CLAUDE_MAX_BODY_BYTES", 20 * MiB, minimum=1, integer=True),
-        log_level=choice("CLAUDE_LOG_LEVEL", "info", ["debug", "info", "warning", "error"]).upper(),
-        stream_mode=choice("CLAUDE_STREAM_MODE", "live", ["live", "pseudo"]),  # type: ignore[arg-type]
-        keepalive=number("CLAUDE_KEEPALIVE", 15.0, minimum=0.01),
-        shutdown_grace=number("CLAUDE_SHUTDOWN_GRACE", 10.0),
-        effort=EFFORTS.get(effort, ""),
-        setting_sources=setting_sources,
-        session_ttl=number("CLAUDE_SESSION_TTL", 1800.0, minimum=0.001),
-        auto_session=choice("CLAUDE_AUTO_SESSION", "on", [*TRUE, *FALSE]) in TRUE,
-        warm_idle=number("CLAUDE_WARM_IDLE", 120.0),
-        warm_max=number("CLAUDE_WARM_MAX", 4, minimum=0, integer=True),
-        prewarm=number("CLAUDE_PREWARM", 2, minimum=0, integer=True),
-        prewarm_max_age=number("CLAUDE_PREWARM_MAX_AGE", 600.0, minimum=1),
-        max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
-        fallback_model=text("CLAUDE_FALLBACK_MODEL", ""),
-        max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),  # type: ignore[arg-type]
-    )
+    return parse
 
 
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+def switch(name: str, raw: str) -> bool:
+    return choice(*TRUE, *FALSE)(name, raw) in TRUE
+
+
+def model(name: str, raw: str) -> str:
+    if not MODEL_NAME.fullmatch(raw):
+        raise SettingsError(f"invalid model name {raw!r} in {name}")
+    return raw
+
+
+def models(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(model(name, item) for item in names(name, raw))
+
+
+def model_map(name: str, raw: str) -> Mapping[str, str]:
+    """The client-name-to-model map: OpenAI's names to Claude's by default, extended (or overridden) by JSON."""
+    try:
+        extra = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{name} must be a JSON object, got {raw!r}: {exc}") from None
+    if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+        raise SettingsError(f"{name} must map names to strings, got {raw!r}")
+    return MappingProxyType({**OPENAI_MODEL_MAP, **{key: model(name, value) for key, value in extra.items()}})
+
+
+def effort(name: str, raw: str) -> str:
+    return EFFORTS[choice(*EFFORTS)(name, raw)]
+
+
+def setting_sources(name: str, raw: str) -> str:
+    sources = names(name, raw)
+    if not set(sources) <= {"user", "project", "local"}:
+        raise SettingsError(f"{name} must list user, project or local, got {raw!r}")
+    return ",".join(sources)
+
+
+def setting(env: str, default: Any, parse: Parser) -> Any:
+    """A Settings field read from ``env``."""
+    metadata = {"env": env, "parse": parse}
+    if isinstance(default, Mapping):
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be told, each field read from one environment variable."""
+
+    host: str = setting("CLAUDE_API_HOST", "127.0.0.1", text)
+    port: int = setting("CLAUDE_API_PORT", 8765, number(0, integer=True))
+    api_keys: tuple[str, ...] = setting("CLAUDE_API_KEYS", (), names)
+    claude_bin: str = setting("CLAUDE_BIN", "claude", text)
+    default_model: str = setting("CLAUDE_DEFAULT_MODEL", "", model)  # empty: the CLI's own default
+    extra_models: tuple[str, ...] = setting("CLAUDE_MODELS", (), models)
+    model_map: Mapping[str, str] = setting("CLAUDE_MODEL_MAP", OPENAI_MODEL_MAP, model_map)
+    max_concurrency: int = setting("CLAUDE_MAX_CONCURRENCY", 4, number(1, integer=True))
+    max_queue: int = setting("CLAUDE_MAX_QUEUE", 100, number(0, integer=True))
+    timeout: float = setting("CLAUDE_TIMEOUT", 300.0, number(0.001))  # seconds per attempt
+    request_timeout: float = setting("CLAUDE_REQUEST_TIMEOUT", 600.0, number(0.001))  # per request, retries included
+    max_retries: int = setting("CLAUDE_MAX_RETRIES", 5, number(0, integer=True))
+    base_backoff: float = setting("CLAUDE_BASE_BACKOFF", 2.0, number())  # seconds
+    system_prompt_mode: SystemPromptMode = setting("CLAUDE_SYSTEM_PROMPT_MODE", "replace",
+                                                   choice("replace", "append", "embed"))
+    workdir: str = setting("CLAUDE_WORKDIR", "", text)  # empty: a private folder under the user's cache folder
+    max_body_bytes: int = setting("CLAUDE_MAX_BODY_BYTES", 20 * MiB, number(1, integer=True))
+    log_level: str = setting("CLAUDE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"))
+    stream_mode: StreamMode = setting("CLAUDE_STREAM_MODE", "live", choice("live", "pseudo"))
+    keepalive: float = setting("CLAUDE_KEEPALIVE", 15.0, number(0.01))  # seconds
+    shutdown_grace: float = setting("CLAUDE_SHUTDOWN_GRACE", 10.0, number())  # seconds
+    effort: str = setting("CLAUDE_EFFORT", "", effort)  # empty: the CLI's own default
+    setting_sources: str = setting("CLAUDE_SETTING_SOURCES", "", setting_sources)  # which CLI settings files load
+    session_ttl: float = setting("CLAUDE_SESSION_TTL", 1800.0, number(0.001))  # seconds a session may stay idle
+    auto_session: bool = setting("CLAUDE_AUTO_SESSION", True, switch)
+    warm_idle: float = setting("CLAUDE_WARM_IDLE", 120.0, number())  # seconds an idle session process stays
+    warm_max: int = setting("CLAUDE_WARM_MAX", 4, number(0, integer=True))  # idle session processes kept at most
+    prewarm: int = setting("CLAUDE_PREWARM", 2, number(0, integer=True))  # processes started ahead of time
+    prewarm_max_age: float = setting("CLAUDE_PREWARM_MAX_AGE", 600.0, number(1))  # seconds before one is replaced
+    max_image_bytes: int = setting("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, number(1, integer=True))  # per image
+    fallback_model: str = setting("CLAUDE_FALLBACK_MODEL", "", model)  # --fallback-model when overloaded
+    max_budget_usd: float | None = setting("CLAUDE_MAX_BUDGET_USD", None, number(1e-9))  # per request
+
+
+def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
+    values = {}
+    for item in fields(Settings):
+        raw = environ.get(item.metadata["env"], "").strip()
+        if raw:
+            values[item.name] = item.metadata["parse"](item.metadata["env"], raw)
+    return Settings(**values)
 
 
 # --- Errors ---
@@ -301,30 +335,7 @@ def wrong_type(param: str, expected: str, value: Any) -> BadRequest:
                       param=param, code="invalid_type")
 
 
-# --- Wire shapes and tables ---
-
-Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
-FinishReason = Literal["stop", "length", "tool_calls"]
-ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool", "function")
-
-# Aliases the CLI resolves itself; /v1/models lists these plus CLAUDE_MODELS.
-CLI_ALIASES = ("default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan")
-# Names meaning "whatever the account's default is": no --model (or CLAUDE_DEFAULT_MODEL).
-DEFAULT_NAMES = frozenset({"", "default", "auto", "claude", "claude-cli"})
-OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType({
-    "gpt-4o": "sonnet", "gpt-4o-mini": "haiku", "gpt-4": "opus", "gpt-4-turbo": "sonnet",
-    "gpt-3.5-turbo": "haiku", "gpt-4.1": "sonnet", "gpt-4.1-mini": "haiku", "gpt-4.1-nano": "haiku",
-    "gpt-5": "opus", "gpt-5-mini": "sonnet", "gpt-5-nano": "haiku", "o1": "opus", "o1-mini": "sonnet",
-    "o3": "opus", "o3-mini": "sonnet", "o4-mini": "sonnet",
-})
-MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")
-# OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
-EFFORTS: Mapping[str, str] = MappingProxyType({
-    "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max",
-})
-UNSUPPORTED_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
-NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
-MODEL_CREATED = 1_700_000_000  # a fixed timestamp: the models are aliases, not releases
+# --- Wire shapes ---
 
 
 class ChatMessage(TypedDict, total=False):
@@ -3005,7 +3016,7 @@ def main() -> None:
         settings = load_settings()
     except SettingsError as exc:
         raise SystemExit(f"claude_api: {exc}") from None
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(settings.host) and not settings.api_keys:
         raise SystemExit(f"claude_api: refusing to listen on {settings.host} without keys. Set CLAUDE_API_KEYS to a "
                          "comma-separated list of secrets (clients send `Authorization: Bearer <key>`), or bind "
@@ -3014,7 +3025,7 @@ def main() -> None:
         log.warning("claude CLI not found (CLAUDE_BIN=%r): requests will get 503 until it is installed",
                     settings.claude_bin)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + GRACEFUL_EXIT + 2))
     Server(config, app, settings.shutdown_grace).run()
 
