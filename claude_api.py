@@ -358,7 +358,7 @@ class Usage(TypedDict, total=False):
     total_cost_usd: float
 
 
-# --- Translation: OpenAI request to a CLI call ---
+# --- Translation: OpenAI messages to turns ---
 
 
 @dataclass(frozen=True)
@@ -383,6 +383,13 @@ class Tool:
     name: str
     description: str
     parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
 
 
 @dataclass(frozen=True)
@@ -601,125 +608,6 @@ def render_blocks(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
     return blocks
 
 
-def _number(body: dict[str, Any], key: str, low: float, high: float) -> None:
-    value = body.get(key)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise wrong_type(key, "a decimal", value)
-    if value > high:
-        raise BadRequest(f"Invalid '{key}': decimal above maximum value. Expected a value <= {high:g}, but got "
-                         f"{value} instead.", param=key, code="decimal_above_max_value")
-    if value < low:
-        raise BadRequest(f"Invalid '{key}': decimal below minimum value. Expected a value >= {low:g}, but got "
-                         f"{value} instead.", param=key, code="decimal_below_min_value")
-
-
-def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise wrong_type(key, "an integer", value)
-    if low is not None and value < low:
-        raise BadRequest(f"Invalid '{key}': integer below minimum value. Expected a value >= {low}, but got "
-                         f"{value} instead.", param=key, code="integer_below_min_value")
-    return value
-
-
-def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected: str, param: str = "") -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise wrong_type(param or key, expected, value)
-    return value
-
-
-def parse_stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,) if value else ()
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise wrong_type("stop", "a string or an array of strings", value)
-    if len(value) > 4:
-        raise BadRequest("Invalid 'stop': array too long. Expected an array with maximum length 4.",
-                         param="stop", code="array_above_max_length")
-    return tuple(s for s in value if s)
-
-
-def parse_chat_request(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
-    """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    session_id = parse_session_id(body["session_id"] if body.get("session_id") is not None else session_header)
-    model = _typed(body, "model", (str,), "a string") or ""
-    cli_model = resolve_model(model, settings)
-    # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
-    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
-    stop = parse_stop(body.get("stop"))
-    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1),
-                           ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
-        _number(body, key, low, high)
-    n = _integer(body, "n", 1)
-    max_tokens = _integer(body, "max_tokens", 1)
-    max_completion_tokens = _integer(body, "max_completion_tokens", 1)
-    _integer(body, "seed")
-    logprobs = _typed(body, "logprobs", (bool,), "a boolean")
-    top_logprobs = _integer(body, "top_logprobs", 0)
-    _typed(body, "user", (str,), "a string")
-    _typed(body, "parallel_tool_calls", (bool,), "a boolean")
-    _typed(body, "logit_bias", (dict,), "an object")
-    stream_options = _typed(body, "stream_options", (dict,), "an object") or {}
-    include_usage = _typed(stream_options, "include_usage", (bool,), "a boolean", "stream_options.include_usage")
-    effort = _typed(body, "reasoning_effort", (str,), "a string")
-    if effort is not None and effort not in EFFORTS:
-        raise BadRequest(f"Invalid value for 'reasoning_effort': {effort!r}. Supported values are: "
-                         f"{', '.join(map(repr, EFFORTS))}.", param="reasoning_effort", code="invalid_value")
-
-    if max_tokens is not None and max_completion_tokens is not None:
-        raise BadRequest("max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
-                         param="max_tokens", code="invalid_parameter_combination")
-    if top_logprobs is not None and not logprobs:
-        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
-    if body.get("stream_options") is not None and not stream:
-        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                         param="stream_options")
-    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
-        raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are specified.",
-                         param="parallel_tool_calls")
-    if logprobs:
-        raise BadRequest("logprobs are not available through the claude CLI.", param="logprobs",
-                         code="unsupported_parameter")
-    if n is not None and n > 1:
-        raise BadRequest("n > 1 is not supported: send n separate requests instead.", param="n",
-                         code="unsupported_value")
-    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
-    response_format, schema = parse_response_format(body.get("response_format"))
-
-    system, turns = flatten_messages(body.get("messages"), settings.max_image_bytes)
-    return ChatRequest(
-        model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
-        include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
-        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id, tools=tools,
-        tool_choice=tool_choice, parallel_tool_calls=body.get("parallel_tool_calls") is not False,
-        response_format=response_format, schema=schema,
-    )
-
-
-def parse_session_id(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    try:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise BadRequest(f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
-                         param="session_id", code="invalid_value") from None
-
-
 # --- Function calling and structured output ---
 # The CLI's own tools stay off. The client's functions are described in the system prompt, the model answers
 # with one JSON object in a fixed format, and every call's arguments are checked against the function's
@@ -821,13 +709,6 @@ def reply_instructions(request: ChatRequest) -> str:
 
 class InvalidReply(ValueError):
     """The model's reply is not in the requested format; the message says why, for a corrective turn."""
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON string, as OpenAI sends it
 
 
 @dataclass(frozen=True)
@@ -970,6 +851,214 @@ def schema_problem(value: Any, schema: Any, root: Any = None, path: str = "$") -
     return None
 
 
+# --- Validation: a request body to a ChatRequest ---
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> None:
+    value = body.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong_type(key, "a decimal", value)
+    if value > high:
+        raise BadRequest(f"Invalid '{key}': decimal above maximum value. Expected a value <= {high:g}, but got "
+                         f"{value} instead.", param=key, code="decimal_above_max_value")
+    if value < low:
+        raise BadRequest(f"Invalid '{key}': decimal below minimum value. Expected a value >= {low:g}, but got "
+                         f"{value} instead.", param=key, code="decimal_below_min_value")
+
+
+def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise wrong_type(key, "an integer", value)
+    if low is not None and value < low:
+        raise BadRequest(f"Invalid '{key}': integer below minimum value. Expected a value >= {low}, but got "
+                         f"{value} instead.", param=key, code="integer_below_min_value")
+    return value
+
+
+def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected: str, param: str = "") -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise wrong_type(param or key, expected, value)
+    return value
+
+
+def parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise wrong_type("stop", "a string or an array of strings", value)
+    if len(value) > 4:
+        raise BadRequest("Invalid 'stop': array too long. Expected an array with maximum length 4.",
+                         param="stop", code="array_above_max_length")
+    return tuple(s for s in value if s)
+
+
+def parse_chat_request(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
+    """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    session_id = parse_session_id(body["session_id"] if body.get("session_id") is not None else session_header)
+    model = _typed(body, "model", (str,), "a string") or ""
+    cli_model = resolve_model(model, settings)
+    # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
+    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
+    stop = parse_stop(body.get("stop"))
+    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1),
+                           ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+        _number(body, key, low, high)
+    n = _integer(body, "n", 1)
+    max_tokens = _integer(body, "max_tokens", 1)
+    max_completion_tokens = _integer(body, "max_completion_tokens", 1)
+    _integer(body, "seed")
+    logprobs = _typed(body, "logprobs", (bool,), "a boolean")
+    top_logprobs = _integer(body, "top_logprobs", 0)
+    _typed(body, "user", (str,), "a string")
+    _typed(body, "parallel_tool_calls", (bool,), "a boolean")
+    _typed(body, "logit_bias", (dict,), "an object")
+    stream_options = _typed(body, "stream_options", (dict,), "an object") or {}
+    include_usage = _typed(stream_options, "include_usage", (bool,), "a boolean", "stream_options.include_usage")
+    effort = _typed(body, "reasoning_effort", (str,), "a string")
+    if effort is not None and effort not in EFFORTS:
+        raise BadRequest(f"Invalid value for 'reasoning_effort': {effort!r}. Supported values are: "
+                         f"{', '.join(map(repr, EFFORTS))}.", param="reasoning_effort", code="invalid_value")
+
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise BadRequest("max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
+                         param="max_tokens", code="invalid_parameter_combination")
+    if top_logprobs is not None and not logprobs:
+        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
+    if body.get("stream_options") is not None and not stream:
+        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                         param="stream_options")
+    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
+        raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are specified.",
+                         param="parallel_tool_calls")
+    if logprobs:
+        raise BadRequest("logprobs are not available through the claude CLI.", param="logprobs",
+                         code="unsupported_parameter")
+    if n is not None and n > 1:
+        raise BadRequest("n > 1 is not supported: send n separate requests instead.", param="n",
+                         code="unsupported_value")
+    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+    response_format, schema = parse_response_format(body.get("response_format"))
+
+    system, turns = flatten_messages(body.get("messages"), settings.max_image_bytes)
+    return ChatRequest(
+        model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
+        include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
+        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id, tools=tools,
+        tool_choice=tool_choice, parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+        response_format=response_format, schema=schema,
+    )
+
+
+def parse_session_id(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest(f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
+                         param="session_id", code="invalid_value") from None
+
+
+# --- Validation: a Responses request body to the equivalent chat body ---
+# A Responses request is translated into the equivalent chat request (input item i becomes message i, so
+# validation errors point at the right item), served by the same machinery, and rendered back as a
+# ``response`` object or its event stream. previous_response_id continues through the session store.
+
+
+RESPONSE_PARAMS = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
+                   ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort"))
+
+
+def responses_to_chat(body: Any) -> dict[str, Any]:
+    """The chat completions body equivalent to a Responses body."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    raw = body.get("input")
+    if raw is None:
+        raise missing("input")
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise wrong_type("input", "a string or an array", raw)
+    messages = [input_item_message(item, f"input[{i}]") for i, item in enumerate(items)]
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": body.get("stream")}
+    for name in ("temperature", "top_p", "user", "parallel_tool_calls", "tool_choice", "tools"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if isinstance(chat.get("tools"), list):
+        chat["tools"] = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
+                         if isinstance(t, dict) else t for t in chat["tools"]]
+    if isinstance(chat.get("tool_choice"), dict) and "name" in chat["tool_choice"]:
+        chat["tool_choice"] = {"type": "function", "function": {"name": chat["tool_choice"]["name"]}}
+    if body.get("max_output_tokens") is not None:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
+    elif fmt is not None:
+        chat["response_format"] = fmt
+    return chat
+
+
+def input_item_message(item: Any, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise wrong_type(where, "an object", item)
+    kind = item.get("type", "message")
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": part.get("image_url")}}
+                       if isinstance(part, dict) and part.get("type") == "input_image" else part for part in content]
+        return {"role": item.get("role"), "content": content}
+    if kind == "function_call":
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]}
+    if kind == "function_call_output":
+        output = item.get("output")
+        return {"role": "tool", "tool_call_id": item.get("call_id"),
+                "content": output if isinstance(output, str) else json.dumps(output)}
+    if kind == "reasoning":
+        return {"role": "assistant", "content": ""}
+    raise BadRequest(f"Input item {where} has type {kind!r}; supported are message, function_call, "
+                     "function_call_output and reasoning.", param=f"{where}.type", code="unsupported_value")
+
+
+def as_responses_error(error: BadRequest) -> BadRequest:
+    """A validation error of the translated chat body, named in the Responses request's own terms."""
+    for chat_name, name in RESPONSE_PARAMS:
+        if error.param and error.param.startswith(chat_name):
+            error.param = name + error.param[len(chat_name):]
+            error.message = error.message.replace(f"'{chat_name}", f"'{name}")
+    if error.param and error.param.startswith("tools[") and ".function" in error.param:
+        error.param = error.param.replace(".function", "", 1)
+    if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
+        error.param = error.param.removesuffix(".url")
+    return error
+
+
+# --- The CLI call: argv, stdin line and environment for one request ---
+
+
 @dataclass(frozen=True)
 class CliCall:
     """Everything needed to run the CLI once: argv, the stdin payload, the environment changes."""
@@ -1055,7 +1144,7 @@ def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict
     return env
 
 
-# --- Translation: CLI events to OpenAI objects ---
+# --- Translation: CLI events to answers ---
 
 
 @dataclass(frozen=True)
@@ -1171,10 +1260,6 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
     return None
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
 @dataclass(frozen=True)
 class Answer:
     """A finished answer, as the client gets it."""
@@ -1184,21 +1269,6 @@ class Answer:
     finish: FinishReason
     usage: Usage
     thinking: str = ""
-
-
-def wire_tool_call(call: ToolCall) -> dict[str, Any]:
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def chat_completion(cid: str, created: int, model: str, answer: Answer) -> dict[str, Any]:
-    message: ChatMessage = {"role": "assistant", "content": answer.content, "refusal": None, "annotations": []}
-    if answer.calls:
-        message["tool_calls"] = [wire_tool_call(call) for call in answer.calls]
-    if answer.thinking:
-        message["reasoning_content"] = answer.thinking
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
-            "usage": answer.usage}
 
 
 def add_usage(first: Mapping[str, Any], second: Mapping[str, Any]) -> Any:
@@ -1211,6 +1281,17 @@ def add_usage(first: Mapping[str, Any], second: Mapping[str, Any]) -> Any:
         else:
             total[key] = (a or 0) + (b or 0)
     return total
+
+
+def wire_tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
+    """The answer as the next request's history will show it."""
+    if calls:
+        return Turn("assistant", tool_calls_text([wire_tool_call(call) for call in calls], "tool_calls"))
+    return Turn("assistant", content or "")
 
 
 class StopScanner:
@@ -1536,84 +1617,6 @@ class ProcessStore:
             await asyncio.wait(list(self.pending.values()), timeout=GRACEFUL_EXIT + 1)
 
 
-class Prestart:
-    """Keeps CLAUDE_PREWARM processes started ahead of time in the store, so a new conversation or a one-shot
-    request pays no start-up. They are spread over the most recently used combinations of model, system
-    prompt and options; each serves one request (then it ends, or becomes that conversation's warm process)."""
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-        self.size = runner.settings.prewarm
-        self.recent: OrderedDict[tuple[Any, ...], CliCall] = OrderedDict()  # templates, most recent last
-        self.starting: dict[asyncio.Task[None], tuple[Any, ...]] = {}
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(call: CliCall) -> tuple[Any, ...]:
-        return call.options, call.session_args[:1]
-
-    def expect(self, call: CliCall) -> None:
-        """Note these options as the most recently used, and refill to match."""
-        key = self.key(call)
-        self.recent[key] = replace(call, stdin=b"")
-        self.recent.move_to_end(key)
-        while len(self.recent) > self.size:
-            self.recent.popitem(last=False)
-        self.refill()
-
-    def take(self, call: CliCall) -> CliProcess | None:
-        """A waiting process for this call's options, if one is ready; either way the store refills."""
-        if self.size == 0 or self.runner.closing:
-            return None
-        found = self.runner.store.take("prestarted", self.key(call))
-        self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
-        self.expect(call)
-        return found
-
-    def targets(self) -> dict[tuple[Any, ...], int]:
-        newest_first = list(reversed(self.recent))
-        counts: dict[tuple[Any, ...], int] = {}
-        for i in range(self.size if newest_first else 0):
-            key = newest_first[i % len(newest_first)]
-            counts[key] = counts.get(key, 0) + 1
-        return counts
-
-    def refill(self) -> None:
-        """Start what the targets lack, and close what they no longer want."""
-        if self.runner.closing:
-            return
-        store, targets = self.runner.store, self.targets()
-        for entry in [e for e in store.idle if e.kind == "prestarted"]:
-            if store.count("prestarted", entry.key) > targets.get(entry.key, 0):
-                store.close(entry)
-        for key, want in targets.items():
-            have = store.count("prestarted", key) + sum(1 for k in self.starting.values() if k == key)
-            for _ in range(want - have):
-                task = asyncio.create_task(self.start(key, self.recent[key]))
-                self.starting[task] = key
-                task.add_done_callback(self.starting.pop)
-
-    async def start(self, key: tuple[Any, ...], template: CliCall) -> None:
-        call = template
-        if call.session_args[:1] == ("--session-id",):
-            call = replace(call, session_args=("--session-id", str(uuid.uuid4())))
-        try:
-            cli = self.runner.process(call)
-            await cli.start()
-        except ProxyError as error:
-            log.warning("could not pre-start a CLI process: %s", error.message)
-            return
-        self.runner.store.put("prestarted", key, cli)
-
-    def status(self) -> dict[str, int]:
-        return {"size": self.size, "ready": self.runner.store.count("prestarted"), "starting": len(self.starting),
-                "hits": self.hits, "misses": self.misses}
-
-    async def aclose(self) -> None:
-        if self.starting:
-            await asyncio.wait(list(self.starting), timeout=GRACEFUL_EXIT + 1)
-
-
 # --- The runner: attempts under the concurrency cap, the timeouts and the retry policy ---
 
 AttemptSource = Literal["fresh", "waiting", "resume"]  # a new process; a pre-started or warm one; a cold resume
@@ -1702,6 +1705,84 @@ class Retries:
         log.info("attempt %d failed (%s: %s); retrying in %.1f s", self.attempts, type(error).__name__,
                  error.message, delay)
         await asyncio.sleep(delay)
+
+
+class Prestart:
+    """Keeps CLAUDE_PREWARM processes started ahead of time in the store, so a new conversation or a one-shot
+    request pays no start-up. They are spread over the most recently used combinations of model, system
+    prompt and options; each serves one request (then it ends, or becomes that conversation's warm process)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.size = runner.settings.prewarm
+        self.recent: OrderedDict[tuple[Any, ...], CliCall] = OrderedDict()  # templates, most recent last
+        self.starting: dict[asyncio.Task[None], tuple[Any, ...]] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(call: CliCall) -> tuple[Any, ...]:
+        return call.options, call.session_args[:1]
+
+    def expect(self, call: CliCall) -> None:
+        """Note these options as the most recently used, and refill to match."""
+        key = self.key(call)
+        self.recent[key] = replace(call, stdin=b"")
+        self.recent.move_to_end(key)
+        while len(self.recent) > self.size:
+            self.recent.popitem(last=False)
+        self.refill()
+
+    def take(self, call: CliCall) -> CliProcess | None:
+        """A waiting process for this call's options, if one is ready; either way the store refills."""
+        if self.size == 0 or self.runner.closing:
+            return None
+        found = self.runner.store.take("prestarted", self.key(call))
+        self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
+        self.expect(call)
+        return found
+
+    def targets(self) -> dict[tuple[Any, ...], int]:
+        newest_first = list(reversed(self.recent))
+        counts: dict[tuple[Any, ...], int] = {}
+        for i in range(self.size if newest_first else 0):
+            key = newest_first[i % len(newest_first)]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def refill(self) -> None:
+        """Start what the targets lack, and close what they no longer want."""
+        if self.runner.closing:
+            return
+        store, targets = self.runner.store, self.targets()
+        for entry in [e for e in store.idle if e.kind == "prestarted"]:
+            if store.count("prestarted", entry.key) > targets.get(entry.key, 0):
+                store.close(entry)
+        for key, want in targets.items():
+            have = store.count("prestarted", key) + sum(1 for k in self.starting.values() if k == key)
+            for _ in range(want - have):
+                task = asyncio.create_task(self.start(key, self.recent[key]))
+                self.starting[task] = key
+                task.add_done_callback(self.starting.pop)
+
+    async def start(self, key: tuple[Any, ...], template: CliCall) -> None:
+        call = template
+        if call.session_args[:1] == ("--session-id",):
+            call = replace(call, session_args=("--session-id", str(uuid.uuid4())))
+        try:
+            cli = self.runner.process(call)
+            await cli.start()
+        except ProxyError as error:
+            log.warning("could not pre-start a CLI process: %s", error.message)
+            return
+        self.runner.store.put("prestarted", key, cli)
+
+    def status(self) -> dict[str, int]:
+        return {"size": self.size, "ready": self.runner.store.count("prestarted"), "starting": len(self.starting),
+                "hits": self.hits, "misses": self.misses}
+
+    async def aclose(self) -> None:
+        if self.starting:
+            await asyncio.wait(list(self.starting), timeout=GRACEFUL_EXIT + 1)
 
 
 class Runner:
@@ -2285,7 +2366,8 @@ async def live(runner: Runner, job: Job, request: ChatRequest) -> AsyncGenerator
             await retries.after(error, may_retry=not sent)
 
 
-async def turn(runner: Runner, job: Job, request: ChatRequest, mode: StreamMode) -> AsyncGenerator[TurnEvent, None]:
+async def turn_events(runner: Runner, job: Job, request: ChatRequest,
+                      mode: StreamMode) -> AsyncGenerator[TurnEvent, None]:
     """A streamed request's events, under the job's hold for as long as the stream lives. A structured reply must
     be whole before it can be checked: it streams the way pseudo mode does."""
     async with job.hold():
@@ -2297,7 +2379,8 @@ async def turn(runner: Runner, job: Job, request: ChatRequest, mode: StreamMode)
                 yield event
 
 
-# --- Rendering: turn events as each protocol streams them ---
+# --- Rendering: answers and turn events in each protocol's wire format ---
+
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -2306,6 +2389,21 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(cid: str, created: int, model: str, answer: Answer) -> dict[str, Any]:
+    message: ChatMessage = {"role": "assistant", "content": answer.content, "refusal": None, "annotations": []}
+    if answer.calls:
+        message["tool_calls"] = [wire_tool_call(call) for call in answer.calls]
+    if answer.thinking:
+        message["reasoning_content"] = answer.thinking
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
+            "usage": answer.usage}
 
 
 class StreamRenderer(Protocol):
@@ -2357,6 +2455,63 @@ class ChatStream:
 
     def fail(self, error: ProxyError) -> list[bytes]:
         return [sse(error.body()), DONE]  # the openai SDK raises on a data payload with an "error" key
+
+
+def response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"
+
+
+def response_usage(usage: Usage | None) -> dict[str, Any]:
+    usage = usage or openai_usage(None, None)
+    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
+            "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments if status == "completed" else "", "status": status}
+
+
+@dataclass
+class ResponseShell:
+    """The fields of a ``response`` object that do not depend on the answer."""
+
+    id: str
+    body: Mapping[str, Any]
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def render(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None,
+               error: ProxyError | None = None, incomplete: bool = False) -> dict[str, Any]:
+        body = self.body
+        text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "model": body.get("model") or "default", "output": output, "output_text": text,
+            "error": {"code": error.code or error.type, "message": error.message} if error else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
+            "store": body.get("store", True), "temperature": body.get("temperature"),
+            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
+            "metadata": body.get("metadata") or {}, "user": body.get("user"),
+            "usage": response_usage(usage) if usage is not None else None,
+        }
+
+
+def response_object(shell: ResponseShell, done: Answer) -> dict[str, Any]:
+    output = [call_item(f"fc_{uuid.uuid4().hex}", call) for call in done.calls]
+    if done.content is not None and not done.calls:
+        output.insert(0, message_item(f"msg_{uuid.uuid4().hex}", done.content))
+    incomplete = done.finish == "length"
+    return shell.render("incomplete" if incomplete else "completed", output, done.usage, incomplete=incomplete)
 
 
 @dataclass
@@ -2449,7 +2604,7 @@ class ResponsesStream:
                 self._event("response.failed", response=self.shell.render("failed", self.output, error=error))]
 
 
-# --- Routes and app ---
+# --- Routes: the HTTP endpoints, their errors and their key check ---
 
 
 @dataclass
@@ -2511,48 +2666,6 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     with contextlib.suppress(asyncio.CancelledError):
         return await task
     raise ClientGone()
-
-
-async def chat_completions(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
-    body = await read_json(request, settings.max_body_bytes)
-    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
-    runner: Runner = state.runner
-    job, notice = state.sessions.job(chat)
-    headers = {"X-Session-Notice": notice} if notice else {}
-    session = "" if type(job) is Job else "-session"
-    if chat.stream:
-        renderer = ChatStream(chat.model, chat.include_usage)
-        entry = RequestLog(renderer.id, chat.model, f"stream-{settings.stream_mode}{session}")
-        return await stream_response(request, turn(runner, job, chat, settings.stream_mode), renderer, entry, headers)
-    entry = RequestLog(completion_id(), chat.model, f"json{session}")
-    done = await answer_request(request, runner, job, chat, entry)
-    if done is None:
-        return Response(status_code=499)
-    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
-
-
-async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatRequest, entry: RequestLog,
-                         then: Callable[[Answer], None] = lambda done: None) -> Answer | None:
-    """A whole answer for a non-streaming request, logged; None when the client left before it was ready."""
-
-    async def run() -> Answer:
-        async with job.hold():
-            done = await answer(runner, job, chat)
-            then(done)
-            return done
-
-    try:
-        done = await unless_disconnected(request, run())
-    except ProxyError as error:
-        entry.finish(error.status)
-        raise
-    except ClientGone:
-        entry.finish(499)
-        return None
-    entry.finish(200, done.usage)
-    return done
 
 
 END_OF_STREAM = object()
@@ -2640,150 +2753,47 @@ async def stream_response(request: Request, events: AsyncGenerator[TurnEvent, No
     return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
 
-# --- Responses API ---
-# A Responses request is translated into the equivalent chat request (input item i becomes message i, so
-# validation errors point at the right item), served by the same machinery, and rendered back as a
-# ``response`` object or its event stream. previous_response_id continues through the session store.
+async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatRequest, entry: RequestLog,
+                         then: Callable[[Answer], None] = lambda done: None) -> Answer | None:
+    """A whole answer for a non-streaming request, logged; None when the client left before it was ready."""
 
-RESPONSE_PARAMS = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
-                   ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort"))
+    async def run() -> Answer:
+        async with job.hold():
+            done = await answer(runner, job, chat)
+            then(done)
+            return done
 
-
-def responses_to_chat(body: Any) -> dict[str, Any]:
-    """The chat completions body equivalent to a Responses body."""
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    raw = body.get("input")
-    if raw is None:
-        raise missing("input")
-    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
-    if not isinstance(items, list):
-        raise wrong_type("input", "a string or an array", raw)
-    messages = [input_item_message(item, f"input[{i}]") for i, item in enumerate(items)]
-    if body.get("instructions"):
-        messages.append({"role": "system", "content": body["instructions"]})
-    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": body.get("stream")}
-    for name in ("temperature", "top_p", "user", "parallel_tool_calls", "tool_choice", "tools"):
-        if body.get(name) is not None:
-            chat[name] = body[name]
-    if isinstance(chat.get("tools"), list):
-        chat["tools"] = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
-                         if isinstance(t, dict) else t for t in chat["tools"]]
-    if isinstance(chat.get("tool_choice"), dict) and "name" in chat["tool_choice"]:
-        chat["tool_choice"] = {"type": "function", "function": {"name": chat["tool_choice"]["name"]}}
-    if body.get("max_output_tokens") is not None:
-        chat["max_completion_tokens"] = body["max_output_tokens"]
-    reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
-        chat["reasoning_effort"] = reasoning["effort"]
-    text = body.get("text")
-    fmt = text.get("format") if isinstance(text, dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        chat["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
-    elif fmt is not None:
-        chat["response_format"] = fmt
-    return chat
+    try:
+        done = await unless_disconnected(request, run())
+    except ProxyError as error:
+        entry.finish(error.status)
+        raise
+    except ClientGone:
+        entry.finish(499)
+        return None
+    entry.finish(200, done.usage)
+    return done
 
 
-def input_item_message(item: Any, where: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise wrong_type(where, "an object", item)
-    kind = item.get("type", "message")
-    if kind == "message":
-        content = item.get("content")
-        if isinstance(content, list):
-            content = [{"type": "image_url", "image_url": {"url": part.get("image_url")}}
-                       if isinstance(part, dict) and part.get("type") == "input_image" else part for part in content]
-        return {"role": item.get("role"), "content": content}
-    if kind == "function_call":
-        return {"role": "assistant", "content": None, "tool_calls": [{"id": item.get("call_id"), "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]}
-    if kind == "function_call_output":
-        output = item.get("output")
-        return {"role": "tool", "tool_call_id": item.get("call_id"),
-                "content": output if isinstance(output, str) else json.dumps(output)}
-    if kind == "reasoning":
-        return {"role": "assistant", "content": ""}
-    raise BadRequest(f"Input item {where} has type {kind!r}; supported are message, function_call, "
-                     "function_call_output and reasoning.", param=f"{where}.type", code="unsupported_value")
-
-
-def as_responses_error(error: BadRequest) -> BadRequest:
-    """A validation error of the translated chat body, named in the Responses request's own terms."""
-    for chat_name, name in RESPONSE_PARAMS:
-        if error.param and error.param.startswith(chat_name):
-            error.param = name + error.param[len(chat_name):]
-            error.message = error.message.replace(f"'{chat_name}", f"'{name}")
-    if error.param and error.param.startswith("tools[") and ".function" in error.param:
-        error.param = error.param.replace(".function", "", 1)
-    if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
-        error.param = error.param.removesuffix(".url")
-    return error
-
-
-def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
-    """The answer as the next request's history will show it."""
-    if calls:
-        return Turn("assistant", tool_calls_text([wire_tool_call(call) for call in calls], "tool_calls"))
-    return Turn("assistant", content or "")
-
-
-def response_id() -> str:
-    return f"resp_{uuid.uuid4().hex}"
-
-
-def response_usage(usage: Usage | None) -> dict[str, Any]:
-    usage = usage or openai_usage(None, None)
-    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-            "total_tokens": usage["total_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
-            "output_tokens_details": {"reasoning_tokens": 0}}
-
-
-def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
-
-
-def call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
-            "arguments": call.arguments if status == "completed" else "", "status": status}
-
-
-@dataclass
-class ResponseShell:
-    """The fields of a ``response`` object that do not depend on the answer."""
-
-    id: str
-    body: Mapping[str, Any]
-    created_at: int = field(default_factory=lambda: int(time.time()))
-
-    def render(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None,
-               error: ProxyError | None = None, incomplete: bool = False) -> dict[str, Any]:
-        body = self.body
-        text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
-        return {
-            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "model": body.get("model") or "default", "output": output, "output_text": text,
-            "error": {"code": error.code or error.type, "message": error.message} if error else None,
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-            "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
-            "store": body.get("store", True), "temperature": body.get("temperature"),
-            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
-            "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
-            "metadata": body.get("metadata") or {}, "user": body.get("user"),
-            "usage": response_usage(usage) if usage is not None else None,
-        }
-
-
-def response_object(shell: ResponseShell, done: Answer) -> dict[str, Any]:
-    output = [call_item(f"fc_{uuid.uuid4().hex}", call) for call in done.calls]
-    if done.content is not None and not done.calls:
-        output.insert(0, message_item(f"msg_{uuid.uuid4().hex}", done.content))
-    incomplete = done.finish == "length"
-    return shell.render("incomplete" if incomplete else "completed", output, done.usage, incomplete=incomplete)
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    body = await read_json(request, settings.max_body_bytes)
+    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
+    runner: Runner = state.runner
+    job, notice = state.sessions.job(chat)
+    headers = {"X-Session-Notice": notice} if notice else {}
+    session = "" if type(job) is Job else "-session"
+    if chat.stream:
+        renderer = ChatStream(chat.model, chat.include_usage)
+        entry = RequestLog(renderer.id, chat.model, f"stream-{settings.stream_mode}{session}")
+        events = turn_events(runner, job, chat, settings.stream_mode)
+        return await stream_response(request, events, renderer, entry, headers)
+    entry = RequestLog(completion_id(), chat.model, f"json{session}")
+    done = await answer_request(request, runner, job, chat, entry)
+    if done is None:
+        return Response(status_code=499)
+    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
 
 
 async def create_response(request: Request) -> Response:
@@ -2813,13 +2823,10 @@ async def create_response(request: Request) -> Response:
 
     if chat.stream:
         entry = RequestLog(shell.id, chat.model, f"responses-{settings.stream_mode}")
-        return await stream_response(request, turn(runner, job, chat, settings.stream_mode),
+        return await stream_response(request, turn_events(runner, job, chat, settings.stream_mode),
                                      ResponsesStream(shell, keep), entry, {})
     done = await answer_request(request, runner, job, chat, RequestLog(shell.id, chat.model, "responses"), keep)
     return JSONResponse(response_object(shell, done)) if done else Response(status_code=499)
-
-
-# --- Models, health, errors, and the app ---
 
 
 async def list_models(request: Request) -> Response:
@@ -2900,50 +2907,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
-    """The app. ``environ`` is the base of the CLI's environment (tests pass their own)."""
-    settings = settings or load_settings(environ)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        workdir = Path(settings.workdir) if settings.workdir else private_workdir(environ)
-        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        runner = app.state.runner = Runner(settings, str(workdir), environ)
-        sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
-                                                 own_workdir=not settings.workdir)
-        sessions.sweep_stale_transcripts()
-        if settings.prewarm:  # ready for the first request with default options
-            chat = parse_chat_request({"messages": [{"role": "user", "content": "-"}]}, settings)
-            runner.prestart.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
-                                                  if settings.auto_session else None))
-        app.state.responses = ResponseStore(settings.session_ttl)
-        sweeper = asyncio.create_task(sweep_forever(app))
-        try:
-            yield
-        finally:
-            sweeper.cancel()
-            runner.closing = True
-            await runner.prestart.aclose()
-            await runner.store.aclose()
-            await sessions.aclose()
-            await shutdown(runner, settings.shutdown_grace)
-
-    app = Starlette(
-        routes=[
-            Route("/", index),
-            Route("/health", health),
-            Route("/v1/models", list_models),
-            Route("/v1/models/{model_id:path}", get_model),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/responses", create_response, methods=["POST"]),
-        ],
-        exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected_error},
-        lifespan=lifespan,
-    )
-    app.add_middleware(BearerAuth, keys=settings.api_keys)
-    app.state.settings = settings
-    app.state.cli_version = None
-    return app
+# --- The app: its lifespan, shutdown, and main ---
 
 
 def private_workdir(environ: Mapping[str, str]) -> Path:
@@ -2988,6 +2952,52 @@ async def shutdown(runner: Runner, grace: float) -> None:
         for waiting in exits:
             waiting.cancel()
     await runner.kill_all()
+
+
+def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
+    """The app. ``environ`` is the base of the CLI's environment (tests pass their own)."""
+    settings = settings or load_settings(environ)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        workdir = Path(settings.workdir) if settings.workdir else private_workdir(environ)
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        runner = app.state.runner = Runner(settings, str(workdir), environ)
+        sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
+                                                 own_workdir=not settings.workdir)
+        sessions.sweep_stale_transcripts()
+        if settings.prewarm:  # ready for the first request with default options
+            chat = parse_chat_request({"messages": [{"role": "user", "content": "-"}]}, settings)
+            runner.prestart.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
+                                                  if settings.auto_session else None))
+        app.state.responses = ResponseStore(settings.session_ttl)
+        sweeper = asyncio.create_task(sweep_forever(app))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            runner.closing = True
+            await runner.prestart.aclose()
+            await runner.store.aclose()
+            await sessions.aclose()
+            await shutdown(runner, settings.shutdown_grace)
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/health", health),
+            Route("/v1/models", list_models),
+            Route("/v1/models/{model_id:path}", get_model),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/responses", create_response, methods=["POST"]),
+        ],
+        exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )
+    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.state.settings = settings
+    app.state.cli_version = None
+    return app
 
 
 def is_loopback(host: str) -> bool:
