@@ -40,8 +40,8 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, TypedDict
@@ -61,10 +61,32 @@ log = logging.getLogger("claude_api")
 MiB = 1024 * 1024
 
 
-# --- Settings ---
+# --- Tables: models, efforts, roles ---
 
-SystemPromptMode = Literal["replace", "append", "embed"]
-StreamMode = Literal["live", "pseudo"]
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+
+# Aliases the CLI resolves itself; /v1/models lists these plus CLAUDE_MODELS.
+CLI_ALIASES = ("default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan")
+# Names meaning "whatever the account's default is": no --model (or CLAUDE_DEFAULT_MODEL).
+DEFAULT_NAMES = frozenset({"", "default", "auto", "claude", "claude-cli"})
+OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType({
+    "gpt-4o": "sonnet", "gpt-4o-mini": "haiku", "gpt-4": "opus", "gpt-4-turbo": "sonnet",
+    "gpt-3.5-turbo": "haiku", "gpt-4.1": "sonnet", "gpt-4.1-mini": "haiku", "gpt-4.1-nano": "haiku",
+    "gpt-5": "opus", "gpt-5-mini": "sonnet", "gpt-5-nano": "haiku", "o1": "opus", "o1-mini": "sonnet",
+    "o3": "opus", "o3-mini": "sonnet", "o4-mini": "sonnet",
+})
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")  # linear: no nested repetition
+# OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
+EFFORTS: Mapping[str, str] = MappingProxyType({
+    "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max",
+})
+UNSUPPORTED_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
+NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
+MODEL_CREATED = 1_700_000_000  # a fixed timestamp: the models are aliases, not releases
+LoginState = Literal["logged_in", "not_logged_in", "unknown"]  # the CLI's login, as far as the server knows
+CheckState = Literal["pending", "passed", "failed", "off"]  # the start-up self-check
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # the Host names of a loopback bind
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:.]+\]")
@@ -75,43 +97,164 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+# --- Settings ---
+# Each setting is stated once: its field, its environment variable, its default and its parser, side by side.
+# ``load_settings`` reads them all; a variable that is unset or blank keeps the default.
+
+SystemPromptMode = Literal["replace", "append", "embed"]
+StreamMode = Literal["live", "pseudo"]
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot use; the message names the variable."""
+
+
+Parser = Callable[[str, str], Any]  # (variable name, raw value) -> value, or SettingsError
+
+
+def text(name: str, raw: str) -> str:
+    return raw
+
+
+def names(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def number(minimum: float = 0.0, maximum: float = math.inf, *, integer: bool = False) -> Parser:
+    kind = "an integer" if integer else "a number"
+    bounds = f">= {minimum:g}" if maximum == math.inf else f"from {minimum:g} to {maximum:g}"
+    bounds += "" if integer else " and finite"
+
+    def parse(name: str, raw: str) -> float | int:
+        try:
+            value: float | int = int(raw) if integer else float(raw)
+        except ValueError:
+            value = math.nan
+        # NaN and infinity are refused: no setting means "never", and either would fail later, mid-request.
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise SettingsError(f"{name} must be {kind} {bounds}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def choice(*allowed: str) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.lower()
+        if value not in allowed:
+            raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def switch(name: str, raw: str) -> bool:
+    return choice(*TRUE, *FALSE)(name, raw) in TRUE
+
+
+def model(name: str, raw: str) -> str:
+    if not MODEL_NAME.fullmatch(raw):
+        raise SettingsError(f"invalid model name {raw!r} in {name}")
+    return raw
+
+
+def models(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(model(name, item) for item in names(name, raw))
+
+
+def model_map(name: str, raw: str) -> Mapping[str, str]:
+    """The client-name-to-model map: OpenAI's names to Claude's by default, extended (or overridden) by JSON."""
+    try:
+        extra = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{name} must be a JSON object, got {raw!r}: {exc}") from None
+    if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+        raise SettingsError(f"{name} must map names to strings, got {raw!r}")
+    if remapped := sorted(DEFAULT_NAMES & set(extra)):
+        raise SettingsError(f"{name} cannot remap the default names ({', '.join(map(repr, remapped))}); "
+                            "set CLAUDE_DEFAULT_MODEL to choose the default model")
+    return MappingProxyType({**OPENAI_MODEL_MAP, **{key: model(name, value) for key, value in extra.items()}})
+
+
+def fallback_models(name: str, raw: str) -> str:
+    """--fallback-model's value: one model, or a comma-separated list tried in order (every supported CLI)."""
+    return ",".join(models(name, raw))
+
+
+def patterns(pattern: re.Pattern[str], example: str) -> Parser:
+    def parse(name: str, raw: str) -> tuple[str, ...]:
+        values = tuple(value.lower().rstrip("/") for value in names(name, raw))
+        for value in values:
+            if not pattern.fullmatch(value):  # linear: no nested repetition
+                raise SettingsError(f"{name} must be a comma-separated list like {example}, got {value!r}")
+        return values
+
+    return parse
+
+
+def effort(name: str, raw: str) -> str:
+    return EFFORTS[choice(*EFFORTS)(name, raw)]
+
+
+def setting_sources(name: str, raw: str) -> str:
+    sources = names(name, raw)
+    if not set(sources) <= {"user", "project", "local"}:
+        raise SettingsError(f"{name} must list user, project or local, got {raw!r}")
+    return ",".join(sources)
+
+
+def setting(env: str, default: Any, parse: Parser) -> Any:
+    """A Settings field read from ``env``."""
+    metadata = {"env": env, "parse": parse}
+    if isinstance(default, Mapping):
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service can be told, each field read from one environment variable."""
 
-    host: str = "127.0.0.1"  # CLAUDE_API_HOST
-    port: int = 8765  # CLAUDE_API_PORT
-    api_keys: tuple[str, ...] = ()  # CLAUDE_API_KEYS, comma-separated
-    claude_bin: str = "claude"  # CLAUDE_BIN
-    default_model: str = ""  # CLAUDE_DEFAULT_MODEL; empty: the CLI's own default
-    extra_models: tuple[str, ...] = ()  # CLAUDE_MODELS, comma-separated
-    model_map: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # CLAUDE_MODEL_MAP (JSON)
-    max_concurrency: int = 4  # CLAUDE_MAX_CONCURRENCY
-    max_queue: int = 100  # CLAUDE_MAX_QUEUE
-    timeout: float = 300.0  # CLAUDE_TIMEOUT, seconds per attempt
-    max_retries: int = 5  # CLAUDE_MAX_RETRIES
-    base_backoff: float = 2.0  # CLAUDE_BASE_BACKOFF, seconds
-    system_prompt_mode: SystemPromptMode = "replace"  # CLAUDE_SYSTEM_PROMPT_MODE
-    workdir: str = ""  # CLAUDE_WORKDIR; empty: a private folder under the user's cache folder
-    max_body_bytes: int = 20 * MiB  # CLAUDE_MAX_BODY_BYTES
-    log_level: str = "INFO"  # CLAUDE_LOG_LEVEL
-    stream_mode: StreamMode = "live"  # CLAUDE_STREAM_MODE
-    keepalive: float = 15.0  # CLAUDE_KEEPALIVE, seconds
-    shutdown_grace: float = 10.0  # CLAUDE_SHUTDOWN_GRACE, seconds
-    effort: str = ""  # CLAUDE_EFFORT; empty: the CLI's own default
-    setting_sources: str = ""  # CLAUDE_SETTING_SOURCES: which CLI settings files load (user,project,local)
-    session_ttl: float = 1800.0  # CLAUDE_SESSION_TTL, seconds a session may stay idle
-    max_sessions: int = 1000  # CLAUDE_MAX_SESSIONS, explicit sessions kept at most (the least recently used go)
-    auto_session: bool = True  # CLAUDE_AUTO_SESSION
-    warm_idle: float = 120.0  # CLAUDE_WARM_IDLE, seconds an idle session process stays alive
-    warm_max: int = 4  # CLAUDE_WARM_MAX, idle session processes kept at most
-    prewarm: int = 2  # CLAUDE_PREWARM, CLI processes started ahead of time for new conversations
-    prewarm_max_age: float = 600.0  # CLAUDE_PREWARM_MAX_AGE, seconds before a waiting process is replaced
-    max_image_bytes: int = 5 * MiB  # CLAUDE_MAX_IMAGE_BYTES, per image (the Messages API's own limit)
-    fallback_model: str = ""  # CLAUDE_FALLBACK_MODEL: --fallback-model, a comma-separated list tried in order
-    max_budget_usd: float | None = None  # CLAUDE_MAX_BUDGET_USD: --max-budget-usd per request
-    allowed_hosts: tuple[str, ...] = ()  # CLAUDE_ALLOWED_HOSTS, comma-separated; empty: from CLAUDE_API_HOST
-    allowed_origins: tuple[str, ...] = ()  # CLAUDE_ALLOWED_ORIGINS, comma-separated; empty: same origin only
+    host: str = setting("CLAUDE_API_HOST", "127.0.0.1", text)
+    port: int = setting("CLAUDE_API_PORT", 8765, number(0, 65535, integer=True))
+    api_keys: tuple[str, ...] = setting("CLAUDE_API_KEYS", (), names)
+    claude_bin: str = setting("CLAUDE_BIN", "claude", text)
+    default_model: str = setting("CLAUDE_DEFAULT_MODEL", "", model)  # empty: the CLI's own default
+    extra_models: tuple[str, ...] = setting("CLAUDE_MODELS", (), models)
+    model_map: Mapping[str, str] = setting("CLAUDE_MODEL_MAP", OPENAI_MODEL_MAP, model_map)
+    max_concurrency: int = setting("CLAUDE_MAX_CONCURRENCY", 4, number(1, integer=True))
+    max_queue: int = setting("CLAUDE_MAX_QUEUE", 100, number(0, integer=True))
+    timeout: float = setting("CLAUDE_TIMEOUT", 300.0, number(0.001))  # seconds per attempt
+    request_timeout: float = setting("CLAUDE_REQUEST_TIMEOUT", 600.0, number(0.001))  # per request, retries included
+    max_retries: int = setting("CLAUDE_MAX_RETRIES", 5, number(0, integer=True))
+    base_backoff: float = setting("CLAUDE_BASE_BACKOFF", 2.0, number())  # seconds
+    system_prompt_mode: SystemPromptMode = setting("CLAUDE_SYSTEM_PROMPT_MODE", "replace",
+                                                   choice("replace", "append", "embed"))
+    workdir: str = setting("CLAUDE_WORKDIR", "", text)  # empty: a private folder under the user's cache folder
+    max_body_bytes: int = setting("CLAUDE_MAX_BODY_BYTES", 20 * MiB, number(1, integer=True))
+    log_level: str = setting("CLAUDE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"))
+    stream_mode: StreamMode = setting("CLAUDE_STREAM_MODE", "live", choice("live", "pseudo"))
+    keepalive: float = setting("CLAUDE_KEEPALIVE", 15.0, number(0.01))  # seconds
+    shutdown_grace: float = setting("CLAUDE_SHUTDOWN_GRACE", 10.0, number())  # seconds
+    effort: str = setting("CLAUDE_EFFORT", "", effort)  # empty: the CLI's own default
+    setting_sources: str = setting("CLAUDE_SETTING_SOURCES", "", setting_sources)  # which CLI settings files load
+    session_ttl: float = setting("CLAUDE_SESSION_TTL", 1800.0, number(0.001))  # seconds a session may stay idle
+    max_sessions: int = setting("CLAUDE_MAX_SESSIONS", 1000, number(1, integer=True))  # explicit ones, LRU goes
+    auto_session: bool = setting("CLAUDE_AUTO_SESSION", True, switch)
+    warm_idle: float = setting("CLAUDE_WARM_IDLE", 120.0, number())  # seconds an idle session process stays
+    warm_max: int = setting("CLAUDE_WARM_MAX", 4, number(0, integer=True))  # idle session processes kept at most
+    prewarm: int = setting("CLAUDE_PREWARM", 2, number(0, integer=True))  # processes started ahead of time
+    prewarm_max_age: float = setting("CLAUDE_PREWARM_MAX_AGE", 600.0, number(1))  # seconds before one is replaced
+    max_image_bytes: int = setting("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, number(1, integer=True))  # per image
+    fallback_model: str = setting("CLAUDE_FALLBACK_MODEL", "", fallback_models)  # --fallback-model, in order
+    max_budget_usd: float | None = setting("CLAUDE_MAX_BUDGET_USD", None, number(1e-9))  # per request
+    # Host names and browser origins allowed besides the address we listen on; empty: that address only.
+    allowed_hosts: tuple[str, ...] = setting("CLAUDE_ALLOWED_HOSTS", (), patterns(
+        HOST_PATTERN, "'api.example.com,*.lan,[::1]' or '*'"))
+    allowed_origins: tuple[str, ...] = setting("CLAUDE_ALLOWED_ORIGINS", (), patterns(
+        ORIGIN_PATTERN, "'https://app.example.com' or '*'"))
+    self_check: bool = setting("CLAUDE_SELF_CHECK", True, switch)  # try the CLI's features once at start-up
 
     @property
     def trusted_hosts(self) -> tuple[str, ...]:
@@ -123,113 +266,15 @@ class Settings:
             return ("*",)
         host = f"[{self.host}]" if ":" in self.host else self.host.lower()
         return tuple(dict.fromkeys([*LOOPBACK_NAMES, host])) if is_loopback(self.host) else (host,)
-    self_check: bool = True  # CLAUDE_SELF_CHECK: try the CLI's stream-json features once at start-up
-
-
-class SettingsError(ValueError):
-    """A setting has a value the service cannot use; the message names the variable."""
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
-    def text(name: str, default: str) -> str:
-        return environ.get(name, default).strip()
-
-    def number(name: str, default: float, *, minimum: float = 0.0, maximum: float = math.inf,
-               integer: bool = False) -> Any:
-        raw = environ.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = int(raw) if integer else float(raw)
-        except ValueError:
-            value = None
-        kind = "an integer" if integer else "a number"
-        # NaN and infinity are refused: no setting means "never", and either would fail later, mid-request.
-        if value is None or not math.isfinite(value) or not minimum <= value <= maximum:
-            bounds = f">= {minimum:g}" if maximum == math.inf else f"from {minimum:g} to {maximum:g}"
-            bounds += "" if integer else " and finite"
-            raise SettingsError(f"{name} must be {kind} {bounds}, got {raw!r}")
-        return value
-
-    def choice(name: str, default: str, allowed: Iterable[str]) -> str:
-        value = text(name, default).lower() or default
-        if value not in allowed:
-            raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    def names(name: str) -> tuple[str, ...]:
-        return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
-
-    def patterns(name: str, pattern: re.Pattern[str], example: str) -> tuple[str, ...]:
-        values = tuple(value.lower().rstrip("/") for value in names(name))
-        for value in values:
-            if not pattern.fullmatch(value):
-                raise SettingsError(f"{name} must be a comma-separated list like {example}, got {value!r}")
-        return values
-
-    model_map = dict(OPENAI_MODEL_MAP)
-    raw_map = text("CLAUDE_MODEL_MAP", "")
-    if raw_map:
-        try:
-            extra = json.loads(raw_map)
-        except json.JSONDecodeError as exc:
-            raise SettingsError(f"CLAUDE_MODEL_MAP must be a JSON object, got {raw_map!r}: {exc}") from None
-        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
-            raise SettingsError(f"CLAUDE_MODEL_MAP must map names to strings, got {raw_map!r}")
-        if remapped := sorted(DEFAULT_NAMES & set(extra)):
-            raise SettingsError(f"CLAUDE_MODEL_MAP cannot remap the default names ({', '.join(map(repr, remapped))}); "
-                                "set CLAUDE_DEFAULT_MODEL to choose the default model")
-        model_map.update(extra)
-    for target in [*model_map.values(), *names("CLAUDE_MODELS"), text("CLAUDE_DEFAULT_MODEL", ""),
-                   *names("CLAUDE_FALLBACK_MODEL")]:
-        if target and not MODEL_NAME.fullmatch(target):
-            raise SettingsError(f"invalid model name {target!r} in CLAUDE_MODEL_MAP, CLAUDE_MODELS, "
-                                "CLAUDE_DEFAULT_MODEL or CLAUDE_FALLBACK_MODEL")
-
-    effort = choice("CLAUDE_EFFORT", "", ["", *EFFORTS])
-    setting_sources = ",".join(names("CLAUDE_SETTING_SOURCES"))
-    if not set(names("CLAUDE_SETTING_SOURCES")) <= {"user", "project", "local"}:
-        raise SettingsError(f"CLAUDE_SETTING_SOURCES must list user, project or local, got "
-                            f"{environ['CLAUDE_SETTING_SOURCES']!r}")
-    return Settings(
-        host=text("CLAUDE_API_HOST", "127.0.0.1"),
-        port=number("CLAUDE_API_PORT", 8765, minimum=0, maximum=65535, integer=True),
-        api_keys=names("CLAUDE_API_KEYS"),
-        claude_bin=text("CLAUDE_BIN", "claude") or "claude",
-        default_model=text("CLAUDE_DEFAULT_MODEL", ""),
-        extra_models=names("CLAUDE_MODELS"),
-        model_map=MappingProxyType(model_map),
-        max_concurrency=number("CLAUDE_MAX_CONCURRENCY", 4, minimum=1, integer=True),
-        max_queue=number("CLAUDE_MAX_QUEUE", 100, minimum=0, integer=True),
-        timeout=number("CLAUDE_TIMEOUT", 300.0, minimum=0.001),
-        max_retries=number("CLAUDE_MAX_RETRIES", 5, minimum=0, integer=True),
-        base_backoff=number("CLAUDE_BASE_BACKOFF", 2.0),
-        system_prompt_mode=choice("CLAUDE_SYSTEM_PROMPT_MODE", "replace", ["replace", "append", "embed"]),  # type: ignore[arg-type]
-        workdir=text("CLAUDE_WORKDIR", ""),
-        max_body_bytes=number("CLAUDE_MAX_BODY_BYTES", 20 * MiB, minimum=1, integer=True),
-        log_level=choice("CLAUDE_LOG_LEVEL", "info", ["debug", "info", "warning", "error"]).upper(),
-        stream_mode=choice("CLAUDE_STREAM_MODE", "live", ["live", "pseudo"]),  # type: ignore[arg-type]
-        keepalive=number("CLAUDE_KEEPALIVE", 15.0, minimum=0.01),
-        shutdown_grace=number("CLAUDE_SHUTDOWN_GRACE", 10.0),
-        effort=EFFORTS.get(effort, ""),
-        setting_sources=setting_sources,
-        session_ttl=number("CLAUDE_SESSION_TTL", 1800.0, minimum=0.001),
-        max_sessions=number("CLAUDE_MAX_SESSIONS", 1000, minimum=1, integer=True),
-        auto_session=choice("CLAUDE_AUTO_SESSION", "on", [*TRUE, *FALSE]) in TRUE,
-        warm_idle=number("CLAUDE_WARM_IDLE", 120.0),
-        warm_max=number("CLAUDE_WARM_MAX", 4, minimum=0, integer=True),
-        prewarm=number("CLAUDE_PREWARM", 2, minimum=0, integer=True),
-        prewarm_max_age=number("CLAUDE_PREWARM_MAX_AGE", 600.0, minimum=1),
-        max_image_bytes=number("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, minimum=1, integer=True),
-        fallback_model=",".join(names("CLAUDE_FALLBACK_MODEL")),
-        max_budget_usd=number("CLAUDE_MAX_BUDGET_USD", None, minimum=1e-9),  # type: ignore[arg-type]
-        allowed_hosts=patterns("CLAUDE_ALLOWED_HOSTS", HOST_PATTERN, "'api.example.com,*.lan,[::1]' or '*'"),
-        allowed_origins=patterns("CLAUDE_ALLOWED_ORIGINS", ORIGIN_PATTERN, "'https://app.example.com' or '*'"),
-        self_check=choice("CLAUDE_SELF_CHECK", "on", [*TRUE, *FALSE]) in TRUE,
-    )
-
-
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+    values = {}
+    for item in fields(Settings):
+        raw = environ.get(item.metadata["env"], "").strip()
+        if raw:
+            values[item.name] = item.metadata["parse"](item.metadata["env"], raw)
+    return Settings(**values)
 
 
 # --- Errors ---
@@ -357,32 +402,7 @@ def wrong_type(param: str, expected: str, value: Any) -> BadRequest:
                       param=param, code="invalid_type")
 
 
-# --- Wire shapes and tables ---
-
-Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
-FinishReason = Literal["stop", "length", "tool_calls"]
-ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool", "function")
-
-# Aliases the CLI resolves itself; /v1/models lists these plus CLAUDE_MODELS.
-CLI_ALIASES = ("default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan")
-# Names meaning "whatever the account's default is": no --model (or CLAUDE_DEFAULT_MODEL).
-DEFAULT_NAMES = frozenset({"", "default", "auto", "claude", "claude-cli"})
-OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType({
-    "gpt-4o": "sonnet", "gpt-4o-mini": "haiku", "gpt-4": "opus", "gpt-4-turbo": "sonnet",
-    "gpt-3.5-turbo": "haiku", "gpt-4.1": "sonnet", "gpt-4.1-mini": "haiku", "gpt-4.1-nano": "haiku",
-    "gpt-5": "opus", "gpt-5-mini": "sonnet", "gpt-5-nano": "haiku", "o1": "opus", "o1-mini": "sonnet",
-    "o3": "opus", "o3-mini": "sonnet", "o4-mini": "sonnet",
-})
-MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")
-# OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
-EFFORTS: Mapping[str, str] = MappingProxyType({
-    "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max",
-})
-UNSUPPORTED_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
-NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
-MODEL_CREATED = 1_700_000_000  # a fixed timestamp: the models are aliases, not releases
-LoginState = Literal["logged_in", "not_logged_in", "unknown"]  # the CLI's login, as far as the server knows
-CheckState = Literal["pending", "passed", "failed", "off"]  # the start-up self-check
+# --- Wire shapes ---
 
 
 class ChatMessage(TypedDict, total=False):
@@ -405,7 +425,7 @@ class Usage(TypedDict, total=False):
     total_cost_usd: float
 
 
-# --- Translation: OpenAI request to a CLI call ---
+# --- Translation: OpenAI messages to turns ---
 
 
 @dataclass(frozen=True)
@@ -430,6 +450,13 @@ class Tool:
     name: str
     description: str
     parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
 
 
 @dataclass(frozen=True)
@@ -648,125 +675,6 @@ def render_blocks(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
     return blocks
 
 
-def _number(body: dict[str, Any], key: str, low: float, high: float) -> None:
-    value = body.get(key)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise wrong_type(key, "a decimal", value)
-    if value > high:
-        raise BadRequest(f"Invalid '{key}': decimal above maximum value. Expected a value <= {high:g}, but got "
-                         f"{value} instead.", param=key, code="decimal_above_max_value")
-    if value < low:
-        raise BadRequest(f"Invalid '{key}': decimal below minimum value. Expected a value >= {low:g}, but got "
-                         f"{value} instead.", param=key, code="decimal_below_min_value")
-
-
-def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise wrong_type(key, "an integer", value)
-    if low is not None and value < low:
-        raise BadRequest(f"Invalid '{key}': integer below minimum value. Expected a value >= {low}, but got "
-                         f"{value} instead.", param=key, code="integer_below_min_value")
-    return value
-
-
-def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected: str, param: str = "") -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise wrong_type(param or key, expected, value)
-    return value
-
-
-def parse_stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,) if value else ()
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise wrong_type("stop", "a string or an array of strings", value)
-    if len(value) > 4:
-        raise BadRequest("Invalid 'stop': array too long. Expected an array with maximum length 4.",
-                         param="stop", code="array_above_max_length")
-    return tuple(s for s in value if s)
-
-
-def parse_chat_request(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
-    """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    session_id = parse_session_id(body["session_id"] if body.get("session_id") is not None else session_header)
-    model = _typed(body, "model", (str,), "a string") or ""
-    cli_model = resolve_model(model, settings)
-    # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
-    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
-    stop = parse_stop(body.get("stop"))
-    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1),
-                           ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
-        _number(body, key, low, high)
-    n = _integer(body, "n", 1)
-    max_tokens = _integer(body, "max_tokens", 1)
-    max_completion_tokens = _integer(body, "max_completion_tokens", 1)
-    _integer(body, "seed")
-    logprobs = _typed(body, "logprobs", (bool,), "a boolean")
-    top_logprobs = _integer(body, "top_logprobs", 0)
-    _typed(body, "user", (str,), "a string")
-    _typed(body, "parallel_tool_calls", (bool,), "a boolean")
-    _typed(body, "logit_bias", (dict,), "an object")
-    stream_options = _typed(body, "stream_options", (dict,), "an object") or {}
-    include_usage = _typed(stream_options, "include_usage", (bool,), "a boolean", "stream_options.include_usage")
-    effort = _typed(body, "reasoning_effort", (str,), "a string")
-    if effort is not None and effort not in EFFORTS:
-        raise BadRequest(f"Invalid value for 'reasoning_effort': {effort!r}. Supported values are: "
-                         f"{', '.join(map(repr, EFFORTS))}.", param="reasoning_effort", code="invalid_value")
-
-    if max_tokens is not None and max_completion_tokens is not None:
-        raise BadRequest("max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
-                         param="max_tokens", code="invalid_parameter_combination")
-    if top_logprobs is not None and not logprobs:
-        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
-    if body.get("stream_options") is not None and not stream:
-        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                         param="stream_options")
-    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
-        raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are specified.",
-                         param="parallel_tool_calls")
-    if logprobs:
-        raise BadRequest("logprobs are not available through the claude CLI.", param="logprobs",
-                         code="unsupported_parameter")
-    if n is not None and n > 1:
-        raise BadRequest("n > 1 is not supported: send n separate requests instead.", param="n",
-                         code="unsupported_value")
-    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
-    response_format, schema = parse_response_format(body.get("response_format"))
-
-    system, turns = flatten_messages(body.get("messages"), settings.max_image_bytes)
-    return ChatRequest(
-        model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
-        include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
-        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id, tools=tools,
-        tool_choice=tool_choice, parallel_tool_calls=body.get("parallel_tool_calls") is not False,
-        response_format=response_format, schema=schema,
-    )
-
-
-def parse_session_id(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    try:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise BadRequest(f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
-                         param="session_id", code="invalid_value") from None
-
-
 # --- Function calling and structured output ---
 # The CLI's own tools stay off. The client's functions are described in the system prompt, the model answers
 # with one JSON object in a fixed format, and every call's arguments are checked against the function's
@@ -868,13 +776,6 @@ def reply_instructions(request: ChatRequest) -> str:
 
 class InvalidReply(ValueError):
     """The model's reply is not in the requested format; the message says why, for a corrective turn."""
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON string, as OpenAI sends it
 
 
 @dataclass(frozen=True)
@@ -1017,6 +918,214 @@ def schema_problem(value: Any, schema: Any, root: Any = None, path: str = "$") -
     return None
 
 
+# --- Validation: a request body to a ChatRequest ---
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> None:
+    value = body.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong_type(key, "a decimal", value)
+    if value > high:
+        raise BadRequest(f"Invalid '{key}': decimal above maximum value. Expected a value <= {high:g}, but got "
+                         f"{value} instead.", param=key, code="decimal_above_max_value")
+    if value < low:
+        raise BadRequest(f"Invalid '{key}': decimal below minimum value. Expected a value >= {low:g}, but got "
+                         f"{value} instead.", param=key, code="decimal_below_min_value")
+
+
+def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise wrong_type(key, "an integer", value)
+    if low is not None and value < low:
+        raise BadRequest(f"Invalid '{key}': integer below minimum value. Expected a value >= {low}, but got "
+                         f"{value} instead.", param=key, code="integer_below_min_value")
+    return value
+
+
+def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected: str, param: str = "") -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise wrong_type(param or key, expected, value)
+    return value
+
+
+def parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise wrong_type("stop", "a string or an array of strings", value)
+    if len(value) > 4:
+        raise BadRequest("Invalid 'stop': array too long. Expected an array with maximum length 4.",
+                         param="stop", code="array_above_max_length")
+    return tuple(s for s in value if s)
+
+
+def parse_chat_request(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
+    """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    session_id = parse_session_id(body["session_id"] if body.get("session_id") is not None else session_header)
+    model = _typed(body, "model", (str,), "a string") or ""
+    cli_model = resolve_model(model, settings)
+    # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
+    stream = bool(_typed(body, "stream", (bool,), "a boolean"))
+    stop = parse_stop(body.get("stop"))
+    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1),
+                           ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+        _number(body, key, low, high)
+    n = _integer(body, "n", 1)
+    max_tokens = _integer(body, "max_tokens", 1)
+    max_completion_tokens = _integer(body, "max_completion_tokens", 1)
+    _integer(body, "seed")
+    logprobs = _typed(body, "logprobs", (bool,), "a boolean")
+    top_logprobs = _integer(body, "top_logprobs", 0)
+    _typed(body, "user", (str,), "a string")
+    _typed(body, "parallel_tool_calls", (bool,), "a boolean")
+    _typed(body, "logit_bias", (dict,), "an object")
+    stream_options = _typed(body, "stream_options", (dict,), "an object") or {}
+    include_usage = _typed(stream_options, "include_usage", (bool,), "a boolean", "stream_options.include_usage")
+    effort = _typed(body, "reasoning_effort", (str,), "a string")
+    if effort is not None and effort not in EFFORTS:
+        raise BadRequest(f"Invalid value for 'reasoning_effort': {effort!r}. Supported values are: "
+                         f"{', '.join(map(repr, EFFORTS))}.", param="reasoning_effort", code="invalid_value")
+
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise BadRequest("max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
+                         param="max_tokens", code="invalid_parameter_combination")
+    if top_logprobs is not None and not logprobs:
+        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
+    if body.get("stream_options") is not None and not stream:
+        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                         param="stream_options")
+    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
+        raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are specified.",
+                         param="parallel_tool_calls")
+    if logprobs:
+        raise BadRequest("logprobs are not available through the claude CLI.", param="logprobs",
+                         code="unsupported_parameter")
+    if n is not None and n > 1:
+        raise BadRequest("n > 1 is not supported: send n separate requests instead.", param="n",
+                         code="unsupported_value")
+    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+    response_format, schema = parse_response_format(body.get("response_format"))
+
+    system, turns = flatten_messages(body.get("messages"), settings.max_image_bytes)
+    return ChatRequest(
+        model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
+        include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
+        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id, tools=tools,
+        tool_choice=tool_choice, parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+        response_format=response_format, schema=schema,
+    )
+
+
+def parse_session_id(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest(f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
+                         param="session_id", code="invalid_value") from None
+
+
+# --- Validation: a Responses request body to the equivalent chat body ---
+# A Responses request is translated into the equivalent chat request (input item i becomes message i, so
+# validation errors point at the right item), served by the same machinery, and rendered back as a
+# ``response`` object or its event stream. previous_response_id continues through the session store.
+
+
+RESPONSE_PARAMS = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
+                   ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort"))
+
+
+def responses_to_chat(body: Any) -> dict[str, Any]:
+    """The chat completions body equivalent to a Responses body."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    raw = body.get("input")
+    if raw is None:
+        raise missing("input")
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise wrong_type("input", "a string or an array", raw)
+    messages = [input_item_message(item, f"input[{i}]") for i, item in enumerate(items)]
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": body.get("stream")}
+    for name in ("temperature", "top_p", "user", "parallel_tool_calls", "tool_choice", "tools"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if isinstance(chat.get("tools"), list):
+        chat["tools"] = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
+                         if isinstance(t, dict) else t for t in chat["tools"]]
+    if isinstance(chat.get("tool_choice"), dict) and "name" in chat["tool_choice"]:
+        chat["tool_choice"] = {"type": "function", "function": {"name": chat["tool_choice"]["name"]}}
+    if body.get("max_output_tokens") is not None:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
+    elif fmt is not None:
+        chat["response_format"] = fmt
+    return chat
+
+
+def input_item_message(item: Any, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise wrong_type(where, "an object", item)
+    kind = item.get("type", "message")
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": part.get("image_url")}}
+                       if isinstance(part, dict) and part.get("type") == "input_image" else part for part in content]
+        return {"role": item.get("role"), "content": content}
+    if kind == "function_call":
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]}
+    if kind == "function_call_output":
+        output = item.get("output")
+        return {"role": "tool", "tool_call_id": item.get("call_id"),
+                "content": output if isinstance(output, str) else json.dumps(output)}
+    if kind == "reasoning":
+        return {"role": "assistant", "content": ""}
+    raise BadRequest(f"Input item {where} has type {kind!r}; supported are message, function_call, "
+                     "function_call_output and reasoning.", param=f"{where}.type", code="unsupported_value")
+
+
+def as_responses_error(error: BadRequest) -> BadRequest:
+    """A validation error of the translated chat body, named in the Responses request's own terms."""
+    for chat_name, name in RESPONSE_PARAMS:
+        if error.param and error.param.startswith(chat_name):
+            error.param = name + error.param[len(chat_name):]
+            error.message = error.message.replace(f"'{chat_name}", f"'{name}")
+    if error.param and error.param.startswith("tools[") and ".function" in error.param:
+        error.param = error.param.replace(".function", "", 1)
+    if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
+        error.param = error.param.removesuffix(".url")
+    return error
+
+
+# --- The CLI call: argv, stdin line and environment for one request ---
+
+
 @dataclass(frozen=True)
 class CliCall:
     """Everything needed to run the CLI once: argv, the stdin payload, the environment changes."""
@@ -1112,7 +1221,7 @@ def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict
     return env
 
 
-# --- Translation: CLI events to OpenAI objects ---
+# --- Translation: CLI events to answers ---
 
 
 @dataclass(frozen=True)
@@ -1228,10 +1337,6 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
     return None
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
 @dataclass(frozen=True)
 class Answer:
     """A finished answer, as the client gets it."""
@@ -1241,21 +1346,6 @@ class Answer:
     finish: FinishReason
     usage: Usage
     thinking: str = ""
-
-
-def wire_tool_call(call: ToolCall) -> dict[str, Any]:
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def chat_completion(cid: str, created: int, model: str, answer: Answer) -> dict[str, Any]:
-    message: ChatMessage = {"role": "assistant", "content": answer.content, "refusal": None, "annotations": []}
-    if answer.calls:
-        message["tool_calls"] = [wire_tool_call(call) for call in answer.calls]
-    if answer.thinking:
-        message["reasoning_content"] = answer.thinking
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
-            "usage": answer.usage}
 
 
 def add_usage(first: Mapping[str, Any], second: Mapping[str, Any]) -> Any:
@@ -1270,40 +1360,15 @@ def add_usage(first: Mapping[str, Any], second: Mapping[str, Any]) -> Any:
     return total
 
 
-@dataclass
-class ChatStream:
-    """Renders a stream as ``chat.completion.chunk`` events: the same id and created on each chunk, and
-    ``usage: null`` on each when usage was asked for, then one usage chunk with ``choices: []``."""
+def wire_tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
-    model: str
-    include_usage: bool
-    id: str = field(default_factory=completion_id)
-    created: int = field(default_factory=lambda: int(time.time()))
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "system_fingerprint": None, "choices": choices}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def _delta(self, delta: dict[str, Any], finish: FinishReason | None = None) -> bytes:
-        return sse(self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]))
-
-    def start(self) -> list[bytes]:
-        return [self._delta({"role": "assistant", "content": "", "refusal": None})]
-
-    def delta(self, delta: dict[str, Any]) -> list[bytes]:
-        return [self._delta(delta)]
-
-    def finish(self, outcome: StreamOutcome) -> list[bytes]:
-        events = [self._delta({}, outcome.finish)]
-        if self.include_usage:
-            events.append(sse({**self._chunk([]), "usage": outcome.usage or openai_usage(None, None)}))
-        return events + [DONE]
-
-    def fail(self, error: ProxyError) -> list[bytes]:
-        return [sse(error.body()), DONE]  # the openai SDK raises on a data payload with an "error" key
+def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
+    """The answer as the next request's history will show it."""
+    if calls:
+        return Turn("assistant", tool_calls_text([wire_tool_call(call) for call in calls], "tool_calls"))
+    return Turn("assistant", content or "")
 
 
 class StopScanner:
@@ -1338,10 +1403,20 @@ def apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (out, True) if scanner.stopped else (out + scanner.flush(), False)
 
 
-# --- The runner: one CLI process per attempt, with concurrency, timeout and retries ---
+# --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
 
 STDOUT_LIMIT = 64 * MiB  # one stream-json line can carry a whole long answer
 STDERR_TAIL = 50
+GRACEFUL_EXIT = 5.0  # seconds a session's CLI gets to finish its transcript after stdin closes
+
+
+class TurnNotStarted(CliFailed):
+    """The process ended before this turn produced anything: nothing was spent on it."""
+
+
+class ProcessLost(TurnNotStarted):
+    """A waiting process (pre-started, or warm between turns) died before this turn began: the server's loss,
+    retried at no cost to the request's attempts."""
 
 
 def resolve_binary(settings: Settings, environ: Mapping[str, str]) -> str | None:
@@ -1354,31 +1429,28 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-GRACEFUL_EXIT = 5.0  # seconds a session's CLI gets to finish its transcript after stdin closes
+ProcessState = Literal["new", "ready", "waiting", "busy", "spent", "closed"]
 
 
 class CliProcess:
-    """Owns one CLI process, started in its own process group. ``stop`` always ends and reaps it: killed at
-    once, or, for a session whose transcript must be complete, closed first and killed only if it lingers."""
+    """One CLI process in its own process group, from start to reaping.
+
+    Its life: ``new`` -> ``start`` -> ``ready``; a store keeps it ``waiting``; each ``turn`` makes it ``busy``
+    until the turn's result leaves it ``ready`` (at a turn boundary, fit for another turn) or anything else
+    leaves it ``spent``. ``aclose`` (or ``close_soon``) is the one way out, on every path: it kills the group
+    and reaps it, idempotent and shielded, so not even a cancelled caller leaves a process behind."""
 
     def __init__(self, binary: str, call: CliCall, workdir: str, environ: Mapping[str, str],
-                 processes: set[asyncio.subprocess.Process], background: set[asyncio.Future[None]],
+                 on_closed: Callable[[CliProcess], None] = lambda cli: None,
                  version_args: tuple[str, ...] = ()) -> None:
-        self.binary, self.call, self.workdir, self.environ, self.processes = binary, call, workdir, environ, processes
+        self.binary, self.call, self.workdir, self.environ = binary, call, workdir, environ
+        self.on_closed = on_closed
         self.version_args = version_args  # the same for every process of a server: not part of the call's options
-        self.background = background  # the runner's: holds a background stop until it is done
+        self.state: ProcessState = "new"
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
-        self.finished = False  # the last turn ended with a good result
-        # The last turn printed something of its own: garbage, or an event we act on. A process's start-up
-        # lines (``system``/``init``) do not count: a pre-started process killed while it waited still has
-        # them buffered, and such a process died before the turn began.
-        self.produced = False
-        self.spoke = False  # the last turn produced any answer text or thinking
-        self.failure: ProxyError | None = None  # the error the last turn's result reported
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
-        self.reaped: asyncio.Future[None] | None = None  # the background stop after ``kill``
-        self.idle_since = 0.0
+        self._closing: asyncio.Future[None] | None = None
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
 
@@ -1387,6 +1459,11 @@ class CliProcess:
         process = self.process
         return process is not None and process.returncode is None and not (process.stdout and
                                                                            process.stdout.at_eof())
+
+    @property
+    def at_boundary(self) -> bool:
+        """The last turn ended with its result: the process can take another turn."""
+        return self.state in ("ready", "waiting") and self.alive
 
     async def start(self) -> None:
         args = [*self.call.args, *self.version_args, *self.call.session_args]
@@ -1401,11 +1478,11 @@ class CliProcess:
                 stderr=asyncio.subprocess.PIPE, cwd=self.workdir, env=child_environment(self.environ, self.call.env),
                 start_new_session=True, limit=STDOUT_LIMIT)
         except OSError as exc:
-            self._remove_prompt_file()
+            self.close_soon()
             # Error bodies never carry host paths or setting values; the log has them.
             log.error("could not start the claude CLI %r: %s", self.binary, exc)
             raise CliUnavailable("The claude CLI could not be started; the server's log says why.") from None
-        self.processes.add(self.process)
+        self.state = "ready"
         self._stderr_task = asyncio.create_task(self._drain_stderr())
 
     async def _drain_stderr(self) -> None:
@@ -1413,62 +1490,68 @@ class CliProcess:
         async for line in self.process.stderr:
             self.stderr.append(line.decode(errors="replace").rstrip())
 
-    async def send(self, data: bytes, *, close: bool) -> None:
+    async def turn(self, message: bytes, *, close_stdin: bool) -> AsyncGenerator[CliEvent, None]:
+        """Send one user message and yield the turn's events up to its result. A turn that ends any other way
+        (an error, an early stop, a process that exits) leaves the process spent."""
+        assert self.process and self.process.stdout
+        waited, self.state = self.state == "waiting", "busy"
+        await self.write(message, close=close_stdin)
+        began, garbage = False, 0
+        usage: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
+        try:
+            async for raw in self.process.stdout:
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    garbage += 1
+                    log.debug("non-JSON line from the CLI: %.200r", raw)
+                    continue
+                if not isinstance(line, dict):
+                    continue
+                event = parse_event(line)
+                if event is None:  # start-up lines, and events we do not act on
+                    continue
+                began = True
+                if isinstance(event, ModelCall):
+                    usage.update(event.usage)
+                    if event.stop_reason == "max_tokens":
+                        # Left alone, the CLI would ask the model to go on, several times, at the user's cost:
+                        # stop here with the upstream's own counts (the process is spent).
+                        yield CliResult("", "max_tokens", openai_usage(usage, None), None)
+                        return
+                    continue
+                if isinstance(event, CliResult):
+                    self.state = "ready"
+                    yield self.turn_cost(event)
+                    return
+                yield event
+            raise await self._ended(began, waited, garbage)
+        finally:
+            if self.state == "busy":
+                self.state = "spent"
+
+    async def write(self, data: bytes, *, close: bool = False) -> None:
+        """Write to the CLI's stdin; a process that has gone shows as the end of its output instead."""
         assert self.process and self.process.stdin
-        self.finished = self.produced = self.spoke = False
-        self.failure = None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.process.stdin.write(data)
             await self.process.stdin.drain()
             if close:
                 self.process.stdin.close()
 
-    async def events(self) -> AsyncIterator[CliEvent]:
-        """Parsed events until the ``result``; a process that ends without one has failed."""
-        assert self.process and self.process.stdout
-        garbage = 0
-        calls: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
-        async for raw in self.process.stdout:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                self.produced = True
-                garbage += 1
-                log.debug("non-JSON line from the CLI: %.200r", raw)
-                continue
-            if not isinstance(line, dict):
-                continue
-            try:
-                event = parse_event(line)
-            except ProxyError as error:
-                self.produced, self.failure = True, error
-                raise
-            self.produced = self.produced or event is not None
-            if isinstance(event, ModelCall):
-                calls.update(event.usage)
-                if event.stop_reason == "max_tokens":
-                    # The answer hit max_tokens. Left alone, the CLI would ask the model to go on, several
-                    # times, at the user's cost; stop here with the upstream's own counts (the process is
-                    # killed, since this turn did not finish).
-                    yield CliResult("", "max_tokens", openai_usage(calls, None), None)
-                    return
-                continue
-            if isinstance(event, CliResult):
-                self.finished = True
-                event = self.turn_cost(event)
-            self.spoke = self.spoke or isinstance(event, TextDelta | ThinkingDelta)
-            if event is not None:
-                yield event
-                if self.finished:
-                    return
+    async def _ended(self, began: bool, waited: bool, garbage: int) -> CliFailed:
+        """The error for a process that ended without a result, its stderr logged once."""
+        assert self.process
         code = await self.process.wait()
         if self._stderr_task:
             await asyncio.wait({self._stderr_task}, timeout=1)
+        if waited and not began:
+            log.info("a waiting CLI process had died (status %s); replacing it", code)
+            return ProcessLost("A waiting claude CLI process had died.")
         log.warning("CLI exited with status %s and no result%s; stderr tail: %s", code,
                     f" after {garbage} unparseable lines" if garbage else "", " | ".join(self.stderr) or "(empty)")
-        self.failure = CliFailed(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the "
-                                 "server log.")
-        raise self.failure
+        error = TurnNotStarted if not began else CliFailed
+        return error(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
 
     def turn_cost(self, result: CliResult) -> CliResult:
         """A process that answers several turns reports its running total cost: keep this turn's share."""
@@ -1477,88 +1560,247 @@ class CliProcess:
         cost, self.cost_so_far = result.cost - self.cost_so_far, result.cost
         return replace(result, cost=cost, usage={**result.usage, "total_cost_usd": cost})
 
-    def kill(self) -> None:
-        """Kill the process group now and reap it in the background: an answer need not wait for that."""
-        if self.process is not None:
+    def close_soon(self, *, graceful: bool = False) -> asyncio.Future[None]:
+        """Start closing (once) and return the close to wait on. ``graceful`` first closes stdin and gives the
+        CLI GRACEFUL_EXIT seconds to finish its transcript; a later plain close cuts that short."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(graceful))
+            self._closing.add_done_callback(lambda _: self.on_closed(self))
+        elif not graceful and self.process is not None:
             kill_group(self.process)
-        task = self.reaped = asyncio.ensure_future(self.stop())
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        return self._closing
 
-    async def stop(self, *, graceful: bool = False) -> None:
-        if self.process is not None:
-            # Shielded: even a cancelled caller leaves no process, zombie or orphaned group behind.
-            await asyncio.shield(self._stop(self.process, graceful))
-        self._remove_prompt_file()
+    async def aclose(self, *, graceful: bool = False) -> None:
+        await asyncio.shield(self.close_soon(graceful=graceful))
 
-    async def _stop(self, process: asyncio.subprocess.Process, graceful: bool) -> None:
-        if graceful and process.returncode is None and process.stdin is not None:
-            process.stdin.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), GRACEFUL_EXIT)
-        kill_group(process)
-        with contextlib.suppress(ProcessLookupError):
-            await process.wait()
+    async def __aenter__(self) -> CliProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _close(self, graceful: bool) -> None:
+        process = self.process
+        if process is not None:
+            if graceful and process.returncode is None and process.stdin is not None:
+                process.stdin.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), GRACEFUL_EXIT)
+            kill_group(process)
+            with contextlib.suppress(ProcessLookupError):
+                await process.wait()
         if self._stderr_task:
             self._stderr_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stderr_task
-        self.processes.discard(process)
-
-    def _remove_prompt_file(self) -> None:
         if self._prompt_file:
             with contextlib.suppress(OSError):
                 os.unlink(self._prompt_file)
             self._prompt_file = None
+        self.state = "closed"
+
+
+IdleKind = Literal["prestarted", "warm"]
+
+
+@dataclass(eq=False)
+class Idle:
+    cli: CliProcess
+    kind: IdleKind
+    key: Any  # a pre-started process's options; a warm process's conversation
+    since: float
+
+
+class ProcessStore:
+    """Every idle CLI process, least recently stored first: pre-started ones, waiting for a new conversation with
+    their options, and warm ones, holding a conversation at a turn boundary. Each kind has one bound and one age
+    limit; past either, the oldest of that kind goes first. A process leaves the store taken or closed.
+
+    ``pending`` holds the closing of a conversation's last process (which may still be writing its
+    transcript), so that conversation's next turn can wait for it; ``died`` the conversations whose warm process
+    died on its own, perhaps before its transcript held the last turn."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.idle: list[Idle] = []
+        self.pending: dict[Any, asyncio.Future[None]] = {}
+        self.died: set[Any] = set()
+        self.closing = False
+
+    def limits(self, kind: IdleKind) -> tuple[int, float]:
+        """The most processes of a kind kept at once, and the longest one stays idle."""
+        settings = self.settings
+        if kind == "prestarted":
+            return settings.prewarm, settings.prewarm_max_age
+        # The CLI's budget cap counts a process's whole life: with one set, each turn gets its own process.
+        return (0 if settings.max_budget_usd is not None else settings.warm_max), settings.warm_idle
+
+    def count(self, kind: IdleKind, key: Any = None) -> int:
+        return sum(1 for e in self.idle if e.kind == kind and (key is None or e.key == key))
+
+    def put(self, kind: IdleKind, key: Any, cli: CliProcess, now: float | None = None) -> None:
+        """Keep an idle process, within its kind's bound; a conversation keeps at most one."""
+        if self.closing or not cli.at_boundary or self.limits(kind)[0] == 0:
+            self.close(Idle(cli, kind, key, 0.0))
+            return
+        if kind == "warm":
+            self.discard(key)
+        cli.state = "waiting"
+        self.idle.append(Idle(cli, kind, key, time.monotonic() if now is None else now))
+        while self.count(kind) > self.limits(kind)[0]:
+            self.close(next(e for e in self.idle if e.kind == kind))
+
+    def take(self, kind: IdleKind, key: Any) -> CliProcess | None:
+        """The newest live process of that kind and key, out of the store; dead ones found on the way are closed."""
+        while entry := next((e for e in reversed(self.idle) if e.kind == kind and e.key == key), None):
+            self.idle.remove(entry)
+            if entry.cli.alive:
+                return entry.cli
+            self.close(entry)
+        return None
+
+    def close(self, entry: Idle) -> None:
+        if entry in self.idle:
+            self.idle.remove(entry)
+        if entry.kind == "warm" and not entry.cli.alive:
+            self.died.add(entry.key)
+        graceful = entry.kind == "warm" and entry.cli.alive
+        self.closed(entry.key if entry.kind == "warm" else None, entry.cli, graceful=graceful)
+
+    def closed(self, key: Any, cli: CliProcess, *, graceful: bool = False) -> asyncio.Future[None]:
+        """Close a process; a conversation's next turn waits for its last process to be gone."""
+        closing = cli.close_soon(graceful=graceful)
+        if key is not None:
+            self.pending[key] = closing
+            closing.add_done_callback(lambda _: self.pending.pop(key, None) if self.pending.get(key) is closing
+                                      else None)
+        return closing
+
+    def discard(self, key: Any) -> None:
+        """Close a conversation's warm process, if it has one; it may finish its transcript."""
+        for entry in [e for e in self.idle if e.kind == "warm" and e.key == key]:
+            self.close(entry)
+
+    async def settled(self, key: Any) -> None:
+        """Wait until the conversation's last process is gone."""
+        while (closing := self.pending.get(key)) is not None:
+            await asyncio.shield(closing)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Close processes that died or outstayed their kind's age limit."""
+        now = time.monotonic() if now is None else now
+        for entry in list(self.idle):
+            if not entry.cli.alive or now - entry.since > self.limits(entry.kind)[1]:
+                self.close(entry)
+
+    async def aclose(self) -> None:
+        """At shutdown: close every idle process (warm ones finish their transcripts) and wait for them."""
+        self.closing = True
+        for entry in list(self.idle):
+            self.close(entry)
+        if self.pending:
+            await asyncio.wait(list(self.pending.values()), timeout=GRACEFUL_EXIT + 1)
+
+
+# --- The runner: attempts under the concurrency cap, the timeouts and the retry policy ---
+
+AttemptSource = Literal["fresh", "waiting", "resume"]  # a new process; a pre-started or warm one; a cold resume
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What becomes of a process after an attempt; the runner acts on it, in one place."""
+
+    action: Literal["keep", "finish", "end"]  # keep it warm / let it finish its transcript, then end / end it now
+    conversation: Any = None  # the conversation it holds, for "keep" and "finish"
+
+
+END = Verdict("end")
 
 
 class Job:
-    """One request's work for the runner: which call each attempt makes, and what becomes of the process.
+    """One request's work for the runner: which call each attempt makes, and what becomes of its process.
 
-    This base class is a stateless request: a fresh process per attempt, stdin closed after the prompt,
-    killed at the end. ``SessionJob`` continues stored conversations and keeps processes warm."""
+    This base class is a stateless request: a fresh or pre-started process per attempt, stdin closed after the
+    prompt, ended after the attempt. ``SessionJob`` continues stored conversations and keeps processes warm."""
 
     keeps_stdin = False
 
     def __init__(self, call: CliCall) -> None:
         self.call = call
-        self.reused = self.lost = False  # this attempt took a waiting process / it had died while idle
+        self.source: AttemptSource = "fresh"  # where the current attempt's process came from
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """Held across all attempts of the request; taken before a concurrency slot."""
         return contextlib.nullcontext()
 
     async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
-        """The call for the next attempt, and a waiting process to use (warm or pre-started), if any."""
-        cli = runner.pool.take(self.call)
-        self.reused = cli is not None
+        """The call for the next attempt, and a waiting process to use, if any."""
+        cli = runner.prestart.take(self.call)
+        self.source = "waiting" if cli is not None else "fresh"
         return self.call, cli
 
-    async def settle(self, cli: CliProcess) -> None:
-        """The attempt is over (``cli.finished`` tells whether it answered): end or keep the process."""
-        cli.kill()
-        self.lost = self.reused and not cli.produced
+    def verdict(self, cli: CliProcess, error: BaseException | None) -> Verdict:
+        return END
+
+    def free_retry(self, error: ProxyError) -> bool:
+        """The attempt failed for the server's reasons, not the request's: try again at no cost."""
+        return isinstance(error, ProcessLost)
 
     def answered(self, shown: str, result: CliResult | None) -> None:
         """The answer went out: ``shown`` is the text the client got, ``result`` what the CLI said in full
         (None when the CLI was stopped early, at a stop string)."""
 
-    def lost_warm_process(self) -> bool:
-        """True (once) when the last attempt failed only because a waiting process had died while idle."""
-        lost, self.lost = self.lost, False
-        return lost
+
+@dataclass
+class Slot:
+    """A concurrency slot; ``until`` defers its release to the end of a process being reaped."""
+
+    until: asyncio.Future[None] | None = None
 
 
-class Pool:
-    """CLI processes started ahead of time (CLAUDE_PREWARM), waiting on stdin, so a new conversation or a
-    one-shot request pays no start-up. They are spread over the most recently used combinations of model,
-    system prompt and options; each serves one request (then it is retired, or becomes that conversation's
-    warm process), and one that dies or outgrows CLAUDE_PREWARM_MAX_AGE is replaced."""
+FREE_RETRIES = 3  # lost waiting processes replaced per request at most, before it counts as a failure
+
+
+class Retries:
+    """One request's retry policy: transient failures, while nothing has reached the client, with backoff,
+    at most CLAUDE_MAX_RETRIES times and never past the request's deadline (CLAUDE_REQUEST_TIMEOUT)."""
+
+    def __init__(self, runner: Runner, job: Job) -> None:
+        self.runner, self.job = runner, job
+        self.deadline = time.monotonic() + runner.settings.request_timeout
+        self.attempts = self.free = 0
+
+    async def after(self, error: ProxyError, *, may_retry: bool = True) -> None:
+        """Return when the failed attempt is worth another, or raise what the client should get. ``may_retry``
+        is false once part of the answer has reached the client."""
+        runner = self.runner
+        if runner.closing and error.retryable:
+            raise Overloaded("The server shut down before this request was answered.", retry_after=5) from None
+        if not may_retry:
+            raise error
+        if self.job.free_retry(error) and self.free < FREE_RETRIES:
+            self.free += 1
+            return
+        delay = runner.backoff(self.attempts)
+        if not error.retryable or self.attempts >= runner.settings.max_retries or runner.closing \
+                or time.monotonic() + delay >= self.deadline:
+            raise error
+        self.attempts += 1
+        log.info("attempt %d failed (%s: %s); retrying in %.1f s", self.attempts, type(error).__name__,
+                 error.message, delay)
+        await asyncio.sleep(delay)
+
+
+class Prestart:
+    """Keeps CLAUDE_PREWARM processes started ahead of time in the store, so a new conversation or a one-shot
+    request pays no start-up. They are spread over the most recently used combinations of model, system
+    prompt and options; each serves one request (then it ends, or becomes that conversation's warm process)."""
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.size = runner.settings.prewarm
-        self.idle: dict[tuple[Any, ...], list[CliProcess]] = {}
         self.recent: OrderedDict[tuple[Any, ...], CliCall] = OrderedDict()  # templates, most recent last
         self.starting: dict[asyncio.Task[None], tuple[Any, ...]] = {}
         self.hits = self.misses = 0
@@ -1567,29 +1809,20 @@ class Pool:
     def key(call: CliCall) -> tuple[Any, ...]:
         return call.options, call.session_args[:1]
 
-    def expect(self, call: CliCall) -> tuple[Any, ...]:
-        """Note these options as the most recently used, and refill the pool to match."""
+    def expect(self, call: CliCall) -> None:
+        """Note these options as the most recently used, and refill to match."""
         key = self.key(call)
         self.recent[key] = replace(call, stdin=b"")
         self.recent.move_to_end(key)
         while len(self.recent) > self.size:
             self.recent.popitem(last=False)
         self.refill()
-        return key
 
     def take(self, call: CliCall) -> CliProcess | None:
-        """A waiting process for this call's options, if one is ready; either way the pool refills."""
+        """A waiting process for this call's options, if one is ready; either way the store refills."""
         if self.size == 0 or self.runner.closing:
             return None
-        key = self.key(call)
-        found = None
-        waiting = self.idle.get(key, [])
-        while waiting and found is None:
-            cli = waiting.pop(0)
-            if cli.alive:
-                found = cli
-            else:
-                cli.kill()
+        found = self.runner.store.take("prestarted", self.key(call))
         self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
         self.expect(call)
         return found
@@ -1603,15 +1836,15 @@ class Pool:
         return counts
 
     def refill(self) -> None:
-        """Start what the targets lack, and retire what they no longer want."""
+        """Start what the targets lack, and close what they no longer want."""
         if self.runner.closing:
             return
-        targets = self.targets()
-        for key, waiting in self.idle.items():
-            while len(waiting) > targets.get(key, 0):
-                waiting.pop().kill()
+        store, targets = self.runner.store, self.targets()
+        for entry in [e for e in store.idle if e.kind == "prestarted"]:
+            if store.count("prestarted", entry.key) > targets.get(entry.key, 0):
+                store.close(entry)
         for key, want in targets.items():
-            have = len(self.idle.get(key, [])) + sum(1 for k in self.starting.values() if k == key)
+            have = store.count("prestarted", key) + sum(1 for k in self.starting.values() if k == key)
             for _ in range(want - have):
                 task = asyncio.create_task(self.start(key, self.recent[key]))
                 self.starting[task] = key
@@ -1627,43 +1860,20 @@ class Pool:
         except ProxyError as error:
             log.warning("could not pre-start a CLI process: %s", error.message)
             return
-        cli.idle_since = time.monotonic()
-        if self.runner.closing:
-            await cli.stop()
-        else:
-            self.idle.setdefault(key, []).append(cli)
-
-    def maintain(self, now: float | None = None) -> None:
-        """Replace waiting processes that died or grew too old."""
-        now = time.monotonic() if now is None else now
-        for waiting in self.idle.values():
-            for cli in [c for c in waiting if not c.alive or now - c.idle_since > self.runner.settings.prewarm_max_age]:
-                waiting.remove(cli)
-                cli.kill()
-        self.refill()
+        self.runner.store.put("prestarted", key, cli)
 
     def status(self) -> dict[str, int]:
-        return {"size": self.size, "ready": sum(map(len, self.idle.values())), "starting": len(self.starting),
+        return {"size": self.size, "ready": self.runner.store.count("prestarted"), "starting": len(self.starting),
                 "hits": self.hits, "misses": self.misses}
 
-    async def close(self) -> None:
-        for waiting in self.idle.values():
-            for cli in waiting:
-                cli.kill()
-            waiting.clear()
+    async def aclose(self) -> None:
         if self.starting:
             await asyncio.wait(list(self.starting), timeout=GRACEFUL_EXIT + 1)
 
 
-@dataclass
-class Slot:
-    """A concurrency slot; ``until`` defers its release to the end of a process being reaped."""
-
-    until: asyncio.Future[None] | None = None
-
-
 class Runner:
-    """Runs jobs under the concurrency cap, the per-attempt timeout and the retry policy."""
+    """Runs jobs' attempts under the concurrency cap and the timeouts, and owns every CLI process: the live ones,
+    and through its store, the idle ones."""
 
     def __init__(self, settings: Settings, workdir: str, environ: Mapping[str, str]) -> None:
         self.settings = settings
@@ -1673,10 +1883,10 @@ class Runner:
         self.in_flight = 0
         self.queued = 0
         self.closing = False
-        self.pool = Pool(self)
+        self.live: set[CliProcess] = set()  # every process not yet reaped
+        self.store = ProcessStore(settings)
+        self.prestart = Prestart(self)
         self.reaper: asyncio.TimerHandle | None = None
-        self.processes: set[asyncio.subprocess.Process] = set()
-        self.reaping: set[asyncio.Future[None]] = set()  # processes killed, being reaped in the background
         self.version_args: tuple[str, ...] = ()  # flags for this CLI version, learnt at start-up (cli_arguments)
         self.login: LoginState = "unknown"  # from `claude auth status` at start-up, then from each answer
 
@@ -1717,90 +1927,68 @@ class Runner:
         return binary
 
     def process(self, call: CliCall, binary: str = "") -> CliProcess:
-        return CliProcess(binary or self.binary(), call, self.workdir, self.environ, self.processes, self.reaping,
-                          self.version_args)
+        cli = CliProcess(binary or self.binary(), call, self.workdir, self.environ, on_closed=self.live.discard,
+                         version_args=self.version_args)
+        self.live.add(cli)
+        return cli
 
     @contextlib.asynccontextmanager
-    async def attempt(self, job: Job) -> AsyncIterator[AsyncIterator[CliEvent]]:
-        """One attempt: a slot, a process (warm or new), its events, all under CLAUDE_TIMEOUT."""
+    async def attempt(self, job: Job, deadline: float) -> AsyncIterator[AsyncIterator[CliEvent]]:
+        """One attempt: a slot, a process (waiting or new), its turn's events, under CLAUDE_TIMEOUT and the
+        request's deadline. Whatever happens, the job's verdict decides what becomes of the process."""
         binary = self.binary()
         async with self.slot() as slot:
             call, cli = await job.plan(self)
             cli = cli or self.process(call, binary)
+            limit = min(self.settings.timeout, max(0.0, deadline - time.monotonic()))
+            error: BaseException | None = None
             try:
-                async with asyncio.timeout(self.settings.timeout):
-                    if cli.process is None:
+                async with asyncio.timeout(limit):
+                    if cli.state == "new":
                         await cli.start()
-                    await cli.send(call.stdin, close=not job.keeps_stdin)
-                    yield cli.events()
+                    async with contextlib.aclosing(cli.turn(call.stdin, close_stdin=not job.keeps_stdin)) as events:
+                        yield events
             except TimeoutError:
-                raise CliTimeout("The claude CLI did not finish within the server's time limit (CLAUDE_TIMEOUT)."
-                                 ) from None
+                error = CliTimeout("The claude CLI did not finish within the server's time limit (CLAUDE_TIMEOUT, "
+                                   "CLAUDE_REQUEST_TIMEOUT).")
+                raise error from None
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
-                await job.settle(cli)
-                slot.until = cli.reaped
+                self.note_login(error)
+                slot.until = self.settle(cli, job.verdict(cli, error))
+
+    def note_login(self, error: BaseException | None) -> None:
+        """What an attempt says about the CLI's login, for /health."""
+        if isinstance(error, CliNotLoggedIn):
+            self.login = "not_logged_in"
+        elif error is None:
+            self.login = "logged_in"
+
+    def settle(self, cli: CliProcess, verdict: Verdict) -> asyncio.Future[None] | None:
+        """Act on a verdict: keep the process warm, let it finish, or end it (returning the end to wait on)."""
+        if verdict.action == "keep" and cli.at_boundary:
+            self.store.put("warm", verdict.conversation, cli)
+            return None
+        if verdict.action in ("keep", "finish"):
+            self.store.closed(verdict.conversation, cli, graceful=True)
+            return None
+        return self.store.closed(verdict.conversation, cli)
 
     def backoff(self, attempt: int) -> float:
         return min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
 
-    async def retrying(self, job: Job, run: Callable[[], Awaitable[Any]], *,
-                       may_retry: Callable[[], bool] = lambda: True) -> Any:
-        """Run ``run`` until it succeeds, retrying transient failures while ``may_retry()`` holds."""
-        attempt = 0
-        while True:
-            try:
-                done = await run()
-                self.login = "logged_in"
-                return done
-            except ProxyError as error:
-                if isinstance(error, CliNotLoggedIn):
-                    self.login = "not_logged_in"
-                if self.closing and error.retryable:
-                    raise Overloaded("The server shut down before this request was answered.",
-                                     retry_after=5) from None
-                if error.retryable and may_retry() and job.lost_warm_process():
-                    log.info("a warm CLI process had died; replacing it")
-                    continue  # not the request's failure: no backoff, no attempt spent
-                if not error.retryable or attempt >= self.settings.max_retries or not may_retry() or self.closing:
-                    raise
-                delay = self.backoff(attempt)
-                attempt += 1
-                log.info("attempt %d failed (%s: %s); retrying in %.1f s", attempt, type(error).__name__,
-                         error.message, delay)
-                await asyncio.sleep(delay)
-
-    async def complete(self, job: Job) -> tuple[CliResult, str]:
-        """Run a job to the end: the result and any thinking text."""
-
-        async def once() -> tuple[CliResult, str]:
-            thinking: list[str] = []
-            text: list[str] = []
-            async with self.attempt(job) as events:
-                async for event in events:
-                    if isinstance(event, ThinkingDelta):
-                        thinking.append(event.text)
-                    elif isinstance(event, TextDelta):
-                        text.append(event.text)
-                    elif isinstance(event, CliResult):
-                        return event if event.text else replace(event, text="".join(text)), "".join(thinking)
-            raise CliFailed("The claude CLI ended without an answer.")
-
-        return await self.retrying(job, once)
-
     def begin_shutdown(self, grace: float) -> None:
-        """Refuse new work now; in ``grace`` seconds kill what still runs, so its requests end with an error."""
+        """Refuse new work now; in ``grace`` seconds end what still runs, so its requests end with an error."""
         if not self.closing:
             self.closing = True
             self.reaper = asyncio.get_running_loop().call_later(grace, lambda: asyncio.ensure_future(self.kill_all()))
 
     async def kill_all(self) -> None:
-        for process in list(self.processes):
-            kill_group(process)
-        for process in list(self.processes):
-            with contextlib.suppress(ProcessLookupError):
-                await process.wait()
-        if self.reaping:
-            await asyncio.wait(list(self.reaping), timeout=GRACEFUL_EXIT)
+        closing = [cli.close_soon() for cli in list(self.live)]
+        if closing:
+            await asyncio.wait(closing, timeout=GRACEFUL_EXIT)
 
 
 # --- The CLI itself: its version and flags, its login, and a self-check of the features we use ---
@@ -1985,12 +2173,11 @@ async def self_check(info: CliInfo, settings: Settings, environ: Mapping[str, st
             chat = parse_chat_request({"messages": [{"role": "user", "content": SELF_CHECK_PROMPT}]}, settings)
             call = build_cli_call(chat, replace(settings, fallback_model="", max_budget_usd=None))
             initialize = {"type": "control_request", "request_id": "self-check", "request": {"subtype": "initialize"}}
-            cli = CliProcess(info.path, call, home, env, set(), set(), args)
-            try:
-                async with asyncio.timeout(SELF_CHECK_TIMEOUT):
-                    await cli.start()
+            with contextlib.suppress(TimeoutError, ProxyError):
+                async with asyncio.timeout(SELF_CHECK_TIMEOUT), CliProcess(info.path, call, home, env,
+                                                                           version_args=args) as cli:
                     assert cli.process and cli.process.stdout
-                    await cli.send(json.dumps(initialize).encode() + b"\n" + call.stdin, close=True)
+                    await cli.write(json.dumps(initialize).encode() + b"\n" + call.stdin, close=True)
                     async for raw in cli.process.stdout:
                         with contextlib.suppress(ValueError):
                             line = json.loads(raw)
@@ -1998,19 +2185,15 @@ async def self_check(info: CliInfo, settings: Settings, environ: Mapping[str, st
                                 lines.append(line)
                                 if line.get("type") == "result":
                                     break
-            except (TimeoutError, ProxyError):
-                pass
-            finally:
-                await cli.stop()
     problems = self_check_problems(lines, stand_in.prompts)
     return SelfCheck("failed" if problems else "passed", problems, round(time.monotonic() - started, 3))
 
 
-
-# --- Sessions: explicit and automatic, with warm processes between turns ---
+# --- Sessions: conversations the CLI keeps between turns ---
 
 
 SESSION_NAMESPACE = uuid.UUID("6f1d8a4e-3c2b-5e7f-9a1b-2c3d4e5f6a7b")
+MAX_AUTO_SESSIONS = 1000  # fingerprints (and stored responses) kept at most; the oldest go first
 
 
 # Where BearerAuth leaves the owner of a request in its ASGI scope: a digest of the API key it carried, never
@@ -2044,28 +2227,36 @@ def newest_turns(turns: tuple[Turn, ...]) -> tuple[Turn, ...]:
     return turns
 
 
+SessionKind = Literal["explicit", "automatic", "response"]
+# new: the CLI holds nothing under cli_id; stored: it holds our history there; stale: it holds something else
+# there (a failed or cut turn), to be deleted before the conversation is rebuilt from our history.
+SessionState = Literal["new", "stored", "stale"]
+
+
 @dataclass(eq=False)
 class Session:
-    """One conversation with the CLI: its ids, what it was started with, its lock, maybe a warm process."""
+    """One conversation with the CLI: its ids, what it was started with, what it said, and its lock."""
 
-    key: str  # the client's session id, or a private one for automatic sessions
-    cli_id: str  # the CLI's session id; a rebuilt conversation gets a new one
+    key: str  # the client's session id, or a private one
+    cli_id: str  # the CLI's session id
     system: str
     cli_model: str | None
-    explicit: bool
+    kind: SessionKind
+    state: SessionState = "new"
     history: list[Turn] = field(default_factory=list)  # the turns answered in this conversation, in order
-    started: bool = False  # the CLI holds a transcript for cli_id
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
     last_used: float = field(default_factory=time.monotonic)
-    pinned: bool = False  # cli_id is derived from the client's id and must stay so
-    process: CliProcess | None = None  # an idle warm process that holds this conversation
-    retiring: asyncio.Future[None] | None = None  # its last process, finishing the transcript as it exits
     owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
+
+    @property
+    def pinned(self) -> bool:
+        """Its CLI id is derived from the client's id and must stay so."""
+        return self.kind == "explicit"
 
 
 class Sessions:
-    """The session map: explicit sessions by id, automatic ones by the fingerprint of their history,
-    the idle warm processes (least recently used first), and the TTL sweeper that bounds them all."""
+    """The conversations: explicit ones by the client's id, automatic ones by the fingerprint of their history,
+    and the TTL sweep that bounds them. Their idle processes live in the runner's store."""
 
     def __init__(self, settings: Settings, runner: Runner, transcripts: Path | None, own_workdir: bool) -> None:
         self.settings = settings
@@ -2074,10 +2265,8 @@ class Sessions:
         self.own_workdir = own_workdir  # nobody else's transcripts live there: stale ones may be swept
         self.explicit: dict[tuple[str, str], Session] = {}  # by owner and the client's id
         self.auto: OrderedDict[str, Session] = OrderedDict()
-        self.warm: OrderedDict[Session, None] = OrderedDict()
         self.background: set[asyncio.Future[None]] = set()
         self.waiting = 0  # requests queued on a busy session's lock
-        self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # previous_response_id targets
 
     def job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
@@ -2095,21 +2284,32 @@ class Sessions:
             session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1], owner), None)
             if session is not None:
                 return SessionJob(self, session, chat), None
-        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, explicit=False,
+        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, "automatic",
                           owner=owner)
         return SessionJob(self, session, chat), None
 
-    def stored(self, response_id: Any, owner: str) -> StoredResponse | None:
-        """A stored response, for its owner only: to another key it does not exist."""
-        stored = self.responses.get(response_id) if isinstance(response_id, str) else None
-        return stored if stored is not None and stored.owner == owner else None
+    def explicit_job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
+        key = chat.session_id or ""
+        session = self.explicit.get((owner, key))
+        if session is None:
+            self.make_room()
+            session = Session(key, cli_session_id(key, owner), chat.system, chat.cli_model, "explicit", owner=owner)
+            known = self.transcript(session.cli_id)  # a session this server started before a restart
+            session.state = "stored" if known is not None and known.exists() else "new"
+            self.explicit[owner, key] = session
+            return SessionJob(self, session, chat), None
+        # A request without a system message (only the newest turn, as sessions invite) changes nothing.
+        ignored = [name for name, changed in (("system prompt", bool(chat.system) and chat.system != session.system),
+                                              ("model", chat.cli_model != session.cli_model)) if changed]
+        notice = (f"Session {key} keeps the {' and '.join(ignored)} it started with; this request's "
+                  f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored.") if ignored else None
+        return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
 
-    def response_job(self, chat: ChatRequest, previous: str | None, store: bool,
+    def response_job(self, chat: ChatRequest, prior: StoredResponse | None, store: bool,
                      owner: str = "") -> tuple[Job, ChatRequest]:
         """The job for a Responses request, and the chat request it runs: any stored conversation it
         continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
         older response starts a new one from the whole context."""
-        prior = self.stored(previous, owner) if previous else None
         new_input = chat.turns
         if prior is not None:
             chat = replace(chat, turns=(*prior.turns, *new_input))
@@ -2121,33 +2321,9 @@ class Sessions:
             key = f"response-{uuid.uuid4()}"
             self.make_room()
             session = self.explicit[owner, key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
-                                                          explicit=True, history=list(prior.turns) if prior else [],
+                                                          "response", history=list(prior.turns) if prior else [],
                                                           owner=owner)
         return SessionJob(self, session, chat, new_input if prior else None), chat
-
-    def store_response(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
-        session = job.session if isinstance(job, SessionJob) and not job.diverged else None
-        self.responses[response_id] = StoredResponse(turns, session, owner)
-        while len(self.responses) > MAX_AUTO_SESSIONS:
-            self.responses.popitem(last=False)
-
-    def explicit_job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
-        key = chat.session_id or ""
-        session = self.explicit.get((owner, key))
-        if session is None:
-            self.make_room()
-            session = Session(key, cli_session_id(key, owner), chat.system, chat.cli_model, explicit=True,
-                              pinned=True, owner=owner)
-            known = self.transcript(session.cli_id)  # a session this server started before a restart
-            session.started = known is not None and known.exists()
-            self.explicit[owner, key] = session
-            return SessionJob(self, session, chat), None
-        # A request without a system message (only the newest turn, as sessions invite) changes nothing.
-        ignored = [name for name, changed in (("system prompt", bool(chat.system) and chat.system != session.system),
-                                              ("model", chat.cli_model != session.cli_model)) if changed]
-        notice = (f"Session {key} keeps the {' and '.join(ignored)} it started with; this request's "
-                  f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored.") if ignored else None
-        return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
 
     def make_room(self) -> None:
         """Before a new explicit session: keep CLAUDE_MAX_SESSIONS by dropping the least recently used idle
@@ -2163,6 +2339,14 @@ class Sessions:
     def transcript(self, cli_id: str) -> Path | None:
         return self.transcripts / f"{cli_id}.jsonl" if self.transcripts else None
 
+    async def delete_transcript(self, session: Session) -> None:
+        """Once the session's last process is gone, delete what the CLI keeps of it."""
+        await self.runner.store.settled(session)
+        path = self.transcript(session.cli_id)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
     def remember(self, session: Session, turns: tuple[Turn, ...]) -> None:
         """An automatic session answered: the client will come back with exactly these turns."""
         key = fingerprint(session.system, session.cli_model, turns, session.owner)
@@ -2171,78 +2355,24 @@ class Sessions:
         while len(self.auto) > MAX_AUTO_SESSIONS:
             self.forget(self.auto.popitem(last=False)[1])
 
-    def park(self, session: Session, cli: CliProcess) -> None:
-        """Keep a process that just answered, warm for the session's next turn, within CLAUDE_WARM_MAX."""
-        cli.idle_since = time.monotonic()
-        session.process = cli
-        # The CLI's budget cap counts a process's whole life: with one set, each turn gets its own process.
-        if self.settings.warm_max == 0 or self.runner.closing or self.settings.max_budget_usd is not None:
-            self.cool(session)
-            return
-        self.warm[session] = None
-        self.warm.move_to_end(session)
-        while len(self.warm) > self.settings.warm_max:
-            self.cool(next(iter(self.warm)))
-
-    def take_warm(self, session: Session, call: CliCall) -> CliProcess | None:
-        """The session's warm process, if it is alive and was started with the same options."""
-        cli = session.process
-        if cli is not None and cli.alive and cli.call.options == call.options:
-            self.warm.pop(session, None)
-            session.process = None
-            return cli
-        self.cool(session)
-        return None
-
-    def cool(self, session: Session) -> None:
-        """Retire a session's idle process; the transcript stays, so the next turn resumes it cold."""
-        self.warm.pop(session, None)
-        if session.process is not None:
-            session.retiring = self.spawn(session.process.stop(graceful=True))
-            session.process = None
-
-    def restart(self, session: Session) -> None:
-        """The CLI's copy of the conversation is no longer the client's: end it, delete its transcript, and let
-        the next turn rebuild it (under the same id, once ``retiring`` is done) from the history we kept."""
-        self.warm.pop(session, None)
-        cli, session.process, session.started = session.process, None, False
-        session.retiring = self.spawn(self.retire(cli, session.cli_id))
-
     def forget(self, session: Session) -> None:
-        """Drop a session for good: its process, its lock, its transcript."""
-        if session.explicit:
+        """Drop a session for good: its process, its place in the maps, its transcript."""
+        if session.kind != "automatic":
             self.explicit.pop((session.owner, session.key), None)
-        self.restart(session)
-
-    async def retire(self, cli: CliProcess | None, cli_id: str) -> None:
-        """Kill a process (its transcript is going anyway), then delete the transcript."""
-        if cli is not None:
-            await cli.stop()
-        path = self.transcript(cli_id)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-    def spawn(self, work: Awaitable[None]) -> asyncio.Future[None]:
-        task = asyncio.ensure_future(work)
+        self.runner.store.discard(session)
+        self.runner.store.died.discard(session)
+        task = asyncio.ensure_future(self.delete_transcript(session))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-        return task
 
     def sweep(self, now: float | None = None) -> None:
-        """Drop sessions idle past CLAUDE_SESSION_TTL, and cool processes idle past CLAUDE_WARM_IDLE."""
+        """Drop sessions idle past CLAUDE_SESSION_TTL."""
         now = time.monotonic() if now is None else now
         for session in [*self.explicit.values(), *self.auto.values()]:
             if not session.lock.locked() and now - session.last_used > self.settings.session_ttl:
                 for key in [k for k, s in self.auto.items() if s is session]:
                     del self.auto[key]
                 self.forget(session)
-        for session in list(self.warm):
-            if session.process is None or now - session.process.idle_since > self.settings.warm_idle:
-                self.cool(session)
-        for key in [k for k, r in self.responses.items() if now - r.created > self.settings.session_ttl]:
-            del self.responses[key]
-        self.runner.pool.maintain()
 
     def sweep_stale_transcripts(self) -> None:
         """At start-up: transcripts an earlier run left in our own workdir's folder, idle past the TTL."""
@@ -2254,36 +2384,23 @@ class Sessions:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
 
-    async def run_sweeper(self) -> None:
-        interval = max(0.5, min(30.0, self.settings.session_ttl / 4, self.settings.warm_idle / 4))
-        while True:
-            await asyncio.sleep(interval)
-            self.sweep()
-
-    async def close(self) -> None:
-        """At shutdown: let idle warm processes finish their transcripts and exit."""
-        for session in list(self.warm):
-            self.cool(session)
+    async def aclose(self) -> None:
         if self.background:
             await asyncio.wait(list(self.background), timeout=GRACEFUL_EXIT + 1)
 
 
-MAX_AUTO_SESSIONS = 1000  # fingerprints kept at most; the oldest go first
-
-
 class SessionJob(Job):
-    """A turn in a stored conversation: resumed (warm or cold) when the CLI holds it, rebuilt otherwise."""
+    """A turn in a stored conversation: continued in its warm process, resumed cold from the CLI's transcript,
+    or rebuilt from the history we kept."""
 
     keeps_stdin = True
 
     def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest,
                  newest: tuple[Turn, ...] | None = None) -> None:
         self.sessions, self.session, self.chat = sessions, session, chat
-        self.reused = self.lost = False
-        self.resuming = False  # this attempt resumes a stored transcript in a new process
+        self.source: AttemptSource = "fresh"
         self.newest = newest_turns(chat.turns) if newest is None else newest
         self.registered = False
-        self.diverged = False  # the client got less than the CLI holds: the conversation must be rebuilt
         self.context: tuple[Turn, ...] = ()  # the whole conversation this turn answers
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -2304,454 +2421,64 @@ class SessionJob(Job):
         finally:
             session.last_used = time.monotonic()
             session.lock.release()
-            if not session.explicit and not self.registered:
+            if session.kind == "automatic" and not self.registered:
                 sessions.forget(session)  # an automatic session nobody can reach again
 
     async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
-        session, settings = self.session, self.sessions.settings
-        if session.process is not None and not session.process.alive:
-            # Its warm process died on its own, perhaps before its transcript held the last turn: rebuild the
-            # conversation from the history we kept rather than resume a transcript that may be short.
-            self.sessions.restart(session)
-        if session.retiring is not None:  # a process of ours may still be writing the transcript: let it finish
-            await asyncio.shield(session.retiring)
-            session.retiring = None
+        session, settings, store = self.session, self.sessions.settings, runner.store
+        warm = store.take("warm", session)
+        if session in store.died:  # perhaps before its transcript held the last turn: rebuild from our history
+            store.died.discard(session)
+            session.state = "stale"
+        await store.settled(session)  # a process of ours may still be writing the transcript: let it finish
+        if session.state == "stale":
+            await self.sessions.delete_transcript(session)
+            session.state = "new"
         transcript = self.sessions.transcript(session.cli_id)
-        if session.started and (session.process is not None or transcript is None or transcript.exists()):
+        if session.state == "stored" and (warm is not None or transcript is None or transcript.exists()):
             self.context = (*session.history, *self.newest)
             call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest))
-            warm = self.sessions.take_warm(session, call)
-            self.reused, self.resuming = warm is not None, warm is None
-            return call, warm
-        if session.started:  # the CLI lost it (transcript deleted): rebuild it
-            self.sessions.restart(session)
-            await asyncio.shield(session.retiring)  # type: ignore[arg-type]
-        # A new conversation, or a rebuilt one: all the context we have goes in the first message.
+            if warm is not None and warm.call.options == call.options:
+                self.source = "waiting"
+                return call, warm
+            if warm is not None:  # started with other options: let it finish its transcript, then resume cold
+                store.closed(session, warm, graceful=True)
+                await store.settled(session)
+            self.source = "resume"
+            return call, None
+        # A new conversation, or a rebuilt one (the CLI lost it): all the context we have goes in the first message.
         self.context = (*session.history, *self.newest) if session.history else self.chat.turns
         call = build_cli_call(self.chat, settings, Conversation(session.cli_id, False, self.context))
         # A pre-started process brings its own session id, which only a conversation without one of the
         # client's choosing can take.
-        cli = None if session.pinned else runner.pool.take(call)
+        cli = None if session.pinned else runner.prestart.take(call)
         if cli is not None:
             session.cli_id = cli.call.session_args[1]
-        self.reused, self.resuming = cli is not None, False
+        self.source = "waiting" if cli is not None else "fresh"
         return call, cli
 
-    async def settle(self, cli: CliProcess) -> None:
-        if cli.finished and not self.diverged:
-            self.session.started = True
-            self.sessions.park(self.session, cli)
-            return
-        await cli.stop()
-        if self.diverged:
-            return
-        if self.reused and not cli.produced:
-            # It died while idle, perhaps before its transcript held the last turn: rebuild from our history.
-            self.lost = True
-            self.sessions.restart(self.session)
-            return
-        if self.resuming and not cli.spoke and type(cli.failure) is CliFailed:
-            # The CLI could not resume its transcript (lost, or cut short by a crash): not the request's
-            # failure. Rebuild the conversation from the history we kept, without spending an attempt.
-            self.lost = True
-        if self.session.started or cli.process is not None:
-            self.sessions.restart(self.session)  # a failed turn may have left half of itself in the transcript
+    def verdict(self, cli: CliProcess, error: BaseException | None) -> Verdict:
+        session = self.session
+        if error is None and cli.at_boundary and session.state != "stale":
+            session.state = "stored"
+            return Verdict("keep", session)
+        # A failed or cut turn may have left part of itself in the transcript: rebuild before the next turn.
+        session.state = "stale"
+        return Verdict("end", session)
+
+    def free_retry(self, error: ProxyError) -> bool:
+        # A cold resume that failed before the turn began could not read its transcript (lost, or cut short by
+        # a crash): rebuild the conversation from the history we kept, without spending an attempt.
+        return super().free_retry(error) or self.source == "resume" and isinstance(error, TurnNotStarted)
 
     def answered(self, shown: str, result: CliResult | None) -> None:
         session = self.session
         session.history = [*self.context, Turn("assistant", shown)]
         if result is None or result.text != shown:
-            self.diverged = True  # cut at a stop string: continue from what the client saw, not what the CLI said
-            self.sessions.restart(session)
-        elif not session.explicit:
+            session.state = "stale"  # cut at a stop string: continue from what the client saw, not what the CLI said
+        elif session.kind == "automatic":
             self.sessions.remember(session, (*self.chat.turns, Turn("assistant", shown)))
             self.registered = True
-
-
-# --- Streaming ---
-
-KEEPALIVE = b": keep-alive\n\n"
-DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-PSEUDO_SLICE = 24  # characters per chunk when slicing a finished answer
-
-
-def sse(payload: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
-
-
-@dataclass
-class StreamOutcome:
-    """What a producer reports at the end of a stream, for the final chunks and the log line."""
-
-    finish: FinishReason = "stop"
-    usage: Usage | None = None
-
-
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-async def produce_live(runner: Runner, job: Job, request: ChatRequest, emit: Emit) -> StreamOutcome:
-    """Forward text and thinking deltas as they arrive; retry only while nothing has gone out."""
-    sent = False
-
-    async def once() -> StreamOutcome:
-        nonlocal sent
-        scanner = StopScanner(request.stop)
-        shown: list[str] = []
-        async with runner.attempt(job) as events:
-            async for event in events:
-                if isinstance(event, ThinkingDelta):
-                    sent = True
-                    await emit({"reasoning_content": event.text})
-                elif isinstance(event, TextDelta):
-                    if text := scanner.feed(event.text):
-                        sent = True
-                        shown.append(text)
-                        await emit({"content": text})
-                    if scanner.stopped:
-                        return await after_stop(job, "".join(shown), events, request.include_usage)
-                elif isinstance(event, CliResult):
-                    if tail := scanner.flush():
-                        shown.append(tail)
-                        await emit({"content": tail})
-                    job.answered("".join(shown), event)
-                    return StreamOutcome(event.finish_reason, event.usage)
-        raise CliFailed("The claude CLI ended without an answer.")
-
-    return await runner.retrying(job, once, may_retry=lambda: not sent)
-
-
-async def after_stop(job: Job, shown: str, events: AsyncIterator[CliEvent], want_usage: bool) -> StreamOutcome:
-    """The output was cut at a stop string. Without a usage chunk to fill, stop paying for the rest at once;
-    with one, let the answer finish unseen so the counts are the CLI's own, never invented."""
-    if want_usage:
-        async for event in events:
-            if isinstance(event, CliResult):
-                job.answered(shown, event)
-                return StreamOutcome("stop", event.usage)
-    job.answered(shown, None)
-    return StreamOutcome("stop", None)
-
-
-async def produce_pseudo(runner: Runner, job: Job, request: ChatRequest, emit: Emit) -> StreamOutcome:
-    """Run to the end (retrying freely, checking a structured reply), then slice the answer into chunks.
-    Function calls go out as OpenAI streams them: per call an ``index``, the id and name first, then the
-    arguments in pieces."""
-    done = await answer(runner, job, request)
-    if done.thinking:
-        await emit({"reasoning_content": done.thinking})
-    text = done.content or ""
-    for start in range(0, len(text), PSEUDO_SLICE):
-        await emit({"content": text[start:start + PSEUDO_SLICE]})
-    for index, call in enumerate(done.calls):
-        await emit({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                    "function": {"name": call.name, "arguments": ""}}]})
-        for start in range(0, len(call.arguments), PSEUDO_SLICE):
-            await emit({"tool_calls": [{"index": index, "function": {
-                "arguments": call.arguments[start:start + PSEUDO_SLICE]}}]})
-    return StreamOutcome(done.finish, done.usage)
-
-
-async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
-    """A whole answer: plain text cut at the first stop string, or a structured reply parsed and checked,
-    with one corrective run when the model got the format wrong."""
-    result, thinking = await runner.complete(job)
-    if not request.structured:
-        text, stopped = apply_stop(result.text, request.stop)
-        job.answered(text, result)
-        return Answer(text, (), "stop" if stopped else result.finish_reason, result.usage, thinking)
-    usage = result.usage
-    try:
-        reply = parse_reply(result.text, request)
-    except InvalidReply as problem:
-        log.info("reply not in the requested format (%s); asking once more", problem)
-        again = replace(request, turns=(*request.turns, Turn("assistant", result.text),
-                                        Turn("user", correction(str(problem)))))
-        result, more = await runner.complete(Job(build_cli_call(again, runner.settings)))
-        usage, thinking = add_usage(usage, result.usage), thinking + more
-        try:
-            reply = parse_reply(result.text, request)
-        except InvalidReply as still:
-            hint = " (the reply hit max_tokens)" if result.finish_reason == "length" else ""
-            raise InvalidModelOutput(f"The model's reply did not match the requested format, even after a "
-                                     f"correction: {still}{hint}.") from None
-    return Answer(reply.content, reply.calls, "tool_calls" if reply.calls else result.finish_reason, usage, thinking)
-
-
-# --- Routes and app ---
-
-
-@dataclass
-class RequestLog:
-    """The one log line each request gets."""
-
-    id: str
-    model: str
-    mode: str
-    started: float = field(default_factory=time.monotonic)
-    status: int = 200
-    usage: Usage | None = None
-
-    def finish(self, status: int, usage: Usage | None = None) -> None:
-        self.status, self.usage = status, usage or self.usage
-        self.write()
-
-    def write(self) -> None:
-        usage = self.usage or {}
-        log.info("%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s", self.id, self.model, self.mode,
-                 self.status, time.monotonic() - self.started, usage.get("prompt_tokens", "-"),
-                 usage.get("completion_tokens", "-"), usage.get("total_cost_usd", "-"))
-
-
-def error_response(error: ProxyError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    # Only JSON: a web page can post text/plain to any address without asking, but not application/json.
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise UnsupportedMediaType(f"The request body must be sent with Content-Type: application/json, not "
-                                   f"{media_type or 'none'!r}.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
-
-
-async def until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work``, cancelling it (and so killing its CLI process) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.create_task(until_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        return await task
-    raise ClientGone()
-
-
-async def chat_completions(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
-    body = await read_json(request, settings.max_body_bytes)
-    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
-    runner: Runner = state.runner
-    job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
-    headers = {"X-Session-Notice": notice} if notice else {}
-    if chat.stream:
-        return await stream_response(request, runner, job, chat, headers, ChatStream(chat.model, chat.include_usage))
-    entry = RequestLog(completion_id(), chat.model, "json" if type(job) is Job else "json-session")
-    done = await answer_request(request, runner, job, chat, entry)
-    if done is None:
-        return Response(status_code=499)
-    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
-
-
-async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatRequest, entry: RequestLog,
-                         then: Callable[[Answer], None] = lambda done: None) -> Answer | None:
-    """A whole answer for a non-streaming request, logged; None when the client left before it was ready."""
-
-    async def run() -> Answer:
-        async with job.hold():
-            done = await answer(runner, job, chat)
-            then(done)
-            return done
-
-    try:
-        done = await unless_disconnected(request, run())
-    except ProxyError as error:
-        entry.finish(error.status)
-        raise
-    except ClientGone:
-        entry.finish(499)
-        return None
-    entry.finish(200, done.usage)
-    return done
-
-
-class StreamRenderer(Protocol):
-    @property
-    def id(self) -> str: ...
-
-    def start(self) -> list[bytes]: ...
-    def delta(self, delta: dict[str, Any]) -> list[bytes]: ...
-    def finish(self, outcome: StreamOutcome) -> list[bytes]: ...
-    def fail(self, error: ProxyError) -> list[bytes]: ...
-
-
-async def stream_response(request: Request, runner: Runner, job: Job, chat: ChatRequest, headers: dict[str, str],
-                          renderer: StreamRenderer, kind: str = "stream") -> Response:
-    """Start the producer; answer with a plain JSON error if it fails before anything is worth sending."""
-    settings: Settings = request.app.state.settings
-    mode = settings.stream_mode
-    entry = RequestLog(renderer.id, chat.model, f"{kind}-{mode}" + ("" if type(job) is Job else "-session"))
-    queue: asyncio.Queue[dict[str, Any] | StreamOutcome | BaseException] = asyncio.Queue()
-    # A structured reply must be whole before it can be checked: it streams the way pseudo mode does.
-    produce = produce_live if mode == "live" and not chat.structured else produce_pseudo
-
-    async def producer() -> None:
-        try:
-            async with job.hold():
-                await queue.put(await produce(runner, job, chat, queue.put))
-        except (ProxyError, Exception) as error:  # handed to the consumer, which reports it
-            await queue.put(error)
-
-    task = asyncio.create_task(producer())
-    # Hold the headers back until the first item or one keep-alive period: an early error keeps its status.
-    try:
-        first = await unless_disconnected(request, asyncio.wait_for(queue.get(), settings.keepalive))
-    except TimeoutError:
-        first = None
-    except ClientGone:
-        await cancel(task)
-        entry.finish(499)
-        return Response(status_code=499)
-    if isinstance(first, BaseException):
-        await cancel(task)
-        entry.finish(first.status if isinstance(first, ProxyError) else 500)
-        raise first
-
-    async def body() -> AsyncIterator[bytes]:
-        item: Any = first
-        try:
-            for event in renderer.start():
-                yield event
-            while True:
-                if item is None:
-                    events = [KEEPALIVE]
-                elif isinstance(item, dict):
-                    events = renderer.delta(item)
-                elif isinstance(item, StreamOutcome):
-                    entry.usage = item.usage
-                    events = renderer.finish(item)
-                else:
-                    error = item if isinstance(item, ProxyError) else CliFailed("The stream failed; see the log.")
-                    if not isinstance(item, ProxyError):
-                        log.error("stream failed", exc_info=item)
-                    entry.status = error.status
-                    events = renderer.fail(error)
-                for event in events:
-                    yield event
-                if item is not None and not isinstance(item, dict):
-                    break
-                try:
-                    item = await asyncio.wait_for(queue.get(), settings.keepalive)
-                except TimeoutError:
-                    item = None
-        except BaseException:
-            entry.status = 499
-            raise
-        finally:
-            await cancel(task)
-            entry.write()
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await asyncio.shield(task)
-
-
-# --- Responses API ---
-# A Responses request is translated into the equivalent chat request (input item i becomes message i, so
-# validation errors point at the right item), served by the same machinery, and rendered back as a
-# ``response`` object or its event stream. previous_response_id continues through the session store.
-
-RESPONSE_PARAMS = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
-                   ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort"))
-
-
-def responses_to_chat(body: Any) -> dict[str, Any]:
-    """The chat completions body equivalent to a Responses body."""
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    raw = body.get("input")
-    if raw is None:
-        raise missing("input")
-    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
-    if not isinstance(items, list):
-        raise wrong_type("input", "a string or an array", raw)
-    messages = [input_item_message(item, f"input[{i}]") for i, item in enumerate(items)]
-    if body.get("instructions"):
-        messages.append({"role": "system", "content": body["instructions"]})
-    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": body.get("stream")}
-    for name in ("temperature", "top_p", "user", "parallel_tool_calls", "tool_choice", "tools"):
-        if body.get(name) is not None:
-            chat[name] = body[name]
-    if isinstance(chat.get("tools"), list):
-        chat["tools"] = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
-                         if isinstance(t, dict) else t for t in chat["tools"]]
-    if isinstance(chat.get("tool_choice"), dict) and "name" in chat["tool_choice"]:
-        chat["tool_choice"] = {"type": "function", "function": {"name": chat["tool_choice"]["name"]}}
-    if body.get("max_output_tokens") is not None:
-        chat["max_completion_tokens"] = body["max_output_tokens"]
-    reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
-        chat["reasoning_effort"] = reasoning["effort"]
-    text = body.get("text")
-    fmt = text.get("format") if isinstance(text, dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        chat["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
-    elif fmt is not None:
-        chat["response_format"] = fmt
-    return chat
-
-
-def input_item_message(item: Any, where: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise wrong_type(where, "an object", item)
-    kind = item.get("type", "message")
-    if kind == "message":
-        content = item.get("content")
-        if isinstance(content, list):
-            content = [{"type": "image_url", "image_url": {"url": part.get("image_url")}}
-                       if isinstance(part, dict) and part.get("type") == "input_image" else part for part in content]
-        return {"role": item.get("role"), "content": content}
-    if kind == "function_call":
-        return {"role": "assistant", "content": None, "tool_calls": [{"id": item.get("call_id"), "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]}
-    if kind == "function_call_output":
-        output = item.get("output")
-        return {"role": "tool", "tool_call_id": item.get("call_id"),
-                "content": output if isinstance(output, str) else json.dumps(output)}
-    if kind == "reasoning":
-        return {"role": "assistant", "content": ""}
-    raise BadRequest(f"Input item {where} has type {kind!r}; supported are message, function_call, "
-                     "function_call_output and reasoning.", param=f"{where}.type", code="unsupported_value")
-
-
-def as_responses_error(error: BadRequest) -> BadRequest:
-    """A validation error of the translated chat body, named in the Responses request's own terms."""
-    for chat_name, name in RESPONSE_PARAMS:
-        if error.param and error.param.startswith(chat_name):
-            error.param = name + error.param[len(chat_name):]
-            error.message = error.message.replace(f"'{chat_name}", f"'{name}")
-    if error.param and error.param.startswith("tools[") and ".function" in error.param:
-        error.param = error.param.replace(".function", "", 1)
-    if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
-        error.param = error.param.removesuffix(".url")
-    return error
 
 
 @dataclass(frozen=True)
@@ -2764,11 +2491,276 @@ class StoredResponse:
     created: float = field(default_factory=time.monotonic)
 
 
-def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
-    """The answer as the next request's history will show it."""
-    if calls:
-        return Turn("assistant", tool_calls_text([wire_tool_call(call) for call in calls], "tool_calls"))
-    return Turn("assistant", content or "")
+class ResponseStore:
+    """Responses objects kept for ``previous_response_id``: at most MAX_AUTO_SESSIONS, for CLAUDE_SESSION_TTL."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.items: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def get(self, response_id: Any, owner: str = "") -> StoredResponse | None:
+        """A stored response, for its owner only: to another key it does not exist."""
+        stored = self.items.get(response_id) if isinstance(response_id, str) else None
+        return stored if stored is not None and stored.owner == owner else None
+
+    def put(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
+        self.items[response_id] = StoredResponse(turns, job.session if isinstance(job, SessionJob) else None, owner)
+        while len(self.items) > MAX_AUTO_SESSIONS:
+            self.items.popitem(last=False)
+
+    def sweep(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for key in [k for k, r in self.items.items() if now - r.created > self.ttl]:
+            del self.items[key]
+
+
+# --- Turns: each request's answer as one stream of typed events ---
+# A turn yields TextDelta, ThinkingDelta, CallStarted and ArgumentsDelta events, then one Finished, or raises the
+# ProxyError it failed with. The non-streaming answer is that stream folded; pseudo streaming folds, then
+# replays; each wire format renders the same events.
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish: FinishReason
+    usage: Usage | None  # None only when a stream was cut at a stop string and no usage was asked for
+
+
+TurnEvent = TextDelta | ThinkingDelta | CallStarted | ArgumentsDelta | Finished
+PSEUDO_SLICE = 24  # characters per event when replaying a finished answer
+
+
+async def attempt_events(runner: Runner, job: Job, request: ChatRequest, deadline: float,
+                         want_usage: bool = True) -> AsyncGenerator[TurnEvent, None]:
+    """One attempt's answer: text cut at the first stop string, then Finished. After a stop, the rest of the
+    answer is paid for only when usage is wanted (so the counts are the CLI's own, never invented)."""
+    scanner = StopScanner(request.stop)
+    shown: list[str] = []
+    streamed = False  # text came as deltas (as it does with partial messages), not only in the result
+    finished: Finished | None = None
+    async with runner.attempt(job, deadline) as events:
+        async for event in events:
+            if isinstance(event, ThinkingDelta):
+                yield event
+            elif isinstance(event, TextDelta):
+                streamed = True
+                if text := scanner.feed(event.text):
+                    shown.append(text)
+                    yield TextDelta(text)
+                if scanner.stopped:
+                    result = await final_result(events) if want_usage else None
+                    job.answered("".join(shown), result)
+                    finished = Finished("stop", result.usage if result else None)
+                    break
+            elif isinstance(event, CliResult):
+                tail = "" if streamed else scanner.feed(event.text)
+                tail += "" if scanner.stopped else scanner.flush()
+                if tail:
+                    shown.append(tail)
+                    yield TextDelta(tail)
+                job.answered("".join(shown), event)
+                finished = Finished("stop" if scanner.stopped else event.finish_reason, event.usage)
+                break
+    if finished is None:
+        raise CliFailed("The claude CLI ended without an answer.")
+    yield finished  # once the attempt is settled, so a consumer that stops here costs the process nothing
+
+
+async def final_result(events: AsyncIterator[CliEvent]) -> CliResult | None:
+    async for event in events:
+        if isinstance(event, CliResult):
+            return event
+    return None
+
+
+async def fold(stream: AsyncGenerator[TurnEvent, None]) -> Answer:
+    """The whole answer a stream of events adds up to."""
+    text: list[str] = []
+    thinking: list[str] = []
+    calls: dict[int, list[str]] = {}
+    async with contextlib.aclosing(stream) as events:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, ThinkingDelta):
+                thinking.append(event.text)
+            elif isinstance(event, CallStarted):
+                calls[event.index] = [event.id, event.name, ""]
+            elif isinstance(event, ArgumentsDelta):
+                calls[event.index][2] += event.text
+            elif isinstance(event, Finished):
+                return Answer("".join(text), tuple(ToolCall(*calls[i]) for i in sorted(calls)), event.finish,
+                              event.usage or openai_usage(None, None), "".join(thinking))
+    raise CliFailed("The claude CLI ended without an answer.")
+
+
+def replay(done: Answer) -> Iterator[TurnEvent]:
+    """A finished answer as events, sliced as OpenAI streams them: per call an index, its id and name, then its
+    arguments in pieces."""
+    if done.thinking:
+        yield ThinkingDelta(done.thinking)
+    text = done.content or ""
+    for start in range(0, len(text), PSEUDO_SLICE):
+        yield TextDelta(text[start:start + PSEUDO_SLICE])
+    for index, call in enumerate(done.calls):
+        yield CallStarted(index, call.id, call.name)
+        for start in range(0, len(call.arguments), PSEUDO_SLICE):
+            yield ArgumentsDelta(index, call.arguments[start:start + PSEUDO_SLICE])
+    yield Finished(done.finish, done.usage)
+
+
+async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
+    """A whole answer, retried as the policy allows: plain text, or a structured reply parsed and checked, with
+    one corrective run when the model got the format wrong."""
+    done = await folded(runner, job, request)
+    if not request.structured:
+        return done
+    try:
+        reply = parse_reply(done.content or "", request)
+    except InvalidReply as problem:
+        log.info("reply not in the requested format (%s); asking once more", problem)
+        again = replace(request, turns=(*request.turns, Turn("assistant", done.content or ""),
+                                        Turn("user", correction(str(problem)))))
+        retry = await folded(runner, Job(build_cli_call(again, runner.settings)), request)
+        done = replace(retry, usage=add_usage(done.usage, retry.usage), thinking=done.thinking + retry.thinking)
+        try:
+            reply = parse_reply(done.content or "", request)
+        except InvalidReply as still:
+            hint = " (the reply hit max_tokens)" if done.finish == "length" else ""
+            raise InvalidModelOutput(f"The model's reply did not match the requested format, even after a "
+                                     f"correction: {still}{hint}.") from None
+    return replace(done, content=reply.content, calls=reply.calls, finish="tool_calls" if reply.calls else done.finish)
+
+
+async def folded(runner: Runner, job: Job, request: ChatRequest) -> Answer:
+    """One job's answer, folded; any failed attempt may be retried, since nothing has reached the client."""
+    retries = Retries(runner, job)
+    while True:
+        try:
+            return await fold(attempt_events(runner, job, replace(request, stop=()) if request.structured else request,
+                                             retries.deadline))
+        except ProxyError as error:
+            await retries.after(error)
+
+
+async def live(runner: Runner, job: Job, request: ChatRequest) -> AsyncGenerator[TurnEvent, None]:
+    """The answer as the CLI writes it; a failed attempt is retried only while nothing has gone out."""
+    retries = Retries(runner, job)
+    sent = False
+    while True:
+        try:
+            async with contextlib.aclosing(attempt_events(runner, job, request, retries.deadline,
+                                                          request.include_usage)) as events:
+                async for event in events:
+                    sent = True
+                    yield event
+            return
+        except ProxyError as error:
+            await retries.after(error, may_retry=not sent)
+
+
+async def turn_events(runner: Runner, job: Job, request: ChatRequest,
+                      mode: StreamMode) -> AsyncGenerator[TurnEvent, None]:
+    """A streamed request's events, under the job's hold for as long as the stream lives. A structured reply must
+    be whole before it can be checked: it streams the way pseudo mode does."""
+    async with job.hold():
+        if mode == "live" and not request.structured:
+            async for event in live(runner, job, request):
+                yield event
+        else:
+            for event in replay(await answer(runner, job, request)):
+                yield event
+
+
+# --- Rendering: answers and turn events in each protocol's wire format ---
+
+
+KEEPALIVE = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(payload: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(cid: str, created: int, model: str, answer: Answer) -> dict[str, Any]:
+    message: ChatMessage = {"role": "assistant", "content": answer.content, "refusal": None, "annotations": []}
+    if answer.calls:
+        message["tool_calls"] = [wire_tool_call(call) for call in answer.calls]
+    if answer.thinking:
+        message["reasoning_content"] = answer.thinking
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
+            "usage": answer.usage}
+
+
+class StreamRenderer(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    def start(self) -> list[bytes]: ...
+    def render(self, event: TurnEvent) -> list[bytes]: ...
+    def fail(self, error: ProxyError) -> list[bytes]: ...
+
+
+@dataclass
+class ChatStream:
+    """Renders a stream as ``chat.completion.chunk`` events: the same id and created on each chunk, and
+    ``usage: null`` on each when usage was asked for, then one usage chunk with ``choices: []``."""
+
+    model: str
+    include_usage: bool
+    id: str = field(default_factory=completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _delta(self, delta: dict[str, Any], finish: FinishReason | None = None) -> bytes:
+        return sse(self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]))
+
+    def start(self) -> list[bytes]:
+        return [self._delta({"role": "assistant", "content": "", "refusal": None})]
+
+    def render(self, event: TurnEvent) -> list[bytes]:
+        if isinstance(event, TextDelta):
+            return [self._delta({"content": event.text})]
+        if isinstance(event, ThinkingDelta):
+            return [self._delta({"reasoning_content": event.text})]
+        if isinstance(event, CallStarted):
+            return [self._delta({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                                 "function": {"name": event.name, "arguments": ""}}]})]
+        if isinstance(event, ArgumentsDelta):
+            return [self._delta({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})]
+        events = [self._delta({}, event.finish)]
+        if self.include_usage:
+            events.append(sse({**self._chunk([]), "usage": event.usage or openai_usage(None, None)}))
+        return events + [DONE]
+
+    def fail(self, error: ProxyError) -> list[bytes]:
+        return [sse(error.body()), DONE]  # the openai SDK raises on a data payload with an "error" key
 
 
 def response_id() -> str:
@@ -2837,7 +2829,6 @@ class ResponsesStream:
     sequence: int = 0
     output: list[dict[str, Any]] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, call id, name, arguments]
 
     @property
     def id(self) -> str:
@@ -2852,6 +2843,31 @@ class ResponsesStream:
         snapshot = self.shell.render("in_progress", [])
         return [self._event("response.created", response=snapshot),
                 self._event("response.in_progress", response=snapshot)]
+
+    def render(self, event: TurnEvent) -> list[bytes]:
+        if isinstance(event, TextDelta):
+            return self._text(event.text)
+        if isinstance(event, CallStarted):
+            item = call_item(f"fc_{uuid.uuid4().hex}", ToolCall(event.id, event.name, ""), status="in_progress")
+            events = self._close_open_item()
+            self.output.append(item)
+            return events + [self._event("response.output_item.added", output_index=len(self.output) - 1, item=item)]
+        if isinstance(event, ArgumentsDelta):
+            self.output[-1]["arguments"] += event.text
+            return [self._event("response.function_call_arguments.delta", item_id=self.output[-1]["id"],
+                                output_index=len(self.output) - 1, delta=event.text)]
+        if isinstance(event, Finished):
+            return self._finish(event)
+        return []  # thinking has no place in a Responses stream here
+
+    def _text(self, text: str) -> list[bytes]:
+        events: list[bytes] = []
+        if not self.output or self.output[-1]["type"] != "message":
+            events += self._close_open_item() + self._open_message()
+        self.text.append(text)
+        events.append(self._event("response.output_text.delta", item_id=self.output[-1]["id"],
+                                  output_index=len(self.output) - 1, content_index=0, delta=text))
+        return events
 
     def _open_message(self) -> list[bytes]:
         item = message_item(f"msg_{uuid.uuid4().hex}", "", status="in_progress")
@@ -2879,42 +2895,216 @@ class ResponsesStream:
                             arguments=item["arguments"]),
                 self._event("response.output_item.done", output_index=index, item=item)]
 
-    def delta(self, delta: dict[str, Any]) -> list[bytes]:
-        events: list[bytes] = []
-        if delta.get("content"):
-            if not self.output or self.output[-1]["type"] != "message":
-                events += self._close_open_item() + self._open_message()
-            self.text.append(delta["content"])
-            events.append(self._event("response.output_text.delta", item_id=self.output[-1]["id"],
-                                      output_index=len(self.output) - 1, content_index=0, delta=delta["content"]))
-        for piece in delta.get("tool_calls") or []:
-            function = piece.get("function") or {}
-            if piece.get("id"):
-                events += self._close_open_item()
-                item = call_item(f"fc_{uuid.uuid4().hex}", ToolCall(piece["id"], function["name"], ""),
-                                 status="in_progress")
-                self.output.append(item)
-                events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
-                                          item=item))
-            if function.get("arguments"):
-                self.output[-1]["arguments"] += function["arguments"]
-                events.append(self._event("response.function_call_arguments.delta", item_id=self.output[-1]["id"],
-                                          output_index=len(self.output) - 1, delta=function["arguments"]))
-        return events
-
-    def finish(self, outcome: StreamOutcome) -> list[bytes]:
+    def _finish(self, event: Finished) -> list[bytes]:
         events = self._close_open_item()
-        incomplete = outcome.finish == "length"
+        incomplete = event.finish == "length"
         calls = tuple(ToolCall(i["call_id"], i["name"], i["arguments"]) for i in self.output
                       if i["type"] == "function_call")
-        self.on_done(Answer("".join(self.text), calls, outcome.finish, outcome.usage or openai_usage(None, None)))
-        final = self.shell.render("incomplete" if incomplete else "completed", self.output, outcome.usage,
+        self.on_done(Answer("".join(self.text), calls, event.finish, event.usage or openai_usage(None, None)))
+        final = self.shell.render("incomplete" if incomplete else "completed", self.output, event.usage,
                                   incomplete=incomplete)
         return events + [self._event("response.incomplete" if incomplete else "response.completed", response=final)]
 
     def fail(self, error: ProxyError) -> list[bytes]:
         return [self._event("error", code=error.code or error.type, message=error.message, param=error.param),
                 self._event("response.failed", response=self.shell.render("failed", self.output, error=error))]
+
+
+# --- Routes: the HTTP endpoints, their errors and their key check ---
+
+
+@dataclass
+class RequestLog:
+    """The one log line each request gets."""
+
+    id: str
+    model: str
+    mode: str
+    started: float = field(default_factory=time.monotonic)
+    status: int = 200
+    usage: Usage | None = None
+
+    def finish(self, status: int, usage: Usage | None = None) -> None:
+        self.status, self.usage = status, usage or self.usage
+        self.write()
+
+    def write(self) -> None:
+        usage = self.usage or {}
+        log.info("%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s", self.id, self.model, self.mode,
+                 self.status, time.monotonic() - self.started, usage.get("prompt_tokens", "-"),
+                 usage.get("completion_tokens", "-"), usage.get("total_cost_usd", "-"))
+
+
+def error_response(error: ProxyError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    # Only JSON: a web page can post text/plain to any address without asking, but not application/json.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"The request body must be sent with Content-Type: application/json, not "
+                                   f"{media_type or 'none'!r}.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+async def until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it (and so killing its CLI process) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        return await task
+    raise ClientGone()
+
+
+END_OF_STREAM = object()
+
+
+async def next_event(events: AsyncIterator[TurnEvent | None]) -> Any:
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return END_OF_STREAM
+
+
+async def with_keepalive(events: AsyncGenerator[TurnEvent, None],
+                         interval: float) -> AsyncGenerator[TurnEvent | None, None]:
+    """The events, with None whenever ``interval`` seconds pass without one (for a keep-alive comment)."""
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(next_event(events))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            item, pending = pending.result(), None
+            if item is END_OF_STREAM:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            await cancel(pending)
+        await events.aclose()
+
+
+async def cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel a task and wait until it has finished, whatever it raised."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: whatever it was is moot now
+
+
+async def stream_response(request: Request, events: AsyncGenerator[TurnEvent, None], renderer: StreamRenderer,
+                          entry: RequestLog, headers: Mapping[str, str]) -> Response:
+    """Hold the headers back until the first event or one keep-alive period, so that an early error keeps its
+    status; then stream. The events' producer lives exactly as long as the response body."""
+    ticks = with_keepalive(events, request.app.state.settings.keepalive)
+    try:
+        first = await unless_disconnected(request, next_event(ticks))
+    except ClientGone:
+        await ticks.aclose()
+        entry.finish(499)
+        return Response(status_code=499)
+    except ProxyError as error:
+        await ticks.aclose()
+        entry.finish(error.status)
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        item = first
+        try:
+            for chunk in renderer.start():
+                yield chunk
+            while item is not END_OF_STREAM:
+                for chunk in [KEEPALIVE] if item is None else renderer.render(item):
+                    yield chunk
+                if isinstance(item, Finished):
+                    entry.usage = item.usage
+                item = await next_event(ticks)
+        except ProxyError as error:
+            entry.status = error.status
+            for chunk in renderer.fail(error):
+                yield chunk
+        except Exception:  # a bug: the client still gets a well-formed end, the log the traceback
+            log.exception("stream failed")
+            entry.status = 500
+            for chunk in renderer.fail(ProxyError("The stream failed; see the server log.")):
+                yield chunk
+        except BaseException:
+            entry.status = 499
+            raise
+        finally:
+            await ticks.aclose()
+            entry.write()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatRequest, entry: RequestLog,
+                         then: Callable[[Answer], None] = lambda done: None) -> Answer | None:
+    """A whole answer for a non-streaming request, logged; None when the client left before it was ready."""
+
+    async def run() -> Answer:
+        async with job.hold():
+            done = await answer(runner, job, chat)
+            then(done)
+            return done
+
+    try:
+        done = await unless_disconnected(request, run())
+    except ProxyError as error:
+        entry.finish(error.status)
+        raise
+    except ClientGone:
+        entry.finish(499)
+        return None
+    entry.finish(200, done.usage)
+    return done
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    body = await read_json(request, settings.max_body_bytes)
+    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
+    runner: Runner = state.runner
+    job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
+    headers = {"X-Session-Notice": notice} if notice else {}
+    session = "" if type(job) is Job else "-session"
+    if chat.stream:
+        renderer = ChatStream(chat.model, chat.include_usage)
+        entry = RequestLog(renderer.id, chat.model, f"stream-{settings.stream_mode}{session}")
+        events = turn_events(runner, job, chat, settings.stream_mode)
+        return await stream_response(request, events, renderer, entry, headers)
+    entry = RequestLog(completion_id(), chat.model, f"json{session}")
+    done = await answer_request(request, runner, job, chat, entry)
+    if done is None:
+        return Response(status_code=499)
+    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
 
 
 async def create_response(request: Request) -> Response:
@@ -2927,27 +3117,28 @@ async def create_response(request: Request) -> Response:
         chat = parse_chat_request(responses_to_chat(body), settings)
     except BadRequest as error:
         raise as_responses_error(error) from None
+    responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")
     owner = request.scope.get(KEY_OWNER, "")
-    if previous is not None and sessions.stored(previous, owner) is None:
+    prior = responses.get(previous, owner)
+    if previous is not None and prior is None:
         raise BadRequest(f"Previous response with id {previous!r} not found (responses are kept for "
                          "CLAUDE_SESSION_TTL seconds, and never with store: false).",
                          param="previous_response_id", code="previous_response_not_found")
-    job, chat = sessions.response_job(chat, previous, store, owner)
+    job, chat = sessions.response_job(chat, prior, store, owner)
     shell = ResponseShell(response_id(), body)
 
     def keep(done: Answer) -> None:
         if store:
-            sessions.store_response(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job, owner)
+            responses.put(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job, owner)
 
     if chat.stream:
-        return await stream_response(request, runner, job, chat, {}, ResponsesStream(shell, keep), "responses")
+        entry = RequestLog(shell.id, chat.model, f"responses-{settings.stream_mode}")
+        return await stream_response(request, turn_events(runner, job, chat, settings.stream_mode),
+                                     ResponsesStream(shell, keep), entry, {})
     done = await answer_request(request, runner, job, chat, RequestLog(shell.id, chat.model, "responses"), keep)
     return JSONResponse(response_object(shell, done)) if done else Response(status_code=499)
-
-
-# --- Models, health, errors, and the app ---
 
 
 async def list_models(request: Request) -> Response:
@@ -2991,8 +3182,8 @@ async def health(request: Request) -> Response:
                        "version": info.version if info else None, "tested": info.is_tested if info else False,
                        "login": runner.login, "self_check": state.self_check.report()}
         body.update({"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
-            "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": len(sessions.warm),
-            "waiting": sessions.waiting}, "prewarm": runner.pool.status()})
+            "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": runner.store.count("warm"),
+            "waiting": sessions.waiting}, "prewarm": runner.prestart.status()})
     return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
 
@@ -3096,88 +3287,7 @@ class BrowserGuard(TrustedHostMiddleware):
         return "*" in self.origins or origin in self.origins or origin == f"http://{host}"
 
 
-def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
-    """The app. ``environ`` is the base of the CLI's environment (tests pass their own)."""
-    settings = settings or load_settings(environ)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        workdir = prepare_workdir(settings, environ)
-        runner = app.state.runner = Runner(settings, str(workdir), environ)
-        binary = resolve_binary(settings, environ)
-        info = app.state.cli = await probe_cli(binary, environ) if binary else None
-        runner.version_args = cli_arguments(info) if info else ()
-        log_start(settings, info, workdir)
-        sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
-                                                 own_workdir=not settings.workdir)
-        sessions.sweep_stale_transcripts()
-        if settings.prewarm:  # ready for the first request with default options
-            chat = parse_chat_request({"messages": [{"role": "user", "content": "-"}]}, settings)
-            runner.pool.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
-                                              if settings.auto_session else None))
-        sweeper = asyncio.create_task(sessions.run_sweeper())
-        checks = asyncio.create_task(check_cli(app, info, settings, environ)) if info else None
-        try:
-            yield
-        finally:
-            sweeper.cancel()
-            if checks is not None:
-                await cancel(checks)
-            runner.closing = True
-            await runner.pool.close()
-            await sessions.close()
-            await shutdown(runner, settings.shutdown_grace)
-
-    app = Starlette(
-        routes=[
-            Route("/", index),
-            Route("/health", health),
-            Route("/v1/models", list_models),
-            Route("/v1/models/{model_id:path}", get_model),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/responses", create_response, methods=["POST"]),
-        ],
-        exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected_error},
-        lifespan=lifespan,
-    )
-    app.add_middleware(BearerAuth, keys=settings.api_keys)
-    app.add_middleware(BrowserGuard, hosts=settings.trusted_hosts, origins=settings.allowed_origins)
-    app.state.settings = settings
-    app.state.cli = None
-    app.state.self_check = SelfCheck("pending" if settings.self_check else "off")
-    return app
-
-
-def log_start(settings: Settings, info: CliInfo | None, workdir: Path) -> None:
-    """One line that says what this server is, and a warning for a CLI the tests never ran on."""
-    log.info("claude_api on http://%s:%d/v1, auth %s; CLI %s, version %s; workdir %s; stream mode %s",
-             settings.host, settings.port, "on" if settings.api_keys else "off (no CLAUDE_API_KEYS)",
-             info.path if info else f"not found (CLAUDE_BIN={settings.claude_bin!r})",
-             (info.version or "unknown") if info else "-", workdir, settings.stream_mode)
-    if info is not None and not info.is_tested:
-        log.warning("claude CLI version %s is outside the tested range %s to %s: it may work, but expect surprises",
-                    info.version or "unknown", ".".join(map(str, OLDEST_SUPPORTED)), ".".join(map(str, NEWEST_TESTED)))
-
-
-async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: Mapping[str, str]) -> None:
-    """In the background, once the server is up: the CLI's login, and the self-check of its features."""
-    runner: Runner = app.state.runner
-
-    async def check() -> SelfCheck:
-        return await self_check(info, settings, environ, runner.version_args) if settings.self_check \
-            else app.state.self_check
-
-    login, result = await asyncio.gather(login_state(info.path, environ), check())
-    if runner.login == "unknown":  # a request may have learnt it meanwhile
-        runner.login = login
-    if runner.login == "not_logged_in":
-        log.warning("the claude CLI is not logged in: requests will get 401 until you run `claude` and log in")
-    app.state.self_check = result
-    if result.state == "failed":
-        log.warning("CLI self-check failed in %.2f s: %s", result.seconds, "; ".join(result.problems))
-    elif result.state == "passed":
-        log.info("CLI self-check passed in %.2f s (stream-json input, partial messages, control protocol)",
-                 result.seconds)
+# --- The app: its lifespan, shutdown, and main ---
 
 
 def private_workdir(environ: Mapping[str, str]) -> Path:
@@ -3226,14 +3336,119 @@ def transcripts_folder(workdir: Path, environ: Mapping[str, str]) -> Path | None
     return Path(config) / "projects" / re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
 
 
+def sweep(app: Starlette, now: float | None = None) -> None:
+    """Drop what outlived its time: sessions (CLAUDE_SESSION_TTL), stored responses, idle processes."""
+    app.state.sessions.sweep(now)
+    app.state.responses.sweep(now)
+    app.state.runner.store.sweep(now)
+    app.state.runner.prestart.refill()
+
+
+async def sweep_forever(app: Starlette) -> None:
+    settings: Settings = app.state.settings
+    interval = max(0.5, min(30.0, settings.session_ttl / 4, settings.warm_idle / 4))
+    while True:
+        await asyncio.sleep(interval)
+        sweep(app)
+
+
 async def shutdown(runner: Runner, grace: float) -> None:
-    """Refuse new work, give in-flight requests ``grace`` seconds, then kill what is left."""
+    """Refuse new work, give in-flight requests ``grace`` seconds, then end what is left."""
     runner.closing = True
     if runner.reaper is not None:
         runner.reaper.cancel()
-    if runner.processes:
-        await asyncio.wait([asyncio.create_task(p.wait()) for p in runner.processes], timeout=grace)
+    exits = [asyncio.ensure_future(cli.process.wait()) for cli in runner.live if cli.process is not None]
+    if exits:
+        await asyncio.wait(exits, timeout=grace)
+        for waiting in exits:
+            waiting.cancel()
     await runner.kill_all()
+
+
+def log_start(settings: Settings, info: CliInfo | None, workdir: Path) -> None:
+    """One line that says what this server is, and a warning for a CLI the tests never ran on."""
+    log.info("claude_api on http://%s:%d/v1, auth %s; CLI %s, version %s; workdir %s; stream mode %s",
+             settings.host, settings.port, "on" if settings.api_keys else "off (no CLAUDE_API_KEYS)",
+             info.path if info else f"not found (CLAUDE_BIN={settings.claude_bin!r})",
+             (info.version or "unknown") if info else "-", workdir, settings.stream_mode)
+    if info is not None and not info.is_tested:
+        log.warning("claude CLI version %s is outside the tested range %s to %s: it may work, but expect surprises",
+                    info.version or "unknown", ".".join(map(str, OLDEST_SUPPORTED)), ".".join(map(str, NEWEST_TESTED)))
+
+
+async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: Mapping[str, str]) -> None:
+    """In the background, once the server is up: the CLI's login, and the self-check of its features."""
+    runner: Runner = app.state.runner
+
+    async def check() -> SelfCheck:
+        return await self_check(info, settings, environ, runner.version_args) if settings.self_check \
+            else app.state.self_check
+
+    login, result = await asyncio.gather(login_state(info.path, environ), check())
+    if runner.login == "unknown":  # a request may have learnt it meanwhile
+        runner.login = login
+    if runner.login == "not_logged_in":
+        log.warning("the claude CLI is not logged in: requests will get 401 until you run `claude` and log in")
+    app.state.self_check = result
+    if result.state == "failed":
+        log.warning("CLI self-check failed in %.2f s: %s", result.seconds, "; ".join(result.problems))
+    elif result.state == "passed":
+        log.info("CLI self-check passed in %.2f s (stream-json input, partial messages, control protocol)",
+                 result.seconds)
+
+
+def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
+    """The app. ``environ`` is the base of the CLI's environment (tests pass their own)."""
+    settings = settings or load_settings(environ)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        workdir = prepare_workdir(settings, environ)
+        runner = app.state.runner = Runner(settings, str(workdir), environ)
+        binary = resolve_binary(settings, environ)
+        info = app.state.cli = await probe_cli(binary, environ) if binary else None
+        runner.version_args = cli_arguments(info) if info else ()
+        log_start(settings, info, workdir)
+        sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
+                                                 own_workdir=not settings.workdir)
+        sessions.sweep_stale_transcripts()
+        if settings.prewarm:  # ready for the first request with default options
+            chat = parse_chat_request({"messages": [{"role": "user", "content": "-"}]}, settings)
+            runner.prestart.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
+                                                  if settings.auto_session else None))
+        app.state.responses = ResponseStore(settings.session_ttl)
+        sweeper = asyncio.create_task(sweep_forever(app))
+        checks = asyncio.create_task(check_cli(app, info, settings, environ)) if info else None
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            if checks is not None:
+                await cancel(checks)
+            runner.closing = True
+            await runner.prestart.aclose()
+            await runner.store.aclose()
+            await sessions.aclose()
+            await shutdown(runner, settings.shutdown_grace)
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/health", health),
+            Route("/v1/models", list_models),
+            Route("/v1/models/{model_id:path}", get_model),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/responses", create_response, methods=["POST"]),
+        ],
+        exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )
+    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.add_middleware(BrowserGuard, hosts=settings.trusted_hosts, origins=settings.allowed_origins)
+    app.state.settings = settings
+    app.state.cli = None
+    app.state.self_check = SelfCheck("pending" if settings.self_check else "off")
+    return app
 
 
 class Server(uvicorn.Server):
@@ -3258,7 +3473,7 @@ def main() -> None:
         settings = load_settings()
     except SettingsError as exc:
         raise SystemExit(f"claude_api: {exc}") from None
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(settings.host) and not settings.api_keys:
         raise SystemExit(f"claude_api: refusing to listen on {settings.host} without keys. Set CLAUDE_API_KEYS to a "
                          "comma-separated list of secrets (clients send `Authorization: Bearer <key>`), or bind "
@@ -3271,7 +3486,7 @@ def main() -> None:
         log.warning("claude CLI not found (CLAUDE_BIN=%r): requests will get 503 until it is installed",
                     settings.claude_bin)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + GRACEFUL_EXIT + 2))
     Server(config, app, settings.shutdown_grace).run()
 

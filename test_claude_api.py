@@ -311,123 +311,7 @@ def wait_until(condition: Any, timeout: float, interval: float = 0.02) -> bool:
 
 # --- A fake claude CLI, written into a folder by write_fake_cli ---
 
-FAKE_CLI = r'''
-import json, os, re, sys, time
-from pathlib import Path
-
-HOME = Path(__file__).resolve().parent
-args = sys.argv[1:]
-control = json.loads((HOME / "control.json").read_text()) if (HOME / "control.json").exists() else {}
-if "--version" in args:
-    print(control.get("version", "9.9.9 (Fake Code)"))
-    sys.exit(0)
-if "--help" in args:
-    print("Usage: claude [options]\n" + "\n".join(control.get("flags", ["--model <model>", "--resume [value]"])))
-    sys.exit(0)
-if args[:2] == ["auth", "status"]:
-    print(json.dumps({"loggedIn": control.get("logged_in", True), "authMethod": "fake"}))
-    sys.exit(0 if control.get("logged_in", True) else 1)
-calls = HOME / "calls"
-calls.mkdir(exist_ok=True)
-system = None
-for flag in ("--system-prompt-file", "--append-system-prompt-file"):
-    if flag in args:
-        system = Path(args[args.index(flag) + 1]).read_text()
-session = "00000000-0000-4000-8000-000000000000"
-transcript = None
-for flag in ("--session-id", "--resume"):
-    if flag in args:
-        session = args[args.index(flag) + 1]
-        config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path(os.environ["HOME"]) / ".claude")
-        folder = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd()))
-        transcript = config / "projects" / folder / f"{session}.jsonl"
-        if flag == "--resume" and not transcript.exists():
-            print("No conversation found with session ID: " + session, file=sys.stderr)
-            sys.exit(1)
-        transcript.parent.mkdir(parents=True, exist_ok=True)
-        transcript.touch()
-
-def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-def delta(kind, key, text):
-    emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
-          "delta": {"type": kind, key: text}}, "session_id": session})
-
-turns_answered = 0
-
-
-def result(text, **extra):
-    global turns_answered
-    turns_answered += 1  # like the real CLI, a process reports its running total cost
-    emit({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None, "result": text,
-          "stop_reason": "end_turn", "session_id": session, "total_cost_usd": round(0.0012 * turns_answered, 6),
-          "usage": {"input_tokens": 5, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3,
-                    "output_tokens": 4}, **extra})
-
-def failure(text, status):
-    emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": status, "result": text,
-          "session_id": session, "total_cost_usd": 0, "usage": {}})
-    sys.exit(1)
-
-emit({"type": "system", "subtype": "init", "session_id": session, "tools": [], "model": "fake"})
-emit({"type": "some_future_event", "payload": {"ignored": True}})
-sys.stderr.write("fake-cli-stderr-secret: something internal\n")
-sys.stderr.flush()
-for line in sys.stdin:  # one user message a line, answered in turn, as the real CLI does with stream-json input
-    control = json.loads((HOME / "control.json").read_text()) if (HOME / "control.json").exists() else {}
-    n = len(list(calls.glob("*.json")))
-    record = {"argv": args, "stdin": line, "env": dict(os.environ), "cwd": os.getcwd(),
-              "cwd_entries": sorted(os.listdir(".")), "system": system, "pid": os.getpid()}
-    (calls / f"{n:04d}-{os.getpid()}.json").write_text(json.dumps(record))
-    script = control.get("script", [])
-    behaviour = script[n] if n < len(script) else control.get("default", "ok")
-    content = json.loads(line)["message"]["content"]
-    prompt = content if isinstance(content, str) else "".join(b.get("text", "") for b in content)
-    reply = control.get("reply", "echo: " + prompt)
-    if transcript is not None:
-        with transcript.open("a") as handle:
-            handle.write(json.dumps({"user": prompt, "assistant": reply}) + "\n")
-    if behaviour == "ok" or behaviour == "max_tokens" or behaviour == "thinking":
-        if behaviour == "thinking":
-            delta("thinking_delta", "thinking", "let me think")
-        for i in range(0, len(reply), 5):
-            delta("text_delta", "text", reply[i:i + 5])
-            time.sleep(control.get("delay", 0))
-        result(reply, stop_reason="max_tokens" if behaviour == "max_tokens" else "end_turn")
-    elif behaviour == "silent_then_ok":
-        time.sleep(control.get("silence", 1.0))
-        delta("text_delta", "text", reply)
-        result(reply)
-    elif behaviour == "vanish":  # dies before the turn begins, as a process killed while it waited
-        sys.exit(1)
-    elif behaviour == "crash":
-        sys.stdout.write("partial garbage\n")
-        sys.exit(3)
-    elif behaviour == "garbage":
-        print("this is not json")
-        print("[1, 2, 3]")
-        sys.exit(0)
-    elif behaviour == "hang":
-        time.sleep(3600)
-    elif behaviour == "content_then_hang":
-        delta("text_delta", "text", "first words")
-        time.sleep(3600)
-    elif behaviour == "content_then_crash":
-        delta("text_delta", "text", "first words")
-        sys.exit(2)
-    elif behaviour == "rate_limit":
-        failure("API Error: Request rejected (429) · rate limited", 429)
-    elif behaviour == "overloaded":
-        failure("API Error: 529 overloaded", 529)
-    elif behaviour == "bad_request":
-        failure("API Error: 400 invalid request", 400)
-    elif behaviour == "not_logged_in":
-        failure("Not logged in · Please run /login", None)
-    elif behaviour == "third_party":
-        failure("API Error: 400 Third-party apps now draw from your extra usage, not your plan limits.", 400)
-'''
+FAKE_CLI = (HERE / "testdata" / "fake_claude.py").read_text()
 
 
 def write_fake_cli(folder: Path, **control: Any) -> Path:
@@ -1045,7 +929,7 @@ async def test_failures_map_to_openai_errors(fake: Fake, behaviour: str, status:
 
 async def test_timeout_kills_the_process_group(fake: Fake) -> None:
     fake.control(default="hang")
-    app = fake.app(timeout=0.5)
+    app = fake.app(timeout=3)  # long enough for the fake to start and record its call on a busy machine
     async with client_for(app) as client:
         response = await client.post("/v1/chat/completions", json=chat())
         assert_error(response, 504, "timeout")
@@ -1055,9 +939,21 @@ async def test_timeout_kills_the_process_group(fake: Fake) -> None:
 
 async def test_timeout_is_retried_under_the_policy(fake: Fake) -> None:
     fake.control(script=["hang"], default="ok")
-    async with client_for(fake.app(timeout=0.5, max_retries=1)) as client:
+    async with client_for(fake.app(timeout=3, max_retries=1)) as client:
         response = await client.post("/v1/chat/completions", json=chat())
     assert response.status_code == 200 and len(fake.calls()) == 2 and fake.alive() == []
+
+
+async def test_retries_stop_at_the_request_deadline(fake: Fake) -> None:
+    # Each attempt may take CLAUDE_TIMEOUT (20 s here), but the request as a whole only CLAUDE_REQUEST_TIMEOUT:
+    # the first attempt is cut at the deadline and no retry starts after it.
+    fake.control(default="hang")
+    async with client_for(fake.app(timeout=20, request_timeout=1, max_retries=5)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+        elapsed = time.monotonic() - started
+    assert_error(response, 504, "timeout")
+    assert len(fake.calls()) == 1 and elapsed < 10
 
 
 async def test_queue_limit_gives_503_with_retry_after(fake: Fake) -> None:
@@ -1959,17 +1855,21 @@ async def test_session_id_from_header_and_a_null_body_field(fake: Fake) -> None:
 
 
 async def test_warm_processes_are_bounded_lru(fake: Fake) -> None:
-    app = fake.app(auto_session="on", warm_max=2)
+    app = fake.app(auto_session="on", warm_max=2, max_concurrency=2)
     async with client_for(app) as client:
         ids = [str(uuid.uuid4()) for _ in range(3)]
         for sid in ids:
             assert (await client.post("/v1/chat/completions", json={**chat("x"), "session_id": sid})).status_code == 200
-        sessions = app.state.sessions
-        assert [s.key for s in sessions.warm] == ids[1:]  # the least recently used went first
-        await asyncio.wait(list(sessions.background), timeout=10)
-        assert len(fake.alive()) == 2
+        assert await eventually(lambda: len(fake.alive()) == 2)
+        health = (await client.get("/health")).json()
         # Idle processes don't hold concurrency slots.
-        assert app.state.runner.in_flight == 0 and not app.state.runner.slots.locked()
+        assert health["sessions"]["warm"] == 2 and health["in_flight"] == 0
+        pids = {call["stdin"]: call["pid"] for call in fake.calls()}
+        for sid in (ids[2], ids[1], ids[0]):  # two slots: busy warm processes would block the third turn
+            await client.post("/v1/chat/completions", json={**chat("y"), "session_id": sid})
+    first, second, third = fake.calls()[3:]
+    assert third["pid"] not in pids.values() and "--resume" in third["argv"]  # the least recently used went first
+    assert first["pid"] == fake.calls()[2]["pid"] and second["pid"] == fake.calls()[1]["pid"]  # still warm
     assert wait_until(lambda: fake.alive() == [], 10)
 
 
@@ -1979,17 +1879,17 @@ async def test_ttl_expiry_removes_locks_fingerprints_processes_and_files(fake: F
         sid = str(uuid.uuid4())
         await client.post("/v1/chat/completions", json={**chat("explicit"), "session_id": sid})
         await client.post("/v1/chat/completions", json=chat("automatic"))
-        sessions = app.state.sessions
-        assert len(sessions.explicit) == 1 and len(sessions.auto) == 1 and len(sessions.warm) == 2
-        files = list(sessions.transcripts.glob("*.jsonl"))
+        transcripts = app.state.sessions.transcripts
+        assert (await client.get("/health")).json()["sessions"] == {"explicit": 1, "automatic": 1, "warm": 2,
+                                                                    "waiting": 0}
+        files = list(transcripts.glob("*.jsonl"))
         assert len(files) == 2 and len(fake.alive()) == 2
-        sessions.sweep(now=time.monotonic() + 30)
-        assert len(sessions.explicit) == 1  # not idle long enough yet
-        sessions.sweep(now=time.monotonic() + 61)
-        await asyncio.wait(list(sessions.background), timeout=10)
-        assert (sessions.explicit, sessions.auto, sessions.warm) == ({}, {}, {})
-        assert list(sessions.transcripts.glob("*.jsonl")) == []
-        assert fake.alive() == []
+        api.sweep(app, now=time.monotonic() + 30)
+        assert (await client.get("/health")).json()["sessions"]["explicit"] == 1  # not idle long enough yet
+        api.sweep(app, now=time.monotonic() + 61)
+        assert await eventually(lambda: fake.alive() == [] and list(transcripts.glob("*.jsonl")) == [])
+        assert (await client.get("/health")).json()["sessions"] == {"explicit": 0, "automatic": 0, "warm": 0,
+                                                                    "waiting": 0}
 
 
 async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> None:
@@ -1997,18 +1897,18 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
     async with client_for(app) as client:
         sid = str(uuid.uuid4())
         await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
-        sessions = app.state.sessions
-        sessions.sweep(now=time.monotonic() + 6)
-        await asyncio.wait(list(sessions.background), timeout=10)
-        assert sessions.warm == {} and fake.alive() == [] and len(sessions.explicit) == 1
+        api.sweep(app, now=time.monotonic() + 6)
+        assert await eventually(lambda: fake.alive() == [])
+        sessions = (await client.get("/health")).json()["sessions"]
+        assert sessions["warm"] == 0 and sessions["explicit"] == 1
         second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
     assert second.json()["choices"][0]["message"]["content"] == "echo: two"
     argv = fake.calls()[-1]["argv"]
     assert argv[argv.index("--resume") + 1] == api.cli_session_id(sid)  # resumed cold from the transcript
 
 
-@pytest.mark.parametrize("noticed", [True, False], ids=["death-noticed", "death-unnoticed"])
-async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(fake: Fake, noticed: bool) -> None:
+@pytest.mark.parametrize("noticed", ["swept", "found", "unnoticed"])
+async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(fake: Fake, noticed: str) -> None:
     # A warm process killed from outside may not have written its last turn to the transcript yet, so the
     # next turn must not resume that transcript: it rebuilds the conversation from the history we kept.
     app = fake.app(auto_session="on")
@@ -2017,8 +1917,10 @@ async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(f
         await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
         [warm] = fake.alive()
         os.kill(warm, signal.SIGKILL)
-        if noticed:
-            assert await eventually(lambda: not next(iter(app.state.sessions.explicit.values())).process.alive)
+        if noticed != "unnoticed":
+            assert await eventually(lambda: fake.alive() == [])
+        if noticed == "swept":
+            api.sweep(app)
         second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
     assert second.json()["choices"][0]["message"]["content"].endswith("two")
     last = fake.calls()[-1]
@@ -2031,7 +1933,7 @@ async def test_an_unresumable_transcript_is_rebuilt_without_spending_an_attempt(
     app = fake.app(auto_session="on", warm_max=0, max_retries=0)
     async with client_for(app) as client:
         await client.post("/v1/chat/completions", json={**chat("My name is Ada."), "session_id": sid})
-        await asyncio.wait(list(app.state.sessions.background), timeout=10)
+        assert await eventually(lambda: fake.alive() == [])
         fake.control(script=["ok", "crash"], default="ok")  # the cold resume dies before answering
         response = await client.post("/v1/chat/completions", json={**chat("Name?"), "session_id": sid})
     assert response.status_code == 200, response.text
@@ -2599,54 +2501,59 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
 # --- Pre-started processes ---
 
 
-async def ready(app: Starlette, count: int) -> None:
-    """Wait (with a ceiling) until the pool holds ``count`` started processes."""
+async def prewarm(client: httpx.AsyncClient) -> dict[str, int]:
+    return (await client.get("/health")).json()["prewarm"]
+
+
+async def ready(client: httpx.AsyncClient, count: int) -> None:
+    """Wait (with a ceiling) until ``count`` started processes wait, as /health tells."""
     for _ in range(1500):  # a ceiling of 30 s, for a busy machine; normally a few tens of milliseconds
-        if app.state.runner.pool.status()["ready"] == count and not app.state.runner.pool.status()["starting"]:
+        status = await prewarm(client)
+        if status["ready"] == count and not status["starting"]:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"pool never reached {count}: {app.state.runner.pool.status()}")
+    raise AssertionError(f"never {count} ready: {await prewarm(client)}")
 
 
 async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) -> None:
     app = fake.app(prewarm=2, max_concurrency=1)
     async with client_for(app) as client:
-        await ready(app, 2)
+        await ready(client, 2)
         started = set(fake.alive())
-        assert len(started) == 2 and app.state.runner.in_flight == 0  # waiting processes hold no slot
+        assert len(started) == 2 and (await client.get("/health")).json()["in_flight"] == 0  # they hold no slot
         first = await client.post("/v1/chat/completions", json={"messages": [user("one")]})
         assert first.json()["choices"][0]["message"]["content"] == "echo: one"
         [call] = fake.calls()
         assert call["pid"] in started  # no start-up on the request path
         assert wait_until(lambda: call["pid"] not in fake.alive(), 5)  # served once, then retired
-        await ready(app, 2)
-        assert app.state.runner.pool.status()["hits"] == 1
+        await ready(client, 2)
+        assert (await prewarm(client))["hits"] == 1
         other = await client.post("/v1/chat/completions", json={"messages": [
             {"role": "system", "content": "Another prompt"}, user("two")]})
-        assert other.status_code == 200 and app.state.runner.pool.status()["misses"] == 1
-        await ready(app, 2)  # now spread: one for each recent combination
-        keys = {key: len(waiting) for key, waiting in app.state.runner.pool.idle.items() if waiting}
-        assert sorted(keys.values()) == [1, 1]
-        third = await client.post("/v1/chat/completions", json={"messages": [
-            {"role": "system", "content": "Another prompt"}, user("three")]})
-        assert third.status_code == 200 and app.state.runner.pool.status()["hits"] == 2
+        assert other.status_code == 200 and (await prewarm(client))["misses"] == 1
+        await ready(client, 2)  # now spread: one for each recent combination, so both are served waiting
+        for prompt in ("Another prompt", None):
+            system = [{"role": "system", "content": prompt}] if prompt else []
+            answered = await client.post("/v1/chat/completions", json={"messages": [*system, user("again")]})
+            assert answered.status_code == 200
+        assert (await prewarm(client))["hits"] == 3
     assert wait_until(lambda: fake.alive() == [], 5)  # none survives shutdown
 
 
 async def test_prewarm_replaces_dead_and_old_processes(fake: Fake) -> None:
     app = fake.app(prewarm=1, prewarm_max_age=60)
     async with client_for(app) as client:
-        await ready(app, 1)
+        await ready(client, 1)
         [first] = fake.alive()
         os.kill(first, signal.SIGKILL)
         response = await client.post("/v1/chat/completions", json={"messages": [user("still served")]})
         assert response.json()["choices"][0]["message"]["content"] == "echo: still served"
-        await ready(app, 1)
+        await ready(client, 1)
         assert wait_until(lambda: len(fake.alive()) == 1, 20)  # the killed one reaped, its replacement waiting
         [second] = fake.alive()
         assert second != first
-        app.state.runner.pool.maintain(now=time.monotonic() + 61)
-        await ready(app, 1)
+        api.sweep(app, now=time.monotonic() + 61)
+        await ready(client, 1)
         assert wait_until(lambda: len(fake.alive()) == 1 and fake.alive() != [second], 20)
 
 
@@ -2660,7 +2567,7 @@ async def test_a_waiting_process_that_dies_before_the_turn_gets_a_free_retry(fak
     app = fake.app(prewarm=prewarm)
     async with client_for(app) as client:
         if prewarm:
-            await ready(app, 1)
+            await ready(client, 1)
         response = await client.post("/v1/chat/completions", json={"messages": [user("still served")]})
     assert response.status_code == status
     if status == 200:
@@ -2671,7 +2578,7 @@ async def test_a_waiting_process_that_dies_before_the_turn_gets_a_free_retry(fak
 async def test_prewarm_with_sessions_becomes_the_warm_process(fake: Fake) -> None:
     app = fake.app(prewarm=1, auto_session="on")
     async with client_for(app) as client:
-        await ready(app, 1)
+        await ready(client, 1)
         [started] = fake.alive()
         first = await client.post("/v1/chat/completions", json={"messages": [user("hello")]})
         text = first.json()["choices"][0]["message"]["content"]
@@ -2687,7 +2594,7 @@ async def test_prewarm_off(fake: Fake) -> None:
     app = fake.app(prewarm=0)
     async with client_for(app) as client:
         await client.post("/v1/chat/completions", json=chat())
-        assert app.state.runner.pool.status() == {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}
+        assert await prewarm(client) == {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}
     assert len(fake.calls()) == 1
 
 
@@ -2696,7 +2603,7 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
     real.standin.reset(default=Reply(text="Warm hello."))
     app = real.app(prewarm=1)
     async with client_for(app) as client:
-        await ready(app, 1)
+        await ready(client, 1)
         response = await client.post("/v1/chat/completions", json={"messages": [user("hi")]})  # default model
         health = (await client.get("/health")).json()
     assert response.json()["choices"][0]["message"]["content"] == "Warm hello."
