@@ -1002,7 +1002,7 @@ PATTERN_TIMEOUT = 1.0  # seconds one client pattern may take against one string
 PatternAnswers = Mapping[tuple[str, str], bool | None]  # (pattern, text) -> matched; None: ran out of time
 
 
-class PatternsNeeded(Exception):  # noqa: N818 -- a request for more work, not an error
+class PatternsNeeded(Exception):  # a request for more work, not an error
     """A schema check met client patterns whose answers it does not have yet. Client patterns run in
     ``PatternChecker``'s process, never here: check ``pairs`` there, then run the check again with them."""
 
