@@ -996,7 +996,7 @@ JSON_TYPES: Mapping[str, Callable[[Any], bool]] = MappingProxyType({
 
 
 MAX_SCHEMA_STEPS = 50_000  # schema nodes applied to parts of one value, at most, before it counts as unchecked
-MAX_SCHEMA_DEPTH = 200  # nested applications (properties, items, $ref, allOf...) before the same
+MAX_SCHEMA_DEPTH = 200  # nested applications (properties, items, $ref, allOf...) at most, likewise
 MAX_PATTERN_LENGTH = 1000  # characters in one client pattern
 PATTERN_TIMEOUT = 1.0  # seconds one client pattern may take against one string
 PatternAnswers = Mapping[tuple[str, str], bool | None]  # (pattern, text) -> matched; None: ran out of time
@@ -1042,9 +1042,9 @@ def schema_problem(value: Any, schema: Any, patterns: PatternAnswers | None = No
 
     The schema was checked by ``schema_fault`` when the request came in; the work here is bounded all the
     same (MAX_SCHEMA_STEPS, MAX_SCHEMA_DEPTH), past which the value counts as not matching, and nothing here
-    raises but PatternsNeeded. ``patterns`` holds the answers to the schema's ``pattern`` keywords: without
-    it, a check that meets one assumes a match, notes it, and ends in PatternsNeeded with every pair it
-    noted; assuming matches never skips a part of the value, so the second run needs no more answers."""
+    raises but PatternsNeeded. ``patterns`` holds the answers to the schema's ``pattern`` keywords known so
+    far: a check that meets a pair without an answer assumes a match, goes on, and ends in PatternsNeeded
+    with every such pair, to be checked and the check run again (``checked_reply``)."""
     asked: set[tuple[str, str]] = set()
     steps = 0
     gave_up = ""  # where the check ran out of steps or depth: then no answer of it can be trusted
@@ -1106,9 +1106,9 @@ def schema_problem(value: Any, schema: Any, patterns: PatternAnswers | None = No
                 return f"{path}: length {len(value)} is outside the allowed range"
             pattern = schema.get("pattern")
             if isinstance(pattern, str):
-                if patterns is None:
+                if (pattern, value) not in (patterns or {}):
                     asked.add((pattern, value))
-                elif (matched := patterns.get((pattern, value), False)) is None:
+                elif (matched := (patterns or {})[pattern, value]) is None:
                     return f"{path}: checking the pattern {pattern!r} took longer than {PATTERN_TIMEOUT:g} s"
                 elif not matched:
                     return f"{path}: does not match the pattern {pattern!r}"
@@ -1127,7 +1127,7 @@ def schema_problem(value: Any, schema: Any, patterns: PatternAnswers | None = No
         return "$: the schema could not be applied to this value"
     if gave_up:
         return f"{gave_up}: the value is too large or nested too deeply to check against the schema"
-    if asked and patterns is None:
+    if asked:
         raise PatternsNeeded(asked)
     return problem
 
@@ -2589,13 +2589,19 @@ async def produce_pseudo(runner: Runner, job: Job, request: ChatRequest, emit: E
     return StreamOutcome(done.finish, done.usage)
 
 
+PATTERN_ROUNDS = 3  # checks of one reply that may ask for pattern answers; one nearly always does
+
+
 async def checked_reply(runner: Runner, text: str, request: ChatRequest) -> Reply:
-    """``parse_reply``, with any client patterns it meets matched in the pattern checker's process first."""
-    try:
-        return parse_reply(text, request)
-    except PatternsNeeded as need:
-        answers = await runner.patterns.check(need.pairs)
-    return parse_reply(text, request, answers)
+    """``parse_reply``, with the client patterns it meets matched in the pattern checker's process. Answers
+    can lead the check to parts it skipped before (a ``oneOf`` that now passes), hence the rounds."""
+    answers: dict[tuple[str, str], bool | None] = {}
+    for _ in range(PATTERN_ROUNDS):
+        try:
+            return parse_reply(text, request, answers)
+        except PatternsNeeded as need:
+            answers.update(await runner.patterns.check(need.pairs))
+    raise InvalidReply("the schema's patterns could not all be checked")
 
 
 async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:

@@ -2271,6 +2271,21 @@ async def test_a_client_pattern_is_checked_in_its_own_process(fake: Fake) -> Non
     assert checker.returncode is not None  # stopped with the app
 
 
+def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
+    schema = {"oneOf": [{"properties": {"s": {"pattern": "^a"}}}, {"properties": {"s": {"pattern": "b$"}}}],
+              "properties": {"t": {"pattern": "^x"}}}
+    value = {"s": "ab", "t": "y"}
+    with pytest.raises(api.PatternsNeeded) as first:  # assuming both match, oneOf fails before "t" is reached
+        api.schema_problem(value, schema)
+    answers: dict[tuple[str, str], bool | None] = {("^a", "ab"): True, ("b$", "ab"): False}
+    assert first.value.pairs == set(answers)
+    with pytest.raises(api.PatternsNeeded) as second:  # now oneOf passes, and "t" needs its answer
+        api.schema_problem(value, schema, answers)
+    assert second.value.pairs == {("^x", "y")}
+    assert "does not match the pattern '^x'" in (api.schema_problem(value, schema, {**answers, ("^x", "y"): False})
+                                                  or "")
+
+
 def test_a_fenced_reply_is_parsed_in_linear_time() -> None:
     hostile = "```" + "\n" * 5000 + "x"  # the old fence regex took minutes on this
     with pytest.raises(api.InvalidReply, match="not valid JSON"):
