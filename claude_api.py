@@ -36,6 +36,7 @@ import re
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import time
 import uuid
@@ -77,7 +78,10 @@ OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType({
     "gpt-5": "opus", "gpt-5-mini": "sonnet", "gpt-5-nano": "haiku", "o1": "opus", "o1-mini": "sonnet",
     "o3": "opus", "o3-mini": "sonnet", "o4-mini": "sonnet",
 })
-MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")  # linear: no nested repetition
+# Every regex here that sees outside text (client input, model output, CLI output) runs in linear time: no
+# nested or adjacent overlapping quantifiers, and fullmatch where it can. Client patterns never run here (see
+# PatternChecker), and the model's code fence is found without one (see loads_reply).
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")  # bounded: 200 characters at most
 # OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
 EFFORTS: Mapping[str, str] = MappingProxyType({
     "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max",
@@ -233,6 +237,7 @@ class Settings:
                                                    choice("replace", "append", "embed"))
     workdir: str = setting("CLAUDE_WORKDIR", "", text)  # empty: a private folder under the user's cache folder
     max_body_bytes: int = setting("CLAUDE_MAX_BODY_BYTES", 20 * MiB, number(1, integer=True))
+    body_timeout: float = setting("CLAUDE_BODY_TIMEOUT", 30.0, number(0.001))  # seconds to receive a whole body
     log_level: str = setting("CLAUDE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"))
     stream_mode: StreamMode = setting("CLAUDE_STREAM_MODE", "live", choice("live", "pseudo"))
     keepalive: float = setting("CLAUDE_KEEPALIVE", 15.0, number(0.01))  # seconds
@@ -341,8 +346,22 @@ class ModelNotFound(ProxyError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class ContextLengthExceeded(BadRequest):
+    """The prompt cannot fit the model's context window: refused before a CLI runs when that is certain,
+    and classified from the CLI's own "prompt is too long" otherwise. Never retried."""
+
+    code = "context_length_exceeded"
+
+
 class MethodNotAllowed(ProxyError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RequestTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # else the server would go on reading the dripping body to reuse the connection
 
 
 class PayloadTooLarge(ProxyError):
@@ -355,6 +374,7 @@ class UnsupportedMediaType(ProxyError):
 
 class RateLimited(ProxyError):
     status, type, code, retryable = 429, "rate_limit_error", "rate_limit_exceeded", True
+    resets_at: float | None = None  # when the CLI said the limit resets (epoch seconds), if it did
 
 
 class CliFailed(ProxyError):
@@ -500,6 +520,47 @@ def known_models(settings: Settings) -> list[str]:
     return list(dict.fromkeys([*CLI_ALIASES, *settings.extra_models]))
 
 
+MAX_JSON_DEPTH = 100  # levels of arrays and objects a request body (or a structured reply) may nest
+
+
+def json_fault(value: Any) -> tuple[str, str] | None:
+    """The first part of a parsed JSON value the service will not take, as (where, why), or None: nesting
+    deeper than MAX_JSON_DEPTH, a number that is not finite (Python's json reads NaN, Infinity and 1e999),
+    or a string with a lone surrogate (it cannot be encoded for the CLI). Iterative: depth costs no stack."""
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 0, ())]
+    while stack:
+        item, depth, where = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                return json_path(where), f"is nested deeper than {MAX_JSON_DEPTH} levels"
+            for key, child in item.items() if isinstance(item, dict) else enumerate(item):
+                if isinstance(key, str) and not encodable(key):
+                    return json_path(where), "has a key with a lone surrogate (\\ud800-\\udfff): not valid UTF-8"
+                stack.append((child, depth + 1, (where, key)))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return json_path(where), f"holds {item}, which JSON does not allow (NaN, Infinity or a number out of range)"
+        elif isinstance(item, str) and not encodable(item):
+            return json_path(where), "holds a lone surrogate (\\ud800-\\udfff): not valid UTF-8"
+    return None
+
+
+def encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_path(where: tuple[Any, ...]) -> str:
+    """``(((), "a"), 0)`` as ``a[0]``: the way OpenAI's ``param`` names a place in the body."""
+    keys: list[Any] = []
+    while where:
+        where, key = where
+        keys.append(key)
+    return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)).lstrip(".")
+
+
 def message_parts(content: Any, param: str, image_limit: int | None) -> tuple[str | Image, ...]:
     """A message's content as text and images in order; adjacent text parts are joined by newlines.
     ``image_limit`` is the most bytes an image may have, or None where images are not accepted."""
@@ -556,6 +617,7 @@ def image_part(spec: Any, where: str, limit: int) -> Image:
         raise missing(f"{where}.image_url.url")
     if url.startswith(("http://", "https://")):
         return Image({"type": "url", "url": url}, hashlib.sha256(url.encode()).hexdigest())
+    # Linear: anchored, and ';' and ',' end the groups before them, so a failed match backtracks no more than once.
     found = re.fullmatch(r"data:([\w/+.-]+);base64,([A-Za-z0-9+/=\s]*)", url, re.DOTALL)
     if not found:
         raise BadRequest(f"Image {where} must be a base64 data: URL or an http(s) URL.",
@@ -593,7 +655,7 @@ def tool_calls_text(calls: Any, param: str) -> str:
             raise BadRequest(f"'{param}[{j}]' must be a function call with 'function.name'.",
                              param=f"{param}[{j}].function", code="invalid_value")
         arguments = function.get("arguments") or "{}"
-        with contextlib.suppress(TypeError, ValueError):
+        with contextlib.suppress(TypeError, ValueError, RecursionError):
             arguments = json.loads(arguments)
         items.append({"id": call.get("id"), "name": function["name"], "arguments": arguments})
     return json.dumps({"type": "tool_calls", "tool_calls": items}, ensure_ascii=False)
@@ -706,6 +768,7 @@ def parse_tools(raw: Any, choice: Any) -> tuple[tuple[Tool, ...], str]:
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise wrong_type(f"{where}.function.parameters", "an object", parameters)
+        check_schema(parameters, f"{where}.function.parameters")
         tools.append(Tool(name, str(function.get("description") or ""), parameters))
     names = [tool.name for tool in tools]
     if len(set(names)) != len(names):
@@ -739,7 +802,9 @@ def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise BadRequest("response_format json_schema needs 'json_schema': {\"name\", \"schema\"}.",
                              param="response_format.json_schema", code="invalid_value")
-        return kind, spec.get("schema") or {}
+        schema = spec.get("schema") or {}
+        check_schema(schema, "response_format.json_schema.schema")
+        return kind, schema
     raise BadRequest(f"Invalid value for 'response_format.type': {kind!r}. Supported values are 'text', "
                      "'json_object' and 'json_schema'.", param="response_format.type", code="invalid_value")
 
@@ -785,19 +850,27 @@ class Reply:
 
 
 def loads_reply(text: str) -> Any:
-    """Parse the model's JSON, forgiving only a Markdown code fence around it."""
+    """Parse the model's JSON, forgiving only a Markdown code fence around it. The fence is found with plain
+    string operations, in linear time: a regex for it was cubic in the reply's length."""
     stripped = text.strip()
-    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", stripped, re.DOTALL)
+    if len(stripped) >= 6 and stripped.startswith("```") and stripped.endswith("```"):
+        stripped = stripped[3:-3].removeprefix("json").strip()
     try:
-        return json.loads(fenced.group(1) if fenced else stripped)
+        value = json.loads(stripped)
+    except RecursionError:
+        raise InvalidReply(f"the reply is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise InvalidReply(f"the reply is not valid JSON ({exc})") from None
+    if fault := json_fault(value):
+        raise InvalidReply(f"the reply {fault[1]}")
+    return value
 
 
-def parse_reply(text: str, request: ChatRequest) -> Reply:
-    """Check a structured reply against the request: never lets a malformed call or JSON through."""
+def parse_reply(text: str, request: ChatRequest, patterns: PatternAnswers | None = None) -> Reply:
+    """Check a structured reply against the request: never lets a malformed call or JSON through.
+    Raises PatternsNeeded when the schemas' patterns must be checked first (see ``schema_problem``)."""
     if not request.tools:
-        return Reply(checked_content(loads_reply(text), request))
+        return Reply(checked_content(loads_reply(text), request, patterns))
     reply = loads_reply(text)
     if not isinstance(reply, dict) or reply.get("type") not in ("text", "tool_calls"):
         raise InvalidReply('the reply must be an object with "type": "text" or "tool_calls"')
@@ -809,7 +882,7 @@ def parse_reply(text: str, request: ChatRequest) -> Reply:
             if not isinstance(content, str):
                 raise InvalidReply('"content" must be a string')
             return Reply(content)
-        return Reply(checked_content(content, request))
+        return Reply(checked_content(content, request, patterns))
     calls = reply.get("tool_calls")
     if not isinstance(calls, list) or not calls:
         raise InvalidReply('"tool_calls" must be a non-empty array')
@@ -826,17 +899,18 @@ def parse_reply(text: str, request: ChatRequest) -> Reply:
         arguments = call.get("arguments", {})
         if isinstance(arguments, str):
             arguments = loads_reply(arguments)
-        problem = schema_problem(arguments, tools[name].parameters)
+        problem = schema_problem(arguments, tools[name].parameters, patterns)
         if problem:
             raise InvalidReply(f"the arguments of {name!r} do not match its parameters: {problem}")
         checked.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, json.dumps(arguments, ensure_ascii=False)))
     return Reply(None, tuple(checked))
 
 
-def checked_content(value: Any, request: ChatRequest) -> str:
+def checked_content(value: Any, request: ChatRequest, patterns: PatternAnswers | None = None) -> str:
     if request.response_format == "json_object" and not isinstance(value, dict):
         raise InvalidReply("the reply must be a JSON object")
-    if request.response_format == "json_schema" and (problem := schema_problem(value, request.schema or {})):
+    if request.response_format == "json_schema" and (problem := schema_problem(value, request.schema or {},
+                                                                               patterns)):
         raise InvalidReply(f"the JSON does not match the schema: {problem}")
     return json.dumps(value, ensure_ascii=False)
 
@@ -854,68 +928,277 @@ JSON_TYPES: Mapping[str, Callable[[Any], bool]] = MappingProxyType({
 })
 
 
-def schema_problem(value: Any, schema: Any, root: Any = None, path: str = "$") -> str | None:
+MAX_SCHEMA_STEPS = 50_000  # schema nodes applied to parts of one value, at most, before it counts as unchecked
+MAX_SCHEMA_DEPTH = 200  # nested applications (properties, items, $ref, allOf...) at most, likewise
+MAX_PATTERN_LENGTH = 1000  # characters in one client pattern
+PATTERN_TIMEOUT = 1.0  # seconds one client pattern may take against one string
+PatternAnswers = Mapping[tuple[str, str], bool | None]  # (pattern, text) -> matched; None: ran out of time
+
+
+class PatternsNeeded(Exception):  # a request for more work, not an error
+    """A schema check met client patterns whose answers it does not have yet. Client patterns run in
+    ``PatternChecker``'s process, never here: check ``pairs`` there, then run the check again with them."""
+
+    def __init__(self, pairs: set[tuple[str, str]]) -> None:
+        super().__init__(f"{len(pairs)} pattern checks needed")
+        self.pairs = pairs
+
+
+def resolve_ref(root: Any, ref: str) -> Any:
+    """The target of a local ``$ref`` (``#`` or ``#/$defs/Name``, JSON Pointer escapes decoded), or None."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None
+    target = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            return None
+    return target
+
+
+def brief(value: Any) -> str:
+    """A value as a problem names it, in time independent of its size."""
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else "an array"
+    return json.dumps(value[:60] if isinstance(value, str) else value)[:60]
+
+
+def schema_problem(value: Any, schema: Any, patterns: PatternAnswers | None = None) -> str | None:
     """The first way ``value`` breaks ``schema`` (the JSON Schema keywords function parameters use), or None.
-    Keywords it does not know are ignored; ``$ref`` resolves within the schema (``#/$defs/...``)."""
-    root = schema if root is None else root
-    if schema is True or not isinstance(schema, dict):
-        return None if schema is not False else f"{path}: no value is allowed here"
-    if isinstance(schema.get("$ref"), str):
-        target: Any = root
-        for part in schema["$ref"].removeprefix("#/").split("/") if schema["$ref"] != "#" else []:
-            target = target.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(target, dict) else {}
-        return schema_problem(value, target, root, path)
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = [kinds] if isinstance(kinds, str) else kinds
-        if not any(JSON_TYPES.get(kind, lambda v: True)(value) for kind in kinds):
-            return f"{path}: expected {' or '.join(kinds)}, got {json.dumps(value)[:60]}"
-    if "enum" in schema and value not in schema["enum"]:
-        return f"{path}: {json.dumps(value)[:60]} is not one of {json.dumps(schema['enum'])[:120]}"
-    if "const" in schema and value != schema["const"]:
-        return f"{path}: must be {json.dumps(schema['const'])[:60]}"
-    for keyword in ("allOf", "anyOf", "oneOf"):
-        options = schema.get(keyword)
-        if isinstance(options, list):
-            problems = [schema_problem(value, option, root, path) for option in options]
-            passed = problems.count(None)
-            if keyword == "allOf" and passed < len(options):
-                return next(p for p in problems if p)
-            if keyword == "anyOf" and not passed or keyword == "oneOf" and passed != 1:
-                return f"{path}: matches {passed} of the {keyword} choices"
-    if isinstance(value, dict):
-        properties = schema.get("properties") or {}
-        for name in schema.get("required") or []:
-            if name not in value:
-                return f"{path}: missing required property {name!r}"
-        extra = schema.get("additionalProperties", True)
-        for name, item in value.items():
-            if name in properties:
-                problem = schema_problem(item, properties[name], root, f"{path}.{name}")
-            elif extra is False:
-                problem = f"{path}: unexpected property {name!r}"
+    Keywords it does not know are ignored; ``$ref`` resolves within the schema (``#/$defs/...``).
+
+    The schema was checked by ``schema_fault`` when the request came in; the work here is bounded all the
+    same (MAX_SCHEMA_STEPS, MAX_SCHEMA_DEPTH), past which the value counts as not matching, and nothing here
+    raises but PatternsNeeded. ``patterns`` holds the answers to the schema's ``pattern`` keywords known so
+    far: a check that meets a pair without an answer assumes a match, goes on, and ends in PatternsNeeded
+    with every such pair, to be checked and the check run again (``checked_reply``)."""
+    asked: set[tuple[str, str]] = set()
+    steps = 0
+    gave_up = ""  # where the check ran out of steps or depth: then no answer of it can be trusted
+
+    def check(value: Any, schema: Any, path: str, depth: int) -> str | None:
+        nonlocal steps, gave_up
+        steps += 1
+        if steps > MAX_SCHEMA_STEPS or depth > MAX_SCHEMA_DEPTH:
+            gave_up = gave_up or path
+            return gave_up
+        if schema is True or not isinstance(schema, dict):
+            return None if schema is not False else f"{path}: no value is allowed here"
+        if isinstance(schema.get("$ref"), str):
+            target = resolve_ref(root, schema["$ref"])
+            if target is None:
+                return f"{path}: the schema's $ref {schema['$ref']!r} does not resolve"
+            return check(value, target, path, depth + 1)
+        kinds = schema.get("type")
+        if kinds is not None:
+            kinds = [kinds] if isinstance(kinds, str) else kinds
+            if not any(JSON_TYPES.get(kind, lambda v: True)(value) for kind in kinds):
+                return f"{path}: expected {' or '.join(kinds)}, got {brief(value)}"
+        if "enum" in schema and value not in schema["enum"]:
+            return f"{path}: {brief(value)} is not one of {json.dumps(schema['enum'])[:120]}"
+        if "const" in schema and value != schema["const"]:
+            return f"{path}: must be {json.dumps(schema['const'])[:60]}"
+        for keyword in ("allOf", "anyOf", "oneOf"):
+            options = schema.get(keyword)
+            if isinstance(options, list):
+                problems = [check(value, option, path, depth + 1) for option in options]
+                passed = problems.count(None)
+                if keyword == "allOf" and passed < len(options):
+                    return next(p for p in problems if p)
+                if keyword == "anyOf" and not passed or keyword == "oneOf" and passed != 1:
+                    return f"{path}: matches {passed} of the {keyword} choices"
+        if isinstance(value, dict):
+            properties = schema.get("properties") or {}
+            for name in schema.get("required") or []:
+                if name not in value:
+                    return f"{path}: missing required property {name!r}"
+            extra = schema.get("additionalProperties", True)
+            for name, item in value.items():
+                if name in properties:
+                    problem = check(item, properties[name], f"{path}.{name}", depth + 1)
+                elif extra is False:
+                    problem = f"{path}: unexpected property {name!r}"
+                else:
+                    problem = check(item, extra, f"{path}.{name}", depth + 1)
+                if problem:
+                    return problem
+        if isinstance(value, list):
+            if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+                return f"{path}: has {len(value)} items, outside the allowed count"
+            for i, item in enumerate(value):
+                if problem := check(item, schema.get("items", True), f"{path}[{i}]", depth + 1):
+                    return problem
+        if isinstance(value, str):
+            if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+                return f"{path}: length {len(value)} is outside the allowed range"
+            pattern = schema.get("pattern")
+            if isinstance(pattern, str):
+                if (pattern, value) not in (patterns or {}):
+                    asked.add((pattern, value))
+                elif (matched := (patterns or {})[pattern, value]) is None:
+                    return f"{path}: checking the pattern {pattern!r} took longer than {PATTERN_TIMEOUT:g} s"
+                elif not matched:
+                    return f"{path}: does not match the pattern {pattern!r}"
+        if JSON_TYPES["number"](value):
+            for keyword, ok in (("minimum", lambda b: value >= b), ("maximum", lambda b: value <= b),
+                                ("exclusiveMinimum", lambda b: value > b), ("exclusiveMaximum", lambda b: value < b)):
+                bound = schema.get(keyword)
+                if JSON_TYPES["number"](bound) and not ok(bound):
+                    return f"{path}: {value} breaks {keyword} {bound}"
+        return None
+
+    root = schema
+    try:
+        problem = check(value, schema, "$", 0)
+    except (TypeError, ValueError, RecursionError):  # only a schema that skipped schema_fault gets here
+        return "$: the schema could not be applied to this value"
+    if gave_up:
+        return f"{gave_up}: the value is too large or nested too deeply to check against the schema"
+    if asked:
+        raise PatternsNeeded(asked)
+    return problem
+
+
+COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+SAME_VALUE = ("allOf", "anyOf", "oneOf")  # keywords whose schemas apply to the value itself, as $ref does
+
+
+def schema_fault(root: Any) -> tuple[str, str] | None:
+    """Why ``schema_problem`` could not apply ``root``, as (where in the schema, why), or None: a keyword of
+    the wrong type, a pattern that does not compile (or is longer than MAX_PATTERN_LENGTH), a ``$ref`` that
+    does not resolve, or a loop of ``$ref``/``allOf``/``anyOf``/``oneOf`` that never reaches a part of the
+    value. Checked when the request comes in, so such a schema is refused before any model call."""
+    seen: set[int] = set()
+    refs: list[tuple[Any, str]] = []  # $ref targets, linted after the tree (a long chain costs no stack)
+
+    def walk(schema: Any, where: str) -> tuple[str, str] | None:
+        if isinstance(schema, bool):
+            return None
+        if not isinstance(schema, dict):
+            return where, "a schema must be an object or a boolean"
+        if id(schema) in seen:
+            return None
+        seen.add(id(schema))
+        kinds = schema.get("type")
+        if kinds is not None and not (isinstance(kinds, str) or isinstance(kinds, list) and kinds
+                                      and all(isinstance(kind, str) for kind in kinds)):
+            return f"{where}.type", "must be a string or a non-empty array of strings"
+        for key in COUNTS:
+            if key in schema and (isinstance(schema[key], bool) or not isinstance(schema[key], int)
+                                  or schema[key] < 0):
+                return f"{where}.{key}", "must be a non-negative integer"
+        for key in BOUNDS:
+            if key in schema and not isinstance(schema[key], int | float):
+                return f"{where}.{key}", "must be a number"
+        if "enum" in schema and not isinstance(schema["enum"], list):
+            return f"{where}.enum", "must be an array"
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+            return f"{where}.required", "must be an array of strings"
+        if "pattern" in schema:
+            pattern = schema["pattern"]
+            if not isinstance(pattern, str):
+                return f"{where}.pattern", "must be a string"
+            if len(pattern) > MAX_PATTERN_LENGTH:
+                return f"{where}.pattern", f"is longer than {MAX_PATTERN_LENGTH} characters"
+            try:
+                re.compile(pattern)  # compiling is linear in the pattern; matching happens off the event loop
+            except (re.error, RecursionError, OverflowError, ValueError) as exc:
+                return f"{where}.pattern", f"is not a valid regular expression ({exc})"
+        for key in ("properties", "$defs", "definitions"):
+            if key in schema:
+                if not isinstance(schema[key], dict):
+                    return f"{where}.{key}", "must be an object"
+                for name, child in schema[key].items():
+                    if fault := walk(child, f"{where}.{key}.{name}"):
+                        return fault
+        for key in SAME_VALUE:
+            if key in schema:
+                if not isinstance(schema[key], list) or not schema[key]:
+                    return f"{where}.{key}", "must be a non-empty array of schemas"
+                for i, child in enumerate(schema[key]):
+                    if fault := walk(child, f"{where}.{key}[{i}]"):
+                        return fault
+        for key in ("items", "additionalProperties"):
+            children = schema.get(key, True)
+            for i, child in enumerate(children) if key == "items" and isinstance(children, list) else [(-1, children)]:
+                if fault := walk(child, f"{where}.{key}" + (f"[{i}]" if i >= 0 else "")):
+                    return fault
+        if "$ref" in schema:
+            ref = schema["$ref"]
+            target = resolve_ref(root, ref) if isinstance(ref, str) else None
+            if target is None:
+                return f"{where}.$ref", f"{json.dumps(ref)[:100]} does not resolve: only local references such as " \
+                                        "'#/$defs/Name' are supported"
+            refs.append((target, f"{where}.$ref"))
+        return None
+
+    fault = walk(root, "")
+    while fault is None and refs:
+        fault = walk(*refs.pop())
+    return fault or same_value_loop(root)
+
+
+def same_value_loop(root: Any) -> tuple[str, str] | None:
+    """A cycle of $ref/allOf/anyOf/oneOf edges: applying it would never move on to a part of the value."""
+
+    def edges(schema: dict[str, Any], where: str) -> list[tuple[Any, str, str]]:
+        """(child, where the child is, where the edge to it is) for each schema applied to the same value."""
+        found = [(child, f"{where}.{key}[{i}]", f"{where}.{key}[{i}]") for key in SAME_VALUE
+                 for i, child in enumerate(schema.get(key) or [])]
+        ref = schema.get("$ref")
+        if isinstance(ref, str):
+            target = "".join(f".{part}" for part in ref[2:].split("/")) if ref.startswith("#/") else ""
+            found.append((resolve_ref(root, ref), target, f"{where}.$ref"))
+        return [edge for edge in found if isinstance(edge[0], dict)]
+
+    nodes: list[tuple[dict[str, Any], str]] = []  # every schema in the tree: any of them can start a loop
+    pending: list[tuple[Any, str]] = [(root, "")]
+    while pending:
+        schema, where = pending.pop()
+        if isinstance(schema, dict):
+            nodes.append((schema, where))
+            for key in ("properties", "$defs", "definitions"):
+                pending += [(child, f"{where}.{key}.{name}") for name, child in (schema.get(key) or {}).items()]
+            for key in ("items", "additionalProperties"):
+                children = schema.get(key)
+                pending += [(child, f"{where}.{key}") for child in (children if isinstance(children, list)
+                                                                     else [children])]
+            for key in SAME_VALUE:
+                pending += [(child, f"{where}.{key}[{i}]") for i, child in enumerate(schema.get(key) or [])]
+    done: set[int] = set()
+    for start, where in nodes:  # a depth-first walk from each, iterative: a long chain costs no stack
+        on_path = {id(start)}
+        stack = [(start, iter(edges(start, where)))] if id(start) not in done else []
+        while stack:
+            schema, children = stack[-1]
+            for child, at, via in children:
+                if id(child) in on_path:
+                    return via, "closes a loop of $ref/allOf/anyOf/oneOf that never reaches a part of the value"
+                if id(child) not in done:
+                    on_path.add(id(child))
+                    stack.append((child, iter(edges(child, at))))
+                    break
             else:
-                problem = schema_problem(item, extra, root, f"{path}.{name}")
-            if problem:
-                return problem
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
-            return f"{path}: has {len(value)} items, outside the allowed count"
-        for i, item in enumerate(value):
-            if problem := schema_problem(item, schema.get("items", True), root, f"{path}[{i}]"):
-                return problem
-    if isinstance(value, str):
-        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
-            return f"{path}: length {len(value)} is outside the allowed range"
-        if isinstance(schema.get("pattern"), str) and not re.search(schema["pattern"], value):
-            return f"{path}: does not match the pattern {schema['pattern']!r}"
-    if JSON_TYPES["number"](value):
-        for keyword, ok in (("minimum", lambda b: value >= b), ("maximum", lambda b: value <= b),
-                            ("exclusiveMinimum", lambda b: value > b), ("exclusiveMaximum", lambda b: value < b)):
-            bound = schema.get(keyword)
-            if JSON_TYPES["number"](bound) and not ok(bound):
-                return f"{path}: {value} breaks {keyword} {bound}"
+                stack.pop()
+                on_path.discard(id(schema))
+                done.add(id(schema))
     return None
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """Refuse a client's schema that could not be applied to the model's reply (see ``schema_fault``)."""
+    if fault := schema_fault(schema):
+        where, why = fault
+        raise BadRequest(f"Invalid JSON Schema in '{param}': '{param}{where}' {why}.", param=param + where,
+                         code="invalid_schema")
 
 
 # --- Validation: a request body to a ChatRequest ---
@@ -1019,6 +1302,7 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
     response_format, schema = parse_response_format(body.get("response_format"))
 
     system, turns = flatten_messages(body.get("messages"), settings.max_image_bytes)
+    check_context_length(system, turns, cli_model)
     return ChatRequest(
         model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
         include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
@@ -1026,6 +1310,32 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
         tool_choice=tool_choice, parallel_tool_calls=body.get("parallel_tool_calls") is not False,
         response_format=response_format, schema=schema,
     )
+
+
+CONTEXT_WINDOW = 200_000  # tokens, the Claude models' window
+LONG_CONTEXT_WINDOW = 1_000_000  # tokens, for the [1m] aliases, and for a model we cannot know (the CLI's default)
+STANDARD_WINDOW_MODELS = ("sonnet", "opus", "haiku")
+MAX_CHARS_PER_TOKEN = 10  # more than any tokenizer packs into a token on average: the estimate only refuses the sure
+
+
+def context_window(cli_model: str | None) -> int:
+    """The window a prompt must fit: the standard one only for a model known to have it."""
+    name = cli_model or ""
+    standard = name in STANDARD_WINDOW_MODELS or name.startswith("claude-") and not name.endswith("[1m]")
+    return CONTEXT_WINDOW if standard else LONG_CONTEXT_WINDOW
+
+
+def check_context_length(system: str, turns: tuple[Turn, ...], cli_model: str | None) -> None:
+    """Refuse, before any CLI runs, a prompt that certainly cannot fit the model's context window. The estimate
+    is a floor (characters / MAX_CHARS_PER_TOKEN): what it lets through the upstream may still refuse, and the
+    CLI's "prompt is too long" then gives the same error (``error_from_result``)."""
+    chars = len(system) + sum(len(turn.text) for turn in turns)
+    window = context_window(cli_model)
+    if chars > window * MAX_CHARS_PER_TOKEN:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {window} tokens. However, your messages hold {chars} "
+            f"characters, at least {chars // MAX_CHARS_PER_TOKEN} tokens. Please reduce the length of the messages.",
+            param="messages")
 
 
 def parse_session_id(value: Any) -> str | None:
@@ -1117,7 +1427,12 @@ def as_responses_error(error: BadRequest) -> BadRequest:
             error.param = name + error.param[len(chat_name):]
             error.message = error.message.replace(f"'{chat_name}", f"'{name}")
     if error.param and error.param.startswith("tools[") and ".function" in error.param:
+        tool = error.param.split(".function", 1)[0]
         error.param = error.param.replace(".function", "", 1)
+        error.message = error.message.replace(f"'{tool}.function", f"'{tool}")
+    if error.param and error.param.startswith("text.format.json_schema.schema"):
+        error.param = error.param.replace(".json_schema", "", 1)
+        error.message = error.message.replace("'text.format.json_schema.schema", "'text.format.schema")
     if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
         error.param = error.param.removesuffix(".url")
     return error
@@ -1255,7 +1570,14 @@ class ModelCall:
     stop_reason: str | None = None
 
 
-CliEvent = TextDelta | ThinkingDelta | CliResult | ModelCall
+@dataclass(frozen=True)
+class LimitReached:
+    """The CLI's ``rate_limit_event`` with status "rejected": the account's limit, and when it resets."""
+
+    resets_at: float | None
+
+
+CliEvent = TextDelta | ThinkingDelta | CliResult | ModelCall | LimitReached
 
 
 def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
@@ -1275,8 +1597,25 @@ def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
     return usage
 
 
+# On CLI output, both linear: literal prefixes, one quantifier over digits, alternatives of literals.
 OUTPUT_LIMIT = re.compile(r"exceeded the \d+ output token maximum")
 AUTH_FAILURE = re.compile(r"not logged in|/login|invalid api key|authentication|oauth token", re.IGNORECASE)
+
+
+RATE_LIMIT_PATIENCE = 10.0  # seconds a request waits in all for rate limits to clear before the client hears
+
+
+def rate_limited(resets_at: float | None = None) -> RateLimited:
+    """A 429 for the client. A limit that resets within RATE_LIMIT_PATIENCE is worth waiting for; a later
+    one (a plan's usage limit resets in hours) is answered at once, with Retry-After saying when."""
+    if resets_at is None:
+        return RateLimited("The Claude account is rate-limited; retry later.", retry_after=30)
+    wait = max(1.0, resets_at - time.time())
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(resets_at))
+    error = RateLimited(f"The Claude account's usage limit is reached; it resets at {when}, in {wait:.0f} s.",
+                        retry_after=wait)
+    error.resets_at, error.retryable = resets_at, wait <= RATE_LIMIT_PATIENCE
+    return error
 
 
 def error_from_result(event: Mapping[str, Any]) -> ProxyError:
@@ -1290,11 +1629,16 @@ def error_from_result(event: Mapping[str, Any]) -> ProxyError:
         return PlanRefused("The Claude plan refused this request as coming from a third-party app (\"Third-party "
                            "apps now draw from your extra usage\"). Set CLAUDE_SYSTEM_PROMPT_MODE=embed (or append) "
                            "so the CLI keeps its own system prompt.")
+    if event.get("terminal_reason") == "prompt_too_long" or "prompt is too long" in text.lower():
+        # Both CLI versions say so in the result text (2.1.332 also in terminal_reason), with status 400.
+        return ContextLengthExceeded("The prompt is too long for the model's context window. Please reduce the "
+                                     "length of the messages (or use a model with a larger window, such as "
+                                     "sonnet[1m]).", param="messages")
     if status in (401, 403) or (status is None and AUTH_FAILURE.search(text)):
         return CliNotLoggedIn("The claude CLI on the server is not logged in (or its login expired): run `claude` "
                               "on that machine and log in, then retry.")
     if status == 429:
-        return RateLimited("The Claude account is rate-limited; retry later.", retry_after=30)
+        return rate_limited()
     if status == 404:
         return ModelNotFound("The upstream API does not know the requested model.", param="model")
     if isinstance(status, int) and 400 <= status < 500:
@@ -1320,6 +1664,12 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
         if event.get("type") == "message_delta":
             return ModelCall(event.get("usage") or {}, delta.get("stop_reason"))
         return None
+    if kind == "rate_limit_event":
+        info = line.get("rate_limit_info") or {}
+        if info.get("status") != "rejected":  # "allowed" and "allowed_warning" come with answers too
+            return None
+        resets_at = info.get("resetsAt")
+        return LimitReached(float(resets_at) if isinstance(resets_at, int | float) and resets_at > 0 else None)
     if kind == "system" and line.get("subtype") == "api_retry" and line.get("error_status") in (401, 403):
         # Only seen if the CLI retries on its own; a bad login never heals by waiting.
         raise error_from_result({"api_error_status": line["error_status"]})
@@ -1406,7 +1756,10 @@ def apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 # --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
 
 STDOUT_LIMIT = 64 * MiB  # one stream-json line can carry a whole long answer
-STDERR_TAIL = 50
+STDERR_TAIL = 20  # lines of a CLI's stderr kept, and logged once per request when it fails
+STDERR_LINE = 300  # characters kept of each (the CLI can print kilobytes of minified JavaScript on one line)
+
+
 GRACEFUL_EXIT = 5.0  # seconds a session's CLI gets to finish its transcript after stdin closes
 
 
@@ -1427,6 +1780,80 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+PATTERN_CHECKER = r"""# claude_api pattern checker: in, a JSON array of [pattern, text] a line; out, 1 or 0 a pair
+import json, re, sys
+for line in sys.stdin:
+    for pattern, text in json.loads(line):
+        try:
+            found = re.search(pattern, text) is not None
+        except Exception:
+            found = False
+        sys.stdout.write("1\n" if found else "0\n")
+        sys.stdout.flush()
+"""
+PATTERN_GIVE_UP = 2  # checks of one reply that may run out of time before the rest count as failed unchecked
+
+
+class PatternChecker:
+    """Matches client-supplied JSON Schema patterns in a small Python process of its own, started on first use.
+
+    Python's ``re`` backtracks: ``^(a+)+$`` against 35 characters runs for minutes, and neither the event loop
+    nor a thread can be interrupted, but a process can be killed. A check that takes longer than
+    PATTERN_TIMEOUT kills the process (the next check starts another) and counts as failed."""
+
+    def __init__(self, environ: Mapping[str, str], timeout: float = PATTERN_TIMEOUT) -> None:
+        self.environ, self.timeout = environ, timeout
+        self.process: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+        self.checking = False  # a check is under way
+        self.restarts = 0  # processes killed for taking too long
+
+    async def check(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bool | None]:
+        """Whether each text matches its pattern (``re.search``); None where the check ran out of time."""
+        todo = list(dict.fromkeys(pairs))
+        answers: dict[tuple[str, str], bool | None] = {}
+        timeouts = 0
+        async with self.lock:
+            self.checking = True
+            try:
+                while todo and timeouts < PATTERN_GIVE_UP:
+                    process = await self._process()
+                    assert process.stdin and process.stdout
+                    process.stdin.write(json.dumps(todo).encode() + b"\n")
+                    await process.stdin.drain()
+                    while todo:
+                        try:
+                            async with asyncio.timeout(self.timeout):
+                                line = await process.stdout.readline()
+                        except TimeoutError:
+                            line = b""
+                        if not line:  # too slow (or dead): this pair failed, the rest go to a new process
+                            answers[todo.pop(0)] = None
+                            timeouts += 1
+                            self.restarts += 1
+                            await self.close()
+                            break
+                        answers[todo.pop(0)] = line.strip() == b"1"
+                answers.update(dict.fromkeys(todo))
+            finally:
+                self.checking = False
+        return answers
+
+    async def _process(self) -> asyncio.subprocess.Process:
+        if self.process is None or self.process.returncode is not None:
+            env = {k: v for k, v in self.environ.items() if k not in SCRUBBED_ENV}
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-c", PATTERN_CHECKER, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
+        return self.process
+
+    async def close(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            kill_group(process)
+            await asyncio.shield(process.wait())
 
 
 ProcessState = Literal["new", "ready", "waiting", "busy", "spent", "closed"]
@@ -1488,7 +1915,8 @@ class CliProcess:
     async def _drain_stderr(self) -> None:
         assert self.process and self.process.stderr
         async for line in self.process.stderr:
-            self.stderr.append(line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            self.stderr.append(text if len(text) <= STDERR_LINE else f"{text[:STDERR_LINE]}... ({len(text)} chars)")
 
     async def turn(self, message: bytes, *, close_stdin: bool) -> AsyncGenerator[CliEvent, None]:
         """Send one user message and yield the turn's events up to its result. A turn that ends any other way
@@ -1498,6 +1926,7 @@ class CliProcess:
         await self.write(message, close=close_stdin)
         began, garbage = False, 0
         usage: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
+        limit: LimitReached | None = None  # the CLI said the account's limit is reached
         try:
             async for raw in self.process.stdout:
                 try:
@@ -1508,10 +1937,18 @@ class CliProcess:
                     continue
                 if not isinstance(line, dict):
                     continue
-                event = parse_event(line)
+                try:
+                    event = parse_event(line)
+                except RateLimited:
+                    if limit is None or limit.resets_at is None:
+                        raise
+                    raise rate_limited(limit.resets_at) from None  # the result itself does not say when it resets
                 if event is None:  # start-up lines, and events we do not act on
                     continue
                 began = True
+                if isinstance(event, LimitReached):
+                    limit = event
+                    continue
                 if isinstance(event, ModelCall):
                     usage.update(event.usage)
                     if event.stop_reason == "max_tokens":
@@ -1548,8 +1985,8 @@ class CliProcess:
         if waited and not began:
             log.info("a waiting CLI process had died (status %s); replacing it", code)
             return ProcessLost("A waiting claude CLI process had died.")
-        log.warning("CLI exited with status %s and no result%s; stderr tail: %s", code,
-                    f" after {garbage} unparseable lines" if garbage else "", " | ".join(self.stderr) or "(empty)")
+        log.warning("CLI exited with status %s and no result%s", code,
+                    f" after {garbage} unparseable lines" if garbage else "")
         error = TurnNotStarted if not began else CliFailed
         return error(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
 
@@ -1726,6 +2163,7 @@ class Job:
     prompt, ended after the attempt. ``SessionJob`` continues stored conversations and keeps processes warm."""
 
     keeps_stdin = False
+    stderr_logged = False  # a failed attempt's stderr went to the log: the retries' need not
 
     def __init__(self, call: CliCall) -> None:
         self.call = call
@@ -1771,6 +2209,7 @@ class Retries:
         self.runner, self.job = runner, job
         self.deadline = time.monotonic() + runner.settings.request_timeout
         self.attempts = self.free = 0
+        self.limited = 0.0  # seconds spent waiting for rate limits to clear
 
     async def after(self, error: ProxyError, *, may_retry: bool = True) -> None:
         """Return when the failed attempt is worth another, or raise what the client should get. ``may_retry``
@@ -1787,6 +2226,12 @@ class Retries:
         if not error.retryable or self.attempts >= runner.settings.max_retries or runner.closing \
                 or time.monotonic() + delay >= self.deadline:
             raise error
+        if isinstance(error, RateLimited):
+            if error.resets_at is not None:
+                delay = max(0.0, error.resets_at - time.time()) + random.uniform(0.0, 0.5)
+            if self.limited + delay > RATE_LIMIT_PATIENCE:
+                raise error  # it will not clear soon enough: the client hears now, with Retry-After
+            self.limited += delay
         self.attempts += 1
         log.info("attempt %d failed (%s: %s); retrying in %.1f s", self.attempts, type(error).__name__,
                  error.message, delay)
@@ -1887,6 +2332,7 @@ class Runner:
         self.store = ProcessStore(settings)
         self.prestart = Prestart(self)
         self.reaper: asyncio.TimerHandle | None = None
+        self.patterns = PatternChecker(environ)  # for client schemas' patterns; its process starts on first use
         self.version_args: tuple[str, ...] = ()  # flags for this CLI version, learnt at start-up (cli_arguments)
         self.login: LoginState = "unknown"  # from `claude auth status` at start-up, then from each answer
 
@@ -1956,6 +2402,10 @@ class Runner:
                 error = exc
                 raise
             finally:
+                if isinstance(error, ProxyError) and cli.stderr and not job.stderr_logged:
+                    job.stderr_logged = True
+                    log.warning("CLI stderr, last %d lines (logged once per request): %s", len(cli.stderr),
+                                " | ".join(cli.stderr))
                 self.note_login(error)
                 slot.until = self.settle(cli, job.verdict(cli, error))
 
@@ -1989,6 +2439,7 @@ class Runner:
         closing = [cli.close_soon() for cli in list(self.live)]
         if closing:
             await asyncio.wait(closing, timeout=GRACEFUL_EXIT)
+        await self.patterns.close()
 
 
 # --- The CLI itself: its version and flags, its login, and a self-check of the features we use ---
@@ -2622,6 +3073,21 @@ def replay(done: Answer) -> Iterator[TurnEvent]:
     yield Finished(done.finish, done.usage)
 
 
+PATTERN_ROUNDS = 3  # checks of one reply that may ask for pattern answers; one nearly always does
+
+
+async def checked_reply(runner: Runner, text: str, request: ChatRequest) -> Reply:
+    """``parse_reply``, with the client patterns it meets matched in the pattern checker's process. Answers
+    can lead the check to parts it skipped before (a ``oneOf`` that now passes), hence the rounds."""
+    answers: dict[tuple[str, str], bool | None] = {}
+    for _ in range(PATTERN_ROUNDS):
+        try:
+            return parse_reply(text, request, answers)
+        except PatternsNeeded as need:
+            answers.update(await runner.patterns.check(need.pairs))
+    raise InvalidReply("the schema's patterns could not all be checked")
+
+
 async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
     """A whole answer, retried as the policy allows: plain text, or a structured reply parsed and checked, with
     one corrective run when the model got the format wrong."""
@@ -2629,7 +3095,7 @@ async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
     if not request.structured:
         return done
     try:
-        reply = parse_reply(done.content or "", request)
+        reply = await checked_reply(runner, done.content or "", request)
     except InvalidReply as problem:
         log.info("reply not in the requested format (%s); asking once more", problem)
         again = replace(request, turns=(*request.turns, Turn("assistant", done.content or ""),
@@ -2637,7 +3103,7 @@ async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
         retry = await folded(runner, Job(build_cli_call(again, runner.settings)), request)
         done = replace(retry, usage=add_usage(done.usage, retry.usage), thinking=done.thinking + retry.thinking)
         try:
-            reply = parse_reply(done.content or "", request)
+            reply = await checked_reply(runner, done.content or "", request)
         except InvalidReply as still:
             hint = " (the reply hit max_tokens)" if done.finish == "length" else ""
             raise InvalidModelOutput(f"The model's reply did not match the requested format, even after a "
@@ -2939,24 +3405,41 @@ def error_response(error: ProxyError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
-async def read_json(request: Request, limit: int) -> Any:
+async def read_json(request: Request, settings: Settings) -> Any:
+    """The body as JSON we can serve: within CLAUDE_MAX_BODY_BYTES, received within CLAUDE_BODY_TIMEOUT (a
+    client dripping its body a byte at a time holds no connection open for longer), and free of what
+    ``json_fault`` refuses."""
     # Only JSON: a web page can post text/plain to any address without asking, but not application/json.
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         raise UnsupportedMediaType(f"The request body must be sent with Content-Type: application/json, not "
                                    f"{media_type or 'none'!r}.")
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
     try:
-        return json.loads(body)
+        async with asyncio.timeout(settings.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within CLAUDE_BODY_TIMEOUT={settings.body_timeout:g} "
+                             "s.") from None
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise BadRequest(f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.",
+                         code="invalid_json") from None
     except ValueError:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if fault := json_fault(value):
+        where, why = fault
+        raise BadRequest(f"The request body {why}" + (f" (at '{where}')." if where else "."), param=where or None,
+                         code="invalid_json")
+    return value
 
 
 async def until_disconnect(request: Request) -> None:
@@ -3089,7 +3572,7 @@ async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatR
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
-    body = await read_json(request, settings.max_body_bytes)
+    body = await read_json(request, settings)
     chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
     job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
@@ -3112,7 +3595,7 @@ async def create_response(request: Request) -> Response:
     settings: Settings = state.settings
     runner: Runner = state.runner
     sessions: Sessions = state.sessions
-    body = await read_json(request, settings.max_body_bytes)
+    body = await read_json(request, settings)
     try:
         chat = parse_chat_request(responses_to_chat(body), settings)
     except BadRequest as error:
@@ -3468,6 +3951,14 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn's own limits, stated: idle keep-alive connections close after 5 s, a request head is at most
+    16 KiB, and past the requests the queue could ever take (plus room for /health and the like) uvicorn
+    answers 503 itself, so many large bodies at once cannot exhaust memory. Slow bodies are CLAUDE_BODY_TIMEOUT's."""
+    return {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024,
+            "limit_concurrency": max(256, settings.max_concurrency + settings.max_queue + 64)}
+
+
 def main() -> None:
     try:
         settings = load_settings()
@@ -3487,7 +3978,8 @@ def main() -> None:
                     settings.claude_bin)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + GRACEFUL_EXIT + 2))
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + GRACEFUL_EXIT + 2),
+                            **uvicorn_limits(settings))
     Server(config, app, settings.shutdown_grace).run()
 
 

@@ -63,6 +63,8 @@ class Reply:
     gate: threading.Event | None = None  # hold the last delta until this is set (10 s at most)
     echo: bool = False  # answer "echo: <the last user text>" instead of ``text``
     context_tokens: int = 0  # report this many prompt tokens read from cache: a context window nearly full
+    message: str = "stand-in error"  # the error message, with ``status``
+    headers: dict[str, str] = field(default_factory=lambda: {"retry-after": "1"})  # sent with ``status``
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -176,8 +178,8 @@ class StandIn:
             self.requests.append({"body": body, "headers": dict(request.headers), "raw_size": len(raw)})
             reply = self.script.pop(0) if self.script else self.default
         if reply.status != 200:
-            return JSONResponse({"type": "error", "error": {"type": reply.error_type, "message": "stand-in error"}},
-                                status_code=reply.status, headers={"retry-after": "1"})
+            return JSONResponse({"type": "error", "error": {"type": reply.error_type, "message": reply.message}},
+                                status_code=reply.status, headers=reply.headers)
         usage = self.usage_for(body)
         if reply.context_tokens:
             usage["cache_read_input_tokens"] = reply.context_tokens
@@ -438,6 +440,7 @@ def test_settings_defaults() -> None:
     assert (settings.timeout, settings.max_retries, settings.base_backoff) == (300.0, 5, 2.0)
     assert (settings.system_prompt_mode, settings.stream_mode, settings.keepalive) == ("replace", "live", 15.0)
     assert settings.max_body_bytes == 20 * 1024 * 1024 and settings.shutdown_grace == 10.0
+    assert settings.body_timeout == 30.0
     assert settings.model_map["gpt-4o"] == "sonnet"
 
 
@@ -453,6 +456,7 @@ def test_settings_defaults() -> None:
     ("CLAUDE_MODEL_MAP", '{"x": "-rf"}', "invalid model name '-rf'"),
     ("CLAUDE_EFFORT", "huge", "CLAUDE_EFFORT must be one of"),
     ("CLAUDE_SETTING_SOURCES", "user,everything", "CLAUDE_SETTING_SOURCES must list user, project or local"),
+    ("CLAUDE_BODY_TIMEOUT", "0", "CLAUDE_BODY_TIMEOUT must be a number"),
 ], ids=lambda v: str(v)[:30])
 def test_bad_setting_names_the_variable(name: str, value: str, fragment: str) -> None:
     with pytest.raises(api.SettingsError, match=fragment.replace("[", r"\[")):
@@ -2496,6 +2500,345 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
             {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": data_url(PNG)}]}]})
     assert image.status_code == 200 and image.json()["output_text"].startswith("echo: see")
     assert fake.calls()[-1]["stdin"].count('"type": "image"') == 1
+
+
+# --- Hostile input: checks in bounded time, refusals before any CLI runs ---
+
+SLOW_PATTERN = "^(a+)+$"  # backtracks: against 35 a's and a '!' Python's re runs for minutes
+SLOW_TEXT = "a" * 35 + "!"
+
+
+def finishes_within(seconds: float, work: Any) -> Any:
+    """``work()``'s result, failing if it takes longer than ``seconds``: it runs in a daemon thread, so a
+    runaway computation fails the test instead of hanging it (and the test run)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except Exception as exc:  # handed back to the test
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def pattern_tool(pattern: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}, "required": ["s"]}}}
+
+
+def test_a_client_pattern_cannot_stall_the_server(fake: Fake) -> None:
+    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {
+        "s": SLOW_TEXT}}]}))
+    app = fake.app()
+    results: list[Any] = []
+    with serve(app) as url:
+        thread = post_in_background(url, chat("call f", tools=[pattern_tool(SLOW_PATTERN)]), results)
+        assert wait_until(lambda: app.state.runner.patterns.checking, 20), "the pattern check never started"
+        started = time.monotonic()
+        health = httpx.get(f"{url}/health", timeout=5)
+        elapsed = time.monotonic() - started
+        assert app.state.runner.patterns.checking  # /health answered while the bad check was running
+        thread.join(30)
+    assert health.status_code == 200 and elapsed < 2
+    [response] = results
+    error = assert_error(response, 502, "invalid_model_output")
+    assert "took longer than" in error["message"]  # the check counted as failed, with a clear message
+    assert app.state.runner.patterns.restarts == 2  # the reply and its correction each killed one checker
+    assert len(fake.calls()) == 2
+
+
+async def test_a_client_pattern_is_checked_in_its_own_process(fake: Fake) -> None:
+    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {"s": "aaa"}}]}))
+    app = fake.app()
+    async with client_for(app) as client:
+        assert app.state.runner.patterns.process is None  # started only when a pattern needs checking
+        response = await client.post("/v1/chat/completions", json=chat("call f", tools=[pattern_tool(SLOW_PATTERN)]))
+        assert response.status_code == 200, response.text
+        assert json.loads(response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == \
+            {"s": "aaa"}
+        checker = app.state.runner.patterns.process
+        assert checker is not None and checker.returncode is None
+    assert checker.returncode is not None  # stopped with the app
+
+
+def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
+    schema = {"oneOf": [{"properties": {"s": {"pattern": "^a"}}}, {"properties": {"s": {"pattern": "b$"}}}],
+              "properties": {"t": {"pattern": "^x"}}}
+    value = {"s": "ab", "t": "y"}
+    with pytest.raises(api.PatternsNeeded) as first:  # assuming both match, oneOf fails before "t" is reached
+        api.schema_problem(value, schema)
+    answers: dict[tuple[str, str], bool | None] = {("^a", "ab"): True, ("b$", "ab"): False}
+    assert first.value.pairs == set(answers)
+    with pytest.raises(api.PatternsNeeded) as second:  # now oneOf passes, and "t" needs its answer
+        api.schema_problem(value, schema, answers)
+    assert second.value.pairs == {("^x", "y")}
+    assert "does not match the pattern '^x'" in (api.schema_problem(value, schema, {**answers, ("^x", "y"): False})
+                                                  or "")
+
+
+def test_a_fenced_reply_is_parsed_in_linear_time() -> None:
+    hostile = "```" + "\n" * 5000 + "x"  # the old fence regex took minutes on this
+    with pytest.raises(api.InvalidReply, match="not valid JSON"):
+        finishes_within(2, lambda: api.loads_reply(hostile))
+    assert finishes_within(2, lambda: api.loads_reply("```json\n" + "\n" * 100_000 + '{"a": 1}\n```')) == {"a": 1}
+
+
+@pytest.mark.parametrize("check", [
+    lambda: api.resolve_model("a" * 1_000_000 + "!", make_settings()),
+    lambda: api.image_part({"url": "data:" + "a" * 1_000_000}, "p", 10),
+    lambda: api.image_part({"url": "data:image/png;base64," + "A" * 1_000_000 + "!"}, "p", 10),
+    lambda: api.parse_tools([{"type": "function", "function": {"name": "a" * 1_000_000}}], None),
+    lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
+    lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
+    lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
+], ids=["model name", "data url without ;", "data url bad base64", "function name", "output limit digits",
+        "auth words", "output limit repeats"])
+def test_every_regex_on_outside_text_runs_in_linear_time(check: Any) -> None:
+    def run() -> None:
+        with contextlib.suppress(api.ProxyError):
+            check()
+
+    finishes_within(2, run)  # a megabyte each: a superlinear regex would take far longer
+
+
+SCHEMA_FAULTS = [
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "(unclosed"}}}, ".properties.s.pattern"),
+    ({"type": "string", "pattern": "a" * 1001}, ".pattern"),
+    ({"$ref": "#"}, ".$ref"),
+    ({"allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"anyOf": [{"$ref": "#"}]}}}, ".$defs.a.anyOf[0].$ref"),
+    ({"$ref": "#/$defs/missing"}, ".$ref"),
+    ({"$ref": "https://example.com/schema.json"}, ".$ref"),
+    ({"properties": {"s": {"minLength": "3"}}}, ".properties.s.minLength"),
+    ({"required": "x"}, ".required"),
+    ({"properties": []}, ".properties"),
+    ({"enum": "abc"}, ".enum"),
+    ({"type": ["string", {"no": 1}]}, ".type"),
+    ({"items": {"maxItems": 1.5}}, ".items.maxItems"),
+    ({"anyOf": []}, ".anyOf"),
+    ({"properties": {"s": 5}}, ".properties.s"),
+]
+
+
+@pytest.mark.parametrize("schema,where", SCHEMA_FAULTS, ids=lambda v: json.dumps(v)[:40])
+async def test_a_schema_we_cannot_check_is_refused_before_any_cli_runs(fake: Fake, schema: Any, where: str) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    async with client_for(fake.app()) as client:
+        for body, param in [
+            (chat(tools=[tool]), "tools[0].function.parameters"),
+            (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+             "response_format.json_schema.schema"),
+        ]:
+            for stream in (False, True):
+                assert_error(await client.post("/v1/chat/completions", json={**body, "stream": stream}), 400,
+                             "invalid_schema", param + where)
+        for body, param in [
+            ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": schema}]}, "tools[0].parameters"),
+            ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
+             "text.format.schema"),
+        ]:
+            error = assert_error(await client.post("/v1/responses", json=body), 400, "invalid_schema", param + where)
+            assert param in error["message"] and ".function" not in error["message"]
+    assert fake.calls() == []
+
+
+@pytest.mark.parametrize("schema,where", SCHEMA_FAULTS, ids=lambda v: json.dumps(v)[:40])
+def test_schema_problem_never_raises_on_any_schema(schema: Any, where: str) -> None:
+    for value in ({"s": "abc"}, "abc", [1, 2], 3, None):
+        try:
+            problem = api.schema_problem(value, schema)
+        except api.PatternsNeeded as need:
+            problem = api.schema_problem(value, schema, dict.fromkeys(need.pairs, False))
+        assert problem is None or isinstance(problem, str)
+
+
+def test_schema_work_is_bounded() -> None:
+    # Each level's anyOf doubles the work: 2**40 applications, unless the check stops itself.
+    defs = {f"n{i}": {"anyOf": [{"$ref": f"#/$defs/n{i + 1}"}, {"$ref": f"#/$defs/n{i + 1}"}]} for i in range(40)}
+    schema = {"$defs": {**defs, "n40": {"type": "string"}}, "$ref": "#/$defs/n0"}
+    deep = {"items": {"$ref": "#"}}
+    value: Any = 1
+    for _ in range(5000):
+        value = [value]
+    assert "too large" in (finishes_within(5, lambda: api.schema_problem(1, schema)) or "")
+    assert "nested too deeply" in (finishes_within(5, lambda: api.schema_problem(value, deep)) or "")
+
+
+HOSTILE_BODIES = [
+    (b'{"model": "sonnet", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
+    (b'{"model": "sonnet", "temperature": Infinity, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
+    (b'{"model": "sonnet", "top_p": -Infinity, "messages": [{"role": "user", "content": "x"}]}', "top_p"),
+    (b'{"model": "sonnet", "seed": 1e999, "messages": [{"role": "user", "content": "x"}]}', "seed"),
+    (b'{"model": "sonnet", "metadata": {"a": [1, NaN]}, "messages": [{"role": "user", "content": "x"}]}',
+     "metadata.a[1]"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x\\udfff"}], "user": "u"}', "messages[0].content"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "metadata": {"\\ud83d": 1}}', "metadata"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+     None),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 150 + b"]" * 150 + b"}",
+     "x" + "[0]" * 99),
+]
+
+
+@pytest.mark.parametrize("raw,param", HOSTILE_BODIES, ids=lambda v: v[:60].decode() if isinstance(v, bytes) else v)
+async def test_hostile_json_is_refused_before_any_cli_runs(fake: Fake, raw: bytes, param: str | None) -> None:
+    responses_raw = raw.replace(b'"messages"', b'"input"')
+    async with client_for(fake.app()) as client:
+        for path, body in (("/v1/chat/completions", raw), ("/v1/responses", responses_raw)):
+            response = await client.post(path, content=body, headers={"content-type": "application/json"})
+            expected = param.replace("messages", "input") if param and path == "/v1/responses" else param
+            assert_error(response, 400, "invalid_json", expected)
+    assert fake.calls() == []
+
+
+async def test_a_prompt_far_past_the_window_is_refused_at_once(fake: Fake) -> None:
+    prompt = "word " * 400_001  # 2,000,005 characters: more than 200,000 tokens, whatever the tokenizer
+    async with client_for(fake.app()) as client:
+        started = time.monotonic()
+        error = assert_error(await client.post("/v1/chat/completions", json=chat(prompt)), 400,
+                             "context_length_exceeded", "messages")
+        assert "maximum context length is 200000 tokens" in error["message"]
+        assert_error(await client.post("/v1/responses", json={"model": "opus", "input": prompt}), 400,
+                     "context_length_exceeded", "input")
+        assert time.monotonic() - started < 5 and fake.calls() == []
+        fake.control(reply="fits")  # a 1M-token window holds it; so may the CLI's default model
+        assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "sonnet[1m]"})).status_code \
+            == 200
+        assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "default"})).status_code == 200
+
+
+async def test_a_prompt_too_long_for_the_cli_is_a_400_not_retried(fake: Fake) -> None:
+    fake.control(default="prompt_too_long")
+    async with client_for(fake.app(max_retries=3)) as client:
+        error = assert_error(await client.post("/v1/chat/completions", json=chat()), 400, "context_length_exceeded",
+                             "messages")
+        assert "too long" in error["message"]
+        assert_error(await client.post("/v1/chat/completions", json=chat(stream=True)), 400, "context_length_exceeded")
+    assert len(fake.calls()) == 2
+
+
+@needs_real_cli
+async def test_real_prompt_too_long_is_a_400_in_seconds(real: Real) -> None:
+    real.standin.reset(default=Reply(status=400, error_type="invalid_request_error",
+                                     message="prompt is too long: 250000 tokens > 200000 maximum"))
+    async with client_for(real.app(max_retries=3)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+        elapsed = time.monotonic() - started
+    error = assert_error(response, 400, "context_length_exceeded", "messages")
+    assert "too long" in error["message"] and "attach" not in error["message"]  # ours, not the CLI's advice
+    assert elapsed < 15 and len(real.standin.requests) == 1
+
+
+# --- Rate limits, a failing CLI's stderr, slow bodies ---
+
+
+async def test_a_usage_limit_is_answered_at_once_with_its_reset_time(fake: Fake) -> None:
+    fake.control(default="usage_limit", resets_in=3600)
+    async with client_for(fake.app(max_retries=5)) as client:
+        for stream in (False, True):
+            response = await client.post("/v1/chat/completions", json=chat(stream=stream))
+            error = assert_error(response, 429, "rate_limit_exceeded")
+            assert 3590 <= int(response.headers["retry-after"]) <= 3600
+            assert "resets at" in error["message"]
+    assert len(fake.calls()) == 2  # one run each: a limit that resets in an hour is not retried
+
+
+async def test_a_limit_that_clears_soon_is_waited_for(fake: Fake) -> None:
+    fake.control(script=["usage_limit"], resets_in=2, default="ok")
+    async with client_for(fake.app(max_retries=2)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200 and len(fake.calls()) == 2
+    assert time.monotonic() - started >= 1  # it waited for the reset (in 1-2 s), not for the backoff's 0.01 s
+
+
+async def test_retries_of_a_limit_without_a_reset_time_are_bounded(fake: Fake) -> None:
+    fake.control(default="rate_limit")
+    async with client_for(fake.app(max_retries=5, base_backoff=20)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert_error(response, 429, "rate_limit_exceeded")
+    assert time.monotonic() - started < 5 and len(fake.calls()) == 1  # a first backoff of 10-20 s exceeds 10 s
+
+
+@needs_real_cli
+async def test_real_usage_limit_gives_429_at_once_with_retry_after(real: Real) -> None:
+    reset = int(time.time()) + 3600
+    real.standin.reset(default=Reply(status=429, error_type="rate_limit_error", message="usage limit", headers={
+        "retry-after": "3600", "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": str(reset), "anthropic-ratelimit-unified-5h-status": "rejected",
+        "anthropic-ratelimit-unified-5h-reset": str(reset),
+        "anthropic-ratelimit-unified-representative-claim": "five_hour"}))
+    environ = {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"}
+    environ["CLAUDE_CODE_OAUTH_TOKEN"] = "sk-ant-oat01-stand-in"  # a plan's login: the CLI reports plan limits
+    app = api.create_app(make_settings(bin=real.bin, max_retries=3), environ)
+    async with client_for(app) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert_error(response, 429, "rate_limit_exceeded")
+    assert 3590 <= int(response.headers["retry-after"]) <= 3600
+    assert len(real.standin.requests) == 1
+
+
+async def test_failing_cli_stderr_is_logged_once_and_trimmed(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    fake.control(default="crash_loud")
+    with caplog.at_level("INFO", logger="claude_api"):
+        async with client_for(fake.app(max_retries=2)) as client:
+            assert_error(await client.post("/v1/chat/completions", json=chat()), 502, "cli_failed")
+    assert len(fake.calls()) == 3
+    loud = [r.getMessage() for r in caplog.records if "LOUD-STDERR" in r.getMessage()]
+    assert len(loud) == 1
+    assert "LOUD-STDERR line 99" in loud[0] and "LOUD-STDERR line 79" not in loud[0]  # the tail
+    assert len(loud[0]) < api.STDERR_TAIL * (api.STDERR_LINE + 40) + 200
+
+
+def test_a_dripped_body_times_out_with_408(fake: Fake) -> None:
+    stop = threading.Event()
+    with serve(fake.app(body_timeout=0.5)) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                                                                           timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{")
+
+        def drip() -> None:
+            while not stop.wait(0.05):  # a byte every 50 ms, for as long as the server listens
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    return
+
+        dripper = threading.Thread(target=drip)
+        dripper.start()
+        try:
+            started = time.monotonic()
+            received = b""
+            # Until the server closes the connection (or 10 s pass). Closing with drip bytes unread, the server's
+            # side may reset the connection rather than end it: either way it is closed.
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+            elapsed = time.monotonic() - started
+        finally:
+            stop.set()
+            dripper.join()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), received[:200]
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert elapsed < 5
+    assert fake.calls() == []
+
+
+def test_uvicorn_limits_are_stated() -> None:
+    limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500))
+    assert limits == {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16384, "limit_concurrency": 572}
+    assert uvicorn.Config(api.create_app(make_settings()), **limits).limit_concurrency == 572
 
 
 # --- Pre-started processes ---

@@ -124,3 +124,16 @@ for line in sys.stdin:  # one user message a line, answered in turn, as the real
         failure("Not logged in · Please run /login", None)
     elif behaviour == "third_party":
         failure("API Error: 400 Third-party apps now draw from your extra usage, not your plan limits.", 400)
+    elif behaviour == "usage_limit":  # as both CLI versions print a plan's limit (a 429 with its reset headers)
+        resets_at = int(time.time() + control.get("resets_in", 3600))
+        emit({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": resets_at,
+              "rateLimitType": "five_hour", "isUsingOverage": False}, "session_id": session})
+        failure("You've hit your session limit · resets 1:38pm (UTC)", 429)
+    elif behaviour == "prompt_too_long":  # as 2.1.197 prints an upstream 400 "prompt is too long"
+        failure("Prompt is too long · the request is ~250000 tokens (limit 200000)", 400)
+    elif behaviour == "crash_loud":  # a crash that prints kilobytes of minified JavaScript
+        sys.stderr.write("LOUD-STDERR " + "function(e){return e}" * 500 + "\n")
+        for i in range(100):
+            sys.stderr.write(f"LOUD-STDERR line {i}\n")
+        sys.stderr.flush()
+        sys.exit(3)
