@@ -26,12 +26,12 @@ Prints one table with eight figures, then a one-line verdict per goal:
      words in 20% of its calls: every request must end in the right answer or a well-formed OpenAI error,
      within the retry policy's time, and every stream cut after content with one error event, then [DONE].
 
-The real CLI talks to ``StandIn`` (a Messages-API stand-in from test_claude_api) on a loopback port,
+The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
 non-essential traffic (telemetry, update and feature checks) is sent to a loopback proxy port that
 refuses connections, so nothing leaves the machine. "Direct, the server's argv" runs exactly what the
 server runs (argv, stdin line, environment, working directory), captured once from a server with the
-same settings (CLAUDE_PREWARM=0) driving test_claude_api's fake CLI, which records all of it; only a
+same settings (CLAUDE_PREWARM=0) driving the fake CLI of testdata/, which records all of it; only a
 ``--session-id`` gets a fresh id per run. The stand-in notes when each of its replies starts and ends, so
 figures 1 and 6 can subtract the upstream's own time. Before every sample, figures 1 and 4 wait until the
 PREWARM=2 server's pool is full and no CLI process is busy starting, answering or exiting, so that no sample
@@ -66,7 +66,7 @@ from typing import Any
 import httpx
 
 import claude_api as api
-import test_claude_api as t
+from testdata import support as t
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "hi"
@@ -208,7 +208,7 @@ class Lab:
 
     def capture(self, *, stream: bool) -> Call:
         """Exactly what the server runs for one request: a server with the same settings and environment,
-        but the fake CLI of test_claude_api, which records its argv, stdin, environment and cwd."""
+        but the fake CLI of testdata/, which records its argv, stdin, environment and cwd."""
         folder = self.root / f"capture-{'stream' if stream else 'json'}"
         fake = t.write_fake_cli(folder, reply=STREAM_REPLY.text)
 
@@ -1246,7 +1246,7 @@ async def fire(url: str, total: int, concurrency: int, *, honour_retry_after: bo
 COUNTER_SCRIPT = """
 import os, select, sys
 sys.path.insert(0, os.environ["BENCH_HERE"])
-import test_claude_api as t
+from testdata import support as t
 marker, interval = os.environ["BENCH_MARKER"], float(os.environ["BENCH_INTERVAL"])
 most = samples = 0
 print("ready", flush=True)
@@ -1258,7 +1258,7 @@ print(most, samples, flush=True)
 
 
 class ProcessCounter:
-    """Counts the fake CLI's live processes (test_claude_api.processes_running) every ``interval`` seconds and
+    """Counts the fake CLI's live processes (testdata.support.processes_running) every ``interval`` seconds and
     keeps the most it saw. It runs in a process of its own, so its scans of /proc neither wait for this
     process's GIL nor hold up its requests; the marker goes in its environment, not its command line."""
 
