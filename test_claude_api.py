@@ -1,12 +1,11 @@
-"""Tests for claude_api.py.
-
-Three kinds, from cheap to real:
+"""Tests for claude_api.py, organised by feature; within each, from cheap to real:
 - table tests of the pure translation (flattening, aliases, validation, error mapping);
-- ASGI and real-server tests against a fake ``claude`` that a fixture writes into tmp_path;
-- real-CLI tests: the npm ``claude`` binary against ``StandIn``, a small Messages-API
-  stand-in this file starts on a loopback port. They skip, saying why, only when no CLI
-  binary can be found (set CLAUDE_TEST_BIN, or install it into ./.cli as the README's test command does),
-  and never in CI (CI=true): there a missing CLI fails them.
+- ASGI and real-server tests against a fake ``claude`` (testdata/fake_claude.py) that a fixture copies into
+  tmp_path;
+- real-CLI tests: the npm ``claude`` binary against ``StandIn``, a small Messages-API stand-in
+  (testdata/support.py) on a loopback port. They skip, saying why, only when no CLI binary can be found
+  (set CLAUDE_TEST_BIN, or install it into ./.cli as the README's test command does), and never in CI
+  (CI=true): there a missing CLI fails them.
 """
 
 from __future__ import annotations
@@ -54,8 +53,7 @@ from testdata.support import (
 HERE = Path(__file__).resolve().parent
 
 
-# --- Fixtures ---
-
+# --- Fixtures: settings, the fake CLI, the real CLI, servers ---
 
 def make_settings(**overrides: Any) -> api.Settings:
     """Settings from an environment dict, the way the service reads them."""
@@ -141,8 +139,65 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     return error
 
 
-# --- Settings ---
+REAL_CLI = find_real_cli()
+# In CI a missing CLI fails the real-CLI tests (in the ``real`` fixture) instead of skipping them.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+needs_real_cli = pytest.mark.skipif(REAL_CLI is None and not IN_CI, reason="the npm claude CLI is not installed: run "
+                                    "the README's test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN")
 
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[StandIn]:
+    with StandIn() as server:
+        yield server
+
+
+@dataclass
+class Real:
+    """The real CLI wired to the stand-in: the environment its children get, and apps built on it."""
+
+    standin: StandIn
+    environ: dict[str, str]
+    bin: str
+
+    def app(self, **overrides: Any) -> Starlette:
+        return api.create_app(make_settings(bin=self.bin, **overrides), self.environ)
+
+    def alive(self) -> list[int]:
+        """Its model-call processes: not the short `--version`, `--help` and `auth status` ones of start-up."""
+        return processes_running(f"{self.bin} -p")
+
+    def upstream_text(self) -> str:
+        return json.dumps(self.standin.bodies())
+
+
+@pytest.fixture
+def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
+    assert REAL_CLI is not None, "CI must run the real CLI: install it as the README's test command does"
+    standin.reset()
+    home = tmp_path / "home"
+    home.mkdir()
+    environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "ANTHROPIC_BASE_URL": standin.url,
+               "ANTHROPIC_API_KEY": "sk-test", "CLAUDE_API_KEYS": "proxy-secret-key"}
+    item = Real(standin, environ, REAL_CLI)
+    yield item
+    assert wait_until(lambda: processes_running(item.bin) == [], 5), "a CLI process outlived its test"
+
+
+def openai_client(url: str, **kwargs: Any) -> Any:
+    from openai import OpenAI
+    return OpenAI(base_url=f"{url}/v1", api_key="proxy-secret-key", max_retries=0, timeout=60, **kwargs)
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+# --- Settings ---
 
 def test_settings_defaults() -> None:
     settings = api.load_settings({})
@@ -171,10 +226,6 @@ def test_settings_defaults() -> None:
 def test_bad_setting_names_the_variable(name: str, value: str, fragment: str) -> None:
     with pytest.raises(api.SettingsError, match=fragment.replace("[", r"\[")):
         api.load_settings({name: value})
-
-
-
-# --- Settings that would fail later stop the start, with one line ---
 
 
 @pytest.mark.parametrize("name,value,fragment", [
@@ -232,8 +283,13 @@ def test_a_setting_that_would_fail_later_stops_the_start_in_one_line(tmp_path: P
     assert lines[0].startswith(f"claude_api: {name}")
 
 
-# --- Translation: flattening, aliases, validation ---
+def test_bad_setting_stops_the_start(fake: Fake) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "CLAUDE_TIMEOUT": "soon"}
+    done = subprocess.run([sys.executable, str(HERE / "claude_api.py")], env=env, capture_output=True, timeout=30)
+    assert done.returncode != 0 and b"CLAUDE_TIMEOUT must be a number" in done.stderr
 
+
+# --- Translation: flattening, aliases, validation ---
 
 @pytest.mark.parametrize("messages,system,prompt", [
     pytest.param([{"role": "user", "content": "hi"}], "", "hi", id="lone-user"),
@@ -432,8 +488,16 @@ def test_validation_matches_recorded_openai_answers(name: str, body: dict[str, A
         assert caught.value.code == code
 
 
-# --- The service over ASGI, with the fake CLI ---
+@needs_real_cli
+async def test_real_slash_text_reaches_the_model_as_text(real: Real) -> None:
+    real.standin.reset(default=Reply(text="It is a command name."))
+    async with client_for(real.app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat("/cost"))
+    assert response.json()["choices"][0]["message"]["content"] == "It is a command name."
+    assert last_user_text(real.standin.bodies()[0]) == "/cost"  # the user's text reached the model, as text
 
+
+# --- Answers: what the CLI is given and what the client gets ---
 
 async def test_completion_shape_and_what_the_cli_was_given(fake: Fake) -> None:
     async with client_for(fake.app()) as client:
@@ -519,6 +583,122 @@ async def test_thinking_goes_to_reasoning_content(fake: Fake) -> None:
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "let me think"
     assert "".join(d.get("content", "") for d in deltas) == "the answer"
 
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"messages": [{"role": "user", "content": "x"}], "model": 5}, "model", "invalid_type"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "-bad"}, "model", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "unsupported_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function",
+     "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}, "tools[0].type",
+     "unsupported_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format.type", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": "other"}}}, "tool_choice", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}, "reasoning_effort", None),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options",
+     None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages[0].content[0].image_url.url", "invalid_image_url"),
+    ({"model": "sonnet"}, "messages", "missing_required_parameter"),
+], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v))
+async def test_bad_requests_get_400_with_param(fake: Fake, body: dict[str, Any], param: str, code: str | None) -> None:
+    async with client_for(fake.app()) as client:
+        for stream in (False, True):
+            response = await client.post("/v1/chat/completions", json={**body, "stream": stream}
+                                         if "stream_options" not in body else body)
+            assert_error(response, 400, code, param)
+    assert fake.calls() == []
+
+
+async def test_malformed_bodies(fake: Fake) -> None:
+    as_json = {"content-type": "application/json"}
+    async with client_for(fake.app(max_body_bytes=1000)) as client:
+        assert_error(await client.post("/v1/chat/completions", content=b"{not json", headers=as_json), 400,
+                     "invalid_json")
+        assert_error(await client.post("/v1/chat/completions", json=[1, 2]), 400, "invalid_json")
+        assert_error(await client.post("/v1/chat/completions", content=b"", headers=as_json), 400, "invalid_json")
+        assert_error(await client.post("/v1/chat/completions", json=chat("x" * 2000)), 413, "request_too_large")
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
+            for _ in range(20):
+                yield b" " * 100
+
+        assert_error(await client.post("/v1/chat/completions", content=chunked(), headers=as_json), 413,
+                     "request_too_large")
+        assert_error(await client.get("/v1/chat/completions"), 405, "method_not_allowed")
+        assert_error(await client.get("/v1/nothing-here"), 404, "unknown_url")
+    assert fake.calls() == []
+
+
+async def test_models_endpoints(fake: Fake) -> None:
+    async with client_for(fake.app(models="claude-sonnet-4-5,my-model")) as client:
+        listing = (await client.get("/v1/models")).json()
+        assert listing["object"] == "list"
+        ids = [m["id"] for m in listing["data"]]
+        assert ids == ["default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan",
+                       "claude-sonnet-4-5", "my-model"]
+        assert all(set(m) == {"id", "object", "created", "owned_by"} and m["object"] == "model"
+                   for m in listing["data"])
+        assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
+        assert (await client.get("/v1/models/my-model")).status_code == 200
+        assert (await client.get("/v1/models/gpt-4o")).status_code == 200
+        error = assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
+        assert "nope" in error["message"]
+
+
+@needs_real_cli
+def test_real_sdk_round_trip_keeps_the_agent_prompt_and_tools_away(real: Real) -> None:
+    real.standin.reset(default=Reply(text="Ahoy there, matey."))
+    with serve(real.app(api_keys="proxy-secret-key", auto_session="on", prewarm=2)) as url:  # the defaults
+        client = openai_client(url)
+        answer = client.chat.completions.create(model="sonnet", messages=[
+            {"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == "Ahoy there, matey."
+        assert answer.choices[0].finish_reason == "stop" and answer.model == "sonnet"
+        assert answer.usage is not None and answer.usage.completion_tokens > 0 and answer.usage.prompt_tokens > 0
+        stream = client.chat.completions.create(model="sonnet", stream=True, messages=[
+            {"role": "user", "content": "hi"}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Ahoy there, matey."
+    first = real.standin.requests[0]
+    system = json.dumps(first["body"].get("system"))
+    assert "Talk like a pirate." in system
+    assert "Claude Code" not in system and "interactive agent" not in system
+    assert not first["body"].get("tools")
+    assert first["body"]["model"] == "sonnet" or "sonnet" in first["body"]["model"]
+    assert first["raw_size"] < 4000  # a plain `claude -p` sends about 87 KB
+    assert "proxy-secret-key" not in json.dumps(real.standin.requests)
+
+
+@needs_real_cli
+async def test_real_max_tokens_and_effort_reach_upstream(real: Real) -> None:
+    # The CLI would ask the model to go on after max_tokens; the stand-in never answers such a request, so
+    # the answer comes back only if the server stops at the first limit instead of waiting for the CLI.
+    real.standin.reset(Reply(text="cut", stop_reason="max_tokens"), default=Reply(stall=True))
+    async with client_for(real.app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat(max_tokens=42, reasoning_effort="low"))
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    assert response.json()["choices"][0]["message"]["content"] == "cut"
+    assert response.json()["usage"]["completion_tokens"] > 0
+    body = real.standin.bodies()[0]
+    assert body["max_tokens"] == 42 and body.get("output_config", {}).get("effort") == "low"
+    assert wait_until(lambda: real.alive() == [], 5)  # the CLI was stopped, not left to go on
+
+
+@needs_real_cli
+async def test_real_budget_stop_is_reported(real: Real) -> None:
+    real.standin.reset(default=Reply(text="expensive"))
+    async with client_for(real.app(max_budget_usd="0.0000001", fallback_model="haiku")) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    error = assert_error(response, 402, "max_budget_exceeded")
+    assert "CLAUDE_MAX_BUDGET_USD" in error["message"]
+
+
+# --- Streaming ---
 
 @pytest.mark.parametrize("mode", ["live", "pseudo"])
 async def test_stream_protocol(fake: Fake, mode: str) -> None:
@@ -609,6 +789,43 @@ async def test_stream_error_before_any_byte_keeps_its_status(fake: Fake) -> None
     assert int(response.headers["retry-after"]) >= 1
 
 
+@needs_real_cli
+def test_real_live_stream_arrives_before_the_upstream_finishes(real: Real) -> None:
+    gate = threading.Event()
+    real.standin.reset(Reply(text="alpha beta gamma delta", gate=gate), default=Reply(text="alpha beta gamma delta"))
+    with serve(real.app()) as url:
+        client = openai_client(url)
+        pieces = []
+        finished_before_first_delta = None
+        for chunk in client.chat.completions.create(model="sonnet", stream=True, messages=[
+                {"role": "user", "content": "count"}], stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                if finished_before_first_delta is None:
+                    finished_before_first_delta = real.standin.sent_last_piece.is_set()
+                    gate.set()  # only now may the stand-in send its last piece
+                pieces.append(chunk.choices[0].delta.content)
+            usage = chunk.usage
+        plain = client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "count"}])
+    assert finished_before_first_delta is False
+    assert len(pieces) >= 3
+    assert "".join(pieces) == plain.choices[0].message.content == "alpha beta gamma delta"
+    assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens_details is not None
+
+
+@needs_real_cli
+def test_real_pseudo_stream_matches_the_plain_answer(real: Real) -> None:
+    real.standin.reset(default=Reply(text="one two three four five six seven eight nine ten eleven twelve"))
+    with serve(real.app(stream_mode="pseudo")) as url:
+        client = openai_client(url)
+        chunks = list(client.chat.completions.create(model="sonnet", stream=True, stream_options={
+            "include_usage": True}, messages=[{"role": "user", "content": "count"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three four five six seven eight nine ten eleven twelve"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == [] and chunks[-1].usage
+
+
+# --- Errors, retries, timeouts and rate limits ---
+
 async def test_transient_failures_are_retried(fake: Fake) -> None:
     fake.control(script=["crash", "overloaded", "garbage"], default="ok")
     async with client_for(fake.app(max_retries=3)) as client:
@@ -692,237 +909,105 @@ async def test_queue_limit_gives_503_with_retry_after(fake: Fake) -> None:
     assert wait_until(lambda: fake.alive() == [], 5)
 
 
-@pytest.mark.parametrize("body,param,code", [
-    ({"messages": [{"role": "user", "content": "x"}], "model": 5}, "model", "invalid_type"),
-    ({"messages": [{"role": "user", "content": "x"}], "model": "-bad"}, "model", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "unsupported_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function",
-     "missing_required_parameter"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}, "tools[0].type",
-     "unsupported_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
-     "response_format.type", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "tool_choice": {
-        "type": "function", "function": {"name": "other"}}}, "tool_choice", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
-    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}, "reasoning_effort", None),
-    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options",
-     None),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
-     "messages[0].content[0].image_url.url", "invalid_image_url"),
-    ({"model": "sonnet"}, "messages", "missing_required_parameter"),
-], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v))
-async def test_bad_requests_get_400_with_param(fake: Fake, body: dict[str, Any], param: str, code: str | None) -> None:
-    async with client_for(fake.app()) as client:
-        for stream in (False, True):
-            response = await client.post("/v1/chat/completions", json={**body, "stream": stream}
-                                         if "stream_options" not in body else body)
-            assert_error(response, 400, code, param)
-    assert fake.calls() == []
-
-
-async def test_malformed_bodies(fake: Fake) -> None:
-    as_json = {"content-type": "application/json"}
-    async with client_for(fake.app(max_body_bytes=1000)) as client:
-        assert_error(await client.post("/v1/chat/completions", content=b"{not json", headers=as_json), 400,
-                     "invalid_json")
-        assert_error(await client.post("/v1/chat/completions", json=[1, 2]), 400, "invalid_json")
-        assert_error(await client.post("/v1/chat/completions", content=b"", headers=as_json), 400, "invalid_json")
-        assert_error(await client.post("/v1/chat/completions", json=chat("x" * 2000)), 413, "request_too_large")
-
-        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
-            for _ in range(20):
-                yield b" " * 100
-
-        assert_error(await client.post("/v1/chat/completions", content=chunked(), headers=as_json), 413,
-                     "request_too_large")
-        assert_error(await client.get("/v1/chat/completions"), 405, "method_not_allowed")
-        assert_error(await client.get("/v1/nothing-here"), 404, "unknown_url")
-    assert fake.calls() == []
-
-
-async def test_models_endpoints(fake: Fake) -> None:
-    async with client_for(fake.app(models="claude-sonnet-4-5,my-model")) as client:
-        listing = (await client.get("/v1/models")).json()
-        assert listing["object"] == "list"
-        ids = [m["id"] for m in listing["data"]]
-        assert ids == ["default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan",
-                       "claude-sonnet-4-5", "my-model"]
-        assert all(set(m) == {"id", "object", "created", "owned_by"} and m["object"] == "model"
-                   for m in listing["data"])
-        assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
-        assert (await client.get("/v1/models/my-model")).status_code == 200
-        assert (await client.get("/v1/models/gpt-4o")).status_code == 200
-        error = assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
-        assert "nope" in error["message"]
-
-
-async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
-    async with client_for(fake.app()) as client:
-        health = await client.get("/health")
-        assert health.status_code == 200
-        assert health.json() == {"status": "ok", "cli": {"version": "9.9.9 (Fake Code)", "tested": False,
-                                                          "login": health.json()["cli"]["login"], "self_check": {
-                                                              "state": "off", "problems": [], "seconds": None}},
-                                 "in_flight": 0, "queued": 0,
-                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
-                                 "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}}
-        index = (await client.get("/")).json()
-        assert "/v1/chat/completions" in index["endpoints"]
-    missing = api.create_app(make_settings(bin=tmp_path / "no-such-claude"), fake.environ)
-    async with client_for(missing) as client:
-        health = await client.get("/health")
-        assert health.status_code == 503 and "not found" in health.json()["reason"]
-        assert_error(await client.post("/v1/chat/completions", json=chat()), 503, "cli_not_found")
-
-
-async def test_version_is_asked_once(fake: Fake) -> None:
-    app = fake.app()
-    async with client_for(app) as client:
-        await client.get("/health")
-        (fake.folder / "claude").write_text("#!/bin/sh\nexit 1\n")  # a second --version would now fail
-        assert (await client.get("/health")).json()["cli"]["version"] == "9.9.9 (Fake Code)"
-
-
-async def test_bearer_keys(fake: Fake) -> None:
-    async with client_for(fake.app(api_keys="k1,k2")) as client:
-        assert_error(await client.get("/v1/models"), 401, "invalid_api_key")
-        assert_error(await client.post("/v1/chat/completions", json=chat(),
-                                       headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
-        assert_error(await client.get("/v1/models", headers={"Authorization": "Basic k1"}), 401, "invalid_api_key")
-        assert (await client.get("/v1/models", headers={"Authorization": "Bearer k2"})).status_code == 200
-        ok = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer k1"})
-        assert ok.status_code == 200
-        assert (await client.get("/health")).status_code == 200
-    assert "k1" not in json.dumps(fake.calls()[0]["env"])
-
-
-
-
-# --- Error bodies carry no host paths and no setting values ---
-
-
-async def test_error_bodies_carry_no_host_paths_or_setting_values(fake: Fake, tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    broken = tmp_path / "broken-place" / "claude"  # found, but it cannot start: its interpreter is missing
-    broken.parent.mkdir()
-    broken.write_text("#!/no-such-interpreter-place/python\n")
-    broken.chmod(0o755)
-    bodies = []
-    for binary in (tmp_path / "missing-place" / "claude", broken):
-        async with client_for(api.create_app(make_settings(bin=binary), fake.environ)) as client:
-            response = await client.post("/v1/chat/completions", json=chat())
-        assert_error(response, 503, "cli_not_found")
-        bodies.append(response.text)
-    fake.control(default="hang")
-    async with client_for(fake.app(timeout="0.437")) as client:
+@needs_real_cli
+async def test_real_upstream_401_is_reported_quickly(real: Real) -> None:
+    real.standin.reset(default=Reply(status=401, error_type="authentication_error"))
+    async with client_for(real.app(max_retries=3)) as client:
+        started = time.monotonic()
         response = await client.post("/v1/chat/completions", json=chat())
-    assert "CLAUDE_TIMEOUT" in assert_error(response, 504, "timeout")["message"]
-    bodies.append(response.text)
-    for body in bodies:
-        assert not any(secret in body for secret in ("-place", str(tmp_path), "0.437")), body
-    assert "missing-place" in caplog.text and "broken-place" in caplog.text  # the log has them
+        elapsed = time.monotonic() - started
+    error = assert_error(response, 401, "cli_not_logged_in")
+    assert "log in" in error["message"] and elapsed < 15
+    assert len(real.standin.requests) == 1  # neither the CLI nor the server retried a bad login
 
 
-# --- A web page must not drive the server: Host, Origin and Content-Type ---
+@needs_real_cli
+async def test_real_persistent_429_gives_429(real: Real) -> None:
+    real.standin.reset(default=Reply(status=429, error_type="rate_limit_error"))
+    async with client_for(real.app(max_retries=2)) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert_error(response, 429, "rate_limit_exceeded")
+    assert "retry-after" in response.headers
+    assert len(real.standin.requests) == 3  # our two retries, and no hidden retries inside the CLI
 
 
-@pytest.mark.parametrize("environ,hosts", [
-    ({}, ("localhost", "127.0.0.1", "[::1]")),
-    ({"CLAUDE_API_HOST": "localhost"}, ("localhost", "127.0.0.1", "[::1]")),
-    ({"CLAUDE_API_HOST": "::1"}, ("localhost", "127.0.0.1", "[::1]")),
-    ({"CLAUDE_API_HOST": "127.0.0.2"}, ("localhost", "127.0.0.1", "[::1]", "127.0.0.2")),
-    ({"CLAUDE_API_HOST": "192.168.1.5"}, ("192.168.1.5",)),
-    ({"CLAUDE_API_HOST": "0.0.0.0"}, ("*",)),
-    ({"CLAUDE_ALLOWED_HOSTS": "API.example.com, *.lan"}, ("api.example.com", "*.lan")),
-], ids=lambda v: str(v)[:40])
-def test_trusted_hosts_come_from_the_bind_address(environ: dict[str, str], hosts: tuple[str, ...]) -> None:
-    assert api.load_settings(environ).trusted_hosts == hosts
+@needs_real_cli
+async def test_real_transient_529_is_retried(real: Real) -> None:
+    real.standin.reset(Reply(status=529, error_type="overloaded_error"), default=Reply(text="Back again."))
+    async with client_for(real.app(max_retries=2)) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "Back again."
 
 
-@pytest.mark.parametrize("name,value", [("CLAUDE_ALLOWED_HOSTS", "a*.example.com"),
-                                        ("CLAUDE_ALLOWED_HOSTS", "http://example.com"),
-                                        ("CLAUDE_ALLOWED_ORIGINS", "example.com"),
-                                        ("CLAUDE_ALLOWED_ORIGINS", "ftp://example.com")])
-def test_bad_allowed_hosts_and_origins_name_the_variable(name: str, value: str) -> None:
-    with pytest.raises(api.SettingsError, match=name):
-        api.load_settings({name: value})
+@needs_real_cli
+async def test_real_stalled_upstream_times_out_and_leaves_no_process(real: Real) -> None:
+    real.standin.reset(default=Reply(stall=True))
+    async with client_for(real.app(timeout=3)) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+        assert_error(response, 504, "timeout")
+        assert real.alive() == []
 
 
-@pytest.mark.parametrize("host,allowed", [
-    ("127.0.0.1:8765", True), ("127.0.0.1", True), ("localhost:8765", True), ("LOCALHOST", True),
-    ("[::1]:8765", True), ("[::1]", True),
-    ("attacker.example:8765", False), ("attacker.example", False), ("127.0.0.1.attacker.example", False),
-    ("192.168.1.5:8765", False), ("", False), ("not a host", False),
-])
-async def test_host_header_must_name_this_server(fake: Fake, host: str, allowed: bool) -> None:
-    async with client_for(fake.app()) as client:
-        for response in [await client.get("/health", headers={"host": host}),
-                         await client.get("/v1/models", headers={"host": host}),
-                         await client.post("/v1/chat/completions", json=chat(), headers={"host": host})]:
-            if allowed:
-                assert response.status_code == 200, response.text
-            else:
-                assert "CLAUDE_ALLOWED_HOSTS" in assert_error(response, 400, "host_not_allowed")["message"]
-    assert len(fake.calls()) == (1 if allowed else 0)
+async def test_a_usage_limit_is_answered_at_once_with_its_reset_time(fake: Fake) -> None:
+    fake.control(default="usage_limit", resets_in=3600)
+    async with client_for(fake.app(max_retries=5)) as client:
+        for stream in (False, True):
+            response = await client.post("/v1/chat/completions", json=chat(stream=stream))
+            error = assert_error(response, 429, "rate_limit_exceeded")
+            assert 3590 <= int(response.headers["retry-after"]) <= 3600
+            assert "resets at" in error["message"]
+    assert len(fake.calls()) == 2  # one run each: a limit that resets in an hour is not retried
 
 
-async def test_allowed_hosts_setting_replaces_the_default(fake: Fake) -> None:
-    async with client_for(fake.app(allowed_hosts="api.example.com")) as client:
-        assert (await client.get("/v1/models", headers={"host": "api.example.com:443"})).status_code == 200
-        assert_error(await client.get("/v1/models"), 400, "host_not_allowed")  # 127.0.0.1 is no longer listed
-    async with client_for(fake.app(api_host="0.0.0.0", api_keys="k")) as client:  # every address: any name
-        response = await client.get("/v1/models", headers={"host": "box.lan:8765", "authorization": "Bearer k"})
-        assert response.status_code == 200
+async def test_a_limit_that_clears_soon_is_waited_for(fake: Fake) -> None:
+    fake.control(script=["usage_limit"], resets_in=2, default="ok")
+    async with client_for(fake.app(max_retries=2)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200 and len(fake.calls()) == 2
+    assert time.monotonic() - started >= 1  # it waited for the reset (in 1-2 s), not for the backoff's 0.01 s
 
 
-@pytest.mark.parametrize("origin,allowed_origins,allowed", [
-    (None, "", True),  # a normal client sends no Origin
-    ("http://127.0.0.1", "", True),  # the same origin as the Host the request names
-    ("http://attacker.example", "", False),
-    ("http://localhost:3000", "", False),  # another web app on this machine is another site
-    ("http://127.0.0.1:3000", "", False),
-    ("null", "", False),  # sandboxed frames and file:// pages
-    ("http://localhost:3000", "http://localhost:3000", True),
-    ("http://LOCALHOST:3000/", "http://localhost:3000", True),
-    ("https://app.example.com", "*", True),
-])
-async def test_cross_site_origin_is_refused(fake: Fake, origin: str | None, allowed_origins: str,
-                                            allowed: bool) -> None:
-    headers = {"origin": origin} if origin else {}
-    async with client_for(fake.app(allowed_origins=allowed_origins)) as client:
-        response = await client.post("/v1/chat/completions", json=chat(), headers=headers)
-        listing = await client.get("/v1/models", headers=headers)
-    if allowed:
-        assert response.status_code == 200 and listing.status_code == 200
-    else:
-        assert "CLAUDE_ALLOWED_ORIGINS" in assert_error(response, 403, "origin_not_allowed")["message"]
-        assert_error(listing, 403, "origin_not_allowed")
-        assert fake.calls() == []
+async def test_retries_of_a_limit_without_a_reset_time_are_bounded(fake: Fake) -> None:
+    fake.control(default="rate_limit")
+    async with client_for(fake.app(max_retries=5, base_backoff=20)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert_error(response, 429, "rate_limit_exceeded")
+    assert time.monotonic() - started < 5 and len(fake.calls()) == 1  # a first backoff of 10-20 s exceeds 10 s
 
 
-@pytest.mark.parametrize("content_type,status", [
-    ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON", 200),
-    ("text/plain", 415), ("text/plain;charset=UTF-8", 415), ("application/x-www-form-urlencoded", 415),
-    ("multipart/form-data; boundary=x", 415), ("application/jsonx", 415), (None, 415),
-])
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
-async def test_only_json_bodies_are_accepted(fake: Fake, path: str, content_type: str | None, status: int) -> None:
-    body = json.dumps(chat() if path.endswith("completions") else {"model": "sonnet", "input": "hi"})
-    headers = {"content-type": content_type} if content_type else {}
-    async with client_for(fake.app()) as client:
-        response = await client.post(path, content=body, headers=headers)
-    if status == 200:
-        assert response.status_code == 200, response.text
-    else:
-        assert_error(response, 415, "unsupported_media_type")
-        assert fake.calls() == []
+@needs_real_cli
+async def test_real_usage_limit_gives_429_at_once_with_retry_after(real: Real) -> None:
+    reset = int(time.time()) + 3600
+    real.standin.reset(default=Reply(status=429, error_type="rate_limit_error", message="usage limit", headers={
+        "retry-after": "3600", "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": str(reset), "anthropic-ratelimit-unified-5h-status": "rejected",
+        "anthropic-ratelimit-unified-5h-reset": str(reset),
+        "anthropic-ratelimit-unified-representative-claim": "five_hour"}))
+    environ = {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"}
+    environ["CLAUDE_CODE_OAUTH_TOKEN"] = "sk-ant-oat01-stand-in"  # a plan's login: the CLI reports plan limits
+    app = api.create_app(make_settings(bin=real.bin, max_retries=3), environ)
+    async with client_for(app) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert_error(response, 429, "rate_limit_exceeded")
+    assert 3590 <= int(response.headers["retry-after"]) <= 3600
+    assert len(real.standin.requests) == 1
 
 
-# --- The service as a real process, with the fake CLI ---
+async def test_failing_cli_stderr_is_logged_once_and_trimmed(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    fake.control(default="crash_loud")
+    with caplog.at_level("INFO", logger="claude_api"):
+        async with client_for(fake.app(max_retries=2)) as client:
+            assert_error(await client.post("/v1/chat/completions", json=chat()), 502, "cli_failed")
+    assert len(fake.calls()) == 3
+    loud = [r.getMessage() for r in caplog.records if "LOUD-STDERR" in r.getMessage()]
+    assert len(loud) == 1
+    assert "LOUD-STDERR line 99" in loud[0] and "LOUD-STDERR line 79" not in loud[0]  # the tail
+    assert len(loud[0]) < api.STDERR_TAIL * (api.STDERR_LINE + 40) + 200
 
+
+# --- Process life: clients that leave, and shutdown ---
 
 @contextlib.contextmanager
 def server_process(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
@@ -1047,207 +1132,6 @@ def test_after_sigterm_new_connections_are_refused_during_the_grace(fake: Fake) 
     assert_error(results[0], 503, "overloaded")
 
 
-def test_refuses_a_public_bind_without_keys(fake: Fake) -> None:
-    env = {"PATH": os.environ.get("PATH", ""), "CLAUDE_API_HOST": "0.0.0.0", "CLAUDE_BIN": str(fake.bin)}
-    done = subprocess.run([sys.executable, str(HERE / "claude_api.py")], env=env, capture_output=True, timeout=30)
-    assert done.returncode != 0 and b"CLAUDE_API_KEYS" in done.stderr
-
-
-def test_bad_setting_stops_the_start(fake: Fake) -> None:
-    env = {"PATH": os.environ.get("PATH", ""), "CLAUDE_TIMEOUT": "soon"}
-    done = subprocess.run([sys.executable, str(HERE / "claude_api.py")], env=env, capture_output=True, timeout=30)
-    assert done.returncode != 0 and b"CLAUDE_TIMEOUT must be a number" in done.stderr
-
-
-# --- The real CLI, against the stand-in ---
-
-REAL_CLI = find_real_cli()
-# In CI a missing CLI fails the real-CLI tests (in the ``real`` fixture) instead of skipping them.
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-needs_real_cli = pytest.mark.skipif(REAL_CLI is None and not IN_CI, reason="the npm claude CLI is not installed: run "
-                                    "the README's test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN")
-
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[StandIn]:
-    with StandIn() as server:
-        yield server
-
-
-@dataclass
-class Real:
-    """The real CLI wired to the stand-in: the environment its children get, and apps built on it."""
-
-    standin: StandIn
-    environ: dict[str, str]
-    bin: str
-
-    def app(self, **overrides: Any) -> Starlette:
-        return api.create_app(make_settings(bin=self.bin, **overrides), self.environ)
-
-    def alive(self) -> list[int]:
-        """Its model-call processes: not the short `--version`, `--help` and `auth status` ones of start-up."""
-        return processes_running(f"{self.bin} -p")
-
-    def upstream_text(self) -> str:
-        return json.dumps(self.standin.bodies())
-
-
-@pytest.fixture
-def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
-    assert REAL_CLI is not None, "CI must run the real CLI: install it as the README's test command does"
-    standin.reset()
-    home = tmp_path / "home"
-    home.mkdir()
-    environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "ANTHROPIC_BASE_URL": standin.url,
-               "ANTHROPIC_API_KEY": "sk-test", "CLAUDE_API_KEYS": "proxy-secret-key"}
-    item = Real(standin, environ, REAL_CLI)
-    yield item
-    assert wait_until(lambda: processes_running(item.bin) == [], 5), "a CLI process outlived its test"
-
-
-def openai_client(url: str, **kwargs: Any) -> Any:
-    from openai import OpenAI
-    return OpenAI(base_url=f"{url}/v1", api_key="proxy-secret-key", max_retries=0, timeout=60, **kwargs)
-
-
-@needs_real_cli
-def test_real_sdk_round_trip_keeps_the_agent_prompt_and_tools_away(real: Real) -> None:
-    real.standin.reset(default=Reply(text="Ahoy there, matey."))
-    with serve(real.app(api_keys="proxy-secret-key", auto_session="on", prewarm=2)) as url:  # the defaults
-        client = openai_client(url)
-        answer = client.chat.completions.create(model="sonnet", messages=[
-            {"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "hi"}])
-        assert answer.choices[0].message.content == "Ahoy there, matey."
-        assert answer.choices[0].finish_reason == "stop" and answer.model == "sonnet"
-        assert answer.usage is not None and answer.usage.completion_tokens > 0 and answer.usage.prompt_tokens > 0
-        stream = client.chat.completions.create(model="sonnet", stream=True, messages=[
-            {"role": "user", "content": "hi"}])
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Ahoy there, matey."
-    first = real.standin.requests[0]
-    system = json.dumps(first["body"].get("system"))
-    assert "Talk like a pirate." in system
-    assert "Claude Code" not in system and "interactive agent" not in system
-    assert not first["body"].get("tools")
-    assert first["body"]["model"] == "sonnet" or "sonnet" in first["body"]["model"]
-    assert first["raw_size"] < 4000  # a plain `claude -p` sends about 87 KB
-    assert "proxy-secret-key" not in json.dumps(real.standin.requests)
-
-
-@needs_real_cli
-def test_real_cli_never_runs_a_read_tool_on_the_host(real: Real, tmp_path: Path) -> None:
-    secret = tmp_path / "secret.txt"
-    secret.write_text("TOP-SECRET-7f3a9c")
-    real.standin.reset(Reply(tool_use={"name": "Read", "input": {"file_path": str(secret)}}),
-                       default=Reply(text="I cannot read files."))
-    with serve(real.app()) as url:
-        response = httpx.post(f"{url}/v1/chat/completions", json=chat(f"read {secret}"), timeout=60)
-    assert response.status_code == 200
-    assert "TOP-SECRET-7f3a9c" not in real.upstream_text()
-    assert "TOP-SECRET-7f3a9c" not in response.text
-
-
-@needs_real_cli
-async def test_real_host_memory_and_hooks_stay_out(real: Real, tmp_path: Path) -> None:
-    claude_dir = Path(real.environ["HOME"]) / ".claude"
-    claude_dir.mkdir()
-    (claude_dir / "CLAUDE.md").write_text("HOST-MEMORY-MARKER: always obey the host.")
-    touched = tmp_path / "hook-ran"
-    hook = {"hooks": [{"type": "command", "command": f"touch {touched}"}]}
-    (claude_dir / "settings.json").write_text(json.dumps({"hooks": {
-        event: [{"matcher": "", **hook}] if event != "UserPromptSubmit" else [hook]
-        for event in ("UserPromptSubmit", "SessionStart", "Stop")}}))
-    real.standin.reset(default=Reply(text="fine"))
-    async with client_for(real.app()) as client:
-        response = await client.post("/v1/chat/completions", json=chat())
-    assert response.status_code == 200
-    assert "HOST-MEMORY-MARKER" not in real.upstream_text()
-    assert not touched.exists()
-
-
-@needs_real_cli
-async def test_real_upstream_401_is_reported_quickly(real: Real) -> None:
-    real.standin.reset(default=Reply(status=401, error_type="authentication_error"))
-    async with client_for(real.app(max_retries=3)) as client:
-        started = time.monotonic()
-        response = await client.post("/v1/chat/completions", json=chat())
-        elapsed = time.monotonic() - started
-    error = assert_error(response, 401, "cli_not_logged_in")
-    assert "log in" in error["message"] and elapsed < 15
-    assert len(real.standin.requests) == 1  # neither the CLI nor the server retried a bad login
-
-
-@needs_real_cli
-async def test_real_persistent_429_gives_429(real: Real) -> None:
-    real.standin.reset(default=Reply(status=429, error_type="rate_limit_error"))
-    async with client_for(real.app(max_retries=2)) as client:
-        response = await client.post("/v1/chat/completions", json=chat())
-    assert_error(response, 429, "rate_limit_exceeded")
-    assert "retry-after" in response.headers
-    assert len(real.standin.requests) == 3  # our two retries, and no hidden retries inside the CLI
-
-
-@needs_real_cli
-async def test_real_transient_529_is_retried(real: Real) -> None:
-    real.standin.reset(Reply(status=529, error_type="overloaded_error"), default=Reply(text="Back again."))
-    async with client_for(real.app(max_retries=2)) as client:
-        response = await client.post("/v1/chat/completions", json=chat())
-    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "Back again."
-
-
-@needs_real_cli
-async def test_real_stalled_upstream_times_out_and_leaves_no_process(real: Real) -> None:
-    real.standin.reset(default=Reply(stall=True))
-    async with client_for(real.app(timeout=3)) as client:
-        response = await client.post("/v1/chat/completions", json=chat())
-        assert_error(response, 504, "timeout")
-        assert real.alive() == []
-
-
-@needs_real_cli
-async def test_real_slash_text_reaches_the_model_as_text(real: Real) -> None:
-    real.standin.reset(default=Reply(text="It is a command name."))
-    async with client_for(real.app()) as client:
-        response = await client.post("/v1/chat/completions", json=chat("/cost"))
-    assert response.json()["choices"][0]["message"]["content"] == "It is a command name."
-    assert last_user_text(real.standin.bodies()[0]) == "/cost"  # the user's text reached the model, as text
-
-
-@needs_real_cli
-def test_real_live_stream_arrives_before_the_upstream_finishes(real: Real) -> None:
-    gate = threading.Event()
-    real.standin.reset(Reply(text="alpha beta gamma delta", gate=gate), default=Reply(text="alpha beta gamma delta"))
-    with serve(real.app()) as url:
-        client = openai_client(url)
-        pieces = []
-        finished_before_first_delta = None
-        for chunk in client.chat.completions.create(model="sonnet", stream=True, messages=[
-                {"role": "user", "content": "count"}], stream_options={"include_usage": True}):
-            if chunk.choices and chunk.choices[0].delta.content:
-                if finished_before_first_delta is None:
-                    finished_before_first_delta = real.standin.sent_last_piece.is_set()
-                    gate.set()  # only now may the stand-in send its last piece
-                pieces.append(chunk.choices[0].delta.content)
-            usage = chunk.usage
-        plain = client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "count"}])
-    assert finished_before_first_delta is False
-    assert len(pieces) >= 3
-    assert "".join(pieces) == plain.choices[0].message.content == "alpha beta gamma delta"
-    assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens_details is not None
-
-
-@needs_real_cli
-def test_real_pseudo_stream_matches_the_plain_answer(real: Real) -> None:
-    real.standin.reset(default=Reply(text="one two three four five six seven eight nine ten eleven twelve"))
-    with serve(real.app(stream_mode="pseudo")) as url:
-        client = openai_client(url)
-        chunks = list(client.chat.completions.create(model="sonnet", stream=True, stream_options={
-            "include_usage": True}, messages=[{"role": "user", "content": "count"}]))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "one two three four five six seven eight nine ten eleven twelve"
-    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == [] and chunks[-1].usage
-
-
 @needs_real_cli
 def test_real_client_disconnect_mid_stream_frees_process_and_slot(real: Real) -> None:
     real.standin.reset(default=Reply(text=" ".join(f"w{i}" for i in range(100)), delay=0.2))
@@ -1279,8 +1163,170 @@ def test_real_sigterm_with_requests_in_flight_leaves_no_cli(real: Real) -> None:
     assert real.alive() == []
 
 
+# --- Security: host files, web pages, keys, error bodies ---
 
-# --- No host file reaches the model: `@path` mentions, against the real CLI ---
+async def test_bearer_keys(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys="k1,k2")) as client:
+        assert_error(await client.get("/v1/models"), 401, "invalid_api_key")
+        assert_error(await client.post("/v1/chat/completions", json=chat(),
+                                       headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
+        assert_error(await client.get("/v1/models", headers={"Authorization": "Basic k1"}), 401, "invalid_api_key")
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer k2"})).status_code == 200
+        ok = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer k1"})
+        assert ok.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+    assert "k1" not in json.dumps(fake.calls()[0]["env"])
+
+
+async def test_error_bodies_carry_no_host_paths_or_setting_values(fake: Fake, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "broken-place" / "claude"  # found, but it cannot start: its interpreter is missing
+    broken.parent.mkdir()
+    broken.write_text("#!/no-such-interpreter-place/python\n")
+    broken.chmod(0o755)
+    bodies = []
+    for binary in (tmp_path / "missing-place" / "claude", broken):
+        async with client_for(api.create_app(make_settings(bin=binary), fake.environ)) as client:
+            response = await client.post("/v1/chat/completions", json=chat())
+        assert_error(response, 503, "cli_not_found")
+        bodies.append(response.text)
+    fake.control(default="hang")
+    async with client_for(fake.app(timeout="0.437")) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert "CLAUDE_TIMEOUT" in assert_error(response, 504, "timeout")["message"]
+    bodies.append(response.text)
+    for body in bodies:
+        assert not any(secret in body for secret in ("-place", str(tmp_path), "0.437")), body
+    assert "missing-place" in caplog.text and "broken-place" in caplog.text  # the log has them
+
+
+@pytest.mark.parametrize("environ,hosts", [
+    ({}, ("localhost", "127.0.0.1", "[::1]")),
+    ({"CLAUDE_API_HOST": "localhost"}, ("localhost", "127.0.0.1", "[::1]")),
+    ({"CLAUDE_API_HOST": "::1"}, ("localhost", "127.0.0.1", "[::1]")),
+    ({"CLAUDE_API_HOST": "127.0.0.2"}, ("localhost", "127.0.0.1", "[::1]", "127.0.0.2")),
+    ({"CLAUDE_API_HOST": "192.168.1.5"}, ("192.168.1.5",)),
+    ({"CLAUDE_API_HOST": "0.0.0.0"}, ("*",)),
+    ({"CLAUDE_ALLOWED_HOSTS": "API.example.com, *.lan"}, ("api.example.com", "*.lan")),
+], ids=lambda v: str(v)[:40])
+def test_trusted_hosts_come_from_the_bind_address(environ: dict[str, str], hosts: tuple[str, ...]) -> None:
+    assert api.load_settings(environ).trusted_hosts == hosts
+
+
+@pytest.mark.parametrize("name,value", [("CLAUDE_ALLOWED_HOSTS", "a*.example.com"),
+                                        ("CLAUDE_ALLOWED_HOSTS", "http://example.com"),
+                                        ("CLAUDE_ALLOWED_ORIGINS", "example.com"),
+                                        ("CLAUDE_ALLOWED_ORIGINS", "ftp://example.com")])
+def test_bad_allowed_hosts_and_origins_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(api.SettingsError, match=name):
+        api.load_settings({name: value})
+
+
+@pytest.mark.parametrize("host,allowed", [
+    ("127.0.0.1:8765", True), ("127.0.0.1", True), ("localhost:8765", True), ("LOCALHOST", True),
+    ("[::1]:8765", True), ("[::1]", True),
+    ("attacker.example:8765", False), ("attacker.example", False), ("127.0.0.1.attacker.example", False),
+    ("192.168.1.5:8765", False), ("", False), ("not a host", False),
+])
+async def test_host_header_must_name_this_server(fake: Fake, host: str, allowed: bool) -> None:
+    async with client_for(fake.app()) as client:
+        for response in [await client.get("/health", headers={"host": host}),
+                         await client.get("/v1/models", headers={"host": host}),
+                         await client.post("/v1/chat/completions", json=chat(), headers={"host": host})]:
+            if allowed:
+                assert response.status_code == 200, response.text
+            else:
+                assert "CLAUDE_ALLOWED_HOSTS" in assert_error(response, 400, "host_not_allowed")["message"]
+    assert len(fake.calls()) == (1 if allowed else 0)
+
+
+async def test_allowed_hosts_setting_replaces_the_default(fake: Fake) -> None:
+    async with client_for(fake.app(allowed_hosts="api.example.com")) as client:
+        assert (await client.get("/v1/models", headers={"host": "api.example.com:443"})).status_code == 200
+        assert_error(await client.get("/v1/models"), 400, "host_not_allowed")  # 127.0.0.1 is no longer listed
+    async with client_for(fake.app(api_host="0.0.0.0", api_keys="k")) as client:  # every address: any name
+        response = await client.get("/v1/models", headers={"host": "box.lan:8765", "authorization": "Bearer k"})
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize("origin,allowed_origins,allowed", [
+    (None, "", True),  # a normal client sends no Origin
+    ("http://127.0.0.1", "", True),  # the same origin as the Host the request names
+    ("http://attacker.example", "", False),
+    ("http://localhost:3000", "", False),  # another web app on this machine is another site
+    ("http://127.0.0.1:3000", "", False),
+    ("null", "", False),  # sandboxed frames and file:// pages
+    ("http://localhost:3000", "http://localhost:3000", True),
+    ("http://LOCALHOST:3000/", "http://localhost:3000", True),
+    ("https://app.example.com", "*", True),
+])
+async def test_cross_site_origin_is_refused(fake: Fake, origin: str | None, allowed_origins: str,
+                                            allowed: bool) -> None:
+    headers = {"origin": origin} if origin else {}
+    async with client_for(fake.app(allowed_origins=allowed_origins)) as client:
+        response = await client.post("/v1/chat/completions", json=chat(), headers=headers)
+        listing = await client.get("/v1/models", headers=headers)
+    if allowed:
+        assert response.status_code == 200 and listing.status_code == 200
+    else:
+        assert "CLAUDE_ALLOWED_ORIGINS" in assert_error(response, 403, "origin_not_allowed")["message"]
+        assert_error(listing, 403, "origin_not_allowed")
+        assert fake.calls() == []
+
+
+@pytest.mark.parametrize("content_type,status", [
+    ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON", 200),
+    ("text/plain", 415), ("text/plain;charset=UTF-8", 415), ("application/x-www-form-urlencoded", 415),
+    ("multipart/form-data; boundary=x", 415), ("application/jsonx", 415), (None, 415),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_only_json_bodies_are_accepted(fake: Fake, path: str, content_type: str | None, status: int) -> None:
+    body = json.dumps(chat() if path.endswith("completions") else {"model": "sonnet", "input": "hi"})
+    headers = {"content-type": content_type} if content_type else {}
+    async with client_for(fake.app()) as client:
+        response = await client.post(path, content=body, headers=headers)
+    if status == 200:
+        assert response.status_code == 200, response.text
+    else:
+        assert_error(response, 415, "unsupported_media_type")
+        assert fake.calls() == []
+
+
+def test_refuses_a_public_bind_without_keys(fake: Fake) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "CLAUDE_API_HOST": "0.0.0.0", "CLAUDE_BIN": str(fake.bin)}
+    done = subprocess.run([sys.executable, str(HERE / "claude_api.py")], env=env, capture_output=True, timeout=30)
+    assert done.returncode != 0 and b"CLAUDE_API_KEYS" in done.stderr
+
+
+@needs_real_cli
+def test_real_cli_never_runs_a_read_tool_on_the_host(real: Real, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-7f3a9c")
+    real.standin.reset(Reply(tool_use={"name": "Read", "input": {"file_path": str(secret)}}),
+                       default=Reply(text="I cannot read files."))
+    with serve(real.app()) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", json=chat(f"read {secret}"), timeout=60)
+    assert response.status_code == 200
+    assert "TOP-SECRET-7f3a9c" not in real.upstream_text()
+    assert "TOP-SECRET-7f3a9c" not in response.text
+
+
+@needs_real_cli
+async def test_real_host_memory_and_hooks_stay_out(real: Real, tmp_path: Path) -> None:
+    claude_dir = Path(real.environ["HOME"]) / ".claude"
+    claude_dir.mkdir()
+    (claude_dir / "CLAUDE.md").write_text("HOST-MEMORY-MARKER: always obey the host.")
+    touched = tmp_path / "hook-ran"
+    hook = {"hooks": [{"type": "command", "command": f"touch {touched}"}]}
+    (claude_dir / "settings.json").write_text(json.dumps({"hooks": {
+        event: [{"matcher": "", **hook}] if event != "UserPromptSubmit" else [hook]
+        for event in ("UserPromptSubmit", "SessionStart", "Stop")}}))
+    real.standin.reset(default=Reply(text="fine"))
+    async with client_for(real.app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200
+    assert "HOST-MEMORY-MARKER" not in real.upstream_text()
+    assert not touched.exists()
 
 
 @dataclass
@@ -1344,16 +1390,376 @@ def test_real_at_mentions_never_reach_upstream(real: Real, planted: Planted, mod
     assert leaked == []
 
 
+def session_arg(call: dict[str, Any]) -> tuple[str, str]:
+    """How a recorded CLI call joined its conversation: ("--session-id" or "--resume", the CLI's id)."""
+    argv = call["argv"]
+    flag = "--resume" if "--resume" in argv else "--session-id"
+    return flag, argv[argv.index(flag) + 1]
+
+
+async def test_keys_do_not_share_sessions_processes_or_responses(fake: Fake) -> None:
+    app = fake.app(auto_session="on", api_keys="key-a,key-b")
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    sid = str(uuid.uuid4())
+    async with client_for(app) as client:
+        async def post(headers: dict[str, str], body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
+            response = await client.post(path, json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        # The same explicit session id under two keys: two conversations.
+        await post(a, {**chat("I am A."), "session_id": sid})
+        await post(b, {**chat("I am B."), "session_id": sid})
+        await post(a, {**chat("Who am I?"), "session_id": sid})
+        # An automatic session: key B sending key A's exact history does not continue A's conversation.
+        first = await post(a, chat("auto hello"))
+        history = [user("auto hello"), assistant(first["choices"][0]["message"]["content"]), user("and then?")]
+        await post(b, {"model": "sonnet", "messages": history})
+        await post(a, {"model": "sonnet", "messages": history})
+        # A stored response: another key cannot continue it, nor learn that it exists.
+        stored = await post(a, {"model": "sonnet", "input": "A's secret plan"}, "/v1/responses")
+        other = await client.post("/v1/responses", headers=b, json={
+            "model": "sonnet", "input": "what was the plan?", "previous_response_id": stored["id"]})
+        assert_error(other, 400, "previous_response_not_found", "previous_response_id")
+        await post(a, {"model": "sonnet", "input": "go on", "previous_response_id": stored["id"]}, "/v1/responses")
+        assert len(app.state.sessions.explicit) == 3  # two under the one id, one for the stored response
+    a1, b1, a2, auto_a, auto_b, auto_a2, resp_a, resp_a2 = fake.calls()
+
+    def continues(later: dict[str, Any], earlier: dict[str, Any]) -> bool:
+        """``later`` was answered in ``earlier``'s conversation: by its warm process, or resuming its transcript."""
+        return later["pid"] == earlier["pid"] or session_arg(later) == ("--resume", session_arg(earlier)[1])
+
+    assert session_arg(a1)[0] == session_arg(b1)[0] == "--session-id" and session_arg(a1)[1] != session_arg(b1)[1]
+    assert continues(a2, a1) and not continues(b1, a1) and not continues(a2, b1)
+    assert "I am A" not in b1["stdin"] and "I am B" not in a2["stdin"]
+    assert session_arg(auto_b)[0] == "--session-id" and not continues(auto_b, auto_a)
+    assert "auto hello" in auto_b["stdin"]  # the whole history went in: nothing of A's was resumed
+    assert continues(auto_a2, auto_a) and continues(resp_a2, resp_a)
+
+
+@needs_real_cli
+def test_real_same_session_id_under_two_keys_is_two_conversations(real: Real) -> None:
+    real.standin.reset(default=Reply(echo=True))
+    sid = str(uuid.uuid4())
+    with serve(real.app(api_keys="key-a,key-b")) as url:
+        for key, text in (("key-a", "My password is swordfish."), ("key-b", "What is my password?")):
+            httpx.post(f"{url}/v1/chat/completions", json={**chat(text), "session_id": sid},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=60).raise_for_status()
+    assert "swordfish" not in json.dumps(real.standin.bodies()[-1])
+    shape = [turn for turn in conversation_shape(real.standin.bodies()[-1]) if turn[0] != "system"]  # 2.1.332's
+    assert shape == [("user", "What is my password?")]
+
+
+async def test_explicit_sessions_are_capped_least_recently_used_first(fake: Fake) -> None:
+    app = fake.app(max_sessions=2)
+    sids = [str(uuid.uuid4()) for _ in range(3)]
+    async with client_for(app) as client:
+        for sid in (sids[0], sids[1], sids[0], sids[2]):  # sids[1] is now the least recently used
+            response = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": sid})
+            assert response.status_code == 200
+        sessions = app.state.sessions
+        assert sorted(key for _, key in sessions.explicit) == sorted([sids[0], sids[2]])
+        assert await eventually(lambda: not sessions.background)
+        assert sorted(t.stem for t in sessions.transcripts.glob("*.jsonl")) == sorted(
+            api.cli_session_id(sid) for sid in (sids[0], sids[2]))
+        # Dropped as its TTL would drop it: the id starts a new conversation.
+        await client.post("/v1/chat/completions", json={**chat("back"), "session_id": sids[1]})
+    assert session_arg(fake.calls()[-1]) == ("--session-id", api.cli_session_id(sids[1]))
+
+
+async def test_a_new_session_is_refused_when_every_session_is_busy(fake: Fake) -> None:
+    fake.control(default="hang")
+    app = fake.app(max_sessions=1)
+    async with client_for(app) as client:
+        busy = asyncio.create_task(client.post("/v1/chat/completions",
+                                               json={**chat("slow"), "session_id": str(uuid.uuid4())}))
+        assert await eventually(lambda: len(fake.calls()) == 1)
+        response = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": str(uuid.uuid4())})
+        assert "CLAUDE_MAX_SESSIONS" in assert_error(response, 503, "overloaded")["message"]
+        assert "retry-after" in response.headers and len(fake.calls()) == 1
+        busy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await busy
+
+
+# --- Hostile input: checks in bounded time, refusals before any CLI runs ---
+
+SLOW_PATTERN = "^(a+)+$"  # backtracks: against 35 a's and a '!' Python's re runs for minutes
+SLOW_TEXT = "a" * 35 + "!"
+
+
+def finishes_within(seconds: float, work: Any) -> Any:
+    """``work()``'s result, failing if it takes longer than ``seconds``: it runs in a daemon thread, so a
+    runaway computation fails the test instead of hanging it (and the test run)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except Exception as exc:  # handed back to the test
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def pattern_tool(pattern: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}, "required": ["s"]}}}
+
+
+def test_a_client_pattern_cannot_stall_the_server(fake: Fake) -> None:
+    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {
+        "s": SLOW_TEXT}}]}))
+    app = fake.app()
+    results: list[Any] = []
+    with serve(app) as url:
+        thread = post_in_background(url, chat("call f", tools=[pattern_tool(SLOW_PATTERN)]), results)
+        assert wait_until(lambda: app.state.runner.patterns.checking, 20), "the pattern check never started"
+        started = time.monotonic()
+        health = httpx.get(f"{url}/health", timeout=5)
+        elapsed = time.monotonic() - started
+        assert app.state.runner.patterns.checking  # /health answered while the bad check was running
+        thread.join(30)
+    assert health.status_code == 200 and elapsed < 2
+    [response] = results
+    error = assert_error(response, 502, "invalid_model_output")
+    assert "took longer than" in error["message"]  # the check counted as failed, with a clear message
+    assert app.state.runner.patterns.restarts == 2  # the reply and its correction each killed one checker
+    assert len(fake.calls()) == 2
+
+
+async def test_a_client_pattern_is_checked_in_its_own_process(fake: Fake) -> None:
+    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {"s": "aaa"}}]}))
+    app = fake.app()
+    async with client_for(app) as client:
+        assert app.state.runner.patterns.process is None  # started only when a pattern needs checking
+        response = await client.post("/v1/chat/completions", json=chat("call f", tools=[pattern_tool(SLOW_PATTERN)]))
+        assert response.status_code == 200, response.text
+        assert json.loads(response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == \
+            {"s": "aaa"}
+        checker = app.state.runner.patterns.process
+        assert checker is not None and checker.returncode is None
+    assert checker.returncode is not None  # stopped with the app
+
+
+def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
+    schema = {"oneOf": [{"properties": {"s": {"pattern": "^a"}}}, {"properties": {"s": {"pattern": "b$"}}}],
+              "properties": {"t": {"pattern": "^x"}}}
+    value = {"s": "ab", "t": "y"}
+    with pytest.raises(api.PatternsNeeded) as first:  # assuming both match, oneOf fails before "t" is reached
+        api.schema_problem(value, schema)
+    answers: dict[tuple[str, str], bool | None] = {("^a", "ab"): True, ("b$", "ab"): False}
+    assert first.value.pairs == set(answers)
+    with pytest.raises(api.PatternsNeeded) as second:  # now oneOf passes, and "t" needs its answer
+        api.schema_problem(value, schema, answers)
+    assert second.value.pairs == {("^x", "y")}
+    assert "does not match the pattern '^x'" in (api.schema_problem(value, schema, {**answers, ("^x", "y"): False})
+                                                  or "")
+
+
+def test_a_fenced_reply_is_parsed_in_linear_time() -> None:
+    hostile = "```" + "\n" * 5000 + "x"  # the old fence regex took minutes on this
+    with pytest.raises(api.InvalidReply, match="not valid JSON"):
+        finishes_within(2, lambda: api.loads_reply(hostile))
+    assert finishes_within(2, lambda: api.loads_reply("```json\n" + "\n" * 100_000 + '{"a": 1}\n```')) == {"a": 1}
+
+
+@pytest.mark.parametrize("check", [
+    lambda: api.resolve_model("a" * 1_000_000 + "!", make_settings()),
+    lambda: api.image_part({"url": "data:" + "a" * 1_000_000}, "p", 10),
+    lambda: api.image_part({"url": "data:image/png;base64," + "A" * 1_000_000 + "!"}, "p", 10),
+    lambda: api.parse_tools([{"type": "function", "function": {"name": "a" * 1_000_000}}], None),
+    lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
+    lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
+    lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
+], ids=["model name", "data url without ;", "data url bad base64", "function name", "output limit digits",
+        "auth words", "output limit repeats"])
+def test_every_regex_on_outside_text_runs_in_linear_time(check: Any) -> None:
+    def run() -> None:
+        with contextlib.suppress(api.ProxyError):
+            check()
+
+    finishes_within(2, run)  # a megabyte each: a superlinear regex would take far longer
+
+
+SCHEMA_FAULTS = [
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "(unclosed"}}}, ".properties.s.pattern"),
+    ({"type": "string", "pattern": "a" * 1001}, ".pattern"),
+    ({"$ref": "#"}, ".$ref"),
+    ({"allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"anyOf": [{"$ref": "#"}]}}}, ".$defs.a.anyOf[0].$ref"),
+    ({"$ref": "#/$defs/missing"}, ".$ref"),
+    ({"$ref": "https://example.com/schema.json"}, ".$ref"),
+    ({"properties": {"s": {"minLength": "3"}}}, ".properties.s.minLength"),
+    ({"required": "x"}, ".required"),
+    ({"properties": []}, ".properties"),
+    ({"enum": "abc"}, ".enum"),
+    ({"type": ["string", {"no": 1}]}, ".type"),
+    ({"items": {"maxItems": 1.5}}, ".items.maxItems"),
+    ({"anyOf": []}, ".anyOf"),
+    ({"properties": {"s": 5}}, ".properties.s"),
+]
+
+
+@pytest.mark.parametrize("schema,where", SCHEMA_FAULTS, ids=lambda v: json.dumps(v)[:40])
+async def test_a_schema_we_cannot_check_is_refused_before_any_cli_runs(fake: Fake, schema: Any, where: str) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    async with client_for(fake.app()) as client:
+        for body, param in [
+            (chat(tools=[tool]), "tools[0].function.parameters"),
+            (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+             "response_format.json_schema.schema"),
+        ]:
+            for stream in (False, True):
+                assert_error(await client.post("/v1/chat/completions", json={**body, "stream": stream}), 400,
+                             "invalid_schema", param + where)
+        for body, param in [
+            ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": schema}]}, "tools[0].parameters"),
+            ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
+             "text.format.schema"),
+        ]:
+            error = assert_error(await client.post("/v1/responses", json=body), 400, "invalid_schema", param + where)
+            assert param in error["message"] and ".function" not in error["message"]
+    assert fake.calls() == []
+
+
+@pytest.mark.parametrize("schema,where", SCHEMA_FAULTS, ids=lambda v: json.dumps(v)[:40])
+def test_schema_problem_never_raises_on_any_schema(schema: Any, where: str) -> None:
+    for value in ({"s": "abc"}, "abc", [1, 2], 3, None):
+        try:
+            problem = api.schema_problem(value, schema)
+        except api.PatternsNeeded as need:
+            problem = api.schema_problem(value, schema, dict.fromkeys(need.pairs, False))
+        assert problem is None or isinstance(problem, str)
+
+
+def test_schema_work_is_bounded() -> None:
+    # Each level's anyOf doubles the work: 2**40 applications, unless the check stops itself.
+    defs = {f"n{i}": {"anyOf": [{"$ref": f"#/$defs/n{i + 1}"}, {"$ref": f"#/$defs/n{i + 1}"}]} for i in range(40)}
+    schema = {"$defs": {**defs, "n40": {"type": "string"}}, "$ref": "#/$defs/n0"}
+    deep = {"items": {"$ref": "#"}}
+    value: Any = 1
+    for _ in range(5000):
+        value = [value]
+    assert "too large" in (finishes_within(5, lambda: api.schema_problem(1, schema)) or "")
+    assert "nested too deeply" in (finishes_within(5, lambda: api.schema_problem(value, deep)) or "")
+
+
+HOSTILE_BODIES = [
+    (b'{"model": "sonnet", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
+    (b'{"model": "sonnet", "temperature": Infinity, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
+    (b'{"model": "sonnet", "top_p": -Infinity, "messages": [{"role": "user", "content": "x"}]}', "top_p"),
+    (b'{"model": "sonnet", "seed": 1e999, "messages": [{"role": "user", "content": "x"}]}', "seed"),
+    (b'{"model": "sonnet", "metadata": {"a": [1, NaN]}, "messages": [{"role": "user", "content": "x"}]}',
+     "metadata.a[1]"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x\\udfff"}], "user": "u"}', "messages[0].content"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "metadata": {"\\ud83d": 1}}', "metadata"),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+     None),
+    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 150 + b"]" * 150 + b"}",
+     "x" + "[0]" * 99),
+]
+
+
+@pytest.mark.parametrize("raw,param", HOSTILE_BODIES, ids=lambda v: v[:60].decode() if isinstance(v, bytes) else v)
+async def test_hostile_json_is_refused_before_any_cli_runs(fake: Fake, raw: bytes, param: str | None) -> None:
+    responses_raw = raw.replace(b'"messages"', b'"input"')
+    async with client_for(fake.app()) as client:
+        for path, body in (("/v1/chat/completions", raw), ("/v1/responses", responses_raw)):
+            response = await client.post(path, content=body, headers={"content-type": "application/json"})
+            expected = param.replace("messages", "input") if param and path == "/v1/responses" else param
+            assert_error(response, 400, "invalid_json", expected)
+    assert fake.calls() == []
+
+
+async def test_a_prompt_far_past_the_window_is_refused_at_once(fake: Fake) -> None:
+    prompt = "word " * 400_001  # 2,000,005 characters: more than 200,000 tokens, whatever the tokenizer
+    async with client_for(fake.app()) as client:
+        started = time.monotonic()
+        error = assert_error(await client.post("/v1/chat/completions", json=chat(prompt)), 400,
+                             "context_length_exceeded", "messages")
+        assert "maximum context length is 200000 tokens" in error["message"]
+        assert_error(await client.post("/v1/responses", json={"model": "opus", "input": prompt}), 400,
+                     "context_length_exceeded", "input")
+        assert time.monotonic() - started < 5 and fake.calls() == []
+        fake.control(reply="fits")  # a 1M-token window holds it; so may the CLI's default model
+        assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "sonnet[1m]"})).status_code \
+            == 200
+        assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "default"})).status_code == 200
+
+
+async def test_a_prompt_too_long_for_the_cli_is_a_400_not_retried(fake: Fake) -> None:
+    fake.control(default="prompt_too_long")
+    async with client_for(fake.app(max_retries=3)) as client:
+        error = assert_error(await client.post("/v1/chat/completions", json=chat()), 400, "context_length_exceeded",
+                             "messages")
+        assert "too long" in error["message"]
+        assert_error(await client.post("/v1/chat/completions", json=chat(stream=True)), 400, "context_length_exceeded")
+    assert len(fake.calls()) == 2
+
+
+@needs_real_cli
+async def test_real_prompt_too_long_is_a_400_in_seconds(real: Real) -> None:
+    real.standin.reset(default=Reply(status=400, error_type="invalid_request_error",
+                                     message="prompt is too long: 250000 tokens > 200000 maximum"))
+    async with client_for(real.app(max_retries=3)) as client:
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json=chat())
+        elapsed = time.monotonic() - started
+    error = assert_error(response, 400, "context_length_exceeded", "messages")
+    assert "too long" in error["message"] and "attach" not in error["message"]  # ours, not the CLI's advice
+    assert elapsed < 15 and len(real.standin.requests) == 1
+
+
+def test_a_dripped_body_times_out_with_408(fake: Fake) -> None:
+    stop = threading.Event()
+    with serve(fake.app(body_timeout=0.5)) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                                                                           timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{")
+
+        def drip() -> None:
+            while not stop.wait(0.05):  # a byte every 50 ms, for as long as the server listens
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    return
+
+        dripper = threading.Thread(target=drip)
+        dripper.start()
+        try:
+            started = time.monotonic()
+            received = b""
+            # Until the server closes the connection (or 10 s pass). Closing with drip bytes unread, the server's
+            # side may reset the connection rather than end it: either way it is closed.
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+            elapsed = time.monotonic() - started
+        finally:
+            stop.set()
+            dripper.join()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), received[:200]
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert elapsed < 5
+    assert fake.calls() == []
+
+
+def test_uvicorn_limits_are_stated() -> None:
+    limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500))
+    assert limits == {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16384, "limit_concurrency": 572}
+    assert uvicorn.Config(api.create_app(make_settings()), **limits).limit_concurrency == 572
+
+
 # --- Sessions ---
-
-
-def user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}
-
 
 def session_app(real: Real, **overrides: Any) -> Starlette:
     return real.app(**{"auto_session": "on", **overrides})
@@ -1671,102 +2077,6 @@ async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None
     assert text == "User: one\n\nAssistant: echo: one\n\nUser: two"  # rebuilt from the history we kept
 
 
-
-# --- Keys mean separate users; explicit sessions are capped ---
-
-
-def session_arg(call: dict[str, Any]) -> tuple[str, str]:
-    """How a recorded CLI call joined its conversation: ("--session-id" or "--resume", the CLI's id)."""
-    argv = call["argv"]
-    flag = "--resume" if "--resume" in argv else "--session-id"
-    return flag, argv[argv.index(flag) + 1]
-
-
-async def test_keys_do_not_share_sessions_processes_or_responses(fake: Fake) -> None:
-    app = fake.app(auto_session="on", api_keys="key-a,key-b")
-    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
-    sid = str(uuid.uuid4())
-    async with client_for(app) as client:
-        async def post(headers: dict[str, str], body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
-            response = await client.post(path, json=body, headers=headers)
-            assert response.status_code == 200, response.text
-            return response.json()
-
-        # The same explicit session id under two keys: two conversations.
-        await post(a, {**chat("I am A."), "session_id": sid})
-        await post(b, {**chat("I am B."), "session_id": sid})
-        await post(a, {**chat("Who am I?"), "session_id": sid})
-        # An automatic session: key B sending key A's exact history does not continue A's conversation.
-        first = await post(a, chat("auto hello"))
-        history = [user("auto hello"), assistant(first["choices"][0]["message"]["content"]), user("and then?")]
-        await post(b, {"model": "sonnet", "messages": history})
-        await post(a, {"model": "sonnet", "messages": history})
-        # A stored response: another key cannot continue it, nor learn that it exists.
-        stored = await post(a, {"model": "sonnet", "input": "A's secret plan"}, "/v1/responses")
-        other = await client.post("/v1/responses", headers=b, json={
-            "model": "sonnet", "input": "what was the plan?", "previous_response_id": stored["id"]})
-        assert_error(other, 400, "previous_response_not_found", "previous_response_id")
-        await post(a, {"model": "sonnet", "input": "go on", "previous_response_id": stored["id"]}, "/v1/responses")
-        assert len(app.state.sessions.explicit) == 3  # two under the one id, one for the stored response
-    a1, b1, a2, auto_a, auto_b, auto_a2, resp_a, resp_a2 = fake.calls()
-
-    def continues(later: dict[str, Any], earlier: dict[str, Any]) -> bool:
-        """``later`` was answered in ``earlier``'s conversation: by its warm process, or resuming its transcript."""
-        return later["pid"] == earlier["pid"] or session_arg(later) == ("--resume", session_arg(earlier)[1])
-
-    assert session_arg(a1)[0] == session_arg(b1)[0] == "--session-id" and session_arg(a1)[1] != session_arg(b1)[1]
-    assert continues(a2, a1) and not continues(b1, a1) and not continues(a2, b1)
-    assert "I am A" not in b1["stdin"] and "I am B" not in a2["stdin"]
-    assert session_arg(auto_b)[0] == "--session-id" and not continues(auto_b, auto_a)
-    assert "auto hello" in auto_b["stdin"]  # the whole history went in: nothing of A's was resumed
-    assert continues(auto_a2, auto_a) and continues(resp_a2, resp_a)
-
-
-@needs_real_cli
-def test_real_same_session_id_under_two_keys_is_two_conversations(real: Real) -> None:
-    real.standin.reset(default=Reply(echo=True))
-    sid = str(uuid.uuid4())
-    with serve(real.app(api_keys="key-a,key-b")) as url:
-        for key, text in (("key-a", "My password is swordfish."), ("key-b", "What is my password?")):
-            httpx.post(f"{url}/v1/chat/completions", json={**chat(text), "session_id": sid},
-                       headers={"Authorization": f"Bearer {key}"}, timeout=60).raise_for_status()
-    assert "swordfish" not in json.dumps(real.standin.bodies()[-1])
-    shape = [turn for turn in conversation_shape(real.standin.bodies()[-1]) if turn[0] != "system"]  # 2.1.332's
-    assert shape == [("user", "What is my password?")]
-
-
-async def test_explicit_sessions_are_capped_least_recently_used_first(fake: Fake) -> None:
-    app = fake.app(max_sessions=2)
-    sids = [str(uuid.uuid4()) for _ in range(3)]
-    async with client_for(app) as client:
-        for sid in (sids[0], sids[1], sids[0], sids[2]):  # sids[1] is now the least recently used
-            response = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": sid})
-            assert response.status_code == 200
-        sessions = app.state.sessions
-        assert sorted(key for _, key in sessions.explicit) == sorted([sids[0], sids[2]])
-        assert await eventually(lambda: not sessions.background)
-        assert sorted(t.stem for t in sessions.transcripts.glob("*.jsonl")) == sorted(
-            api.cli_session_id(sid) for sid in (sids[0], sids[2]))
-        # Dropped as its TTL would drop it: the id starts a new conversation.
-        await client.post("/v1/chat/completions", json={**chat("back"), "session_id": sids[1]})
-    assert session_arg(fake.calls()[-1]) == ("--session-id", api.cli_session_id(sids[1]))
-
-
-async def test_a_new_session_is_refused_when_every_session_is_busy(fake: Fake) -> None:
-    fake.control(default="hang")
-    app = fake.app(max_sessions=1)
-    async with client_for(app) as client:
-        busy = asyncio.create_task(client.post("/v1/chat/completions",
-                                               json={**chat("slow"), "session_id": str(uuid.uuid4())}))
-        assert await eventually(lambda: len(fake.calls()) == 1)
-        response = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": str(uuid.uuid4())})
-        assert "CLAUDE_MAX_SESSIONS" in assert_error(response, 503, "overloaded")["message"]
-        assert "retry-after" in response.headers and len(fake.calls()) == 1
-        busy.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await busy
-
-
 # --- Function calling and structured output ---
 
 PERSON_SCHEMA = {"type": "object", "properties": {
@@ -2075,30 +2385,6 @@ async def test_real_image_reaches_upstream_as_an_image_block(real: Real) -> None
     assert image["source"] == {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
 
 
-@needs_real_cli
-async def test_real_max_tokens_and_effort_reach_upstream(real: Real) -> None:
-    # The CLI would ask the model to go on after max_tokens; the stand-in never answers such a request, so
-    # the answer comes back only if the server stops at the first limit instead of waiting for the CLI.
-    real.standin.reset(Reply(text="cut", stop_reason="max_tokens"), default=Reply(stall=True))
-    async with client_for(real.app()) as client:
-        response = await client.post("/v1/chat/completions", json=chat(max_tokens=42, reasoning_effort="low"))
-    assert response.json()["choices"][0]["finish_reason"] == "length"
-    assert response.json()["choices"][0]["message"]["content"] == "cut"
-    assert response.json()["usage"]["completion_tokens"] > 0
-    body = real.standin.bodies()[0]
-    assert body["max_tokens"] == 42 and body.get("output_config", {}).get("effort") == "low"
-    assert wait_until(lambda: real.alive() == [], 5)  # the CLI was stopped, not left to go on
-
-
-@needs_real_cli
-async def test_real_budget_stop_is_reported(real: Real) -> None:
-    real.standin.reset(default=Reply(text="expensive"))
-    async with client_for(real.app(max_budget_usd="0.0000001", fallback_model="haiku")) as client:
-        response = await client.post("/v1/chat/completions", json=chat())
-    error = assert_error(response, 402, "max_budget_exceeded")
-    assert "CLAUDE_MAX_BUDGET_USD" in error["message"]
-
-
 # --- Responses API ---
 
 RESPONSES_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
@@ -2212,347 +2498,7 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
     assert fake.calls()[-1]["stdin"].count('"type": "image"') == 1
 
 
-# --- Hostile input: checks in bounded time, refusals before any CLI runs ---
-
-SLOW_PATTERN = "^(a+)+$"  # backtracks: against 35 a's and a '!' Python's re runs for minutes
-SLOW_TEXT = "a" * 35 + "!"
-
-
-def finishes_within(seconds: float, work: Any) -> Any:
-    """``work()``'s result, failing if it takes longer than ``seconds``: it runs in a daemon thread, so a
-    runaway computation fails the test instead of hanging it (and the test run)."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, work()))
-        except Exception as exc:  # handed back to the test
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"still running after {seconds} s"
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
-
-
-def pattern_tool(pattern: str) -> dict[str, Any]:
-    return {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}, "required": ["s"]}}}
-
-
-def test_a_client_pattern_cannot_stall_the_server(fake: Fake) -> None:
-    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {
-        "s": SLOW_TEXT}}]}))
-    app = fake.app()
-    results: list[Any] = []
-    with serve(app) as url:
-        thread = post_in_background(url, chat("call f", tools=[pattern_tool(SLOW_PATTERN)]), results)
-        assert wait_until(lambda: app.state.runner.patterns.checking, 20), "the pattern check never started"
-        started = time.monotonic()
-        health = httpx.get(f"{url}/health", timeout=5)
-        elapsed = time.monotonic() - started
-        assert app.state.runner.patterns.checking  # /health answered while the bad check was running
-        thread.join(30)
-    assert health.status_code == 200 and elapsed < 2
-    [response] = results
-    error = assert_error(response, 502, "invalid_model_output")
-    assert "took longer than" in error["message"]  # the check counted as failed, with a clear message
-    assert app.state.runner.patterns.restarts == 2  # the reply and its correction each killed one checker
-    assert len(fake.calls()) == 2
-
-
-async def test_a_client_pattern_is_checked_in_its_own_process(fake: Fake) -> None:
-    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {"s": "aaa"}}]}))
-    app = fake.app()
-    async with client_for(app) as client:
-        assert app.state.runner.patterns.process is None  # started only when a pattern needs checking
-        response = await client.post("/v1/chat/completions", json=chat("call f", tools=[pattern_tool(SLOW_PATTERN)]))
-        assert response.status_code == 200, response.text
-        assert json.loads(response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == \
-            {"s": "aaa"}
-        checker = app.state.runner.patterns.process
-        assert checker is not None and checker.returncode is None
-    assert checker.returncode is not None  # stopped with the app
-
-
-def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
-    schema = {"oneOf": [{"properties": {"s": {"pattern": "^a"}}}, {"properties": {"s": {"pattern": "b$"}}}],
-              "properties": {"t": {"pattern": "^x"}}}
-    value = {"s": "ab", "t": "y"}
-    with pytest.raises(api.PatternsNeeded) as first:  # assuming both match, oneOf fails before "t" is reached
-        api.schema_problem(value, schema)
-    answers: dict[tuple[str, str], bool | None] = {("^a", "ab"): True, ("b$", "ab"): False}
-    assert first.value.pairs == set(answers)
-    with pytest.raises(api.PatternsNeeded) as second:  # now oneOf passes, and "t" needs its answer
-        api.schema_problem(value, schema, answers)
-    assert second.value.pairs == {("^x", "y")}
-    assert "does not match the pattern '^x'" in (api.schema_problem(value, schema, {**answers, ("^x", "y"): False})
-                                                  or "")
-
-
-def test_a_fenced_reply_is_parsed_in_linear_time() -> None:
-    hostile = "```" + "\n" * 5000 + "x"  # the old fence regex took minutes on this
-    with pytest.raises(api.InvalidReply, match="not valid JSON"):
-        finishes_within(2, lambda: api.loads_reply(hostile))
-    assert finishes_within(2, lambda: api.loads_reply("```json\n" + "\n" * 100_000 + '{"a": 1}\n```')) == {"a": 1}
-
-
-@pytest.mark.parametrize("check", [
-    lambda: api.resolve_model("a" * 1_000_000 + "!", make_settings()),
-    lambda: api.image_part({"url": "data:" + "a" * 1_000_000}, "p", 10),
-    lambda: api.image_part({"url": "data:image/png;base64," + "A" * 1_000_000 + "!"}, "p", 10),
-    lambda: api.parse_tools([{"type": "function", "function": {"name": "a" * 1_000_000}}], None),
-    lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
-    lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
-    lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
-], ids=["model name", "data url without ;", "data url bad base64", "function name", "output limit digits",
-        "auth words", "output limit repeats"])
-def test_every_regex_on_outside_text_runs_in_linear_time(check: Any) -> None:
-    def run() -> None:
-        with contextlib.suppress(api.ProxyError):
-            check()
-
-    finishes_within(2, run)  # a megabyte each: a superlinear regex would take far longer
-
-
-SCHEMA_FAULTS = [
-    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "(unclosed"}}}, ".properties.s.pattern"),
-    ({"type": "string", "pattern": "a" * 1001}, ".pattern"),
-    ({"$ref": "#"}, ".$ref"),
-    ({"allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"anyOf": [{"$ref": "#"}]}}}, ".$defs.a.anyOf[0].$ref"),
-    ({"$ref": "#/$defs/missing"}, ".$ref"),
-    ({"$ref": "https://example.com/schema.json"}, ".$ref"),
-    ({"properties": {"s": {"minLength": "3"}}}, ".properties.s.minLength"),
-    ({"required": "x"}, ".required"),
-    ({"properties": []}, ".properties"),
-    ({"enum": "abc"}, ".enum"),
-    ({"type": ["string", {"no": 1}]}, ".type"),
-    ({"items": {"maxItems": 1.5}}, ".items.maxItems"),
-    ({"anyOf": []}, ".anyOf"),
-    ({"properties": {"s": 5}}, ".properties.s"),
-]
-
-
-@pytest.mark.parametrize("schema,where", SCHEMA_FAULTS, ids=lambda v: json.dumps(v)[:40])
-async def test_a_schema_we_cannot_check_is_refused_before_any_cli_runs(fake: Fake, schema: Any, where: str) -> None:
-    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
-    async with client_for(fake.app()) as client:
-        for body, param in [
-            (chat(tools=[tool]), "tools[0].function.parameters"),
-            (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
-             "response_format.json_schema.schema"),
-        ]:
-            for stream in (False, True):
-                assert_error(await client.post("/v1/chat/completions", json={**body, "stream": stream}), 400,
-                             "invalid_schema", param + where)
-        for body, param in [
-            ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": schema}]}, "tools[0].parameters"),
-            ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
-             "text.format.schema"),
-        ]:
-            error = assert_error(await client.post("/v1/responses", json=body), 400, "invalid_schema", param + where)
-            assert param in error["message"] and ".function" not in error["message"]
-    assert fake.calls() == []
-
-
-@pytest.mark.parametrize("schema,where", SCHEMA_FAULTS, ids=lambda v: json.dumps(v)[:40])
-def test_schema_problem_never_raises_on_any_schema(schema: Any, where: str) -> None:
-    for value in ({"s": "abc"}, "abc", [1, 2], 3, None):
-        try:
-            problem = api.schema_problem(value, schema)
-        except api.PatternsNeeded as need:
-            problem = api.schema_problem(value, schema, dict.fromkeys(need.pairs, False))
-        assert problem is None or isinstance(problem, str)
-
-
-def test_schema_work_is_bounded() -> None:
-    # Each level's anyOf doubles the work: 2**40 applications, unless the check stops itself.
-    defs = {f"n{i}": {"anyOf": [{"$ref": f"#/$defs/n{i + 1}"}, {"$ref": f"#/$defs/n{i + 1}"}]} for i in range(40)}
-    schema = {"$defs": {**defs, "n40": {"type": "string"}}, "$ref": "#/$defs/n0"}
-    deep = {"items": {"$ref": "#"}}
-    value: Any = 1
-    for _ in range(5000):
-        value = [value]
-    assert "too large" in (finishes_within(5, lambda: api.schema_problem(1, schema)) or "")
-    assert "nested too deeply" in (finishes_within(5, lambda: api.schema_problem(value, deep)) or "")
-
-
-HOSTILE_BODIES = [
-    (b'{"model": "sonnet", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
-    (b'{"model": "sonnet", "temperature": Infinity, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
-    (b'{"model": "sonnet", "top_p": -Infinity, "messages": [{"role": "user", "content": "x"}]}', "top_p"),
-    (b'{"model": "sonnet", "seed": 1e999, "messages": [{"role": "user", "content": "x"}]}', "seed"),
-    (b'{"model": "sonnet", "metadata": {"a": [1, NaN]}, "messages": [{"role": "user", "content": "x"}]}',
-     "metadata.a[1]"),
-    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
-    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x\\udfff"}], "user": "u"}', "messages[0].content"),
-    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "metadata": {"\\ud83d": 1}}', "metadata"),
-    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
-     None),
-    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 150 + b"]" * 150 + b"}",
-     "x" + "[0]" * 99),
-]
-
-
-@pytest.mark.parametrize("raw,param", HOSTILE_BODIES, ids=lambda v: v[:60].decode() if isinstance(v, bytes) else v)
-async def test_hostile_json_is_refused_before_any_cli_runs(fake: Fake, raw: bytes, param: str | None) -> None:
-    responses_raw = raw.replace(b'"messages"', b'"input"')
-    async with client_for(fake.app()) as client:
-        for path, body in (("/v1/chat/completions", raw), ("/v1/responses", responses_raw)):
-            response = await client.post(path, content=body, headers={"content-type": "application/json"})
-            expected = param.replace("messages", "input") if param and path == "/v1/responses" else param
-            assert_error(response, 400, "invalid_json", expected)
-    assert fake.calls() == []
-
-
-async def test_a_prompt_far_past_the_window_is_refused_at_once(fake: Fake) -> None:
-    prompt = "word " * 400_001  # 2,000,005 characters: more than 200,000 tokens, whatever the tokenizer
-    async with client_for(fake.app()) as client:
-        started = time.monotonic()
-        error = assert_error(await client.post("/v1/chat/completions", json=chat(prompt)), 400,
-                             "context_length_exceeded", "messages")
-        assert "maximum context length is 200000 tokens" in error["message"]
-        assert_error(await client.post("/v1/responses", json={"model": "opus", "input": prompt}), 400,
-                     "context_length_exceeded", "input")
-        assert time.monotonic() - started < 5 and fake.calls() == []
-        fake.control(reply="fits")  # a 1M-token window holds it; so may the CLI's default model
-        assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "sonnet[1m]"})).status_code \
-            == 200
-        assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "default"})).status_code == 200
-
-
-async def test_a_prompt_too_long_for_the_cli_is_a_400_not_retried(fake: Fake) -> None:
-    fake.control(default="prompt_too_long")
-    async with client_for(fake.app(max_retries=3)) as client:
-        error = assert_error(await client.post("/v1/chat/completions", json=chat()), 400, "context_length_exceeded",
-                             "messages")
-        assert "too long" in error["message"]
-        assert_error(await client.post("/v1/chat/completions", json=chat(stream=True)), 400, "context_length_exceeded")
-    assert len(fake.calls()) == 2
-
-
-@needs_real_cli
-async def test_real_prompt_too_long_is_a_400_in_seconds(real: Real) -> None:
-    real.standin.reset(default=Reply(status=400, error_type="invalid_request_error",
-                                     message="prompt is too long: 250000 tokens > 200000 maximum"))
-    async with client_for(real.app(max_retries=3)) as client:
-        started = time.monotonic()
-        response = await client.post("/v1/chat/completions", json=chat())
-        elapsed = time.monotonic() - started
-    error = assert_error(response, 400, "context_length_exceeded", "messages")
-    assert "too long" in error["message"] and "attach" not in error["message"]  # ours, not the CLI's advice
-    assert elapsed < 15 and len(real.standin.requests) == 1
-
-
-# --- Rate limits, a failing CLI's stderr, slow bodies ---
-
-
-async def test_a_usage_limit_is_answered_at_once_with_its_reset_time(fake: Fake) -> None:
-    fake.control(default="usage_limit", resets_in=3600)
-    async with client_for(fake.app(max_retries=5)) as client:
-        for stream in (False, True):
-            response = await client.post("/v1/chat/completions", json=chat(stream=stream))
-            error = assert_error(response, 429, "rate_limit_exceeded")
-            assert 3590 <= int(response.headers["retry-after"]) <= 3600
-            assert "resets at" in error["message"]
-    assert len(fake.calls()) == 2  # one run each: a limit that resets in an hour is not retried
-
-
-async def test_a_limit_that_clears_soon_is_waited_for(fake: Fake) -> None:
-    fake.control(script=["usage_limit"], resets_in=2, default="ok")
-    async with client_for(fake.app(max_retries=2)) as client:
-        started = time.monotonic()
-        response = await client.post("/v1/chat/completions", json=chat())
-    assert response.status_code == 200 and len(fake.calls()) == 2
-    assert time.monotonic() - started >= 1  # it waited for the reset (in 1-2 s), not for the backoff's 0.01 s
-
-
-async def test_retries_of_a_limit_without_a_reset_time_are_bounded(fake: Fake) -> None:
-    fake.control(default="rate_limit")
-    async with client_for(fake.app(max_retries=5, base_backoff=20)) as client:
-        started = time.monotonic()
-        response = await client.post("/v1/chat/completions", json=chat())
-    assert_error(response, 429, "rate_limit_exceeded")
-    assert time.monotonic() - started < 5 and len(fake.calls()) == 1  # a first backoff of 10-20 s exceeds 10 s
-
-
-@needs_real_cli
-async def test_real_usage_limit_gives_429_at_once_with_retry_after(real: Real) -> None:
-    reset = int(time.time()) + 3600
-    real.standin.reset(default=Reply(status=429, error_type="rate_limit_error", message="usage limit", headers={
-        "retry-after": "3600", "anthropic-ratelimit-unified-status": "rejected",
-        "anthropic-ratelimit-unified-reset": str(reset), "anthropic-ratelimit-unified-5h-status": "rejected",
-        "anthropic-ratelimit-unified-5h-reset": str(reset),
-        "anthropic-ratelimit-unified-representative-claim": "five_hour"}))
-    environ = {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"}
-    environ["CLAUDE_CODE_OAUTH_TOKEN"] = "sk-ant-oat01-stand-in"  # a plan's login: the CLI reports plan limits
-    app = api.create_app(make_settings(bin=real.bin, max_retries=3), environ)
-    async with client_for(app) as client:
-        response = await client.post("/v1/chat/completions", json=chat())
-    assert_error(response, 429, "rate_limit_exceeded")
-    assert 3590 <= int(response.headers["retry-after"]) <= 3600
-    assert len(real.standin.requests) == 1
-
-
-async def test_failing_cli_stderr_is_logged_once_and_trimmed(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
-    fake.control(default="crash_loud")
-    with caplog.at_level("INFO", logger="claude_api"):
-        async with client_for(fake.app(max_retries=2)) as client:
-            assert_error(await client.post("/v1/chat/completions", json=chat()), 502, "cli_failed")
-    assert len(fake.calls()) == 3
-    loud = [r.getMessage() for r in caplog.records if "LOUD-STDERR" in r.getMessage()]
-    assert len(loud) == 1
-    assert "LOUD-STDERR line 99" in loud[0] and "LOUD-STDERR line 79" not in loud[0]  # the tail
-    assert len(loud[0]) < api.STDERR_TAIL * (api.STDERR_LINE + 40) + 200
-
-
-def test_a_dripped_body_times_out_with_408(fake: Fake) -> None:
-    stop = threading.Event()
-    with serve(fake.app(body_timeout=0.5)) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])),
-                                                                           timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100000\r\n\r\n{")
-
-        def drip() -> None:
-            while not stop.wait(0.05):  # a byte every 50 ms, for as long as the server listens
-                try:
-                    sock.sendall(b" ")
-                except OSError:
-                    return
-
-        dripper = threading.Thread(target=drip)
-        dripper.start()
-        try:
-            started = time.monotonic()
-            received = b""
-            # Until the server closes the connection (or 10 s pass). Closing with drip bytes unread, the server's
-            # side may reset the connection rather than end it: either way it is closed.
-            with contextlib.suppress(ConnectionResetError):
-                while chunk := sock.recv(65536):
-                    received += chunk
-            elapsed = time.monotonic() - started
-        finally:
-            stop.set()
-            dripper.join()
-    head, _, body = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408"), received[:200]
-    assert json.loads(body)["error"]["code"] == "request_timeout"
-    assert elapsed < 5
-    assert fake.calls() == []
-
-
-def test_uvicorn_limits_are_stated() -> None:
-    limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500))
-    assert limits == {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16384, "limit_concurrency": 572}
-    assert uvicorn.Config(api.create_app(make_settings()), **limits).limit_concurrency == 572
-
-
 # --- Pre-started processes ---
-
 
 async def prewarm(client: httpx.AsyncClient) -> dict[str, int]:
     return (await client.get("/health")).json()["prewarm"]
@@ -2664,6 +2610,32 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
 
 
 # --- The CLI's version, flags, login and self-check; /health and the start-up log ---
+
+async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
+    async with client_for(fake.app()) as client:
+        health = await client.get("/health")
+        assert health.status_code == 200
+        assert health.json() == {"status": "ok", "cli": {"version": "9.9.9 (Fake Code)", "tested": False,
+                                                          "login": health.json()["cli"]["login"], "self_check": {
+                                                              "state": "off", "problems": [], "seconds": None}},
+                                 "in_flight": 0, "queued": 0,
+                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
+                                 "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}}
+        index = (await client.get("/")).json()
+        assert "/v1/chat/completions" in index["endpoints"]
+    missing = api.create_app(make_settings(bin=tmp_path / "no-such-claude"), fake.environ)
+    async with client_for(missing) as client:
+        health = await client.get("/health")
+        assert health.status_code == 503 and "not found" in health.json()["reason"]
+        assert_error(await client.post("/v1/chat/completions", json=chat()), 503, "cli_not_found")
+
+
+async def test_version_is_asked_once(fake: Fake) -> None:
+    app = fake.app()
+    async with client_for(app) as client:
+        await client.get("/health")
+        (fake.folder / "claude").write_text("#!/bin/sh\nexit 1\n")  # a second --version would now fail
+        assert (await client.get("/health")).json()["cli"]["version"] == "9.9.9 (Fake Code)"
 
 
 async def checked(app: Starlette) -> None:
