@@ -661,6 +661,19 @@ def tool_calls_text(calls: Any, param: str) -> str:
     return json.dumps({"type": "tool_calls", "tool_calls": items}, ensure_ascii=False)
 
 
+def message_role(message: Any, where: str) -> Role:
+    """The role of one OpenAI message, which must be an object with one of the ROLES."""
+    if not isinstance(message, dict):
+        raise wrong_type(where, "an object", message)
+    role = message.get("role")
+    if role is None:
+        raise missing(f"{where}.role")
+    if role not in ROLES:
+        raise BadRequest(f"Invalid value: {role!r}. Supported values are: {', '.join(map(repr, ROLES))}.",
+                         param=f"{where}.role", code="invalid_value")
+    return role
+
+
 def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tuple[Turn, ...]]:
     """Split OpenAI messages into the system prompt and the conversation turns."""
     if messages is None:
@@ -674,14 +687,7 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
     turns: list[Turn] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise wrong_type(where, "an object", message)
-        role = message.get("role")
-        if role is None:
-            raise missing(f"{where}.role")
-        if role not in ROLES:
-            raise BadRequest(f"Invalid value: {role!r}. Supported values are: {', '.join(map(repr, ROLES))}.",
-                             param=f"{where}.role", code="invalid_value")
+        role = message_role(message, where)
         if role == "user":
             if message.get("content") is None:
                 raise missing(f"{where}.content")
@@ -743,6 +749,27 @@ def render_blocks(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
 # JSON Schema before the client sees them.
 
 
+def parse_tool(item: Any, where: str) -> Tool:
+    """One entry of 'tools': a function with a valid name and a JSON Schema for its parameters."""
+    if not isinstance(item, dict):
+        raise wrong_type(where, "an object", item)
+    if item.get("type") != "function":
+        raise BadRequest(f"Tool {where} has type {item.get('type')!r}; only 'function' tools are supported.",
+                         param=f"{where}.type", code="unsupported_value")
+    function = item.get("function")
+    if not isinstance(function, dict):
+        raise missing(f"{where}.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise BadRequest(f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'.",
+                         param=f"{where}.function.name", code="invalid_value")
+    parameters = function.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(parameters, dict):
+        raise wrong_type(f"{where}.function.parameters", "an object", parameters)
+    check_schema(parameters, f"{where}.function.parameters")
+    return Tool(name, str(function.get("description") or ""), parameters)
+
+
 def parse_tools(raw: Any, choice: Any) -> tuple[tuple[Tool, ...], str]:
     if raw is None:
         if choice not in (None, "none", "auto"):
@@ -750,26 +777,7 @@ def parse_tools(raw: Any, choice: Any) -> tuple[tuple[Tool, ...], str]:
         return (), "auto"
     if not isinstance(raw, list):
         raise wrong_type("tools", "an array", raw)
-    tools = []
-    for i, item in enumerate(raw):
-        where = f"tools[{i}]"
-        if not isinstance(item, dict):
-            raise wrong_type(where, "an object", item)
-        if item.get("type") != "function":
-            raise BadRequest(f"Tool {where} has type {item.get('type')!r}; only 'function' tools are supported.",
-                             param=f"{where}.type", code="unsupported_value")
-        function = item.get("function")
-        if not isinstance(function, dict):
-            raise missing(f"{where}.function")
-        name = function.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-            raise BadRequest(f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'.",
-                             param=f"{where}.function.name", code="invalid_value")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(parameters, dict):
-            raise wrong_type(f"{where}.function.parameters", "an object", parameters)
-        check_schema(parameters, f"{where}.function.parameters")
-        tools.append(Tool(name, str(function.get("description") or ""), parameters))
+    tools = [parse_tool(item, f"tools[{i}]") for i, item in enumerate(raw)]
     names = [tool.name for tool in tools]
     if len(set(names)) != len(names):
         raise BadRequest("Function names in 'tools' must be unique.", param="tools", code="invalid_value")
@@ -969,32 +977,38 @@ def brief(value: Any) -> str:
     return json.dumps(value[:60] if isinstance(value, str) else value)[:60]
 
 
-def schema_problem(value: Any, schema: Any, patterns: PatternAnswers | None = None) -> str | None:
-    """The first way ``value`` breaks ``schema`` (the JSON Schema keywords function parameters use), or None.
-    Keywords it does not know are ignored; ``$ref`` resolves within the schema (``#/$defs/...``).
+class ValueCheck:
+    """One run of ``schema_problem``: the steps taken so far, where the bounds were passed, the pattern answers
+    known and the pattern pairs asked for. ``problem`` applies a schema to a value; each ``*_problem`` method
+    below applies one family of keywords, in the order ``problem`` calls them."""
 
-    The schema was checked by ``schema_fault`` when the request came in; the work here is bounded all the
-    same (MAX_SCHEMA_STEPS, MAX_SCHEMA_DEPTH), past which the value counts as not matching, and nothing here
-    raises but PatternsNeeded. ``patterns`` holds the answers to the schema's ``pattern`` keywords known so
-    far: a check that meets a pair without an answer assumes a match, goes on, and ends in PatternsNeeded
-    with every such pair, to be checked and the check run again (``checked_reply``)."""
-    asked: set[tuple[str, str]] = set()
-    steps = 0
-    gave_up = ""  # where the check ran out of steps or depth: then no answer of it can be trusted
+    def __init__(self, root: Any, patterns: PatternAnswers | None) -> None:
+        self.root = root  # what $ref resolves against
+        self.patterns: PatternAnswers = patterns or {}
+        self.asked: set[tuple[str, str]] = set()
+        self.steps = 0
+        self.gave_up = ""  # where the check ran out of steps or depth: then no answer of it can be trusted
 
-    def check(value: Any, schema: Any, path: str, depth: int) -> str | None:
-        nonlocal steps, gave_up
-        steps += 1
-        if steps > MAX_SCHEMA_STEPS or depth > MAX_SCHEMA_DEPTH:
-            gave_up = gave_up or path
-            return gave_up
+    def problem(self, value: Any, schema: Any, path: str, depth: int) -> str | None:
+        self.steps += 1
+        if self.steps > MAX_SCHEMA_STEPS or depth > MAX_SCHEMA_DEPTH:
+            self.gave_up = self.gave_up or path
+            return self.gave_up
         if schema is True or not isinstance(schema, dict):
             return None if schema is not False else f"{path}: no value is allowed here"
         if isinstance(schema.get("$ref"), str):
-            target = resolve_ref(root, schema["$ref"])
+            target = resolve_ref(self.root, schema["$ref"])
             if target is None:
                 return f"{path}: the schema's $ref {schema['$ref']!r} does not resolve"
-            return check(value, target, path, depth + 1)
+            return self.problem(value, target, path, depth + 1)
+        for keywords_problem in (self.value_problem, self.combined_problem, self.object_problem,
+                                 self.array_problem, self.string_problem, self.number_problem):
+            if problem := keywords_problem(value, schema, path, depth):
+                return problem
+        return None
+
+    def value_problem(self, value: Any, schema: dict[str, Any], path: str, depth: int) -> str | None:
+        """type, enum and const."""
         kinds = schema.get("type")
         if kinds is not None:
             kinds = [kinds] if isinstance(kinds, str) else kinds
@@ -1004,64 +1018,100 @@ def schema_problem(value: Any, schema: Any, patterns: PatternAnswers | None = No
             return f"{path}: {brief(value)} is not one of {json.dumps(schema['enum'])[:120]}"
         if "const" in schema and value != schema["const"]:
             return f"{path}: must be {json.dumps(schema['const'])[:60]}"
+        return None
+
+    def combined_problem(self, value: Any, schema: dict[str, Any], path: str, depth: int) -> str | None:
+        """allOf, anyOf and oneOf. Every choice is applied (oneOf needs the count), so each pattern pair that
+        any of them meets is asked for in the same run."""
         for keyword in ("allOf", "anyOf", "oneOf"):
             options = schema.get(keyword)
             if isinstance(options, list):
-                problems = [check(value, option, path, depth + 1) for option in options]
+                problems = [self.problem(value, option, path, depth + 1) for option in options]
                 passed = problems.count(None)
                 if keyword == "allOf" and passed < len(options):
                     return next(p for p in problems if p)
                 if keyword == "anyOf" and not passed or keyword == "oneOf" and passed != 1:
                     return f"{path}: matches {passed} of the {keyword} choices"
-        if isinstance(value, dict):
-            properties = schema.get("properties") or {}
-            for name in schema.get("required") or []:
-                if name not in value:
-                    return f"{path}: missing required property {name!r}"
-            extra = schema.get("additionalProperties", True)
-            for name, item in value.items():
-                if name in properties:
-                    problem = check(item, properties[name], f"{path}.{name}", depth + 1)
-                elif extra is False:
-                    problem = f"{path}: unexpected property {name!r}"
-                else:
-                    problem = check(item, extra, f"{path}.{name}", depth + 1)
-                if problem:
-                    return problem
-        if isinstance(value, list):
-            if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
-                return f"{path}: has {len(value)} items, outside the allowed count"
-            for i, item in enumerate(value):
-                if problem := check(item, schema.get("items", True), f"{path}[{i}]", depth + 1):
-                    return problem
-        if isinstance(value, str):
-            if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
-                return f"{path}: length {len(value)} is outside the allowed range"
-            pattern = schema.get("pattern")
-            if isinstance(pattern, str):
-                if (pattern, value) not in (patterns or {}):
-                    asked.add((pattern, value))
-                elif (matched := (patterns or {})[pattern, value]) is None:
-                    return f"{path}: checking the pattern {pattern!r} took longer than {PATTERN_TIMEOUT:g} s"
-                elif not matched:
-                    return f"{path}: does not match the pattern {pattern!r}"
-        if JSON_TYPES["number"](value):
-            for keyword, ok in (("minimum", lambda b: value >= b), ("maximum", lambda b: value <= b),
-                                ("exclusiveMinimum", lambda b: value > b), ("exclusiveMaximum", lambda b: value < b)):
-                bound = schema.get(keyword)
-                if JSON_TYPES["number"](bound) and not ok(bound):
-                    return f"{path}: {value} breaks {keyword} {bound}"
         return None
 
-    root = schema
+    def object_problem(self, value: Any, schema: dict[str, Any], path: str, depth: int) -> str | None:
+        """required, properties and additionalProperties."""
+        if not isinstance(value, dict):
+            return None
+        properties = schema.get("properties") or {}
+        for name in schema.get("required") or []:
+            if name not in value:
+                return f"{path}: missing required property {name!r}"
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            if name in properties:
+                problem = self.problem(item, properties[name], f"{path}.{name}", depth + 1)
+            elif extra is False:
+                problem = f"{path}: unexpected property {name!r}"
+            else:
+                problem = self.problem(item, extra, f"{path}.{name}", depth + 1)
+            if problem:
+                return problem
+        return None
+
+    def array_problem(self, value: Any, schema: dict[str, Any], path: str, depth: int) -> str | None:
+        """minItems, maxItems and items."""
+        if not isinstance(value, list):
+            return None
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            return f"{path}: has {len(value)} items, outside the allowed count"
+        for i, item in enumerate(value):
+            if problem := self.problem(item, schema.get("items", True), f"{path}[{i}]", depth + 1):
+                return problem
+        return None
+
+    def string_problem(self, value: Any, schema: dict[str, Any], path: str, depth: int) -> str | None:
+        """minLength, maxLength and pattern. A pattern without an answer yet counts as matched, and is asked for."""
+        if not isinstance(value, str):
+            return None
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+            return f"{path}: length {len(value)} is outside the allowed range"
+        pattern = schema.get("pattern")
+        if not isinstance(pattern, str):
+            return None
+        if (pattern, value) not in self.patterns:
+            self.asked.add((pattern, value))
+        elif (matched := self.patterns[pattern, value]) is None:
+            return f"{path}: checking the pattern {pattern!r} took longer than {PATTERN_TIMEOUT:g} s"
+        elif not matched:
+            return f"{path}: does not match the pattern {pattern!r}"
+        return None
+
+    def number_problem(self, value: Any, schema: dict[str, Any], path: str, depth: int) -> str | None:
+        """minimum, maximum, exclusiveMinimum and exclusiveMaximum."""
+        if not JSON_TYPES["number"](value):
+            return None
+        for keyword, ok in (("minimum", lambda b: value >= b), ("maximum", lambda b: value <= b),
+                            ("exclusiveMinimum", lambda b: value > b), ("exclusiveMaximum", lambda b: value < b)):
+            bound = schema.get(keyword)
+            if JSON_TYPES["number"](bound) and not ok(bound):
+                return f"{path}: {value} breaks {keyword} {bound}"
+        return None
+
+
+def schema_problem(value: Any, schema: Any, patterns: PatternAnswers | None = None) -> str | None:
+    """The first way ``value`` breaks ``schema`` (the JSON Schema keywords function parameters use), or None.
+    Keywords it does not know are ignored; ``$ref`` resolves within the schema (``#/$defs/...``).
+
+    The schema was checked by ``schema_fault`` when the request came in; the work here is bounded all the
+    same (MAX_SCHEMA_STEPS, MAX_SCHEMA_DEPTH), past which the value counts as not matching, and nothing here
+    raises but PatternsNeeded. ``patterns`` holds the answers to the schema's ``pattern`` keywords known so
+    far: a check that meets a pair without an answer assumes a match, goes on, and ends in PatternsNeeded
+    with every such pair, to be checked and the check run again (``checked_reply``)."""
+    check = ValueCheck(schema, patterns)
     try:
-        problem = check(value, schema, "$", 0)
+        problem = check.problem(value, schema, "$", 0)
     except (TypeError, ValueError, RecursionError):  # only a schema that skipped schema_fault gets here
         return "$: the schema could not be applied to this value"
-    if gave_up:
-        return f"{gave_up}: the value is too large or nested too deeply to check against the schema"
-    if asked:
-        raise PatternsNeeded(asked)
+    if check.gave_up:
+        return f"{check.gave_up}: the value is too large or nested too deeply to check against the schema"
+    if check.asked:
+        raise PatternsNeeded(check.asked)
     return problem
 
 
@@ -1070,22 +1120,35 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 SAME_VALUE = ("allOf", "anyOf", "oneOf")  # keywords whose schemas apply to the value itself, as $ref does
 
 
-def schema_fault(root: Any) -> tuple[str, str] | None:
-    """Why ``schema_problem`` could not apply ``root``, as (where in the schema, why), or None: a keyword of
-    the wrong type, a pattern that does not compile (or is longer than MAX_PATTERN_LENGTH), a ``$ref`` that
-    does not resolve, or a loop of ``$ref``/``allOf``/``anyOf``/``oneOf`` that never reaches a part of the
-    value. Checked when the request comes in, so such a schema is refused before any model call."""
-    seen: set[int] = set()
-    refs: list[tuple[Any, str]] = []  # $ref targets, linted after the tree (a long chain costs no stack)
+class SchemaLint:
+    """One run of ``schema_fault`` over a schema tree: the schemas already walked (each once, even when
+    several $refs lead to it), and the $ref targets still to walk."""
 
-    def walk(schema: Any, where: str) -> tuple[str, str] | None:
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.seen: set[int] = set()
+        self.refs: list[tuple[Any, str]] = []  # $ref targets, linted after the tree (a long chain costs no stack)
+
+    def fault(self) -> tuple[str, str] | None:
+        fault = self.walk(self.root, "")
+        while fault is None and self.refs:
+            fault = self.walk(*self.refs.pop())
+        return fault
+
+    def walk(self, schema: Any, where: str) -> tuple[str, str] | None:
         if isinstance(schema, bool):
             return None
         if not isinstance(schema, dict):
             return where, "a schema must be an object or a boolean"
-        if id(schema) in seen:
+        if id(schema) in self.seen:
             return None
-        seen.add(id(schema))
+        self.seen.add(id(schema))
+        return (self.keyword_fault(schema, where) or self.pattern_fault(schema, where)
+                or self.children_fault(schema, where) or self.ref_fault(schema, where))
+
+    @staticmethod
+    def keyword_fault(schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+        """A keyword of the wrong type: type, the COUNTS, the BOUNDS, enum, required."""
         kinds = schema.get("type")
         if kinds is not None and not (isinstance(kinds, str) or isinstance(kinds, list) and kinds
                                       and all(isinstance(kind, str) for kind in kinds)):
@@ -1102,48 +1165,65 @@ def schema_fault(root: Any) -> tuple[str, str] | None:
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
             return f"{where}.required", "must be an array of strings"
-        if "pattern" in schema:
-            pattern = schema["pattern"]
-            if not isinstance(pattern, str):
-                return f"{where}.pattern", "must be a string"
-            if len(pattern) > MAX_PATTERN_LENGTH:
-                return f"{where}.pattern", f"is longer than {MAX_PATTERN_LENGTH} characters"
-            try:
-                re.compile(pattern)  # compiling is linear in the pattern; matching happens off the event loop
-            except (re.error, RecursionError, OverflowError, ValueError) as exc:
-                return f"{where}.pattern", f"is not a valid regular expression ({exc})"
+        return None
+
+    @staticmethod
+    def pattern_fault(schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+        if "pattern" not in schema:
+            return None
+        pattern = schema["pattern"]
+        if not isinstance(pattern, str):
+            return f"{where}.pattern", "must be a string"
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            return f"{where}.pattern", f"is longer than {MAX_PATTERN_LENGTH} characters"
+        try:
+            re.compile(pattern)  # compiling is linear in the pattern; matching happens off the event loop
+        except (re.error, RecursionError, OverflowError, ValueError) as exc:
+            return f"{where}.pattern", f"is not a valid regular expression ({exc})"
+        return None
+
+    def children_fault(self, schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+        """Walks the schemas inside this one, in a fixed order, and returns the first fault among them."""
         for key in ("properties", "$defs", "definitions"):
             if key in schema:
                 if not isinstance(schema[key], dict):
                     return f"{where}.{key}", "must be an object"
                 for name, child in schema[key].items():
-                    if fault := walk(child, f"{where}.{key}.{name}"):
+                    if fault := self.walk(child, f"{where}.{key}.{name}"):
                         return fault
         for key in SAME_VALUE:
             if key in schema:
                 if not isinstance(schema[key], list) or not schema[key]:
                     return f"{where}.{key}", "must be a non-empty array of schemas"
                 for i, child in enumerate(schema[key]):
-                    if fault := walk(child, f"{where}.{key}[{i}]"):
+                    if fault := self.walk(child, f"{where}.{key}[{i}]"):
                         return fault
         for key in ("items", "additionalProperties"):
             children = schema.get(key, True)
             for i, child in enumerate(children) if key == "items" and isinstance(children, list) else [(-1, children)]:
-                if fault := walk(child, f"{where}.{key}" + (f"[{i}]" if i >= 0 else "")):
+                if fault := self.walk(child, f"{where}.{key}" + (f"[{i}]" if i >= 0 else "")):
                     return fault
-        if "$ref" in schema:
-            ref = schema["$ref"]
-            target = resolve_ref(root, ref) if isinstance(ref, str) else None
-            if target is None:
-                return f"{where}.$ref", f"{json.dumps(ref)[:100]} does not resolve: only local references such as " \
-                                        "'#/$defs/Name' are supported"
-            refs.append((target, f"{where}.$ref"))
         return None
 
-    fault = walk(root, "")
-    while fault is None and refs:
-        fault = walk(*refs.pop())
-    return fault or same_value_loop(root)
+    def ref_fault(self, schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+        """A $ref that does not resolve; the target of one that does is queued to be walked."""
+        if "$ref" not in schema:
+            return None
+        ref = schema["$ref"]
+        target = resolve_ref(self.root, ref) if isinstance(ref, str) else None
+        if target is None:
+            return f"{where}.$ref", f"{json.dumps(ref)[:100]} does not resolve: only local references such as " \
+                                    "'#/$defs/Name' are supported"
+        self.refs.append((target, f"{where}.$ref"))
+        return None
+
+
+def schema_fault(root: Any) -> tuple[str, str] | None:
+    """Why ``schema_problem`` could not apply ``root``, as (where in the schema, why), or None: a keyword of
+    the wrong type, a pattern that does not compile (or is longer than MAX_PATTERN_LENGTH), a ``$ref`` that
+    does not resolve, or a loop of ``$ref``/``allOf``/``anyOf``/``oneOf`` that never reaches a part of the
+    value. Checked when the request comes in, so such a schema is refused before any model call."""
+    return SchemaLint(root).fault() or same_value_loop(root)
 
 
 def same_value_loop(root: Any) -> tuple[str, str] | None:
