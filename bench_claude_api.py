@@ -149,9 +149,11 @@ def find_cli(explicit: str | None) -> str:
     candidate = explicit or t.find_real_cli()
     if not candidate or not os.access(candidate, os.X_OK):
         where = f"{explicit!r} is not an executable file" if explicit else "none found"
-        raise SystemExit(f"bench_claude_api: the real claude CLI is required ({where}). Pass --cli PATH, set "
-                         "CLAUDE_TEST_BIN, or install it with `npm install --no-save --prefix .cli/latest "
-                         "@anthropic-ai/claude-code@latest`.")
+        raise SystemExit(
+            f"bench_claude_api: the real claude CLI is required ({where}). Pass --cli PATH, set "
+            "CLAUDE_TEST_BIN, or install it with `npm install --no-save --prefix .cli/latest "
+            "@anthropic-ai/claude-code@latest`."
+        )
     return candidate
 
 
@@ -189,21 +191,38 @@ class Lab:
         """What both the direct runs and the servers start from: none of the caller's Claude, XDG or proxy
         settings, a HOME of our own, and the stand-in as the upstream."""
         proxy_names = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("ANTHROPIC_", "CLAUDE_", "XDG_")) and k.lower() not in proxy_names}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("ANTHROPIC_", "CLAUDE_", "XDG_")) and k.lower() not in proxy_names
+        }
         refuse = f"http://127.0.0.1:{self.proxy_port}"
-        env.update({
-            "HOME": str(self.root / "home"), "TMPDIR": str(self.root / "tmp"),
-            "ANTHROPIC_BASE_URL": self.standin.url, "ANTHROPIC_API_KEY": "sk-test",
-            # Anything not for the stand-in goes to a loopback port that refuses: no traffic leaves the machine.
-            "HTTPS_PROXY": refuse, "HTTP_PROXY": refuse, "https_proxy": refuse, "http_proxy": refuse,
-            "NO_PROXY": "127.0.0.1,localhost,::1", "no_proxy": "127.0.0.1,localhost,::1",
-        })
+        env.update(
+            {
+                "HOME": str(self.root / "home"),
+                "TMPDIR": str(self.root / "tmp"),
+                "ANTHROPIC_BASE_URL": self.standin.url,
+                "ANTHROPIC_API_KEY": "sk-test",
+                # Anything not for the stand-in goes to a loopback port that refuses: no traffic leaves the machine.
+                "HTTPS_PROXY": refuse,
+                "HTTP_PROXY": refuse,
+                "https_proxy": refuse,
+                "http_proxy": refuse,
+                "NO_PROXY": "127.0.0.1,localhost,::1",
+                "no_proxy": "127.0.0.1,localhost,::1",
+            }
+        )
         return env
 
     def app(self, **settings: str) -> Any:
-        values = {"CLAUDE_BIN": self.cli, "CLAUDE_LOG_LEVEL": "warning", "CLAUDE_MAX_RETRIES": "0",
-                  "CLAUDE_TIMEOUT": str(CLI_TIMEOUT), "CLAUDE_SELF_CHECK": "off", **settings}
+        values = {
+            "CLAUDE_BIN": self.cli,
+            "CLAUDE_LOG_LEVEL": "warning",
+            "CLAUDE_MAX_RETRIES": "0",
+            "CLAUDE_TIMEOUT": str(CLI_TIMEOUT),
+            "CLAUDE_SELF_CHECK": "off",
+            **settings,
+        }
         return api.create_app(api.load_settings(values), environ=self.environ())
 
     def capture(self, *, stream: bool) -> Call:
@@ -340,8 +359,15 @@ async def run_cli(call: Call, expect: str) -> CliRun:
     argv = call.fresh_argv()
     start = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=dict(call.env), cwd=call.cwd, start_new_session=True, limit=64 * 1024 * 1024)
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(call.env),
+        cwd=call.cwd,
+        start_new_session=True,
+        limit=64 * 1024 * 1024,
+    )
     try:
         async with asyncio.timeout(CLI_TIMEOUT):
             assert process.stdin and process.stdout and process.stderr
@@ -370,8 +396,10 @@ async def run_cli(call: Call, expect: str) -> CliRun:
             await process.wait()
     stdout = b"".join(lines)
     if code != 0 or expect.encode() not in stdout:
-        raise BenchError(f"the CLI exited with {code} without the stand-in's answer: {' '.join(argv)}\n"
-                         f"stdout: {stdout[-500:]!r}\nstderr: {errors[-500:]!r}")
+        raise BenchError(
+            f"the CLI exited with {code} without the stand-in's answer: {' '.join(argv)}\n"
+            f"stdout: {stdout[-500:]!r}\nstderr: {errors[-500:]!r}"
+        )
     return CliRun(first_token, result, exited, stdout)
 
 
@@ -417,10 +445,12 @@ def client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=CLI_TIMEOUT, trust_env=False)
 
 
-async def interleaved(runs: int, samplers: dict[str, Callable[[], Awaitable[float]]],
-                      before: Callable[[], Awaitable[None]] | None = None) -> dict[str, list[float]]:
+async def interleaved(
+    runs: int, samplers: dict[str, Callable[[], Awaitable[float]]], before: Callable[[], Awaitable[None]] | None = None
+) -> dict[str, list[float]]:
     """One warm-up each, then ``runs`` rounds, rotating the order each round so drift hits every sampler alike.
     ``before`` is awaited ahead of every sample, warm-ups included."""
+
     async def one(name: str) -> float:
         if before is not None:
             await before()
@@ -431,7 +461,7 @@ async def interleaved(runs: int, samplers: dict[str, Callable[[], Awaitable[floa
     names = list(samplers)
     results: dict[str, list[float]] = {name: [] for name in names}
     for i in range(runs):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             results[name].append(await one(name))
     return results
 
@@ -483,18 +513,27 @@ class WarmPool:
 
         self.waits += 1
         start = time.perf_counter()
-        if await wait_for(full, POOL_CEILING, 0.02) is None or \
-                await wait_for(children_quiet, POOL_CEILING - (time.perf_counter() - start), 0) is None:
+        if (
+            await wait_for(full, POOL_CEILING, 0.02) is None
+            or await wait_for(children_quiet, POOL_CEILING - (time.perf_counter() - start), 0) is None
+        ):
             self.short += 1
 
     async def row(self, figure: str, requests: int) -> Row:
         """How the pool served its ``requests`` requests (warm-up included): each should have taken a waiting
         process (/health's hits), and the pool should have been full and idle before every sample."""
         pool = (await self.health()).get("prewarm") or {}
-        value = (f"/health: {pool.get('hits')} hits, {pool.get('misses')} misses in {requests} requests; pool full, "
-                 f"CLIs idle before {self.waits - self.short} of {self.waits} samples (ceiling {POOL_CEILING:g} s)")
-        return Row(figure, f"  PREWARM={pool.get('size')}: its pre-started processes", value, "a hit each, always full",
-                   verdict(pool.get("hits") == requests and not self.short))
+        value = (
+            f"/health: {pool.get('hits')} hits, {pool.get('misses')} misses in {requests} requests; pool full, "
+            f"CLIs idle before {self.waits - self.short} of {self.waits} samples (ceiling {POOL_CEILING:g} s)"
+        )
+        return Row(
+            figure,
+            f"  PREWARM={pool.get('size')}: its pre-started processes",
+            value,
+            "a hit each, always full",
+            verdict(pool.get("hits") == requests and not self.short),
+        )
 
 
 def descendants() -> list[int]:
@@ -538,8 +577,10 @@ class Split:
 
     def described(self) -> str:
         after = [added - before for added, before in zip(self.added, self.before, strict=True)]
-        return (f"{p50_p95(self.added)} ({ms(percentile(self.before, 50))} before the upstream call, "
-                f"{ms(percentile(after, 50))} after its reply, at p50)")
+        return (
+            f"{p50_p95(self.added)} ({ms(percentile(self.before, 50))} before the upstream call, "
+            f"{ms(percentile(after, 50))} after its reply, at p50)"
+        )
 
 
 def split_by_upstream(standin: TimedStandIn, timed: list[tuple[float, float]]) -> Split:
@@ -587,9 +628,16 @@ def bench_latency(lab: Lab, runs: int) -> list[Row]:
     async def measure(cold: str, warm: str) -> tuple[dict[str, list[float]], Row, str, list[int], int]:
         async with client() as http:
             pool = WarmPool(http, warm)
-            got = await interleaved(runs, {"plain": direct_plain, "same": direct_same,
-                                           "cold": lambda: through(http, cold, "cold"),
-                                           "warm": lambda: through(http, warm, "warm")}, before=pool.settle)
+            got = await interleaved(
+                runs,
+                {
+                    "plain": direct_plain,
+                    "same": direct_same,
+                    "cold": lambda: through(http, cold, "cold"),
+                    "warm": lambda: through(http, warm, "warm"),
+                },
+                before=pool.settle,
+            )
             served = await pool.row(figure, runs + 1)
             await asyncio.sleep(0.5)  # let processes being retired go, and the stand-in note its last reply
             counts = []
@@ -611,23 +659,43 @@ def bench_latency(lab: Lab, runs: int) -> list[Row]:
         Row(figure, "direct `claude -p` (plain, to exit)", p50_p95(got["plain"]), "reference"),
         Row(figure, "direct, the server's argv (to exit)", p50_p95(got["same"]), "baseline"),
         Row(figure, "  of which until its result line", p50_p95(result_lines[1:])),
-        Row(figure, "  each run", "a new conversation: a fresh --session-id (direct); a unique first user "
-            "message (through a server)"),
+        Row(
+            figure,
+            "  each run",
+            "a new conversation: a fresh --session-id (direct); a unique first user message (through a server)",
+        ),
         Row(figure, "server, PREWARM=0 (cold): HTTP round trip", p50_p95(got["cold"])),
-        Row(figure, "server PREWARM=0 / direct (server's argv)",
+        Row(
+            figure,
+            "server PREWARM=0 / direct (server's argv)",
             f"{ratio:.2f}x at p50 ({signed_ms(cold_p50 - same_p50)}; paired per-round median {signed_ms(paired)}; "
-            f"{versus_result:.2f}x the direct run's result line)", f"p50 <= {LATENCY_GOAL:.2f}x",
-            verdict(ratio <= LATENCY_GOAL)),
+            f"{versus_result:.2f}x the direct run's result line)",
+            f"p50 <= {LATENCY_GOAL:.2f}x",
+            verdict(ratio <= LATENCY_GOAL),
+        ),
         Row(figure, "server, PREWARM=2 (default), pool full", p50_p95(got["warm"]) + f" ({warm_ratio:.2f}x direct)"),
         served,
-        Row(figure, "the stand-in's own reply, in each run",
-            p50_p95([own for name in split for own in split[name].upstream]), "subtracted"),
+        Row(
+            figure,
+            "the stand-in's own reply, in each run",
+            p50_p95([own for name in split for own in split[name].upstream]),
+            "subtracted",
+        ),
         Row(figure, "beyond the stand-in: direct (to result line)", split["same"].described(), "reference"),
         Row(figure, "beyond the stand-in: server, PREWARM=0", split["cold"].described(), "report (expected ~600 ms)"),
-        Row(figure, "beyond the stand-in: server, PREWARM=2, full", split["warm"].described(),
-            f"p50 <= {ms(PREWARM_ADDED_GOAL)}", verdict(added_warm <= PREWARM_ADDED_GOAL)),
-        Row(figure, "CLIs the servers keep idle afterwards",
-            f"{len(idle)} processes, {mib(idle_kib)} RSS in all (/health: {counts})", "report"),
+        Row(
+            figure,
+            "beyond the stand-in: server, PREWARM=2, full",
+            split["warm"].described(),
+            f"p50 <= {ms(PREWARM_ADDED_GOAL)}",
+            verdict(added_warm <= PREWARM_ADDED_GOAL),
+        ),
+        Row(
+            figure,
+            "CLIs the servers keep idle afterwards",
+            f"{len(idle)} processes, {mib(idle_kib)} RSS in all (/health: {counts})",
+            "report",
+        ),
     ]
 
 
@@ -650,6 +718,7 @@ def bench_upstream_bytes(lab: Lab) -> list[Row]:
     def direct(call: Call) -> Callable[[], None]:
         def run() -> None:
             asyncio.run(run_cli(call, lab.standin.default.text))
+
         return run
 
     async def through(url: str) -> None:
@@ -667,10 +736,20 @@ def bench_upstream_bytes(lab: Lab) -> list[Row]:
 
     figure = "2 upstream bytes for 'hi'"
     return [
-        Row(figure, "through the server", size(server) + calls(server_calls), f"< {size(BYTES_GOAL)}",
-            verdict(server < BYTES_GOAL)),
-        Row(figure, "direct, the server's argv", f"{size(same)} ({same - server:+,} B)", "same as the server",
-            verdict(abs(same - server) <= 64)),
+        Row(
+            figure,
+            "through the server",
+            size(server) + calls(server_calls),
+            f"< {size(BYTES_GOAL)}",
+            verdict(server < BYTES_GOAL),
+        ),
+        Row(
+            figure,
+            "direct, the server's argv",
+            f"{size(same)} ({same - server:+,} B)",
+            "same as the server",
+            verdict(abs(same - server) <= 64),
+        ),
         Row(figure, "plain `claude -p` (default tools, prompt)", size(plain) + calls(plain_calls), "about 87 KB"),
         Row(figure, "plain / through the server", f"{plain / server:.0f}x smaller through the server"),
     ]
@@ -716,6 +795,7 @@ async def measure_memory(server: subprocess.Popen[bytes], url: str, marker: str)
     got = MemoryFigures()
     limits = httpx.Limits(max_connections=MEMORY_REQUESTS * 2, max_keepalive_connections=MEMORY_REQUESTS * 2)
     async with client() as probe:
+
         async def health() -> dict[str, Any]:
             if server.poll() is not None:
                 raise BenchError(f"the server exited with {server.returncode}")
@@ -734,12 +814,16 @@ async def measure_memory(server: subprocess.Popen[bytes], url: str, marker: str)
             return not t.processes_running(marker)
 
         async def fill(load: httpx.AsyncClient) -> list[asyncio.Task[httpx.Response]]:
-            tasks = [asyncio.create_task(load.post(f"{url}/v1/chat/completions", json=chat_body()))
-                     for _ in range(MEMORY_REQUESTS)]
+            tasks = [
+                asyncio.create_task(load.post(f"{url}/v1/chat/completions", json=chat_body()))
+                for _ in range(MEMORY_REQUESTS)
+            ]
             seconds = await wait_for(lambda: in_flight(MEMORY_REQUESTS), FILL_CEILING, 0.2)
             if seconds is None:
-                raise BenchError(f"{MEMORY_REQUESTS} requests were not in flight within {FILL_CEILING:g} s "
-                                 f"(last /health: {await health()})")
+                raise BenchError(
+                    f"{MEMORY_REQUESTS} requests were not in flight within {FILL_CEILING:g} s "
+                    f"(last /health: {await health()})"
+                )
             if done := [task for task in tasks if task.done()]:
                 raise BenchError(f"{len(done)} requests ended early: {outcome(done[0].result())}")
             got.fill_seconds = seconds
@@ -828,15 +912,30 @@ def server_process(root: Path, fake: Path, **settings: str) -> Iterator[ServerPr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_", "XDG_"))}
     # Its own HOME and TMPDIR: the server keeps a stable private workdir (and CLI transcripts) under them. No
     # start-up self-check: the fake CLI would fail it, and its one CLI start would share the measured CPU.
-    env.update({"HOME": str(root / "home"), "TMPDIR": str(root / "tmp"), "CLAUDE_BIN": str(fake),
-                "CLAUDE_API_HOST": "127.0.0.1", "CLAUDE_API_PORT": str(port), "CLAUDE_LOG_LEVEL": "warning",
-                "CLAUDE_SELF_CHECK": "off", **settings})
+    env.update(
+        {
+            "HOME": str(root / "home"),
+            "TMPDIR": str(root / "tmp"),
+            "CLAUDE_BIN": str(fake),
+            "CLAUDE_API_HOST": "127.0.0.1",
+            "CLAUDE_API_PORT": str(port),
+            "CLAUDE_LOG_LEVEL": "warning",
+            "CLAUDE_SELF_CHECK": "off",
+            **settings,
+        }
+    )
     marker = str(fake.parent)
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, str(HERE / "claude_api.py")], cwd=HERE, env=env,
-                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, str(HERE / "claude_api.py")],
+            cwd=HERE,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         running = ServerProcess(server, f"http://127.0.0.1:{port}", marker, log_path)
         try:
             yield running
@@ -858,31 +957,61 @@ def bench_memory() -> tuple[list[Row], list[int]]:
         root = Path(tmp)
         fake = t.write_fake_cli(root / "fake", default="hang")
         # No pre-started processes (CLAUDE_PREWARM=0): the fake CLIs counted are the requests' own.
-        with server_process(root, fake, CLAUDE_MAX_CONCURRENCY=str(MEMORY_REQUESTS), CLAUDE_TIMEOUT="600",
-                            CLAUDE_SHUTDOWN_GRACE="1", CLAUDE_MAX_RETRIES="0", CLAUDE_PREWARM="0") as server:
+        with server_process(
+            root,
+            fake,
+            CLAUDE_MAX_CONCURRENCY=str(MEMORY_REQUESTS),
+            CLAUDE_TIMEOUT="600",
+            CLAUDE_SHUTDOWN_GRACE="1",
+            CLAUDE_MAX_RETRIES="0",
+            CLAUDE_PREWARM="0",
+        ) as server:
             got = asyncio.run(measure_memory(server.process, server.url, server.marker))
         leftovers = server.leftovers
         tracebacks = server.tracebacks()
     figure = "3 server memory (RSS)"
     per_request = (got.busy_kib - got.idle_kib) / MEMORY_REQUESTS
     drained = f"not within {DRAIN_CEILING:g} s" if got.drain_seconds is None else f"{got.drain_seconds:.1f} s"
-    stopped = "not on SIGTERM (killed)" if got.stop_seconds is None else \
-        f"{got.stop_seconds:.1f} s, status {got.stop_code}"
+    stopped = (
+        "not on SIGTERM (killed)" if got.stop_seconds is None else f"{got.stop_seconds:.1f} s, status {got.stop_code}"
+    )
     return [
         Row(figure, "idle (server process alone)", mib(got.idle_kib), "report"),
-        Row(figure, f"{MEMORY_REQUESTS} requests in flight (children excluded)",
-            f"{mib(got.busy_kib)} (+{per_request:.0f} KiB/request; peak {mib(got.peak_kib)})", "report"),
-        Row(figure, f"  time to in_flight == {MEMORY_REQUESTS}",
-            f"{got.fill_seconds:.1f} s, {got.fakes_busy} fake CLIs running", f"{MEMORY_REQUESTS} CLIs",
-            verdict(got.fakes_busy == MEMORY_REQUESTS)),
-        Row(figure, f"after the {MEMORY_REQUESTS} clients disconnected",
-            f"{mib(got.after_kib)}; their CLIs gone in {drained}", "0 CLIs left",
-            verdict(got.left_after_disconnect == 0)),
+        Row(
+            figure,
+            f"{MEMORY_REQUESTS} requests in flight (children excluded)",
+            f"{mib(got.busy_kib)} (+{per_request:.0f} KiB/request; peak {mib(got.peak_kib)})",
+            "report",
+        ),
+        Row(
+            figure,
+            f"  time to in_flight == {MEMORY_REQUESTS}",
+            f"{got.fill_seconds:.1f} s, {got.fakes_busy} fake CLIs running",
+            f"{MEMORY_REQUESTS} CLIs",
+            verdict(got.fakes_busy == MEMORY_REQUESTS),
+        ),
+        Row(
+            figure,
+            f"after the {MEMORY_REQUESTS} clients disconnected",
+            f"{mib(got.after_kib)}; their CLIs gone in {drained}",
+            "0 CLIs left",
+            verdict(got.left_after_disconnect == 0),
+        ),
         Row(figure, f"SIGTERM with {MEMORY_REQUESTS} in flight (grace 1 s)", f"server exited in {stopped}"),
-        Row(figure, "  what those clients got", f"{got.client_outcomes}; {tracebacks} tracebacks in the log",
-            "OpenAI-shaped JSON error", verdict("text/plain" not in got.client_outcomes)),
-        Row(figure, "  CLIs left after the server exited", str(len(leftovers)), "0",
-            verdict(not leftovers and got.stop_seconds is not None)),
+        Row(
+            figure,
+            "  what those clients got",
+            f"{got.client_outcomes}; {tracebacks} tracebacks in the log",
+            "OpenAI-shaped JSON error",
+            verdict("text/plain" not in got.client_outcomes),
+        ),
+        Row(
+            figure,
+            "  CLIs left after the server exited",
+            str(len(leftovers)),
+            "0",
+            verdict(not leftovers and got.stop_seconds is not None),
+        ),
     ], leftovers
 
 
@@ -913,15 +1042,23 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
     async def measure(live: str, pseudo: str, warm: str) -> tuple[dict[str, list[float]], Row]:
         async with client() as http:
             pool = WarmPool(http, warm)
-            got = await interleaved(runs, {
-                "direct": direct, "live": lambda: timed_first_chunk(http, live, fresh_prompt()),
-                "pseudo": lambda: timed_first_chunk(http, pseudo, fresh_prompt()),
-                "warm": lambda: timed_first_chunk(http, warm, fresh_prompt())}, before=pool.settle)
+            got = await interleaved(
+                runs,
+                {
+                    "direct": direct,
+                    "live": lambda: timed_first_chunk(http, live, fresh_prompt()),
+                    "pseudo": lambda: timed_first_chunk(http, pseudo, fresh_prompt()),
+                    "warm": lambda: timed_first_chunk(http, warm, fresh_prompt()),
+                },
+                before=pool.settle,
+            )
             return got, await pool.row(figure, runs + 1)
 
-    with t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="live")) as live, \
-            t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="pseudo")) as pseudo, \
-            t.serve(lab.app(CLAUDE_STREAM_MODE="live")) as warm:
+    with (
+        t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="live")) as live,
+        t.serve(lab.app(**COLD, CLAUDE_STREAM_MODE="pseudo")) as pseudo,
+        t.serve(lab.app(CLAUDE_STREAM_MODE="live")) as warm,
+    ):
         got, served = asyncio.run(measure(live, pseudo, warm))
     lab.standin.reset()
     direct_p50, live_p50 = percentile(got["direct"], 50), percentile(got["live"], 50)
@@ -931,15 +1068,31 @@ def bench_ttft(lab: Lab, runs: int) -> list[Row]:
     return [
         Row(figure, "direct CLI (first text_delta line)", p50_p95(got["direct"]), "baseline"),
         Row(figure, "server PREWARM=0, live (first content chunk)", p50_p95(got["live"])),
-        Row(figure, "server PREWARM=0, pseudo (first content chunk)", p50_p95(got["pseudo"]),
-            "report (waits for the end)"),
-        Row(figure, "live PREWARM=0 / direct", f"{ratio:.2f}x at p50 ({signed_ms(live_p50 - direct_p50)}; paired "
-            f"per-round median {signed_ms(paired)})", f"p50 <= {TTFT_GOAL:.1f}x", verdict(ratio <= TTFT_GOAL)),
-        Row(figure, "server PREWARM=2 (default), live, pool full", p50_p95(got["warm"]) +
-            f" ({warm_p50 / direct_p50:.2f}x direct, {signed_ms(warm_p50 - direct_p50)})", "report"),
+        Row(
+            figure,
+            "server PREWARM=0, pseudo (first content chunk)",
+            p50_p95(got["pseudo"]),
+            "report (waits for the end)",
+        ),
+        Row(
+            figure,
+            "live PREWARM=0 / direct",
+            f"{ratio:.2f}x at p50 ({signed_ms(live_p50 - direct_p50)}; paired per-round median {signed_ms(paired)})",
+            f"p50 <= {TTFT_GOAL:.1f}x",
+            verdict(ratio <= TTFT_GOAL),
+        ),
+        Row(
+            figure,
+            "server PREWARM=2 (default), live, pool full",
+            p50_p95(got["warm"]) + f" ({warm_p50 / direct_p50:.2f}x direct, {signed_ms(warm_p50 - direct_p50)})",
+            "report",
+        ),
         served,
-        Row(figure, "  each run", "a new conversation: a fresh --session-id (direct); a unique first user "
-            "message (through a server)"),
+        Row(
+            figure,
+            "  each run",
+            "a new conversation: a fresh --session-id (direct); a unique first user message (through a server)",
+        ),
     ]
 
 
@@ -950,12 +1103,14 @@ SESSION_SYSTEM = (
     "You are a patient tutor for a small team that runs its own web services. Answer in plain prose, in one "
     "paragraph of about sixty words, without lists, headings or code blocks. Prefer concrete examples from "
     "Python and Linux, say when an answer depends on the setup, and never invent command-line flags. If a "
-    "question is ambiguous, answer its most likely reading and name the assumption you made.")
+    "question is ambiguous, answer its most likely reading and name the assumption you made."
+)
 SESSION_ANSWER = (
     "A reverse proxy such as nginx accepts the client's connection, terminates TLS, and forwards each request "
     "to a local worker process, so the application never faces the internet directly. It can also buffer slow "
     "clients, compress responses and serve static files. Keep timeouts on both sides consistent, otherwise "
-    "long requests fail at whichever hop gives up first, usually the proxy itself.")
+    "long requests fail at whichever hop gives up first, usually the proxy itself."
+)
 SESSION_QUESTIONS = (
     "What does a reverse proxy do in front of a Python web app?",
     "How should I choose the number of worker processes?",
@@ -988,8 +1143,9 @@ class StatelessChat:
         import openai
 
         self.http = httpx.Client(trust_env=False, timeout=CLI_TIMEOUT)
-        self.sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-bench", max_retries=0, timeout=CLI_TIMEOUT,
-                                 http_client=self.http)
+        self.sdk = openai.OpenAI(
+            base_url=f"{url}/v1", api_key="sk-bench", max_retries=0, timeout=CLI_TIMEOUT, http_client=self.http
+        )
         self.messages: list[Any] = [{"role": "system", "content": SESSION_SYSTEM}]
 
     def __enter__(self) -> StatelessChat:
@@ -1011,8 +1167,9 @@ class StatelessChat:
         elapsed = time.perf_counter() - start
         message = completion.choices[0].message
         if message.content != expect:
-            raise BenchError(f"turn {len(self.messages) // 2}: expected the stand-in's answer, got "
-                             f"{message.content!r:.300}")
+            raise BenchError(
+                f"turn {len(self.messages) // 2}: expected the stand-in's answer, got {message.content!r:.300}"
+            )
         self.messages.append(message)  # exactly as returned: the SDK sends it back as it came
         return start, elapsed, completion.usage
 
@@ -1049,17 +1206,28 @@ def bench_session_cache(lab: Lab) -> list[Row]:
     lab.standin.reset()
 
     def value(got: CacheFigures) -> str:
-        return (f"{got.share():.0%} ({sum(got.cached):,} of {sum(got.prompt):,} tokens; turn 1 "
-                f"{got.cached[0] / max(1, got.prompt[0]):.0%}, turns 2-{SESSION_TURNS} {got.share(1):.0%}; "
-                f"{got.upstream_calls} upstream calls)")
+        return (
+            f"{got.share():.0%} ({sum(got.cached):,} of {sum(got.prompt):,} tokens; turn 1 "
+            f"{got.cached[0] / max(1, got.prompt[0]):.0%}, turns 2-{SESSION_TURNS} {got.share(1):.0%}; "
+            f"{got.upstream_calls} upstream calls)"
+        )
 
     figure = f"5 prompt cache, {SESSION_TURNS} turns"
     return [
-        Row(figure, "stateless SDK client, auto sessions (default)", value(on), f">= {CACHE_GOAL:.0%} cached",
-            verdict(on.share() >= CACHE_GOAL)),
+        Row(
+            figure,
+            "stateless SDK client, auto sessions (default)",
+            value(on),
+            f">= {CACHE_GOAL:.0%} cached",
+            verdict(on.share() >= CACHE_GOAL),
+        ),
         Row(figure, "  same, CLAUDE_AUTO_SESSION=off (flattened)", value(off), "near 0 (report)"),
-        Row(figure, "  conversation", f"{len(SESSION_SYSTEM)}-char system prompt, "
-            f"{len(SESSION_ANSWER.split())}-word answers, history resent each turn"),
+        Row(
+            figure,
+            "  conversation",
+            f"{len(SESSION_SYSTEM)}-char system prompt, "
+            f"{len(SESSION_ANSWER.split())}-word answers, history resent each turn",
+        ),
     ]
 
 
@@ -1073,8 +1241,12 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
     reply = t.Reply(text=SESSION_ANSWER, delay=0.005)  # about 0.3 s of upstream streaming
     standin.reset(default=reply)
     timed: list[tuple[str, float, float]] = []  # (server, start, seconds)
-    with t.serve(lab.app()) as warm_url, t.serve(lab.app(CLAUDE_WARM_MAX="0")) as cold_url, \
-            StatelessChat(warm_url) as warm, StatelessChat(cold_url) as cold:
+    with (
+        t.serve(lab.app()) as warm_url,
+        t.serve(lab.app(CLAUDE_WARM_MAX="0")) as cold_url,
+        StatelessChat(warm_url) as warm,
+        StatelessChat(cold_url) as cold,
+    ):
         chats = {"warm": warm, "cold": cold}
         for n in range(runs + 2):
             for name in ["warm", "cold"] if n % 2 == 0 else ["cold", "warm"]:
@@ -1090,8 +1262,10 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
     standin.reset()
     warm_p50, cold_p50 = percentile(added["warm"], 50), percentile(added["cold"], 50)
     ratio = cold_p50 / warm_p50 if warm_p50 > 0 else float("inf")
-    upstream = [total - extra for total, extra in zip(totals["warm"] + totals["cold"],
-                                                      added["warm"] + added["cold"], strict=True)]
+    upstream = [
+        total - extra
+        for total, extra in zip(totals["warm"] + totals["cold"], added["warm"] + added["cold"], strict=True)
+    ]
     figure = "6 follow-up turn (N >= 3)"
     return [
         Row(figure, "warm (default): HTTP round trip", p50_p95(totals["warm"])),
@@ -1099,8 +1273,13 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
         Row(figure, "  of which the stand-in's reply (both)", p50_p95(upstream), "subtracted"),
         Row(figure, "added latency, warm", p50_p95(added["warm"])),
         Row(figure, "added latency, cold", p50_p95(added["cold"])),
-        Row(figure, "cold / warm added latency", f"{ratio:.1f}x at p50 ({signed_ms(cold_p50 - warm_p50)})",
-            f"warm >= {WARM_GOAL:g}x lower", verdict(ratio >= WARM_GOAL)),
+        Row(
+            figure,
+            "cold / warm added latency",
+            f"{ratio:.1f}x at p50 ({signed_ms(cold_p50 - warm_p50)})",
+            f"warm >= {WARM_GOAL:g}x lower",
+            verdict(ratio >= WARM_GOAL),
+        ),
     ]
 
 
@@ -1122,7 +1301,7 @@ class Outcome:
 
 
 def error_kind(status: int, raw: bytes) -> str:
-    """"<status> <code>" for an OpenAI-shaped JSON error body, else "malformed: ..."."""
+    """ "<status> <code>" for an OpenAI-shaped JSON error body, else "malformed: ..."."""
     try:
         error = json.loads(raw)["error"]
         message, kind, code = error["message"], error["type"], error["code"]
@@ -1209,8 +1388,9 @@ async def request_once(http: httpx.AsyncClient, url: str, n: int, stream: bool) 
 
 def worker_client() -> httpx.AsyncClient:
     """One connection: each worker is a client of its own, as independent clients are."""
-    return httpx.AsyncClient(timeout=REQUEST_CEILING, trust_env=False,
-                             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    return httpx.AsyncClient(
+        timeout=REQUEST_CEILING, trust_env=False, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    )
 
 
 async def fire(url: str, total: int, concurrency: int, *, honour_retry_after: bool) -> tuple[list[Outcome], float]:
@@ -1265,8 +1445,13 @@ class ProcessCounter:
     def __init__(self, marker: str, interval: float = 0.02) -> None:
         self.most = self.samples = 0
         env = {**os.environ, "BENCH_HERE": str(HERE), "BENCH_MARKER": marker, "BENCH_INTERVAL": str(interval)}
-        self.process = subprocess.Popen([sys.executable, "-c", COUNTER_SCRIPT], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", COUNTER_SCRIPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
 
     def __enter__(self) -> ProcessCounter:
         assert self.process.stdout
@@ -1307,16 +1492,17 @@ async def healthy(server: ServerProcess) -> None:
 
 async def settled(server: ServerProcess, ceiling: float = 5.0) -> tuple[int, dict[str, Any]]:
     """Wait (up to ``ceiling``) for no fake CLI and nothing in flight; the fake CLIs still there, and /health."""
+
     async def quiet() -> bool:
         health = await server_health(server.url, server.process)
-        return not t.processes_running(server.marker) and health.get("in_flight") == 0 \
-            and health.get("queued") == 0
+        return not t.processes_running(server.marker) and health.get("in_flight") == 0 and health.get("queued") == 0
+
     await wait_for(quiet, ceiling)
     return len(t.processes_running(server.marker)), await server_health(server.url, server.process)
 
 
 def tally(outcomes: list[Outcome]) -> str:
-    """"3x 502 cli_failed, 1x 504 timeout": each kind of outcome and how often, the most frequent first."""
+    """ "3x 502 cli_failed, 1x 504 timeout": each kind of outcome and how often, the most frequent first."""
     counts: dict[str, int] = {}
     for got in outcomes:
         counts[got.kind] = counts.get(got.kind, 0) + 1
@@ -1397,6 +1583,7 @@ async def measure_streams(server: ServerProcess) -> StreamsFigures:
     async with httpx.AsyncClient(timeout=600, trust_env=False, limits=limits) as http:
         tasks = [asyncio.create_task(hold(http)) for _ in range(STREAMS_HELD)]
         try:
+
             async def all_open() -> bool:
                 if failed := [task for task in tasks if task.done()]:
                     failed[0].result()  # raises what ended it
@@ -1432,16 +1619,29 @@ def bench_load() -> tuple[list[Row], list[int]]:
     with tempfile.TemporaryDirectory(prefix="bench_claude_api-load-") as tmp:
         root = Path(tmp) / "load"
         fake = t.write_fake_cli(root / "fake", delay=0.005)
-        with server_process(root, fake, **FAKE_SERVER, CLAUDE_MAX_CONCURRENCY=str(LOAD_CAP),
-                            CLAUDE_MAX_QUEUE=str(LOAD_QUEUE), CLAUDE_TIMEOUT="60", CLAUDE_MAX_RETRIES="0") as server:
+        with server_process(
+            root,
+            fake,
+            **FAKE_SERVER,
+            CLAUDE_MAX_CONCURRENCY=str(LOAD_CAP),
+            CLAUDE_MAX_QUEUE=str(LOAD_QUEUE),
+            CLAUDE_TIMEOUT="60",
+            CLAUDE_MAX_RETRIES="0",
+        ) as server:
             load = asyncio.run(measure_load(server))
         leftovers += server.leftovers
         load_tracebacks = server.tracebacks()
 
         root = Path(tmp) / "streams"
         fake = t.write_fake_cli(root / "fake", default="content_then_hang")
-        with server_process(root, fake, **FAKE_SERVER, CLAUDE_MAX_CONCURRENCY=str(STREAMS_HELD),
-                            CLAUDE_TIMEOUT="600", CLAUDE_MAX_RETRIES="0") as server:
+        with server_process(
+            root,
+            fake,
+            **FAKE_SERVER,
+            CLAUDE_MAX_CONCURRENCY=str(STREAMS_HELD),
+            CLAUDE_TIMEOUT="600",
+            CLAUDE_MAX_RETRIES="0",
+        ) as server:
             streams = asyncio.run(measure_streams(server))
         leftovers += server.leftovers
 
@@ -1453,28 +1653,68 @@ def bench_load() -> tuple[list[Row], list[int]]:
     health = load.health_after
     figure = "7 load (fake CLI)"
     rows = [
-        Row(figure, f"requests, {LOAD_CONCURRENCY} workers, half streaming",
-            f"{len(outcomes):,} in {load.seconds:.1f} s"),
+        Row(
+            figure,
+            f"requests, {LOAD_CONCURRENCY} workers, half streaming",
+            f"{len(outcomes):,} in {load.seconds:.1f} s",
+        ),
         Row(figure, "  server settings", f"MAX_CONCURRENCY={LOAD_CAP}, MAX_QUEUE={LOAD_QUEUE}, AUTO_SESSION=off"),
-        Row(figure, "throughput", f"{len(outcomes) / load.seconds:,.1f} req/s, of which "
-            f"{len(answered) / load.seconds:,.1f} answered", "report"),
-        Row(figure, "latency of the answered, queueing included", " ".join(
-            f"p{q} {ms(percentile(answered, q)) if answered else '-'}," for q in (50, 95, 99)).rstrip(","), "report"),
+        Row(
+            figure,
+            "throughput",
+            f"{len(outcomes) / load.seconds:,.1f} req/s, of which {len(answered) / load.seconds:,.1f} answered",
+            "report",
+        ),
+        Row(
+            figure,
+            "latency of the answered, queueing included",
+            " ".join(f"p{q} {ms(percentile(answered, q)) if answered else '-'}," for q in (50, 95, 99)).rstrip(","),
+            "report",
+        ),
         Row(figure, "answered 200 with the right text", f"{len(answered):,} ({streamed_ok:,} streamed)", "report"),
-        Row(figure, "refused 503 overloaded (queue full)", f"{len(refused):,} (each worker then waits Retry-After)",
-            "report"),
-        Row(figure, "any other outcome", tally(other) + (f"; e.g. {other[0].kind[:120]}" if other else "")
-            + f"; {load_tracebacks} tracebacks in the log", "0", verdict(not other and not load_tracebacks)),
-        Row(figure, "most fake CLIs alive at once", f"{load.most_clis} ({load.samples:,} samples, one per "
-            f"{load.seconds / max(1, load.samples) * 1000:.0f} ms)",
-            f"<= {LOAD_CAP} (the cap)", verdict(0 < load.most_clis <= LOAD_CAP)),
-        Row(figure, "server RSS before / after (peak)", f"{mib(load.idle_kib)} / {mib(load.after_kib)} "
-            f"(peak {mib(load.peak_kib)})", "report"),
-        Row(figure, "CLIs left after the run", f"{load.left} (/health: in_flight {health.get('in_flight')}, "
-            f"queued {health.get('queued')})", "0", verdict(load.left == 0 and health.get("in_flight") == 0)),
-        Row(figure, f"server RSS, {STREAMS_HELD} streams open", f"{mib(streams.open_kib)}, peak {mib(streams.peak_kib)}"
+        Row(
+            figure,
+            "refused 503 overloaded (queue full)",
+            f"{len(refused):,} (each worker then waits Retry-After)",
+            "report",
+        ),
+        Row(
+            figure,
+            "any other outcome",
+            tally(other)
+            + (f"; e.g. {other[0].kind[:120]}" if other else "")
+            + f"; {load_tracebacks} tracebacks in the log",
+            "0",
+            verdict(not other and not load_tracebacks),
+        ),
+        Row(
+            figure,
+            "most fake CLIs alive at once",
+            f"{load.most_clis} ({load.samples:,} samples, one per {load.seconds / max(1, load.samples) * 1000:.0f} ms)",
+            f"<= {LOAD_CAP} (the cap)",
+            verdict(0 < load.most_clis <= LOAD_CAP),
+        ),
+        Row(
+            figure,
+            "server RSS before / after (peak)",
+            f"{mib(load.idle_kib)} / {mib(load.after_kib)} (peak {mib(load.peak_kib)})",
+            "report",
+        ),
+        Row(
+            figure,
+            "CLIs left after the run",
+            f"{load.left} (/health: in_flight {health.get('in_flight')}, queued {health.get('queued')})",
+            "0",
+            verdict(load.left == 0 and health.get("in_flight") == 0),
+        ),
+        Row(
+            figure,
+            f"server RSS, {STREAMS_HELD} streams open",
+            f"{mib(streams.open_kib)}, peak {mib(streams.peak_kib)}"
             f" (idle {mib(streams.idle_kib)}; {streams.clis} fake CLIs; open in {streams.fill_seconds:.1f} s)",
-            f"peak < {STREAMS_RSS_GOAL // 10**6} MB", verdict(streams.peak_kib * 1024 < STREAMS_RSS_GOAL)),
+            f"peak < {STREAMS_RSS_GOAL // 10**6} MB",
+            verdict(streams.peak_kib * 1024 < STREAMS_RSS_GOAL),
+        ),
         Row(figure, "  CLIs left after those clients left", str(streams.left), "0", verdict(streams.left == 0)),
         Row(figure, "  CLIs left after the servers exited", str(len(leftovers)), "0", verdict(not leftovers)),
     ]
@@ -1517,14 +1757,19 @@ def bench_faults() -> tuple[list[Row], list[int]]:
         root = Path(tmp)
         fake = t.write_fake_cli(root / "fake", script=script, delay=0.005)
         # A slot for every worker, so no request waits in the queue: its time is its own attempts'.
-        with server_process(root, fake, **FAKE_SERVER, CLAUDE_MAX_CONCURRENCY=str(FAULT_CONCURRENCY),
-                            CLAUDE_TIMEOUT=f"{FAULT_TIMEOUT:g}", CLAUDE_MAX_RETRIES=str(FAULT_RETRIES),
-                            CLAUDE_BASE_BACKOFF=f"{FAULT_BACKOFF:g}") as server:
+        with server_process(
+            root,
+            fake,
+            **FAKE_SERVER,
+            CLAUDE_MAX_CONCURRENCY=str(FAULT_CONCURRENCY),
+            CLAUDE_TIMEOUT=f"{FAULT_TIMEOUT:g}",
+            CLAUDE_MAX_RETRIES=str(FAULT_RETRIES),
+            CLAUDE_BASE_BACKOFF=f"{FAULT_BACKOFF:g}",
+        ) as server:
 
             async def run() -> tuple[list[Outcome], float, int, dict[str, Any]]:
                 await healthy(server)
-                outcomes, seconds = await fire(server.url, FAULT_REQUESTS, FAULT_CONCURRENCY,
-                                               honour_retry_after=False)
+                outcomes, seconds = await fire(server.url, FAULT_REQUESTS, FAULT_CONCURRENCY, honour_retry_after=False)
                 left, health = await settled(server, FAULT_TIMEOUT + 3)
                 return outcomes, seconds, left, health
 
@@ -1555,27 +1800,66 @@ def bench_faults() -> tuple[list[Row], list[int]]:
     figure = "8 faults (fake CLI, 20% bad)"
     return [
         Row(figure, f"requests, {FAULT_CONCURRENCY} workers, half streaming", f"{len(outcomes)} in {seconds:.1f} s"),
-        Row(figure, "  server settings", f"TIMEOUT={FAULT_TIMEOUT:g}, MAX_RETRIES={FAULT_RETRIES}, "
-            f"BASE_BACKOFF={FAULT_BACKOFF:g}, MAX_CONCURRENCY={FAULT_CONCURRENCY}"),
-        Row(figure, "  CLI calls and what they did", f"{calls}: " + ", ".join(
-            f"{drawn.get(b, 0)} {b}" for b in ("ok", *FAULTS)) + f" (script of {FAULT_CALLS}, seed {FAULT_SEED})"),
+        Row(
+            figure,
+            "  server settings",
+            f"TIMEOUT={FAULT_TIMEOUT:g}, MAX_RETRIES={FAULT_RETRIES}, "
+            f"BASE_BACKOFF={FAULT_BACKOFF:g}, MAX_CONCURRENCY={FAULT_CONCURRENCY}",
+        ),
+        Row(
+            figure,
+            "  CLI calls and what they did",
+            f"{calls}: "
+            + ", ".join(f"{drawn.get(b, 0)} {b}" for b in ("ok", *FAULTS))
+            + f" (script of {FAULT_CALLS}, seed {FAULT_SEED})",
+        ),
         Row(figure, "answered 200 with the right text", str(answered), "report"),
         Row(figure, "OpenAI JSON errors (502/503/504)", tally(json_errors), "report"),
         Row(figure, "SSE error event, then [DONE]", tally(stream_errors), "report"),
-        Row(figure, "  streams whose CLI crashed after content", f"{len(cut)}; {len(after_content)} streams ended with "
-            f"content, one error event, [DONE]" + ("" if cut_ok else f" (requests {sorted(cut)} vs "
-                                                   f"{sorted(o.request for o in after_content)})"),
-            "each ends so", verdict(cut_ok)),
-        Row(figure, "500 or malformed", tally(bad) + f"; {tracebacks} tracebacks in the log", "0",
-            verdict(not bad and not tracebacks)),
-        Row(figure, "most CLI calls for one request", str(attempts), f"<= {FAULT_RETRIES + 1} (1 + retries)",
-            verdict(attempts <= FAULT_RETRIES + 1)),
-        Row(figure, "longest request", f"{longest:.2f} s; {len(slow)} over {bound:g} s",
-            f"<= {bound:g} s (+{FAULT_SLACK:g} s slack)", verdict(not slow)),
-        Row(figure, "CLIs left after the run", f"{left} (/health: in_flight {health.get('in_flight')})", "0",
-            verdict(left == 0)),
-        Row(figure, "  CLIs left after the server exited", str(len(server.leftovers)), "0",
-            verdict(not server.leftovers)),
+        Row(
+            figure,
+            "  streams whose CLI crashed after content",
+            f"{len(cut)}; {len(after_content)} streams ended with "
+            f"content, one error event, [DONE]"
+            + ("" if cut_ok else f" (requests {sorted(cut)} vs {sorted(o.request for o in after_content)})"),
+            "each ends so",
+            verdict(cut_ok),
+        ),
+        Row(
+            figure,
+            "500 or malformed",
+            tally(bad) + f"; {tracebacks} tracebacks in the log",
+            "0",
+            verdict(not bad and not tracebacks),
+        ),
+        Row(
+            figure,
+            "most CLI calls for one request",
+            str(attempts),
+            f"<= {FAULT_RETRIES + 1} (1 + retries)",
+            verdict(attempts <= FAULT_RETRIES + 1),
+        ),
+        Row(
+            figure,
+            "longest request",
+            f"{longest:.2f} s; {len(slow)} over {bound:g} s",
+            f"<= {bound:g} s (+{FAULT_SLACK:g} s slack)",
+            verdict(not slow),
+        ),
+        Row(
+            figure,
+            "CLIs left after the run",
+            f"{left} (/health: in_flight {health.get('in_flight')})",
+            "0",
+            verdict(left == 0),
+        ),
+        Row(
+            figure,
+            "  CLIs left after the server exited",
+            str(len(server.leftovers)),
+            "0",
+            verdict(not server.leftovers),
+        ),
     ], server.leftovers
 
 
@@ -1605,17 +1889,24 @@ def summary(rows: list[Row]) -> str:
     """One line per goal: its verdict, where it is, what was measured, and the goal."""
     goals = [row for row in rows if row.verdict]
     width = max((len(row.verdict) for row in goals), default=0)
-    lines = [f"{row.verdict.ljust(width)}  {row.figure.split(' ', 1)[0]}. {row.figure.split(' ', 1)[1]}: "
-             f"{row.measure.strip()}: {row.value} (goal {row.goal})" for row in goals]
+    lines = [
+        f"{row.verdict.ljust(width)}  {row.figure.split(' ', 1)[0]}. {row.figure.split(' ', 1)[1]}: "
+        f"{row.measure.strip()}: {row.value} (goal {row.goal})"
+        for row in goals
+    ]
     met = sum(1 for row in goals if row.verdict == "ok")
     return "\n".join([f"summary: {met} of {len(goals)} goals met", *lines])
 
 
 def cli_version(cli: str) -> str:
     try:
-        out = subprocess.run([cli, "--version"], capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
-                             env={**os.environ, "DISABLE_AUTOUPDATER": "1",
-                                  "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
+        out = subprocess.run(
+            [cli, "--version"],
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SystemExit(f"bench_claude_api: the claude CLI at {cli} does not run: {exc}") from None
     if out.returncode != 0:
@@ -1635,8 +1926,11 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM unwinds like Ctrl-C, so every server, process and temporary directory is cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    print(f"claude CLI {version} at {cli}; {args.runs} timed runs each after one warm-up; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"claude CLI {version} at {cli}; {args.runs} timed runs each after one warm-up; "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     rows: list[Row] = []
     leftovers: list[int] = []
     began = time.perf_counter()

@@ -72,20 +72,41 @@ ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool", "
 CLI_ALIASES = ("default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan")
 # Names meaning "whatever the account's default is": no --model (or CLAUDE_DEFAULT_MODEL).
 DEFAULT_NAMES = frozenset({"", "default", "auto", "claude", "claude-cli"})
-OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType({
-    "gpt-4o": "sonnet", "gpt-4o-mini": "haiku", "gpt-4": "opus", "gpt-4-turbo": "sonnet",
-    "gpt-3.5-turbo": "haiku", "gpt-4.1": "sonnet", "gpt-4.1-mini": "haiku", "gpt-4.1-nano": "haiku",
-    "gpt-5": "opus", "gpt-5-mini": "sonnet", "gpt-5-nano": "haiku", "o1": "opus", "o1-mini": "sonnet",
-    "o3": "opus", "o3-mini": "sonnet", "o4-mini": "sonnet",
-})
+OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType(
+    {
+        "gpt-4o": "sonnet",
+        "gpt-4o-mini": "haiku",
+        "gpt-4": "opus",
+        "gpt-4-turbo": "sonnet",
+        "gpt-3.5-turbo": "haiku",
+        "gpt-4.1": "sonnet",
+        "gpt-4.1-mini": "haiku",
+        "gpt-4.1-nano": "haiku",
+        "gpt-5": "opus",
+        "gpt-5-mini": "sonnet",
+        "gpt-5-nano": "haiku",
+        "o1": "opus",
+        "o1-mini": "sonnet",
+        "o3": "opus",
+        "o3-mini": "sonnet",
+        "o4-mini": "sonnet",
+    }
+)
 # Every regex here that sees outside text (client input, model output, CLI output) runs in linear time: no
 # nested or adjacent overlapping quantifiers, and fullmatch where it can. Client patterns never run here (see
 # PatternChecker), and the model's code fence is found without one (see loads_reply).
 MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")  # bounded: 200 characters at most
 # OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
-EFFORTS: Mapping[str, str] = MappingProxyType({
-    "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max",
-})
+EFFORTS: Mapping[str, str] = MappingProxyType(
+    {
+        "minimal": "low",
+        "low": "low",
+        "medium": "medium",
+        "high": "high",
+        "xhigh": "xhigh",
+        "max": "max",
+    }
+)
 UNSUPPORTED_PARTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
 NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
 MODEL_CREATED = 1_700_000_000  # a fixed timestamp: the models are aliases, not releases
@@ -176,8 +197,10 @@ def model_map(name: str, raw: str) -> Mapping[str, str]:
     if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
         raise SettingsError(f"{name} must map names to strings, got {raw!r}")
     if remapped := sorted(DEFAULT_NAMES & set(extra)):
-        raise SettingsError(f"{name} cannot remap the default names ({', '.join(map(repr, remapped))}); "
-                            "set CLAUDE_DEFAULT_MODEL to choose the default model")
+        raise SettingsError(
+            f"{name} cannot remap the default names ({', '.join(map(repr, remapped))}); "
+            "set CLAUDE_DEFAULT_MODEL to choose the default model"
+        )
     return MappingProxyType({**OPENAI_MODEL_MAP, **{key: model(name, value) for key, value in extra.items()}})
 
 
@@ -233,8 +256,9 @@ class Settings:
     request_timeout: float = setting("CLAUDE_REQUEST_TIMEOUT", 600.0, number(0.001))  # per request, retries included
     max_retries: int = setting("CLAUDE_MAX_RETRIES", 5, number(0, integer=True))
     base_backoff: float = setting("CLAUDE_BASE_BACKOFF", 2.0, number())  # seconds
-    system_prompt_mode: SystemPromptMode = setting("CLAUDE_SYSTEM_PROMPT_MODE", "replace",
-                                                   choice("replace", "append", "embed"))
+    system_prompt_mode: SystemPromptMode = setting(
+        "CLAUDE_SYSTEM_PROMPT_MODE", "replace", choice("replace", "append", "embed")
+    )
     workdir: str = setting("CLAUDE_WORKDIR", "", text)  # empty: a private folder under the user's cache folder
     max_body_bytes: int = setting("CLAUDE_MAX_BODY_BYTES", 20 * MiB, number(1, integer=True))
     body_timeout: float = setting("CLAUDE_BODY_TIMEOUT", 30.0, number(0.001))  # seconds to receive a whole body
@@ -255,10 +279,12 @@ class Settings:
     fallback_model: str = setting("CLAUDE_FALLBACK_MODEL", "", fallback_models)  # --fallback-model, in order
     max_budget_usd: float | None = setting("CLAUDE_MAX_BUDGET_USD", None, number(1e-9))  # per request
     # Host names and browser origins allowed besides the address we listen on; empty: that address only.
-    allowed_hosts: tuple[str, ...] = setting("CLAUDE_ALLOWED_HOSTS", (), patterns(
-        HOST_PATTERN, "'api.example.com,*.lan,[::1]' or '*'"))
-    allowed_origins: tuple[str, ...] = setting("CLAUDE_ALLOWED_ORIGINS", (), patterns(
-        ORIGIN_PATTERN, "'https://app.example.com' or '*'"))
+    allowed_hosts: tuple[str, ...] = setting(
+        "CLAUDE_ALLOWED_HOSTS", (), patterns(HOST_PATTERN, "'api.example.com,*.lan,[::1]' or '*'")
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        "CLAUDE_ALLOWED_ORIGINS", (), patterns(ORIGIN_PATTERN, "'https://app.example.com' or '*'")
+    )
     self_check: bool = setting("CLAUDE_SELF_CHECK", True, switch)  # try the CLI's features once at start-up
 
     @property
@@ -293,8 +319,9 @@ class ProxyError(Exception):
     code: str | None = None
     retryable = False  # transient: worth another attempt while nothing has reached the client
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -416,10 +443,18 @@ def missing(param: str) -> BadRequest:
 
 
 def wrong_type(param: str, expected: str, value: Any) -> BadRequest:
-    got = {bool: "a boolean", int: "an integer", float: "a decimal", str: "a string", list: "an array",
-           dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
-    return BadRequest(f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
-                      param=param, code="invalid_type")
+    got = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a decimal",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+    return BadRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param=param, code="invalid_type"
+    )
 
 
 # --- Wire shapes ---
@@ -511,8 +546,11 @@ def resolve_model(name: str, settings: Settings) -> str | None:
     if name in DEFAULT_NAMES:
         return settings.default_model or None
     if not MODEL_NAME.fullmatch(name):
-        raise BadRequest(f"Invalid model name {name!r}: use letters, digits and . - _ : [ ], not starting with '-'.",
-                         param="model", code="invalid_value")
+        raise BadRequest(
+            f"Invalid model name {name!r}: use letters, digits and . - _ : [ ], not starting with '-'.",
+            param="model",
+            code="invalid_value",
+        )
     return name
 
 
@@ -581,12 +619,18 @@ def message_parts(content: Any, param: str, image_limit: int | None) -> tuple[st
             continue
         if kind in UNSUPPORTED_PARTS or kind == "input_image":
             what = UNSUPPORTED_PARTS.get(kind, "image")
-            raise BadRequest(f"Content part {where} is of type '{kind}': {what} input is not supported "
-                             f"{'here' if what == 'image' else 'by this server'}.", param=f"{where}.type",
-                             code="unsupported_content")
+            raise BadRequest(
+                f"Content part {where} is of type '{kind}': {what} input is not supported "
+                f"{'here' if what == 'image' else 'by this server'}.",
+                param=f"{where}.type",
+                code="unsupported_content",
+            )
         if kind not in ("text", "input_text", "output_text"):
-            raise BadRequest(f"Invalid value for '{where}.type': {kind!r}. Supported values are 'text' and "
-                             "'image_url'.", param=f"{where}.type", code="invalid_value")
+            raise BadRequest(
+                f"Invalid value for '{where}.type': {kind!r}. Supported values are 'text' and 'image_url'.",
+                param=f"{where}.type",
+                code="invalid_value",
+            )
         if not isinstance(part.get("text"), str):
             raise wrong_type(f"{where}.text", "a string", part.get("text"))
         if parts and isinstance(parts[-1], str):
@@ -601,12 +645,14 @@ def message_text(content: Any, param: str) -> str:
     return "".join(part for part in message_parts(content, param, None) if isinstance(part, str))
 
 
-IMAGE_MAGIC: Mapping[str, Callable[[bytes], bool]] = MappingProxyType({
-    "image/png": lambda d: d.startswith(b"\x89PNG\r\n\x1a\n"),
-    "image/jpeg": lambda d: d.startswith(b"\xff\xd8\xff"),
-    "image/gif": lambda d: d[:6] in (b"GIF87a", b"GIF89a"),
-    "image/webp": lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP",
-})
+IMAGE_MAGIC: Mapping[str, Callable[[bytes], bool]] = MappingProxyType(
+    {
+        "image/png": lambda d: d.startswith(b"\x89PNG\r\n\x1a\n"),
+        "image/jpeg": lambda d: d.startswith(b"\xff\xd8\xff"),
+        "image/gif": lambda d: d[:6] in (b"GIF87a", b"GIF89a"),
+        "image/webp": lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP",
+    }
+)
 
 
 def image_part(spec: Any, where: str, limit: int) -> Image:
@@ -620,27 +666,41 @@ def image_part(spec: Any, where: str, limit: int) -> Image:
     # Linear: anchored, and ';' and ',' end the groups before them, so a failed match backtracks no more than once.
     found = re.fullmatch(r"data:([\w/+.-]+);base64,([A-Za-z0-9+/=\s]*)", url, re.DOTALL)
     if not found:
-        raise BadRequest(f"Image {where} must be a base64 data: URL or an http(s) URL.",
-                         param=f"{where}.image_url.url", code="invalid_image_url")
+        raise BadRequest(
+            f"Image {where} must be a base64 data: URL or an http(s) URL.",
+            param=f"{where}.image_url.url",
+            code="invalid_image_url",
+        )
     media = found.group(1).lower().replace("image/jpg", "image/jpeg")
     if media not in IMAGE_MAGIC:
-        raise BadRequest(f"Image {where} has media type {media!r}; supported are PNG, JPEG, GIF and WebP.",
-                         param=f"{where}.image_url.url", code="invalid_image_format")
+        raise BadRequest(
+            f"Image {where} has media type {media!r}; supported are PNG, JPEG, GIF and WebP.",
+            param=f"{where}.image_url.url",
+            code="invalid_image_format",
+        )
     encoded = re.sub(r"\s", "", found.group(2))
     if len(encoded) * 3 // 4 > limit + 2:
-        raise BadRequest(f"Image {where} is larger than CLAUDE_MAX_IMAGE_BYTES ({limit} bytes).",
-                         param=f"{where}.image_url.url", code="image_too_large")
+        raise BadRequest(
+            f"Image {where} is larger than CLAUDE_MAX_IMAGE_BYTES ({limit} bytes).",
+            param=f"{where}.image_url.url",
+            code="image_too_large",
+        )
     try:
         data = base64.b64decode(encoded, validate=True)
     except ValueError:
-        raise BadRequest(f"Image {where} is not valid base64.", param=f"{where}.image_url.url",
-                         code="invalid_image") from None
+        raise BadRequest(
+            f"Image {where} is not valid base64.", param=f"{where}.image_url.url", code="invalid_image"
+        ) from None
     if len(data) > limit:
-        raise BadRequest(f"Image {where} is larger than CLAUDE_MAX_IMAGE_BYTES ({limit} bytes).",
-                         param=f"{where}.image_url.url", code="image_too_large")
+        raise BadRequest(
+            f"Image {where} is larger than CLAUDE_MAX_IMAGE_BYTES ({limit} bytes).",
+            param=f"{where}.image_url.url",
+            code="image_too_large",
+        )
     if not IMAGE_MAGIC[media](data):
-        raise BadRequest(f"Image {where} does not hold {media} data.", param=f"{where}.image_url.url",
-                         code="invalid_image")
+        raise BadRequest(
+            f"Image {where} does not hold {media} data.", param=f"{where}.image_url.url", code="invalid_image"
+        )
     return Image({"type": "base64", "media_type": media, "data": encoded}, hashlib.sha256(data).hexdigest())
 
 
@@ -652,8 +712,11 @@ def tool_calls_text(calls: Any, param: str) -> str:
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise BadRequest(f"'{param}[{j}]' must be a function call with 'function.name'.",
-                             param=f"{param}[{j}].function", code="invalid_value")
+            raise BadRequest(
+                f"'{param}[{j}]' must be a function call with 'function.name'.",
+                param=f"{param}[{j}].function",
+                code="invalid_value",
+            )
         arguments = function.get("arguments") or "{}"
         with contextlib.suppress(TypeError, ValueError, RecursionError):
             arguments = json.loads(arguments)
@@ -669,8 +732,11 @@ def message_role(message: Any, where: str) -> Role:
     if role is None:
         raise missing(f"{where}.role")
     if role not in ROLES:
-        raise BadRequest(f"Invalid value: {role!r}. Supported values are: {', '.join(map(repr, ROLES))}.",
-                         param=f"{where}.role", code="invalid_value")
+        raise BadRequest(
+            f"Invalid value: {role!r}. Supported values are: {', '.join(map(repr, ROLES))}.",
+            param=f"{where}.role",
+            code="invalid_value",
+        )
     return role
 
 
@@ -681,8 +747,11 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
     if not isinstance(messages, list):
         raise wrong_type("messages", "an array", messages)
     if not messages:
-        raise BadRequest("Invalid 'messages': empty array. Expected an array with minimum length 1.",
-                         param="messages", code="empty_array")
+        raise BadRequest(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            param="messages",
+            code="empty_array",
+        )
     system: list[str] = []
     turns: list[Turn] = []
     for i, message in enumerate(messages):
@@ -707,8 +776,11 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
             ref = message.get("tool_call_id") or message.get("name") or "?"
             turns.append(Turn("tool", f"[result of call {ref}]\n{text}"))
     if not turns:
-        raise BadRequest("'messages' holds only system messages; add at least one user message.",
-                         param="messages", code="invalid_value")
+        raise BadRequest(
+            "'messages' holds only system messages; add at least one user message.",
+            param="messages",
+            code="invalid_value",
+        )
     return "\n\n".join(system), tuple(turns)
 
 
@@ -754,15 +826,21 @@ def parse_tool(item: Any, where: str) -> Tool:
     if not isinstance(item, dict):
         raise wrong_type(where, "an object", item)
     if item.get("type") != "function":
-        raise BadRequest(f"Tool {where} has type {item.get('type')!r}; only 'function' tools are supported.",
-                         param=f"{where}.type", code="unsupported_value")
+        raise BadRequest(
+            f"Tool {where} has type {item.get('type')!r}; only 'function' tools are supported.",
+            param=f"{where}.type",
+            code="unsupported_value",
+        )
     function = item.get("function")
     if not isinstance(function, dict):
         raise missing(f"{where}.function")
     name = function.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-        raise BadRequest(f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'.",
-                         param=f"{where}.function.name", code="invalid_value")
+        raise BadRequest(
+            f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'.",
+            param=f"{where}.function.name",
+            code="invalid_value",
+        )
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(parameters, dict):
         raise wrong_type(f"{where}.function.parameters", "an object", parameters)
@@ -790,11 +868,18 @@ def parse_tools(raw: Any, choice: Any) -> tuple[tuple[Tool, ...], str]:
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in names:
-            raise BadRequest(f"tool_choice names function {name!r}, which is not in 'tools'.",
-                             param="tool_choice", code="invalid_value")
+            raise BadRequest(
+                f"tool_choice names function {name!r}, which is not in 'tools'.",
+                param="tool_choice",
+                code="invalid_value",
+            )
         return tuple(tools), name
-    raise BadRequest("Invalid 'tool_choice': use 'none', 'auto', 'required' or {\"type\": \"function\", "
-                     "\"function\": {\"name\": ...}}.", param="tool_choice", code="invalid_value")
+    raise BadRequest(
+        "Invalid 'tool_choice': use 'none', 'auto', 'required' or {\"type\": \"function\", "
+        '"function": {"name": ...}}.',
+        param="tool_choice",
+        code="invalid_value",
+    )
 
 
 def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
@@ -808,29 +893,45 @@ def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
     if kind == "json_schema":
         spec = raw.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise BadRequest("response_format json_schema needs 'json_schema': {\"name\", \"schema\"}.",
-                             param="response_format.json_schema", code="invalid_value")
+            raise BadRequest(
+                'response_format json_schema needs \'json_schema\': {"name", "schema"}.',
+                param="response_format.json_schema",
+                code="invalid_value",
+            )
         schema = spec.get("schema") or {}
         check_schema(schema, "response_format.json_schema.schema")
         return kind, schema
-    raise BadRequest(f"Invalid value for 'response_format.type': {kind!r}. Supported values are 'text', "
-                     "'json_object' and 'json_schema'.", param="response_format.type", code="invalid_value")
+    raise BadRequest(
+        f"Invalid value for 'response_format.type': {kind!r}. Supported values are 'text', "
+        "'json_object' and 'json_schema'.",
+        param="response_format.type",
+        code="invalid_value",
+    )
 
 
 def reply_instructions(request: ChatRequest) -> str:
     """The system prompt addition that asks for a reply we can parse and check."""
     if request.tools:
-        functions = json.dumps([{"name": t.name, "description": t.description, "parameters": t.parameters}
-                                for t in request.tools], ensure_ascii=False)
-        rules = {"auto": "Call functions when they help; otherwise answer with text.",
-                 "required": "You must call at least one function."}.get(
-            request.tool_choice, f"You must call the function {request.tool_choice!r}.")
+        functions = json.dumps(
+            [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in request.tools],
+            ensure_ascii=False,
+        )
+        rules = {
+            "auto": "Call functions when they help; otherwise answer with text.",
+            "required": "You must call at least one function.",
+        }.get(request.tool_choice, f"You must call the function {request.tool_choice!r}.")
         if not request.parallel_tool_calls:
             rules += " Call at most one function."
-        text_form = "a JSON value matching the response schema below" if request.response_format == "json_schema" \
-            else "a JSON object" if request.response_format == "json_object" else "your answer"
+        text_form = (
+            "a JSON value matching the response schema below"
+            if request.response_format == "json_schema"
+            else "a JSON object"
+            if request.response_format == "json_object"
+            else "your answer"
+        )
         lines = [
-            "You can call these functions (JSON Schema parameters):", functions,
+            "You can call these functions (JSON Schema parameters):",
+            functions,
             "Reply with exactly one JSON object and nothing else, in one of two forms:",
             f'{{"type": "text", "content": <{text_form}>}}',
             '{"type": "tool_calls", "tool_calls": [{"name": <function name>, "arguments": {<arguments>}}]}',
@@ -842,8 +943,7 @@ def reply_instructions(request: ChatRequest) -> str:
         if request.response_format == "json_object":
             lines[0] = "Reply with exactly one JSON object and nothing else: no prose, no code fences."
     if request.response_format == "json_schema":
-        lines += ["The JSON must validate against this JSON Schema:",
-                  json.dumps(request.schema, ensure_ascii=False)]
+        lines += ["The JSON must validate against this JSON Schema:", json.dumps(request.schema, ensure_ascii=False)]
     return "\n".join(lines)
 
 
@@ -917,23 +1017,29 @@ def parse_reply(text: str, request: ChatRequest, patterns: PatternAnswers | None
 def checked_content(value: Any, request: ChatRequest, patterns: PatternAnswers | None = None) -> str:
     if request.response_format == "json_object" and not isinstance(value, dict):
         raise InvalidReply("the reply must be a JSON object")
-    if request.response_format == "json_schema" and (problem := schema_problem(value, request.schema or {},
-                                                                               patterns)):
+    if request.response_format == "json_schema" and (problem := schema_problem(value, request.schema or {}, patterns)):
         raise InvalidReply(f"the JSON does not match the schema: {problem}")
     return json.dumps(value, ensure_ascii=False)
 
 
 def correction(problem: str) -> str:
-    return (f"Your last reply could not be used: {problem}. Reply again with exactly one JSON object in the "
-            "required format, and nothing else.")
+    return (
+        f"Your last reply could not be used: {problem}. Reply again with exactly one JSON object in the "
+        "required format, and nothing else."
+    )
 
 
-JSON_TYPES: Mapping[str, Callable[[Any], bool]] = MappingProxyType({
-    "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer(),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool), "null": lambda v: v is None,
-})
+JSON_TYPES: Mapping[str, Callable[[Any], bool]] = MappingProxyType(
+    {
+        "object": lambda v: isinstance(v, dict),
+        "array": lambda v: isinstance(v, list),
+        "string": lambda v: isinstance(v, str),
+        "boolean": lambda v: isinstance(v, bool),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer(),
+        "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "null": lambda v: v is None,
+    }
+)
 
 
 MAX_SCHEMA_STEPS = 50_000  # schema nodes applied to parts of one value, at most, before it counts as unchecked
@@ -1001,8 +1107,14 @@ class ValueCheck:
             if target is None:
                 return f"{path}: the schema's $ref {schema['$ref']!r} does not resolve"
             return self.problem(value, target, path, depth + 1)
-        for keywords_problem in (self.value_problem, self.combined_problem, self.object_problem,
-                                 self.array_problem, self.string_problem, self.number_problem):
+        for keywords_problem in (
+            self.value_problem,
+            self.combined_problem,
+            self.object_problem,
+            self.array_problem,
+            self.string_problem,
+            self.number_problem,
+        ):
             if problem := keywords_problem(value, schema, path, depth):
                 return problem
         return None
@@ -1086,8 +1198,12 @@ class ValueCheck:
         """minimum, maximum, exclusiveMinimum and exclusiveMaximum."""
         if not JSON_TYPES["number"](value):
             return None
-        for keyword, ok in (("minimum", lambda b: value >= b), ("maximum", lambda b: value <= b),
-                            ("exclusiveMinimum", lambda b: value > b), ("exclusiveMaximum", lambda b: value < b)):
+        for keyword, ok in (
+            ("minimum", lambda b: value >= b),
+            ("maximum", lambda b: value <= b),
+            ("exclusiveMinimum", lambda b: value > b),
+            ("exclusiveMaximum", lambda b: value < b),
+        ):
             bound = schema.get(keyword)
             if JSON_TYPES["number"](bound) and not ok(bound):
                 return f"{path}: {value} breaks {keyword} {bound}"
@@ -1143,19 +1259,23 @@ class SchemaLint:
         if id(schema) in self.seen:
             return None
         self.seen.add(id(schema))
-        return (self.keyword_fault(schema, where) or self.pattern_fault(schema, where)
-                or self.children_fault(schema, where) or self.ref_fault(schema, where))
+        return (
+            self.keyword_fault(schema, where)
+            or self.pattern_fault(schema, where)
+            or self.children_fault(schema, where)
+            or self.ref_fault(schema, where)
+        )
 
     @staticmethod
     def keyword_fault(schema: dict[str, Any], where: str) -> tuple[str, str] | None:
         """A keyword of the wrong type: type, the COUNTS, the BOUNDS, enum, required."""
         kinds = schema.get("type")
-        if kinds is not None and not (isinstance(kinds, str) or isinstance(kinds, list) and kinds
-                                      and all(isinstance(kind, str) for kind in kinds)):
+        if kinds is not None and not (
+            isinstance(kinds, str) or isinstance(kinds, list) and kinds and all(isinstance(kind, str) for kind in kinds)
+        ):
             return f"{where}.type", "must be a string or a non-empty array of strings"
         for key in COUNTS:
-            if key in schema and (isinstance(schema[key], bool) or not isinstance(schema[key], int)
-                                  or schema[key] < 0):
+            if key in schema and (isinstance(schema[key], bool) or not isinstance(schema[key], int) or schema[key] < 0):
                 return f"{where}.{key}", "must be a non-negative integer"
         for key in BOUNDS:
             if key in schema and not isinstance(schema[key], int | float):
@@ -1212,8 +1332,10 @@ class SchemaLint:
         ref = schema["$ref"]
         target = resolve_ref(self.root, ref) if isinstance(ref, str) else None
         if target is None:
-            return f"{where}.$ref", f"{json.dumps(ref)[:100]} does not resolve: only local references such as " \
-                                    "'#/$defs/Name' are supported"
+            return (
+                f"{where}.$ref",
+                f"{json.dumps(ref)[:100]} does not resolve: only local references such as '#/$defs/Name' are supported",
+            )
         self.refs.append((target, f"{where}.$ref"))
         return None
 
@@ -1231,8 +1353,11 @@ def same_value_loop(root: Any) -> tuple[str, str] | None:
 
     def edges(schema: dict[str, Any], where: str) -> list[tuple[Any, str, str]]:
         """(child, where the child is, where the edge to it is) for each schema applied to the same value."""
-        found = [(child, f"{where}.{key}[{i}]", f"{where}.{key}[{i}]") for key in SAME_VALUE
-                 for i, child in enumerate(schema.get(key) or [])]
+        found = [
+            (child, f"{where}.{key}[{i}]", f"{where}.{key}[{i}]")
+            for key in SAME_VALUE
+            for i, child in enumerate(schema.get(key) or [])
+        ]
         ref = schema.get("$ref")
         if isinstance(ref, str):
             target = "".join(f".{part}" for part in ref[2:].split("/")) if ref.startswith("#/") else ""
@@ -1249,8 +1374,9 @@ def same_value_loop(root: Any) -> tuple[str, str] | None:
                 pending += [(child, f"{where}.{key}.{name}") for name, child in (schema.get(key) or {}).items()]
             for key in ("items", "additionalProperties"):
                 children = schema.get(key)
-                pending += [(child, f"{where}.{key}") for child in (children if isinstance(children, list)
-                                                                     else [children])]
+                pending += [
+                    (child, f"{where}.{key}") for child in (children if isinstance(children, list) else [children])
+                ]
             for key in SAME_VALUE:
                 pending += [(child, f"{where}.{key}[{i}]") for i, child in enumerate(schema.get(key) or [])]
     done: set[int] = set()
@@ -1277,8 +1403,9 @@ def check_schema(schema: Any, param: str) -> None:
     """Refuse a client's schema that could not be applied to the model's reply (see ``schema_fault``)."""
     if fault := schema_fault(schema):
         where, why = fault
-        raise BadRequest(f"Invalid JSON Schema in '{param}': '{param}{where}' {why}.", param=param + where,
-                         code="invalid_schema")
+        raise BadRequest(
+            f"Invalid JSON Schema in '{param}': '{param}{where}' {why}.", param=param + where, code="invalid_schema"
+        )
 
 
 # --- Validation: a request body to a ChatRequest ---
@@ -1291,11 +1418,17 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise wrong_type(key, "a decimal", value)
     if value > high:
-        raise BadRequest(f"Invalid '{key}': decimal above maximum value. Expected a value <= {high:g}, but got "
-                         f"{value} instead.", param=key, code="decimal_above_max_value")
+        raise BadRequest(
+            f"Invalid '{key}': decimal above maximum value. Expected a value <= {high:g}, but got {value} instead.",
+            param=key,
+            code="decimal_above_max_value",
+        )
     if value < low:
-        raise BadRequest(f"Invalid '{key}': decimal below minimum value. Expected a value >= {low:g}, but got "
-                         f"{value} instead.", param=key, code="decimal_below_min_value")
+        raise BadRequest(
+            f"Invalid '{key}': decimal below minimum value. Expected a value >= {low:g}, but got {value} instead.",
+            param=key,
+            code="decimal_below_min_value",
+        )
 
 
 def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | None:
@@ -1305,8 +1438,11 @@ def _integer(body: dict[str, Any], key: str, low: int | None = None) -> int | No
     if isinstance(value, bool) or not isinstance(value, int):
         raise wrong_type(key, "an integer", value)
     if low is not None and value < low:
-        raise BadRequest(f"Invalid '{key}': integer below minimum value. Expected a value >= {low}, but got "
-                         f"{value} instead.", param=key, code="integer_below_min_value")
+        raise BadRequest(
+            f"Invalid '{key}': integer below minimum value. Expected a value >= {low}, but got {value} instead.",
+            param=key,
+            code="integer_below_min_value",
+        )
     return value
 
 
@@ -1327,8 +1463,11 @@ def parse_stop(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise wrong_type("stop", "a string or an array of strings", value)
     if len(value) > 4:
-        raise BadRequest("Invalid 'stop': array too long. Expected an array with maximum length 4.",
-                         param="stop", code="array_above_max_length")
+        raise BadRequest(
+            "Invalid 'stop': array too long. Expected an array with maximum length 4.",
+            param="stop",
+            code="array_above_max_length",
+        )
     return tuple(s for s in value if s)
 
 
@@ -1342,8 +1481,12 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
     # Type and range checks first, parameter by parameter, then the combination rules: OpenAI's order.
     stream = bool(_typed(body, "stream", (bool,), "a boolean"))
     stop = parse_stop(body.get("stop"))
-    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1),
-                           ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+    for key, low, high in (
+        ("temperature", 0, 2),
+        ("top_p", 0, 1),
+        ("presence_penalty", -2, 2),
+        ("frequency_penalty", -2, 2),
+    ):
         _number(body, key, low, high)
     n = _integer(body, "n", 1)
     max_tokens = _integer(body, "max_tokens", 1)
@@ -1358,37 +1501,57 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
     include_usage = _typed(stream_options, "include_usage", (bool,), "a boolean", "stream_options.include_usage")
     effort = _typed(body, "reasoning_effort", (str,), "a string")
     if effort is not None and effort not in EFFORTS:
-        raise BadRequest(f"Invalid value for 'reasoning_effort': {effort!r}. Supported values are: "
-                         f"{', '.join(map(repr, EFFORTS))}.", param="reasoning_effort", code="invalid_value")
+        raise BadRequest(
+            f"Invalid value for 'reasoning_effort': {effort!r}. Supported values are: {', '.join(map(repr, EFFORTS))}.",
+            param="reasoning_effort",
+            code="invalid_value",
+        )
 
     if max_tokens is not None and max_completion_tokens is not None:
-        raise BadRequest("max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
-                         param="max_tokens", code="invalid_parameter_combination")
+        raise BadRequest(
+            "max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
+            param="max_tokens",
+            code="invalid_parameter_combination",
+        )
     if top_logprobs is not None and not logprobs:
         raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
     if body.get("stream_options") is not None and not stream:
-        raise BadRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                         param="stream_options")
+        raise BadRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+        )
     if body.get("parallel_tool_calls") is not None and not body.get("tools"):
-        raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are specified.",
-                         param="parallel_tool_calls")
+        raise BadRequest(
+            "'parallel_tool_calls' is only allowed when 'tools' are specified.", param="parallel_tool_calls"
+        )
     if logprobs:
-        raise BadRequest("logprobs are not available through the claude CLI.", param="logprobs",
-                         code="unsupported_parameter")
+        raise BadRequest(
+            "logprobs are not available through the claude CLI.", param="logprobs", code="unsupported_parameter"
+        )
     if n is not None and n > 1:
-        raise BadRequest("n > 1 is not supported: send n separate requests instead.", param="n",
-                         code="unsupported_value")
+        raise BadRequest(
+            "n > 1 is not supported: send n separate requests instead.", param="n", code="unsupported_value"
+        )
     tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
     response_format, schema = parse_response_format(body.get("response_format"))
 
     system, turns = flatten_messages(body.get("messages"), settings.max_image_bytes)
     check_context_length(system, turns, cli_model)
     return ChatRequest(
-        model=model or "default", cli_model=cli_model, system=system, turns=turns, stream=stream,
-        include_usage=bool(include_usage), stop=stop, max_tokens=max_completion_tokens or max_tokens,
-        effort=EFFORTS[effort] if effort else settings.effort, session_id=session_id, tools=tools,
-        tool_choice=tool_choice, parallel_tool_calls=body.get("parallel_tool_calls") is not False,
-        response_format=response_format, schema=schema,
+        model=model or "default",
+        cli_model=cli_model,
+        system=system,
+        turns=turns,
+        stream=stream,
+        include_usage=bool(include_usage),
+        stop=stop,
+        max_tokens=max_completion_tokens or max_tokens,
+        effort=EFFORTS[effort] if effort else settings.effort,
+        session_id=session_id,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+        response_format=response_format,
+        schema=schema,
     )
 
 
@@ -1415,7 +1578,8 @@ def check_context_length(system: str, turns: tuple[Turn, ...], cli_model: str | 
         raise ContextLengthExceeded(
             f"This model's maximum context length is {window} tokens. However, your messages hold {chars} "
             f"characters, at least {chars // MAX_CHARS_PER_TOKEN} tokens. Please reduce the length of the messages.",
-            param="messages")
+            param="messages",
+        )
 
 
 def parse_session_id(value: Any) -> str | None:
@@ -1426,8 +1590,11 @@ def parse_session_id(value: Any) -> str | None:
             raise ValueError(value)
         return str(uuid.UUID(value))
     except ValueError:
-        raise BadRequest(f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
-                         param="session_id", code="invalid_value") from None
+        raise BadRequest(
+            f"session_id must be a UUID (for example {uuid.UUID(int=1)}), got {value!r}.",
+            param="session_id",
+            code="invalid_value",
+        ) from None
 
 
 # --- Validation: a Responses request body to the equivalent chat body ---
@@ -1436,8 +1603,12 @@ def parse_session_id(value: Any) -> str | None:
 # ``response`` object or its event stream. previous_response_id continues through the session store.
 
 
-RESPONSE_PARAMS = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
-                   ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort"))
+RESPONSE_PARAMS = (
+    ("messages", "input"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("response_format", "text.format"),
+    ("reasoning_effort", "reasoning.effort"),
+)
 
 
 def responses_to_chat(body: Any) -> dict[str, Any]:
@@ -1458,8 +1629,12 @@ def responses_to_chat(body: Any) -> dict[str, Any]:
         if body.get(name) is not None:
             chat[name] = body[name]
     if isinstance(chat.get("tools"), list):
-        chat["tools"] = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
-                         if isinstance(t, dict) else t for t in chat["tools"]]
+        chat["tools"] = [
+            {"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
+            if isinstance(t, dict)
+            else t
+            for t in chat["tools"]
+        ]
     if isinstance(chat.get("tool_choice"), dict) and "name" in chat["tool_choice"]:
         chat["tool_choice"] = {"type": "function", "function": {"name": chat["tool_choice"]["name"]}}
     if body.get("max_output_tokens") is not None:
@@ -1470,8 +1645,10 @@ def responses_to_chat(body: Any) -> dict[str, Any]:
     text = body.get("text")
     fmt = text.get("format") if isinstance(text, dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        chat["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
+        chat["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")},
+        }
     elif fmt is not None:
         chat["response_format"] = fmt
     return chat
@@ -1484,27 +1661,47 @@ def input_item_message(item: Any, where: str) -> dict[str, Any]:
     if kind == "message":
         content = item.get("content")
         if isinstance(content, list):
-            content = [{"type": "image_url", "image_url": {"url": part.get("image_url")}}
-                       if isinstance(part, dict) and part.get("type") == "input_image" else part for part in content]
+            content = [
+                {"type": "image_url", "image_url": {"url": part.get("image_url")}}
+                if isinstance(part, dict) and part.get("type") == "input_image"
+                else part
+                for part in content
+            ]
         return {"role": item.get("role"), "content": content}
     if kind == "function_call":
-        return {"role": "assistant", "content": None, "tool_calls": [{"id": item.get("call_id"), "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]}
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": item.get("call_id"),
+                    "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")},
+                }
+            ],
+        }
     if kind == "function_call_output":
         output = item.get("output")
-        return {"role": "tool", "tool_call_id": item.get("call_id"),
-                "content": output if isinstance(output, str) else json.dumps(output)}
+        return {
+            "role": "tool",
+            "tool_call_id": item.get("call_id"),
+            "content": output if isinstance(output, str) else json.dumps(output),
+        }
     if kind == "reasoning":
         return {"role": "assistant", "content": ""}
-    raise BadRequest(f"Input item {where} has type {kind!r}; supported are message, function_call, "
-                     "function_call_output and reasoning.", param=f"{where}.type", code="unsupported_value")
+    raise BadRequest(
+        f"Input item {where} has type {kind!r}; supported are message, function_call, "
+        "function_call_output and reasoning.",
+        param=f"{where}.type",
+        code="unsupported_value",
+    )
 
 
 def as_responses_error(error: BadRequest) -> BadRequest:
     """A validation error of the translated chat body, named in the Responses request's own terms."""
     for chat_name, name in RESPONSE_PARAMS:
         if error.param and error.param.startswith(chat_name):
-            error.param = name + error.param[len(chat_name):]
+            error.param = name + error.param[len(chat_name) :]
             error.message = error.message.replace(f"'{chat_name}", f"'{name}")
     if error.param and error.param.startswith("tools[") and ".function" in error.param:
         tool = error.param.split(".function", 1)[0]
@@ -1566,12 +1763,24 @@ class Conversation:
 
 
 def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conversation | None = None) -> CliCall:
-    args = ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--include-partial-messages", "--tools", "", "--strict-mcp-config",
-            # No settings files, so no CLAUDE.md, hooks or plugins of the host user reach a request.
-            "--setting-sources", settings.setting_sources,
-            # A second guard against `@path` mentions (see child_environment), honoured by newer CLIs.
-            "--settings", NO_FILE_READS]
+    args = [
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--include-partial-messages",
+        "--tools",
+        "",
+        "--strict-mcp-config",
+        # No settings files, so no CLAUDE.md, hooks or plugins of the host user reach a request.
+        "--setting-sources",
+        settings.setting_sources,
+        # A second guard against `@path` mentions (see child_environment), honoured by newer CLIs.
+        "--settings",
+        NO_FILE_READS,
+    ]
     if request.cli_model:
         args += ["--model", request.cli_model]
     if request.effort:
@@ -1600,18 +1809,30 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         session_args: tuple[str, ...] = ("--no-session-persistence",)
     else:
         session_args = ("--resume" if conversation.resume else "--session-id", conversation.cli_id)
-    return CliCall(args=tuple(args), stdin=user_message_line(blocks), system_prompt=system, system_flag=flag,
-                   env=env, session_args=session_args)
+    return CliCall(
+        args=tuple(args),
+        stdin=user_message_line(blocks),
+        system_prompt=system,
+        system_flag=flag,
+        env=env,
+        session_args=session_args,
+    )
 
 
 def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in SCRUBBED_ENV}
     # Our retry policy owns retries; the CLI's own (10, for minutes on a bad login) would multiply with it.
-    env.update({"CLAUDE_CODE_MAX_RETRIES": "0", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                "DISABLE_AUTOUPDATER": "1", **NO_FILE_MENTIONS,
-                # Automatic compaction would rewrite a kept session's history behind the client's back (on by
-                # default on every version; the variable works on all of them, the --autocompact flag only sizes it).
-                "DISABLE_AUTO_COMPACT": "1"})
+    env.update(
+        {
+            "CLAUDE_CODE_MAX_RETRIES": "0",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "DISABLE_AUTOUPDATER": "1",
+            **NO_FILE_MENTIONS,
+            # Automatic compaction would rewrite a kept session's history behind the client's back (on by
+            # default on every version; the variable works on all of them, the --autocompact flag only sizes it).
+            "DISABLE_AUTO_COMPACT": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -1663,14 +1884,18 @@ CliEvent = TextDelta | ThinkingDelta | CliResult | ModelCall | LimitReached
 def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
     """OpenAI usage from the CLI's Anthropic usage; counts the CLI did not report stay out."""
     raw = raw or {}
-    fresh, read, created = (int(raw.get(k) or 0) for k in
-                            ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+    fresh, read, created = (
+        int(raw.get(k) or 0) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    )
     prompt, completion = fresh + read + created, int(raw.get("output_tokens") or 0)
     usage: Usage = {
-        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": read},
         "completion_tokens_details": {"reasoning_tokens": 0},
-        "cache_read_input_tokens": read, "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
+        "cache_creation_input_tokens": created,
     }
     if cost is not None:
         usage["total_cost_usd"] = cost
@@ -1692,8 +1917,9 @@ def rate_limited(resets_at: float | None = None) -> RateLimited:
         return RateLimited("The Claude account is rate-limited; retry later.", retry_after=30)
     wait = max(1.0, resets_at - time.time())
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(resets_at))
-    error = RateLimited(f"The Claude account's usage limit is reached; it resets at {when}, in {wait:.0f} s.",
-                        retry_after=wait)
+    error = RateLimited(
+        f"The Claude account's usage limit is reached; it resets at {when}, in {wait:.0f} s.", retry_after=wait
+    )
     error.resets_at, error.retryable = resets_at, wait <= RATE_LIMIT_PATIENCE
     return error
 
@@ -1703,20 +1929,29 @@ def error_from_result(event: Mapping[str, Any]) -> ProxyError:
     status = event.get("api_error_status")
     text = str(event.get("result") or event.get("subtype") or "")
     if "budget" in str(event.get("subtype")):
-        return BudgetExceeded("The request reached its spending cap (CLAUDE_MAX_BUDGET_USD) before the answer was "
-                              "complete; raise the cap or unset it.")
+        return BudgetExceeded(
+            "The request reached its spending cap (CLAUDE_MAX_BUDGET_USD) before the answer was "
+            "complete; raise the cap or unset it."
+        )
     if "third-party apps" in text.lower():
-        return PlanRefused("The Claude plan refused this request as coming from a third-party app (\"Third-party "
-                           "apps now draw from your extra usage\"). Set CLAUDE_SYSTEM_PROMPT_MODE=embed (or append) "
-                           "so the CLI keeps its own system prompt.")
+        return PlanRefused(
+            'The Claude plan refused this request as coming from a third-party app ("Third-party '
+            'apps now draw from your extra usage"). Set CLAUDE_SYSTEM_PROMPT_MODE=embed (or append) '
+            "so the CLI keeps its own system prompt."
+        )
     if event.get("terminal_reason") == "prompt_too_long" or "prompt is too long" in text.lower():
         # Both CLI versions say so in the result text (2.1.332 also in terminal_reason), with status 400.
-        return ContextLengthExceeded("The prompt is too long for the model's context window. Please reduce the "
-                                     "length of the messages (or use a model with a larger window, such as "
-                                     "sonnet[1m]).", param="messages")
+        return ContextLengthExceeded(
+            "The prompt is too long for the model's context window. Please reduce the "
+            "length of the messages (or use a model with a larger window, such as "
+            "sonnet[1m]).",
+            param="messages",
+        )
     if status in (401, 403) or (status is None and AUTH_FAILURE.search(text)):
-        return CliNotLoggedIn("The claude CLI on the server is not logged in (or its login expired): run `claude` "
-                              "on that machine and log in, then retry.")
+        return CliNotLoggedIn(
+            "The claude CLI on the server is not logged in (or its login expired): run `claude` "
+            "on that machine and log in, then retry."
+        )
     if status == 429:
         return rate_limited()
     if status == 404:
@@ -1757,13 +1992,22 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
         if line.get("is_error") and OUTPUT_LIMIT.search(str(line.get("result"))):
             # The CLI reports max_tokens as an error after its own attempts to continue; to the client it is
             # an answer cut for length, made of the text deltas already seen.
-            return CliResult(text="", stop_reason="max_tokens", usage=openai_usage(line.get("usage"), line.get(
-                "total_cost_usd")), cost=line.get("total_cost_usd"), session_id=line.get("session_id"))
+            return CliResult(
+                text="",
+                stop_reason="max_tokens",
+                usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
+                cost=line.get("total_cost_usd"),
+                session_id=line.get("session_id"),
+            )
         if line.get("is_error") or line.get("subtype", "success") != "success":
             raise error_from_result(line)
-        return CliResult(text=str(line.get("result") or ""), stop_reason=line.get("stop_reason"),
-                         usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
-                         cost=line.get("total_cost_usd"), session_id=line.get("session_id"))
+        return CliResult(
+            text=str(line.get("result") or ""),
+            stop_reason=line.get("stop_reason"),
+            usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
+            cost=line.get("total_cost_usd"),
+            session_id=line.get("session_id"),
+        )
     return None
 
 
@@ -1819,7 +2063,7 @@ class StopScanner:
             out, self.pending, self.stopped = self.pending[:cut], "", True
             return out
         keep = len(self.pending) - self.hold
-        out, self.pending = self.pending[:max(keep, 0)], self.pending[max(keep, 0):]
+        out, self.pending = self.pending[: max(keep, 0)], self.pending[max(keep, 0) :]
         return out
 
     def flush(self) -> str:
@@ -1925,8 +2169,16 @@ class PatternChecker:
         if self.process is None or self.process.returncode is not None:
             env = {k: v for k, v in self.environ.items() if k not in SCRUBBED_ENV}
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-c", PATTERN_CHECKER, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
+                sys.executable,
+                "-I",
+                "-c",
+                PATTERN_CHECKER,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         return self.process
 
     async def close(self) -> None:
@@ -1947,9 +2199,15 @@ class CliProcess:
     leaves it ``spent``. ``aclose`` (or ``close_soon``) is the one way out, on every path: it kills the group
     and reaps it, idempotent and shielded, so not even a cancelled caller leaves a process behind."""
 
-    def __init__(self, binary: str, call: CliCall, workdir: str, environ: Mapping[str, str],
-                 on_closed: Callable[[CliProcess], None] = lambda cli: None,
-                 version_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        binary: str,
+        call: CliCall,
+        workdir: str,
+        environ: Mapping[str, str],
+        on_closed: Callable[[CliProcess], None] = lambda cli: None,
+        version_args: tuple[str, ...] = (),
+    ) -> None:
         self.binary, self.call, self.workdir, self.environ = binary, call, workdir, environ
         self.on_closed = on_closed
         self.version_args = version_args  # the same for every process of a server: not part of the call's options
@@ -1964,8 +2222,7 @@ class CliProcess:
     @property
     def alive(self) -> bool:
         process = self.process
-        return process is not None and process.returncode is None and not (process.stdout and
-                                                                           process.stdout.at_eof())
+        return process is not None and process.returncode is None and not (process.stdout and process.stdout.at_eof())
 
     @property
     def at_boundary(self) -> bool:
@@ -1981,9 +2238,16 @@ class CliProcess:
             args += [self.call.system_flag, self._prompt_file]
         try:
             self.process = await asyncio.create_subprocess_exec(
-                self.binary, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=self.workdir, env=child_environment(self.environ, self.call.env),
-                start_new_session=True, limit=STDOUT_LIMIT)
+                self.binary,
+                *args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.workdir,
+                env=child_environment(self.environ, self.call.env),
+                start_new_session=True,
+                limit=STDOUT_LIMIT,
+            )
         except OSError as exc:
             self.close_soon()
             # Error bodies never carry host paths or setting values; the log has them.
@@ -2065,8 +2329,9 @@ class CliProcess:
         if waited and not began:
             log.info("a waiting CLI process had died (status %s); replacing it", code)
             return ProcessLost("A waiting claude CLI process had died.")
-        log.warning("CLI exited with status %s and no result%s", code,
-                    f" after {garbage} unparseable lines" if garbage else "")
+        log.warning(
+            "CLI exited with status %s and no result%s", code, f" after {garbage} unparseable lines" if garbage else ""
+        )
         error = TurnNotStarted if not began else CliFailed
         return error(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
 
@@ -2190,8 +2455,9 @@ class ProcessStore:
         closing = cli.close_soon(graceful=graceful)
         if key is not None:
             self.pending[key] = closing
-            closing.add_done_callback(lambda _: self.pending.pop(key, None) if self.pending.get(key) is closing
-                                      else None)
+            closing.add_done_callback(
+                lambda _: self.pending.pop(key, None) if self.pending.get(key) is closing else None
+            )
         return closing
 
     def discard(self, key: Any) -> None:
@@ -2303,8 +2569,12 @@ class Retries:
             self.free += 1
             return
         delay = runner.backoff(self.attempts)
-        if not error.retryable or self.attempts >= runner.settings.max_retries or runner.closing \
-                or time.monotonic() + delay >= self.deadline:
+        if (
+            not error.retryable
+            or self.attempts >= runner.settings.max_retries
+            or runner.closing
+            or time.monotonic() + delay >= self.deadline
+        ):
             raise error
         if isinstance(error, RateLimited):
             if error.resets_at is not None:
@@ -2313,8 +2583,9 @@ class Retries:
                 raise error  # it will not clear soon enough: the client hears now, with Retry-After
             self.limited += delay
         self.attempts += 1
-        log.info("attempt %d failed (%s: %s); retrying in %.1f s", self.attempts, type(error).__name__,
-                 error.message, delay)
+        log.info(
+            "attempt %d failed (%s: %s); retrying in %.1f s", self.attempts, type(error).__name__, error.message, delay
+        )
         await asyncio.sleep(delay)
 
 
@@ -2388,8 +2659,13 @@ class Prestart:
         self.runner.store.put("prestarted", key, cli)
 
     def status(self) -> dict[str, int]:
-        return {"size": self.size, "ready": self.runner.store.count("prestarted"), "starting": len(self.starting),
-                "hits": self.hits, "misses": self.misses}
+        return {
+            "size": self.size,
+            "ready": self.runner.store.count("prestarted"),
+            "starting": len(self.starting),
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
     async def aclose(self) -> None:
         if self.starting:
@@ -2448,13 +2724,21 @@ class Runner:
         binary = resolve_binary(self.settings, self.environ)
         if binary is None:
             log.error("claude CLI not found (CLAUDE_BIN=%r)", self.settings.claude_bin)
-            raise CliUnavailable("The claude CLI was not found on the server (see CLAUDE_BIN). Install it with "
-                                 "`npm install -g @anthropic-ai/claude-code` and log in with `claude`.")
+            raise CliUnavailable(
+                "The claude CLI was not found on the server (see CLAUDE_BIN). Install it with "
+                "`npm install -g @anthropic-ai/claude-code` and log in with `claude`."
+            )
         return binary
 
     def process(self, call: CliCall, binary: str = "") -> CliProcess:
-        cli = CliProcess(binary or self.binary(), call, self.workdir, self.environ, on_closed=self.live.discard,
-                         version_args=self.version_args)
+        cli = CliProcess(
+            binary or self.binary(),
+            call,
+            self.workdir,
+            self.environ,
+            on_closed=self.live.discard,
+            version_args=self.version_args,
+        )
         self.live.add(cli)
         return cli
 
@@ -2475,8 +2759,10 @@ class Runner:
                     async with contextlib.aclosing(cli.turn(call.stdin, close_stdin=not job.keeps_stdin)) as events:
                         yield events
             except TimeoutError:
-                error = CliTimeout("The claude CLI did not finish within the server's time limit (CLAUDE_TIMEOUT, "
-                                   "CLAUDE_REQUEST_TIMEOUT).")
+                error = CliTimeout(
+                    "The claude CLI did not finish within the server's time limit (CLAUDE_TIMEOUT, "
+                    "CLAUDE_REQUEST_TIMEOUT)."
+                )
                 raise error from None
             except BaseException as exc:
                 error = exc
@@ -2484,8 +2770,11 @@ class Runner:
             finally:
                 if isinstance(error, ProxyError) and cli.stderr and not job.stderr_logged:
                     job.stderr_logged = True
-                    log.warning("CLI stderr, last %d lines (logged once per request): %s", len(cli.stderr),
-                                " | ".join(cli.stderr))
+                    log.warning(
+                        "CLI stderr, last %d lines (logged once per request): %s",
+                        len(cli.stderr),
+                        " | ".join(cli.stderr),
+                    )
                 self.note_login(error)
                 slot.until = self.settle(cli, job.verdict(cli, error))
 
@@ -2507,7 +2796,7 @@ class Runner:
         return self.store.closed(verdict.conversation, cli)
 
     def backoff(self, attempt: int) -> float:
-        return min(60.0, self.settings.base_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+        return min(60.0, self.settings.base_backoff * 2**attempt) * random.uniform(0.5, 1.0)
 
     def begin_shutdown(self, grace: float) -> None:
         """Refuse new work now; in ``grace`` seconds end what still runs, so its requests end with an error."""
@@ -2566,8 +2855,14 @@ async def run_quietly(binary: str, *args: str, env: Mapping[str, str]) -> tuple[
     """Run the CLI for a short answer (never a model call): its exit status (None if it failed to run) and stdout."""
     try:
         process = await asyncio.create_subprocess_exec(
-            binary, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            stdin=asyncio.subprocess.DEVNULL, env=dict(env), start_new_session=True)
+            binary,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=dict(env),
+            start_new_session=True,
+        )
     except OSError:
         return None, ""
     try:
@@ -2583,8 +2878,9 @@ async def run_quietly(binary: str, *args: str, env: Mapping[str, str]) -> tuple[
 
 async def probe_cli(binary: str, environ: Mapping[str, str]) -> CliInfo:
     env = child_environment(environ, {})
-    (_, version), (_, help_text) = await asyncio.gather(run_quietly(binary, "--version", env=env),
-                                                        run_quietly(binary, "--help", env=env))
+    (_, version), (_, help_text) = await asyncio.gather(
+        run_quietly(binary, "--version", env=env), run_quietly(binary, "--help", env=env)
+    )
     return CliInfo(binary, version.strip() or None, frozenset(HELP_FLAG.findall(help_text)))
 
 
@@ -2619,20 +2915,47 @@ def sse_event(name: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-SELF_CHECK_STREAM = b"".join([
-    sse_event("message_start", {"type": "message_start", "message": {
-        "id": "msg_self_check", "type": "message", "role": "assistant", "model": "self-check", "content": [],
-        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}}),
-    sse_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                      "content_block": {"type": "text", "text": ""}}),
-    *(sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                        "delta": {"type": "text_delta", "text": piece}})
-      for piece in ("self-check", " ok")),
-    sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-    sse_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                "usage": {"output_tokens": 2}}),
-    sse_event("message_stop", {"type": "message_stop"}),
-])
+SELF_CHECK_STREAM = b"".join(
+    [
+        sse_event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_self_check",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": "self-check",
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 1, "output_tokens": 1},
+                },
+            },
+        ),
+        sse_event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        *(
+            sse_event(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
+            )
+            for piece in ("self-check", " ok")
+        ),
+        sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse_event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 2},
+            },
+        ),
+        sse_event("message_stop", {"type": "message_stop"}),
+    ]
+)
 
 
 class MessagesStandIn:
@@ -2657,8 +2980,14 @@ class MessagesStandIn:
         with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             target = head.split(" ", 2)[1] if head.count(" ") >= 2 else ""
-            length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
-                           if line.lower().startswith("content-length:")), 0)
+            length = next(
+                (
+                    int(line.split(":", 1)[1])
+                    for line in head.split("\r\n")
+                    if line.lower().startswith("content-length:")
+                ),
+                0,
+            )
             body = await reader.readexactly(length) if length else b""
             if head.startswith("POST /v1/messages?") or head.startswith("POST /v1/messages "):
                 self.prompts.append(body.decode(errors="replace"))
@@ -2667,8 +2996,11 @@ class MessagesStandIn:
                 kind, payload = "application/json", b'{"input_tokens": 1}'
             else:
                 kind, payload = "application/json", b"{}"
-            writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {len(payload)}\r\n"
-                         "connection: close\r\n\r\n".encode() + payload)
+            writer.write(
+                f"HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {len(payload)}\r\n"
+                "connection: close\r\n\r\n".encode()
+                + payload
+            )
             await writer.drain()
         writer.close()
 
@@ -2676,13 +3008,18 @@ class MessagesStandIn:
 def self_check_problems(lines: list[dict[str, Any]], prompts: list[str]) -> tuple[str, ...]:
     """What the CLI's output and the stand-in's requests say about each feature we depend on."""
     problems = []
-    if not any(line.get("type") == "control_response" and (line.get("response") or {}).get("request_id") ==
-               "self-check" and line["response"].get("subtype") == "success" for line in lines):
+    if not any(
+        line.get("type") == "control_response"
+        and (line.get("response") or {}).get("request_id") == "self-check"
+        and line["response"].get("subtype") == "success"
+        for line in lines
+    ):
         problems.append("control protocol: no answer to an initialize request")
     if not any(SELF_CHECK_PROMPT in prompt for prompt in prompts):
         problems.append("stream-json input: the user message did not reach the model")
-    if not any(isinstance(parse_event(line) if line.get("type") == "stream_event" else None, TextDelta)
-               for line in lines):
+    if not any(
+        isinstance(parse_event(line) if line.get("type") == "stream_event" else None, TextDelta) for line in lines
+    ):
         problems.append("partial messages: no text deltas, so live streams arrive in one piece")
     results = [line for line in lines if line.get("type") == "result"]
     if not results or results[-1].get("is_error") or results[-1].get("result") != SELF_CHECK_TEXT:
@@ -2698,15 +3035,23 @@ async def self_check(info: CliInfo, settings: Settings, environ: Mapping[str, st
     lines: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="claude_api-self-check-") as home:
         async with stand_in as url:
-            env = child_environment({"PATH": environ.get("PATH", os.defpath)}, {
-                "HOME": home, "CLAUDE_CONFIG_DIR": os.path.join(home, ".claude"), "ANTHROPIC_BASE_URL": url,
-                "ANTHROPIC_API_KEY": "sk-self-check"})
+            env = child_environment(
+                {"PATH": environ.get("PATH", os.defpath)},
+                {
+                    "HOME": home,
+                    "CLAUDE_CONFIG_DIR": os.path.join(home, ".claude"),
+                    "ANTHROPIC_BASE_URL": url,
+                    "ANTHROPIC_API_KEY": "sk-self-check",
+                },
+            )
             chat = parse_chat_request({"messages": [{"role": "user", "content": SELF_CHECK_PROMPT}]}, settings)
             call = build_cli_call(chat, replace(settings, fallback_model="", max_budget_usd=None))
             initialize = {"type": "control_request", "request_id": "self-check", "request": {"subtype": "initialize"}}
             with contextlib.suppress(TimeoutError, ProxyError):
-                async with asyncio.timeout(SELF_CHECK_TIMEOUT), CliProcess(info.path, call, home, env,
-                                                                           version_args=args) as cli:
+                async with (
+                    asyncio.timeout(SELF_CHECK_TIMEOUT),
+                    CliProcess(info.path, call, home, env, version_args=args) as cli,
+                ):
                     assert cli.process and cli.process.stdout
                     await cli.write(json.dumps(initialize).encode() + b"\n" + call.stdin, close=True)
                     async for raw in cli.process.stdout:
@@ -2745,8 +3090,10 @@ def cli_session_id(client_id: str, owner: str = "") -> str:
 
 def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn], owner: str = "") -> str:
     """Identifies a conversation exactly: any edit, reformat or other model (or key) gives another fingerprint."""
-    material = json.dumps([system, cli_model, [(turn.role, turn.text, [image.digest for image in turn.images])
-                                               for turn in turns], owner], ensure_ascii=False)
+    material = json.dumps(
+        [system, cli_model, [(turn.role, turn.text, [image.digest for image in turn.images]) for turn in turns], owner],
+        ensure_ascii=False,
+    )
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -2754,7 +3101,7 @@ def newest_turns(turns: tuple[Turn, ...]) -> tuple[Turn, ...]:
     """The turns after the last assistant turn: what a resumed conversation has not seen yet."""
     for i in range(len(turns) - 1, -1, -1):
         if turns[i].role == "assistant":
-            return turns[i + 1:] or turns[-1:]
+            return turns[i + 1 :] or turns[-1:]
     return turns
 
 
@@ -2802,8 +3149,11 @@ class Sessions:
     def job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
         if chat.structured:  # function calling and JSON output run stateless (see the README)
-            notice = f"Session {chat.session_id} was not used: function calling and JSON output run " \
-                     "stateless." if chat.session_id else None
+            notice = (
+                f"Session {chat.session_id} was not used: function calling and JSON output run stateless."
+                if chat.session_id
+                else None
+            )
             return Job(build_cli_call(chat, self.settings)), notice
         if chat.session_id:
             return self.explicit_job(chat, owner)
@@ -2815,8 +3165,9 @@ class Sessions:
             session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1], owner), None)
             if session is not None:
                 return SessionJob(self, session, chat), None
-        session = Session(f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, "automatic",
-                          owner=owner)
+        session = Session(
+            f"auto-{uuid.uuid4()}", str(uuid.uuid4()), chat.system, chat.cli_model, "automatic", owner=owner
+        )
         return SessionJob(self, session, chat), None
 
     def explicit_job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
@@ -2830,14 +3181,27 @@ class Sessions:
             self.explicit[owner, key] = session
             return SessionJob(self, session, chat), None
         # A request without a system message (only the newest turn, as sessions invite) changes nothing.
-        ignored = [name for name, changed in (("system prompt", bool(chat.system) and chat.system != session.system),
-                                              ("model", chat.cli_model != session.cli_model)) if changed]
-        notice = (f"Session {key} keeps the {' and '.join(ignored)} it started with; this request's "
-                  f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored.") if ignored else None
+        ignored = [
+            name
+            for name, changed in (
+                ("system prompt", bool(chat.system) and chat.system != session.system),
+                ("model", chat.cli_model != session.cli_model),
+            )
+            if changed
+        ]
+        notice = (
+            (
+                f"Session {key} keeps the {' and '.join(ignored)} it started with; this request's "
+                f"{' and '.join(ignored)} {'was' if len(ignored) == 1 else 'were'} ignored."
+            )
+            if ignored
+            else None
+        )
         return SessionJob(self, session, replace(chat, system=session.system, cli_model=session.cli_model)), notice
 
-    def response_job(self, chat: ChatRequest, prior: StoredResponse | None, store: bool,
-                     owner: str = "") -> tuple[Job, ChatRequest]:
+    def response_job(
+        self, chat: ChatRequest, prior: StoredResponse | None, store: bool, owner: str = ""
+    ) -> tuple[Job, ChatRequest]:
         """The job for a Responses request, and the chat request it runs: any stored conversation it
         continues, plus its new input. The head of a stored CLI conversation resumes it; a branch from an
         older response starts a new one from the whole context."""
@@ -2847,13 +3211,23 @@ class Sessions:
         if chat.structured or (not store and prior is None):
             return Job(build_cli_call(chat, self.settings)), chat
         session = prior.session if prior else None
-        if session is None or session.history != list(prior.turns if prior else ()) or session.lock.locked() \
-                or (session.system, session.cli_model) != (chat.system, chat.cli_model):
+        if (
+            session is None
+            or session.history != list(prior.turns if prior else ())
+            or session.lock.locked()
+            or (session.system, session.cli_model) != (chat.system, chat.cli_model)
+        ):
             key = f"response-{uuid.uuid4()}"
             self.make_room()
-            session = self.explicit[owner, key] = Session(key, str(uuid.uuid4()), chat.system, chat.cli_model,
-                                                          "response", history=list(prior.turns) if prior else [],
-                                                          owner=owner)
+            session = self.explicit[owner, key] = Session(
+                key,
+                str(uuid.uuid4()),
+                chat.system,
+                chat.cli_model,
+                "response",
+                history=list(prior.turns) if prior else [],
+                owner=owner,
+            )
         return SessionJob(self, session, chat, new_input if prior else None), chat
 
     def make_room(self) -> None:
@@ -2863,8 +3237,9 @@ class Sessions:
             return
         idle = min((s for s in self.explicit.values() if not s.lock.locked()), key=lambda s: s.last_used, default=None)
         if idle is None:
-            raise Overloaded(f"All {len(self.explicit)} sessions are busy (CLAUDE_MAX_SESSIONS); retry shortly.",
-                             retry_after=5)
+            raise Overloaded(
+                f"All {len(self.explicit)} sessions are busy (CLAUDE_MAX_SESSIONS); retry shortly.", retry_after=5
+            )
         self.forget(idle)
 
     def transcript(self, cli_id: str) -> Path | None:
@@ -2926,8 +3301,9 @@ class SessionJob(Job):
 
     keeps_stdin = True
 
-    def __init__(self, sessions: Sessions, session: Session, chat: ChatRequest,
-                 newest: tuple[Turn, ...] | None = None) -> None:
+    def __init__(
+        self, sessions: Sessions, session: Session, chat: ChatRequest, newest: tuple[Turn, ...] | None = None
+    ) -> None:
         self.sessions, self.session, self.chat = sessions, session, chat
         self.source: AttemptSource = "fresh"
         self.newest = newest_turns(chat.turns) if newest is None else newest
@@ -3074,8 +3450,9 @@ TurnEvent = TextDelta | ThinkingDelta | CallStarted | ArgumentsDelta | Finished
 PSEUDO_SLICE = 24  # characters per event when replaying a finished answer
 
 
-async def attempt_events(runner: Runner, job: Job, request: ChatRequest, deadline: float,
-                         want_usage: bool = True) -> AsyncGenerator[TurnEvent, None]:
+async def attempt_events(
+    runner: Runner, job: Job, request: ChatRequest, deadline: float, want_usage: bool = True
+) -> AsyncGenerator[TurnEvent, None]:
     """One attempt's answer: text cut at the first stop string, then Finished. After a stop, the rest of the
     answer is paid for only when usage is wanted (so the counts are the CLI's own, never invented)."""
     scanner = StopScanner(request.stop)
@@ -3133,8 +3510,13 @@ async def fold(stream: AsyncGenerator[TurnEvent, None]) -> Answer:
             elif isinstance(event, ArgumentsDelta):
                 calls[event.index][2] += event.text
             elif isinstance(event, Finished):
-                return Answer("".join(text), tuple(ToolCall(*calls[i]) for i in sorted(calls)), event.finish,
-                              event.usage or openai_usage(None, None), "".join(thinking))
+                return Answer(
+                    "".join(text),
+                    tuple(ToolCall(*calls[i]) for i in sorted(calls)),
+                    event.finish,
+                    event.usage or openai_usage(None, None),
+                    "".join(thinking),
+                )
     raise CliFailed("The claude CLI ended without an answer.")
 
 
@@ -3145,11 +3527,11 @@ def replay(done: Answer) -> Iterator[TurnEvent]:
         yield ThinkingDelta(done.thinking)
     text = done.content or ""
     for start in range(0, len(text), PSEUDO_SLICE):
-        yield TextDelta(text[start:start + PSEUDO_SLICE])
+        yield TextDelta(text[start : start + PSEUDO_SLICE])
     for index, call in enumerate(done.calls):
         yield CallStarted(index, call.id, call.name)
         for start in range(0, len(call.arguments), PSEUDO_SLICE):
-            yield ArgumentsDelta(index, call.arguments[start:start + PSEUDO_SLICE])
+            yield ArgumentsDelta(index, call.arguments[start : start + PSEUDO_SLICE])
     yield Finished(done.finish, done.usage)
 
 
@@ -3178,16 +3560,19 @@ async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
         reply = await checked_reply(runner, done.content or "", request)
     except InvalidReply as problem:
         log.info("reply not in the requested format (%s); asking once more", problem)
-        again = replace(request, turns=(*request.turns, Turn("assistant", done.content or ""),
-                                        Turn("user", correction(str(problem)))))
+        again = replace(
+            request,
+            turns=(*request.turns, Turn("assistant", done.content or ""), Turn("user", correction(str(problem)))),
+        )
         retry = await folded(runner, Job(build_cli_call(again, runner.settings)), request)
         done = replace(retry, usage=add_usage(done.usage, retry.usage), thinking=done.thinking + retry.thinking)
         try:
             reply = await checked_reply(runner, done.content or "", request)
         except InvalidReply as still:
             hint = " (the reply hit max_tokens)" if done.finish == "length" else ""
-            raise InvalidModelOutput(f"The model's reply did not match the requested format, even after a "
-                                     f"correction: {still}{hint}.") from None
+            raise InvalidModelOutput(
+                f"The model's reply did not match the requested format, even after a correction: {still}{hint}."
+            ) from None
     return replace(done, content=reply.content, calls=reply.calls, finish="tool_calls" if reply.calls else done.finish)
 
 
@@ -3196,8 +3581,11 @@ async def folded(runner: Runner, job: Job, request: ChatRequest) -> Answer:
     retries = Retries(runner, job)
     while True:
         try:
-            return await fold(attempt_events(runner, job, replace(request, stop=()) if request.structured else request,
-                                             retries.deadline))
+            return await fold(
+                attempt_events(
+                    runner, job, replace(request, stop=()) if request.structured else request, retries.deadline
+                )
+            )
         except ProxyError as error:
             await retries.after(error)
 
@@ -3208,8 +3596,9 @@ async def live(runner: Runner, job: Job, request: ChatRequest) -> AsyncGenerator
     sent = False
     while True:
         try:
-            async with contextlib.aclosing(attempt_events(runner, job, request, retries.deadline,
-                                                          request.include_usage)) as events:
+            async with contextlib.aclosing(
+                attempt_events(runner, job, request, retries.deadline, request.include_usage)
+            ) as events:
                 async for event in events:
                     sent = True
                     yield event
@@ -3218,8 +3607,9 @@ async def live(runner: Runner, job: Job, request: ChatRequest) -> AsyncGenerator
             await retries.after(error, may_retry=not sent)
 
 
-async def turn_events(runner: Runner, job: Job, request: ChatRequest,
-                      mode: StreamMode) -> AsyncGenerator[TurnEvent, None]:
+async def turn_events(
+    runner: Runner, job: Job, request: ChatRequest, mode: StreamMode
+) -> AsyncGenerator[TurnEvent, None]:
     """A streamed request's events, under the job's hold for as long as the stream lives. A structured reply must
     be whole before it can be checked: it streams the way pseudo mode does."""
     async with job.hold():
@@ -3253,9 +3643,15 @@ def chat_completion(cid: str, created: int, model: str, answer: Answer) -> dict[
         message["tool_calls"] = [wire_tool_call(call) for call in answer.calls]
     if answer.thinking:
         message["reasoning_content"] = answer.thinking
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
-            "usage": answer.usage}
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
+        "usage": answer.usage,
+    }
 
 
 class StreamRenderer(Protocol):
@@ -3278,8 +3674,14 @@ class ChatStream:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "system_fingerprint": None, "choices": choices}
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
         if self.include_usage:
             chunk["usage"] = None
         return chunk
@@ -3296,8 +3698,20 @@ class ChatStream:
         if isinstance(event, ThinkingDelta):
             return [self._delta({"reasoning_content": event.text})]
         if isinstance(event, CallStarted):
-            return [self._delta({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
-                                                 "function": {"name": event.name, "arguments": ""}}]})]
+            return [
+                self._delta(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": event.index,
+                                "id": event.id,
+                                "type": "function",
+                                "function": {"name": event.name, "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            ]
         if isinstance(event, ArgumentsDelta):
             return [self._delta({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})]
         events = [self._delta({}, event.finish)]
@@ -3315,9 +3729,13 @@ def response_id() -> str:
 
 def response_usage(usage: Usage | None) -> dict[str, Any]:
     usage = usage or openai_usage(None, None)
-    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-            "total_tokens": usage["total_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
-            "output_tokens_details": {"reasoning_tokens": 0}}
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "output_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"],
+        "input_tokens_details": usage["prompt_tokens_details"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
 
 
 def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
@@ -3326,8 +3744,14 @@ def message_item(item_id: str, text: str, status: str = "completed") -> dict[str
 
 
 def call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
-            "arguments": call.arguments if status == "completed" else "", "status": status}
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments if status == "completed" else "",
+        "status": status,
+    }
 
 
 @dataclass
@@ -3338,22 +3762,40 @@ class ResponseShell:
     body: Mapping[str, Any]
     created_at: int = field(default_factory=lambda: int(time.time()))
 
-    def render(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None,
-               error: ProxyError | None = None, incomplete: bool = False) -> dict[str, Any]:
+    def render(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: Usage | None = None,
+        error: ProxyError | None = None,
+        incomplete: bool = False,
+    ) -> dict[str, Any]:
         body = self.body
         text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
         return {
-            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "model": body.get("model") or "default", "output": output, "output_text": text,
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "model": body.get("model") or "default",
+            "output": output,
+            "output_text": text,
             "error": {"code": error.code or error.type, "message": error.message} if error else None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
-            "store": body.get("store", True), "temperature": body.get("temperature"),
-            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
-            "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
-            "metadata": body.get("metadata") or {}, "user": body.get("user"),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": body.get("reasoning"),
+            "store": body.get("store", True),
+            "temperature": body.get("temperature"),
+            "text": body.get("text") or {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [],
+            "top_p": body.get("top_p"),
+            "truncation": "disabled",
+            "metadata": body.get("metadata") or {},
+            "user": body.get("user"),
             "usage": response_usage(usage) if usage is not None else None,
         }
 
@@ -3387,8 +3829,10 @@ class ResponsesStream:
 
     def start(self) -> list[bytes]:
         snapshot = self.shell.render("in_progress", [])
-        return [self._event("response.created", response=snapshot),
-                self._event("response.in_progress", response=snapshot)]
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
 
     def render(self, event: TurnEvent) -> list[bytes]:
         if isinstance(event, TextDelta):
@@ -3400,8 +3844,14 @@ class ResponsesStream:
             return events + [self._event("response.output_item.added", output_index=len(self.output) - 1, item=item)]
         if isinstance(event, ArgumentsDelta):
             self.output[-1]["arguments"] += event.text
-            return [self._event("response.function_call_arguments.delta", item_id=self.output[-1]["id"],
-                                output_index=len(self.output) - 1, delta=event.text)]
+            return [
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=self.output[-1]["id"],
+                    output_index=len(self.output) - 1,
+                    delta=event.text,
+                )
+            ]
         if isinstance(event, Finished):
             return self._finish(event)
         return []  # thinking has no place in a Responses stream here
@@ -3411,17 +3861,31 @@ class ResponsesStream:
         if not self.output or self.output[-1]["type"] != "message":
             events += self._close_open_item() + self._open_message()
         self.text.append(text)
-        events.append(self._event("response.output_text.delta", item_id=self.output[-1]["id"],
-                                  output_index=len(self.output) - 1, content_index=0, delta=text))
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=self.output[-1]["id"],
+                output_index=len(self.output) - 1,
+                content_index=0,
+                delta=text,
+            )
+        )
         return events
 
     def _open_message(self) -> list[bytes]:
         item = message_item(f"msg_{uuid.uuid4().hex}", "", status="in_progress")
         self.output.append(item)
         index = len(self.output) - 1
-        return [self._event("response.output_item.added", output_index=index, item=item),
-                self._event("response.content_part.added", item_id=item["id"], output_index=index,
-                            content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+        return [
+            self._event("response.output_item.added", output_index=index, item=item),
+            self._event(
+                "response.content_part.added",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part={"type": "output_text", "text": "", "annotations": []},
+            ),
+        ]
 
     def _close_open_item(self) -> list[bytes]:
         if not self.output or self.output[-1]["status"] != "in_progress":
@@ -3431,29 +3895,43 @@ class ResponsesStream:
             text = "".join(self.text)
             part = {"type": "output_text", "text": text, "annotations": []}
             item.update(message_item(item["id"], text))
-            return [self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                content_index=0, text=text),
-                    self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                content_index=0, part=part),
-                    self._event("response.output_item.done", output_index=index, item=item)]
+            return [
+                self._event(
+                    "response.output_text.done", item_id=item["id"], output_index=index, content_index=0, text=text
+                ),
+                self._event(
+                    "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
+                ),
+                self._event("response.output_item.done", output_index=index, item=item),
+            ]
         item["status"] = "completed"
-        return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=item["arguments"]),
-                self._event("response.output_item.done", output_index=index, item=item)]
+        return [
+            self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                arguments=item["arguments"],
+            ),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
 
     def _finish(self, event: Finished) -> list[bytes]:
         events = self._close_open_item()
         incomplete = event.finish == "length"
-        calls = tuple(ToolCall(i["call_id"], i["name"], i["arguments"]) for i in self.output
-                      if i["type"] == "function_call")
+        calls = tuple(
+            ToolCall(i["call_id"], i["name"], i["arguments"]) for i in self.output if i["type"] == "function_call"
+        )
         self.on_done(Answer("".join(self.text), calls, event.finish, event.usage or openai_usage(None, None)))
-        final = self.shell.render("incomplete" if incomplete else "completed", self.output, event.usage,
-                                  incomplete=incomplete)
+        final = self.shell.render(
+            "incomplete" if incomplete else "completed", self.output, event.usage, incomplete=incomplete
+        )
         return events + [self._event("response.incomplete" if incomplete else "response.completed", response=final)]
 
     def fail(self, error: ProxyError) -> list[bytes]:
-        return [self._event("error", code=error.code or error.type, message=error.message, param=error.param),
-                self._event("response.failed", response=self.shell.render("failed", self.output, error=error))]
+        return [
+            self._event("error", code=error.code or error.type, message=error.message, param=error.param),
+            self._event("response.failed", response=self.shell.render("failed", self.output, error=error)),
+        ]
 
 
 # --- Routes: the HTTP endpoints, their errors and their key check ---
@@ -3476,9 +3954,17 @@ class RequestLog:
 
     def write(self) -> None:
         usage = self.usage or {}
-        log.info("%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s", self.id, self.model, self.mode,
-                 self.status, time.monotonic() - self.started, usage.get("prompt_tokens", "-"),
-                 usage.get("completion_tokens", "-"), usage.get("total_cost_usd", "-"))
+        log.info(
+            "%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s",
+            self.id,
+            self.model,
+            self.mode,
+            self.status,
+            time.monotonic() - self.started,
+            usage.get("prompt_tokens", "-"),
+            usage.get("completion_tokens", "-"),
+            usage.get("total_cost_usd", "-"),
+        )
 
 
 def error_response(error: ProxyError) -> JSONResponse:
@@ -3492,8 +3978,9 @@ async def read_json(request: Request, settings: Settings) -> Any:
     # Only JSON: a web page can post text/plain to any address without asking, but not application/json.
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
-        raise UnsupportedMediaType(f"The request body must be sent with Content-Type: application/json, not "
-                                   f"{media_type or 'none'!r}.")
+        raise UnsupportedMediaType(
+            f"The request body must be sent with Content-Type: application/json, not {media_type or 'none'!r}."
+        )
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -3506,19 +3993,24 @@ async def read_json(request: Request, settings: Settings) -> Any:
                 if len(body) > limit:
                     raise PayloadTooLarge(f"The request body is larger than CLAUDE_MAX_BODY_BYTES ({limit} bytes).")
     except TimeoutError:
-        raise RequestTimeout(f"The request body did not arrive within CLAUDE_BODY_TIMEOUT={settings.body_timeout:g} "
-                             "s.") from None
+        raise RequestTimeout(
+            f"The request body did not arrive within CLAUDE_BODY_TIMEOUT={settings.body_timeout:g} s."
+        ) from None
     try:
         value = json.loads(body)
     except RecursionError:
-        raise BadRequest(f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.",
-                         code="invalid_json") from None
+        raise BadRequest(
+            f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        ) from None
     except ValueError:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if fault := json_fault(value):
         where, why = fault
-        raise BadRequest(f"The request body {why}" + (f" (at '{where}')." if where else "."), param=where or None,
-                         code="invalid_json")
+        raise BadRequest(
+            f"The request body {why}" + (f" (at '{where}')." if where else "."),
+            param=where or None,
+            code="invalid_json",
+        )
     return value
 
 
@@ -3552,8 +4044,9 @@ async def next_event(events: AsyncIterator[TurnEvent | None]) -> Any:
         return END_OF_STREAM
 
 
-async def with_keepalive(events: AsyncGenerator[TurnEvent, None],
-                         interval: float) -> AsyncGenerator[TurnEvent | None, None]:
+async def with_keepalive(
+    events: AsyncGenerator[TurnEvent, None], interval: float
+) -> AsyncGenerator[TurnEvent | None, None]:
     """The events, with None whenever ``interval`` seconds pass without one (for a keep-alive comment)."""
     pending: asyncio.Future[Any] | None = None
     try:
@@ -3581,8 +4074,13 @@ async def cancel(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved: whatever it was is moot now
 
 
-async def stream_response(request: Request, events: AsyncGenerator[TurnEvent, None], renderer: StreamRenderer,
-                          entry: RequestLog, headers: Mapping[str, str]) -> Response:
+async def stream_response(
+    request: Request,
+    events: AsyncGenerator[TurnEvent, None],
+    renderer: StreamRenderer,
+    entry: RequestLog,
+    headers: Mapping[str, str],
+) -> Response:
     """Hold the headers back until the first event or one keep-alive period, so that an early error keeps its
     status; then stream. The events' producer lives exactly as long as the response body."""
     ticks = with_keepalive(events, request.app.state.settings.keepalive)
@@ -3627,8 +4125,14 @@ async def stream_response(request: Request, events: AsyncGenerator[TurnEvent, No
     return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
 
-async def answer_request(request: Request, runner: Runner, job: Job, chat: ChatRequest, entry: RequestLog,
-                         then: Callable[[Answer], None] = lambda done: None) -> Answer | None:
+async def answer_request(
+    request: Request,
+    runner: Runner,
+    job: Job,
+    chat: ChatRequest,
+    entry: RequestLog,
+    then: Callable[[Answer], None] = lambda done: None,
+) -> Answer | None:
     """A whole answer for a non-streaming request, logged; None when the client left before it was ready."""
 
     async def run() -> Answer:
@@ -3686,9 +4190,12 @@ async def create_response(request: Request) -> Response:
     owner = request.scope.get(KEY_OWNER, "")
     prior = responses.get(previous, owner)
     if previous is not None and prior is None:
-        raise BadRequest(f"Previous response with id {previous!r} not found (responses are kept for "
-                         "CLAUDE_SESSION_TTL seconds, and never with store: false).",
-                         param="previous_response_id", code="previous_response_not_found")
+        raise BadRequest(
+            f"Previous response with id {previous!r} not found (responses are kept for "
+            "CLAUDE_SESSION_TTL seconds, and never with store: false).",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
     job, chat = sessions.response_job(chat, prior, store, owner)
     shell = ResponseShell(response_id(), body)
 
@@ -3698,8 +4205,9 @@ async def create_response(request: Request) -> Response:
 
     if chat.stream:
         entry = RequestLog(shell.id, chat.model, f"responses-{settings.stream_mode}")
-        return await stream_response(request, turn_events(runner, job, chat, settings.stream_mode),
-                                     ResponsesStream(shell, keep), entry, {})
+        return await stream_response(
+            request, turn_events(runner, job, chat, settings.stream_mode), ResponsesStream(shell, keep), entry, {}
+        )
     done = await answer_request(request, runner, job, chat, RequestLog(shell.id, chat.model, "responses"), keep)
     return JSONResponse(response_object(shell, done)) if done else Response(status_code=499)
 
@@ -3741,18 +4249,36 @@ async def health(request: Request) -> Response:
     authorized = bool(settings.api_keys) and has_key(request.headers.get("authorization", ""), settings.api_keys)
     if authorized or not settings.api_keys:
         sessions: Sessions = state.sessions
-        body["cli"] = {**({"path": info.path} if authorized and info else {}),
-                       "version": info.version if info else None, "tested": info.is_tested if info else False,
-                       "login": runner.login, "self_check": state.self_check.report()}
-        body.update({"in_flight": runner.in_flight, "queued": runner.queued, "sessions": {
-            "explicit": len(sessions.explicit), "automatic": len(sessions.auto), "warm": runner.store.count("warm"),
-            "waiting": sessions.waiting}, "prewarm": runner.prestart.status()})
+        body["cli"] = {
+            **({"path": info.path} if authorized and info else {}),
+            "version": info.version if info else None,
+            "tested": info.is_tested if info else False,
+            "login": runner.login,
+            "self_check": state.self_check.report(),
+        }
+        body.update(
+            {
+                "in_flight": runner.in_flight,
+                "queued": runner.queued,
+                "sessions": {
+                    "explicit": len(sessions.explicit),
+                    "automatic": len(sessions.auto),
+                    "warm": runner.store.count("warm"),
+                    "waiting": sessions.waiting,
+                },
+                "prewarm": runner.prestart.status(),
+            }
+        )
     return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
 
 async def index(request: Request) -> Response:
-    return JSONResponse({"service": "claude_api", "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/models",
-                                                                "/v1/models/{id}", "/health"]})
+    return JSONResponse(
+        {
+            "service": "claude_api",
+            "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/models/{id}", "/health"],
+        }
+    )
 
 
 async def proxy_error(request: Request, exc: Exception) -> Response:
@@ -3799,8 +4325,10 @@ class BearerAuth:
             header = dict(scope["headers"]).get(b"authorization", b"")
             index = key_index(header.decode("latin-1"), self.keys)
             if index is None:
-                error = InvalidApiKey("Missing or incorrect API key: send `Authorization: Bearer <key>` with one of "
-                                      "the keys in CLAUDE_API_KEYS.")
+                error = InvalidApiKey(
+                    "Missing or incorrect API key: send `Authorization: Bearer <key>` with one of "
+                    "the keys in CLAUDE_API_KEYS."
+                )
                 await error_response(error)(scope, receive, send)
                 return
             scope[KEY_OWNER] = self.owners[index]
@@ -3836,11 +4364,15 @@ class BrowserGuard(TrustedHostMiddleware):
         host, origin = headers.get("host", ""), headers.get("origin")
         error: ProxyError | None = None
         if not scope.pop(TRUSTED_HOST, False):
-            error = HostNotAllowed(f"The Host header {host[:100]!r} does not name this server. To serve it under "
-                                   "another name, add that name to CLAUDE_ALLOWED_HOSTS.")
+            error = HostNotAllowed(
+                f"The Host header {host[:100]!r} does not name this server. To serve it under "
+                "another name, add that name to CLAUDE_ALLOWED_HOSTS."
+            )
         elif origin is not None and not self.same_site(origin.lower().rstrip("/"), host.lower()):
-            error = OriginNotAllowed(f"Requests from web pages of {origin[:100]!r} are refused. To let a page use this "
-                                     "server, add its origin to CLAUDE_ALLOWED_ORIGINS.")
+            error = OriginNotAllowed(
+                f"Requests from web pages of {origin[:100]!r} are refused. To let a page use this "
+                "server, add its origin to CLAUDE_ALLOWED_ORIGINS."
+            )
         if error is not None:
             await error_response(error)(scope, receive, send)
             return
@@ -3892,8 +4424,9 @@ def prepare_workdir(settings: Settings, environ: Mapping[str, str]) -> Path:
 
 def transcripts_folder(workdir: Path, environ: Mapping[str, str]) -> Path | None:
     """Where the CLI keeps the transcripts of sessions run in ``workdir``."""
-    config = environ.get("CLAUDE_CONFIG_DIR") or (os.path.join(environ["HOME"], ".claude") if environ.get("HOME")
-                                                  else None)
+    config = environ.get("CLAUDE_CONFIG_DIR") or (
+        os.path.join(environ["HOME"], ".claude") if environ.get("HOME") else None
+    )
     if config is None:
         return None
     return Path(config) / "projects" / re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
@@ -3930,13 +4463,23 @@ async def shutdown(runner: Runner, grace: float) -> None:
 
 def log_start(settings: Settings, info: CliInfo | None, workdir: Path) -> None:
     """One line that says what this server is, and a warning for a CLI the tests never ran on."""
-    log.info("claude_api on http://%s:%d/v1, auth %s; CLI %s, version %s; workdir %s; stream mode %s",
-             settings.host, settings.port, "on" if settings.api_keys else "off (no CLAUDE_API_KEYS)",
-             info.path if info else f"not found (CLAUDE_BIN={settings.claude_bin!r})",
-             (info.version or "unknown") if info else "-", workdir, settings.stream_mode)
+    log.info(
+        "claude_api on http://%s:%d/v1, auth %s; CLI %s, version %s; workdir %s; stream mode %s",
+        settings.host,
+        settings.port,
+        "on" if settings.api_keys else "off (no CLAUDE_API_KEYS)",
+        info.path if info else f"not found (CLAUDE_BIN={settings.claude_bin!r})",
+        (info.version or "unknown") if info else "-",
+        workdir,
+        settings.stream_mode,
+    )
     if info is not None and not info.is_tested:
-        log.warning("claude CLI version %s is outside the tested range %s to %s: it may work, but expect surprises",
-                    info.version or "unknown", ".".join(map(str, OLDEST_SUPPORTED)), ".".join(map(str, NEWEST_TESTED)))
+        log.warning(
+            "claude CLI version %s is outside the tested range %s to %s: it may work, but expect surprises",
+            info.version or "unknown",
+            ".".join(map(str, OLDEST_SUPPORTED)),
+            ".".join(map(str, NEWEST_TESTED)),
+        )
 
 
 async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: Mapping[str, str]) -> None:
@@ -3944,8 +4487,11 @@ async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: 
     runner: Runner = app.state.runner
 
     async def check() -> SelfCheck:
-        return await self_check(info, settings, environ, runner.version_args) if settings.self_check \
+        return (
+            await self_check(info, settings, environ, runner.version_args)
+            if settings.self_check
             else app.state.self_check
+        )
 
     login, result = await asyncio.gather(login_state(info.path, environ), check())
     if runner.login == "unknown":  # a request may have learnt it meanwhile
@@ -3956,8 +4502,9 @@ async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: 
     if result.state == "failed":
         log.warning("CLI self-check failed in %.2f s: %s", result.seconds, "; ".join(result.problems))
     elif result.state == "passed":
-        log.info("CLI self-check passed in %.2f s (stream-json input, partial messages, control protocol)",
-                 result.seconds)
+        log.info(
+            "CLI self-check passed in %.2f s (stream-json input, partial messages, control protocol)", result.seconds
+        )
 
 
 def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
@@ -3972,13 +4519,15 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
         info = app.state.cli = await probe_cli(binary, environ) if binary else None
         runner.version_args = cli_arguments(info) if info else ()
         log_start(settings, info, workdir)
-        sessions = app.state.sessions = Sessions(settings, runner, transcripts_folder(workdir, environ),
-                                                 own_workdir=not settings.workdir)
+        sessions = app.state.sessions = Sessions(
+            settings, runner, transcripts_folder(workdir, environ), own_workdir=not settings.workdir
+        )
         sessions.sweep_stale_transcripts()
         if settings.prewarm:  # ready for the first request with default options
             chat = parse_chat_request({"messages": [{"role": "user", "content": "-"}]}, settings)
-            runner.prestart.expect(build_cli_call(chat, settings, Conversation("-", False, chat.turns)
-                                                  if settings.auto_session else None))
+            runner.prestart.expect(
+                build_cli_call(chat, settings, Conversation("-", False, chat.turns) if settings.auto_session else None)
+            )
         app.state.responses = ResponseStore(settings.session_ttl)
         sweeper = asyncio.create_task(sweep_forever(app))
         checks = asyncio.create_task(check_cli(app, info, settings, environ)) if info else None
@@ -4035,8 +4584,11 @@ def uvicorn_limits(settings: Settings) -> dict[str, Any]:
     """uvicorn's own limits, stated: idle keep-alive connections close after 5 s, a request head is at most
     16 KiB, and past the requests the queue could ever take (plus room for /health and the like) uvicorn
     answers 503 itself, so many large bodies at once cannot exhaust memory. Slow bodies are CLAUDE_BODY_TIMEOUT's."""
-    return {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024,
-            "limit_concurrency": max(256, settings.max_concurrency + settings.max_queue + 64)}
+    return {
+        "timeout_keep_alive": 5,
+        "h11_max_incomplete_event_size": 16 * 1024,
+        "limit_concurrency": max(256, settings.max_concurrency + settings.max_queue + 64),
+    }
 
 
 def main() -> None:
@@ -4046,20 +4598,28 @@ def main() -> None:
         raise SystemExit(f"claude_api: {exc}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(settings.host) and not settings.api_keys:
-        raise SystemExit(f"claude_api: refusing to listen on {settings.host} without keys. Set CLAUDE_API_KEYS to a "
-                         "comma-separated list of secrets (clients send `Authorization: Bearer <key>`), or bind "
-                         "CLAUDE_API_HOST=127.0.0.1.")
+        raise SystemExit(
+            f"claude_api: refusing to listen on {settings.host} without keys. Set CLAUDE_API_KEYS to a "
+            "comma-separated list of secrets (clients send `Authorization: Bearer <key>`), or bind "
+            "CLAUDE_API_HOST=127.0.0.1."
+        )
     try:
         prepare_workdir(settings, os.environ)
     except SettingsError as exc:
         raise SystemExit(f"claude_api: {exc}") from None
     if resolve_binary(settings, os.environ) is None:
-        log.warning("claude CLI not found (CLAUDE_BIN=%r): requests will get 503 until it is installed",
-                    settings.claude_bin)
+        log.warning(
+            "claude CLI not found (CLAUDE_BIN=%r): requests will get 503 until it is installed", settings.claude_bin
+        )
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + GRACEFUL_EXIT + 2),
-                            **uvicorn_limits(settings))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + GRACEFUL_EXIT + 2),
+        **uvicorn_limits(settings),
+    )
     Server(config, app, settings.shutdown_grace).run()
 
 

@@ -82,7 +82,8 @@ def main() -> int:
         """One request: (call number, seconds since the run started, succeeded, answer or error)."""
         try:
             resp = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Reply with the number {i} and nothing else."}])
+                model=MODEL, messages=[{"role": "user", "content": f"Reply with the number {i} and nothing else."}]
+            )
             return i, time.monotonic() - start, True, (resp.choices[0].message.content or "").strip()
         except APIError as exc:
             error = f"error {getattr(exc, 'status_code', None) or type(exc).__name__}: {exc.message}"
@@ -103,8 +104,10 @@ def main() -> int:
     for i, done, _, _ in sorted(results, key=lambda r: r[1]):
         print(f"  {done:6.2f} s  call {i}")
     print(f"\nTotal wall time: {wall:.2f} s for {n} calls")
-    print(f"Highest in_flight seen on /health: {poller.max_in_flight}"
-          + (" (most likely the cap K: more calls than that were sent)" if n > poller.max_in_flight > 0 else ""))
+    print(
+        f"Highest in_flight seen on /health: {poller.max_in_flight}"
+        + (" (most likely the cap K: more calls than that were sent)" if n > poller.max_in_flight > 0 else "")
+    )
     print(f"Highest queued seen on /health:    {poller.max_queued}")
     failed = sum(not ok for _, _, ok, _ in results)
     if failed:

@@ -85,7 +85,8 @@ def main() -> int:
         try:
             # Only the new message: the server holds the rest of the conversation under the session id.
             raw = client.chat.completions.with_raw_response.create(
-                model=MODEL, messages=[{"role": "user", "content": text}], extra_body={"session_id": sid})
+                model=MODEL, messages=[{"role": "user", "content": text}], extra_body={"session_id": sid}
+            )
         except APIConnectionError as exc:
             sys.exit(f"Lost the server at {BASE_URL} ({exc.message}).")
         except APIError as exc:

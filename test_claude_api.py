@@ -55,11 +55,18 @@ HERE = Path(__file__).resolve().parent
 
 # --- Fixtures: settings, the fake CLI, the real CLI, servers ---
 
+
 def make_settings(**overrides: Any) -> api.Settings:
     """Settings from an environment dict, the way the service reads them."""
-    environ = {"CLAUDE_MAX_RETRIES": "0", "CLAUDE_BASE_BACKOFF": "0.01", "CLAUDE_TIMEOUT": "20",
-               # The stateless path, no pre-started processes and no self-check, unless a test turns them on.
-               "CLAUDE_AUTO_SESSION": "off", "CLAUDE_PREWARM": "0", "CLAUDE_SELF_CHECK": "off"}
+    environ = {
+        "CLAUDE_MAX_RETRIES": "0",
+        "CLAUDE_BASE_BACKOFF": "0.01",
+        "CLAUDE_TIMEOUT": "20",
+        # The stateless path, no pre-started processes and no self-check, unless a test turns them on.
+        "CLAUDE_AUTO_SESSION": "off",
+        "CLAUDE_PREWARM": "0",
+        "CLAUDE_SELF_CHECK": "off",
+    }
     environ.update({f"CLAUDE_{k.upper()}": str(v) for k, v in overrides.items()})
     return api.load_settings(environ)
 
@@ -92,8 +99,14 @@ class Fake:
 def fake(tmp_path: Path) -> Iterator[Fake]:
     folder = tmp_path / "fakecli"
     bin_path = write_fake_cli(folder)
-    environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "CLAUDECODE": "1",
-               "CLAUDE_CODE_ENTRYPOINT": "cli", "CLAUDE_API_KEYS": "server-secret", "KEEP_ME": "yes"}
+    environ = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "CLAUDECODE": "1",
+        "CLAUDE_CODE_ENTRYPOINT": "cli",
+        "CLAUDE_API_KEYS": "server-secret",
+        "KEEP_ME": "yes",
+    }
     item = Fake(folder, bin_path, make_settings(bin=bin_path), environ)
     yield item
     for pid in item.alive():  # a leak is a test failure below; never leave one behind for the next test
@@ -122,7 +135,7 @@ def sse_events(text: str) -> list[Any]:
             events.append(None)
         else:
             assert block.startswith("data: "), block
-            data = block[len("data: "):]
+            data = block[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -142,8 +155,11 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
 REAL_CLI = find_real_cli()
 # In CI a missing CLI fails the real-CLI tests (in the ``real`` fixture) instead of skipping them.
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-needs_real_cli = pytest.mark.skipif(REAL_CLI is None and not IN_CI, reason="the npm claude CLI is not installed: run "
-                                    "the README's test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN")
+needs_real_cli = pytest.mark.skipif(
+    REAL_CLI is None and not IN_CI,
+    reason="the npm claude CLI is not installed: run "
+    "the README's test command (it installs it into ./.cli) or set CLAUDE_TEST_BIN",
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +193,13 @@ def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
     standin.reset()
     home = tmp_path / "home"
     home.mkdir()
-    environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "ANTHROPIC_BASE_URL": standin.url,
-               "ANTHROPIC_API_KEY": "sk-test", "CLAUDE_API_KEYS": "proxy-secret-key"}
+    environ = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": standin.url,
+        "ANTHROPIC_API_KEY": "sk-test",
+        "CLAUDE_API_KEYS": "proxy-secret-key",
+    }
     item = Real(standin, environ, REAL_CLI)
     yield item
     assert wait_until(lambda: processes_running(item.bin) == [], 5), "a CLI process outlived its test"
@@ -186,6 +207,7 @@ def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
 
 def openai_client(url: str, **kwargs: Any) -> Any:
     from openai import OpenAI
+
     return OpenAI(base_url=f"{url}/v1", api_key="proxy-secret-key", max_retries=0, timeout=60, **kwargs)
 
 
@@ -199,6 +221,7 @@ def assistant(text: str) -> dict[str, str]:
 
 # --- Settings ---
 
+
 def test_settings_defaults() -> None:
     settings = api.load_settings({})
     assert (settings.host, settings.port, settings.max_concurrency, settings.max_queue) == ("127.0.0.1", 8765, 4, 100)
@@ -209,39 +232,47 @@ def test_settings_defaults() -> None:
     assert settings.model_map["gpt-4o"] == "sonnet"
 
 
-@pytest.mark.parametrize("name,value,fragment", [
-    ("CLAUDE_TIMEOUT", "abc", "CLAUDE_TIMEOUT must be a number"),
-    ("CLAUDE_TIMEOUT", "0", "CLAUDE_TIMEOUT must be a number"),
-    ("CLAUDE_MAX_CONCURRENCY", "0", "CLAUDE_MAX_CONCURRENCY must be an integer >= 1"),
-    ("CLAUDE_MAX_RETRIES", "1.5", "CLAUDE_MAX_RETRIES must be an integer"),
-    ("CLAUDE_SYSTEM_PROMPT_MODE", "merge", "CLAUDE_SYSTEM_PROMPT_MODE must be one of replace, append, embed"),
-    ("CLAUDE_STREAM_MODE", "fast", "CLAUDE_STREAM_MODE must be one of live, pseudo"),
-    ("CLAUDE_MODEL_MAP", "[1]", "CLAUDE_MODEL_MAP must map names to strings"),
-    ("CLAUDE_MODEL_MAP", "{bad", "CLAUDE_MODEL_MAP must be a JSON object"),
-    ("CLAUDE_MODEL_MAP", '{"x": "-rf"}', "invalid model name '-rf'"),
-    ("CLAUDE_EFFORT", "huge", "CLAUDE_EFFORT must be one of"),
-    ("CLAUDE_SETTING_SOURCES", "user,everything", "CLAUDE_SETTING_SOURCES must list user, project or local"),
-    ("CLAUDE_BODY_TIMEOUT", "0", "CLAUDE_BODY_TIMEOUT must be a number"),
-], ids=lambda v: str(v)[:30])
+@pytest.mark.parametrize(
+    "name,value,fragment",
+    [
+        ("CLAUDE_TIMEOUT", "abc", "CLAUDE_TIMEOUT must be a number"),
+        ("CLAUDE_TIMEOUT", "0", "CLAUDE_TIMEOUT must be a number"),
+        ("CLAUDE_MAX_CONCURRENCY", "0", "CLAUDE_MAX_CONCURRENCY must be an integer >= 1"),
+        ("CLAUDE_MAX_RETRIES", "1.5", "CLAUDE_MAX_RETRIES must be an integer"),
+        ("CLAUDE_SYSTEM_PROMPT_MODE", "merge", "CLAUDE_SYSTEM_PROMPT_MODE must be one of replace, append, embed"),
+        ("CLAUDE_STREAM_MODE", "fast", "CLAUDE_STREAM_MODE must be one of live, pseudo"),
+        ("CLAUDE_MODEL_MAP", "[1]", "CLAUDE_MODEL_MAP must map names to strings"),
+        ("CLAUDE_MODEL_MAP", "{bad", "CLAUDE_MODEL_MAP must be a JSON object"),
+        ("CLAUDE_MODEL_MAP", '{"x": "-rf"}', "invalid model name '-rf'"),
+        ("CLAUDE_EFFORT", "huge", "CLAUDE_EFFORT must be one of"),
+        ("CLAUDE_SETTING_SOURCES", "user,everything", "CLAUDE_SETTING_SOURCES must list user, project or local"),
+        ("CLAUDE_BODY_TIMEOUT", "0", "CLAUDE_BODY_TIMEOUT must be a number"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
 def test_bad_setting_names_the_variable(name: str, value: str, fragment: str) -> None:
     with pytest.raises(api.SettingsError, match=fragment.replace("[", r"\[")):
         api.load_settings({name: value})
 
 
-@pytest.mark.parametrize("name,value,fragment", [
-    ("CLAUDE_API_PORT", "65536", "CLAUDE_API_PORT must be an integer from 0 to 65535"),
-    ("CLAUDE_API_PORT", "-1", "CLAUDE_API_PORT must be an integer from 0 to 65535"),
-    ("CLAUDE_SHUTDOWN_GRACE", "inf", "CLAUDE_SHUTDOWN_GRACE must be a number >= 0 and finite"),
-    ("CLAUDE_MAX_BUDGET_USD", "inf", "CLAUDE_MAX_BUDGET_USD must be a number"),
-    ("CLAUDE_MAX_BUDGET_USD", "nan", "CLAUDE_MAX_BUDGET_USD must be a number"),
-    ("CLAUDE_TIMEOUT", "NaN", "CLAUDE_TIMEOUT must be a number"),
-    ("CLAUDE_KEEPALIVE", "Infinity", "CLAUDE_KEEPALIVE must be a number"),
-    ("CLAUDE_SESSION_TTL", "-inf", "CLAUDE_SESSION_TTL must be a number"),
-    ("CLAUDE_MAX_SESSIONS", "0", "CLAUDE_MAX_SESSIONS must be an integer >= 1"),
-    ("CLAUDE_MODEL_MAP", '{"default": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
-    ("CLAUDE_MODEL_MAP", '{"auto": "haiku", "gpt-4o": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
-    ("CLAUDE_MODEL_MAP", '{"claude-cli": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
-], ids=lambda v: str(v)[:30])
+@pytest.mark.parametrize(
+    "name,value,fragment",
+    [
+        ("CLAUDE_API_PORT", "65536", "CLAUDE_API_PORT must be an integer from 0 to 65535"),
+        ("CLAUDE_API_PORT", "-1", "CLAUDE_API_PORT must be an integer from 0 to 65535"),
+        ("CLAUDE_SHUTDOWN_GRACE", "inf", "CLAUDE_SHUTDOWN_GRACE must be a number >= 0 and finite"),
+        ("CLAUDE_MAX_BUDGET_USD", "inf", "CLAUDE_MAX_BUDGET_USD must be a number"),
+        ("CLAUDE_MAX_BUDGET_USD", "nan", "CLAUDE_MAX_BUDGET_USD must be a number"),
+        ("CLAUDE_TIMEOUT", "NaN", "CLAUDE_TIMEOUT must be a number"),
+        ("CLAUDE_KEEPALIVE", "Infinity", "CLAUDE_KEEPALIVE must be a number"),
+        ("CLAUDE_SESSION_TTL", "-inf", "CLAUDE_SESSION_TTL must be a number"),
+        ("CLAUDE_MAX_SESSIONS", "0", "CLAUDE_MAX_SESSIONS must be an integer >= 1"),
+        ("CLAUDE_MODEL_MAP", '{"default": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
+        ("CLAUDE_MODEL_MAP", '{"auto": "haiku", "gpt-4o": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
+        ("CLAUDE_MODEL_MAP", '{"claude-cli": "opus"}', "CLAUDE_MODEL_MAP cannot remap the default names"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
 def test_settings_that_would_fail_later_are_refused(name: str, value: str, fragment: str) -> None:
     with pytest.raises(api.SettingsError, match=re.escape(fragment)):
         api.load_settings({name: value})
@@ -269,14 +300,25 @@ def test_an_unusable_workdir_names_the_variable(tmp_path: Path) -> None:
     assert made.is_dir() and list(made.iterdir()) == []  # the probe leaves nothing behind
 
 
-@pytest.mark.parametrize("name,value", [
-    ("CLAUDE_API_PORT", "70000"), ("CLAUDE_SHUTDOWN_GRACE", "inf"), ("CLAUDE_MAX_BUDGET_USD", "inf"),
-    ("CLAUDE_MODEL_MAP", '{"default": "opus"}'), ("CLAUDE_WORKDIR", "a-file"), ("CLAUDE_WORKDIR", "a-file/below"),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("CLAUDE_API_PORT", "70000"),
+        ("CLAUDE_SHUTDOWN_GRACE", "inf"),
+        ("CLAUDE_MAX_BUDGET_USD", "inf"),
+        ("CLAUDE_MODEL_MAP", '{"default": "opus"}'),
+        ("CLAUDE_WORKDIR", "a-file"),
+        ("CLAUDE_WORKDIR", "a-file/below"),
+    ],
+)
 def test_a_setting_that_would_fail_later_stops_the_start_in_one_line(tmp_path: Path, name: str, value: str) -> None:
     (tmp_path / "a-file").write_text("x")
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "CLAUDE_API_PORT": str(free_port()),
-           name: str(tmp_path / value) if name == "CLAUDE_WORKDIR" else value}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "CLAUDE_API_PORT": str(free_port()),
+        name: str(tmp_path / value) if name == "CLAUDE_WORKDIR" else value,
+    }
     done = subprocess.run([sys.executable, str(HERE / "claude_api.py")], env=env, capture_output=True, timeout=15)
     lines = done.stderr.decode().strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1, done.stderr.decode()
@@ -291,52 +333,110 @@ def test_bad_setting_stops_the_start(fake: Fake) -> None:
 
 # --- Translation: flattening, aliases, validation ---
 
-@pytest.mark.parametrize("messages,system,prompt", [
-    pytest.param([{"role": "user", "content": "hi"}], "", "hi", id="lone-user"),
-    pytest.param([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}], "Be terse.", "hi",
-                 id="system"),
-    pytest.param([{"role": "developer", "content": "A"}, {"role": "system", "content": "B"},
-                  {"role": "user", "content": "hi"}], "A\n\nB", "hi", id="developer-and-system"),
-    pytest.param([{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}],
-                 "", "one\ntwo", id="text-parts-joined"),
-    pytest.param([{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi Ada."},
-                  {"role": "user", "content": "Name?"}], "",
-                 "User: My name is Ada.\n\nAssistant: Hi Ada.\n\nUser: Name?", id="transcript"),
-    pytest.param([{"role": "user", "content": "weather?"},
-                  {"role": "assistant", "content": None, "tool_calls": [
-                      {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": "{}"}}]},
-                  {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}], "",
-                 'User: weather?\n\nAssistant: {"type": "tool_calls", "tool_calls": [{"id": "call_1", "name": "get", '
-                 '"arguments": {}}]}\n\nTool: [result of call call_1]\nsunny',
-                 id="tool-turns"),
-    pytest.param([{"role": "user", "content": "x", "name": "bob", "extra_field": 1}], "", "x", id="extra-keys-ok"),
-])
+
+@pytest.mark.parametrize(
+    "messages,system,prompt",
+    [
+        pytest.param([{"role": "user", "content": "hi"}], "", "hi", id="lone-user"),
+        pytest.param(
+            [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}],
+            "Be terse.",
+            "hi",
+            id="system",
+        ),
+        pytest.param(
+            [
+                {"role": "developer", "content": "A"},
+                {"role": "system", "content": "B"},
+                {"role": "user", "content": "hi"},
+            ],
+            "A\n\nB",
+            "hi",
+            id="developer-and-system",
+        ),
+        pytest.param(
+            [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}],
+            "",
+            "one\ntwo",
+            id="text-parts-joined",
+        ),
+        pytest.param(
+            [
+                {"role": "user", "content": "My name is Ada."},
+                {"role": "assistant", "content": "Hi Ada."},
+                {"role": "user", "content": "Name?"},
+            ],
+            "",
+            "User: My name is Ada.\n\nAssistant: Hi Ada.\n\nUser: Name?",
+            id="transcript",
+        ),
+        pytest.param(
+            [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            "",
+            'User: weather?\n\nAssistant: {"type": "tool_calls", "tool_calls": [{"id": "call_1", "name": "get", '
+            '"arguments": {}}]}\n\nTool: [result of call call_1]\nsunny',
+            id="tool-turns",
+        ),
+        pytest.param([{"role": "user", "content": "x", "name": "bob", "extra_field": 1}], "", "x", id="extra-keys-ok"),
+    ],
+)
 def test_flatten(messages: list[Any], system: str, prompt: str) -> None:
     got_system, turns = api.flatten_messages(messages)
     assert got_system == system
     assert api.render_transcript(turns) == prompt
 
 
-@pytest.mark.parametrize("messages,param,code", [
-    pytest.param(None, "messages", "missing_required_parameter", id="missing"),
-    pytest.param([], "messages", "empty_array", id="empty"),
-    pytest.param("hi", "messages", "invalid_type", id="not-a-list"),
-    pytest.param(["hi"], "messages[0]", "invalid_type", id="not-an-object"),
-    pytest.param([{"content": "x"}], "messages[0].role", "missing_required_parameter", id="no-role"),
-    pytest.param([{"role": "wizard", "content": "x"}], "messages[0].role", "invalid_value", id="unknown-role"),
-    pytest.param([{"role": "user", "content": 5}], "messages[0].content", "invalid_type", id="content-number"),
-    pytest.param([{"role": "user"}], "messages[0].content", "missing_required_parameter", id="user-no-content"),
-    pytest.param([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]},
-                  {"role": "user", "content": "hi"}], "messages[0].content[0].type", "unsupported_content",
-                 id="image-in-system"),
-    pytest.param([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
-                 "messages[0].content[0].type", "unsupported_content", id="audio"),
-    pytest.param([{"role": "user", "content": [{"type": "file", "file": {}}]}],
-                 "messages[0].content[0].type", "unsupported_content", id="file"),
-    pytest.param([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text", "invalid_type",
-                 id="text-part-without-text"),
-    pytest.param([{"role": "system", "content": "only"}], "messages", "invalid_value", id="only-system"),
-])
+@pytest.mark.parametrize(
+    "messages,param,code",
+    [
+        pytest.param(None, "messages", "missing_required_parameter", id="missing"),
+        pytest.param([], "messages", "empty_array", id="empty"),
+        pytest.param("hi", "messages", "invalid_type", id="not-a-list"),
+        pytest.param(["hi"], "messages[0]", "invalid_type", id="not-an-object"),
+        pytest.param([{"content": "x"}], "messages[0].role", "missing_required_parameter", id="no-role"),
+        pytest.param([{"role": "wizard", "content": "x"}], "messages[0].role", "invalid_value", id="unknown-role"),
+        pytest.param([{"role": "user", "content": 5}], "messages[0].content", "invalid_type", id="content-number"),
+        pytest.param([{"role": "user"}], "messages[0].content", "missing_required_parameter", id="user-no-content"),
+        pytest.param(
+            [
+                {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]},
+                {"role": "user", "content": "hi"},
+            ],
+            "messages[0].content[0].type",
+            "unsupported_content",
+            id="image-in-system",
+        ),
+        pytest.param(
+            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
+            "messages[0].content[0].type",
+            "unsupported_content",
+            id="audio",
+        ),
+        pytest.param(
+            [{"role": "user", "content": [{"type": "file", "file": {}}]}],
+            "messages[0].content[0].type",
+            "unsupported_content",
+            id="file",
+        ),
+        pytest.param(
+            [{"role": "user", "content": [{"type": "text"}]}],
+            "messages[0].content[0].text",
+            "invalid_type",
+            id="text-part-without-text",
+        ),
+        pytest.param([{"role": "system", "content": "only"}], "messages", "invalid_value", id="only-system"),
+    ],
+)
 def test_flatten_rejects(messages: Any, param: str, code: str) -> None:
     with pytest.raises(api.BadRequest) as caught:
         api.flatten_messages(messages)
@@ -345,16 +445,30 @@ def test_flatten_rejects(messages: Any, param: str, code: str) -> None:
         assert messages[0]["content"][0]["type"] in caught.value.message
 
 
-@pytest.mark.parametrize("name,environ,expected", [
-    ("", {}, None), ("default", {}, None), ("auto", {}, None), ("claude", {}, None), ("claude-cli", {}, None),
-    ("default", {"CLAUDE_DEFAULT_MODEL": "opus"}, "opus"), ("", {"CLAUDE_DEFAULT_MODEL": "haiku"}, "haiku"),
-    ("gpt-4o", {}, "sonnet"), ("gpt-4o-mini", {}, "haiku"), ("gpt-4", {}, "opus"), ("gpt-4-turbo", {}, "sonnet"),
-    ("gpt-3.5-turbo", {}, "haiku"), ("sonnet[1m]", {}, "sonnet[1m]"), ("opusplan", {}, "opusplan"),
-    ("claude-sonnet-4-5-20250929", {}, "claude-sonnet-4-5-20250929"),
-    ("gpt-4o", {"CLAUDE_MODEL_MAP": '{"gpt-4o": "opus"}'}, "opus"),
-    ("my-model", {"CLAUDE_MODEL_MAP": '{"my-model": "haiku"}'}, "haiku"),
-    ("gpt-4o", {"CLAUDE_MODEL_MAP": '{"gpt-4o": "default"}', "CLAUDE_DEFAULT_MODEL": "opus"}, "opus"),
-], ids=lambda v: json.dumps(v) if not isinstance(v, str) else (v or "empty"))
+@pytest.mark.parametrize(
+    "name,environ,expected",
+    [
+        ("", {}, None),
+        ("default", {}, None),
+        ("auto", {}, None),
+        ("claude", {}, None),
+        ("claude-cli", {}, None),
+        ("default", {"CLAUDE_DEFAULT_MODEL": "opus"}, "opus"),
+        ("", {"CLAUDE_DEFAULT_MODEL": "haiku"}, "haiku"),
+        ("gpt-4o", {}, "sonnet"),
+        ("gpt-4o-mini", {}, "haiku"),
+        ("gpt-4", {}, "opus"),
+        ("gpt-4-turbo", {}, "sonnet"),
+        ("gpt-3.5-turbo", {}, "haiku"),
+        ("sonnet[1m]", {}, "sonnet[1m]"),
+        ("opusplan", {}, "opusplan"),
+        ("claude-sonnet-4-5-20250929", {}, "claude-sonnet-4-5-20250929"),
+        ("gpt-4o", {"CLAUDE_MODEL_MAP": '{"gpt-4o": "opus"}'}, "opus"),
+        ("my-model", {"CLAUDE_MODEL_MAP": '{"my-model": "haiku"}'}, "haiku"),
+        ("gpt-4o", {"CLAUDE_MODEL_MAP": '{"gpt-4o": "default"}', "CLAUDE_DEFAULT_MODEL": "opus"}, "opus"),
+    ],
+    ids=lambda v: json.dumps(v) if not isinstance(v, str) else (v or "empty"),
+)
 def test_resolve_model(name: str, environ: dict[str, str], expected: str | None) -> None:
     assert api.resolve_model(name, api.load_settings(environ)) == expected
 
@@ -366,19 +480,29 @@ def test_resolve_model_rejects(name: str) -> None:
     assert caught.value.param == "model"
 
 
-@pytest.mark.parametrize("event,error_class,status", [
-    ({"api_error_status": 429, "result": "API Error: Request rejected (429)"}, api.RateLimited, 429),
-    ({"api_error_status": 401, "result": "Invalid API key · Fix external API key"}, api.CliNotLoggedIn, 401),
-    ({"api_error_status": None, "result": "Not logged in · Please run /login"}, api.CliNotLoggedIn, 401),
-    ({"api_error_status": 403, "result": "OAuth token revoked"}, api.CliNotLoggedIn, 401),
-    ({"api_error_status": 400, "result": "Third-party apps now draw from your extra usage, not your plan limits."},
-     api.PlanRefused, 403),
-    ({"api_error_status": 404, "result": "model not found"}, api.ModelNotFound, 404),
-    ({"api_error_status": 400, "result": "API Error: 400 prompt too long"}, api.UpstreamRejected, 502),
-    ({"api_error_status": 529, "result": "Overloaded"}, api.CliFailed, 502),
-    ({"api_error_status": 500, "result": "API Error: 500"}, api.CliFailed, 502),
-    ({"subtype": "error_during_execution"}, api.CliFailed, 502),
-], ids=lambda v: str(v.get("api_error_status", v.get("subtype"))) if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize(
+    "event,error_class,status",
+    [
+        ({"api_error_status": 429, "result": "API Error: Request rejected (429)"}, api.RateLimited, 429),
+        ({"api_error_status": 401, "result": "Invalid API key · Fix external API key"}, api.CliNotLoggedIn, 401),
+        ({"api_error_status": None, "result": "Not logged in · Please run /login"}, api.CliNotLoggedIn, 401),
+        ({"api_error_status": 403, "result": "OAuth token revoked"}, api.CliNotLoggedIn, 401),
+        (
+            {
+                "api_error_status": 400,
+                "result": "Third-party apps now draw from your extra usage, not your plan limits.",
+            },
+            api.PlanRefused,
+            403,
+        ),
+        ({"api_error_status": 404, "result": "model not found"}, api.ModelNotFound, 404),
+        ({"api_error_status": 400, "result": "API Error: 400 prompt too long"}, api.UpstreamRejected, 502),
+        ({"api_error_status": 529, "result": "Overloaded"}, api.CliFailed, 502),
+        ({"api_error_status": 500, "result": "API Error: 500"}, api.CliFailed, 502),
+        ({"subtype": "error_during_execution"}, api.CliFailed, 502),
+    ],
+    ids=lambda v: str(v.get("api_error_status", v.get("subtype"))) if isinstance(v, dict) else str(v),
+)
 def test_error_mapping(event: dict[str, Any], error_class: type, status: int) -> None:
     error = api.error_from_result({"is_error": True, **event})
     assert type(error) is error_class and error.status == status
@@ -400,8 +524,9 @@ def test_stop_scanner_catches_a_stop_split_across_deltas() -> None:
 
 
 def test_usage_mapping_never_invents_counts() -> None:
-    usage = api.openai_usage({"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20,
-                              "output_tokens": 9}, 0.5)
+    usage = api.openai_usage(
+        {"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20, "output_tokens": 9}, 0.5
+    )
     assert usage["prompt_tokens"] == 125 and usage["completion_tokens"] == 9 and usage["total_tokens"] == 134
     assert usage["prompt_tokens_details"] == {"cached_tokens": 100}
     assert (usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]) == (100, 20)
@@ -411,9 +536,16 @@ def test_usage_mapping_never_invents_counts() -> None:
 
 def test_cli_call_keeps_client_text_out_of_argv() -> None:
     settings = make_settings()
-    request = api.parse_chat_request({"model": "opus", "messages": [
-        {"role": "system", "content": "--dangerously-skip-permissions"},
-        {"role": "user", "content": "-p --tools default"}]}, settings)
+    request = api.parse_chat_request(
+        {
+            "model": "opus",
+            "messages": [
+                {"role": "system", "content": "--dangerously-skip-permissions"},
+                {"role": "user", "content": "-p --tools default"},
+            ],
+        },
+        settings,
+    )
     call = api.build_cli_call(request, settings)
     argv = [*call.args, *call.session_args]
     assert argv[argv.index("--tools") + 1] == "" and "--no-session-persistence" in argv
@@ -428,15 +560,19 @@ def test_cli_call_keeps_client_text_out_of_argv() -> None:
     assert line["message"]["content"][0]["text"] == "-p --tools default"
 
 
-@pytest.mark.parametrize("mode,system_prompt,flag,prompt_starts", [
-    ("replace", "Be terse.", "--system-prompt-file", "hi"),
-    ("append", "Be terse.", "--append-system-prompt-file", "hi"),
-    ("embed", None, None, "Be terse.\n\nhi"),
-])
+@pytest.mark.parametrize(
+    "mode,system_prompt,flag,prompt_starts",
+    [
+        ("replace", "Be terse.", "--system-prompt-file", "hi"),
+        ("append", "Be terse.", "--append-system-prompt-file", "hi"),
+        ("embed", None, None, "Be terse.\n\nhi"),
+    ],
+)
 def test_system_prompt_modes(mode: str, system_prompt: str | None, flag: str | None, prompt_starts: str) -> None:
     settings = make_settings(system_prompt_mode=mode)
-    request = api.parse_chat_request({"messages": [{"role": "system", "content": "Be terse."},
-                                                   {"role": "user", "content": "hi"}]}, settings)
+    request = api.parse_chat_request(
+        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]}, settings
+    )
     call = api.build_cli_call(request, settings)
     assert call.system_prompt == system_prompt
     if flag:
@@ -456,25 +592,44 @@ def test_slash_text_is_not_a_command() -> None:
     assert len(json.loads(api.user_message_line([{"type": "text", "text": "plain"}]))["message"]["content"]) == 1
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
-    "required": ["city"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 RECORDED = json.loads((HERE / "testdata" / "openai_recorded_cases.json").read_text())["cases"]
-STANDARD_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
-                     {"role": "user", "content": "Hello"}]
+STANDARD_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hello"},
+]
 
 
 @pytest.mark.parametrize("name,body,status,param,code", RECORDED, ids=[case[0] for case in RECORDED])
-def test_validation_matches_recorded_openai_answers(name: str, body: dict[str, Any], status: int, param: str | None,
-                                                    code: str | None) -> None:
+def test_validation_matches_recorded_openai_answers(
+    name: str, body: dict[str, Any], status: int, param: str | None, code: str | None
+) -> None:
     body = {"model": "gpt-4o", **body}
     if "messages" not in body:
         body["messages"] = STANDARD_MESSAGES
     elif body["messages"] is None:
         del body["messages"]
     # Deliberate differences, documented in the README: n > 1 and logprobs are refused, not served.
-    refused = [key for key, bad in (("logprobs", body.get("logprobs") is True),
-                                    ("n", isinstance(body.get("n"), int) and body["n"] > 1)) if bad]
+    refused = [
+        key
+        for key, bad in (
+            ("logprobs", body.get("logprobs") is True),
+            ("n", isinstance(body.get("n"), int) and body["n"] > 1),
+        )
+        if bad
+    ]
     if status == 200 and not refused:
         api.parse_chat_request(body, make_settings())
         return
@@ -499,12 +654,24 @@ async def test_real_slash_text_reaches_the_model_as_text(real: Real) -> None:
 
 # --- Answers: what the CLI is given and what the client gets ---
 
+
 async def test_completion_shape_and_what_the_cli_was_given(fake: Fake) -> None:
     async with client_for(fake.app()) as client:
-        response = await client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [
-            {"role": "system", "content": "Be terse."}, {"role": "user", "content": "hello"}], "temperature": 0.2,
-            "top_p": 0.5, "seed": 3, "user": "u1", "presence_penalty": 1, "frequency_penalty": 1,
-            "logit_bias": {"1": 2}, "unknown_field": True})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "gpt-4o",
+                "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hello"}],
+                "temperature": 0.2,
+                "top_p": 0.5,
+                "seed": 3,
+                "user": "u1",
+                "presence_penalty": 1,
+                "frequency_penalty": 1,
+                "logit_bias": {"1": 2},
+                "unknown_field": True,
+            },
+        )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
@@ -512,10 +679,16 @@ async def test_completion_shape_and_what_the_cli_was_given(fake: Fake) -> None:
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "echo: hello", "refusal": None, "annotations": []}
     assert choice["finish_reason"] == "stop" and choice["index"] == 0 and choice["logprobs"] is None
-    assert body["usage"] == {"prompt_tokens": 15, "completion_tokens": 4, "total_tokens": 19,
-                             "prompt_tokens_details": {"cached_tokens": 7},
-                             "completion_tokens_details": {"reasoning_tokens": 0},
-                             "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3, "total_cost_usd": 0.0012}
+    assert body["usage"] == {
+        "prompt_tokens": 15,
+        "completion_tokens": 4,
+        "total_tokens": 19,
+        "prompt_tokens_details": {"cached_tokens": 7},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+        "cache_read_input_tokens": 7,
+        "cache_creation_input_tokens": 3,
+        "total_cost_usd": 0.0012,
+    }
     [call] = fake.calls()
     argv = call["argv"]
     assert argv[argv.index("--model") + 1] == "sonnet" and argv[argv.index("--tools") + 1] == ""
@@ -540,8 +713,10 @@ async def test_workdir_setting_overrides_the_private_one(fake: Fake, tmp_path: P
 async def test_long_system_prompt_goes_through_a_file(fake: Fake) -> None:
     system = "S" * 200_000
     async with client_for(fake.app()) as client:
-        response = await client.post("/v1/chat/completions", json={"messages": [
-            {"role": "system", "content": system}, {"role": "user", "content": "hi"}]})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]},
+        )
     assert response.status_code == 200, response.text
     [call] = fake.calls()
     assert call["system"] == system
@@ -584,33 +759,60 @@ async def test_thinking_goes_to_reasoning_content(fake: Fake) -> None:
     assert "".join(d.get("content", "") for d in deltas) == "the answer"
 
 
-@pytest.mark.parametrize("body,param,code", [
-    ({"messages": [{"role": "user", "content": "x"}], "model": 5}, "model", "invalid_type"),
-    ({"messages": [{"role": "user", "content": "x"}], "model": "-bad"}, "model", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "unsupported_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function",
-     "missing_required_parameter"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}, "tools[0].type",
-     "unsupported_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
-     "response_format.type", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "tool_choice": {
-        "type": "function", "function": {"name": "other"}}}, "tool_choice", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "invalid_value"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
-    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}, "reasoning_effort", None),
-    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options",
-     None),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
-     "messages[0].content[0].image_url.url", "invalid_image_url"),
-    ({"model": "sonnet"}, "messages", "missing_required_parameter"),
-], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize(
+    "body,param,code",
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "model": 5}, "model", "invalid_type"),
+        ({"messages": [{"role": "user", "content": "x"}], "model": "-bad"}, "model", "invalid_value"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "unsupported_value"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported_parameter"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools[0].function",
+            "missing_required_parameter",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]},
+            "tools[0].type",
+            "unsupported_value",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+            "response_format.type",
+            "invalid_value",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [WEATHER],
+                "tool_choice": {"type": "function", "function": {"name": "other"}},
+            },
+            "tool_choice",
+            "invalid_value",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "invalid_value"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+        ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}, "reasoning_effort", None),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+            "stream_options",
+            None,
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+            "messages[0].content[0].image_url.url",
+            "invalid_image_url",
+        ),
+        ({"model": "sonnet"}, "messages", "missing_required_parameter"),
+    ],
+    ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v),
+)
 async def test_bad_requests_get_400_with_param(fake: Fake, body: dict[str, Any], param: str, code: str | None) -> None:
     async with client_for(fake.app()) as client:
         for stream in (False, True):
-            response = await client.post("/v1/chat/completions", json={**body, "stream": stream}
-                                         if "stream_options" not in body else body)
+            response = await client.post(
+                "/v1/chat/completions", json={**body, "stream": stream} if "stream_options" not in body else body
+            )
             assert_error(response, 400, code, param)
     assert fake.calls() == []
 
@@ -618,8 +820,9 @@ async def test_bad_requests_get_400_with_param(fake: Fake, body: dict[str, Any],
 async def test_malformed_bodies(fake: Fake) -> None:
     as_json = {"content-type": "application/json"}
     async with client_for(fake.app(max_body_bytes=1000)) as client:
-        assert_error(await client.post("/v1/chat/completions", content=b"{not json", headers=as_json), 400,
-                     "invalid_json")
+        assert_error(
+            await client.post("/v1/chat/completions", content=b"{not json", headers=as_json), 400, "invalid_json"
+        )
         assert_error(await client.post("/v1/chat/completions", json=[1, 2]), 400, "invalid_json")
         assert_error(await client.post("/v1/chat/completions", content=b"", headers=as_json), 400, "invalid_json")
         assert_error(await client.post("/v1/chat/completions", json=chat("x" * 2000)), 413, "request_too_large")
@@ -628,8 +831,9 @@ async def test_malformed_bodies(fake: Fake) -> None:
             for _ in range(20):
                 yield b" " * 100
 
-        assert_error(await client.post("/v1/chat/completions", content=chunked(), headers=as_json), 413,
-                     "request_too_large")
+        assert_error(
+            await client.post("/v1/chat/completions", content=chunked(), headers=as_json), 413, "request_too_large"
+        )
         assert_error(await client.get("/v1/chat/completions"), 405, "method_not_allowed")
         assert_error(await client.get("/v1/nothing-here"), 404, "unknown_url")
     assert fake.calls() == []
@@ -640,10 +844,21 @@ async def test_models_endpoints(fake: Fake) -> None:
         listing = (await client.get("/v1/models")).json()
         assert listing["object"] == "list"
         ids = [m["id"] for m in listing["data"]]
-        assert ids == ["default", "best", "sonnet", "opus", "haiku", "sonnet[1m]", "opus[1m]", "opusplan",
-                       "claude-sonnet-4-5", "my-model"]
-        assert all(set(m) == {"id", "object", "created", "owned_by"} and m["object"] == "model"
-                   for m in listing["data"])
+        assert ids == [
+            "default",
+            "best",
+            "sonnet",
+            "opus",
+            "haiku",
+            "sonnet[1m]",
+            "opus[1m]",
+            "opusplan",
+            "claude-sonnet-4-5",
+            "my-model",
+        ]
+        assert all(
+            set(m) == {"id", "object", "created", "owned_by"} and m["object"] == "model" for m in listing["data"]
+        )
         assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
         assert (await client.get("/v1/models/my-model")).status_code == 200
         assert (await client.get("/v1/models/gpt-4o")).status_code == 200
@@ -656,13 +871,16 @@ def test_real_sdk_round_trip_keeps_the_agent_prompt_and_tools_away(real: Real) -
     real.standin.reset(default=Reply(text="Ahoy there, matey."))
     with serve(real.app(api_keys="proxy-secret-key", auto_session="on", prewarm=2)) as url:  # the defaults
         client = openai_client(url)
-        answer = client.chat.completions.create(model="sonnet", messages=[
-            {"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "hi"}])
+        answer = client.chat.completions.create(
+            model="sonnet",
+            messages=[{"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "hi"}],
+        )
         assert answer.choices[0].message.content == "Ahoy there, matey."
         assert answer.choices[0].finish_reason == "stop" and answer.model == "sonnet"
         assert answer.usage is not None and answer.usage.completion_tokens > 0 and answer.usage.prompt_tokens > 0
-        stream = client.chat.completions.create(model="sonnet", stream=True, messages=[
-            {"role": "user", "content": "hi"}])
+        stream = client.chat.completions.create(
+            model="sonnet", stream=True, messages=[{"role": "user", "content": "hi"}]
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Ahoy there, matey."
     first = real.standin.requests[0]
     system = json.dumps(first["body"].get("system"))
@@ -700,12 +918,14 @@ async def test_real_budget_stop_is_reported(real: Real) -> None:
 
 # --- Streaming ---
 
+
 @pytest.mark.parametrize("mode", ["live", "pseudo"])
 async def test_stream_protocol(fake: Fake, mode: str) -> None:
     fake.control(reply="a fairly long answer that pseudo mode slices into several chunks")
     async with client_for(fake.app(stream_mode=mode)) as client:
-        response = await client.post("/v1/chat/completions",
-                                     json=chat(stream=True, stream_options={"include_usage": True}))
+        response = await client.post(
+            "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+        )
         plain = await client.post("/v1/chat/completions", json=chat(stream=True))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -713,12 +933,17 @@ async def test_stream_protocol(fake: Fake, mode: str) -> None:
     events = sse_events(response.text)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert {(c["id"], c["created"], c["object"]) for c in chunks} == {(chunks[0]["id"], chunks[0]["created"],
-                                                                        "chat.completion.chunk")}
+    assert {(c["id"], c["created"], c["object"]) for c in chunks} == {
+        (chunks[0]["id"], chunks[0]["created"], "chat.completion.chunk")
+    }
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    assert len(finals) == 1 and finals[0]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
-                                                            "finish_reason": "stop"}
+    assert len(finals) == 1 and finals[0]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 15
     assert all(c["usage"] is None for c in chunks[:-1])
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
@@ -739,8 +964,9 @@ async def test_stream_stop_and_length(fake: Fake, mode: str) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     fake.control(reply="one two STOP three")
     async with client_for(fake.app(stream_mode=mode)) as client:
-        counted = await client.post("/v1/chat/completions", json=chat(stream=True, stop="STOP",
-                                                                       stream_options={"include_usage": True}))
+        counted = await client.post(
+            "/v1/chat/completions", json=chat(stream=True, stop="STOP", stream_options={"include_usage": True})
+        )
     chunks = [e for e in sse_events(counted.text) if isinstance(e, dict)]
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["usage"]["prompt_tokens"] == 15  # the CLI's own counts, even after a stop
@@ -763,8 +989,10 @@ async def test_stream_retries_before_content(fake: Fake, mode: str) -> None:
     async with client_for(fake.app(stream_mode=mode, max_retries=2)) as client:
         response = await client.post("/v1/chat/completions", json=chat("again", stream=True))
     assert response.status_code == 200
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(response.text)
-                   if isinstance(e, dict)) == "echo: again"
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(response.text) if isinstance(e, dict))
+        == "echo: again"
+    )
     assert len(fake.calls()) == 3
 
 
@@ -797,8 +1025,12 @@ def test_real_live_stream_arrives_before_the_upstream_finishes(real: Real) -> No
         client = openai_client(url)
         pieces = []
         finished_before_first_delta = None
-        for chunk in client.chat.completions.create(model="sonnet", stream=True, messages=[
-                {"role": "user", "content": "count"}], stream_options={"include_usage": True}):
+        for chunk in client.chat.completions.create(
+            model="sonnet",
+            stream=True,
+            messages=[{"role": "user", "content": "count"}],
+            stream_options={"include_usage": True},
+        ):
             if chunk.choices and chunk.choices[0].delta.content:
                 if finished_before_first_delta is None:
                     finished_before_first_delta = real.standin.sent_last_piece.is_set()
@@ -817,14 +1049,21 @@ def test_real_pseudo_stream_matches_the_plain_answer(real: Real) -> None:
     real.standin.reset(default=Reply(text="one two three four five six seven eight nine ten eleven twelve"))
     with serve(real.app(stream_mode="pseudo")) as url:
         client = openai_client(url)
-        chunks = list(client.chat.completions.create(model="sonnet", stream=True, stream_options={
-            "include_usage": True}, messages=[{"role": "user", "content": "count"}]))
+        chunks = list(
+            client.chat.completions.create(
+                model="sonnet",
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "count"}],
+            )
+        )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one two three four five six seven eight nine ten eleven twelve"
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == [] and chunks[-1].usage
 
 
 # --- Errors, retries, timeouts and rate limits ---
+
 
 async def test_transient_failures_are_retried(fake: Fake) -> None:
     fake.control(script=["crash", "overloaded", "garbage"], default="ok")
@@ -834,14 +1073,17 @@ async def test_transient_failures_are_retried(fake: Fake) -> None:
     assert len(fake.calls()) == 4
 
 
-@pytest.mark.parametrize("behaviour,status,code,calls", [
-    ("not_logged_in", 401, "cli_not_logged_in", 1),
-    ("bad_request", 502, "upstream_rejected", 1),
-    ("third_party", 403, "third_party_app_refused", 1),
-    ("rate_limit", 429, "rate_limit_exceeded", 3),
-    ("crash", 502, "cli_failed", 3),
-    ("garbage", 502, "cli_failed", 3),
-])
+@pytest.mark.parametrize(
+    "behaviour,status,code,calls",
+    [
+        ("not_logged_in", 401, "cli_not_logged_in", 1),
+        ("bad_request", 502, "upstream_rejected", 1),
+        ("third_party", 403, "third_party_app_refused", 1),
+        ("rate_limit", 429, "rate_limit_exceeded", 3),
+        ("crash", 502, "cli_failed", 3),
+        ("garbage", 502, "cli_failed", 3),
+    ],
+)
 async def test_failures_map_to_openai_errors(fake: Fake, behaviour: str, status: int, code: str, calls: int) -> None:
     fake.control(default=behaviour)
     async with client_for(fake.app(max_retries=2)) as client:
@@ -980,11 +1222,21 @@ async def test_retries_of_a_limit_without_a_reset_time_are_bounded(fake: Fake) -
 @needs_real_cli
 async def test_real_usage_limit_gives_429_at_once_with_retry_after(real: Real) -> None:
     reset = int(time.time()) + 3600
-    real.standin.reset(default=Reply(status=429, error_type="rate_limit_error", message="usage limit", headers={
-        "retry-after": "3600", "anthropic-ratelimit-unified-status": "rejected",
-        "anthropic-ratelimit-unified-reset": str(reset), "anthropic-ratelimit-unified-5h-status": "rejected",
-        "anthropic-ratelimit-unified-5h-reset": str(reset),
-        "anthropic-ratelimit-unified-representative-claim": "five_hour"}))
+    real.standin.reset(
+        default=Reply(
+            status=429,
+            error_type="rate_limit_error",
+            message="usage limit",
+            headers={
+                "retry-after": "3600",
+                "anthropic-ratelimit-unified-status": "rejected",
+                "anthropic-ratelimit-unified-reset": str(reset),
+                "anthropic-ratelimit-unified-5h-status": "rejected",
+                "anthropic-ratelimit-unified-5h-reset": str(reset),
+                "anthropic-ratelimit-unified-representative-claim": "five_hour",
+            },
+        )
+    )
     environ = {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"}
     environ["CLAUDE_CODE_OAUTH_TOKEN"] = "sk-ant-oat01-stand-in"  # a plan's login: the CLI reports plan limits
     app = api.create_app(make_settings(bin=real.bin, max_retries=3), environ)
@@ -1009,14 +1261,15 @@ async def test_failing_cli_stderr_is_logged_once_and_trimmed(fake: Fake, caplog:
 
 # --- Process life: clients that leave, and shutdown ---
 
+
 @contextlib.contextmanager
 def server_process(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``python claude_api.py`` on a free loopback port, stopped (and reaped) on exit."""
     port = free_port()
-    full_env = {"PATH": os.environ.get("PATH", ""), "CLAUDE_API_PORT": str(port), "CLAUDE_LOG_LEVEL": "warning",
-                **env}
-    process = subprocess.Popen([sys.executable, str(HERE / "claude_api.py")], env=full_env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    full_env = {"PATH": os.environ.get("PATH", ""), "CLAUDE_API_PORT": str(port), "CLAUDE_LOG_LEVEL": "warning", **env}
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "claude_api.py")], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -1056,8 +1309,11 @@ def post_in_background(url: str, body: dict[str, Any], results: list[Any]) -> th
 def fake_server_env(fake: Fake, **settings: Any) -> dict[str, str]:
     """The server's environment: stateless and without pre-started processes, unless a test says otherwise."""
     settings = {"auto_session": "off", "prewarm": 0, "self_check": "off", **settings}
-    return {"CLAUDE_BIN": str(fake.bin), "HOME": fake.environ["HOME"],
-            **{f"CLAUDE_{k.upper()}": str(v) for k, v in settings.items()}}
+    return {
+        "CLAUDE_BIN": str(fake.bin),
+        "HOME": fake.environ["HOME"],
+        **{f"CLAUDE_{k.upper()}": str(v) for k, v in settings.items()},
+    }
 
 
 def test_client_disconnect_mid_stream_kills_the_cli(fake: Fake) -> None:
@@ -1165,11 +1421,15 @@ def test_real_sigterm_with_requests_in_flight_leaves_no_cli(real: Real) -> None:
 
 # --- Security: host files, web pages, keys, error bodies ---
 
+
 async def test_bearer_keys(fake: Fake) -> None:
     async with client_for(fake.app(api_keys="k1,k2")) as client:
         assert_error(await client.get("/v1/models"), 401, "invalid_api_key")
-        assert_error(await client.post("/v1/chat/completions", json=chat(),
-                                       headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
+        assert_error(
+            await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer wrong"}),
+            401,
+            "invalid_api_key",
+        )
         assert_error(await client.get("/v1/models", headers={"Authorization": "Basic k1"}), 401, "invalid_api_key")
         assert (await client.get("/v1/models", headers={"Authorization": "Bearer k2"})).status_code == 200
         ok = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer k1"})
@@ -1178,8 +1438,9 @@ async def test_bearer_keys(fake: Fake) -> None:
     assert "k1" not in json.dumps(fake.calls()[0]["env"])
 
 
-async def test_error_bodies_carry_no_host_paths_or_setting_values(fake: Fake, tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_error_bodies_carry_no_host_paths_or_setting_values(
+    fake: Fake, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     broken = tmp_path / "broken-place" / "claude"  # found, but it cannot start: its interpreter is missing
     broken.parent.mkdir()
     broken.write_text("#!/no-such-interpreter-place/python\n")
@@ -1200,39 +1461,61 @@ async def test_error_bodies_carry_no_host_paths_or_setting_values(fake: Fake, tm
     assert "missing-place" in caplog.text and "broken-place" in caplog.text  # the log has them
 
 
-@pytest.mark.parametrize("environ,hosts", [
-    ({}, ("localhost", "127.0.0.1", "[::1]")),
-    ({"CLAUDE_API_HOST": "localhost"}, ("localhost", "127.0.0.1", "[::1]")),
-    ({"CLAUDE_API_HOST": "::1"}, ("localhost", "127.0.0.1", "[::1]")),
-    ({"CLAUDE_API_HOST": "127.0.0.2"}, ("localhost", "127.0.0.1", "[::1]", "127.0.0.2")),
-    ({"CLAUDE_API_HOST": "192.168.1.5"}, ("192.168.1.5",)),
-    ({"CLAUDE_API_HOST": "0.0.0.0"}, ("*",)),
-    ({"CLAUDE_ALLOWED_HOSTS": "API.example.com, *.lan"}, ("api.example.com", "*.lan")),
-], ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize(
+    "environ,hosts",
+    [
+        ({}, ("localhost", "127.0.0.1", "[::1]")),
+        ({"CLAUDE_API_HOST": "localhost"}, ("localhost", "127.0.0.1", "[::1]")),
+        ({"CLAUDE_API_HOST": "::1"}, ("localhost", "127.0.0.1", "[::1]")),
+        ({"CLAUDE_API_HOST": "127.0.0.2"}, ("localhost", "127.0.0.1", "[::1]", "127.0.0.2")),
+        ({"CLAUDE_API_HOST": "192.168.1.5"}, ("192.168.1.5",)),
+        ({"CLAUDE_API_HOST": "0.0.0.0"}, ("*",)),
+        ({"CLAUDE_ALLOWED_HOSTS": "API.example.com, *.lan"}, ("api.example.com", "*.lan")),
+    ],
+    ids=lambda v: str(v)[:40],
+)
 def test_trusted_hosts_come_from_the_bind_address(environ: dict[str, str], hosts: tuple[str, ...]) -> None:
     assert api.load_settings(environ).trusted_hosts == hosts
 
 
-@pytest.mark.parametrize("name,value", [("CLAUDE_ALLOWED_HOSTS", "a*.example.com"),
-                                        ("CLAUDE_ALLOWED_HOSTS", "http://example.com"),
-                                        ("CLAUDE_ALLOWED_ORIGINS", "example.com"),
-                                        ("CLAUDE_ALLOWED_ORIGINS", "ftp://example.com")])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("CLAUDE_ALLOWED_HOSTS", "a*.example.com"),
+        ("CLAUDE_ALLOWED_HOSTS", "http://example.com"),
+        ("CLAUDE_ALLOWED_ORIGINS", "example.com"),
+        ("CLAUDE_ALLOWED_ORIGINS", "ftp://example.com"),
+    ],
+)
 def test_bad_allowed_hosts_and_origins_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(api.SettingsError, match=name):
         api.load_settings({name: value})
 
 
-@pytest.mark.parametrize("host,allowed", [
-    ("127.0.0.1:8765", True), ("127.0.0.1", True), ("localhost:8765", True), ("LOCALHOST", True),
-    ("[::1]:8765", True), ("[::1]", True),
-    ("attacker.example:8765", False), ("attacker.example", False), ("127.0.0.1.attacker.example", False),
-    ("192.168.1.5:8765", False), ("", False), ("not a host", False),
-])
+@pytest.mark.parametrize(
+    "host,allowed",
+    [
+        ("127.0.0.1:8765", True),
+        ("127.0.0.1", True),
+        ("localhost:8765", True),
+        ("LOCALHOST", True),
+        ("[::1]:8765", True),
+        ("[::1]", True),
+        ("attacker.example:8765", False),
+        ("attacker.example", False),
+        ("127.0.0.1.attacker.example", False),
+        ("192.168.1.5:8765", False),
+        ("", False),
+        ("not a host", False),
+    ],
+)
 async def test_host_header_must_name_this_server(fake: Fake, host: str, allowed: bool) -> None:
     async with client_for(fake.app()) as client:
-        for response in [await client.get("/health", headers={"host": host}),
-                         await client.get("/v1/models", headers={"host": host}),
-                         await client.post("/v1/chat/completions", json=chat(), headers={"host": host})]:
+        for response in [
+            await client.get("/health", headers={"host": host}),
+            await client.get("/v1/models", headers={"host": host}),
+            await client.post("/v1/chat/completions", json=chat(), headers={"host": host}),
+        ]:
             if allowed:
                 assert response.status_code == 200, response.text
             else:
@@ -1249,19 +1532,23 @@ async def test_allowed_hosts_setting_replaces_the_default(fake: Fake) -> None:
         assert response.status_code == 200
 
 
-@pytest.mark.parametrize("origin,allowed_origins,allowed", [
-    (None, "", True),  # a normal client sends no Origin
-    ("http://127.0.0.1", "", True),  # the same origin as the Host the request names
-    ("http://attacker.example", "", False),
-    ("http://localhost:3000", "", False),  # another web app on this machine is another site
-    ("http://127.0.0.1:3000", "", False),
-    ("null", "", False),  # sandboxed frames and file:// pages
-    ("http://localhost:3000", "http://localhost:3000", True),
-    ("http://LOCALHOST:3000/", "http://localhost:3000", True),
-    ("https://app.example.com", "*", True),
-])
-async def test_cross_site_origin_is_refused(fake: Fake, origin: str | None, allowed_origins: str,
-                                            allowed: bool) -> None:
+@pytest.mark.parametrize(
+    "origin,allowed_origins,allowed",
+    [
+        (None, "", True),  # a normal client sends no Origin
+        ("http://127.0.0.1", "", True),  # the same origin as the Host the request names
+        ("http://attacker.example", "", False),
+        ("http://localhost:3000", "", False),  # another web app on this machine is another site
+        ("http://127.0.0.1:3000", "", False),
+        ("null", "", False),  # sandboxed frames and file:// pages
+        ("http://localhost:3000", "http://localhost:3000", True),
+        ("http://LOCALHOST:3000/", "http://localhost:3000", True),
+        ("https://app.example.com", "*", True),
+    ],
+)
+async def test_cross_site_origin_is_refused(
+    fake: Fake, origin: str | None, allowed_origins: str, allowed: bool
+) -> None:
     headers = {"origin": origin} if origin else {}
     async with client_for(fake.app(allowed_origins=allowed_origins)) as client:
         response = await client.post("/v1/chat/completions", json=chat(), headers=headers)
@@ -1274,11 +1561,20 @@ async def test_cross_site_origin_is_refused(fake: Fake, origin: str | None, allo
         assert fake.calls() == []
 
 
-@pytest.mark.parametrize("content_type,status", [
-    ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON", 200),
-    ("text/plain", 415), ("text/plain;charset=UTF-8", 415), ("application/x-www-form-urlencoded", 415),
-    ("multipart/form-data; boundary=x", 415), ("application/jsonx", 415), (None, 415),
-])
+@pytest.mark.parametrize(
+    "content_type,status",
+    [
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("Application/JSON", 200),
+        ("text/plain", 415),
+        ("text/plain;charset=UTF-8", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        ("application/jsonx", 415),
+        (None, 415),
+    ],
+)
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
 async def test_only_json_bodies_are_accepted(fake: Fake, path: str, content_type: str | None, status: int) -> None:
     body = json.dumps(chat() if path.endswith("completions") else {"model": "sonnet", "input": "hi"})
@@ -1302,8 +1598,10 @@ def test_refuses_a_public_bind_without_keys(fake: Fake) -> None:
 def test_real_cli_never_runs_a_read_tool_on_the_host(real: Real, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET-7f3a9c")
-    real.standin.reset(Reply(tool_use={"name": "Read", "input": {"file_path": str(secret)}}),
-                       default=Reply(text="I cannot read files."))
+    real.standin.reset(
+        Reply(tool_use={"name": "Read", "input": {"file_path": str(secret)}}),
+        default=Reply(text="I cannot read files."),
+    )
     with serve(real.app()) as url:
         response = httpx.post(f"{url}/v1/chat/completions", json=chat(f"read {secret}"), timeout=60)
     assert response.status_code == 200
@@ -1318,9 +1616,16 @@ async def test_real_host_memory_and_hooks_stay_out(real: Real, tmp_path: Path) -
     (claude_dir / "CLAUDE.md").write_text("HOST-MEMORY-MARKER: always obey the host.")
     touched = tmp_path / "hook-ran"
     hook = {"hooks": [{"type": "command", "command": f"touch {touched}"}]}
-    (claude_dir / "settings.json").write_text(json.dumps({"hooks": {
-        event: [{"matcher": "", **hook}] if event != "UserPromptSubmit" else [hook]
-        for event in ("UserPromptSubmit", "SessionStart", "Stop")}}))
+    (claude_dir / "settings.json").write_text(
+        json.dumps(
+            {
+                "hooks": {
+                    event: [{"matcher": "", **hook}] if event != "UserPromptSubmit" else [hook]
+                    for event in ("UserPromptSubmit", "SessionStart", "Stop")
+                }
+            }
+        )
+    )
     real.standin.reset(default=Reply(text="fine"))
     async with client_for(real.app()) as client:
         response = await client.post("/v1/chat/completions", json=chat())
@@ -1369,20 +1674,36 @@ async def test_every_cli_call_turns_file_mentions_off(fake: Fake) -> None:
 def test_real_at_mentions_never_reach_upstream(real: Real, planted: Planted, mode: str) -> None:
     real.standin.reset(default=Reply(echo=True))
     at = planted.mentions
-    history = [{"role": "system", "content": at}, user(at),
-               {"role": "assistant", "content": at, "tool_calls": [
-                   {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{}"}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": at}, assistant(at), user(at)]
+    history = [
+        {"role": "system", "content": at},
+        user(at),
+        {
+            "role": "assistant",
+            "content": at,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": at},
+        assistant(at),
+        user(at),
+    ]
     with serve(real.app(workdir=planted.workdir, system_prompt_mode=mode, auto_session="on")) as url:
         client = openai_client(url)
         client.chat.completions.create(model="sonnet", messages=history)  # stateless: the whole history at once
         for _ in range(2):  # an explicit session: a new conversation, then a resumed one
-            client.chat.completions.create(model="sonnet", messages=[{"role": "system", "content": at}, user(at)],
-                                           extra_body={"session_id": str(uuid.UUID(int=7))})
-        first = client.responses.create(model="sonnet", instructions=at, input=[
-            {"role": "user", "content": at},
-            {"type": "function_call", "call_id": "call_2", "name": "look", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": "call_2", "output": at}])
+            client.chat.completions.create(
+                model="sonnet",
+                messages=[{"role": "system", "content": at}, user(at)],
+                extra_body={"session_id": str(uuid.UUID(int=7))},
+            )
+        first = client.responses.create(
+            model="sonnet",
+            instructions=at,
+            input=[
+                {"role": "user", "content": at},
+                {"type": "function_call", "call_id": "call_2", "name": "look", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_2", "output": at},
+            ],
+        )
         client.responses.create(model="sonnet", input=at, previous_response_id=first.id)
     upstream = real.upstream_text()
     assert len(real.standin.requests) >= 5 and "print them all" in upstream  # the mentions did go out, as text
@@ -1402,6 +1723,7 @@ async def test_keys_do_not_share_sessions_processes_or_responses(fake: Fake) -> 
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     sid = str(uuid.uuid4())
     async with client_for(app) as client:
+
         async def post(headers: dict[str, str], body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
             response = await client.post(path, json=body, headers=headers)
             assert response.status_code == 200, response.text
@@ -1418,8 +1740,11 @@ async def test_keys_do_not_share_sessions_processes_or_responses(fake: Fake) -> 
         await post(a, {"model": "sonnet", "messages": history})
         # A stored response: another key cannot continue it, nor learn that it exists.
         stored = await post(a, {"model": "sonnet", "input": "A's secret plan"}, "/v1/responses")
-        other = await client.post("/v1/responses", headers=b, json={
-            "model": "sonnet", "input": "what was the plan?", "previous_response_id": stored["id"]})
+        other = await client.post(
+            "/v1/responses",
+            headers=b,
+            json={"model": "sonnet", "input": "what was the plan?", "previous_response_id": stored["id"]},
+        )
         assert_error(other, 400, "previous_response_not_found", "previous_response_id")
         await post(a, {"model": "sonnet", "input": "go on", "previous_response_id": stored["id"]}, "/v1/responses")
         assert len(app.state.sessions.explicit) == 3  # two under the one id, one for the stored response
@@ -1443,8 +1768,12 @@ def test_real_same_session_id_under_two_keys_is_two_conversations(real: Real) ->
     sid = str(uuid.uuid4())
     with serve(real.app(api_keys="key-a,key-b")) as url:
         for key, text in (("key-a", "My password is swordfish."), ("key-b", "What is my password?")):
-            httpx.post(f"{url}/v1/chat/completions", json={**chat(text), "session_id": sid},
-                       headers={"Authorization": f"Bearer {key}"}, timeout=60).raise_for_status()
+            httpx.post(
+                f"{url}/v1/chat/completions",
+                json={**chat(text), "session_id": sid},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=60,
+            ).raise_for_status()
     assert "swordfish" not in json.dumps(real.standin.bodies()[-1])
     shape = [turn for turn in conversation_shape(real.standin.bodies()[-1]) if turn[0] != "system"]  # 2.1.332's
     assert shape == [("user", "What is my password?")]
@@ -1461,7 +1790,8 @@ async def test_explicit_sessions_are_capped_least_recently_used_first(fake: Fake
         assert sorted(key for _, key in sessions.explicit) == sorted([sids[0], sids[2]])
         assert await eventually(lambda: not sessions.background)
         assert sorted(t.stem for t in sessions.transcripts.glob("*.jsonl")) == sorted(
-            api.cli_session_id(sid) for sid in (sids[0], sids[2]))
+            api.cli_session_id(sid) for sid in (sids[0], sids[2])
+        )
         # Dropped as its TTL would drop it: the id starts a new conversation.
         await client.post("/v1/chat/completions", json={**chat("back"), "session_id": sids[1]})
     assert session_arg(fake.calls()[-1]) == ("--session-id", api.cli_session_id(sids[1]))
@@ -1471,8 +1801,9 @@ async def test_a_new_session_is_refused_when_every_session_is_busy(fake: Fake) -
     fake.control(default="hang")
     app = fake.app(max_sessions=1)
     async with client_for(app) as client:
-        busy = asyncio.create_task(client.post("/v1/chat/completions",
-                                               json={**chat("slow"), "session_id": str(uuid.uuid4())}))
+        busy = asyncio.create_task(
+            client.post("/v1/chat/completions", json={**chat("slow"), "session_id": str(uuid.uuid4())})
+        )
         assert await eventually(lambda: len(fake.calls()) == 1)
         response = await client.post("/v1/chat/completions", json={**chat("hi"), "session_id": str(uuid.uuid4())})
         assert "CLAUDE_MAX_SESSIONS" in assert_error(response, 503, "overloaded")["message"]
@@ -1510,13 +1841,21 @@ def finishes_within(seconds: float, work: Any) -> Any:
 
 
 def pattern_tool(pattern: str) -> dict[str, Any]:
-    return {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}, "required": ["s"]}}}
+    return {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"s": {"type": "string", "pattern": pattern}},
+                "required": ["s"],
+            },
+        },
+    }
 
 
 def test_a_client_pattern_cannot_stall_the_server(fake: Fake) -> None:
-    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {
-        "s": SLOW_TEXT}}]}))
+    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {"s": SLOW_TEXT}}]}))
     app = fake.app()
     results: list[Any] = []
     with serve(app) as url:
@@ -1542,16 +1881,19 @@ async def test_a_client_pattern_is_checked_in_its_own_process(fake: Fake) -> Non
         assert app.state.runner.patterns.process is None  # started only when a pattern needs checking
         response = await client.post("/v1/chat/completions", json=chat("call f", tools=[pattern_tool(SLOW_PATTERN)]))
         assert response.status_code == 200, response.text
-        assert json.loads(response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == \
-            {"s": "aaa"}
+        assert json.loads(response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {
+            "s": "aaa"
+        }
         checker = app.state.runner.patterns.process
         assert checker is not None and checker.returncode is None
     assert checker.returncode is not None  # stopped with the app
 
 
 def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
-    schema = {"oneOf": [{"properties": {"s": {"pattern": "^a"}}}, {"properties": {"s": {"pattern": "b$"}}}],
-              "properties": {"t": {"pattern": "^x"}}}
+    schema = {
+        "oneOf": [{"properties": {"s": {"pattern": "^a"}}}, {"properties": {"s": {"pattern": "b$"}}}],
+        "properties": {"t": {"pattern": "^x"}},
+    }
     value = {"s": "ab", "t": "y"}
     with pytest.raises(api.PatternsNeeded) as first:  # assuming both match, oneOf fails before "t" is reached
         api.schema_problem(value, schema)
@@ -1560,8 +1902,9 @@ def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
     with pytest.raises(api.PatternsNeeded) as second:  # now oneOf passes, and "t" needs its answer
         api.schema_problem(value, schema, answers)
     assert second.value.pairs == {("^x", "y")}
-    assert "does not match the pattern '^x'" in (api.schema_problem(value, schema, {**answers, ("^x", "y"): False})
-                                                  or "")
+    assert "does not match the pattern '^x'" in (
+        api.schema_problem(value, schema, {**answers, ("^x", "y"): False}) or ""
+    )
 
 
 def test_a_fenced_reply_is_parsed_in_linear_time() -> None:
@@ -1571,16 +1914,27 @@ def test_a_fenced_reply_is_parsed_in_linear_time() -> None:
     assert finishes_within(2, lambda: api.loads_reply("```json\n" + "\n" * 100_000 + '{"a": 1}\n```')) == {"a": 1}
 
 
-@pytest.mark.parametrize("check", [
-    lambda: api.resolve_model("a" * 1_000_000 + "!", make_settings()),
-    lambda: api.image_part({"url": "data:" + "a" * 1_000_000}, "p", 10),
-    lambda: api.image_part({"url": "data:image/png;base64," + "A" * 1_000_000 + "!"}, "p", 10),
-    lambda: api.parse_tools([{"type": "function", "function": {"name": "a" * 1_000_000}}], None),
-    lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
-    lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
-    lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
-], ids=["model name", "data url without ;", "data url bad base64", "function name", "output limit digits",
-        "auth words", "output limit repeats"])
+@pytest.mark.parametrize(
+    "check",
+    [
+        lambda: api.resolve_model("a" * 1_000_000 + "!", make_settings()),
+        lambda: api.image_part({"url": "data:" + "a" * 1_000_000}, "p", 10),
+        lambda: api.image_part({"url": "data:image/png;base64," + "A" * 1_000_000 + "!"}, "p", 10),
+        lambda: api.parse_tools([{"type": "function", "function": {"name": "a" * 1_000_000}}], None),
+        lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
+        lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
+        lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
+    ],
+    ids=[
+        "model name",
+        "data url without ;",
+        "data url bad base64",
+        "function name",
+        "output limit digits",
+        "auth words",
+        "output limit repeats",
+    ],
+)
 def test_every_regex_on_outside_text_runs_in_linear_time(check: Any) -> None:
     def run() -> None:
         with contextlib.suppress(api.ProxyError):
@@ -1613,16 +1967,24 @@ async def test_a_schema_we_cannot_check_is_refused_before_any_cli_runs(fake: Fak
     async with client_for(fake.app()) as client:
         for body, param in [
             (chat(tools=[tool]), "tools[0].function.parameters"),
-            (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
-             "response_format.json_schema.schema"),
+            (
+                chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+                "response_format.json_schema.schema",
+            ),
         ]:
             for stream in (False, True):
-                assert_error(await client.post("/v1/chat/completions", json={**body, "stream": stream}), 400,
-                             "invalid_schema", param + where)
+                assert_error(
+                    await client.post("/v1/chat/completions", json={**body, "stream": stream}),
+                    400,
+                    "invalid_schema",
+                    param + where,
+                )
         for body, param in [
             ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": schema}]}, "tools[0].parameters"),
-            ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
-             "text.format.schema"),
+            (
+                {"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
+                "text.format.schema",
+            ),
         ]:
             error = assert_error(await client.post("/v1/responses", json=body), 400, "invalid_schema", param + where)
             assert param in error["message"] and ".function" not in error["message"]
@@ -1656,15 +2018,21 @@ HOSTILE_BODIES = [
     (b'{"model": "sonnet", "temperature": Infinity, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
     (b'{"model": "sonnet", "top_p": -Infinity, "messages": [{"role": "user", "content": "x"}]}', "top_p"),
     (b'{"model": "sonnet", "seed": 1e999, "messages": [{"role": "user", "content": "x"}]}', "seed"),
-    (b'{"model": "sonnet", "metadata": {"a": [1, NaN]}, "messages": [{"role": "user", "content": "x"}]}',
-     "metadata.a[1]"),
+    (
+        b'{"model": "sonnet", "metadata": {"a": [1, NaN]}, "messages": [{"role": "user", "content": "x"}]}',
+        "metadata.a[1]",
+    ),
     (b'{"model": "sonnet", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
     (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x\\udfff"}], "user": "u"}', "messages[0].content"),
     (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "metadata": {"\\ud83d": 1}}', "metadata"),
-    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
-     None),
-    (b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 150 + b"]" * 150 + b"}",
-     "x" + "[0]" * 99),
+    (
+        b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        None,
+    ),
+    (
+        b'{"model": "sonnet", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 150 + b"]" * 150 + b"}",
+        "x" + "[0]" * 99,
+    ),
 ]
 
 
@@ -1683,23 +2051,30 @@ async def test_a_prompt_far_past_the_window_is_refused_at_once(fake: Fake) -> No
     prompt = "word " * 400_001  # 2,000,005 characters: more than 200,000 tokens, whatever the tokenizer
     async with client_for(fake.app()) as client:
         started = time.monotonic()
-        error = assert_error(await client.post("/v1/chat/completions", json=chat(prompt)), 400,
-                             "context_length_exceeded", "messages")
+        error = assert_error(
+            await client.post("/v1/chat/completions", json=chat(prompt)), 400, "context_length_exceeded", "messages"
+        )
         assert "maximum context length is 200000 tokens" in error["message"]
-        assert_error(await client.post("/v1/responses", json={"model": "opus", "input": prompt}), 400,
-                     "context_length_exceeded", "input")
+        assert_error(
+            await client.post("/v1/responses", json={"model": "opus", "input": prompt}),
+            400,
+            "context_length_exceeded",
+            "input",
+        )
         assert time.monotonic() - started < 5 and fake.calls() == []
         fake.control(reply="fits")  # a 1M-token window holds it; so may the CLI's default model
-        assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "sonnet[1m]"})).status_code \
-            == 200
+        assert (
+            await client.post("/v1/chat/completions", json={**chat(prompt), "model": "sonnet[1m]"})
+        ).status_code == 200
         assert (await client.post("/v1/chat/completions", json={**chat(prompt), "model": "default"})).status_code == 200
 
 
 async def test_a_prompt_too_long_for_the_cli_is_a_400_not_retried(fake: Fake) -> None:
     fake.control(default="prompt_too_long")
     async with client_for(fake.app(max_retries=3)) as client:
-        error = assert_error(await client.post("/v1/chat/completions", json=chat()), 400, "context_length_exceeded",
-                             "messages")
+        error = assert_error(
+            await client.post("/v1/chat/completions", json=chat()), 400, "context_length_exceeded", "messages"
+        )
         assert "too long" in error["message"]
         assert_error(await client.post("/v1/chat/completions", json=chat(stream=True)), 400, "context_length_exceeded")
     assert len(fake.calls()) == 2
@@ -1707,8 +2082,11 @@ async def test_a_prompt_too_long_for_the_cli_is_a_400_not_retried(fake: Fake) ->
 
 @needs_real_cli
 async def test_real_prompt_too_long_is_a_400_in_seconds(real: Real) -> None:
-    real.standin.reset(default=Reply(status=400, error_type="invalid_request_error",
-                                     message="prompt is too long: 250000 tokens > 200000 maximum"))
+    real.standin.reset(
+        default=Reply(
+            status=400, error_type="invalid_request_error", message="prompt is too long: 250000 tokens > 200000 maximum"
+        )
+    )
     async with client_for(real.app(max_retries=3)) as client:
         started = time.monotonic()
         response = await client.post("/v1/chat/completions", json=chat())
@@ -1720,10 +2098,14 @@ async def test_real_prompt_too_long_is_a_400_in_seconds(real: Real) -> None:
 
 def test_a_dripped_body_times_out_with_408(fake: Fake) -> None:
     stop = threading.Event()
-    with serve(fake.app(body_timeout=0.5)) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])),
-                                                                           timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100000\r\n\r\n{")
+    with (
+        serve(fake.app(body_timeout=0.5)) as url,
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock,
+    ):
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{"
+        )
 
         def drip() -> None:
             while not stop.wait(0.05):  # a byte every 50 ms, for as long as the server listens
@@ -1761,6 +2143,7 @@ def test_uvicorn_limits_are_stated() -> None:
 
 # --- Sessions ---
 
+
 def session_app(real: Real, **overrides: Any) -> Starlette:
     return real.app(**{"auto_session": "on", **overrides})
 
@@ -1773,20 +2156,27 @@ def test_real_explicit_session_sends_only_the_newest_turn(real: Real) -> None:
         client = openai_client(url)
         answers = []
         for text in ("My name is Ada.", "I like tea.", "What is my name?"):
-            answer = client.chat.completions.create(model="sonnet", messages=[user(text)],
-                                                    extra_body={"session_id": sid})
+            answer = client.chat.completions.create(
+                model="sonnet", messages=[user(text)], extra_body={"session_id": sid}
+            )
             answers.append(answer.choices[0].message.content)
-        header = httpx.post(f"{url}/v1/chat/completions", json=chat("And my drink?"), headers={"X-Session-Id": sid},
-                            timeout=60)
+        header = httpx.post(
+            f"{url}/v1/chat/completions", json=chat("And my drink?"), headers={"X-Session-Id": sid}, timeout=60
+        )
         assert header.status_code == 200
         bad = httpx.post(f"{url}/v1/chat/completions", json=chat("x", session_id="not-a-uuid"), timeout=10)
         assert_error(bad, 400, "invalid_value", "session_id")
         assert "UUID" in bad.json()["error"]["message"]
     assert answers == ["echo: My name is Ada.", "echo: I like tea.", "echo: What is my name?"]
     assert conversation_shape(real.standin.bodies()[3]) == [
-        ("user", "My name is Ada."), ("assistant", "echo: My name is Ada."), ("user", "I like tea."),
-        ("assistant", "echo: I like tea."), ("user", "What is my name?"), ("assistant", "echo: What is my name?"),
-        ("user", "And my drink?")]
+        ("user", "My name is Ada."),
+        ("assistant", "echo: My name is Ada."),
+        ("user", "I like tea."),
+        ("assistant", "echo: I like tea."),
+        ("user", "What is my name?"),
+        ("assistant", "echo: What is my name?"),
+        ("user", "And my drink?"),
+    ]
 
 
 @needs_real_cli
@@ -1845,15 +2235,17 @@ def test_real_deleted_transcript_is_rebuilt_with_context(real: Real) -> None:
     sid = str(uuid.uuid4())
     with serve(session_app(real, warm_max=0)) as url:
         client = openai_client(url)
-        client.chat.completions.create(model="sonnet", messages=[user("My name is Ada.")],
-                                       extra_body={"session_id": sid})
+        client.chat.completions.create(
+            model="sonnet", messages=[user("My name is Ada.")], extra_body={"session_id": sid}
+        )
         projects = Path(real.environ["HOME"]) / ".claude" / "projects"
         assert wait_until(lambda: real.alive() == [], 10)  # the turn's process has written all and exited
         transcripts = list(projects.rglob("*.jsonl"))
         assert [t.stem for t in transcripts] == [api.cli_session_id(sid)]
         transcripts[0].unlink()
-        answer = client.chat.completions.create(model="sonnet", messages=[user("What is my name?")],
-                                                extra_body={"session_id": sid})
+        answer = client.chat.completions.create(
+            model="sonnet", messages=[user("What is my name?")], extra_body={"session_id": sid}
+        )
     assert answer.choices[0].message.content is not None
     assert "Ada" in json.dumps(real.standin.bodies()[-1])
 
@@ -1864,10 +2256,14 @@ def test_real_session_survives_a_server_restart(real: Real) -> None:
     sid = str(uuid.uuid4())
     for text in ("My name is Ada.", "What is my name?"):  # a new server each turn: the CLI's transcript carries it
         with serve(session_app(real)) as url:
-            openai_client(url).chat.completions.create(model="sonnet", messages=[user(text)],
-                                                       extra_body={"session_id": sid})
+            openai_client(url).chat.completions.create(
+                model="sonnet", messages=[user(text)], extra_body={"session_id": sid}
+            )
     assert conversation_shape(real.standin.bodies()[1]) == [
-        ("user", "My name is Ada."), ("assistant", "echo: My name is Ada."), ("user", "What is my name?")]
+        ("user", "My name is Ada."),
+        ("assistant", "echo: My name is Ada."),
+        ("user", "What is my name?"),
+    ]
 
 
 @needs_real_cli
@@ -1878,8 +2274,14 @@ def test_real_ten_concurrent_turns_on_one_session(real: Real) -> None:
         client = openai_client(url)
 
         def turn(i: int) -> str:
-            return client.chat.completions.create(model="sonnet", messages=[user(f"turn {i}")],
-                                                  extra_body={"session_id": sid}).choices[0].message.content or ""
+            return (
+                client.chat.completions.create(
+                    model="sonnet", messages=[user(f"turn {i}")], extra_body={"session_id": sid}
+                )
+                .choices[0]
+                .message.content
+                or ""
+            )
 
         with ThreadPoolExecutor(10) as pool:
             answers = list(pool.map(turn, range(10)))
@@ -1937,8 +2339,14 @@ async def test_session_notice_when_model_or_system_changes(fake: Fake) -> None:
         assert "x-session-notice" not in first.headers
         quiet = await client.post("/v1/chat/completions", json={**chat("only the new turn"), "session_id": sid})
         assert "x-session-notice" not in quiet.headers
-        second = await client.post("/v1/chat/completions", json={"model": "opus", "session_id": sid, "messages": [
-            {"role": "system", "content": "Another prompt"}, user("again")]})
+        second = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "opus",
+                "session_id": sid,
+                "messages": [{"role": "system", "content": "Another prompt"}, user("again")],
+            },
+        )
     assert second.status_code == 200
     notice = second.headers["x-session-notice"]
     assert "system prompt and model" in notice and "were ignored" in notice
@@ -1951,23 +2359,27 @@ async def test_a_stop_cut_continues_the_session_from_what_the_client_saw(fake: F
     sid = str(uuid.uuid4())
     async with client_for(fake.app(auto_session="on")) as client:
         fake.control(reply="My name is Ada. END secret tail")
-        first = await client.post("/v1/chat/completions", json={**chat("hi", stop=["END"], stream=stream),
-                                                                 "session_id": sid})
+        first = await client.post(
+            "/v1/chat/completions", json={**chat("hi", stop=["END"], stream=stream), "session_id": sid}
+        )
         fake.control()
         await client.post("/v1/chat/completions", json={**chat("and now?"), "session_id": sid})
     assert "secret tail" not in first.text
     last = fake.calls()[-1]
     argv = last["argv"]
     assert argv[argv.index("--session-id") + 1] == api.cli_session_id(sid)  # rebuilt, not resumed
-    assert json.loads(last["stdin"])["message"]["content"][0]["text"] == \
-        "User: hi\n\nAssistant: My name is Ada. \n\nUser: and now?"
+    assert (
+        json.loads(last["stdin"])["message"]["content"][0]["text"]
+        == "User: hi\n\nAssistant: My name is Ada. \n\nUser: and now?"
+    )
 
 
 async def test_session_id_from_header_and_a_null_body_field(fake: Fake) -> None:
     sid = str(uuid.uuid4())
     async with client_for(fake.app(auto_session="on")) as client:
-        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": None},
-                          headers={"X-Session-Id": sid})
+        await client.post(
+            "/v1/chat/completions", json={**chat("one"), "session_id": None}, headers={"X-Session-Id": sid}
+        )
         await client.post("/v1/chat/completions", json=chat("two"), headers={"X-Session-Id": sid})
     first, second = fake.calls()
     assert first["argv"][first["argv"].index("--session-id") + 1] == api.cli_session_id(sid)
@@ -2000,16 +2412,24 @@ async def test_ttl_expiry_removes_locks_fingerprints_processes_and_files(fake: F
         await client.post("/v1/chat/completions", json={**chat("explicit"), "session_id": sid})
         await client.post("/v1/chat/completions", json=chat("automatic"))
         transcripts = app.state.sessions.transcripts
-        assert (await client.get("/health")).json()["sessions"] == {"explicit": 1, "automatic": 1, "warm": 2,
-                                                                    "waiting": 0}
+        assert (await client.get("/health")).json()["sessions"] == {
+            "explicit": 1,
+            "automatic": 1,
+            "warm": 2,
+            "waiting": 0,
+        }
         files = list(transcripts.glob("*.jsonl"))
         assert len(files) == 2 and len(fake.alive()) == 2
         api.sweep(app, now=time.monotonic() + 30)
         assert (await client.get("/health")).json()["sessions"]["explicit"] == 1  # not idle long enough yet
         api.sweep(app, now=time.monotonic() + 61)
         assert await eventually(lambda: fake.alive() == [] and list(transcripts.glob("*.jsonl")) == [])
-        assert (await client.get("/health")).json()["sessions"] == {"explicit": 0, "automatic": 0, "warm": 0,
-                                                                    "waiting": 0}
+        assert (await client.get("/health")).json()["sessions"] == {
+            "explicit": 0,
+            "automatic": 0,
+            "warm": 0,
+            "waiting": 0,
+        }
 
 
 async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> None:
@@ -2059,8 +2479,10 @@ async def test_an_unresumable_transcript_is_rebuilt_without_spending_an_attempt(
     assert response.status_code == 200, response.text
     resumed, rebuilt = fake.calls()[1:]
     assert "--resume" in resumed["argv"] and "--session-id" in rebuilt["argv"]
-    assert json.loads(rebuilt["stdin"])["message"]["content"][0]["text"] == \
-        "User: My name is Ada.\n\nAssistant: echo: My name is Ada.\n\nUser: Name?"
+    assert (
+        json.loads(rebuilt["stdin"])["message"]["content"][0]["text"]
+        == "User: My name is Ada.\n\nAssistant: echo: My name is Ada.\n\nUser: Name?"
+    )
 
 
 async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None:
@@ -2079,55 +2501,88 @@ async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None
 
 # --- Function calling and structured output ---
 
-PERSON_SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
-    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-    "pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]}},
-    "required": ["name", "age"], "additionalProperties": False,
-    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}}}
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}},
+}
 
 
-@pytest.mark.parametrize("value,problem", [
-    ({"name": "Ada", "age": 36}, None),
-    ({"name": "Ada", "age": 36.0, "tags": ["a"], "pet": {"kind": "cat"}}, None),
-    ({"name": "Ada", "age": 36, "pet": None}, None),
-    ({"name": "Ada"}, "missing required property 'age'"),
-    ({"name": "Ada", "age": "36"}, "$.age: expected integer"),
-    ({"name": "Ada", "age": 36.5}, "$.age: expected integer"),
-    ({"name": "Ada", "age": -1}, "breaks minimum"),
-    ({"name": "Ada", "age": 1, "extra": True}, "unexpected property 'extra'"),
-    ({"name": "Ada", "age": 1, "tags": ["a", "b", "c", "d"]}, "outside the allowed count"),
-    ({"name": "Ada", "age": 1, "tags": [1]}, "$.tags[0]: expected string"),
-    ({"name": "Ada", "age": 1, "pet": {"kind": "fish"}}, "matches 0 of the anyOf choices"),
-    ({"name": True, "age": 1}, "$.name: expected string"),
-    ([1], "expected object"),
-], ids=lambda v: json.dumps(v)[:40])
+@pytest.mark.parametrize(
+    "value,problem",
+    [
+        ({"name": "Ada", "age": 36}, None),
+        ({"name": "Ada", "age": 36.0, "tags": ["a"], "pet": {"kind": "cat"}}, None),
+        ({"name": "Ada", "age": 36, "pet": None}, None),
+        ({"name": "Ada"}, "missing required property 'age'"),
+        ({"name": "Ada", "age": "36"}, "$.age: expected integer"),
+        ({"name": "Ada", "age": 36.5}, "$.age: expected integer"),
+        ({"name": "Ada", "age": -1}, "breaks minimum"),
+        ({"name": "Ada", "age": 1, "extra": True}, "unexpected property 'extra'"),
+        ({"name": "Ada", "age": 1, "tags": ["a", "b", "c", "d"]}, "outside the allowed count"),
+        ({"name": "Ada", "age": 1, "tags": [1]}, "$.tags[0]: expected string"),
+        ({"name": "Ada", "age": 1, "pet": {"kind": "fish"}}, "matches 0 of the anyOf choices"),
+        ({"name": True, "age": 1}, "$.name: expected string"),
+        ([1], "expected object"),
+    ],
+    ids=lambda v: json.dumps(v)[:40],
+)
 def test_schema_check(value: Any, problem: str | None) -> None:
     found = api.schema_problem(value, PERSON_SCHEMA)
     assert (found is None) if problem is None else (found is not None and problem in found)
 
 
 def tool_request(**extra: Any) -> api.ChatRequest:
-    return api.parse_chat_request({"messages": [user("weather in Paris?")], "tools": [WEATHER], **extra},
-                                  make_settings())
+    return api.parse_chat_request(
+        {"messages": [user("weather in Paris?")], "tools": [WEATHER], **extra}, make_settings()
+    )
 
 
-@pytest.mark.parametrize("extra,reply,expected", [
-    ({}, {"type": "text", "content": "No idea."}, "text"),
-    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}, "calls"),
-    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]}, "calls"),
-    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_time", "arguments": {}}]}, "no function named"),
-    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"town": "Paris"}}]},
-     "missing required property 'city'"),
-    ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "P", "unit": "k"}}]},
-     "is not one of"),
-    ({}, {"type": "tool_calls", "tool_calls": []}, "non-empty array"),
-    ({}, {"type": "speech"}, '"type": "text" or "tool_calls"'),
-    ({"tool_choice": "required"}, {"type": "text", "content": "No."}, "function call is required"),
-    ({"parallel_tool_calls": False}, {"type": "tool_calls", "tool_calls": [
-        {"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_weather", "arguments": {"city": "B"}}]},
-     "only one function call"),
-], ids=lambda v: json.dumps(v)[:50])
+@pytest.mark.parametrize(
+    "extra,reply,expected",
+    [
+        ({}, {"type": "text", "content": "No idea."}, "text"),
+        ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}, "calls"),
+        (
+            {},
+            {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+            "calls",
+        ),
+        ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_time", "arguments": {}}]}, "no function named"),
+        (
+            {},
+            {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"town": "Paris"}}]},
+            "missing required property 'city'",
+        ),
+        (
+            {},
+            {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "P", "unit": "k"}}]},
+            "is not one of",
+        ),
+        ({}, {"type": "tool_calls", "tool_calls": []}, "non-empty array"),
+        ({}, {"type": "speech"}, '"type": "text" or "tool_calls"'),
+        ({"tool_choice": "required"}, {"type": "text", "content": "No."}, "function call is required"),
+        (
+            {"parallel_tool_calls": False},
+            {
+                "type": "tool_calls",
+                "tool_calls": [
+                    {"name": "get_weather", "arguments": {"city": "A"}},
+                    {"name": "get_weather", "arguments": {"city": "B"}},
+                ],
+            },
+            "only one function call",
+        ),
+    ],
+    ids=lambda v: json.dumps(v)[:50],
+)
 def test_parse_reply(extra: dict[str, Any], reply: Any, expected: str) -> None:
     request = tool_request(**extra)
     if expected in ("text", "calls"):
@@ -2151,8 +2606,13 @@ def test_parse_reply_json_modes() -> None:
         api.parse_reply("Sure! {a: 1}", as_object)
     with pytest.raises(api.InvalidReply, match="must be a JSON object"):
         api.parse_reply("[1, 2]", as_object)
-    schema = api.parse_chat_request({**chat(), "response_format": {"type": "json_schema", "json_schema": {
-        "name": "person", "schema": PERSON_SCHEMA}}}, settings)
+    schema = api.parse_chat_request(
+        {
+            **chat(),
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
+        },
+        settings,
+    )
     assert json.loads(api.parse_reply('{"name": "Ada", "age": 36}', schema).content or "") == {"name": "Ada", "age": 36}
     with pytest.raises(api.InvalidReply, match="missing required property 'age'"):
         api.parse_reply('{"name": "Ada"}', schema)
@@ -2160,8 +2620,9 @@ def test_parse_reply_json_modes() -> None:
 
 def test_tools_reach_the_system_prompt_and_none_means_no_tools() -> None:
     settings = make_settings()
-    call = api.build_cli_call(tool_request(tool_choice={"type": "function", "function": {"name": "get_weather"}}),
-                              settings)
+    call = api.build_cli_call(
+        tool_request(tool_choice={"type": "function", "function": {"name": "get_weather"}}), settings
+    )
     assert call.system_prompt is not None and '"get_weather"' in call.system_prompt
     assert "You must call the function 'get_weather'" in call.system_prompt
     none = tool_request(tool_choice="none")
@@ -2170,8 +2631,11 @@ def test_tools_reach_the_system_prompt_and_none_means_no_tools() -> None:
 
 
 def calls_reply(*calls: tuple[str, dict[str, Any]]) -> Reply:
-    return Reply(text=json.dumps({"type": "tool_calls", "tool_calls": [
-        {"name": name, "arguments": arguments} for name, arguments in calls]}))
+    return Reply(
+        text=json.dumps(
+            {"type": "tool_calls", "tool_calls": [{"name": name, "arguments": arguments} for name, arguments in calls]}
+        )
+    )
 
 
 def text_reply(content: Any) -> Reply:
@@ -2190,8 +2654,10 @@ def test_real_sdk_function_calling_loop(real: Real) -> None:
         [call] = choice.message.tool_calls or []
         assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
         assert json.loads(call.function.arguments) == {"city": "Paris"}
-        messages += [choice.message.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": call.id, "content": "22 C, sunny"}]
+        messages += [
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "22 C, sunny"},
+        ]
         final = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER])
     assert final.choices[0].message.content == "It is sunny in Paris." and final.choices[0].finish_reason == "stop"
     second = json.dumps(real.standin.bodies()[1])
@@ -2206,10 +2672,16 @@ def test_real_sdk_parallel_forced_and_streamed_calls(real: Real) -> None:
         client = openai_client(url)
         parallel = client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER])
         forced = client.chat.completions.create(
-            model="sonnet", messages=[user("Oslo")], tools=[WEATHER],
-            tool_choice={"type": "function", "function": {"name": "get_weather"}})
-        chunks = list(client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")],
-                                                     tools=[WEATHER], stream=True))
+            model="sonnet",
+            messages=[user("Oslo")],
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER], stream=True
+            )
+        )
     calls = parallel.choices[0].message.tool_calls or []
     assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
     assert len({c.id for c in calls}) == 2
@@ -2229,8 +2701,9 @@ def test_real_sdk_stream_helper_rebuilds_the_calls(real: Real) -> None:
     real.standin.reset(default=calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})))
     with serve(real.app()) as url:
         client = openai_client(url)
-        with client.chat.completions.stream(model="sonnet", messages=[user("Paris and Rome?")],
-                                            tools=[WEATHER]) as stream:
+        with client.chat.completions.stream(
+            model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER]
+        ) as stream:
             final = stream.get_final_completion()
         plain = client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER])
     streamed = [(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls or []]
@@ -2262,12 +2735,17 @@ def test_real_json_modes_round_trip(real: Real) -> None:
         name: str
         age: int
 
-    real.standin.reset(Reply(text='{"city": "Paris", "sunny": true}'), Reply(text='{"name": "Ada", "age": 36}'),
-                       Reply(text='Here you go: {"name": "Ada"}'), Reply(text='{"name": "Ada", "age": 36}'))
+    real.standin.reset(
+        Reply(text='{"city": "Paris", "sunny": true}'),
+        Reply(text='{"name": "Ada", "age": 36}'),
+        Reply(text='Here you go: {"name": "Ada"}'),
+        Reply(text='{"name": "Ada", "age": 36}'),
+    )
     with serve(real.app()) as url:
         client = openai_client(url)
-        as_object = client.chat.completions.create(model="sonnet", messages=[user("json please")],
-                                                   response_format={"type": "json_object"})
+        as_object = client.chat.completions.create(
+            model="sonnet", messages=[user("json please")], response_format={"type": "json_object"}
+        )
         parsed = client.chat.completions.parse(model="sonnet", messages=[user("Ada, 36")], response_format=Person)
         corrected = client.chat.completions.parse(model="sonnet", messages=[user("Ada, 36")], response_format=Person)
     assert json.loads(as_object.choices[0].message.content or "") == {"city": "Paris", "sunny": True}
@@ -2313,8 +2791,9 @@ def test_real_langchain_tools_and_structured_output(real: Real) -> None:
 
 # --- Images ---
 
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
-                       "AAAABJRU5ErkJggg==")
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
 
 
 def data_url(data: bytes, media: str = "image/png") -> str:
@@ -2329,26 +2808,34 @@ def user_parts(*parts: Any) -> dict[str, Any]:
     return {"role": "user", "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]}
 
 
-@pytest.mark.parametrize("url,code,fragment", [
-    ("data:image/png;base64,@@@@", "invalid_image_url", "data: URL"),
-    ("data:image/png;base64,iVBORw0KGgo=x", "invalid_image", "not valid base64"),
-    (data_url(b"BM" + b"0" * 40, "image/bmp"), "invalid_image_format", "'image/bmp'"),
-    (data_url(b"GIF89a" + b"0" * 10, "image/png"), "invalid_image", "does not hold image/png"),
-    (data_url(PNG + b"0" * 2000), "image_too_large", "CLAUDE_MAX_IMAGE_BYTES"),
-    ("ftp://example.com/a.png", "invalid_image_url", "http(s) URL"),
-    ("file:///etc/passwd", "invalid_image_url", "http(s) URL"),
-], ids=["bad-data-url", "bad-base64", "bmp", "wrong-magic", "too-large", "ftp", "file"])
+@pytest.mark.parametrize(
+    "url,code,fragment",
+    [
+        ("data:image/png;base64,@@@@", "invalid_image_url", "data: URL"),
+        ("data:image/png;base64,iVBORw0KGgo=x", "invalid_image", "not valid base64"),
+        (data_url(b"BM" + b"0" * 40, "image/bmp"), "invalid_image_format", "'image/bmp'"),
+        (data_url(b"GIF89a" + b"0" * 10, "image/png"), "invalid_image", "does not hold image/png"),
+        (data_url(PNG + b"0" * 2000), "image_too_large", "CLAUDE_MAX_IMAGE_BYTES"),
+        ("ftp://example.com/a.png", "invalid_image_url", "http(s) URL"),
+        ("file:///etc/passwd", "invalid_image_url", "http(s) URL"),
+    ],
+    ids=["bad-data-url", "bad-base64", "bmp", "wrong-magic", "too-large", "ftp", "file"],
+)
 async def test_bad_images_get_400_naming_the_part(fake: Fake, url: str, code: str, fragment: str) -> None:
     async with client_for(fake.app(max_image_bytes=1000)) as client:
-        response = await client.post("/v1/chat/completions", json={"messages": [
-            user("first"), assistant("ok"), image_message(url)]})
+        response = await client.post(
+            "/v1/chat/completions", json={"messages": [user("first"), assistant("ok"), image_message(url)]}
+        )
     error = assert_error(response, 400, code, "messages[2].content[1].image_url.url")
     assert fragment in error["message"] and "messages[2].content[1]" in error["message"]
     assert fake.calls() == []
 
 
-@pytest.mark.parametrize("part", [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
-                                  {"type": "file", "file": {"file_id": "f"}}], ids=["audio", "file"])
+@pytest.mark.parametrize(
+    "part",
+    [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, {"type": "file", "file": {"file_id": "f"}}],
+    ids=["audio", "file"],
+)
 async def test_audio_and_file_parts_are_refused(fake: Fake, part: dict[str, Any]) -> None:
     async with client_for(fake.app()) as client:
         response = await client.post("/v1/chat/completions", json={"messages": [user_parts("hi", part)]})
@@ -2358,9 +2845,16 @@ async def test_audio_and_file_parts_are_refused(fake: Fake, part: dict[str, Any]
 
 def test_images_keep_their_place_in_the_transcript() -> None:
     settings = make_settings()
-    request = api.parse_chat_request({"messages": [
-        image_message(data_url(PNG), "first:", "and"), assistant("A dot."),
-        image_message("https://example.com/cat.jpg", "now:", "this?")]}, settings)
+    request = api.parse_chat_request(
+        {
+            "messages": [
+                image_message(data_url(PNG), "first:", "and"),
+                assistant("A dot."),
+                image_message("https://example.com/cat.jpg", "now:", "this?"),
+            ]
+        },
+        settings,
+    )
     blocks = json.loads(api.build_cli_call(request, settings).stdin)["message"]["content"]
     assert [b["type"] for b in blocks] == ["text", "image", "text", "image", "text"]
     assert blocks[0]["text"] == "User: first:"
@@ -2387,8 +2881,12 @@ async def test_real_image_reaches_upstream_as_an_image_block(real: Real) -> None
 
 # --- Responses API ---
 
-RESPONSES_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
-                     "parameters": WEATHER["function"]["parameters"]}
+RESPONSES_WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "parameters": WEATHER["function"]["parameters"],
+}
 
 
 @needs_real_cli
@@ -2396,10 +2894,12 @@ def test_real_responses_plain_and_streamed(real: Real) -> None:
     real.standin.reset(default=Reply(text="Hello there, friend.", delay=0.01))
     with serve(real.app()) as url:
         client = openai_client(url)
-        plain = client.responses.create(model="sonnet", input="hi", instructions="Be brief.", max_output_tokens=50,
-                                        reasoning={"effort": "low"})
-        with client.responses.stream(model="sonnet", input=[{"role": "user", "content": [
-                {"type": "input_text", "text": "hi"}]}]) as stream:
+        plain = client.responses.create(
+            model="sonnet", input="hi", instructions="Be brief.", max_output_tokens=50, reasoning={"effort": "low"}
+        )
+        with client.responses.stream(
+            model="sonnet", input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+        ) as stream:
             events = list(stream)
             final = stream.get_final_response()
     assert plain.output_text == "Hello there, friend." and plain.status == "completed"
@@ -2410,10 +2910,18 @@ def test_real_responses_plain_and_streamed(real: Real) -> None:
     assert "Be brief." in json.dumps(first["system"]) and first["max_tokens"] == 50
     assert first["output_config"]["effort"] == "low"
     kinds = [e.type for e in events]
-    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          "response.completed"]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert len(deltas) > 1 and "".join(deltas) == final.output_text == "Hello there, friend."
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -2421,18 +2929,28 @@ def test_real_responses_plain_and_streamed(real: Real) -> None:
 
 @needs_real_cli
 def test_real_responses_function_call_loop(real: Real) -> None:
-    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})), text_reply("Sunny in Paris."),
-                       calls_reply(("get_weather", {"city": "Oslo"})))
+    real.standin.reset(
+        calls_reply(("get_weather", {"city": "Paris"})),
+        text_reply("Sunny in Paris."),
+        calls_reply(("get_weather", {"city": "Oslo"})),
+    )
     with serve(real.app()) as url:
         client = openai_client(url)
         first = client.responses.create(model="sonnet", input="Weather in Paris?", tools=[RESPONSES_WEATHER])
         [call] = [item for item in first.output if item.type == "function_call"]
         assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
-        second = client.responses.create(model="sonnet", previous_response_id=first.id, tools=[RESPONSES_WEATHER],
-                                         input=[{"type": "function_call_output", "call_id": call.call_id,
-                                                 "output": "22 C"}])
-        with client.responses.stream(model="sonnet", input="Oslo?", tools=[RESPONSES_WEATHER],
-                                     tool_choice={"type": "function", "name": "get_weather"}) as stream:
+        second = client.responses.create(
+            model="sonnet",
+            previous_response_id=first.id,
+            tools=[RESPONSES_WEATHER],
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "22 C"}],
+        )
+        with client.responses.stream(
+            model="sonnet",
+            input="Oslo?",
+            tools=[RESPONSES_WEATHER],
+            tool_choice={"type": "function", "name": "get_weather"},
+        ) as stream:
             events = list(stream)
             streamed = stream.get_final_response()
     assert second.output_text == "Sunny in Paris."
@@ -2458,8 +2976,11 @@ def test_real_responses_previous_response_id(real: Real) -> None:
             client.responses.create(model="sonnet", input="x", previous_response_id=unstored.id)
     assert second.output_text == "echo: What is my name?"
     bodies = real.standin.bodies()
-    assert conversation_shape(bodies[1]) == [("user", "My name is Ada."), ("assistant", "echo: My name is Ada."),
-                                             ("user", "What is my name?")]
+    assert conversation_shape(bodies[1]) == [
+        ("user", "My name is Ada."),
+        ("assistant", "echo: My name is Ada."),
+        ("user", "What is my name?"),
+    ]
     assert "What is my name" not in json.dumps(bodies[2]) and "My name is Ada." in json.dumps(bodies[2])
     assert branch.previous_response_id == first.id
     assert getattr(missing_previous.value, "status_code", None) == 400
@@ -2467,10 +2988,23 @@ def test_real_responses_previous_response_id(real: Real) -> None:
 
 async def test_responses_continue_with_every_new_item(fake: Fake) -> None:
     async with client_for(fake.app()) as client:
-        first = (await client.post("/v1/responses", json={"input": [
-            {"type": "reasoning", "summary": []}, {"role": "user", "content": "start"}]})).json()
-        await client.post("/v1/responses", json={"previous_response_id": first["id"], "input": [
-            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]})
+        first = (
+            await client.post(
+                "/v1/responses",
+                json={"input": [{"type": "reasoning", "summary": []}, {"role": "user", "content": "start"}]},
+            )
+        ).json()
+        await client.post(
+            "/v1/responses",
+            json={
+                "previous_response_id": first["id"],
+                "input": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ],
+            },
+        )
     one, two = fake.calls()
     assert json.loads(one["stdin"])["message"]["content"][0]["text"] == "start"  # the reasoning item added nothing
     assert two["pid"] == one["pid"]  # the stored conversation's own process goes on with all the new items
@@ -2489,16 +3023,35 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
         assert_error(bad_tool, 400, "unsupported_value", "tools[0].type")
         unknown = await client.post("/v1/responses", json={"input": "x", "previous_response_id": "resp_nope"})
         assert_error(unknown, 400, "previous_response_not_found", "previous_response_id")
-        bad_image = await client.post("/v1/responses", json={"input": [{"role": "user", "content": [
-            {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]})
+        bad_image = await client.post(
+            "/v1/responses",
+            json={
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}
+                ]
+            },
+        )
         assert_error(bad_image, 400, "invalid_image", "input[0].content[0].image_url")
-        image = await client.post("/v1/responses", json={"input": [{"role": "user", "content": [
-            {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": data_url(PNG)}]}]})
+        image = await client.post(
+            "/v1/responses",
+            json={
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": "see"},
+                            {"type": "input_image", "image_url": data_url(PNG)},
+                        ],
+                    }
+                ]
+            },
+        )
     assert image.status_code == 200 and image.json()["output_text"].startswith("echo: see")
     assert fake.calls()[-1]["stdin"].count('"type": "image"') == 1
 
 
 # --- Pre-started processes ---
+
 
 async def prewarm(client: httpx.AsyncClient) -> dict[str, int]:
     return (await client.get("/health")).json()["prewarm"]
@@ -2527,8 +3080,9 @@ async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) ->
         assert wait_until(lambda: call["pid"] not in fake.alive(), 5)  # served once, then retired
         await ready(client, 2)
         assert (await prewarm(client))["hits"] == 1
-        other = await client.post("/v1/chat/completions", json={"messages": [
-            {"role": "system", "content": "Another prompt"}, user("two")]})
+        other = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "system", "content": "Another prompt"}, user("two")]}
+        )
         assert other.status_code == 200 and (await prewarm(client))["misses"] == 1
         await ready(client, 2)  # now spread: one for each recent combination, so both are served waiting
         for prompt in ("Another prompt", None):
@@ -2557,8 +3111,9 @@ async def test_prewarm_replaces_dead_and_old_processes(fake: Fake) -> None:
 
 
 @pytest.mark.parametrize("prewarm, status", [(1, 200), (0, 502)], ids=["pre-started", "fresh"])
-async def test_a_waiting_process_that_dies_before_the_turn_gets_a_free_retry(fake: Fake, prewarm: int,
-                                                                             status: int) -> None:
+async def test_a_waiting_process_that_dies_before_the_turn_gets_a_free_retry(
+    fake: Fake, prewarm: int, status: int
+) -> None:
     # A pre-started process still has its start-up lines buffered when it dies: they are not part of the turn,
     # so its death is the server's loss (a free retry), not the request's failure. A fresh process that dies
     # is a failure of the request (no retries are configured here).
@@ -2611,16 +3166,24 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
 
 # --- The CLI's version, flags, login and self-check; /health and the start-up log ---
 
+
 async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
     async with client_for(fake.app()) as client:
         health = await client.get("/health")
         assert health.status_code == 200
-        assert health.json() == {"status": "ok", "cli": {"version": "9.9.9 (Fake Code)", "tested": False,
-                                                          "login": health.json()["cli"]["login"], "self_check": {
-                                                              "state": "off", "problems": [], "seconds": None}},
-                                 "in_flight": 0, "queued": 0,
-                                 "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
-                                 "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0}}
+        assert health.json() == {
+            "status": "ok",
+            "cli": {
+                "version": "9.9.9 (Fake Code)",
+                "tested": False,
+                "login": health.json()["cli"]["login"],
+                "self_check": {"state": "off", "problems": [], "seconds": None},
+            },
+            "in_flight": 0,
+            "queued": 0,
+            "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
+            "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0},
+        }
         index = (await client.get("/")).json()
         assert "/v1/chat/completions" in index["endpoints"]
     missing = api.create_app(make_settings(bin=tmp_path / "no-such-claude"), fake.environ)
@@ -2640,8 +3203,7 @@ async def test_version_is_asked_once(fake: Fake) -> None:
 
 async def checked(app: Starlette) -> None:
     """Wait for the background start-up checks (login, self-check) to report."""
-    assert await eventually(lambda: app.state.runner.login != "unknown" and app.state.self_check.state != "pending",
-                            30)
+    assert await eventually(lambda: app.state.runner.login != "unknown" and app.state.self_check.state != "pending", 30)
 
 
 async def test_health_shows_details_and_the_cli_path_only_to_key_holders(fake: Fake) -> None:
@@ -2670,16 +3232,31 @@ async def test_start_up_log_says_what_the_service_is(fake: Fake, caplog: pytest.
     async with client_for(fake.app(stream_mode="pseudo")):
         pass
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("claude_api on ")]
-    for part in ("http://127.0.0.1:8765/v1", "auth off", str(fake.bin), "9.9.9 (Fake Code)",
-                 f"workdir {api.private_workdir(fake.environ)}", "stream mode pseudo"):
+    for part in (
+        "http://127.0.0.1:8765/v1",
+        "auth off",
+        str(fake.bin),
+        "9.9.9 (Fake Code)",
+        f"workdir {api.private_workdir(fake.environ)}",
+        "stream mode pseudo",
+    ):
         assert part in line
 
 
-@pytest.mark.parametrize(("version", "warned"), [("9.9.9 (Fake Code)", True), ("2.1.100 (Claude Code)", True),
-                                                 ("2.1.197 (Claude Code)", False), ("2.1.250 (Claude Code)", False),
-                                                 ("2.1.332 (Claude Code)", False), ("nonsense", True)])
+@pytest.mark.parametrize(
+    ("version", "warned"),
+    [
+        ("9.9.9 (Fake Code)", True),
+        ("2.1.100 (Claude Code)", True),
+        ("2.1.197 (Claude Code)", False),
+        ("2.1.250 (Claude Code)", False),
+        ("2.1.332 (Claude Code)", False),
+        ("nonsense", True),
+    ],
+)
 async def test_a_cli_outside_the_tested_range_is_warned_about_not_refused(
-        fake: Fake, caplog: pytest.LogCaptureFixture, version: str, warned: bool) -> None:
+    fake: Fake, caplog: pytest.LogCaptureFixture, version: str, warned: bool
+) -> None:
     fake.control(version=version)
     async with client_for(fake.app()) as client:
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
@@ -2751,8 +3328,11 @@ async def test_self_check_reports_missing_features_honestly(fake: Fake, caplog: 
     assert any("self-check failed" in r.getMessage() for r in caplog.records)
     [probe] = [c for c in fake.calls() if c["env"].get("ANTHROPIC_API_KEY") == "sk-self-check"]
     # A private home and config, a loopback stand-in, and nothing else of the server's environment.
-    assert probe["env"]["HOME"] != fake.environ["HOME"] and probe["env"]["ANTHROPIC_BASE_URL"].startswith(
-        "http://127.0.0.1:") and "KEEP_ME" not in probe["env"]
+    assert (
+        probe["env"]["HOME"] != fake.environ["HOME"]
+        and probe["env"]["ANTHROPIC_BASE_URL"].startswith("http://127.0.0.1:")
+        and "KEEP_ME" not in probe["env"]
+    )
     assert probe["env"]["CLAUDE_CONFIG_DIR"].startswith(probe["env"]["HOME"])
 
 
@@ -2775,8 +3355,9 @@ async def test_real_login_state_comes_from_auth_status(real: Real) -> None:
     async with client_for(app):
         await checked(app)
         assert app.state.runner.login == "logged_in"  # the key the stand-in accepts
-    logged_out = api.create_app(make_settings(bin=real.bin),
-                                {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"})
+    logged_out = api.create_app(
+        make_settings(bin=real.bin), {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"}
+    )
     async with client_for(logged_out) as client:
         await checked(logged_out)
         assert (await client.get("/health")).json()["status"] == "not_logged_in"
@@ -2804,8 +3385,10 @@ def test_real_session_sends_the_system_prompt_the_server_passes(real: Real) -> N
     for system in ("Speak as a pirate.", "Speak as a poet."):  # a restart forgets the first prompt; the CLI must too
         with serve(session_app(real)) as url:
             openai_client(url).chat.completions.create(
-                model="sonnet", messages=[{"role": "system", "content": system}, user("hello")],
-                extra_body={"session_id": sid})
+                model="sonnet",
+                messages=[{"role": "system", "content": system}, user("hello")],
+                extra_body={"session_id": sid},
+            )
     first, second = (json.dumps(body["system"]) for body in real.standin.bodies())
     assert "pirate" in first and "poet" in second and "pirate" not in second
 

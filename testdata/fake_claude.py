@@ -5,6 +5,7 @@
 recorded in ``calls/`` (argv, stdin line, environment, working directory, pid), so tests can assert on what
 the server ran.
 """
+
 import json
 import os
 import re
@@ -44,13 +45,21 @@ for flag in ("--session-id", "--resume"):
         transcript.parent.mkdir(parents=True, exist_ok=True)
         transcript.touch()
 
+
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
+
 def delta(kind, key, text):
-    emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
-          "delta": {"type": kind, key: text}}, "session_id": session})
+    emit(
+        {
+            "type": "stream_event",
+            "event": {"type": "content_block_delta", "index": 0, "delta": {"type": kind, key: text}},
+            "session_id": session,
+        }
+    )
+
 
 turns_answered = 0
 
@@ -58,15 +67,42 @@ turns_answered = 0
 def result(text, **extra):
     global turns_answered
     turns_answered += 1  # like the real CLI, a process reports its running total cost
-    emit({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None, "result": text,
-          "stop_reason": "end_turn", "session_id": session, "total_cost_usd": round(0.0012 * turns_answered, 6),
-          "usage": {"input_tokens": 5, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3,
-                    "output_tokens": 4}, **extra})
+    emit(
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": False,
+            "api_error_status": None,
+            "result": text,
+            "stop_reason": "end_turn",
+            "session_id": session,
+            "total_cost_usd": round(0.0012 * turns_answered, 6),
+            "usage": {
+                "input_tokens": 5,
+                "cache_read_input_tokens": 7,
+                "cache_creation_input_tokens": 3,
+                "output_tokens": 4,
+            },
+            **extra,
+        }
+    )
+
 
 def failure(text, status):
-    emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": status, "result": text,
-          "session_id": session, "total_cost_usd": 0, "usage": {}})
+    emit(
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": True,
+            "api_error_status": status,
+            "result": text,
+            "session_id": session,
+            "total_cost_usd": 0,
+            "usage": {},
+        }
+    )
     sys.exit(1)
+
 
 emit({"type": "system", "subtype": "init", "session_id": session, "tools": [], "model": "fake"})
 emit({"type": "some_future_event", "payload": {"ignored": True}})
@@ -75,8 +111,15 @@ sys.stderr.flush()
 for line in sys.stdin:  # one user message a line, answered in turn, as the real CLI does with stream-json input
     control = json.loads((HOME / "control.json").read_text()) if (HOME / "control.json").exists() else {}
     n = len(list(calls.glob("*.json")))
-    record = {"argv": args, "stdin": line, "env": dict(os.environ), "cwd": os.getcwd(),
-              "cwd_entries": sorted(os.listdir(".")), "system": system, "pid": os.getpid()}
+    record = {
+        "argv": args,
+        "stdin": line,
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "cwd_entries": sorted(os.listdir(".")),
+        "system": system,
+        "pid": os.getpid(),
+    }
     (calls / f"{n:04d}-{os.getpid()}.json").write_text(json.dumps(record))
     script = control.get("script", [])
     behaviour = script[n] if n < len(script) else control.get("default", "ok")
@@ -90,7 +133,7 @@ for line in sys.stdin:  # one user message a line, answered in turn, as the real
         if behaviour == "thinking":
             delta("thinking_delta", "thinking", "let me think")
         for i in range(0, len(reply), 5):
-            delta("text_delta", "text", reply[i:i + 5])
+            delta("text_delta", "text", reply[i : i + 5])
             time.sleep(control.get("delay", 0))
         result(reply, stop_reason="max_tokens" if behaviour == "max_tokens" else "end_turn")
     elif behaviour == "silent_then_ok":
@@ -126,8 +169,18 @@ for line in sys.stdin:  # one user message a line, answered in turn, as the real
         failure("API Error: 400 Third-party apps now draw from your extra usage, not your plan limits.", 400)
     elif behaviour == "usage_limit":  # as both CLI versions print a plan's limit (a 429 with its reset headers)
         resets_at = int(time.time() + control.get("resets_in", 3600))
-        emit({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": resets_at,
-              "rateLimitType": "five_hour", "isUsingOverage": False}, "session_id": session})
+        emit(
+            {
+                "type": "rate_limit_event",
+                "rate_limit_info": {
+                    "status": "rejected",
+                    "resetsAt": resets_at,
+                    "rateLimitType": "five_hour",
+                    "isUsingOverage": False,
+                },
+                "session_id": session,
+            }
+        )
         failure("You've hit your session limit · resets 1:38pm (UTC)", 429)
     elif behaviour == "prompt_too_long":  # as 2.1.197 prints an upstream 400 "prompt is too long"
         failure("Prompt is too long · the request is ~250000 tokens (limit 200000)", 400)

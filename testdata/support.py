@@ -79,7 +79,7 @@ def split_text(text: str, pieces: int) -> list[str]:
         words = text.split(" ")
         return [w if i == 0 else " " + w for i, w in enumerate(words)]
     size = max(1, -(-len(text) // pieces))
-    return [text[i:i + size] for i in range(0, len(text), size)]
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 class StandIn:
@@ -99,11 +99,13 @@ class StandIn:
         self.lock = threading.Lock()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = Starlette(routes=[
-            Route("/v1/messages", self.messages, methods=["POST"]),
-            Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
-            Route("/{path:path}", self.anything, methods=["GET", "HEAD", "POST"]),
-        ])
+        app = Starlette(
+            routes=[
+                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
+                Route("/{path:path}", self.anything, methods=["GET", "HEAD", "POST"]),
+            ]
+        )
         self.server = ThreadedServer(app, self.port)
 
     def __enter__(self) -> StandIn:
@@ -134,8 +136,11 @@ class StandIn:
         each ``cache_control`` mark writes the prefix up to it, and a later request reads the longest cached
         prefix that ends at a mark or up to 20 blocks before one. The CLI's per-request billing header is
         not part of the prompt."""
-        blocks = [{"role": "system", **b} for b in body.get("system") or []
-                  if not b.get("text", "").startswith("x-anthropic-billing-header")]
+        blocks = [
+            {"role": "system", **b}
+            for b in body.get("system") or []
+            if not b.get("text", "").startswith("x-anthropic-billing-header")
+        ]
         blocks += [{"role": "tool", **t} for t in body.get("tools") or []]
         for message in body.get("messages", []):
             content = message["content"]
@@ -145,7 +150,7 @@ class StandIn:
         sizes = [len(k) // 4 for k in keys]
         total = max(1, sum(sizes))
         marks = [i for i, b in enumerate(blocks) if b.get("cache_control")]
-        prefix = [hashlib.sha256("".join(keys[:i + 1]).encode()).hexdigest() for i in range(len(keys))]
+        prefix = [hashlib.sha256("".join(keys[: i + 1]).encode()).hexdigest() for i in range(len(keys))]
         read_end = -1
         with self.lock:
             for mark in reversed(marks):
@@ -154,10 +159,13 @@ class StandIn:
                     read_end = hits[0]
                     break
             self.cached_prefixes.update(prefix[mark] for mark in marks)
-        read = sum(sizes[:read_end + 1])
-        created = sum(sizes[:marks[-1] + 1]) - read if marks and marks[-1] > read_end else 0
-        return {"input_tokens": total - read - created, "cache_read_input_tokens": read,
-                "cache_creation_input_tokens": created}
+        read = sum(sizes[: read_end + 1])
+        created = sum(sizes[: marks[-1] + 1]) - read if marks and marks[-1] > read_end else 0
+        return {
+            "input_tokens": total - read - created,
+            "cache_read_input_tokens": read,
+            "cache_creation_input_tokens": created,
+        }
 
     async def messages(self, request: Request) -> Response:
         raw = await request.body()
@@ -166,8 +174,11 @@ class StandIn:
             self.requests.append({"body": body, "headers": dict(request.headers), "raw_size": len(raw)})
             reply = self.script.pop(0) if self.script else self.default
         if reply.status != 200:
-            return JSONResponse({"type": "error", "error": {"type": reply.error_type, "message": reply.message}},
-                                status_code=reply.status, headers=reply.headers)
+            return JSONResponse(
+                {"type": "error", "error": {"type": reply.error_type, "message": reply.message}},
+                status_code=reply.status,
+                headers=reply.headers,
+            )
         usage = self.usage_for(body)
         if reply.context_tokens:
             usage["cache_read_input_tokens"] = reply.context_tokens
@@ -181,44 +192,101 @@ class StandIn:
 
         if reply.stall:
             await asyncio.sleep(3600)
-        yield event("message_start", {"type": "message_start", "message": {
-            "id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant", "model": body.get("model"),
-            "content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}})
+        yield event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": f"msg_{uuid.uuid4().hex[:12]}",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body.get("model"),
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {**usage, "output_tokens": 1},
+                },
+            },
+        )
         index = 0
         if reply.thinking:
-            yield event("content_block_start", {"type": "content_block_start", "index": index,
-                                                "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
-            yield event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                "delta": {"type": "thinking_delta", "thinking": reply.thinking}})
-            yield event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                "delta": {"type": "signature_delta", "signature": "c2ln"}})
+            yield event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+                },
+            )
+            yield event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "thinking_delta", "thinking": reply.thinking},
+                },
+            )
+            yield event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "signature_delta", "signature": "c2ln"},
+                },
+            )
             yield event("content_block_stop", {"type": "content_block_stop", "index": index})
             index += 1
         if reply.tool_use:
-            yield event("content_block_start", {"type": "content_block_start", "index": index, "content_block": {
-                "type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:12]}", "name": reply.tool_use["name"],
-                "input": {}}})
-            yield event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                "type": "input_json_delta", "partial_json": json.dumps(reply.tool_use["input"])}})
+            yield event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {
+                        "type": "tool_use",
+                        "id": f"toolu_{uuid.uuid4().hex[:12]}",
+                        "name": reply.tool_use["name"],
+                        "input": {},
+                    },
+                },
+            )
+            yield event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(reply.tool_use["input"])},
+                },
+            )
             yield event("content_block_stop", {"type": "content_block_stop", "index": index})
             stop_reason = "tool_use"
         else:
-            yield event("content_block_start", {"type": "content_block_start", "index": index,
-                                                "content_block": {"type": "text", "text": ""}})
+            yield event(
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
+            )
             pieces = split_text(reply.text, reply.pieces)
             for i, piece in enumerate(pieces):
                 if i == len(pieces) - 1 and reply.gate is not None:
                     await asyncio.get_running_loop().run_in_executor(None, reply.gate.wait, 10)
                 if i == len(pieces) - 1:
                     self.sent_last_piece.set()
-                yield event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                    "delta": {"type": "text_delta", "text": piece}})
+                yield event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}},
+                )
                 if reply.delay:
                     await asyncio.sleep(reply.delay)
             yield event("content_block_stop", {"type": "content_block_stop", "index": index})
             stop_reason = reply.stop_reason
-        yield event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason,
-                                      "stop_sequence": None}, "usage": {"output_tokens": max(1, len(reply.text) // 4)}})
+        yield event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": max(1, len(reply.text) // 4)},
+            },
+        )
         yield event("message_stop", {"type": "message_stop"})
 
 
@@ -235,8 +303,9 @@ class ThreadedServer:
     """uvicorn in a background thread, on a loopback port, stopped on exit."""
 
     def __init__(self, app: Any, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self) -> None:
@@ -316,16 +385,22 @@ def write_fake_cli(folder: Path, **control: Any) -> Path:
 
 
 def fake_calls(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((folder / "calls").glob("*.json"))] \
-        if (folder / "calls").exists() else []
+    return (
+        [json.loads(p.read_text()) for p in sorted((folder / "calls").glob("*.json"))]
+        if (folder / "calls").exists()
+        else []
+    )
 
 
 def find_real_cli() -> str | None:
     """The npm CLI: CLAUDE_TEST_BIN, then ./.cli/latest (where the README's test command installs the newest), then
     ./.cli (where older test commands installed it), then PATH. An absolute path: the CLI runs in another folder."""
-    for candidate in (os.environ.get("CLAUDE_TEST_BIN"), str(ROOT / ".cli" / "latest" / "node_modules" / ".bin" /
-                                                              "claude"),
-                      str(ROOT / ".cli" / "node_modules" / ".bin" / "claude"), shutil.which("claude")):
+    for candidate in (
+        os.environ.get("CLAUDE_TEST_BIN"),
+        str(ROOT / ".cli" / "latest" / "node_modules" / ".bin" / "claude"),
+        str(ROOT / ".cli" / "node_modules" / ".bin" / "claude"),
+        shutil.which("claude"),
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return os.path.abspath(candidate)
     return None
