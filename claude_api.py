@@ -2495,8 +2495,8 @@ AttemptSource = Literal["fresh", "waiting", "resume"]  # a new process; a pre-st
 class Verdict:
     """What becomes of a process after an attempt; the runner acts on it, in one place."""
 
-    action: Literal["keep", "finish", "end"]  # keep it warm / let it finish its transcript, then end / end it now
-    conversation: Any = None  # the conversation it holds, for "keep" and "finish"
+    action: Literal["keep", "end"]  # keep it warm for its conversation / end it now
+    conversation: Any = None  # the conversation it holds, if any
 
 
 END = Verdict("end")
@@ -2786,12 +2786,10 @@ class Runner:
             self.login = "logged_in"
 
     def settle(self, cli: CliProcess, verdict: Verdict) -> asyncio.Future[None] | None:
-        """Act on a verdict: keep the process warm, let it finish, or end it (returning the end to wait on)."""
-        if verdict.action == "keep" and cli.at_boundary:
+        """Act on a verdict: keep the process warm (a process the store cannot keep finishes its transcript, then
+        ends), or end it now, returning the end to wait on."""
+        if verdict.action == "keep":
             self.store.put("warm", verdict.conversation, cli)
-            return None
-        if verdict.action in ("keep", "finish"):
-            self.store.closed(verdict.conversation, cli, graceful=True)
             return None
         return self.store.closed(verdict.conversation, cli)
 
