@@ -45,6 +45,7 @@ from testdata.support import (
     free_port,
     last_user_text,
     processes_running,
+    rule_breaches,
     serve,
     wait_until,
     write_fake_cli,
@@ -203,6 +204,7 @@ def real(standin: StandIn, tmp_path: Path) -> Iterator[Real]:
     item = Real(standin, environ, REAL_CLI)
     yield item
     assert wait_until(lambda: processes_running(item.bin) == [], 5), "a CLI process outlived its test"
+    assert standin.breaches == [], "an upstream request broke the Messages API's rules"
 
 
 def openai_client(url: str, **kwargs: Any) -> Any:
@@ -217,6 +219,23 @@ def user(text: str) -> dict[str, str]:
 
 def assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
+
+
+def test_the_stand_in_finds_breaches_of_the_messages_api_rules() -> None:
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}
+    note = {"role": "system", "content": "environment"}
+    good = [{"role": "user", "content": "hi"}, note, call, result, {"role": "assistant", "content": "done"}]
+    assert rule_breaches({"messages": good}) == []
+    late = {"role": "user", "content": [{"type": "text", "text": "x"}, *result["content"]]}
+    for messages in (
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],  # one role twice
+        [{"role": "user", "content": "a"}, call, {"role": "user", "content": "b"}],  # not answered
+        [{"role": "user", "content": "a"}, call, late],  # results not first
+        [{"role": "user", "content": "a"}, call],  # ends unanswered
+        [{"role": "user", "content": "a"}, call, result, call, result],
+    ):  # an id answered twice
+        assert rule_breaches({"messages": messages}), messages
 
 
 # --- Settings ---

@@ -82,6 +82,35 @@ def split_text(text: str, pieces: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
+def rule_breaches(body: dict[str, Any]) -> list[str]:
+    """Where one upstream request breaks the Messages API's rules for turns and tools: two messages in a row from
+    one role, a ``tool_use`` not answered in the next message, ``tool_result`` blocks not first in it, an id answered
+    twice or never issued. The environment notes newer CLIs send as role "system" messages are not turns."""
+    breaches: list[str] = []
+    answered: set[str] = set()
+    previous, pending = None, set()
+    turns = [m for m in body.get("messages", []) if m.get("role") != "system"]
+    for i, message in enumerate(turns):
+        role, content = message.get("role"), message.get("content")
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        results = [b for b in blocks if b.get("type") == "tool_result"]
+        ids = {b.get("tool_use_id") for b in results}
+        if role == previous:
+            breaches.append(f"turn {i}: two {role} messages in a row")
+        if ids != pending:
+            breaches.append(f"turn {i}: answers {sorted(map(str, ids))}, the calls before it were {sorted(pending)}")
+        if blocks[: len(results)] != results:
+            breaches.append(f"turn {i}: tool_result blocks do not come first")
+        if ids & answered:
+            breaches.append(f"turn {i}: answers {sorted(map(str, ids & answered))} again")
+        answered |= {str(found) for found in ids}
+        pending = {b.get("id") for b in blocks if b.get("type") == "tool_use"} if role == "assistant" else set()
+        previous = role
+    if pending:
+        breaches.append(f"the request ends with calls {sorted(pending)} unanswered")
+    return breaches
+
+
 class StandIn:
     """A loopback Messages API: it records every request and answers from a script of replies.
 
@@ -92,6 +121,7 @@ class StandIn:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.breaches: list[str] = []  # of the Messages API's rules, in any request since the last reset
         self.script: list[Reply] = []
         self.default = Reply()
         self.sent_last_piece = threading.Event()
@@ -118,6 +148,7 @@ class StandIn:
     def reset(self, *script: Reply, default: Reply | None = None) -> None:
         with self.lock:
             self.requests.clear()
+            self.breaches.clear()
             self.script = list(script)
             self.default = default or Reply()
             self.sent_last_piece.clear()
@@ -172,6 +203,7 @@ class StandIn:
         body = json.loads(raw)
         with self.lock:
             self.requests.append({"body": body, "headers": dict(request.headers), "raw_size": len(raw)})
+            self.breaches += rule_breaches(body)
             reply = self.script.pop(0) if self.script else self.default
         if reply.status != 200:
             return JSONResponse(
