@@ -2071,12 +2071,6 @@ class StopScanner:
         return out
 
 
-def apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    scanner = StopScanner(stops)
-    out = scanner.feed(text)
-    return (out, True) if scanner.stopped else (out + scanner.flush(), False)
-
-
 # --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
 
 STDOUT_LIMIT = 64 * MiB  # one stream-json line can carry a whole long answer
@@ -2421,7 +2415,7 @@ class ProcessStore:
     def count(self, kind: IdleKind, key: Any = None) -> int:
         return sum(1 for e in self.idle if e.kind == kind and (key is None or e.key == key))
 
-    def put(self, kind: IdleKind, key: Any, cli: CliProcess, now: float | None = None) -> None:
+    def put(self, kind: IdleKind, key: Any, cli: CliProcess) -> None:
         """Keep an idle process, within its kind's bound; a conversation keeps at most one."""
         if self.closing or not cli.at_boundary or self.limits(kind)[0] == 0:
             self.close(Idle(cli, kind, key, 0.0))
@@ -2429,7 +2423,7 @@ class ProcessStore:
         if kind == "warm":
             self.discard(key)
         cli.state = "waiting"
-        self.idle.append(Idle(cli, kind, key, time.monotonic() if now is None else now))
+        self.idle.append(Idle(cli, kind, key, time.monotonic()))
         while self.count(kind) > self.limits(kind)[0]:
             self.close(next(e for e in self.idle if e.kind == kind))
 

@@ -536,8 +536,10 @@ def test_stop_scanner_catches_a_stop_split_across_deltas() -> None:
     scanner = api.StopScanner(("STOP", "##"))
     out = "".join(scanner.feed(piece) for piece in ["Hello wor", "ld ST", "OP and more"])
     assert out == "Hello world " and scanner.stopped
-    assert api.apply_stop("a##b", ("STOP", "##")) == ("a", True)
-    assert api.apply_stop("no stop here", ("STOP",)) == ("no stop here", False)
+    scanner = api.StopScanner(("STOP", "##"))
+    assert scanner.feed("a##b") == "a" and scanner.stopped
+    scanner = api.StopScanner(("STOP",))
+    assert scanner.feed("no stop here") + scanner.flush() == "no stop here" and not scanner.stopped
     scanner = api.StopScanner(("STOP",))
     assert scanner.feed("ab") + scanner.feed("cS") + scanner.flush() == "abcS" and not scanner.stopped
 
