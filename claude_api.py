@@ -2447,7 +2447,7 @@ class ProcessStore:
     def closed(self, key: Any, cli: CliProcess, *, graceful: bool = False) -> asyncio.Future[None]:
         """Close a process; a conversation's next turn waits for its last process to be gone."""
         closing = cli.close_soon(graceful=graceful)
-        if key is not None:
+        if key is not None and not closing.done():  # a process closed already leaves nothing to wait for
             self.pending[key] = closing
             closing.add_done_callback(
                 lambda _: self.pending.pop(key, None) if self.pending.get(key) is closing else None
@@ -2462,7 +2462,9 @@ class ProcessStore:
     async def settled(self, key: Any) -> None:
         """Wait until the conversation's last process is gone."""
         while (closing := self.pending.get(key)) is not None:
-            await asyncio.shield(closing)
+            await asyncio.shield(closing)  # returns at once, without yielding, for a close already done
+            if self.pending.get(key) is closing:  # so drop it here rather than wait for its callback
+                del self.pending[key]
 
     def sweep(self, now: float | None = None) -> None:
         """Close processes that died or outstayed their kind's age limit."""

@@ -3165,6 +3165,23 @@ async def test_prewarm_with_sessions_becomes_the_warm_process(fake: Fake) -> Non
     assert pinned["argv"][pinned["argv"].index("--session-id") + 1] == api.cli_session_id(sid)
 
 
+async def test_waiting_on_a_conversation_whose_process_closed_long_ago_returns(fake: Fake) -> None:
+    # Awaiting a close that is already done does not yield to the event loop, so a pending entry left for it
+    # would make ``settled`` spin forever with the loop blocked: the store must neither keep one nor loop on it.
+    app = fake.app()
+    async with client_for(app):
+        runner = app.state.runner
+        cli = runner.process(api.build_cli_call(api.parse_chat_request(chat(), runner.settings), runner.settings))
+        await cli.start()
+        await cli.aclose()
+        store = runner.store
+        store.closed("conversation", cli)
+        assert store.pending == {}
+        store.pending["conversation"] = cli.close_soon()  # as a close registered just before it finished
+        await asyncio.wait_for(store.settled("conversation"), 5)
+        assert store.pending == {}
+
+
 async def test_prewarm_off(fake: Fake) -> None:
     app = fake.app(prewarm=0)
     async with client_for(app) as client:
