@@ -490,14 +490,28 @@ class Image:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+
+
+@dataclass(frozen=True)
 class Turn:
     role: Literal["user", "assistant", "tool"]
     text: str
     parts: tuple[str | Image, ...] = ()  # text and images in order, when the turn carries images
+    calls: tuple[ToolCall, ...] = ()  # an assistant turn's function calls
+    call_id: str = ""  # the call a tool turn answers
 
     @property
     def images(self) -> tuple[Image, ...]:
         return tuple(part for part in self.parts if isinstance(part, Image))
+
+    @property
+    def size(self) -> int:
+        """Characters, for the context-length floor."""
+        return len(self.text) + sum(len(call.name) + len(call.arguments) for call in self.calls)
 
 
 @dataclass(frozen=True)
@@ -505,13 +519,6 @@ class Tool:
     name: str
     description: str
     parameters: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON string, as OpenAI sends it
 
 
 @dataclass(frozen=True)
@@ -528,16 +535,17 @@ class ChatRequest:
     max_tokens: int | None = None
     effort: str = ""
     session_id: str | None = None  # an explicit session, from the body or the X-Session-Id header
-    tools: tuple[Tool, ...] = ()  # offered functions (empty with tool_choice "none")
-    tool_choice: str = "auto"  # "auto", "required", or the one function's name that must be called
+    tools: tuple[Tool, ...] = ()  # the client's functions
+    tool_choice: str = "auto"  # "auto", "none", "required", or the one function's name that must be called
     parallel_tool_calls: bool = True
     response_format: str = "text"  # "text", "json_object" or "json_schema"
     schema: Mapping[str, Any] | None = None  # for json_schema
 
     @property
-    def structured(self) -> bool:
-        """The reply is JSON we parse and check: function calling or a JSON response format."""
-        return bool(self.tools) or self.response_format != "text"
+    def whole_first(self) -> bool:
+        """The answer must be whole before any of it goes out: a call is required (text the model writes before
+        a correction must never reach the client), or the reply is JSON, checked before it is sent."""
+        return self.tool_choice not in ("auto", "none") or self.response_format != "text"
 
 
 def resolve_model(name: str, settings: Settings) -> str | None:
@@ -704,11 +712,11 @@ def image_part(spec: Any, where: str, limit: int) -> Image:
     return Image({"type": "base64", "media_type": media, "data": encoded}, hashlib.sha256(data).hexdigest())
 
 
-def tool_calls_text(calls: Any, param: str) -> str:
-    """An assistant's function calls, written in the very format the model is asked to reply in."""
+def history_calls(calls: Any, param: str) -> tuple[ToolCall, ...]:
+    """An assistant message's function calls, as the history carries them."""
     if not isinstance(calls, list):
         raise wrong_type(param, "an array", calls)
-    items = []
+    found = []
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -717,11 +725,14 @@ def tool_calls_text(calls: Any, param: str) -> str:
                 param=f"{param}[{j}].function",
                 code="invalid_value",
             )
-        arguments = function.get("arguments") or "{}"
-        with contextlib.suppress(TypeError, ValueError, RecursionError):
-            arguments = json.loads(arguments)
-        items.append({"id": call.get("id"), "name": function["name"], "arguments": arguments})
-    return json.dumps({"type": "tool_calls", "tool_calls": items}, ensure_ascii=False)
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = f"call_{j}"  # an id only needs to pair the call with its result, within one message
+        found.append(ToolCall(call_id, function["name"], arguments))
+    return tuple(found)
 
 
 def message_role(message: Any, where: str) -> Role:
@@ -764,17 +775,20 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
             text = "".join(part for part in parts if isinstance(part, str))
             turns.append(Turn("user", text, parts if any(isinstance(p, Image) for p in parts) else ()))
             continue
+        if role in ("tool", "function"):
+            parts = message_parts(message.get("content"), f"{where}.content", image_limit)
+            text = "".join(part for part in parts if isinstance(part, str))
+            ref = message.get("tool_call_id") if role == "tool" else message.get("name")
+            images = parts if any(isinstance(p, Image) for p in parts) else ()
+            turns.append(Turn("tool", text, images, call_id=ref if isinstance(ref, str) else ""))
+            continue
         text = message_text(message.get("content"), f"{where}.content")
         if role in ("system", "developer"):
             system.append(text)
         elif role == "assistant":
-            if message.get("tool_calls"):
-                text = "\n".join(filter(None, [text, tool_calls_text(message["tool_calls"], f"{where}.tool_calls")]))
-            if text:  # an empty assistant turn says nothing (a Responses reasoning item, say)
-                turns.append(Turn("assistant", text))
-        elif role in ("tool", "function"):
-            ref = message.get("tool_call_id") or message.get("name") or "?"
-            turns.append(Turn("tool", f"[result of call {ref}]\n{text}"))
+            calls = history_calls(message["tool_calls"], f"{where}.tool_calls") if message.get("tool_calls") else ()
+            if text or calls:  # an empty assistant turn says nothing (a Responses reasoning item, say)
+                turns.append(Turn("assistant", text, calls=calls))
     if not turns:
         raise BadRequest(
             "'messages' holds only system messages; add at least one user message.",
@@ -784,45 +798,116 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
     return "\n\n".join(system), tuple(turns)
 
 
-TURN_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
+# What the Messages API accepts as a tool_use id; a client's id outside it is mapped to one that is, the same way
+# in the call and in its result.
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NO_RESULT = "(no result was given for this call)"
 
 
-def render_transcript(turns: tuple[Turn, ...]) -> str:
-    """One user turn goes as it is; a longer history becomes a labelled transcript."""
-    if len(turns) == 1 and turns[0].role == "user":
-        return turns[0].text
-    return "\n\n".join(f"{TURN_LABELS[turn.role]}: {turn.text}" for turn in turns)
+def native_id(call_id: str) -> str:
+    if SAFE_ID.fullmatch(call_id):
+        return call_id
+    return "call_" + hashlib.sha256(call_id.encode()).hexdigest()[:24]
 
 
-def render_blocks(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
-    """The transcript as content blocks: the text of ``render_transcript``, with each image in its place."""
-    if not any(turn.parts for turn in turns):
-        return [{"type": "text", "text": render_transcript(turns)}]
-    lone = len(turns) == 1 and turns[0].role == "user"
-    pieces: list[str | Image] = []
-    for i, turn in enumerate(turns):
-        if not lone:
-            pieces.append(f"{chr(10) * 2 if i else ''}{TURN_LABELS[turn.role]}: ")
-        pieces.extend(turn.parts or (turn.text,))
+def call_input(arguments: str) -> dict[str, Any]:
+    """A call's arguments as a tool_use input, which must be an object."""
+    with contextlib.suppress(ValueError, RecursionError):
+        value = json.loads(arguments)
+        if isinstance(value, dict):
+            return value
+    return {"arguments": arguments}
+
+
+def content_blocks(turn: Turn) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
-    for piece in pieces:
-        if isinstance(piece, Image):
-            blocks.append({"type": "image", "source": dict(piece.source)})
-        elif blocks and blocks[-1]["type"] == "text":
-            blocks[-1]["text"] += piece
-        elif piece:
-            blocks.append({"type": "text", "text": piece})
+    for part in turn.parts or (turn.text,):
+        if isinstance(part, Image):
+            blocks.append({"type": "image", "source": dict(part.source)})
+        elif part:
+            blocks.append({"type": "text", "text": part})
     return blocks
 
 
+@dataclass
+class NativeMessage:
+    """One message of the conversation as the Messages API carries it: a role and content blocks."""
+
+    role: Literal["user", "assistant"]
+    blocks: list[dict[str, Any]]
+
+
+def unanswered(call_id: str, text: str = NO_RESULT, *, error: bool = True) -> dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": call_id, "content": text, "is_error": error}
+
+
+def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]] | None = None) -> list[NativeMessage]:
+    """The turns as Messages API messages, keeping its rules whatever the client sent: roles alternate, every
+    tool_use is answered by a tool_result first thing in the next message (a call the client left unanswered
+    gets NO_RESULT), and a result that answers no open call becomes plain text. ``pending`` maps calls already
+    open before these turns (a process stopped at them) to the result each gets if the turns give none."""
+    messages: list[NativeMessage] = []
+    open_calls: dict[str, dict[str, Any]] = dict(pending or {})
+
+    def close_calls(given: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        results = [given.get(call_id) or fallback for call_id, fallback in open_calls.items()]
+        open_calls.clear()
+        return results
+
+    results: dict[str, dict[str, Any]] = {}
+    loose: list[dict[str, Any]] = []  # user content after the results
+    for turn in turns:
+        if turn.role == "tool":
+            call_id = native_id(turn.call_id) if turn.call_id else ""
+            if call_id in open_calls and call_id not in results:
+                results[call_id] = {"type": "tool_result", "tool_use_id": call_id, "content": content_blocks(turn)}
+            else:
+                loose.append({"type": "text", "text": f"Result of call {turn.call_id or '?'}:\n{turn.text}"})
+            continue
+        if turn.role == "user":
+            loose.extend(content_blocks(turn))
+            continue
+        user = close_calls(results) + loose
+        results, loose = {}, []
+        if user:
+            messages.append(NativeMessage("user", user))
+        blocks = content_blocks(turn)
+        for call in turn.calls:
+            call_id = native_id(call.id)
+            if call_id in open_calls:  # the same id twice in one message: the second cannot be answered apart
+                continue
+            open_calls[call_id] = unanswered(call_id)
+            blocks.append({"type": "tool_use", "id": call_id, "name": call.name, "input": call_input(call.arguments)})
+        if messages and messages[-1].role == "assistant":
+            messages[-1].blocks.extend(blocks)
+        else:
+            messages.append(NativeMessage("assistant", blocks or [{"type": "text", "text": "(no answer)"}]))
+    user = close_calls(results) + loose
+    if user:
+        messages.append(NativeMessage("user", user))
+    for message in messages:  # the Messages API refuses empty tool_result content: none is a plain empty string
+        for block in message.blocks:
+            if block["type"] == "tool_result" and not block["content"]:
+                block["content"] = ""
+    return messages
+
+
 # --- Function calling and structured output ---
-# The CLI's own tools stay off. The client's functions are described in the system prompt, the model answers
-# with one JSON object in a fixed format, and every call's arguments are checked against the function's
-# JSON Schema before the client sees them.
+# The CLI's own tools stay off. The client's functions reach the model as native tools, under their own names: the
+# server offers them to the CLI as an in-process MCP server over the control protocol. A call ends the turn before
+# anything runs (a PreToolUse hook answers "defer"); its arguments are checked against the function's JSON Schema
+# first, and a call that fails is denied with the reason, so the model corrects itself in the same turn. A JSON
+# reply (response_format) is a call too, of one more function whose parameters are the client's schema.
+
+MCP_SERVER = "fn"  # our name for the in-process MCP server; never the client's text
+REPLY_FUNCTION = "json_reply"  # the function a JSON reply is given through (another name if the client has this one)
+MAX_CORRECTIONS = 2  # denied calls or blocked stops per turn, at most, before the answer counts as invalid
+ROOT_COMBINATORS = ("anyOf", "oneOf", "allOf")
 
 
 def parse_tool(item: Any, where: str) -> Tool:
-    """One entry of 'tools': a function with a valid name and a JSON Schema for its parameters."""
+    """One entry of 'tools': a function with a valid name and a JSON Schema for its parameters, normalised so the
+    CLI can list it (a root without "type" gets "type": "object")."""
     if not isinstance(item, dict):
         raise wrong_type(where, "an object", item)
     if item.get("type") != "function":
@@ -845,7 +930,33 @@ def parse_tool(item: Any, where: str) -> Tool:
     if not isinstance(parameters, dict):
         raise wrong_type(f"{where}.function.parameters", "an object", parameters)
     check_schema(parameters, f"{where}.function.parameters")
-    return Tool(name, str(function.get("description") or ""), parameters)
+    description = function.get("description")
+    return Tool(name, description if isinstance(description, str) else "", object_schema(parameters, where))
+
+
+def object_schema(schema: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """A function's parameters as the CLI can offer them. The CLI drops every function of a server when one
+    schema's root is not an object or is a combinator, so those are refused here; a missing root type is added."""
+    param = f"{where}.function.parameters"
+    combinator = next((key for key in ROOT_COMBINATORS if key in schema), None)
+    if combinator:
+        raise BadRequest(
+            f"Invalid schema for function {where}: '{combinator}' at the root is not supported; the parameters must "
+            "be one object schema (move the alternatives into a property).",
+            param=f"{param}.{combinator}",
+            code="invalid_schema",
+        )
+    kind = schema.get("type")
+    if kind is None:
+        return {"type": "object", **schema}
+    if kind != "object":
+        raise BadRequest(
+            f"Invalid schema for function {where}: the parameters must be a JSON Schema of type 'object', got "
+            f"{brief(kind)}.",
+            param=f"{param}.type",
+            code="invalid_schema",
+        )
+    return schema
 
 
 def parse_tools(raw: Any, choice: Any) -> tuple[tuple[Tool, ...], str]:
@@ -859,12 +970,8 @@ def parse_tools(raw: Any, choice: Any) -> tuple[tuple[Tool, ...], str]:
     names = [tool.name for tool in tools]
     if len(set(names)) != len(names):
         raise BadRequest("Function names in 'tools' must be unique.", param="tools", code="invalid_value")
-    if choice is None or choice == "auto":
-        return tuple(tools), "auto"
-    if choice == "none":
-        return (), "auto"  # as if no tools were given
-    if choice == "required":
-        return tuple(tools), "required"
+    if choice is None or choice in ("auto", "none", "required"):
+        return tuple(tools), choice or "auto"
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in names:
@@ -909,124 +1016,62 @@ def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
     )
 
 
-def reply_instructions(request: ChatRequest) -> str:
-    """The system prompt addition that asks for a reply we can parse and check."""
-    if request.tools:
-        functions = json.dumps(
-            [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in request.tools],
-            ensure_ascii=False,
-        )
-        rules = {
-            "auto": "Call functions when they help; otherwise answer with text.",
-            "required": "You must call at least one function.",
-        }.get(request.tool_choice, f"You must call the function {request.tool_choice!r}.")
-        if not request.parallel_tool_calls:
-            rules += " Call at most one function."
-        text_form = (
-            "a JSON value matching the response schema below"
-            if request.response_format == "json_schema"
-            else "a JSON object"
-            if request.response_format == "json_object"
-            else "your answer"
-        )
-        lines = [
-            "You can call these functions (JSON Schema parameters):",
-            functions,
-            "Reply with exactly one JSON object and nothing else, in one of two forms:",
-            f'{{"type": "text", "content": <{text_form}>}}',
-            '{"type": "tool_calls", "tool_calls": [{"name": <function name>, "arguments": {<arguments>}}]}',
-            rules + " Earlier function calls in the conversation are shown in the same form, with their ids; "
-            "their results follow as [result of call <id>].",
-        ]
-    else:
-        lines = ["Reply with exactly one JSON value and nothing else: no prose, no code fences."]
-        if request.response_format == "json_object":
-            lines[0] = "Reply with exactly one JSON object and nothing else: no prose, no code fences."
-    if request.response_format == "json_schema":
-        lines += ["The JSON must validate against this JSON Schema:", json.dumps(request.schema, ensure_ascii=False)]
-    return "\n".join(lines)
-
-
-class InvalidReply(ValueError):
-    """The model's reply is not in the requested format; the message says why, for a corrective turn."""
-
-
-@dataclass(frozen=True)
-class Reply:
-    content: str | None
-    calls: tuple[ToolCall, ...] = ()
-
-
-def loads_reply(text: str) -> Any:
-    """Parse the model's JSON, forgiving only a Markdown code fence around it. The fence is found with plain
-    string operations, in linear time: a regex for it was cubic in the reply's length."""
-    stripped = text.strip()
-    if len(stripped) >= 6 and stripped.startswith("```") and stripped.endswith("```"):
-        stripped = stripped[3:-3].removeprefix("json").strip()
-    try:
-        value = json.loads(stripped)
-    except RecursionError:
-        raise InvalidReply(f"the reply is nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as exc:
-        raise InvalidReply(f"the reply is not valid JSON ({exc})") from None
-    if fault := json_fault(value):
-        raise InvalidReply(f"the reply {fault[1]}")
-    return value
-
-
-def parse_reply(text: str, request: ChatRequest, patterns: PatternAnswers | None = None) -> Reply:
-    """Check a structured reply against the request: never lets a malformed call or JSON through.
-    Raises PatternsNeeded when the schemas' patterns must be checked first (see ``schema_problem``)."""
-    if not request.tools:
-        return Reply(checked_content(loads_reply(text), request, patterns))
-    reply = loads_reply(text)
-    if not isinstance(reply, dict) or reply.get("type") not in ("text", "tool_calls"):
-        raise InvalidReply('the reply must be an object with "type": "text" or "tool_calls"')
-    if reply["type"] == "text":
-        if request.tool_choice != "auto":
-            raise InvalidReply("a function call is required, but the reply is text")
-        content = reply.get("content")
-        if request.response_format == "text":
-            if not isinstance(content, str):
-                raise InvalidReply('"content" must be a string')
-            return Reply(content)
-        return Reply(checked_content(content, request, patterns))
-    calls = reply.get("tool_calls")
-    if not isinstance(calls, list) or not calls:
-        raise InvalidReply('"tool_calls" must be a non-empty array')
-    if not request.parallel_tool_calls and len(calls) > 1:
-        raise InvalidReply("only one function call is allowed")
-    tools = {tool.name: tool for tool in request.tools}
-    checked = []
-    for call in calls:
-        name = call.get("name") if isinstance(call, dict) else None
-        if name not in tools:
-            raise InvalidReply(f"there is no function named {name!r}")
-        if request.tool_choice not in ("auto", "required") and name != request.tool_choice:
-            raise InvalidReply(f"the function {request.tool_choice!r} must be called, not {name!r}")
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):
-            arguments = loads_reply(arguments)
-        problem = schema_problem(arguments, tools[name].parameters, patterns)
-        if problem:
-            raise InvalidReply(f"the arguments of {name!r} do not match its parameters: {problem}")
-        checked.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, json.dumps(arguments, ensure_ascii=False)))
-    return Reply(None, tuple(checked))
-
-
-def checked_content(value: Any, request: ChatRequest, patterns: PatternAnswers | None = None) -> str:
-    if request.response_format == "json_object" and not isinstance(value, dict):
-        raise InvalidReply("the reply must be a JSON object")
-    if request.response_format == "json_schema" and (problem := schema_problem(value, request.schema or {}, patterns)):
-        raise InvalidReply(f"the JSON does not match the schema: {problem}")
-    return json.dumps(value, ensure_ascii=False)
-
-
-def correction(problem: str) -> str:
-    return (
-        f"Your last reply could not be used: {problem}. Reply again with exactly one JSON object in the "
-        "required format, and nothing else."
+def reply_tool(request: ChatRequest) -> Tool | None:
+    """The function a JSON reply is given through, for a request with a JSON response format. Its parameters are
+    the client's schema, wrapped in an object under "value" when its root is not one."""
+    if request.response_format == "text":
+        return None
+    taken = {tool.name for tool in request.tools}
+    name = next(
+        n for n in (REPLY_FUNCTION, *(f"{REPLY_FUNCTION}_{i}" for i in range(1, len(taken) + 2))) if n not in taken
     )
+    schema = dict(request.schema or {"type": "object"}) if request.response_format == "json_schema" else {}
+    if request.response_format == "json_object":
+        schema = {"type": "object"}
+    wrapped = schema.get("type") != "object" or any(key in schema for key in ROOT_COMBINATORS)
+    if wrapped:
+        defs = {key: schema.pop(key) for key in ("$defs", "definitions") if key in schema}
+        schema = {"type": "object", "properties": {"value": schema}, "required": ["value"], **defs}
+    text = "Give your final answer by calling this function"
+    if wrapped:
+        text += ": the answer goes in 'value'"
+    return Tool(name, f"{text}. Do not write the answer as text.", schema)
+
+
+def reply_value(tool: Tool, arguments: Mapping[str, Any]) -> Any:
+    """The JSON reply a call of ``reply_tool`` carries."""
+    if tool.parameters.get("properties", {}).keys() == {"value"} and tool.parameters.get("required") == ["value"]:
+        return arguments.get("value")
+    return arguments
+
+
+def mcp_tools(tools: Iterable[Tool]) -> list[dict[str, Any]]:
+    """The functions as the MCP server lists them. The read-only hint lets the CLI hand over several calls of one
+    message at once; every call is deferred anyway."""
+    return [
+        {
+            "name": t.name,
+            "description": t.description,
+            "inputSchema": dict(t.parameters),
+            "annotations": {"readOnlyHint": True},
+        }
+        for t in tools
+    ]
+
+
+def offered_tools(request: ChatRequest) -> tuple[Tool, ...]:
+    """Every function the model is offered for a request: the client's, the JSON reply's, and a stand-in for each
+    function the history calls that the request no longer lists (a history with calls needs their definitions)."""
+    tools = list(request.tools)
+    if (reply := reply_tool(request)) is not None:
+        tools.append(reply)
+    known = {tool.name for tool in tools}
+    for turn in request.turns:
+        for call in turn.calls:
+            if call.name not in known and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", call.name):
+                known.add(call.name)
+                tools.append(Tool(call.name, "(not available in this request)", {"type": "object"}))
+    return tuple(tools)
 
 
 JSON_TYPES: Mapping[str, Callable[[Any], bool]] = MappingProxyType(
@@ -1720,14 +1765,16 @@ def as_responses_error(error: BadRequest) -> BadRequest:
 
 @dataclass(frozen=True)
 class CliCall:
-    """Everything needed to run the CLI once: argv, the stdin payload, the environment changes."""
+    """Everything needed to run the CLI once: argv, what goes to stdin, the environment changes."""
 
     args: tuple[str, ...]
-    stdin: bytes
+    stdin: bytes  # the user message that starts the turn
     system_prompt: str | None  # written to a file and passed with system_flag; never put in argv
     system_flag: str = "--system-prompt-file"
     env: Mapping[str, str] = field(default_factory=dict)
     session_args: tuple[str, ...] = ()  # how the call stores its conversation; not part of its options
+    history: tuple[NativeMessage, ...] = ()  # the conversation before stdin, seeded into the process first
+    tools: tuple[Tool, ...] = ()  # the functions offered, through the in-process MCP server
 
     @property
     def options(self) -> tuple[Any, ...]:
@@ -1744,12 +1791,32 @@ NO_FILE_MENTIONS = MappingProxyType({"CLAUDE_CODE_DISABLE_ATTACHMENTS": "1", "CL
 NO_FILE_READS = json.dumps({"permissions": {"deny": ["Read"]}})
 
 
-def user_message_line(blocks: list[dict[str, Any]]) -> bytes:
-    """One stream-json user message. A text starting with '/' would run as a CLI slash command;
-    a trailing whitespace-only block stops that, and the CLI drops it before the upstream call."""
+def user_message_line(blocks: list[dict[str, Any]], *, query: bool = True) -> bytes:
+    """One stream-json user message; ``query`` false only appends it to the history (seeding). A text starting
+    with '/' would run as a CLI slash command; a trailing whitespace-only block stops that, and the CLI drops it
+    before the upstream call."""
     if any(b["type"] == "text" and b["text"].lstrip().startswith("/") for b in blocks):
         blocks = [*blocks, {"type": "text", "text": "\n"}]
-    line = {"type": "user", "message": {"role": "user", "content": blocks}}
+    line: dict[str, Any] = {"type": "user", "message": {"role": "user", "content": blocks}, "parent_tool_use_id": None}
+    if not query:
+        line["shouldQuery"] = False
+    return json.dumps(line, ensure_ascii=False).encode() + b"\n"
+
+
+def assistant_message_line(blocks: list[dict[str, Any]], model: str | None) -> bytes:
+    """An assistant message for the history, as the CLI reads one on stdin. Each gets its own id: the CLI merges
+    assistant messages that share one."""
+    message = {
+        "id": f"msg_seed_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model or "default",
+        "content": blocks,
+        "stop_reason": "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
+    line = {"type": "assistant", "message": message, "parent_tool_use_id": None}
     return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
 
@@ -1760,6 +1827,10 @@ class Conversation:
     cli_id: str
     resume: bool  # --resume an existing transcript, or start one with --session-id
     turns: tuple[Turn, ...]  # what this call sends: the newest turns when resuming, else all the context
+    pending: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # calls the process is stopped at
+
+
+CONTINUE = "Continue."  # the user message after a history that ends with the assistant's turn: the CLI needs one
 
 
 def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conversation | None = None) -> CliCall:
@@ -1789,16 +1860,19 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         args += ["--fallback-model", settings.fallback_model]
     if settings.max_budget_usd is not None:
         args += ["--max-budget-usd", f"{settings.max_budget_usd:g}"]
-    blocks = render_blocks(conversation.turns if conversation else request.turns)
-    instructions = reply_instructions(request) if request.structured else ""
-    system: str | None = "\n\n".join(filter(None, [request.system, instructions])) or None
+    turns = conversation.turns if conversation else request.turns
+    messages = native_messages(turns, conversation.pending if conversation else {})
+    if not messages or messages[-1].role == "assistant":
+        messages.append(NativeMessage("user", [{"type": "text", "text": CONTINUE}]))
+    system: str | None = request.system or None
     flag = "--system-prompt-file"
     if settings.system_prompt_mode == "embed":
         if system and not (conversation and conversation.resume):
-            if blocks[0]["type"] == "text":
-                blocks[0] = {"type": "text", "text": f"{system}\n\n{blocks[0]['text']}"}
+            first = next(m for m in messages if m.role == "user")
+            if first.blocks[0]["type"] == "text":
+                first.blocks[0] = {"type": "text", "text": f"{system}\n\n{first.blocks[0]['text']}"}
             else:
-                blocks.insert(0, {"type": "text", "text": f"{system}\n\n"})
+                first.blocks.insert(0, {"type": "text", "text": f"{system}\n\n"})
         system = None  # keep the CLI's own prompt: the plan accepts only that one
     elif settings.system_prompt_mode == "append":
         flag = "--append-system-prompt-file"
@@ -1811,11 +1885,13 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         session_args = ("--resume" if conversation.resume else "--session-id", conversation.cli_id)
     return CliCall(
         args=tuple(args),
-        stdin=user_message_line(blocks),
+        stdin=user_message_line(messages[-1].blocks),
         system_prompt=system,
         system_flag=flag,
         env=env,
         session_args=session_args,
+        history=tuple(messages[:-1]),
+        tools=offered_tools(request),
     )
 
 
@@ -1831,6 +1907,10 @@ def child_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict
             # Automatic compaction would rewrite a kept session's history behind the client's back (on by
             # default on every version; the variable works on all of them, the --autocompact flag only sizes it).
             "DISABLE_AUTO_COMPACT": "1",
+            # The client's functions go upstream under their own names, not mcp__fn__<name> (in-process servers
+            # only; both versions), and always in full: tool search would hide them behind a search tool.
+            "CLAUDE_AGENT_SDK_MCP_NO_PREFIX": "1",
+            "ENABLE_TOOL_SEARCH": "false",
         }
     )
     env.update(extra)
@@ -1878,7 +1958,14 @@ class LimitReached:
     resets_at: float | None
 
 
-CliEvent = TextDelta | ThinkingDelta | CliResult | ModelCall | LimitReached
+@dataclass(frozen=True)
+class CallDeferred:
+    """A function call the turn stops at: checked, allowed, and left for the client to run."""
+
+    call: ToolCall
+
+
+CliEvent = TextDelta | ThinkingDelta | CliResult | ModelCall | LimitReached | CallDeferred
 
 
 def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
@@ -2022,27 +2109,13 @@ class Answer:
     thinking: str = ""
 
 
-def add_usage(first: Mapping[str, Any], second: Mapping[str, Any]) -> Any:
-    """Both runs' counts, for an answer that took a corrective second run."""
-    total: dict[str, Any] = {}
-    for key in {*first, *second}:
-        a, b = first.get(key), second.get(key)
-        if isinstance(a, dict) or isinstance(b, dict):
-            total[key] = add_usage(a or {}, b or {})
-        else:
-            total[key] = (a or 0) + (b or 0)
-    return total
-
-
 def wire_tool_call(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def answer_turn(content: str | None, calls: tuple[ToolCall, ...]) -> Turn:
+def answer_turn(done: Answer) -> Turn:
     """The answer as the next request's history will show it."""
-    if calls:
-        return Turn("assistant", tool_calls_text([wire_tool_call(call) for call in calls], "tool_calls"))
-    return Turn("assistant", content or "")
+    return Turn("assistant", done.content or "", calls=done.calls)
 
 
 class StopScanner:
@@ -2182,6 +2255,144 @@ class PatternChecker:
             await asyncio.shield(process.wait())
 
 
+PATTERN_ROUNDS = 3  # checks of one value that may ask for pattern answers; one nearly always does
+
+
+async def value_problem(value: Any, schema: Any, patterns: PatternChecker) -> str | None:
+    """``schema_problem``, with the client patterns it meets matched in the pattern checker's process. Answers
+    can lead the check to parts it skipped before (a ``oneOf`` that now passes), hence the rounds."""
+    answers: dict[tuple[str, str], bool | None] = {}
+    for _ in range(PATTERN_ROUNDS):
+        try:
+            return schema_problem(value, schema, answers)
+        except PatternsNeeded as need:
+            answers.update(await patterns.check(need.pairs))
+    return "the schema's patterns could not all be checked"
+
+
+HookAnswer = dict[str, Any]
+ALLOW_STOP: HookAnswer = {}
+
+
+def deny(reason: str) -> HookAnswer:
+    return {
+        "hookSpecificOutput": {
+            "hookEventName": "PreToolUse",
+            "permissionDecision": "deny",
+            "permissionDecisionReason": reason,
+        }
+    }
+
+
+DEFER: HookAnswer = {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "defer"}}
+
+
+class ToolPolicy:
+    """One turn's rules for function calls, enforced natively through the CLI's hooks: each call is deferred to
+    the client, or denied with a reason the model reads and acts on; a turn that would end without a call it
+    needs is sent back with a reason (the Stop hook). The CLI sends no tool_choice upstream, so this is where
+    tool_choice and parallel_tool_calls are honoured. Corrections are capped: past MAX_CORRECTIONS the answer is
+    invalid."""
+
+    def __init__(self, request: ChatRequest, patterns: PatternChecker) -> None:
+        self.request, self.patterns = request, patterns
+        self.tools = {tool.name: tool for tool in request.tools}
+        self.reply = reply_tool(request)
+        self.deferred: list[ToolCall] = []
+        self.corrections = 0
+
+    def correct(self, problem: str) -> None:
+        self.corrections += 1
+        if self.corrections > MAX_CORRECTIONS:
+            raise InvalidModelOutput(
+                f"The model's answer broke the request's rules {self.corrections} times in one turn; the last "
+                f"time: {problem}"
+            )
+
+    async def pre_tool_use(self, name: str, arguments: Any, call_id: str) -> HookAnswer:
+        """Defer the call, or deny it with a reason; a deferred call is in ``deferred``."""
+        problem = await self.call_problem(name, arguments)
+        if problem:
+            self.correct(problem)
+            return deny(problem)
+        self.deferred.append(ToolCall(call_id, name, json.dumps(arguments, ensure_ascii=False)))
+        return DEFER
+
+    async def call_problem(self, name: str, arguments: Any) -> str | None:
+        request, reply = self.request, self.reply
+        tool = reply if reply is not None and name == reply.name else self.tools.get(name)
+        if tool is None:
+            return f"There is no function named {name!r} in this request; do not call it."
+        if request.tool_choice == "none" and tool is not reply:
+            return "Function calling is off for this request: answer without calling a function."
+        if request.tool_choice not in ("auto", "none", "required") and name != request.tool_choice:
+            return f"You must call the function {request.tool_choice!r}, not {name!r}."
+        if self.deferred and (not request.parallel_tool_calls or tool is reply):
+            return "Only one function call is allowed at a time; this call was not made."
+        if not isinstance(arguments, dict):
+            return "The arguments must be a JSON object."
+        if found := await value_problem(arguments, tool.parameters, self.patterns):
+            return f"The arguments do not match the parameters of {name!r}: {found}. Call it again, corrected."
+        return None
+
+    def stop(self) -> HookAnswer:
+        """The turn would end with no call: let it, unless one is needed."""
+        request = self.request
+        if self.deferred:
+            return ALLOW_STOP
+        if self.reply is not None:
+            reason = f"Give your final answer by calling the function {self.reply.name!r}, not as text."
+        elif request.tool_choice == "required":
+            reason = "You must call at least one of the functions now."
+        elif request.tool_choice not in ("auto", "none"):
+            reason = f"You must call the function {request.tool_choice!r} now."
+        else:
+            return ALLOW_STOP
+        self.correct(reason)
+        return {"decision": "block", "reason": reason}
+
+
+def control_request(request_id: str, request: Mapping[str, Any]) -> bytes:
+    return json.dumps({"type": "control_request", "request_id": request_id, "request": request}).encode() + b"\n"
+
+
+# Sent to every process at its start: the hooks through which ToolPolicy decides each call and each turn's end.
+INITIALIZE = control_request(
+    "initialize",
+    {
+        "subtype": "initialize",
+        "hooks": {
+            "PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}],
+            "Stop": [{"matcher": None, "hookCallbackIds": ["stop"]}],
+        },
+    },
+)
+SDK_SERVER = {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}
+
+
+def mcp_answer(message: Mapping[str, Any], tools: Iterable[Tool]) -> dict[str, Any]:
+    """The in-process MCP server's answer to one JSON-RPC message. It has no ``instructions``: the CLI would add
+    them to the system prompt."""
+    method, params = message.get("method"), message.get("params")
+    reply: dict[str, Any] = {"jsonrpc": "2.0", "id": message.get("id")}
+    if method == "initialize":
+        version = params.get("protocolVersion") if isinstance(params, dict) else None
+        reply["result"] = {
+            "protocolVersion": version or "2025-06-18",
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": MCP_SERVER, "version": "1"},
+        }
+    elif method == "tools/list":
+        reply["result"] = {"tools": mcp_tools(tools)}
+    elif method == "tools/call":  # never reached: every call is deferred or denied before it would run
+        reply["result"] = {"content": [{"type": "text", "text": "This function runs on the client."}], "isError": True}
+    elif "id" not in message:  # a notification
+        return {"jsonrpc": "2.0", "result": {}}
+    else:
+        reply["error"] = {"code": -32601, "message": f"Method not found: {str(method)[:100]}"}
+    return reply
+
+
 ProcessState = Literal["new", "ready", "waiting", "busy", "spent", "closed"]
 
 
@@ -2209,6 +2420,11 @@ class CliProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
+        self.tools: tuple[Tool, ...] | None = None  # the functions it offers, fixed once set (the CLI cannot swap them)
+        self.pending: dict[str, dict[str, Any]] = {}  # the calls its last turn stopped at, with a result for each
+        self.policy: ToolPolicy | None = None  # the rules of the turn under way
+        self.garbage = 0  # unparseable stdout lines in the turn under way
+        self.initialized = False  # the CLI answered INITIALIZE: it speaks the control protocol
         self._closing: asyncio.Future[None] | None = None
         self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
@@ -2249,6 +2465,7 @@ class CliProcess:
             raise CliUnavailable("The claude CLI could not be started; the server's log says why.") from None
         self.state = "ready"
         self._stderr_task = asyncio.create_task(self._drain_stderr())
+        await self.write(INITIALIZE)
 
     async def _drain_stderr(self) -> None:
         assert self.process and self.process.stderr
@@ -2256,27 +2473,26 @@ class CliProcess:
             text = line.decode(errors="replace").rstrip()
             self.stderr.append(text if len(text) <= STDERR_LINE else f"{text[:STDERR_LINE]}... ({len(text)} chars)")
 
-    async def turn(self, message: bytes, *, close_stdin: bool) -> AsyncGenerator[CliEvent, None]:
-        """Send one user message and yield the turn's events up to its result. A turn that ends any other way
-        (an error, an early stop, a process that exits) leaves the process spent."""
+    async def turn(self, call: CliCall, policy: ToolPolicy | None = None) -> AsyncGenerator[CliEvent, None]:
+        """Offer the call's functions (once in a process's life), seed its history, send its user message, and
+        yield the turn's events up to its result. A turn that ends any other way (an error, an early stop, a
+        process that exits) leaves the process spent."""
         assert self.process and self.process.stdout
         waited, self.state = self.state == "waiting", "busy"
-        await self.write(message, close=close_stdin)
-        began, garbage = False, 0
+        self.policy, self.garbage = policy, 0
+        try:
+            await self._prepare(call)
+        except EOFError:
+            raise await self._ended(False, waited) from None
+        self.pending = {}
+        await self.write(call.stdin)
+        began = False
         usage: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
         limit: LimitReached | None = None  # the CLI said the account's limit is reached
         try:
-            async for raw in self.process.stdout:
+            async for line in self._lines():
                 try:
-                    line = json.loads(raw)
-                except ValueError:
-                    garbage += 1
-                    log.debug("non-JSON line from the CLI: %.200r", raw)
-                    continue
-                if not isinstance(line, dict):
-                    continue
-                try:
-                    event = parse_event(line)
+                    event = line if isinstance(line, CallDeferred) else parse_event(line)
                 except RateLimited:
                     if limit is None or limit.resets_at is None:
                         raise
@@ -2294,16 +2510,102 @@ class CliProcess:
                         # stop here with the upstream's own counts (the process is spent).
                         yield CliResult("", "max_tokens", openai_usage(usage, None), None)
                         return
-                    continue
                 if isinstance(event, CliResult):
                     self.state = "ready"
+                    self.pending = self._stopped_at(policy)
                     yield self.turn_cost(event)
                     return
                 yield event
-            raise await self._ended(began, waited, garbage)
+            raise await self._ended(began, waited)
         finally:
+            self.policy = None
             if self.state == "busy":
                 self.state = "spent"
+
+    async def _prepare(self, call: CliCall) -> None:
+        """Before a turn: the functions, then the history, each user message of which the CLI confirms with an
+        empty result (the next line must wait for it, or an assistant line can overtake it)."""
+        if call.tools and self.tools is None:
+            self.tools = call.tools
+            await self.write(control_request("tools", {"subtype": "mcp_set_servers", "servers": SDK_SERVER}))
+            await self._until(lambda line: (line.get("response") or {}).get("request_id") == "tools")
+        for message in call.history:
+            if message.role == "assistant":
+                await self.write(assistant_message_line(message.blocks, None))
+            else:
+                await self.write(user_message_line(message.blocks, query=False))
+                await self._until(lambda line: line.get("type") == "result")
+
+    async def _until(self, wanted: Callable[[dict[str, Any]], bool]) -> None:
+        async for line in self._lines():
+            if isinstance(line, dict) and wanted(line):
+                return
+        raise EOFError
+
+    async def _lines(self) -> AsyncIterator[dict[str, Any] | CallDeferred]:
+        """The CLI's stdout lines as objects, its control requests answered on the way; a call deferred by that
+        answer comes as a CallDeferred."""
+        assert self.process and self.process.stdout
+        async for raw in self.process.stdout:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                self.garbage += 1
+                log.debug("non-JSON line from the CLI: %.200r", raw)
+                continue
+            if not isinstance(line, dict):
+                continue
+            if line.get("type") != "control_request":
+                if (
+                    line.get("type") == "control_response"
+                    and (line.get("response") or {}).get("request_id") == "initialize"
+                ):
+                    self.initialized = True
+                yield line
+                continue
+            request = line.get("request") if isinstance(line.get("request"), dict) else {}
+            answer, deferred = await self._control(request)
+            reply = {"subtype": "success", "request_id": line.get("request_id"), "response": answer}
+            if answer is None:
+                reply = {"subtype": "error", "request_id": line.get("request_id"), "error": "not supported"}
+            await self.write(json.dumps({"type": "control_response", "response": reply}).encode() + b"\n")
+            if deferred is not None:
+                yield deferred
+
+    async def _control(self, request: Mapping[str, Any]) -> tuple[dict[str, Any] | None, CallDeferred | None]:
+        """The answer to one of the CLI's control requests, and the call it defers, if any."""
+        kind = request.get("subtype")
+        if kind == "mcp_message":
+            message = request.get("message") if isinstance(request.get("message"), dict) else {}
+            return {"mcp_response": mcp_answer(message, self.tools or ())}, None
+        if kind == "can_use_tool":  # only for a call no hook decided: never run anything
+            return {"behavior": "deny", "message": "Not available."}, None
+        if kind != "hook_callback":
+            return None, None
+        policy, hook = self.policy, request.get("input") if isinstance(request.get("input"), dict) else {}
+        if request.get("callback_id") == "stop":
+            return (policy.stop() if policy else ALLOW_STOP), None
+        if policy is None:
+            return deny("Function calls are not available here."), None
+        answer = await policy.pre_tool_use(
+            str(hook.get("tool_name")),
+            hook.get("tool_input"),
+            str(hook.get("tool_use_id") or request.get("tool_use_id")),
+        )
+        return answer, CallDeferred(policy.deferred[-1]) if answer is DEFER else None
+
+    @staticmethod
+    def _stopped_at(policy: ToolPolicy | None) -> dict[str, dict[str, Any]]:
+        """The calls a turn stopped at, each with the result it gets if the client's next turn brings none."""
+        if policy is None:
+            return {}
+        reply = policy.reply.name if policy.reply else None
+        return {
+            call.id: unanswered(call.id, "The answer was delivered.", error=False)
+            if call.name == reply
+            else unanswered(call.id)
+            for call in policy.deferred
+        }
 
     async def write(self, data: bytes, *, close: bool = False) -> None:
         """Write to the CLI's stdin; a process that has gone shows as the end of its output instead."""
@@ -2314,7 +2616,7 @@ class CliProcess:
             if close:
                 self.process.stdin.close()
 
-    async def _ended(self, began: bool, waited: bool, garbage: int) -> CliFailed:
+    async def _ended(self, began: bool, waited: bool) -> CliFailed:
         """The error for a process that ended without a result, its stderr logged once."""
         assert self.process
         code = await self.process.wait()
@@ -2324,7 +2626,9 @@ class CliProcess:
             log.info("a waiting CLI process had died (status %s); replacing it", code)
             return ProcessLost("A waiting claude CLI process had died.")
         log.warning(
-            "CLI exited with status %s and no result%s", code, f" after {garbage} unparseable lines" if garbage else ""
+            "CLI exited with status %s and no result%s",
+            code,
+            f" after {self.garbage} unparseable lines" if self.garbage else "",
         )
         error = TurnNotStarted if not began else CliFailed
         return error(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
@@ -2501,10 +2805,9 @@ END = Verdict("end")
 class Job:
     """One request's work for the runner: which call each attempt makes, and what becomes of its process.
 
-    This base class is a stateless request: a fresh or pre-started process per attempt, stdin closed after the
-    prompt, ended after the attempt. ``SessionJob`` continues stored conversations and keeps processes warm."""
+    This base class is a stateless request: a fresh or pre-started process per attempt, ended after it.
+    ``SessionJob`` continues stored conversations and keeps processes warm."""
 
-    keeps_stdin = False
     stderr_logged = False  # a failed attempt's stderr went to the log: the retries' need not
 
     def __init__(self, call: CliCall) -> None:
@@ -2528,9 +2831,9 @@ class Job:
         """The attempt failed for the server's reasons, not the request's: try again at no cost."""
         return isinstance(error, ProcessLost)
 
-    def answered(self, shown: str, result: CliResult | None) -> None:
-        """The answer went out: ``shown`` is the text the client got, ``result`` what the CLI said in full
-        (None when the CLI was stopped early, at a stop string)."""
+    def answered(self, turn: Turn, exact: bool) -> None:
+        """The answer went out: ``turn`` is what the client got; ``exact`` false when that is not all the CLI
+        said (it was stopped early, at a stop string)."""
 
 
 @dataclass
@@ -2739,9 +3042,12 @@ class Runner:
         return cli
 
     @contextlib.asynccontextmanager
-    async def attempt(self, job: Job, deadline: float) -> AsyncIterator[AsyncIterator[CliEvent]]:
-        """One attempt: a slot, a process (waiting or new), its turn's events, under CLAUDE_TIMEOUT and the
-        request's deadline. Whatever happens, the job's verdict decides what becomes of the process."""
+    async def attempt(
+        self, job: Job, deadline: float, policy: ToolPolicy | None = None
+    ) -> AsyncIterator[AsyncIterator[CliEvent]]:
+        """One attempt: a slot, a process (waiting or new), its turn's events under ``policy``, within
+        CLAUDE_TIMEOUT and the request's deadline. Whatever happens, the job's verdict decides what becomes of the
+        process."""
         binary = self.binary()
         async with self.slot() as slot:
             call, cli = await job.plan(self)
@@ -2752,7 +3058,7 @@ class Runner:
                 async with asyncio.timeout(limit):
                     if cli.state == "new":
                         await cli.start()
-                    async with contextlib.aclosing(cli.turn(call.stdin, close_stdin=not job.keeps_stdin)) as events:
+                    async with contextlib.aclosing(cli.turn(call, policy)) as events:
                         yield events
             except TimeoutError:
                 error = CliTimeout(
@@ -2903,53 +3209,49 @@ class SelfCheck:
 SELF_CHECK_TEXT = "self-check ok"
 SELF_CHECK_PROMPT = "self-check prompt"
 SELF_CHECK_TIMEOUT = 20.0
+SELF_CHECK_TOOL = {"type": "function", "function": {"name": "self_check", "parameters": {"type": "object"}}}
+SELF_CHECK_INPUT = {"probe": 1}
+SELF_CHECK_HISTORY = "self-check history"  # an assistant turn seeded before the prompt
 
 
 def sse_event(name: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-SELF_CHECK_STREAM = b"".join(
-    [
-        sse_event(
-            "message_start",
-            {
-                "type": "message_start",
-                "message": {
-                    "id": "msg_self_check",
-                    "type": "message",
-                    "role": "assistant",
-                    "model": "self-check",
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": 1, "output_tokens": 1},
-                },
-            },
-        ),
-        sse_event(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        ),
-        *(
-            sse_event(
-                "content_block_delta",
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
-            )
-            for piece in ("self-check", " ok")
-        ),
+def self_check_stream(body: Mapping[str, Any]) -> bytes:
+    """The stand-in's answer: a call of the first function offered, unless the request ends with results; else
+    SELF_CHECK_TEXT in two deltas."""
+    messages = body.get("messages") or [{}]
+    content = [m for m in messages if m.get("role") == "user"][-1].get("content")
+    answered = isinstance(content, list) and any(b.get("type") == "tool_result" for b in content)
+    tools = body.get("tools") or []
+    message_id = f"msg_self_check_{len(messages)}"  # unique per answer: the CLI merges messages that share one
+    start = {"id": message_id, "type": "message", "role": "assistant", "model": "self-check", "content": []}
+    events = [sse_event("message_start", {"type": "message_start", "message": {**start, "usage": {"input_tokens": 1}}})]
+    if tools and not answered:
+        block = {"type": "tool_use", "id": f"toolu_self_check_{len(messages)}", "name": tools[0]["name"], "input": {}}
+        deltas = [{"type": "input_json_delta", "partial_json": json.dumps(SELF_CHECK_INPUT)}]
+        stop = "tool_use"
+    else:
+        block = {"type": "text", "text": ""}
+        deltas = [{"type": "text_delta", "text": piece} for piece in ("self-check", " ok")]
+        stop = "end_turn"
+    events.append(sse_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}))
+    for delta in deltas:
+        events.append(sse_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    events += [
         sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
         sse_event(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": stop, "stop_sequence": None},
                 "usage": {"output_tokens": 2},
             },
         ),
         sse_event("message_stop", {"type": "message_stop"}),
     ]
-)
+    return b"".join(events)
 
 
 class MessagesStandIn:
@@ -2985,7 +3287,7 @@ class MessagesStandIn:
             body = await reader.readexactly(length) if length else b""
             if head.startswith("POST /v1/messages?") or head.startswith("POST /v1/messages "):
                 self.prompts.append(body.decode(errors="replace"))
-                kind, payload = "text/event-stream", SELF_CHECK_STREAM
+                kind, payload = "text/event-stream", self_check_stream(json.loads(body))
             elif target.startswith("/v1/messages/count_tokens"):
                 kind, payload = "application/json", b'{"input_tokens": 1}'
             else:
@@ -2999,34 +3301,46 @@ class MessagesStandIn:
         writer.close()
 
 
-def self_check_problems(lines: list[dict[str, Any]], prompts: list[str]) -> tuple[str, ...]:
+def self_check_problems(cli: CliProcess, events: list[CliEvent], prompts: list[str]) -> tuple[str, ...]:
     """What the CLI's output and the stand-in's requests say about each feature we depend on."""
     problems = []
-    if not any(
-        line.get("type") == "control_response"
-        and (line.get("response") or {}).get("request_id") == "self-check"
-        and line["response"].get("subtype") == "success"
-        for line in lines
-    ):
-        problems.append("control protocol: no answer to an initialize request")
+    if not cli.initialized:
+        problems.append("control protocol: no answer to the initialize request")
     if not any(SELF_CHECK_PROMPT in prompt for prompt in prompts):
         problems.append("stream-json input: the user message did not reach the model")
+    if not any(SELF_CHECK_HISTORY in prompt for prompt in prompts[:1]):
+        problems.append("seeding: the history sent over stdin did not reach the model")
+    if not any('"name": "self_check"' in prompt or '"name":"self_check"' in prompt for prompt in prompts[:1]):
+        problems.append("functions: the in-process MCP server's function was not offered to the model")
     if not any(
-        isinstance(parse_event(line) if line.get("type") == "stream_event" else None, TextDelta) for line in lines
+        isinstance(event, CallDeferred) and json.loads(event.call.arguments) == SELF_CHECK_INPUT for event in events
     ):
+        problems.append("functions: the model's call was not deferred to the client")
+    if not any('"tool_result"' in prompt for prompt in prompts[1:]):
+        problems.append("functions: the client's result did not reach the model")
+    if not any(isinstance(event, TextDelta) for event in events):
         problems.append("partial messages: no text deltas, so live streams arrive in one piece")
-    results = [line for line in lines if line.get("type") == "result"]
-    if not results or results[-1].get("is_error") or results[-1].get("result") != SELF_CHECK_TEXT:
+    results = [event for event in events if isinstance(event, CliResult)]
+    if not results or results[-1].text != SELF_CHECK_TEXT:
         problems.append("stream-json output: no result carrying the answer")
     return tuple(problems)
 
 
 async def self_check(info: CliInfo, settings: Settings, environ: Mapping[str, str], args: tuple[str, ...]) -> SelfCheck:
-    """Run the CLI once, as requests run it, against MessagesStandIn: no quota is spent and the user's login is never
-    touched (a private HOME and config folder, a dummy key, and only PATH taken from the server's environment)."""
+    """Run the CLI as requests run it, against MessagesStandIn: a seeded history, a function call deferred, its
+    result, and a streamed answer. No quota is spent and the user's login is never touched (a private HOME and
+    config folder, a dummy key, and only PATH taken from the server's environment)."""
     started = time.monotonic()
     stand_in = MessagesStandIn()
-    lines: list[dict[str, Any]] = []
+    events: list[CliEvent] = []
+    settings = replace(settings, fallback_model="", max_budget_usd=None)
+    messages = [
+        {"role": "user", "content": "self-check start"},
+        {"role": "assistant", "content": SELF_CHECK_HISTORY},
+        {"role": "user", "content": SELF_CHECK_PROMPT},
+    ]
+    chat = parse_chat_request({"messages": messages, "tools": [SELF_CHECK_TOOL]}, settings)
+    call = build_cli_call(chat, settings)
     with tempfile.TemporaryDirectory(prefix="claude_api-self-check-") as home:
         async with stand_in as url:
             env = child_environment(
@@ -3038,24 +3352,17 @@ async def self_check(info: CliInfo, settings: Settings, environ: Mapping[str, st
                     "ANTHROPIC_API_KEY": "sk-self-check",
                 },
             )
-            chat = parse_chat_request({"messages": [{"role": "user", "content": SELF_CHECK_PROMPT}]}, settings)
-            call = build_cli_call(chat, replace(settings, fallback_model="", max_budget_usd=None))
-            initialize = {"type": "control_request", "request_id": "self-check", "request": {"subtype": "initialize"}}
+            cli = CliProcess(info.path, call, home, env, version_args=args)
             with contextlib.suppress(TimeoutError, ProxyError):
-                async with (
-                    asyncio.timeout(SELF_CHECK_TIMEOUT),
-                    CliProcess(info.path, call, home, env, version_args=args) as cli,
-                ):
-                    assert cli.process and cli.process.stdout
-                    await cli.write(json.dumps(initialize).encode() + b"\n" + call.stdin, close=True)
-                    async for raw in cli.process.stdout:
-                        with contextlib.suppress(ValueError):
-                            line = json.loads(raw)
-                            if isinstance(line, dict):
-                                lines.append(line)
-                                if line.get("type") == "result":
-                                    break
-    problems = self_check_problems(lines, stand_in.prompts)
+                async with asyncio.timeout(SELF_CHECK_TIMEOUT), cli:
+                    policy = ToolPolicy(chat, PatternChecker(environ))
+                    events += [event async for event in cli.turn(call, policy)]
+                    result = native_messages([], cli.pending)[0].blocks if cli.pending else []
+                    follow = replace(
+                        call, stdin=user_message_line(result or [{"type": "text", "text": "go on"}]), history=()
+                    )
+                    events += [event async for event in cli.turn(follow, ToolPolicy(chat, policy.patterns))]
+    problems = self_check_problems(cli, events, stand_in.prompts)
     return SelfCheck("failed" if problems else "passed", problems, round(time.monotonic() - started, 3))
 
 
@@ -3082,11 +3389,16 @@ def cli_session_id(client_id: str, owner: str = "") -> str:
     return str(uuid.uuid5(SESSION_NAMESPACE, f"{owner}/{client_id}" if owner else client_id))
 
 
+def turn_identity(turn: Turn) -> list[Any]:
+    """What a turn is, for a fingerprint: a call's arguments as their value, since clients re-encode them."""
+    calls = [(call.id, call.name, call_input(call.arguments)) for call in turn.calls]
+    return [turn.role, turn.text, [image.digest for image in turn.images], calls, turn.call_id]
+
+
 def fingerprint(system: str, cli_model: str | None, turns: Iterable[Turn], owner: str = "") -> str:
     """Identifies a conversation exactly: any edit, reformat or other model (or key) gives another fingerprint."""
     material = json.dumps(
-        [system, cli_model, [(turn.role, turn.text, [image.digest for image in turn.images]) for turn in turns], owner],
-        ensure_ascii=False,
+        [system, cli_model, [turn_identity(turn) for turn in turns], owner], ensure_ascii=False, sort_keys=True
     )
     return hashlib.sha256(material.encode()).hexdigest()
 
@@ -3142,21 +3454,16 @@ class Sessions:
 
     def job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
-        if chat.structured:  # function calling and JSON output run stateless (see the README)
-            notice = (
-                f"Session {chat.session_id} was not used: function calling and JSON output run stateless."
-                if chat.session_id
-                else None
-            )
-            return Job(build_cli_call(chat, self.settings)), notice
         if chat.session_id:
             return self.explicit_job(chat, owner)
         if not self.settings.auto_session:
             return Job(build_cli_call(chat, self.settings)), None
-        turns = chat.turns
-        if len(turns) >= 3 and turns[-1].role == "user" and turns[-2].role == "assistant":
-            # Taken out of the map while in use: an identical request arriving meanwhile starts afresh.
-            session = self.auto.pop(fingerprint(chat.system, chat.cli_model, turns[:-1], owner), None)
+        before = chat.turns[: len(chat.turns) - len(newest_turns(chat.turns))]
+        if len(before) >= 2 and before[-1].role == "assistant":
+            # The next turn of a conversation answered here, found by its history up to our answer (function
+            # calls and their ids included). Taken out of the map while in use: an identical request arriving
+            # meanwhile starts afresh.
+            session = self.auto.pop(fingerprint(chat.system, chat.cli_model, before, owner), None)
             if session is not None:
                 return SessionJob(self, session, chat), None
         session = Session(
@@ -3202,7 +3509,7 @@ class Sessions:
         new_input = chat.turns
         if prior is not None:
             chat = replace(chat, turns=(*prior.turns, *new_input))
-        if chat.structured or (not store and prior is None):
+        if not store and prior is None:
             return Job(build_cli_call(chat, self.settings)), chat
         session = prior.session if prior else None
         if (
@@ -3293,8 +3600,6 @@ class SessionJob(Job):
     """A turn in a stored conversation: continued in its warm process, resumed cold from the CLI's transcript,
     or rebuilt from the history we kept."""
 
-    keeps_stdin = True
-
     def __init__(
         self, sessions: Sessions, session: Session, chat: ChatRequest, newest: tuple[Turn, ...] | None = None
     ) -> None:
@@ -3335,19 +3640,23 @@ class SessionJob(Job):
         if session.state == "stale":
             await self.sessions.delete_transcript(session)
             session.state = "new"
-        transcript = self.sessions.transcript(session.cli_id)
-        if session.state == "stored" and (warm is not None or transcript is None or transcript.exists()):
-            self.context = (*session.history, *self.newest)
-            call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest))
-            if warm is not None and warm.call.options == call.options:
-                self.source = "waiting"
+        if warm is not None:
+            call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest, warm.pending))
+            if warm.call.options == call.options and warm.tools in (None, call.tools):
+                self.context, self.source = (*session.history, *self.newest), "waiting"
                 return call, warm
-            if warm is not None:  # started with other options: let it finish its transcript, then resume cold
-                store.closed(session, warm, graceful=True)
-                await store.settled(session)
-            self.source = "resume"
-            return call, None
-        # A new conversation, or a rebuilt one (the CLI lost it): all the context we have goes in the first message.
+            # Started with other options or functions (which a process cannot change): rebuild the conversation.
+            store.closed(session, warm, graceful=True)
+            await store.settled(session)
+        transcript = self.sessions.transcript(session.cli_id)
+        if session.state == "stored" and not session.history and (transcript is None or transcript.exists()):
+            # A session of this server's from before a restart: only the CLI's transcript holds it.
+            self.context, self.source = self.newest, "resume"
+            return build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest)), None
+        if session.state == "stored":  # no process holds it: its transcript gives way to our history, seeded
+            await self.sessions.delete_transcript(session)
+            session.state = "new"
+        # A new conversation, or a rebuilt one: the whole history is seeded into the process, message by message.
         self.context = (*session.history, *self.newest) if session.history else self.chat.turns
         call = build_cli_call(self.chat, settings, Conversation(session.cli_id, False, self.context))
         # A pre-started process brings its own session id, which only a conversation without one of the
@@ -3372,13 +3681,13 @@ class SessionJob(Job):
         # a crash): rebuild the conversation from the history we kept, without spending an attempt.
         return super().free_retry(error) or self.source == "resume" and isinstance(error, TurnNotStarted)
 
-    def answered(self, shown: str, result: CliResult | None) -> None:
+    def answered(self, turn: Turn, exact: bool) -> None:
         session = self.session
-        session.history = [*self.context, Turn("assistant", shown)]
-        if result is None or result.text != shown:
+        session.history = [*self.context, turn]
+        if not exact:
             session.state = "stale"  # cut at a stop string: continue from what the client saw, not what the CLI said
         elif session.kind == "automatic":
-            self.sessions.remember(session, (*self.chat.turns, Turn("assistant", shown)))
+            self.sessions.remember(session, (*self.chat.turns, turn))
             self.registered = True
 
 
@@ -3444,37 +3753,99 @@ TurnEvent = TextDelta | ThinkingDelta | CallStarted | ArgumentsDelta | Finished
 PSEUDO_SLICE = 24  # characters per event when replaying a finished answer
 
 
+class AnswerSoFar:
+    """What one attempt's CLI events add up to, and which events go out at once: text cut at the first stop string;
+    each deferred call; nothing before the end for an answer that must be whole first, which keeps only the last
+    model call's text (what came before a correction is not the answer). A JSON reply's call is the answer's text."""
+
+    def __init__(self, request: ChatRequest, policy: ToolPolicy) -> None:
+        self.reply, self.whole = policy.reply, request.whole_first
+        self.scanner = StopScanner(() if self.reply else request.stop)
+        self.shown: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.streamed = False  # text came as deltas (as it does with partial messages), not only in the result
+
+    @property
+    def turn(self) -> Turn:
+        return Turn("assistant", "".join(self.shown), calls=tuple(self.calls))
+
+    def model_call(self, event: ModelCall) -> None:
+        if self.whole and event.stop_reason is None:  # a new model call: the last one's text was corrected
+            self.shown.clear()
+
+    def text(self, delta: str) -> Iterator[TurnEvent]:
+        self.streamed = True
+        if self.reply is None and (text := self.scanner.feed(delta)):
+            self.shown.append(text)
+            if not self.whole:
+                yield TextDelta(text)
+
+    def deferred(self, call: ToolCall) -> Iterator[TurnEvent]:
+        if self.reply is not None and call.name == self.reply.name:
+            value = reply_value(self.reply, json.loads(call.arguments))
+            self.shown[:] = [json.dumps(value, ensure_ascii=False)]
+            return
+        self.calls.append(call)
+        if not self.whole:
+            yield from self.call_events(len(self.calls) - 1, call)
+
+    @staticmethod
+    def call_events(index: int, call: ToolCall) -> Iterator[TurnEvent]:
+        yield CallStarted(index, call.id, call.name)
+        yield ArgumentsDelta(index, call.arguments)
+
+    def result(self, result: CliResult) -> Iterator[TurnEvent]:
+        """The rest of the answer, up to its Finished."""
+        tail = "" if self.streamed or self.reply else self.scanner.feed(result.text)
+        tail += "" if self.scanner.stopped else self.scanner.flush()
+        if tail:
+            self.shown.append(tail)
+            if not self.whole:
+                yield TextDelta(tail)
+        if self.reply is not None and not self.shown and not self.calls:
+            hint = " (it hit max_tokens)" if result.finish_reason == "length" else ""
+            raise InvalidModelOutput(f"The model gave no JSON answer{hint}.")
+        if self.whole:
+            for index, call in enumerate(self.calls):
+                yield from self.call_events(index, call)
+            if self.shown:
+                yield TextDelta("".join(self.shown))
+        finish: FinishReason = "tool_calls" if self.calls else result.finish_reason
+        yield Finished("stop" if self.scanner.stopped else finish, result.usage)
+
+
 async def attempt_events(
     runner: Runner, job: Job, request: ChatRequest, deadline: float, want_usage: bool = True
 ) -> AsyncGenerator[TurnEvent, None]:
-    """One attempt's answer: text cut at the first stop string, then Finished. After a stop, the rest of the
-    answer is paid for only when usage is wanted (so the counts are the CLI's own, never invented)."""
-    scanner = StopScanner(request.stop)
-    shown: list[str] = []
-    streamed = False  # text came as deltas (as it does with partial messages), not only in the result
+    """One attempt's answer (see AnswerSoFar), then Finished. After a stop string, the rest of the answer is paid
+    for only when usage is wanted (so the counts are the CLI's own, never invented)."""
+    policy = ToolPolicy(request, runner.patterns)
+    answer = AnswerSoFar(request, policy)
     finished: Finished | None = None
-    async with runner.attempt(job, deadline) as events:
+    async with runner.attempt(job, deadline, policy) as events:
         async for event in events:
             if isinstance(event, ThinkingDelta):
                 yield event
+            elif isinstance(event, ModelCall):
+                answer.model_call(event)
             elif isinstance(event, TextDelta):
-                streamed = True
-                if text := scanner.feed(event.text):
-                    shown.append(text)
-                    yield TextDelta(text)
-                if scanner.stopped:
+                for out in answer.text(event.text):
+                    yield out
+                if answer.scanner.stopped:
                     result = await final_result(events) if want_usage else None
-                    job.answered("".join(shown), result)
+                    job.answered(answer.turn, exact=False)
                     finished = Finished("stop", result.usage if result else None)
                     break
+            elif isinstance(event, CallDeferred):
+                for out in answer.deferred(event.call):
+                    yield out
             elif isinstance(event, CliResult):
-                tail = "" if streamed else scanner.feed(event.text)
-                tail += "" if scanner.stopped else scanner.flush()
-                if tail:
-                    shown.append(tail)
-                    yield TextDelta(tail)
-                job.answered("".join(shown), event)
-                finished = Finished("stop" if scanner.stopped else event.finish_reason, event.usage)
+                for out in answer.result(event):
+                    if isinstance(out, Finished):
+                        finished = out
+                    else:
+                        yield out
+                job.answered(answer.turn, exact=not answer.scanner.stopped)
                 break
     if finished is None:
         raise CliFailed("The claude CLI ended without an answer.")
@@ -3505,7 +3876,7 @@ async def fold(stream: AsyncGenerator[TurnEvent, None]) -> Answer:
                 calls[event.index][2] += event.text
             elif isinstance(event, Finished):
                 return Answer(
-                    "".join(text),
+                    "".join(text) if text or not calls else None,
                     tuple(ToolCall(*calls[i]) for i in sorted(calls)),
                     event.finish,
                     event.usage or openai_usage(None, None),
@@ -3529,57 +3900,12 @@ def replay(done: Answer) -> Iterator[TurnEvent]:
     yield Finished(done.finish, done.usage)
 
 
-PATTERN_ROUNDS = 3  # checks of one reply that may ask for pattern answers; one nearly always does
-
-
-async def checked_reply(runner: Runner, text: str, request: ChatRequest) -> Reply:
-    """``parse_reply``, with the client patterns it meets matched in the pattern checker's process. Answers
-    can lead the check to parts it skipped before (a ``oneOf`` that now passes), hence the rounds."""
-    answers: dict[tuple[str, str], bool | None] = {}
-    for _ in range(PATTERN_ROUNDS):
-        try:
-            return parse_reply(text, request, answers)
-        except PatternsNeeded as need:
-            answers.update(await runner.patterns.check(need.pairs))
-    raise InvalidReply("the schema's patterns could not all be checked")
-
-
 async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
-    """A whole answer, retried as the policy allows: plain text, or a structured reply parsed and checked, with
-    one corrective run when the model got the format wrong."""
-    done = await folded(runner, job, request)
-    if not request.structured:
-        return done
-    try:
-        reply = await checked_reply(runner, done.content or "", request)
-    except InvalidReply as problem:
-        log.info("reply not in the requested format (%s); asking once more", problem)
-        again = replace(
-            request,
-            turns=(*request.turns, Turn("assistant", done.content or ""), Turn("user", correction(str(problem)))),
-        )
-        retry = await folded(runner, Job(build_cli_call(again, runner.settings)), request)
-        done = replace(retry, usage=add_usage(done.usage, retry.usage), thinking=done.thinking + retry.thinking)
-        try:
-            reply = await checked_reply(runner, done.content or "", request)
-        except InvalidReply as still:
-            hint = " (the reply hit max_tokens)" if done.finish == "length" else ""
-            raise InvalidModelOutput(
-                f"The model's reply did not match the requested format, even after a correction: {still}{hint}."
-            ) from None
-    return replace(done, content=reply.content, calls=reply.calls, finish="tool_calls" if reply.calls else done.finish)
-
-
-async def folded(runner: Runner, job: Job, request: ChatRequest) -> Answer:
-    """One job's answer, folded; any failed attempt may be retried, since nothing has reached the client."""
+    """One job's whole answer; any failed attempt may be retried, since nothing has reached the client."""
     retries = Retries(runner, job)
     while True:
         try:
-            return await fold(
-                attempt_events(
-                    runner, job, replace(request, stop=()) if request.structured else request, retries.deadline
-                )
-            )
+            return await fold(attempt_events(runner, job, request, retries.deadline))
         except ProxyError as error:
             await retries.after(error)
 
@@ -3604,10 +3930,10 @@ async def live(runner: Runner, job: Job, request: ChatRequest) -> AsyncGenerator
 async def turn_events(
     runner: Runner, job: Job, request: ChatRequest, mode: StreamMode
 ) -> AsyncGenerator[TurnEvent, None]:
-    """A streamed request's events, under the job's hold for as long as the stream lives. A structured reply must
-    be whole before it can be checked: it streams the way pseudo mode does."""
+    """A streamed request's events, under the job's hold for as long as the stream lives. An answer that must be
+    whole first (``ChatRequest.whole_first``) streams the way pseudo mode does."""
     async with job.hold():
-        if mode == "live" and not request.structured:
+        if mode == "live" and not request.whole_first:
             async for event in live(runner, job, request):
                 yield event
         else:
@@ -4195,7 +4521,7 @@ async def create_response(request: Request) -> Response:
 
     def keep(done: Answer) -> None:
         if store:
-            responses.put(shell.id, (*chat.turns, answer_turn(done.content, done.calls)), job, owner)
+            responses.put(shell.id, (*chat.turns, answer_turn(done)), job, owner)
 
     if chat.stream:
         entry = RequestLog(shell.id, chat.model, f"responses-{settings.stream_mode}")

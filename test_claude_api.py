@@ -226,7 +226,8 @@ def test_the_stand_in_finds_breaches_of_the_messages_api_rules() -> None:
     result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}
     note = {"role": "system", "content": "environment"}
     good = [{"role": "user", "content": "hi"}, note, call, result, {"role": "assistant", "content": "done"}]
-    assert rule_breaches({"messages": good}) == []
+    tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    assert rule_breaches({"messages": good, "tools": tools}) == []
     late = {"role": "user", "content": [{"type": "text", "text": "x"}, *result["content"]]}
     for messages in (
         [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],  # one role twice
@@ -235,7 +236,8 @@ def test_the_stand_in_finds_breaches_of_the_messages_api_rules() -> None:
         [{"role": "user", "content": "a"}, call],  # ends unanswered
         [{"role": "user", "content": "a"}, call, result, call, result],
     ):  # an id answered twice
-        assert rule_breaches({"messages": messages}), messages
+        assert rule_breaches({"messages": messages, "tools": tools}), messages
+    assert rule_breaches({"messages": good})  # tool blocks, and no tools defined
 
 
 # --- Settings ---
@@ -353,14 +355,22 @@ def test_bad_setting_stops_the_start(fake: Fake) -> None:
 # --- Translation: flattening, aliases, validation ---
 
 
+def T(text: str) -> dict[str, Any]:  # noqa: N802 - a text block, short for the tables
+    return {"type": "text", "text": text}
+
+
+def CALL(call_id: str, name: str = "get", **arguments: Any) -> dict[str, Any]:  # noqa: N802
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
 @pytest.mark.parametrize(
-    "messages,system,prompt",
+    "messages,system,native",
     [
-        pytest.param([{"role": "user", "content": "hi"}], "", "hi", id="lone-user"),
+        pytest.param([{"role": "user", "content": "hi"}], "", [("user", [T("hi")])], id="lone-user"),
         pytest.param(
             [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}],
             "Be terse.",
-            "hi",
+            [("user", [T("hi")])],
             id="system",
         ),
         pytest.param(
@@ -370,13 +380,13 @@ def test_bad_setting_stops_the_start(fake: Fake) -> None:
                 {"role": "user", "content": "hi"},
             ],
             "A\n\nB",
-            "hi",
+            [("user", [T("hi")])],
             id="developer-and-system",
         ),
         pytest.param(
             [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}],
             "",
-            "one\ntwo",
+            [("user", [T("one\ntwo")])],
             id="text-parts-joined",
         ),
         pytest.param(
@@ -386,33 +396,85 @@ def test_bad_setting_stops_the_start(fake: Fake) -> None:
                 {"role": "user", "content": "Name?"},
             ],
             "",
-            "User: My name is Ada.\n\nAssistant: Hi Ada.\n\nUser: Name?",
-            id="transcript",
+            [("user", [T("My name is Ada.")]), ("assistant", [T("Hi Ada.")]), ("user", [T("Name?")])],
+            id="history",
         ),
         pytest.param(
             [
                 {"role": "user", "content": "weather?"},
                 {
                     "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": "{}"}}
-                    ],
+                    "content": "Looking.",
+                    "tool_calls": [CALL("call_1", city="Paris"), CALL("call_2")],
                 },
+                {"role": "tool", "tool_call_id": "call_2", "content": "rainy"},
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "user", "content": "thanks"},
             ],
             "",
-            'User: weather?\n\nAssistant: {"type": "tool_calls", "tool_calls": [{"id": "call_1", "name": "get", '
-            '"arguments": {}}]}\n\nTool: [result of call call_1]\nsunny',
-            id="tool-turns",
+            [
+                ("user", [T("weather?")]),
+                (
+                    "assistant",
+                    [
+                        T("Looking."),
+                        {"type": "tool_use", "id": "call_1", "name": "get", "input": {"city": "Paris"}},
+                        {"type": "tool_use", "id": "call_2", "name": "get", "input": {}},
+                    ],
+                ),
+                (
+                    "user",
+                    [
+                        {"type": "tool_result", "tool_use_id": "call_1", "content": [T("sunny")]},
+                        {"type": "tool_result", "tool_use_id": "call_2", "content": [T("rainy")]},
+                        T("thanks"),
+                    ],
+                ),
+            ],
+            id="calls-and-results",
         ),
-        pytest.param([{"role": "user", "content": "x", "name": "bob", "extra_field": 1}], "", "x", id="extra-keys-ok"),
+        pytest.param(
+            [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "tool_calls": [CALL("bad id!"), CALL("call_9")]},
+                {"role": "tool", "tool_call_id": "bad id!", "content": "ok"},
+                {"role": "tool", "tool_call_id": "nobody", "content": "stray"},
+                {"role": "assistant", "content": "Done."},
+            ],
+            "",
+            [
+                ("user", [T("go")]),
+                (
+                    "assistant",
+                    [
+                        {"type": "tool_use", "id": api.native_id("bad id!"), "name": "get", "input": {}},
+                        {"type": "tool_use", "id": "call_9", "name": "get", "input": {}},
+                    ],
+                ),
+                (
+                    "user",
+                    [
+                        {"type": "tool_result", "tool_use_id": api.native_id("bad id!"), "content": [T("ok")]},
+                        api.unanswered("call_9"),
+                        T("Result of call nobody:\nstray"),
+                    ],
+                ),
+                ("assistant", [T("Done.")]),
+            ],
+            id="the-messages-api-rules-kept",
+        ),
+        pytest.param(
+            [{"role": "user", "content": "x", "name": "bob", "extra_field": 1}],
+            "",
+            [("user", [T("x")])],
+            id="extra-keys-ok",
+        ),
     ],
 )
-def test_flatten(messages: list[Any], system: str, prompt: str) -> None:
+def test_history_becomes_native_messages(messages: list[Any], system: str, native: list[Any]) -> None:
     got_system, turns = api.flatten_messages(messages)
     assert got_system == system
-    assert api.render_transcript(turns) == prompt
+    assert [(m.role, m.blocks) for m in api.native_messages(turns)] == native
 
 
 @pytest.mark.parametrize(
@@ -1779,7 +1841,7 @@ async def test_keys_do_not_share_sessions_processes_or_responses(fake: Fake) -> 
     assert continues(a2, a1) and not continues(b1, a1) and not continues(a2, b1)
     assert "I am A" not in b1["stdin"] and "I am B" not in a2["stdin"]
     assert session_arg(auto_b)[0] == "--session-id" and not continues(auto_b, auto_a)
-    assert "auto hello" in auto_b["stdin"]  # the whole history went in: nothing of A's was resumed
+    assert "auto hello" in json.dumps(auto_b["request"]["messages"])  # the whole history: nothing of A's resumed
     assert continues(auto_a2, auto_a) and continues(resp_a2, resp_a)
 
 
@@ -1876,7 +1938,7 @@ def pattern_tool(pattern: str) -> dict[str, Any]:
 
 
 def test_a_client_pattern_cannot_stall_the_server(fake: Fake) -> None:
-    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {"s": SLOW_TEXT}}]}))
+    fake.control(default={"tool_use": [{"name": "f", "input": {"s": SLOW_TEXT}}]})
     app = fake.app()
     results: list[Any] = []
     with serve(app) as url:
@@ -1891,12 +1953,12 @@ def test_a_client_pattern_cannot_stall_the_server(fake: Fake) -> None:
     [response] = results
     error = assert_error(response, 502, "invalid_model_output")
     assert "took longer than" in error["message"]  # the check counted as failed, with a clear message
-    assert app.state.runner.patterns.restarts == 2  # the reply and its correction each killed one checker
-    assert len(fake.calls()) == 2
+    # The call and each of its corrections killed one checker; then the answer counted as invalid.
+    assert app.state.runner.patterns.restarts == len(fake.calls()) == api.MAX_CORRECTIONS + 1
 
 
 async def test_a_client_pattern_is_checked_in_its_own_process(fake: Fake) -> None:
-    fake.control(reply=json.dumps({"type": "tool_calls", "tool_calls": [{"name": "f", "arguments": {"s": "aaa"}}]}))
+    fake.control(default={"tool_use": [{"name": "f", "input": {"s": "aaa"}}]})
     app = fake.app()
     async with client_for(app) as client:
         assert app.state.runner.patterns.process is None  # started only when a pattern needs checking
@@ -1926,13 +1988,6 @@ def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
     assert "does not match the pattern '^x'" in (
         api.schema_problem(value, schema, {**answers, ("^x", "y"): False}) or ""
     )
-
-
-def test_a_fenced_reply_is_parsed_in_linear_time() -> None:
-    hostile = "```" + "\n" * 5000 + "x"  # the old fence regex took minutes on this
-    with pytest.raises(api.InvalidReply, match="not valid JSON"):
-        finishes_within(2, lambda: api.loads_reply(hostile))
-    assert finishes_within(2, lambda: api.loads_reply("```json\n" + "\n" * 100_000 + '{"a": 1}\n```')) == {"a": 1}
 
 
 @pytest.mark.parametrize(
@@ -2389,10 +2444,11 @@ async def test_a_stop_cut_continues_the_session_from_what_the_client_saw(fake: F
     last = fake.calls()[-1]
     argv = last["argv"]
     assert argv[argv.index("--session-id") + 1] == api.cli_session_id(sid)  # rebuilt, not resumed
-    assert (
-        json.loads(last["stdin"])["message"]["content"][0]["text"]
-        == "User: hi\n\nAssistant: My name is Ada. \n\nUser: and now?"
-    )
+    assert conversation_shape(last["request"]) == [
+        ("user", "hi"),
+        ("assistant", "My name is Ada."),
+        ("user", "and now?"),
+    ]
 
 
 async def test_session_id_from_header_and_a_null_body_field(fake: Fake) -> None:
@@ -2421,7 +2477,11 @@ async def test_warm_processes_are_bounded_lru(fake: Fake) -> None:
         for sid in (ids[2], ids[1], ids[0]):  # two slots: busy warm processes would block the third turn
             await client.post("/v1/chat/completions", json={**chat("y"), "session_id": sid})
     first, second, third = fake.calls()[3:]
-    assert third["pid"] not in pids.values() and "--resume" in third["argv"]  # the least recently used went first
+    assert third["pid"] not in pids.values()  # the least recently used went first, and was rebuilt
+    assert "--resume" not in third["argv"] and conversation_shape(third["request"])[-3:-1] == [
+        ("user", "x"),
+        ("assistant", "echo: x"),
+    ]
     assert first["pid"] == fake.calls()[2]["pid"] and second["pid"] == fake.calls()[1]["pid"]  # still warm
     assert wait_until(lambda: fake.alive() == [], 10)
 
@@ -2464,8 +2524,9 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
         assert sessions["warm"] == 0 and sessions["explicit"] == 1
         second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
     assert second.json()["choices"][0]["message"]["content"] == "echo: two"
-    argv = fake.calls()[-1]["argv"]
-    assert argv[argv.index("--resume") + 1] == api.cli_session_id(sid)  # resumed cold from the transcript
+    last = fake.calls()[-1]
+    assert last["argv"][last["argv"].index("--session-id") + 1] == api.cli_session_id(sid)
+    assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
 
 
 @pytest.mark.parametrize("noticed", ["swept", "found", "unnoticed"])
@@ -2486,24 +2547,24 @@ async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(f
     assert second.json()["choices"][0]["message"]["content"].endswith("two")
     last = fake.calls()[-1]
     assert "--resume" not in last["argv"] and "--session-id" in last["argv"]
-    assert "one" in last["stdin"] and "two" in last["stdin"]  # the whole conversation, in a fresh process
+    assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
 
 
-async def test_an_unresumable_transcript_is_rebuilt_without_spending_an_attempt(fake: Fake) -> None:
+async def test_after_a_restart_a_session_resumes_its_transcript_or_is_rebuilt_at_no_cost(fake: Fake) -> None:
     sid = str(uuid.uuid4())
-    app = fake.app(auto_session="on", warm_max=0, max_retries=0)
-    async with client_for(app) as client:
+    async with client_for(fake.app(auto_session="on", max_retries=0)) as client:
         await client.post("/v1/chat/completions", json={**chat("My name is Ada."), "session_id": sid})
-        assert await eventually(lambda: fake.alive() == [])
-        fake.control(script=["ok", "crash"], default="ok")  # the cold resume dies before answering
-        response = await client.post("/v1/chat/completions", json={**chat("Name?"), "session_id": sid})
+    async with client_for(fake.app(auto_session="on", max_retries=0)) as client:  # the server restarted
+        await client.post("/v1/chat/completions", json={**chat("Name?"), "session_id": sid})
+    resumed = fake.calls()[1]
+    assert resumed["argv"][resumed["argv"].index("--resume") + 1] == api.cli_session_id(sid)
+    async with client_for(fake.app(auto_session="on", max_retries=0)) as client:  # and again
+        fake.control(script=[*["ok"] * 2, "crash"], default="ok")  # this time the resume dies before answering
+        response = await client.post("/v1/chat/completions", json={**chat("Again?"), "session_id": sid})
     assert response.status_code == 200, response.text
-    resumed, rebuilt = fake.calls()[1:]
-    assert "--resume" in resumed["argv"] and "--session-id" in rebuilt["argv"]
-    assert (
-        json.loads(rebuilt["stdin"])["message"]["content"][0]["text"]
-        == "User: My name is Ada.\n\nAssistant: echo: My name is Ada.\n\nUser: Name?"
-    )
+    failed, rebuilt = fake.calls()[2:]
+    assert "--resume" in failed["argv"] and "--session-id" in rebuilt["argv"]
+    assert conversation_shape(rebuilt["request"]) == [("user", "Again?")]  # all this server knows of it now
 
 
 async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None:
@@ -2516,8 +2577,7 @@ async def test_a_failed_session_turn_is_rebuilt_not_repeated(fake: Fake) -> None
     retry = fake.calls()[-1]
     argv = retry["argv"]
     assert argv[argv.index("--session-id") + 1] == api.cli_session_id(sid)  # started afresh, not resumed
-    text = json.loads(retry["stdin"])["message"]["content"][0]["text"]
-    assert text == "User: one\n\nAssistant: echo: one\n\nUser: two"  # rebuilt from the history we kept
+    assert conversation_shape(retry["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
 
 
 # --- Function calling and structured output ---
@@ -2567,96 +2627,125 @@ def tool_request(**extra: Any) -> api.ChatRequest:
 
 
 @pytest.mark.parametrize(
-    "extra,reply,expected",
+    "extra,calls,expected",
     [
-        ({}, {"type": "text", "content": "No idea."}, "text"),
-        ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}, "calls"),
+        ({}, [("get_weather", {"city": "Paris"})], ["defer"]),
+        ({}, [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})], ["defer", "defer"]),
+        ({}, [("get_time", {})], ["no function named 'get_time'"]),
+        ({}, [("get_weather", {"town": "Paris"})], ["missing required property 'city'"]),
+        ({}, [("get_weather", {"city": "P", "unit": "k"})], ["is not one of"]),
+        ({}, [("get_weather", [1])], ["must be a JSON object"]),
+        ({"tool_choice": "none"}, [("get_weather", {"city": "Paris"})], ["Function calling is off"]),
         (
-            {},
-            {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]},
-            "calls",
+            {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+            [("get_weather", {"city": "Paris"})],
+            ["defer"],
         ),
-        ({}, {"type": "tool_calls", "tool_calls": [{"name": "get_time", "arguments": {}}]}, "no function named"),
-        (
-            {},
-            {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"town": "Paris"}}]},
-            "missing required property 'city'",
-        ),
-        (
-            {},
-            {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "P", "unit": "k"}}]},
-            "is not one of",
-        ),
-        ({}, {"type": "tool_calls", "tool_calls": []}, "non-empty array"),
-        ({}, {"type": "speech"}, '"type": "text" or "tool_calls"'),
-        ({"tool_choice": "required"}, {"type": "text", "content": "No."}, "function call is required"),
         (
             {"parallel_tool_calls": False},
-            {
-                "type": "tool_calls",
-                "tool_calls": [
-                    {"name": "get_weather", "arguments": {"city": "A"}},
-                    {"name": "get_weather", "arguments": {"city": "B"}},
-                ],
-            },
-            "only one function call",
+            [("get_weather", {"city": "A"}), ("get_weather", {"city": "B"})],
+            ["defer", "Only one function call"],
+        ),
+        (
+            {},
+            [("get_weather", {"town": "A"}), ("get_weather", {"town": "B"}), ("get_weather", {"town": "C"})],
+            ["missing required", "missing required", "invalid_model_output"],
         ),
     ],
     ids=lambda v: json.dumps(v)[:50],
 )
-def test_parse_reply(extra: dict[str, Any], reply: Any, expected: str) -> None:
-    request = tool_request(**extra)
-    if expected in ("text", "calls"):
-        parsed = api.parse_reply(json.dumps(reply), request)
-        if expected == "text":
-            assert parsed == api.Reply("No idea.")
+async def test_tool_policy_defers_valid_calls_and_denies_the_rest_with_a_reason(
+    extra: dict[str, Any], calls: list[tuple[str, Any]], expected: list[str]
+) -> None:
+    policy = api.ToolPolicy(tool_request(**extra), api.PatternChecker({}))
+    for i, ((name, arguments), outcome) in enumerate(zip(calls, expected, strict=True)):
+        if outcome == "invalid_model_output":  # past MAX_CORRECTIONS the answer is invalid
+            with pytest.raises(api.InvalidModelOutput):
+                await policy.pre_tool_use(name, arguments, f"toolu_{i}")
+            continue
+        answer = (await policy.pre_tool_use(name, arguments, f"toolu_{i}"))["hookSpecificOutput"]
+        if outcome == "defer":
+            assert answer["permissionDecision"] == "defer"
         else:
-            [call] = parsed.calls
-            assert call.id.startswith("call_") and call.name == "get_weather"
-            assert json.loads(call.arguments) == {"city": "Paris"}
-        return
-    with pytest.raises(api.InvalidReply, match=re.escape(expected)):
-        api.parse_reply(json.dumps(reply), request)
+            assert answer["permissionDecision"] == "deny" and outcome in answer["permissionDecisionReason"]
+    deferred = [(call.id, call.name, json.loads(call.arguments)) for call in policy.deferred]
+    assert deferred == [(f"toolu_{i}", n, a) for i, ((n, a), o) in enumerate(zip(calls, expected)) if o == "defer"]
 
 
-def test_parse_reply_json_modes() -> None:
+@pytest.mark.parametrize(
+    "extra,reason",
+    [
+        ({}, None),
+        ({"tool_choice": "none"}, None),
+        ({"tool_choice": "required"}, "You must call at least one"),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "must call the function"),
+        ({"response_format": {"type": "json_object"}}, "calling the function 'json_reply'"),
+    ],
+    ids=lambda v: json.dumps(v)[:40],
+)
+def test_a_turn_ends_without_a_call_only_when_none_is_needed(extra: dict[str, Any], reason: str | None) -> None:
+    policy = api.ToolPolicy(tool_request(**extra), api.PatternChecker({}))
+    answer = policy.stop()
+    assert answer == {} if reason is None else answer["decision"] == "block" and reason in answer["reason"]
+    policy.deferred.append(api.ToolCall("toolu_1", "get_weather", "{}"))
+    assert policy.stop() == {}  # a call was made: the turn may end
+
+
+def test_a_json_reply_is_a_call_of_a_function_with_the_clients_schema() -> None:
     settings = make_settings()
-    as_object = api.parse_chat_request({**chat(), "response_format": {"type": "json_object"}}, settings)
-    assert api.parse_reply('```json\n{"a": 1}\n```', as_object).content == '{"a": 1}'
-    with pytest.raises(api.InvalidReply, match="not valid JSON"):
-        api.parse_reply("Sure! {a: 1}", as_object)
-    with pytest.raises(api.InvalidReply, match="must be a JSON object"):
-        api.parse_reply("[1, 2]", as_object)
-    schema = api.parse_chat_request(
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
+    person = api.reply_tool(api.parse_chat_request({**chat(), "response_format": schema_format}, settings))
+    assert person is not None and person.name == "json_reply" and person.parameters == PERSON_SCHEMA
+    assert api.reply_value(person, {"name": "Ada", "age": 36}) == {"name": "Ada", "age": 36}
+    listed = {
+        "type": "json_schema",
+        "json_schema": {"name": "l", "schema": {"type": "array", "items": {"type": "integer"}}},
+    }
+    wrapped = api.reply_tool(api.parse_chat_request({**chat(), "response_format": listed}, settings))
+    assert wrapped is not None and wrapped.parameters["properties"]["value"]["type"] == "array"
+    assert api.reply_value(wrapped, {"value": [1, 2]}) == [1, 2]
+    clash = api.parse_chat_request(
         {
             **chat(),
-            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
+            "tools": [{"type": "function", "function": {"name": "json_reply"}}],
+            "response_format": schema_format,
         },
         settings,
     )
-    assert json.loads(api.parse_reply('{"name": "Ada", "age": 36}', schema).content or "") == {"name": "Ada", "age": 36}
-    with pytest.raises(api.InvalidReply, match="missing required property 'age'"):
-        api.parse_reply('{"name": "Ada"}', schema)
+    taken = api.reply_tool(clash)
+    assert taken is not None and taken.name == "json_reply_1"
+    assert api.reply_tool(api.parse_chat_request(chat(), settings)) is None
 
 
-def test_tools_reach_the_system_prompt_and_none_means_no_tools() -> None:
+def test_functions_are_offered_natively_and_none_keeps_them_for_the_history() -> None:
     settings = make_settings()
-    call = api.build_cli_call(
-        tool_request(tool_choice={"type": "function", "function": {"name": "get_weather"}}), settings
-    )
-    assert call.system_prompt is not None and '"get_weather"' in call.system_prompt
-    assert "You must call the function 'get_weather'" in call.system_prompt
+    call = api.build_cli_call(tool_request(tool_choice="required"), settings)
+    assert [t.name for t in call.tools] == ["get_weather"] and call.tools[0].parameters == WEATHER["function"][
+        "parameters"
+    ]
+    assert call.system_prompt == api.NEUTRAL_SYSTEM_PROMPT  # nothing about functions in the prompt
     none = tool_request(tool_choice="none")
-    assert none.tools == () and not none.structured
-    assert api.build_cli_call(none, settings).system_prompt == api.NEUTRAL_SYSTEM_PROMPT
+    assert none.tools and not none.whole_first and api.build_cli_call(none, settings).tools == call.tools
+    # A history calling a function the request no longer lists still has that function's definition.
+    history = api.parse_chat_request(
+        {
+            "messages": [
+                user("hi"),
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "old", "arguments": "{}"}}],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "done"},
+            ]
+        },
+        settings,
+    )
+    assert [t.name for t in api.build_cli_call(history, settings).tools] == ["old"]
 
 
 def calls_reply(*calls: tuple[str, dict[str, Any]]) -> Reply:
-    return Reply(
-        text=json.dumps(
-            {"type": "tool_calls", "tool_calls": [{"name": name, "arguments": arguments} for name, arguments in calls]}
-        )
-    )
+    [(name, arguments)] = calls
+    return Reply(tool_use={"name": name, "input": arguments})
 
 
 def text_reply(content: Any) -> Reply:
@@ -2876,13 +2965,18 @@ def test_images_keep_their_place_in_the_transcript() -> None:
         },
         settings,
     )
-    blocks = json.loads(api.build_cli_call(request, settings).stdin)["message"]["content"]
-    assert [b["type"] for b in blocks] == ["text", "image", "text", "image", "text"]
-    assert blocks[0]["text"] == "User: first:"
-    assert blocks[1]["source"] == {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
-    assert blocks[2]["text"] == "and\n\nAssistant: A dot.\n\nUser: now:"
-    assert blocks[3]["source"] == {"type": "url", "url": "https://example.com/cat.jpg"}
-    assert blocks[4]["text"] == "this?"
+    call = api.build_cli_call(request, settings)
+    first, answer = call.history
+    blocks = json.loads(call.stdin)["message"]["content"]
+    assert [b["type"] for b in first.blocks] == ["text", "image", "text"] and answer.blocks == [T("A dot.")]
+    assert first.blocks[0]["text"] == "first:" and first.blocks[2]["text"] == "and"
+    assert first.blocks[1]["source"] == {
+        "type": "base64",
+        "media_type": "image/png",
+        "data": base64.b64encode(PNG).decode(),
+    }
+    assert [b["type"] for b in blocks] == ["text", "image", "text"] and blocks[0]["text"] == "now:"
+    assert blocks[1]["source"] == {"type": "url", "url": "https://example.com/cat.jpg"} and blocks[2] == T("this?")
     other = api.parse_chat_request({"messages": [image_message(data_url(PNG + b"x"), "first:", "and")]}, settings)
     assert api.fingerprint("", None, request.turns[:1]) != api.fingerprint("", None, other.turns)
 
@@ -3029,7 +3123,11 @@ async def test_responses_continue_with_every_new_item(fake: Fake) -> None:
     one, two = fake.calls()
     assert json.loads(one["stdin"])["message"]["content"][0]["text"] == "start"  # the reasoning item added nothing
     assert two["pid"] == one["pid"]  # the stored conversation's own process goes on with all the new items
-    assert json.loads(two["stdin"])["message"]["content"][0]["text"] == "User: a\n\nAssistant: b\n\nUser: c"
+    assert [(m["role"], json.dumps(m["content"])) for m in two["request"]["messages"][-3:]] == [
+        ("user", json.dumps([T("a")])),
+        ("assistant", json.dumps([T("b")])),
+        ("user", json.dumps([T("c")])),
+    ]  # each new item a message of its own
 
 
 async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
@@ -3362,9 +3460,9 @@ async def test_self_check_reports_missing_features_honestly(fake: Fake, caplog: 
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200  # degraded, not refused
     assert health.status_code == 200 and health.json()["status"] == "degraded"
     check = health.json()["cli"]["self_check"]
-    assert check["state"] == "failed" and any("control protocol" in p for p in check["problems"])
+    assert check["state"] == "failed" and any("did not reach the model" in p for p in check["problems"])
     assert any("self-check failed" in r.getMessage() for r in caplog.records)
-    [probe] = [c for c in fake.calls() if c["env"].get("ANTHROPIC_API_KEY") == "sk-self-check"]
+    probe, *_ = [c for c in fake.calls() if c["env"].get("ANTHROPIC_API_KEY") == "sk-self-check"]
     # A private home and config, a loopback stand-in, and nothing else of the server's environment.
     assert (
         probe["env"]["HOME"] != fake.environ["HOME"]
