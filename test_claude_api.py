@@ -2669,7 +2669,9 @@ async def test_tool_policy_defers_valid_calls_and_denies_the_rest_with_a_reason(
         else:
             assert answer["permissionDecision"] == "deny" and outcome in answer["permissionDecisionReason"]
     deferred = [(call.id, call.name, json.loads(call.arguments)) for call in policy.deferred]
-    assert deferred == [(f"toolu_{i}", n, a) for i, ((n, a), o) in enumerate(zip(calls, expected)) if o == "defer"]
+    assert deferred == [
+        (f"toolu_{i}", n, a) for i, ((n, a), o) in enumerate(zip(calls, expected, strict=True)) if o == "defer"
+    ]
 
 
 @pytest.mark.parametrize(
