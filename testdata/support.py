@@ -45,14 +45,20 @@ class Reply:
     status: int = 200  # an error status instead of a stream
     error_type: str = "api_error"
     stall: bool = False  # accept the request, then never answer
-    tool_use: dict[str, Any] | None = None  # reply with a tool_use block instead of text
-    thinking: str = ""
+    # Reply with tool_use blocks instead of text: one call or several in one message (parallel calls), each
+    # {"name", "input"} and an optional "id" (else a unique toolu_ id). ``preamble`` is text sent before them.
+    tool_use: dict[str, Any] | list[dict[str, Any]] | None = None
+    preamble: str = ""
+    thinking: str = ""  # a thinking block first
     stop_reason: str = "end_turn"
     gate: threading.Event | None = None  # hold the last delta until this is set (10 s at most)
     echo: bool = False  # answer "echo: <the last user text>" instead of ``text``
     context_tokens: int = 0  # report this many prompt tokens read from cache: a context window nearly full
     message: str = "stand-in error"  # the error message, with ``status``
     headers: dict[str, str] = field(default_factory=lambda: {"retry-after": "1"})  # sent with ``status``
+
+    def calls(self) -> list[dict[str, Any]]:
+        return [self.tool_use] if isinstance(self.tool_use, dict) else list(self.tool_use or [])
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -220,106 +226,55 @@ class StandIn:
 
     async def events(self, body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> AsyncIterator[bytes]:
         def event(name: str, data: dict[str, Any]) -> bytes:
-            return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
 
         if reply.stall:
             await asyncio.sleep(3600)
-        yield event(
-            "message_start",
-            {
-                "type": "message_start",
-                "message": {
-                    "id": f"msg_{uuid.uuid4().hex[:12]}",
-                    "type": "message",
-                    "role": "assistant",
-                    "model": body.get("model"),
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {**usage, "output_tokens": 1},
-                },
-            },
-        )
+        message = {"id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant"}
+        message |= {"model": body.get("model"), "content": [], "stop_reason": None, "stop_sequence": None}
+        yield event("message_start", {"message": {**message, "usage": {**usage, "output_tokens": 1}}})
+        calls = reply.calls()
         index = 0
         if reply.thinking:
             yield event(
                 "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": index,
-                    "content_block": {"type": "thinking", "thinking": "", "signature": ""},
-                },
+                {"index": index, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
             )
-            yield event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "thinking_delta", "thinking": reply.thinking},
-                },
-            )
-            yield event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "signature_delta", "signature": "c2ln"},
-                },
-            )
-            yield event("content_block_stop", {"type": "content_block_stop", "index": index})
+            for kind, key, value in (
+                ("thinking_delta", "thinking", reply.thinking),
+                ("signature_delta", "signature", "c2ln"),
+            ):
+                yield event("content_block_delta", {"index": index, "delta": {"type": kind, key: value}})
+            yield event("content_block_stop", {"index": index})
             index += 1
-        if reply.tool_use:
-            yield event(
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": index,
-                    "content_block": {
-                        "type": "tool_use",
-                        "id": f"toolu_{uuid.uuid4().hex[:12]}",
-                        "name": reply.tool_use["name"],
-                        "input": {},
-                    },
-                },
-            )
-            yield event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(reply.tool_use["input"])},
-                },
-            )
-            yield event("content_block_stop", {"type": "content_block_stop", "index": index})
-            stop_reason = "tool_use"
-        else:
-            yield event(
-                "content_block_start",
-                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
-            )
-            pieces = split_text(reply.text, reply.pieces)
+        text = reply.preamble if calls else reply.text
+        if text or not calls:
+            yield event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+            pieces = split_text(text, reply.pieces)
             for i, piece in enumerate(pieces):
-                if i == len(pieces) - 1 and reply.gate is not None:
+                last = i == len(pieces) - 1 and not calls
+                if last and reply.gate is not None:
                     await asyncio.get_running_loop().run_in_executor(None, reply.gate.wait, 10)
-                if i == len(pieces) - 1:
+                if last:
                     self.sent_last_piece.set()
-                yield event(
-                    "content_block_delta",
-                    {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}},
-                )
+                yield event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": piece}})
                 if reply.delay:
                     await asyncio.sleep(reply.delay)
-            yield event("content_block_stop", {"type": "content_block_stop", "index": index})
-            stop_reason = reply.stop_reason
-        yield event(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                "usage": {"output_tokens": max(1, len(reply.text) // 4)},
-            },
-        )
-        yield event("message_stop", {"type": "message_stop"})
+            yield event("content_block_stop", {"index": index})
+            index += 1
+        for call in calls:
+            block = {"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}", "name": call["name"]}
+            yield event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(call.get("input", {}))}
+            yield event("content_block_delta", {"index": index, "delta": delta})
+            yield event("content_block_stop", {"index": index})
+            index += 1
+        if calls:
+            self.sent_last_piece.set()
+        output = max(1, (len(text) + len(reply.thinking) + len(json.dumps(calls))) // 4)
+        stop = {"stop_reason": "tool_use" if calls else reply.stop_reason, "stop_sequence": None}
+        yield event("message_delta", {"delta": stop, "usage": {"output_tokens": output}})
+        yield event("message_stop", {})
 
 
 # --- Servers and processes ---
