@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -53,6 +54,8 @@ class Reply:
     stop_reason: str = "end_turn"
     gate: threading.Event | None = None  # hold the last delta until this is set (10 s at most)
     echo: bool = False  # answer "echo: <the last user text>" instead of ``text``
+    # Act as an agent (see ``agent_reply``): call an offered tool, or answer text once the results are in.
+    agent: bool = False
     context_tokens: int = 0  # report this many prompt tokens read from cache: a context window nearly full
     message: str = "stand-in error"  # the error message, with ``status``
     headers: dict[str, str] = field(default_factory=lambda: {"retry-after": "1"})  # sent with ``status``
@@ -88,17 +91,23 @@ def split_text(text: str, pieces: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-def rule_breaches(body: dict[str, Any]) -> list[str]:
-    """Where one upstream request breaks the Messages API's rules for turns and tools: two messages in a row from
-    one role, a ``tool_use`` not answered in the next message, ``tool_result`` blocks not first in it, an id answered
-    twice or never issued. The environment notes newer CLIs send as role "system" messages are not turns."""
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def blocks_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    return content if isinstance(content, list) else [{"type": "text", "text": content}]
+
+
+def turn_breaches(turns: list[dict[str, Any]]) -> list[str]:
+    """Two messages in a row from one role, a ``tool_use`` not answered in the next message, ``tool_result`` blocks
+    not first in it, an id answered twice or never issued, a request ending with calls unanswered."""
     breaches: list[str] = []
     answered: set[str] = set()
     previous, pending = None, set()
-    turns = [m for m in body.get("messages", []) if m.get("role") != "system"]
     for i, message in enumerate(turns):
-        role, content = message.get("role"), message.get("content")
-        blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        role, blocks = message.get("role"), blocks_of(message)
         results = [b for b in blocks if b.get("type") == "tool_result"]
         ids = {b.get("tool_use_id") for b in results}
         if role == previous:
@@ -115,6 +124,154 @@ def rule_breaches(body: dict[str, Any]) -> list[str]:
     if pending:
         breaches.append(f"the request ends with calls {sorted(pending)} unanswered")
     return breaches
+
+
+def tool_breaches(body: dict[str, Any], turns: list[dict[str, Any]]) -> list[str]:
+    """A tool name outside ``^[a-zA-Z0-9_-]{1,64}$``, a ``tool_use`` id outside ``^[a-zA-Z0-9_-]+$``, tool blocks
+    in a request that defines no tools, a ``tool_use`` of a tool the request does not offer."""
+    offered = [str(t.get("name")) for t in body.get("tools") or []]
+    breaches = [f"tool name {name!r} is not 1-64 letters, digits, '_' or '-'" for name in offered]
+    breaches = [breach for breach, name in zip(breaches, offered, strict=True) if not TOOL_NAME.fullmatch(name)]
+    uses = [b for m in turns for b in blocks_of(m) if b.get("type") == "tool_use"]
+    results = [b for m in turns for b in blocks_of(m) if b.get("type") == "tool_result"]
+    if (uses or results) and not offered:
+        breaches.append("tool_use or tool_result blocks in a request that defines no tools")
+    for use in uses:
+        if not TOOL_USE_ID.fullmatch(str(use.get("id"))):
+            breaches.append(f"tool_use id {use.get('id')!r} is not letters, digits, '_' or '-'")
+        if offered and use.get("name") not in offered:
+            breaches.append(f"tool_use {use.get('id')} calls {use.get('name')!r}, which the request does not offer")
+    return breaches
+
+
+def rule_breaches(body: dict[str, Any]) -> list[str]:
+    """Where one upstream request breaks the Messages API's rules for turns and tools (see ``turn_breaches`` and
+    ``tool_breaches``). The environment notes newer CLIs send as role "system" messages are not turns."""
+    turns = [m for m in body.get("messages", []) if m.get("role") != "system"]
+    return turn_breaches(turns) + tool_breaches(body, turns)
+
+
+# --- The stand-in as an agent: calls for the offered tools, then an answer from their results ---
+
+
+def example_value(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """A value that satisfies ``schema``'s types, enums and required properties (local $refs followed)."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    if isinstance(schema.get("$ref"), str) and schema["$ref"].startswith("#/"):
+        target: Any = root
+        for part in schema["$ref"][2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return example_value(target, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return example_value(schema[key][0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties") or {}
+        return {name: example_value(properties.get(name, {}), root, depth + 1) for name in schema.get("required", [])}
+    if kind == "array":
+        return [example_value(schema.get("items", {}), root, depth + 1) for _ in range(schema.get("minItems", 0))]
+    simple = {"integer": max(1, schema.get("minimum", 1)), "number": max(1.5, schema.get("minimum", 1.5))}
+    simple |= {"boolean": True, "null": None, "string": "x" * max(5, schema.get("minLength", 5))}
+    return simple.get(kind, "x" * 5)
+
+
+def result_text(block: dict[str, Any]) -> str:
+    content = block.get("content")
+    return content if isinstance(content, str) else "".join(b.get("text", "") for b in content or [])
+
+
+def agent_reply(body: dict[str, Any], reply: Reply) -> Reply:
+    """What an agent answers: when the last user message holds only tool results (the CLI's reminders aside),
+    text that sums them up (then ``reply.text``); otherwise a call of an offered tool, the one the last user text
+    names or else the first, with arguments its schema accepts. With no tools offered, ``reply.text``."""
+    turns = [m for m in body.get("messages", []) if m.get("role") != "system"]
+    blocks = [b for b in blocks_of(turns[-1]) if not b.get("text", "").startswith("<system-reminder>")]
+    if blocks and all(b.get("type") == "tool_result" for b in blocks):
+        names = {u.get("id"): u.get("name") for m in turns for u in blocks_of(m) if u.get("type") == "tool_use"}
+        found = "; ".join(f"{names.get(b.get('tool_use_id'), 'a call')} returned {result_text(b)}" for b in blocks)
+        return replace(reply, agent=False, text=f"The results: {found}. {reply.text}".strip())
+    tools = [t for t in body.get("tools") or [] if not t.get("defer_loading")]
+    if not tools:
+        return replace(reply, agent=False)
+    asked = last_user_text(body)
+    tool = next((t for t in tools if t["name"] in asked), tools[0])
+    call = {"name": tool["name"], "input": example_value(tool.get("input_schema") or {"type": "object"})}
+    return replace(reply, agent=False, tool_use=call)
+
+
+def selftest() -> None:
+    """Plain asserts on ``rule_breaches``, ``example_value`` and ``agent_reply``: each rule caught alone, and a
+    clean exchange left alone. The test suite calls it, so the checks the other tests lean on are checked too."""
+    weather = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    ask = {"role": "user", "content": "Weather in Paris?"}
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]}
+    answer = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}
+    note = {"role": "system", "content": "environment"}
+    good = {"tools": [weather], "messages": [ask, note, call, answer]}
+    assert rule_breaches(good) == [] and rule_breaches({"messages": [ask]}) == []
+    cases = {
+        "two user messages in a row": [ask, ask],
+        "the calls before it were ['toolu_1']": [ask, call, ask],
+        "tool_result blocks do not come first": [
+            ask,
+            call,
+            {"role": "user", "content": [{"type": "text", "text": "x"}, *answer["content"]]},
+        ],
+        "answers ['toolu_1'] again": [ask, call, answer, call, answer],
+        "the calls before it were []": [ask, {"role": "assistant", "content": "hi"}, answer],
+        "unanswered": [ask, call],
+    }
+    for expected, messages in cases.items():
+        found = rule_breaches({"tools": [weather], "messages": messages})
+        assert len(found) >= 1 and any(expected in breach for breach in found), (expected, found)
+    for name in ("has space", "x" * 65, ""):
+        assert any(repr(name) in b for b in rule_breaches({"tools": [{"name": name}], "messages": [ask]})), name
+    assert rule_breaches({"tools": [{"name": "a-b_C9"}, {"name": "y" * 64}], "messages": [ask]}) == []
+    dotted = {"role": "assistant", "content": [{**call["content"][0], "id": "call.1"}]}
+    dotted_answer = {"role": "user", "content": [{**answer["content"][0], "tool_use_id": "call.1"}]}
+    assert rule_breaches({"tools": [weather], "messages": [ask, dotted, dotted_answer]}) == [
+        "tool_use id 'call.1' is not letters, digits, '_' or '-'"
+    ]
+    assert rule_breaches({"messages": [ask, call, answer]}) == [
+        "tool_use or tool_result blocks in a request that defines no tools"
+    ]
+    other = {"name": "get_time", "input_schema": {"type": "object"}}
+    assert rule_breaches({"tools": [other], "messages": [ask, call, answer]}) == [
+        "tool_use toolu_1 calls 'get_weather', which the request does not offer"
+    ]
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "minLength": 8},
+            "unit": {"enum": ["c", "f"]},
+            "days": {"type": "integer", "minimum": 3},
+            "where": {"$ref": "#/$defs/place"},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "note": {"type": "string"},
+        },
+        "required": ["city", "unit", "days", "where", "tags"],
+        "$defs": {"place": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]}},
+    }
+    value = example_value(schema)
+    assert value == {"city": "xxxxxxxx", "unit": "c", "days": 3, "where": {"lat": 1.5}, "tags": ["xxxxx"]}, value
+    offered = {"tools": [weather, other], "messages": [{"role": "user", "content": "What is get_time saying?"}]}
+    assert agent_reply(offered, Reply(agent=True)).tool_use == {"name": "get_time", "input": {}}
+    assert agent_reply({**offered, "messages": [ask]}, Reply(agent=True)).tool_use == {
+        "name": "get_weather",
+        "input": {},
+    }
+    summed = agent_reply({"tools": [weather], "messages": [ask, call, answer, note]}, Reply(agent=True, text="Done."))
+    assert summed.tool_use is None and summed.text == "The results: get_weather returned sunny. Done."
+    assert agent_reply({"messages": [ask]}, Reply(agent=True, text="plain")).text == "plain"
 
 
 class StandIn:
@@ -161,6 +318,10 @@ class StandIn:
 
     def bodies(self) -> list[dict[str, Any]]:
         return [r["body"] for r in self.requests]
+
+    def agent_reply(self, body: dict[str, Any], reply: Reply) -> Reply:
+        """The answer of ``Reply(agent=True)``; a subclass may teach it another protocol."""
+        return agent_reply(body, reply)
 
     async def anything(self, request: Request) -> Response:
         return Response(status_code=200)
@@ -222,6 +383,8 @@ class StandIn:
             usage["cache_read_input_tokens"] = reply.context_tokens
         if reply.echo:
             reply = replace(reply, text=f"echo: {last_user_text(body)}")
+        if reply.agent:
+            reply = self.agent_reply(body, reply)
         return StreamingResponse(self.events(body, reply, usage), media_type="text/event-stream")
 
     async def events(self, body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> AsyncIterator[bytes]:
@@ -361,8 +524,10 @@ FAKE_CLI = (HERE / "fake_claude.py").read_text()
 
 
 def write_fake_cli(folder: Path, **control: Any) -> Path:
-    """Write an executable fake ``claude`` into ``folder`` and return its path. ``control``
-    sets its behaviour: ``script`` (one behaviour per call), ``default``, ``reply``, ``delay``."""
+    """Write an executable fake ``claude`` into ``folder`` and return its path. ``control`` sets its behaviour
+    (see fake_claude.py's docstring): ``script`` (one behaviour per model call: a string such as "ok" or
+    "crash", or an object such as ``{"text": "..", "tool_use": [{"name": .., "input": {..}}]}``), ``default``,
+    ``reply``, ``delay``, ``mcp_connects``, ``control_protocol``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "claude"
     path.write_text(f"#!{sys.executable}\n{FAKE_CLI}")
@@ -372,11 +537,29 @@ def write_fake_cli(folder: Path, **control: Any) -> Path:
 
 
 def fake_calls(folder: Path) -> list[dict[str, Any]]:
+    """One record per model call of the fake, in order: ``argv``, ``stdin`` (the user line that started the
+    turn), ``env``, ``cwd``, ``cwd_entries``, ``system``, ``pid``, and ``request``: the upstream request the
+    real CLI would send (``model``, ``system``, ``messages``, ``tools``), for ``rule_breaches``."""
     return (
         [json.loads(p.read_text()) for p in sorted((folder / "calls").glob("*.json"))]
         if (folder / "calls").exists()
         else []
     )
+
+
+def fake_protocol(folder: Path) -> list[dict[str, Any]]:
+    """Every stdin line the fake read and every control request it sent, per process in the order of its pid:
+    ``{"pid", "dir": "in" or "out", "line"}``, the line parsed when it is JSON."""
+    entries = []
+    for path in sorted((folder / "protocol").glob("*.jsonl"), key=lambda p: int(p.stem)):
+        for raw in path.read_text().splitlines():
+            entry = json.loads(raw)
+            line = entry["line"]
+            if isinstance(line, str):
+                with contextlib.suppress(ValueError):
+                    line = json.loads(line)
+            entries.append({"pid": int(path.stem), "dir": entry["dir"], "line": line})
+    return entries
 
 
 def find_real_cli() -> str | None:
