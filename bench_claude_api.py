@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -433,23 +433,28 @@ async def timed_completion(client: httpx.AsyncClient, url: str, prompt: str = PR
     return elapsed
 
 
-async def timed_first_chunk(client: httpx.AsyncClient, url: str, prompt: str = PROMPT) -> float:
-    """Seconds from sending a streaming request to the first SSE chunk carrying non-empty content."""
-    start = time.perf_counter()
-    body = chat_body(stream=True, prompt=prompt)
+async def sse_chunks(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of one streamed chat completion; a refusal or an error event is a BenchError."""
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise BenchError(f"the server answered {response.status_code}: {(await response.aread())[:500]!r}")
-        first = None
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise BenchError(f"the stream failed: {chunk['error']}")
-            choices = chunk.get("choices") or [{}]
-            if first is None and (choices[0].get("delta") or {}).get("content"):
-                first = time.perf_counter() - start
+            yield chunk
+
+
+async def timed_first_chunk(client: httpx.AsyncClient, url: str, prompt: str = PROMPT) -> float:
+    """Seconds from sending a streaming request to the first SSE chunk carrying non-empty content."""
+    start = time.perf_counter()
+    first = None
+    async for chunk in sse_chunks(client, url, chat_body(stream=True, prompt=prompt)):
+        choices = chunk.get("choices") or [{}]
+        if first is None and (choices[0].get("delta") or {}).get("content"):
+            first = time.perf_counter() - start
     if first is None:
         raise BenchError("the stream carried no content")
     return first
@@ -1389,22 +1394,14 @@ async def exchange(http: httpx.AsyncClient, url: str, messages: list[Any], tools
     start = time.perf_counter()
     first, content, usage = None, [], {}
     calls: dict[int, dict[str, str]] = {}
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            raise BenchError(f"the server answered {response.status_code}: {(await response.aread())[:500]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise BenchError(f"the stream failed: {chunk['error']}")
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    first = first if first is not None else time.perf_counter() - start
-                    content.append(delta["content"])
-                fold_calls(calls, delta.get("tool_calls") or [])
+    async for chunk in sse_chunks(http, url, body):
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                first = first if first is not None else time.perf_counter() - start
+                content.append(delta["content"])
+            fold_calls(calls, delta.get("tool_calls") or [])
     return Exchange(
         start, time.perf_counter() - start, first, "".join(content), [calls[i] for i in sorted(calls)], usage
     )
