@@ -1,8 +1,8 @@
 """Benchmark claude_api.py against the real ``claude`` CLI run directly, all on loopback.
 
-    python bench_claude_api.py [--runs N] [--cli PATH]
+    python bench_claude_api.py [--runs N] [--cli PATH] [--figure N ...]
 
-Prints one table with eight figures, then a one-line verdict per goal:
+Prints one table with nine figures (or only those named with --figure), then a one-line verdict per goal:
   1. a one-shot, non-streaming request, each a new conversation: a plain ``claude -p`` for reference; the CLI
      run directly with the server's argv (to its exit, and to its result line); the HTTP round trip through a
      server with CLAUDE_PREWARM=0, which starts a CLI per request as the direct run does (goal: within 1.10x of
@@ -25,6 +25,14 @@ Prints one table with eight figures, then a one-line verdict per goal:
   8. 300 requests from 50 workers while the CLI crashes, hangs, prints garbage, or crashes after its first
      words in 20% of its calls: every request must end in the right answer or a well-formed OpenAI error,
      within the retry policy's time, and every stream cut after content with one error event, then [DONE].
+  9. function calling: a 10-turn chat from a stateless client with 8 functions (each turn a question, the
+     model's call, the client's result sent back, the answer), and the same chat without functions, both
+     streamed through a server with the default settings: the share of prompt tokens read from cache on turns
+     2-10 (goal: >= 80% in both), what the request carrying the results adds beyond the stand-in's own reply
+     (goal: p50 <= 60 ms), the answer's time to first token with functions / without (goal: within 1.1x), and
+     the upstream requests breaking the Messages API's rules for turns and tools (goal: none). The stand-in
+     acts as an agent (``Reply(agent=True)``), in native tool_use blocks or in the server's JSON-in-text
+     protocol, whichever the request uses.
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -58,8 +66,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +309,13 @@ class TimedStandIn(t.StandIn):
         response.body_iterator = timed()
         return response
 
+    def agent_reply(self, body: dict[str, Any], reply: t.Reply) -> t.Reply:
+        """The stand-in's agent for native tools; for the server's JSON-in-text protocol the same agent in that form."""
+        functions = listed_functions(body)
+        if body.get("tools") or not functions:
+            return super().agent_reply(body, reply)
+        return text_protocol_reply(functions, body, reply)
+
     def forget_cache(self) -> None:
         """A cold prompt cache, as for a conversation nobody has had before."""
         with self.lock:
@@ -418,23 +433,28 @@ async def timed_completion(client: httpx.AsyncClient, url: str, prompt: str = PR
     return elapsed
 
 
-async def timed_first_chunk(client: httpx.AsyncClient, url: str, prompt: str = PROMPT) -> float:
-    """Seconds from sending a streaming request to the first SSE chunk carrying non-empty content."""
-    start = time.perf_counter()
-    body = chat_body(stream=True, prompt=prompt)
+async def sse_chunks(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of one streamed chat completion; a refusal or an error event is a BenchError."""
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise BenchError(f"the server answered {response.status_code}: {(await response.aread())[:500]!r}")
-        first = None
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise BenchError(f"the stream failed: {chunk['error']}")
-            choices = chunk.get("choices") or [{}]
-            if first is None and (choices[0].get("delta") or {}).get("content"):
-                first = time.perf_counter() - start
+            yield chunk
+
+
+async def timed_first_chunk(client: httpx.AsyncClient, url: str, prompt: str = PROMPT) -> float:
+    """Seconds from sending a streaming request to the first SSE chunk carrying non-empty content."""
+    start = time.perf_counter()
+    first = None
+    async for chunk in sse_chunks(client, url, chat_body(stream=True, prompt=prompt)):
+        choices = chunk.get("choices") or [{}]
+        if first is None and (choices[0].get("delta") or {}).get("content"):
+            first = time.perf_counter() - start
     if first is None:
         raise BenchError("the stream carried no content")
     return first
@@ -1283,6 +1303,247 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
     ]
 
 
+# --- Figure 9: function calling: an agent chat with 8 functions, and the same chat without them ---
+
+
+def function(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    parameters = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+TEXT = {"type": "string"}
+FUNCTIONS = [
+    function("get_weather", "Current weather for a city.", {"city": TEXT, "unit": {"enum": ["c", "f"]}}, ["city"]),
+    function("get_time", "The local time in a time zone.", {"zone": TEXT}, ["zone"]),
+    function(
+        "convert_currency",
+        "Convert an amount between two currencies at today's rate.",
+        {"amount": {"type": "number", "minimum": 0}, "source": TEXT, "target": TEXT},
+        ["amount", "source", "target"],
+    ),
+    function("search_docs", "Search the team's runbooks.", {"query": TEXT, "limit": {"type": "integer"}}, ["query"]),
+    function(
+        "create_ticket",
+        "Open a ticket in the team's tracker.",
+        {"title": TEXT, "priority": {"enum": ["low", "high"]}, "tags": {"type": "array", "items": TEXT}},
+        ["title", "priority"],
+    ),
+    function("get_stock", "The latest price of a listed company's stock.", {"symbol": TEXT}, ["symbol"]),
+    function("translate", "Translate a short text.", {"text": TEXT, "target": TEXT}, ["text", "target"]),
+    function("list_events", "Calendar events from a day on.", {"date": TEXT, "days": {"type": "integer"}}, ["date"]),
+]
+TOOL_TURNS = 10
+TOOLS_CACHE_GOAL = 0.80
+TOOLS_ADDED_GOAL = 0.060  # seconds a follow-up request carrying results adds over the upstream's own time
+TOOLS_TTFT_GOAL = 1.10
+TOOLS_REPLY = t.Reply(agent=True, text=SESSION_ANSWER, delay=0.005)  # about 0.3 s of upstream streaming
+JSON_FUNCTIONS = "You can call these functions (JSON Schema parameters):\n"  # the server's JSON-in-text protocol
+
+
+def tool_question(n: int) -> str:
+    name = FUNCTIONS[n % len(FUNCTIONS)]["function"]["name"]
+    return f"{question(n)} Before answering, use {name} once for context."
+
+
+def listed_functions(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The functions of the server's JSON-in-text protocol, listed in the system prompt, if this request has them."""
+    texts = [b.get("text", "") for b in body.get("system") or []]
+    texts += [b.get("text", "") for m in body.get("messages", []) for b in t.blocks_of(m) if b.get("type") == "text"]
+    for text in texts:
+        if JSON_FUNCTIONS in text:
+            return json.loads(text.split(JSON_FUNCTIONS, 1)[1].split("\n", 1)[0])
+    return None
+
+
+def text_protocol_reply(functions: list[dict[str, Any]], body: dict[str, Any], reply: t.Reply) -> t.Reply:
+    """The stand-in's agent, answering in the JSON-in-text protocol: a call of the function the newest user turn
+    names, or, once that turn's results are in (the transcript ends with "Tool:" turns), text."""
+    transcript = t.last_user_text(body)
+    newest = transcript[max(transcript.rfind("\n\nUser: "), 0) :]
+    if "\n\nTool: " in newest:
+        answer = {"type": "text", "content": f"The results are in. {reply.text}"}
+        return replace(reply, agent=False, text=json.dumps(answer))
+    chosen = next((f for f in functions if f["name"] in newest), functions[0])
+    call = {"name": chosen["name"], "arguments": t.example_value(chosen["parameters"])}
+    return replace(reply, agent=False, text=json.dumps({"type": "tool_calls", "tool_calls": [call]}))
+
+
+@dataclass
+class Exchange:
+    """One streamed chat completion: when it started, how long it took, its first content, what it carried."""
+
+    start: float  # perf_counter
+    seconds: float
+    first_token: float | None  # seconds to the first chunk carrying content
+    content: str
+    calls: list[dict[str, str]]
+    usage: dict[str, Any]
+
+
+def fold_calls(calls: dict[int, dict[str, str]], deltas: list[dict[str, Any]]) -> None:
+    for part in deltas:
+        call = calls.setdefault(part["index"], {"id": "", "name": "", "arguments": ""})
+        call["id"] = part.get("id") or call["id"]
+        call["name"] += (part.get("function") or {}).get("name") or ""
+        call["arguments"] += (part.get("function") or {}).get("arguments") or ""
+
+
+async def exchange(http: httpx.AsyncClient, url: str, messages: list[Any], tools: list[Any] | None) -> Exchange:
+    body: dict[str, Any] = {"model": "default", "messages": messages, "stream": True}
+    body |= {"stream_options": {"include_usage": True}, **({"tools": tools} if tools else {})}
+    start = time.perf_counter()
+    first, content, usage = None, [], {}
+    calls: dict[int, dict[str, str]] = {}
+    async for chunk in sse_chunks(http, url, body):
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                first = first if first is not None else time.perf_counter() - start
+                content.append(delta["content"])
+            fold_calls(calls, delta.get("tool_calls") or [])
+    return Exchange(
+        start, time.perf_counter() - start, first, "".join(content), [calls[i] for i in sorted(calls)], usage
+    )
+
+
+def tool_output(call: dict[str, str]) -> str:
+    return json.dumps({"function": call["name"], "ok": True, "value": f"result for {call['arguments']}"})
+
+
+@dataclass
+class AgentChat:
+    """A stateless client's chat, turn by turn: the prompt tokens and those read from cache (both requests of a
+    turn with functions), and the request that answers in text (the follow-up carrying results, with functions)."""
+
+    prompt: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)
+    answers: list[Exchange] = field(default_factory=list)
+    breaches: list[str] = field(default_factory=list)
+    upstream_calls: int = 0
+
+    def share(self, first: int = 1) -> float:
+        return sum(self.cached[first:]) / max(1, sum(self.prompt[first:]))
+
+
+async def agent_turn(http: httpx.AsyncClient, url: str, messages: list[Any], tools: list[Any] | None) -> list[Exchange]:
+    """One turn: the question, and with functions the call, its result sent back, and the answer. The assistant
+    messages are appended to ``messages`` as a client would keep them."""
+    asked = await exchange(http, url, messages, tools)
+    turn = [asked]
+    if tools:
+        if not asked.calls:
+            raise BenchError(f"turn {len(messages) // 4 + 1}: no function call, but {asked.content!r:.300}")
+        wire = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in asked.calls
+        ]
+        messages.append({"role": "assistant", "content": None, "tool_calls": wire})
+        messages += [{"role": "tool", "tool_call_id": c["id"], "content": tool_output(c)} for c in asked.calls]
+        turn.append(await exchange(http, url, messages, tools))
+    answer = turn[-1]
+    if not answer.content or answer.calls:
+        raise BenchError(f"expected a text answer, got {answer.content!r:.200} and calls {answer.calls}")
+    messages.append({"role": "assistant", "content": answer.content})
+    return turn
+
+
+def agent_chat(lab: Lab, with_tools: bool) -> AgentChat:
+    lab.standin.reset(default=TOOLS_REPLY)
+    lab.standin.forget_cache()
+    got = AgentChat()
+
+    async def run(url: str) -> None:
+        messages: list[Any] = [{"role": "system", "content": SESSION_SYSTEM}]
+        async with client() as http:
+            for n in range(TOOL_TURNS):
+                messages.append({"role": "user", "content": tool_question(n) if with_tools else question(n)})
+                turn = await agent_turn(http, url, messages, FUNCTIONS if with_tools else None)
+                got.prompt.append(sum(e.usage.get("prompt_tokens", 0) for e in turn))
+                got.cached.append(
+                    sum((e.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for e in turn)
+                )
+                got.answers.append(turn[-1])
+        await asyncio.sleep(0.2)  # a stream's span is noted just after its last byte: let the last one land
+
+    with t.serve(lab.app()) as url:
+        asyncio.run(run(url))
+    got.breaches, got.upstream_calls = list(lab.standin.breaches), len(lab.standin.requests)
+    return got
+
+
+def bench_tools(lab: Lab) -> list[Row]:
+    """The same 10-turn chat from a stateless client (it resends the whole history), once with 8 functions (each
+    turn: a call, its result, an answer) and once without; both against a server with the default settings."""
+    plain = agent_chat(lab, with_tools=False)
+    tools = agent_chat(lab, with_tools=True)
+    lab.standin.reset()
+    added = {
+        name: [e.seconds - lab.standin.upstream_seconds(e.start, e.start + e.seconds) for e in chat.answers[1:]]
+        for name, chat in (("plain", plain), ("tools", tools))
+    }
+    ttft = {
+        name: [e.first_token or e.seconds for e in chat.answers[1:]]
+        for name, chat in (("plain", plain), ("tools", tools))
+    }
+    ratio = percentile(ttft["tools"], 50) / percentile(ttft["plain"], 50)
+    breaches = tools.breaches + plain.breaches
+
+    def cache(chat: AgentChat) -> str:
+        return (
+            f"{chat.share():.0%} ({sum(chat.cached[1:]):,} of {sum(chat.prompt[1:]):,} tokens; turn 1 "
+            f"{chat.cached[0] / max(1, chat.prompt[0]):.0%}; {chat.upstream_calls} upstream calls)"
+        )
+
+    figure = f"9 function calling, {TOOL_TURNS} turns"
+    return [
+        Row(
+            figure,
+            f"cache, turns 2-{TOOL_TURNS}: {len(FUNCTIONS)} functions",
+            cache(tools),
+            f">= {TOOLS_CACHE_GOAL:.0%}",
+            verdict(tools.share() >= TOOLS_CACHE_GOAL),
+        ),
+        Row(
+            figure,
+            f"cache, turns 2-{TOOL_TURNS}: no functions",
+            cache(plain),
+            f">= {TOOLS_CACHE_GOAL:.0%}",
+            verdict(plain.share() >= TOOLS_CACHE_GOAL),
+        ),
+        Row(
+            figure,
+            "follow-up with results: beyond the stand-in",
+            p50_p95(added["tools"]),
+            f"p50 <= {ms(TOOLS_ADDED_GOAL)}",
+            verdict(percentile(added["tools"], 50) <= TOOLS_ADDED_GOAL),
+        ),
+        Row(figure, "  a turn without functions: beyond the stand-in", p50_p95(added["plain"]), "reference"),
+        Row(figure, "first token of the answer: with functions", p50_p95(ttft["tools"])),
+        Row(figure, "first token of the answer: without", p50_p95(ttft["plain"])),
+        Row(
+            figure,
+            "with / without functions",
+            f"{ratio:.2f}x at p50 ({signed_ms(percentile(ttft['tools'], 50) - percentile(ttft['plain'], 50))})",
+            f"p50 <= {TOOLS_TTFT_GOAL:.1f}x",
+            verdict(ratio <= TOOLS_TTFT_GOAL),
+        ),
+        Row(
+            figure,
+            "pairing-rule breaches upstream",
+            f"{len(breaches)}" + (f" (first: {breaches[0]})" if breaches else ""),
+            "0",
+            verdict(not breaches),
+        ),
+        Row(
+            figure,
+            "  conversation",
+            f"each turn a question naming one function; streamed; turns 2-{TOOL_TURNS} timed; "
+            f"{len(SESSION_ANSWER.split())}-word answers",
+        ),
+    ]
+
+
 # --- Requests under load, and their outcomes (figures 7 and 8) ---
 
 
@@ -1914,10 +2175,51 @@ def cli_version(cli: str) -> str:
     return out.stdout.decode(errors="replace").strip()
 
 
+FIGURES = 9
+
+
+def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Row], leftovers: list[int]) -> None:
+    """Each chosen figure in turn (``step`` says whether it is chosen), its rows and leftover processes added as
+    they come, so that a failure still shows what was measured."""
+    with lab(cli) as shared:
+        if step(1, "latency"):
+            rows += bench_latency(shared, runs)
+        if step(2, "upstream bytes"):
+            rows += bench_upstream_bytes(shared)
+        if step(3, "memory (a separate server process, fake CLI)"):
+            memory_rows, gone = bench_memory()
+            rows += memory_rows
+            leftovers += gone
+        if step(4, "time to first token"):
+            rows += bench_ttft(shared, runs)
+        if step(5, f"prompt cache over a {SESSION_TURNS}-turn conversation"):
+            rows += bench_session_cache(shared)
+        if step(6, "follow-up turn, warm vs cold"):
+            rows += bench_warm_cold(shared, runs)
+        if step(9, f"function calling: a {TOOL_TURNS}-turn agent chat with and without functions"):
+            rows += bench_tools(shared)
+    if step(7, f"load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} (fake CLI)"):
+        load_rows, gone = bench_load()
+        rows += load_rows
+        leftovers += gone
+    if step(8, f"faults: {FAULT_REQUESTS} requests, the fake CLI failing in {FAULT_SHARE:.0%} of calls"):
+        fault_rows, gone = bench_faults()
+        rows += fault_rows
+        leftovers += gone
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
     parser.add_argument("--cli", help="path of the real claude CLI (default: CLAUDE_TEST_BIN, ./.cli, PATH)")
+    parser.add_argument(
+        "--figure",
+        type=int,
+        action="append",
+        choices=range(1, FIGURES + 1),
+        metavar="N",
+        help=f"measure only figure N (1-{FIGURES}; may be repeated; default all)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -1934,34 +2236,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     leftovers: list[int] = []
     began = time.perf_counter()
+    chosen = set(args.figure or range(1, FIGURES + 1))
 
-    def step(n: int, what: str) -> None:
-        print(f"[{time.perf_counter() - began:5.0f} s] {n}/8 {what} ...", flush=True)
+    def step(n: int, what: str) -> bool:
+        if n in chosen:
+            print(f"[{time.perf_counter() - began:5.0f} s] {n}/{FIGURES} {what} ...", flush=True)
+        return n in chosen
 
     try:
-        with lab(cli) as shared:
-            step(1, "latency")
-            rows += bench_latency(shared, args.runs)
-            step(2, "upstream bytes")
-            rows += bench_upstream_bytes(shared)
-            step(3, "memory (a separate server process, fake CLI)")
-            memory_rows, gone = bench_memory()
-            rows += memory_rows
-            leftovers += gone
-            step(4, "time to first token")
-            rows += bench_ttft(shared, args.runs)
-            step(5, f"prompt cache over a {SESSION_TURNS}-turn conversation")
-            rows += bench_session_cache(shared)
-            step(6, "follow-up turn, warm vs cold")
-            rows += bench_warm_cold(shared, args.runs)
-        step(7, f"load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} (fake CLI)")
-        load_rows, gone = bench_load()
-        rows += load_rows
-        leftovers += gone
-        step(8, f"faults: {FAULT_REQUESTS} requests, the fake CLI failing in {FAULT_SHARE:.0%} of calls")
-        fault_rows, gone = bench_faults()
-        rows += fault_rows
-        leftovers += gone
+        measure(cli, args.runs, step, rows, leftovers)
     except BenchError as error:
         print(table(rows), flush=True)
         print(f"\n{summary(rows)}", flush=True)
@@ -1971,7 +2254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbench_claude_api: interrupted", file=sys.stderr)
         return 130
     print(f"(load average at the end {os.getloadavg()[0]:.2f}; {time.perf_counter() - began:.0f} s in all)\n")
-    print(table(rows))
+    print(table(sorted(rows, key=lambda row: int(row.figure.split(" ", 1)[0]))))
     print()
     print(summary(rows))
     if leftovers:

@@ -192,7 +192,8 @@ def result_text(block: dict[str, Any]) -> str:
 def agent_reply(body: dict[str, Any], reply: Reply) -> Reply:
     """What an agent answers: when the last user message holds only tool results (the CLI's reminders aside),
     text that sums them up (then ``reply.text``); otherwise a call of an offered tool, the one the last user text
-    names or else the first, with arguments its schema accepts. With no tools offered, ``reply.text``."""
+    names (its name without an ``mcp__<server>__`` prefix) or else the first, with arguments its schema accepts.
+    With no tools offered, ``reply.text``."""
     turns = [m for m in body.get("messages", []) if m.get("role") != "system"]
     blocks = [b for b in blocks_of(turns[-1]) if not b.get("text", "").startswith("<system-reminder>")]
     if blocks and all(b.get("type") == "tool_result" for b in blocks):
@@ -203,7 +204,8 @@ def agent_reply(body: dict[str, Any], reply: Reply) -> Reply:
     if not tools:
         return replace(reply, agent=False)
     asked = last_user_text(body)
-    tool = next((t for t in tools if t["name"] in asked), tools[0])
+    bare = {t["name"]: t["name"].split("__", 2)[-1] if t["name"].startswith("mcp__") else t["name"] for t in tools}
+    tool = next((t for t in tools if bare[t["name"]] in asked), tools[0])
     call = {"name": tool["name"], "input": example_value(tool.get("input_schema") or {"type": "object"})}
     return replace(reply, agent=False, tool_use=call)
 
@@ -267,6 +269,11 @@ def selftest() -> None:
     assert agent_reply(offered, Reply(agent=True)).tool_use == {"name": "get_time", "input": {}}
     assert agent_reply({**offered, "messages": [ask]}, Reply(agent=True)).tool_use == {
         "name": "get_weather",
+        "input": {},
+    }
+    prefixed = {"tools": [{**weather, "name": "mcp__fn__get_weather"}, {**other, "name": "mcp__fn__get_time"}]}
+    assert agent_reply({**offered, **prefixed}, Reply(agent=True)).tool_use == {
+        "name": "mcp__fn__get_time",
         "input": {},
     }
     summed = agent_reply({"tools": [weather], "messages": [ask, call, answer, note]}, Reply(agent=True, text="Done."))
