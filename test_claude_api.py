@@ -46,6 +46,7 @@ from testdata.support import (
     last_user_text,
     processes_running,
     rule_breaches,
+    selftest,
     serve,
     wait_until,
     write_fake_cli,
@@ -219,6 +220,10 @@ def user(text: str) -> dict[str, str]:
 
 def assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
+
+
+def test_the_stand_ins_own_checks_hold() -> None:
+    selftest()  # each Messages API rule caught on its own, clean exchanges left alone, the agent mode
 
 
 def test_the_stand_in_finds_breaches_of_the_messages_api_rules() -> None:
@@ -1690,6 +1695,9 @@ def test_real_cli_never_runs_a_read_tool_on_the_host(real: Real, tmp_path: Path)
     assert response.status_code == 200
     assert "TOP-SECRET-7f3a9c" not in real.upstream_text()
     assert "TOP-SECRET-7f3a9c" not in response.text
+    # The stand-in called a tool nobody offered: the CLI's "no such tool" result then breaks the rules upstream.
+    assert set(real.standin.breaches) == {"tool_use or tool_result blocks in a request that defines no tools"}
+    real.standin.breaches.clear()
 
 
 @needs_real_cli
@@ -2745,102 +2753,234 @@ def test_functions_are_offered_natively_and_none_keeps_them_for_the_history() ->
     assert [t.name for t in api.build_cli_call(history, settings).tools] == ["old"]
 
 
-def calls_reply(*calls: tuple[str, dict[str, Any]]) -> Reply:
-    [(name, arguments)] = calls
-    return Reply(tool_use={"name": name, "input": arguments})
+def calls_reply(*calls: tuple[str, dict[str, Any]], preamble: str = "") -> Reply:
+    return Reply(tool_use=[{"name": name, "input": arguments} for name, arguments in calls], preamble=preamble)
 
 
-def text_reply(content: Any) -> Reply:
-    return Reply(text=json.dumps({"type": "text", "content": content}))
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def upstream_blocks(body: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Each upstream message's role and block types, the CLI's own notes left out."""
+    return [
+        (m["role"], [b["type"] for b in m["content"] if not b.get("text", "").startswith("<system-reminder>")])
+        if isinstance(m["content"], list)
+        else (m["role"], ["text"])
+        for m in body["messages"]
+        if m["role"] != "system"
+    ]
+
+
+@pytest.fixture
+def starts(monkeypatch: pytest.MonkeyPatch) -> list[api.CliProcess]:
+    """Every CLI process a test starts, in order."""
+    started: list[api.CliProcess] = []
+    start = api.CliProcess.start
+
+    async def counted(self: api.CliProcess) -> None:
+        started.append(self)
+        await start(self)
+
+    monkeypatch.setattr(api.CliProcess, "start", counted)
+    return started
 
 
 @needs_real_cli
-def test_real_sdk_function_calling_loop(real: Real) -> None:
-    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})), text_reply("It is sunny in Paris."))
+def test_real_agent_loop_is_native_and_continues_in_the_process_that_made_the_call(
+    real: Real, starts: list[api.CliProcess]
+) -> None:
+    real.standin.reset(
+        calls_reply(("get_weather", {"city": "Paris"}), preamble="Let me look."),
+        Reply(text="It is sunny in Paris."),
+        calls_reply(("get_weather", {"city": "Rome", "unit": "c"})),
+        Reply(text="Rome is warm."),
+    )
+    with serve(real.app(auto_session="on")) as url:
+        client = openai_client(url)
+        messages: list[Any] = [{"role": "system", "content": "Be brief."}, user("Weather in Paris?")]
+        for question, result in (("", "22 C, sunny"), ("And Rome?", "25 C")):
+            if question:
+                messages.append(user(question))
+            first = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER, TIME])
+            choice = first.choices[0]
+            assert choice.finish_reason == "tool_calls"
+            [call] = choice.message.tool_calls or []
+            assert call.type == "function" and call.function.name == "get_weather"
+            messages += [
+                choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": result},
+            ]
+            final = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER, TIME])
+            messages.append(final.choices[0].message.model_dump(exclude_none=True))
+    assert first.choices[0].message.content is None or first.choices[0].message.content == ""
+    assert [m["content"] for m in messages if m["role"] == "assistant" and m.get("content")] == [
+        "Let me look.",
+        "It is sunny in Paris.",
+        "Rome is warm.",
+    ]
+    assert len(starts) == 1  # one process, kept warm across every call and result
+    bodies = real.standin.bodies()
+    offered = {t["name"]: t for t in bodies[0]["tools"]}
+    assert set(offered) == {"get_weather", "get_time"}  # the client's own names, nothing else
+    assert offered["get_weather"]["input_schema"] == WEATHER["function"]["parameters"]
+    assert offered["get_weather"]["description"] == "Weather for a city"
+    assert "get_weather" not in json.dumps(bodies[0]["system"])  # no functions described in the prompt
+    assert upstream_blocks(bodies[-1])[-3:] == [
+        ("user", ["text"]),
+        ("assistant", ["tool_use"]),
+        ("user", ["tool_result"]),
+    ]
+    assert "25 C" in json.dumps([m for m in bodies[-1]["messages"] if m["role"] == "user"][-1])
+    usage = final.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens > usage.prompt_tokens / 2  # the prefix came from the cache
+
+
+@needs_real_cli
+def test_real_parallel_calls_and_their_results_in_one_message(real: Real) -> None:
+    two = calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"}))
+    real.standin.reset(two, Reply(text="Both sunny."), two)
     with serve(real.app()) as url:
         client = openai_client(url)
-        messages: list[Any] = [user("Weather in Paris?")]
+        messages: list[Any] = [user("Paris and Rome?")]
         first = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER])
-        choice = first.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None
-        [call] = choice.message.tool_calls or []
-        assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
-        assert json.loads(call.function.arguments) == {"city": "Paris"}
-        messages += [
-            choice.message.model_dump(exclude_none=True),
-            {"role": "tool", "tool_call_id": call.id, "content": "22 C, sunny"},
-        ]
+        calls = first.choices[0].message.tool_calls or []
+        assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
+        assert len({c.id for c in calls}) == 2
+        messages += [first.choices[0].message.model_dump(exclude_none=True)]
+        messages += [{"role": "tool", "tool_call_id": c.id, "content": f"sunny in {c.id}"} for c in reversed(calls)]
         final = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER])
-    assert final.choices[0].message.content == "It is sunny in Paris." and final.choices[0].finish_reason == "stop"
-    second = json.dumps(real.standin.bodies()[1])
-    assert call.id in second and "22 C, sunny" in second and "get_weather" in second
+        single = client.chat.completions.create(
+            model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER], parallel_tool_calls=False
+        )
+    assert final.choices[0].message.content == "Both sunny."
+    last = [m for m in real.standin.bodies()[1]["messages"] if m["role"] == "user"][-1]
+    results = [b for b in last["content"] if b["type"] == "tool_result"]
+    # In the calls' order, whatever the client's: a rebuilt conversation then sends the very same bytes.
+    assert [r["tool_use_id"] for r in results] == [c.id for c in calls]
+    assert len(single.choices[0].message.tool_calls or []) == 1  # the second call was denied: one at a time
 
 
 @needs_real_cli
-def test_real_sdk_parallel_forced_and_streamed_calls(real: Real) -> None:
-    two = calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome", "unit": "c"}))
-    real.standin.reset(two, calls_reply(("get_weather", {"city": "Oslo"})), two)
+def test_real_streamed_calls_rebuild_exactly_what_the_plain_answer_returns(real: Real) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    two = calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"}), preamble="Checking.")
+    real.standin.reset(default=two)
     with serve(real.app()) as url:
         client = openai_client(url)
-        parallel = client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER])
-        forced = client.chat.completions.create(
-            model="sonnet",
-            messages=[user("Oslo")],
-            tools=[WEATHER],
-            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        )
-        chunks = list(
-            client.chat.completions.create(
-                model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER], stream=True
-            )
-        )
-    calls = parallel.choices[0].message.tool_calls or []
-    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
-    assert len({c.id for c in calls}) == 2
-    assert "You must call the function 'get_weather'" in json.dumps(real.standin.bodies()[1]["system"])
-    assert (forced.choices[0].message.tool_calls or [])[0].function.arguments == '{"city": "Oslo"}'
+        ask: dict[str, Any] = {"model": "sonnet", "messages": [user("Paris and Rome?")], "tools": [WEATHER]}
+        plain = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        with client.chat.completions.stream(**ask) as stream:
+            helper = stream.get_final_completion()
+        model = langchain_openai.ChatOpenAI(model="sonnet", base_url=f"{url}/v1", api_key="proxy-secret-key")
+        merged = None
+        for piece in model.bind_tools([WEATHER]).stream("Paris and Rome?"):
+            merged = piece if merged is None else merged + piece
+    expected = [(c.id, c.function.name, c.function.arguments) for c in plain.choices[0].message.tool_calls or []]
+    assert len(expected) == 2 and plain.choices[0].message.content == "Checking."
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert all(d.index in (0, 1) for d in deltas)
-    firsts = [d for d in deltas if d.id]
-    assert [(d.index, d.function.name) for d in firsts] == [(0, "get_weather"), (1, "get_weather")]
+    heads = [d for d in deltas if d.id]  # per call: its index, then its id and name, then its arguments
+    assert [(d.index, d.function.name, d.function.arguments) for d in heads] == [
+        (0, "get_weather", ""),
+        (1, "get_weather", ""),
+    ]
     rebuilt = ["".join(d.function.arguments or "" for d in deltas if d.index == i) for i in (0, 1)]
-    assert [json.loads(a) for a in rebuilt] == [json.loads(c.function.arguments) for c in calls]
+    assert [json.loads(a) for a in rebuilt] == [json.loads(e[2]) for e in expected]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Checking."
+    helped = helper.choices[0].message
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in helped.tool_calls or []] == [
+        (e[1], json.loads(e[2])) for e in expected
+    ]
+    assert merged is not None and [(c["name"], c["args"]) for c in merged.tool_calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "Rome"}),
+    ]
 
 
 @needs_real_cli
-def test_real_sdk_stream_helper_rebuilds_the_calls(real: Real) -> None:
-    real.standin.reset(default=calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})))
-    with serve(real.app()) as url:
-        client = openai_client(url)
-        with client.chat.completions.stream(
-            model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER]
-        ) as stream:
-            final = stream.get_final_completion()
-        plain = client.chat.completions.create(model="sonnet", messages=[user("Paris and Rome?")], tools=[WEATHER])
-    streamed = [(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls or []]
-    assert streamed == [(c.function.name, c.function.arguments) for c in plain.choices[0].message.tool_calls or []]
-    assert final.choices[0].finish_reason == "tool_calls"
-
-
-@needs_real_cli
-async def test_real_invalid_arguments_get_one_correction(real: Real) -> None:
+async def test_real_invalid_arguments_are_denied_and_corrected_in_the_same_turn(real: Real) -> None:
     real.standin.reset(calls_reply(("get_weather", {"town": "Paris"})), calls_reply(("get_weather", {"city": "Paris"})))
     async with client_for(real.app()) as client:
         fixed = await client.post("/v1/chat/completions", json={**chat("Paris?"), "tools": [WEATHER]})
+        denial = json.dumps(real.standin.bodies()[1]["messages"][-1])
         real.standin.reset(default=calls_reply(("get_weather", {"city": 7})))
         broken = await client.post("/v1/chat/completions", json={**chat("Paris?"), "tools": [WEATHER]})
-    call = fixed.json()["choices"][0]["message"]["tool_calls"][0]
+    [call] = fixed.json()["choices"][0]["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
-    assert fixed.json()["usage"]["completion_tokens"] > 0
+    assert "missing required property 'city'" in denial and '"is_error": true' in denial  # the model read why
     error = assert_error(broken, 502, "invalid_model_output")
     assert "$.city: expected string" in error["message"]
-    assert len(real.standin.requests) == 2  # one correction, then a clear error: never the bad arguments
+    assert len(real.standin.requests) == api.MAX_CORRECTIONS + 1  # capped: never the bad arguments to the client
     assert "tool_calls" not in broken.text
 
 
 @needs_real_cli
-def test_real_json_modes_round_trip(real: Real) -> None:
+async def test_real_each_tool_choice_is_honoured_natively(real: Real) -> None:
+    real.standin.reset(
+        calls_reply(("get_weather", {"city": "Oslo"})),  # "none": the call is denied...
+        Reply(text="No functions today."),  # ...and the model answers in text
+        Reply(text="I think it is sunny."),  # "required": a text answer is sent back by the Stop hook...
+        calls_reply(("get_weather", {"city": "Oslo"})),  # ...and the model calls
+        calls_reply(("get_time", {})),  # a named function: another one is denied...
+        calls_reply(("get_weather", {"city": "Oslo"})),  # ...and the named one is called
+    )
+    async with client_for(real.app()) as client:
+        answers = []
+        for choice in ("none", "required", {"type": "function", "function": {"name": "get_weather"}}):
+            response = await client.post(
+                "/v1/chat/completions", json={**chat("Oslo?"), "tools": [WEATHER, TIME], "tool_choice": choice}
+            )
+            answers.append(response.json()["choices"][0])
+    none, required, named = answers
+    assert none["finish_reason"] == "stop" and none["message"]["content"] == "No functions today."
+    assert required["finish_reason"] == "tool_calls" and not required["message"]["content"]  # the text never shown
+    assert named["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    upstream = [json.dumps(body["messages"]) for body in real.standin.bodies()]
+    assert "Function calling is off" in upstream[1]
+    assert "You must call at least one" in upstream[3]
+    assert "You must call the function 'get_weather'" in upstream[5]
+    assert all("tool_choice" not in body for body in real.standin.bodies())  # the CLI sends none: hooks enforce it
+
+
+@needs_real_cli
+async def test_real_a_restart_between_a_call_and_its_result_rebuilds_the_conversation_natively(real: Real) -> None:
+    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})), Reply(text="Sunny."))
+    ask = {**chat("Paris?"), "tools": [WEATHER]}
+    async with client_for(real.app()) as client:
+        first = (await client.post("/v1/chat/completions", json=ask)).json()["choices"][0]["message"]
+    assert await eventually(lambda: real.alive() == [])  # the server stopped, and its processes with it
+    history = [
+        *ask["messages"],
+        first,
+        {"role": "tool", "tool_call_id": first["tool_calls"][0]["id"], "content": "22 C"},
+    ]
+    async with client_for(real.app()) as client:  # a new server: nothing of the conversation but the request
+        final = await client.post("/v1/chat/completions", json={**ask, "messages": history})
+    assert final.json()["choices"][0]["message"]["content"] == "Sunny."
+    rebuilt = real.standin.bodies()[1]
+    assert upstream_blocks(rebuilt)[-3:] == [("user", ["text"]), ("assistant", ["tool_use"]), ("user", ["tool_result"])]
+    last = [m for m in rebuilt["messages"] if m["role"] == "user"][-1]
+    assert last["content"][0]["tool_use_id"] == first["tool_calls"][0]["id"]
+
+
+@needs_real_cli
+async def test_real_an_edited_history_is_not_continued_but_rebuilt(real: Real, starts: list[api.CliProcess]) -> None:
+    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})), Reply(text="Sunny."))
+    ask = {**chat("Paris?"), "tools": [WEATHER]}
+    async with client_for(real.app(auto_session="on")) as client:
+        first = (await client.post("/v1/chat/completions", json=ask)).json()["choices"][0]["message"]
+        result = {"role": "tool", "tool_call_id": first["tool_calls"][0]["id"], "content": "22 C"}
+        edited = [user("Paris, France?"), first, result]
+        final = await client.post("/v1/chat/completions", json={**ask, "messages": edited})
+    assert final.json()["choices"][0]["message"]["content"] == "Sunny."
+    assert len(starts) == 2  # the process that made the call holds another history: a new one was seeded
+    assert "Paris, France?" in json.dumps(real.standin.bodies()[1]["messages"])
+
+
+@needs_real_cli
+def test_real_json_replies_are_calls_checked_against_the_schema(real: Real) -> None:
     from pydantic import BaseModel
 
     class Person(BaseModel):
@@ -2848,10 +2988,11 @@ def test_real_json_modes_round_trip(real: Real) -> None:
         age: int
 
     real.standin.reset(
-        Reply(text='{"city": "Paris", "sunny": true}'),
-        Reply(text='{"name": "Ada", "age": 36}'),
-        Reply(text='Here you go: {"name": "Ada"}'),
-        Reply(text='{"name": "Ada", "age": 36}'),
+        calls_reply(("json_reply", {"city": "Paris", "sunny": True})),
+        calls_reply(("json_reply", {"name": "Ada", "age": 36})),
+        Reply(text='Here you go: {"name": "Ada"}'),  # text: sent back by the Stop hook
+        calls_reply(("json_reply", {"name": "Ada"})),  # arguments that break the schema: denied
+        calls_reply(("json_reply", {"name": "Ada", "age": 36})),
     )
     with serve(real.app()) as url:
         client = openai_client(url)
@@ -2863,42 +3004,51 @@ def test_real_json_modes_round_trip(real: Real) -> None:
     assert json.loads(as_object.choices[0].message.content or "") == {"city": "Paris", "sunny": True}
     assert parsed.choices[0].message.parsed == Person(name="Ada", age=36)
     assert corrected.choices[0].message.parsed == Person(name="Ada", age=36)
-    assert "Your last reply could not be used" in json.dumps(real.standin.bodies()[3]["messages"])
-    assert any('"age"' in block["text"] for block in real.standin.bodies()[1]["system"])  # the schema went up
+    bodies = real.standin.bodies()
+    assert [t["name"] for t in bodies[1]["tools"]] == ["json_reply"]
+    assert bodies[1]["tools"][0]["input_schema"]["required"] == ["name", "age"]  # the client's schema, natively
+    assert "json_reply" in json.dumps(bodies[3]["messages"]) and "missing required property 'age'" in json.dumps(
+        bodies[4]["messages"]
+    )
 
 
 @needs_real_cli
 @pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # raised inside langchain-openai itself
-def test_real_langchain_tools_and_structured_output(real: Real) -> None:
+def test_real_langchain_agent_loop_and_structured_output(real: Real) -> None:
     langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
     from pydantic import BaseModel
 
     @tool
     def get_weather(city: str) -> str:
         """Weather for a city."""
-        return "sunny"
+        return f"sunny in {city}"
 
     class Person(BaseModel):
         name: str
         age: int
 
-    call = calls_reply(("get_weather", {"city": "Paris"}))
-    person = Reply(text='{"name": "Ada", "age": 36}')
-    real.standin.reset(call, call, person, person)
+    real.standin.reset(
+        calls_reply(("get_weather", {"city": "Paris"})),
+        Reply(text="Sunny in Paris."),
+        calls_reply(("json_reply", {"name": "Ada", "age": 36})),
+    )
     with serve(real.app()) as url:
         model = langchain_openai.ChatOpenAI(model="sonnet", base_url=f"{url}/v1", api_key="x", max_retries=0)
         with_tools = model.bind_tools([get_weather])
-        invoked = with_tools.invoke("Weather in Paris?")
-        streamed = None
-        for piece in with_tools.stream("Weather in Paris?"):
-            streamed = piece if streamed is None else streamed + piece
-        structured = model.with_structured_output(Person)
-        assert structured.invoke("Ada, 36") == Person(name="Ada", age=36)
-        assert list(structured.stream("Ada, 36"))[-1] == Person(name="Ada", age=36)
-    assert [(c["name"], c["args"]) for c in invoked.tool_calls] == [("get_weather", {"city": "Paris"})]
-    assert streamed is not None
-    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [("get_weather", {"city": "Paris"})]
+        messages: list[Any] = [HumanMessage("Weather in Paris?")]
+        asked = with_tools.invoke(messages)
+        messages.append(asked)
+        for call in asked.tool_calls:
+            messages.append(ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"]))
+        answered = with_tools.invoke(messages)
+        structured = model.with_structured_output(Person)  # a json_schema response format, LangChain's default
+        person = structured.invoke("Ada, 36")
+    assert [(c["name"], c["args"]) for c in asked.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert answered.content == "Sunny in Paris."
+    assert person == Person(name="Ada", age=36)
+    assert "sunny in Paris" in json.dumps(real.standin.bodies()[1]["messages"])
 
 
 # --- Images ---
@@ -3048,7 +3198,7 @@ def test_real_responses_plain_and_streamed(real: Real) -> None:
 def test_real_responses_function_call_loop(real: Real) -> None:
     real.standin.reset(
         calls_reply(("get_weather", {"city": "Paris"})),
-        text_reply("Sunny in Paris."),
+        Reply(text="Sunny in Paris."),
         calls_reply(("get_weather", {"city": "Oslo"})),
     )
     with serve(real.app()) as url:
@@ -3077,7 +3227,11 @@ def test_real_responses_function_call_loop(real: Real) -> None:
     assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
     [streamed_call] = [item for item in streamed.output if item.type == "function_call"]
     assert json.loads(streamed_call.arguments) == {"city": "Oslo"}
-    assert "You must call the function 'get_weather'" in json.dumps(real.standin.bodies()[2]["system"])
+    assert upstream_blocks(real.standin.bodies()[1])[-3:] == [
+        ("user", ["text"]),
+        ("assistant", ["tool_use"]),
+        ("user", ["tool_result"]),
+    ]
 
 
 @needs_real_cli
