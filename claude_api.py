@@ -94,7 +94,7 @@ OPENAI_MODEL_MAP: Mapping[str, str] = MappingProxyType(
 )
 # Every regex here that sees outside text (client input, model output, CLI output) runs in linear time: no
 # nested or adjacent overlapping quantifiers, and fullmatch where it can. Client patterns never run here (see
-# PatternChecker), and the model's code fence is found without one (see loads_reply).
+# PatternChecker).
 MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")  # bounded: 200 characters at most
 # OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
 EFFORTS: Mapping[str, str] = MappingProxyType(
@@ -3597,8 +3597,8 @@ class Sessions:
 
 
 class SessionJob(Job):
-    """A turn in a stored conversation: continued in its warm process, resumed cold from the CLI's transcript,
-    or rebuilt from the history we kept."""
+    """A turn in a stored conversation: continued in its warm process, or rebuilt from the history we kept, seeded
+    into another process; after a restart, which forgets that history, resumed from the CLI's transcript."""
 
     def __init__(
         self, sessions: Sessions, session: Session, chat: ChatRequest, newest: tuple[Turn, ...] | None = None

@@ -2785,6 +2785,43 @@ def starts(monkeypatch: pytest.MonkeyPatch) -> list[api.CliProcess]:
     return started
 
 
+async def test_a_call_left_without_a_result_still_gets_one_and_the_process_goes_on(fake: Fake) -> None:
+    two = [{"name": "get_weather", "input": {"city": "Paris"}}, {"name": "get_weather", "input": {"city": "Rome"}}]
+    fake.control(script=[{"tool_use": two}, {"text": "Fine."}])
+    ask = {**chat("Paris and Rome?"), "tools": [WEATHER]}
+    async with client_for(fake.app(auto_session="on")) as client:
+        first = (await client.post("/v1/chat/completions", json=ask)).json()["choices"][0]["message"]
+        paris, _ = first["tool_calls"]
+        history = [*ask["messages"], first, {"role": "tool", "tool_call_id": paris["id"], "content": "sunny"}]
+        final = await client.post("/v1/chat/completions", json={**ask, "messages": [*history, user("never mind")]})
+    assert final.json()["choices"][0]["message"]["content"] == "Fine."
+    calls, answer = fake.calls()
+    assert answer["pid"] == calls["pid"]  # the process stopped at the calls went on
+    assert rule_breaches(answer["request"]) == []
+    last = answer["request"]["messages"][-1]["content"]
+    assert [b.get("tool_use_id") or b["text"] for b in last] == [
+        paris["id"],
+        first["tool_calls"][1]["id"],
+        "never mind",
+    ]
+    assert last[1]["is_error"] and "no result" in last[1]["content"]
+
+
+async def test_a_tool_result_may_carry_images(fake: Fake) -> None:
+    fake.control(script=[{"tool_use": [{"name": "get_weather", "input": {"city": "Paris"}}]}, {"text": "A dot."}])
+    ask = {**chat("Show Paris"), "tools": [WEATHER]}
+    async with client_for(fake.app(auto_session="on")) as client:
+        first = (await client.post("/v1/chat/completions", json=ask)).json()["choices"][0]["message"]
+        content = [{"type": "text", "text": "the map:"}, {"type": "image_url", "image_url": {"url": data_url(PNG)}}]
+        result = {"role": "tool", "tool_call_id": first["tool_calls"][0]["id"], "content": content}
+        final = await client.post("/v1/chat/completions", json={**ask, "messages": [*ask["messages"], first, result]})
+    assert final.status_code == 200, final.text
+    [block] = fake.calls()[1]["request"]["messages"][-1]["content"]
+    assert [b["type"] for b in block["content"]] == ["text", "image"] and block["content"][1]["source"][
+        "type"
+    ] == "base64"
+
+
 @needs_real_cli
 def test_real_agent_loop_is_native_and_continues_in_the_process_that_made_the_call(
     real: Real, starts: list[api.CliProcess]
