@@ -1045,18 +1045,28 @@ def reply_value(tool: Tool, arguments: Mapping[str, Any]) -> Any:
     return arguments
 
 
+CLI_DESCRIPTION_LIMIT = 2048  # characters of a function's description the CLI sends; it cuts the rest
+
+
 def mcp_tools(tools: Iterable[Tool]) -> list[dict[str, Any]]:
     """The functions as the MCP server lists them. The read-only hint lets the CLI hand over several calls of one
-    message at once; every call is deferred anyway."""
-    return [
-        {
-            "name": t.name,
-            "description": t.description,
-            "inputSchema": dict(t.parameters),
-            "annotations": {"readOnlyHint": True},
-        }
-        for t in tools
-    ]
+    message at once; every call is deferred anyway. A description the CLI would cut goes whole into the
+    parameters' own description, which the CLI sends as it is."""
+    listed = []
+    for tool in tools:
+        description, schema = tool.description, dict(tool.parameters)
+        if len(description) > CLI_DESCRIPTION_LIMIT:
+            schema["description"] = "\n\n".join(filter(None, [description, schema.get("description")]))
+            description = description[: CLI_DESCRIPTION_LIMIT - 60] + "... (in full: the parameters' description)"
+        listed.append(
+            {
+                "name": tool.name,
+                "description": description,
+                "inputSchema": schema,
+                "annotations": {"readOnlyHint": True},
+            }
+        )
+    return listed
 
 
 def offered_tools(request: ChatRequest) -> tuple[Tool, ...]:

@@ -2874,6 +2874,17 @@ def test_real_agent_loop_is_native_and_continues_in_the_process_that_made_the_ca
 
 
 @needs_real_cli
+async def test_real_a_long_description_reaches_the_model_whole(real: Real) -> None:
+    long = " ".join(f"rule{i}" for i in range(600))  # about 4,700 characters: the CLI cuts descriptions at 2,048
+    tool = {"type": "function", "function": {**WEATHER["function"], "description": long}}
+    async with client_for(real.app()) as client:
+        await client.post("/v1/chat/completions", json={**chat("hi"), "tools": [tool]})
+    [sent] = real.standin.bodies()[0]["tools"]
+    assert len(sent["description"]) <= api.CLI_DESCRIPTION_LIMIT + 20 and sent["input_schema"]["description"] == long
+    assert sent["input_schema"]["properties"] == WEATHER["function"]["parameters"]["properties"]
+
+
+@needs_real_cli
 def test_real_parallel_calls_and_their_results_in_one_message(real: Real) -> None:
     two = calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"}))
     real.standin.reset(two, Reply(text="Both sunny."), two)
