@@ -4132,8 +4132,8 @@ class ResponseShell:
 
 def response_object(shell: ResponseShell, done: Answer) -> dict[str, Any]:
     output = [call_item(f"fc_{uuid.uuid4().hex}", call) for call in done.calls]
-    if done.content is not None and not done.calls:
-        output.insert(0, message_item(f"msg_{uuid.uuid4().hex}", done.content))
+    if done.content or not done.calls:  # text the model wrote before its calls comes first, as when streamed
+        output.insert(0, message_item(f"msg_{uuid.uuid4().hex}", done.content or ""))
     incomplete = done.finish == "length"
     return shell.render("incomplete" if incomplete else "completed", output, done.usage, incomplete=incomplete)
 
