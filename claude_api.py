@@ -599,9 +599,11 @@ def json_path(where: tuple[Any, ...]) -> str:
     return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)).lstrip(".")
 
 
-def message_parts(content: Any, param: str, image_limit: int | None) -> tuple[str | Image, ...]:
+def message_parts(content: Any, param: str, image_limit: int | None, refusals: bool = False) -> tuple[str | Image, ...]:
     """A message's content as text and images in order; adjacent text parts are joined by newlines.
-    ``image_limit`` is the most bytes an image may have, or None where images are not accepted."""
+    ``image_limit`` is the most bytes an image may have, or None where images are not accepted; ``refusals``
+    lets in refusal parts (an assistant's), taken as text. Keys a part has besides its own, such as the
+    ``cache_control`` markers some clients add, are ignored: the CLI manages the prompt cache itself."""
     if content is None:
         return ()
     if isinstance(content, str):
@@ -625,24 +627,40 @@ def message_parts(content: Any, param: str, image_limit: int | None) -> tuple[st
                 param=f"{where}.type",
                 code="unsupported_content",
             )
-        if kind not in ("text", "input_text", "output_text"):
+        key = "refusal" if kind == "refusal" and refusals else "text"
+        if kind not in ("text", "input_text", "output_text") and key == "text":
+            supported = "'text' and 'refusal'" if refusals else "'text' and 'image_url'"
             raise BadRequest(
-                f"Invalid value for '{where}.type': {kind!r}. Supported values are 'text' and 'image_url'.",
+                f"Invalid value for '{where}.type': {kind!r}. Supported values are {supported}.",
                 param=f"{where}.type",
                 code="invalid_value",
             )
-        if not isinstance(part.get("text"), str):
-            raise wrong_type(f"{where}.text", "a string", part.get("text"))
+        if not isinstance(part.get(key), str):
+            raise wrong_type(f"{where}.{key}", "a string", part.get(key))
         if parts and isinstance(parts[-1], str):
-            parts[-1] += "\n" + part["text"]
+            parts[-1] += "\n" + part[key]
         else:
-            parts.append(part["text"])
+            parts.append(part[key])
     return tuple(parts)
 
 
-def message_text(content: Any, param: str) -> str:
+def message_text(content: Any, param: str, refusals: bool = False) -> str:
     """The text of a message that cannot carry images."""
-    return "".join(part for part in message_parts(content, param, None) if isinstance(part, str))
+    return "".join(part for part in message_parts(content, param, None, refusals) if isinstance(part, str))
+
+
+def content_text(message: dict[str, Any], where: str, role: Role) -> str:
+    """The text of a message other than a user's. An assistant's may hold refusal parts, and its ``refusal``
+    (what the model declined, said instead of content) stays in the history as the turn's text: the model did
+    say it. Its ``reasoning_content``, which some clients echo back and others leave out, is checked and left
+    out: earlier thinking is not replayed to the model."""
+    if role != "assistant":
+        return message_text(message.get("content"), f"{where}.content")
+    for key in ("refusal", "reasoning_content"):
+        if not isinstance(message.get(key), str | None):
+            raise wrong_type(f"{where}.{key}", "a string or null", message[key])
+    text = message_text(message.get("content"), f"{where}.content", refusals=True)
+    return "\n".join(filter(None, [text, message.get("refusal")]))
 
 
 IMAGE_MAGIC: Mapping[str, Callable[[bytes], bool]] = MappingProxyType(
@@ -764,7 +782,7 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
             text = "".join(part for part in parts if isinstance(part, str))
             turns.append(Turn("user", text, parts if any(isinstance(p, Image) for p in parts) else ()))
             continue
-        text = message_text(message.get("content"), f"{where}.content")
+        text = content_text(message, where, role)
         if role in ("system", "developer"):
             system.append(text)
         elif role == "assistant":
@@ -776,11 +794,10 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
             ref = message.get("tool_call_id") or message.get("name") or "?"
             turns.append(Turn("tool", f"[result of call {ref}]\n{text}"))
     if not turns:
-        raise BadRequest(
-            "'messages' holds only system messages; add at least one user message.",
-            param="messages",
-            code="invalid_value",
-        )
+        # Only system or developer messages, as OpenAI allows: the Messages API needs a user turn, and their
+        # text becomes it (under the neutral system prompt), so the model acts on what the client wrote and
+        # on nothing the server made up.
+        return "", (Turn("user", "\n\n".join(system)),)
     return "\n\n".join(system), tuple(turns)
 
 

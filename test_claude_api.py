@@ -407,6 +407,38 @@ def test_bad_setting_stops_the_start(fake: Fake) -> None:
             id="tool-turns",
         ),
         pytest.param([{"role": "user", "content": "x", "name": "bob", "extra_field": 1}], "", "x", id="extra-keys-ok"),
+        pytest.param([{"role": "system", "content": "Write a haiku."}], "", "Write a haiku.", id="only-system"),
+        pytest.param(
+            [{"role": "developer", "content": "A"}, {"role": "system", "content": "B"}],
+            "",
+            "A\n\nB",
+            id="only-developer-and-system",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": None, "refusal": "I can't help with that."}, user("why?")],
+            "",
+            "User: hi\n\nAssistant: I can't help with that.\n\nUser: why?",
+            id="refusal-field",
+        ),
+        pytest.param(
+            [
+                user("hi"),
+                {
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": "Well."}, {"type": "refusal", "refusal": "No."}],
+                },
+                user("ok"),
+            ],
+            "",
+            "User: hi\n\nAssistant: Well.\nNo.\n\nUser: ok",
+            id="refusal-part",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": "Hello.", "reasoning_content": "they greet me"}, user("ok")],
+            "",
+            "User: hi\n\nAssistant: Hello.\n\nUser: ok",
+            id="echoed-reasoning-left-out",
+        ),
     ],
 )
 def test_flatten(messages: list[Any], system: str, prompt: str) -> None:
@@ -453,7 +485,30 @@ def test_flatten(messages: list[Any], system: str, prompt: str) -> None:
             "invalid_type",
             id="text-part-without-text",
         ),
-        pytest.param([{"role": "system", "content": "only"}], "messages", "invalid_value", id="only-system"),
+        pytest.param(
+            [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}],
+            "messages[0].content[0].type",
+            "invalid_value",
+            id="refusal-part-from-the-user",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": [{"type": "refusal"}]}],
+            "messages[1].content[0].refusal",
+            "invalid_type",
+            id="refusal-part-without-text",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": None, "refusal": ["no"]}],
+            "messages[1].refusal",
+            "invalid_type",
+            id="refusal-not-a-string",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": "x", "reasoning_content": 5}],
+            "messages[1].reasoning_content",
+            "invalid_type",
+            id="reasoning-content-not-a-string",
+        ),
     ],
 )
 def test_flatten_rejects(messages: Any, param: str, code: str) -> None:
@@ -778,6 +833,87 @@ async def test_thinking_goes_to_reasoning_content(fake: Fake) -> None:
     deltas = [e["choices"][0]["delta"] for e in sse_events(streamed.text) if isinstance(e, dict) and e["choices"]]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "let me think"
     assert "".join(d.get("content", "") for d in deltas) == "the answer"
+
+
+THOUGHTS = "private chain of thought 41"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(
+            {"role": "assistant", "content": "Hi Ada.", "reasoning_content": THOUGHTS}, id="kilo-and-zed-echo"
+        ),
+        pytest.param({"role": "assistant", "content": "Hi Ada.", "reasoning_content": None}, id="null"),
+        pytest.param({"role": "assistant", "content": "Hi Ada."}, id="cursor-leaves-it-out"),
+    ],
+)
+async def test_echoed_reasoning_is_accepted_and_kept_out_of_the_prompt(fake: Fake, reply: dict[str, Any]) -> None:
+    messages = [user("My name is Ada."), reply, user("My name?")]
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "sonnet", "messages": messages})
+    assert response.status_code == 200, response.text
+    [call] = fake.calls()
+    prompt = json.loads(call["stdin"])["message"]["content"][0]["text"]
+    assert prompt == "User: My name is Ada.\n\nAssistant: Hi Ada.\n\nUser: My name?"
+    assert THOUGHTS not in call["stdin"] and THOUGHTS not in call["system"]
+
+
+EPHEMERAL = {"cache_control": {"type": "ephemeral"}}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param(
+            [{"role": "system", "content": [{"type": "text", "text": "Be terse.", **EPHEMERAL}]}], id="system"
+        ),
+        pytest.param([{"role": "user", "content": [{"type": "text", "text": "first", **EPHEMERAL}]}], id="user"),
+        pytest.param(
+            [user("first"), {"role": "assistant", "content": [{"type": "text", "text": "answer", **EPHEMERAL}]}],
+            id="assistant",
+        ),
+        pytest.param([{"role": "user", "content": "first", **EPHEMERAL}], id="message"),
+    ],
+)
+async def test_cache_control_markers_are_accepted_and_ignored(fake: Fake, messages: list[dict[str, Any]]) -> None:
+    body = {"model": "sonnet", "messages": [*messages, user("second")]}
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    [call] = fake.calls()
+    sent = call["stdin"] + call["system"]
+    texts = [part["text"] for m in messages for part in m["content"] if isinstance(m["content"], list)]
+    assert all(text in sent for text in texts) and "second" in sent
+    assert "cache_control" not in sent and "ephemeral" not in sent
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Write a haiku about tea."}]}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "developer", "content": "Write a haiku"},
+                    {"role": "system", "content": "about tea."},
+                ]
+            },
+        ),
+        ("/v1/responses", {"instructions": "Write a haiku about tea.", "input": []}),
+        ("/v1/responses", {"input": [{"role": "developer", "content": "Write a haiku about tea."}]}),
+    ],
+    ids=["system", "developer-and-system", "responses-instructions", "responses-developer"],
+)
+async def test_only_system_messages_become_the_user_turn(fake: Fake, path: str, body: dict[str, Any]) -> None:
+    async with client_for(fake.app()) as client:
+        response = await client.post(path, json={"model": "sonnet", **body})
+    assert response.status_code == 200, response.text
+    [call] = fake.calls()
+    prompt = json.loads(call["stdin"])["message"]["content"][0]["text"]
+    assert prompt.replace("\n\n", " ") == "Write a haiku about tea."
+    assert call["system"] == api.NEUTRAL_SYSTEM_PROMPT  # the client's text is the request, not the setting
 
 
 @pytest.mark.parametrize(
