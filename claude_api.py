@@ -1732,6 +1732,29 @@ def as_responses_error(error: BadRequest) -> BadRequest:
     return error
 
 
+def parse_responses_body(
+    body: Any, settings: Settings, session_header: str | None = None, carried: tuple[str, ...] = ()
+) -> ChatRequest:
+    """A Responses body as the chat request it stands for, plus the ``carried`` chat fields it holds as they
+    are; errors name the Responses fields."""
+    try:
+        chat = responses_to_chat(body)
+        chat.update({key: body[key] for key in carried if body.get(key) is not None})
+        return parse_chat_request(chat, settings, session_header)
+    except BadRequest as error:
+        raise as_responses_error(error) from None
+
+
+def parse_chat_body(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
+    """A /v1/chat/completions body. Cursor's agent mode posts a Responses body there (``input``, flat tools,
+    ``reasoning``) and reads chat completions back: a body with ``input`` and no ``messages`` is read as
+    /v1/responses reads it, its errors naming the fields it has, and answered in the chat format."""
+    if not isinstance(body, dict) or body.get("messages") is not None or body.get("input") is None:
+        return parse_chat_request(body, settings, session_header)
+    # The answer is chat chunks, so the chat field that asks for a usage chunk applies, under its own name.
+    return parse_responses_body(body, settings, session_header, carried=("stream_options",))
+
+
 # --- The CLI call: argv, stdin line and environment for one request ---
 
 
@@ -4168,7 +4191,7 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     body = await read_json(request, settings)
-    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
+    chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
     job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
     headers = {"X-Session-Notice": notice} if notice else {}
@@ -4191,10 +4214,7 @@ async def create_response(request: Request) -> Response:
     runner: Runner = state.runner
     sessions: Sessions = state.sessions
     body = await read_json(request, settings)
-    try:
-        chat = parse_chat_request(responses_to_chat(body), settings)
-    except BadRequest as error:
-        raise as_responses_error(error) from None
+    chat = parse_responses_body(body, settings)
     responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")

@@ -3207,6 +3207,84 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
     assert fake.calls()[-1]["stdin"].count('"type": "image"') == 1
 
 
+CURSOR_AGENT_BODY = {  # the shape Cursor's agent mode posts to /v1/chat/completions
+    "model": "sonnet",
+    "instructions": "You are a coding agent.",
+    "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}],
+    "tools": [RESPONSES_WEATHER],
+    "reasoning": {"effort": "low", "summary": "auto"},
+    "store": False,
+    "include": ["reasoning.encrypted_content"],
+}
+PARIS_CALL = {"type": "tool_calls", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_responses_body_sent_to_chat_completions_gets_a_chat_answer(fake: Fake, stream: bool) -> None:
+    fake.control(reply=json.dumps(PARIS_CALL))
+    body = (
+        {**CURSOR_AGENT_BODY, "stream": True, "stream_options": {"include_usage": True}}
+        if stream
+        else CURSOR_AGENT_BODY
+    )
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    if stream:
+        events = sse_events(response.text)
+        chunks = events[:-1]
+        assert events[-1] == "[DONE]" and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        calls = [
+            d["tool_calls"][0] for c in chunks if c["choices"] for d in [c["choices"][0]["delta"]] if "tool_calls" in d
+        ]
+        assert calls[0]["function"]["name"] == "get_weather"
+        assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
+        assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] > 0  # include_usage was honoured
+    else:
+        answer = response.json()
+        assert answer["object"] == "chat.completion" and answer["choices"][0]["finish_reason"] == "tool_calls"
+        [call] = answer["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {
+            "city": "Paris"
+        }
+    [cli] = fake.calls()
+    assert cli["argv"][cli["argv"].index("--effort") + 1] == "low"
+    assert "Weather in Paris?" in cli["stdin"]
+    assert "You are a coding agent." in cli["system"] and "get_weather" in cli["system"]
+
+
+@pytest.mark.parametrize(
+    "body,param,code",
+    [
+        ({"input": [{"type": "computer_call"}]}, "input[0].type", "unsupported_value"),
+        ({"input": [{"role": "user", "content": 5}]}, "input[0].content", "invalid_type"),
+        ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name", "invalid_value"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "integer_below_min_value"),
+        ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
+        ({"input": "x", "stream_options": {"include_usage": True}}, "stream_options", None),  # a chat field, as sent
+    ],
+    ids=lambda v: json.dumps(v)[:50] if isinstance(v, dict) else str(v),
+)
+async def test_a_responses_body_sent_to_chat_completions_has_errors_naming_its_fields(
+    fake: Fake, body: dict[str, Any], param: str, code: str | None
+) -> None:
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "sonnet", **body})
+    error = assert_error(response, 400, code, param)
+    chat_names = ("messages", "max_completion_tokens", "response_format", "reasoning_effort", ".function")
+    assert not any(name in error["message"] for name in chat_names), error["message"]
+    assert fake.calls() == []
+
+
+def test_a_chat_body_with_messages_stays_a_chat_body() -> None:
+    request = api.parse_chat_body({"messages": [user("hi")], "input": "not this"}, make_settings())
+    assert request.turns == (api.Turn("user", "hi"),)
+    with pytest.raises(api.BadRequest) as caught:
+        api.parse_chat_body({"model": "sonnet"}, make_settings())
+    assert caught.value.param == "messages"  # neither: a chat body missing its messages
+
+
 # --- Pre-started processes ---
 
 
