@@ -909,12 +909,15 @@ def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
         return kind, None
     if kind == "json_schema":
         spec = raw.get("json_schema")
+        if spec is None:
+            raise missing("response_format.json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise BadRequest(
                 'response_format json_schema needs \'json_schema\': {"name", "schema"}.',
                 param="response_format.json_schema",
                 code="invalid_value",
             )
+        check_format_name(spec.get("name"), "response_format.json_schema.name")
         schema = spec.get("schema") or {}
         check_schema(schema, "response_format.json_schema.schema")
         return kind, schema
@@ -924,6 +927,35 @@ def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
         param="response_format.type",
         code="invalid_value",
     )
+
+
+def check_format_name(name: Any, param: str) -> None:
+    """A JSON Schema format's name, required and checked as OpenAI checks it, in OpenAI's words."""
+    if name is None:
+        raise missing(param)
+    if not isinstance(name, str):
+        raise wrong_type(param, "a string", name)
+    if not name:
+        raise BadRequest(
+            f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string "
+            "instead.",
+            param=param,
+            code="empty_string",
+        )
+    if len(name) > 64:
+        raise BadRequest(
+            f"Invalid '{param}': string too long. Expected a string with maximum length 64, but got a string with "
+            f"length {len(name)} instead.",
+            param=param,
+            code="string_above_max_length",
+        )
+    if not re.fullmatch(r"[a-zA-Z0-9_-]+", name):  # linear, and on 64 characters at most
+        raise BadRequest(
+            f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
+            "'^[a-zA-Z0-9_-]+$'.",
+            param=param,
+            code="invalid_value",
+        )
 
 
 def reply_instructions(request: ChatRequest) -> str:
@@ -1724,9 +1756,9 @@ def as_responses_error(error: BadRequest) -> BadRequest:
         tool = error.param.split(".function", 1)[0]
         error.param = error.param.replace(".function", "", 1)
         error.message = error.message.replace(f"'{tool}.function", f"'{tool}")
-    if error.param and error.param.startswith("text.format.json_schema.schema"):
+    if error.param and error.param.startswith("text.format.json_schema."):
         error.param = error.param.replace(".json_schema", "", 1)
-        error.message = error.message.replace("'text.format.json_schema.schema", "'text.format.schema")
+        error.message = error.message.replace("'text.format.json_schema.", "'text.format.")
     if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
         error.param = error.param.removesuffix(".url")
     return error

@@ -2775,6 +2775,66 @@ def test_parse_reply_json_modes() -> None:
         api.parse_reply('{"name": "Ada"}', schema)
 
 
+PATTERN_MESSAGE = (
+    "Invalid '{p}': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'."
+)
+
+
+@pytest.mark.parametrize(
+    "name,code,message",
+    [
+        pytest.param(None, "missing_required_parameter", "Missing required parameter: '{p}'.", id="missing"),
+        pytest.param("bad name!", "invalid_value", PATTERN_MESSAGE, id="bad-name"),
+        pytest.param("schema.v2", "invalid_value", PATTERN_MESSAGE, id="dot"),
+        pytest.param(
+            "",
+            "empty_string",
+            "Invalid '{p}': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+            id="empty",
+        ),
+        pytest.param(
+            "a" * 65,
+            "string_above_max_length",
+            "Invalid '{p}': string too long. Expected a string with maximum length 64, but got a string with length 65 "
+            "instead.",
+            id="65-characters",
+        ),
+        pytest.param(
+            7, "invalid_type", "Invalid type for '{p}': expected a string, but got an integer instead.", id="7"
+        ),
+        pytest.param("Person_v2-" + "x" * 54, None, None, id="64-characters-ok"),
+    ],
+)
+def test_a_json_schema_format_needs_a_valid_name(name: Any, code: str | None, message: str | None) -> None:
+    """As OpenAI answers: the name is required and must match ^[a-zA-Z0-9_-]{1,64}$, in both APIs."""
+    spec = {"schema": PERSON_SCHEMA, **({"name": name} if name is not None else {})}
+    settings = make_settings()
+    for parse, body, param in (
+        (
+            api.parse_chat_request,
+            chat(response_format={"type": "json_schema", "json_schema": spec}),
+            "response_format.json_schema.name",
+        ),
+        (
+            api.parse_responses_body,
+            {"input": "x", "text": {"format": {"type": "json_schema", **spec}}},
+            "text.format.name",
+        ),
+    ):
+        if code is None:
+            assert parse(body, settings).response_format == "json_schema"
+            continue
+        with pytest.raises(api.BadRequest) as caught:
+            parse(body, settings)
+        error = caught.value.body()["error"]
+        assert error == {
+            "message": message.format(p=param),
+            "type": "invalid_request_error",
+            "param": param,
+            "code": code,
+        }
+
+
 def test_tools_reach_the_system_prompt_and_none_means_no_tools() -> None:
     settings = make_settings()
     call = api.build_cli_call(
@@ -3262,6 +3322,11 @@ async def test_a_responses_body_sent_to_chat_completions_gets_a_chat_answer(fake
         ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name", "invalid_value"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "integer_below_min_value"),
         ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
+        (
+            {"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}},
+            "text.format.name",
+            "missing_required_parameter",
+        ),
         ({"input": "x", "stream_options": {"include_usage": True}}, "stream_options", None),  # a chat field, as sent
     ],
     ids=lambda v: json.dumps(v)[:50] if isinstance(v, dict) else str(v),
