@@ -1610,6 +1610,17 @@ STANDARD_WINDOW_MODELS = ("sonnet", "opus", "haiku")
 MAX_CHARS_PER_TOKEN = 10  # more than any tokenizer packs into a token on average: the estimate only refuses the sure
 
 
+# The most output tokens a model of each family can give, in its current models (Opus 4.6 and later, Sonnet 4.6
+# and later: 128K; Haiku 4.5: 64K); /v1/models shows them beside the context window.
+MAX_OUTPUT_TOKENS: Mapping[str, int] = MappingProxyType({"haiku": 64_000, "sonnet": 128_000, "opus": 128_000})
+DEFAULT_MAX_OUTPUT_TOKENS = 128_000  # default, best, opusplan and other names: Opus or Sonnet
+
+
+def max_output_tokens(cli_model: str | None) -> int:
+    name = (cli_model or "").lower()
+    return next((limit for family, limit in MAX_OUTPUT_TOKENS.items() if family in name), DEFAULT_MAX_OUTPUT_TOKENS)
+
+
 def context_window(cli_model: str | None) -> int:
     """The window a prompt must fit: the standard one only for a model known to have it."""
     name = cli_model or ""
@@ -4276,7 +4287,8 @@ async def create_response(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [model_card(m) for m in known_models(request.app.state.settings)]})
+    settings: Settings = request.app.state.settings
+    return JSONResponse({"object": "list", "data": [model_card(m, settings) for m in known_models(settings)]})
 
 
 async def get_model(request: Request) -> Response:
@@ -4284,11 +4296,24 @@ async def get_model(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     if model_id not in known_models(settings) and model_id not in settings.model_map and model_id not in DEFAULT_NAMES:
         raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.")
-    return JSONResponse(model_card(model_id))
+    return JSONResponse(model_card(model_id, settings))
 
 
-def model_card(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": "anthropic"}
+def model_card(model_id: str, settings: Settings) -> dict[str, Any]:
+    """OpenAI's model object, with the context window and output limit of the model the name stands for, in the
+    fields clients read them from: OpenRouter's ``context_length`` and ``top_provider`` (LobeChat and others),
+    and ``max_output_tokens``."""
+    cli_model = resolve_model(model_id, settings)
+    context, output = context_window(cli_model), max_output_tokens(cli_model)
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": MODEL_CREATED,
+        "owned_by": "anthropic",
+        "context_length": context,
+        "max_output_tokens": output,
+        "top_provider": {"context_length": context, "max_completion_tokens": output, "is_moderated": False},
+    }
 
 
 async def health(request: Request) -> Response:

@@ -1014,13 +1014,42 @@ async def test_models_endpoints(fake: Fake) -> None:
             "my-model",
         ]
         assert all(
-            set(m) == {"id", "object", "created", "owned_by"} and m["object"] == "model" for m in listing["data"]
+            set(m) == {"id", "object", "created", "owned_by", "context_length", "max_output_tokens", "top_provider"}
+            and m["object"] == "model"
+            for m in listing["data"]
         )
         assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
         assert (await client.get("/v1/models/my-model")).status_code == 200
         assert (await client.get("/v1/models/gpt-4o")).status_code == 200
         error = assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
         assert "nope" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "model_id,context,output",
+    [
+        ("sonnet", 200_000, 128_000),
+        ("opus", 200_000, 128_000),
+        ("haiku", 200_000, 64_000),
+        ("sonnet[1m]", 1_000_000, 128_000),
+        ("opus[1m]", 1_000_000, 128_000),
+        ("best", 1_000_000, 128_000),  # a model the server cannot place: the largest window it may have
+        ("opusplan", 1_000_000, 128_000),
+        ("default", 200_000, 64_000),  # CLAUDE_DEFAULT_MODEL=haiku below
+        ("gpt-4o", 200_000, 128_000),  # mapped to sonnet
+        ("gpt-4o-mini", 200_000, 64_000),  # mapped to haiku
+        ("claude-haiku-4-5", 200_000, 64_000),  # from CLAUDE_MODELS
+    ],
+)
+async def test_model_cards_carry_the_window_and_output_limit(
+    fake: Fake, model_id: str, context: int, output: int
+) -> None:
+    async with client_for(fake.app(models="claude-haiku-4-5", default_model="haiku")) as client:
+        card = (await client.get(f"/v1/models/{model_id}")).json()
+        listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+    assert card["context_length"] == context and card["max_output_tokens"] == output
+    assert card["top_provider"] == {"context_length": context, "max_completion_tokens": output, "is_moderated": False}
+    assert listed.get(model_id, card) == card  # the list and the single card agree
 
 
 @needs_real_cli
