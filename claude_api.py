@@ -382,6 +382,10 @@ class ContextLengthExceeded(BadRequest):
 
 class MethodNotAllowed(ProxyError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
+    allow: tuple[str, ...] = ()  # the methods the route does serve, for the Allow header RFC 9110 requires
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
 
 class RequestTimeout(ProxyError):
@@ -4377,7 +4381,13 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
+        # Starlette names the route's methods in an unordered set; the header lists them sorted.
+        allow = tuple(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
+        error = MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.url.path}; allowed: {', '.join(allow)}."
+        )
+        error.allow = allow
+        return error_response(error)
     if exc.status_code == 404:
         return error_response(NotFound(f"Invalid URL ({request.method} {request.url.path})."))
     return error_response(BadRequest(str(exc.detail)))

@@ -991,9 +991,31 @@ async def test_malformed_bodies(fake: Fake) -> None:
         assert_error(
             await client.post("/v1/chat/completions", content=chunked(), headers=as_json), 413, "request_too_large"
         )
-        assert_error(await client.get("/v1/chat/completions"), 405, "method_not_allowed")
         assert_error(await client.get("/v1/nothing-here"), 404, "unknown_url")
     assert fake.calls() == []
+
+
+WRONG_METHODS = [  # one per route; every route of the app must be here
+    ("/", "POST", "GET, HEAD"),
+    ("/health", "DELETE", "GET, HEAD"),
+    ("/v1/models", "DELETE", "GET, HEAD"),
+    ("/v1/models/{model_id:path}", "POST", "GET, HEAD"),
+    ("/v1/chat/completions", "GET", "POST"),
+    ("/v1/responses", "PUT", "POST"),
+]
+
+
+@pytest.mark.parametrize("route,method,allow", WRONG_METHODS, ids=[f"{m} {r}" for r, m, _ in WRONG_METHODS])
+async def test_a_wrong_method_gets_405_with_allow(fake: Fake, route: str, method: str, allow: str) -> None:
+    app = fake.app()
+    assert sorted(r.path for r in app.routes) == sorted(r for r, _, _ in WRONG_METHODS)
+    path = route.replace("{model_id:path}", "sonnet")
+    async with client_for(app) as client:
+        response = await client.request(method, path)
+        served = [await client.request(m, path, json={}) for m in allow.split(", ") if m != "POST"]
+    error = assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == allow and allow in error["message"]
+    assert all(r.status_code == 200 for r in served)  # HEAD is served wherever GET is
 
 
 async def test_models_endpoints(fake: Fake) -> None:
