@@ -3814,14 +3814,40 @@ def response_usage(usage: Usage | None) -> dict[str, Any]:
         "input_tokens": usage["prompt_tokens"],
         "output_tokens": usage["completion_tokens"],
         "total_tokens": usage["total_tokens"],
-        "input_tokens_details": usage["prompt_tokens_details"],
+        "input_tokens_details": {
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": usage["cache_creation_input_tokens"],
+        },
         "output_tokens_details": {"reasoning_tokens": 0},
     }
 
 
+def output_text(text: str) -> dict[str, Any]:
+    """An output_text part: no annotations, and no log probabilities (the CLI has none), as empty lists."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    content = [output_text(text)] if status == "completed" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def echoed_tools(tools: Any) -> list[Any]:
+    """The request's tools as a response shows them. A function tool always shows ``strict``: the client's
+    value, or true, since every call's arguments are checked against its parameters (OpenAI uses strict
+    validation when it can); and ``parameters``, null when the client sent none."""
+    return [
+        {**tool, "parameters": tool.get("parameters"), "strict": tool.get("strict") is not False}
+        if isinstance(tool, dict) and tool.get("type") == "function"
+        else tool
+        for tool in tools or []
+    ]
+
+
+def response_error(error: ProxyError) -> dict[str, str]:
+    """A response's ``error``: its code is one of the few the Responses API defines (the ``error`` event
+    before it carries the exact one)."""
+    return {"code": "rate_limit_exceeded" if error.status == 429 else "server_error", "message": error.message}
 
 
 def call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
@@ -3861,7 +3887,7 @@ class ResponseShell:
             "model": body.get("model") or "default",
             "output": output,
             "output_text": text,
-            "error": {"code": error.code or error.type, "message": error.message} if error else None,
+            "error": response_error(error) if error else None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"),
@@ -3872,12 +3898,13 @@ class ResponseShell:
             "temperature": body.get("temperature"),
             "text": body.get("text") or {"format": {"type": "text"}},
             "tool_choice": body.get("tool_choice", "auto"),
-            "tools": body.get("tools") or [],
+            "tools": echoed_tools(body.get("tools")),
             "top_p": body.get("top_p"),
             "truncation": "disabled",
             "metadata": body.get("metadata") or {},
-            "user": body.get("user"),
-            "usage": response_usage(usage) if usage is not None else None,
+            # Both a string or an object, or absent: the spec has no null for them.
+            **({"user": body["user"]} if isinstance(body.get("user"), str) else {}),
+            **({"usage": response_usage(usage)} if usage is not None else {}),
         }
 
 
@@ -3949,6 +3976,7 @@ class ResponsesStream:
                 output_index=len(self.output) - 1,
                 content_index=0,
                 delta=text,
+                logprobs=[],
             )
         )
         return events
@@ -3964,7 +3992,7 @@ class ResponsesStream:
                 item_id=item["id"],
                 output_index=index,
                 content_index=0,
-                part={"type": "output_text", "text": "", "annotations": []},
+                part=output_text(""),
             ),
         ]
 
@@ -3974,11 +4002,16 @@ class ResponsesStream:
         item, index = self.output[-1], len(self.output) - 1
         if item["type"] == "message":
             text = "".join(self.text)
-            part = {"type": "output_text", "text": text, "annotations": []}
+            part = output_text(text)
             item.update(message_item(item["id"], text))
             return [
                 self._event(
-                    "response.output_text.done", item_id=item["id"], output_index=index, content_index=0, text=text
+                    "response.output_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=text,
+                    logprobs=[],
                 ),
                 self._event(
                     "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
@@ -3990,6 +4023,7 @@ class ResponsesStream:
             self._event(
                 "response.function_call_arguments.done",
                 item_id=item["id"],
+                name=item["name"],
                 output_index=index,
                 arguments=item["arguments"],
             ),

@@ -3401,6 +3401,88 @@ def test_a_chat_body_with_messages_stays_a_chat_body() -> None:
     assert caught.value.param == "messages"  # neither: a chat body missing its messages
 
 
+RESPONSES_SPEC = json.loads((HERE / "testdata" / "openai_responses_schemas.json").read_text())
+EVENT_SCHEMAS = {  # event type -> the spec's schema for it
+    RESPONSES_SPEC["components"]["schemas"][name]["properties"]["type"]["enum"][0]: name
+    for name in RESPONSES_SPEC["events"]
+}
+
+
+def spec_problems(value: Any, schema: str) -> list[str]:
+    """Where ``value`` breaks the OpenAPI spec's schema of that name (a copy of its parts in testdata)."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    spec = Resource(contents={"components": RESPONSES_SPEC["components"]}, specification=DRAFT202012)
+    validator = Draft202012Validator(
+        {"$ref": f"urn:openai#/components/schemas/{schema}"}, registry=Registry().with_resource("urn:openai", spec)
+    )
+    return [f"{list(error.absolute_path)}: {error.message[:200]}" for error in validator.iter_errors(value)]
+
+
+def response_events(text: str) -> list[dict[str, Any]]:
+    """The events of a Responses stream, each sent as an ``event:`` line and its ``data:`` line."""
+    events = []
+    for block in filter(str.strip, text.split("\n\n")):
+        name, data = block.split("\n", 1)
+        events.append(json.loads(data.removeprefix("data: ")))
+        assert name == f"event: {events[-1]['type']}"
+    return events
+
+
+TWO_TOOLS = [RESPONSES_WEATHER, {**RESPONSES_WEATHER, "name": "get_time", "strict": False}]
+
+
+@pytest.mark.parametrize(
+    "control,body",
+    [
+        pytest.param({}, {"input": "hi", "user": "u1", "metadata": {"k": "v"}}, id="text"),
+        pytest.param(
+            {"reply": json.dumps({"type": "text", "content": "No call."})},
+            {"input": "hi", "tools": TWO_TOOLS},
+            id="tools-unused",
+        ),
+        pytest.param({"reply": json.dumps(PARIS_CALL)}, {"input": "Paris?", "tools": TWO_TOOLS}, id="function-call"),
+        pytest.param({"default": "max_tokens"}, {"input": "hi", "max_output_tokens": 5}, id="incomplete"),
+        pytest.param({"default": "content_then_crash"}, {"input": "hi"}, id="failed"),
+    ],
+)
+async def test_responses_objects_and_events_match_the_spec(
+    fake: Fake, control: dict[str, Any], body: dict[str, Any]
+) -> None:
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    fake.control(**control)
+    async with client_for(fake.app()) as client:
+        plain = await client.post("/v1/responses", json={"model": "sonnet", **body})
+        streamed = await client.post("/v1/responses", json={"model": "sonnet", "stream": True, **body})
+    events = response_events(streamed.text)
+    final = events[-1]["response"]
+    objects = [final] if control.get("default") == "content_then_crash" else [plain.json(), final]
+    for obj in objects:
+        assert spec_problems(obj, "Response") == []
+        Response.model_validate(obj, strict=True)  # the openai SDK's own type, strictly
+    for event in events:
+        assert spec_problems(event, EVENT_SCHEMAS[event["type"]]) == [], event
+        TypeAdapter(ResponseStreamEvent).validate_python(event, strict=True)
+    # What the spec added that a response must now carry:
+    parts = [part for obj in objects for item in obj["output"] if item["type"] == "message" for part in item["content"]]
+    parts += [e["part"] for e in events if "part" in e]
+    calling = control.get("reply") == json.dumps(PARIS_CALL)
+    assert all(part["logprobs"] == [] for part in parts) and bool(parts) != calling
+    assert all(e["logprobs"] == [] for e in events if e["type"].startswith("response.output_text."))
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert all(e["name"] == "get_weather" for e in done) and bool(done) == calling
+    assert [t["strict"] for t in final["tools"]] == ([True, False] if "tools" in body else [])
+    for obj in objects if final["status"] != "failed" else []:
+        assert obj["usage"]["input_tokens_details"] == {"cached_tokens": 7, "cache_write_tokens": 3}
+    if final["status"] == "failed":  # the error event has the exact code; the response one of the spec's codes
+        assert [e["code"] for e in events if e["type"] == "error"] == ["cli_failed"]
+        assert final["error"]["code"] == "server_error" and "usage" not in final
+
+
 # --- Pre-started processes ---
 
 
