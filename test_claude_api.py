@@ -1160,6 +1160,20 @@ async def test_stream_protocol(fake: Fake, mode: str) -> None:
     assert all("usage" not in c for c in sse_events(plain.text)[:-1])
 
 
+@pytest.mark.parametrize(
+    "stream,mode", [(False, "live"), (True, "live"), (True, "pseudo")], ids=["json", "live", "pseudo"]
+)
+async def test_usage_has_the_cache_counts_both_ways(fake: Fake, stream: bool, mode: str) -> None:
+    """OpenAI's cached_tokens, and the Anthropic names Roo Code reads, on answers and on the usage chunk."""
+    body = chat(stream=True, stream_options={"include_usage": True}) if stream else chat()
+    async with client_for(fake.app(stream_mode=mode)) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    usage = sse_events(response.text)[-2]["usage"] if stream else response.json()["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 7}  # the fake CLI reads 7 and writes 3
+    assert (usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]) == (7, 3)
+    assert usage["prompt_tokens"] == 5 + 7 + 3
+
+
 @pytest.mark.parametrize("mode", ["live", "pseudo"])
 async def test_stream_stop_and_length(fake: Fake, mode: str) -> None:
     fake.control(reply="one two STOP three")
