@@ -3407,6 +3407,28 @@ async def test_a_responses_body_sent_to_chat_completions_has_errors_naming_its_f
     assert fake.calls() == []
 
 
+@needs_real_cli
+def test_real_cursor_agent_body_streams_chat_chunks(real: Real) -> None:
+    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})))
+    body = {**CURSOR_AGENT_BODY, "stream": True, "stream_options": {"include_usage": True}}
+    with serve(real.app()) as url:
+        response = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer proxy-secret-key"}, timeout=60
+        )
+    assert response.status_code == 200, response.text
+    chunks = sse_events(response.text)[:-1]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    [first, *_] = calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert first["function"]["name"] == "get_weather" and first["id"].startswith("call_")
+    assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
+    assert chunks[-1]["usage"]["prompt_tokens"] > 0
+    upstream = real.standin.bodies()[0]
+    assert "Weather in Paris?" in json.dumps(upstream["messages"]) and "You are a coding agent." in json.dumps(
+        upstream["system"]
+    )
+    assert upstream["output_config"]["effort"] == "low"
+
+
 def test_a_chat_body_with_messages_stays_a_chat_body() -> None:
     request = api.parse_chat_body({"messages": [user("hi")], "input": "not this"}, make_settings())
     assert request.turns == (api.Turn("user", "hi"),)
