@@ -9,9 +9,10 @@ keys, each key is a separate user.
 
 Endpoints:
     POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not, with function calling,
-                                JSON output, images and sessions
+                                JSON output, images and sessions; also the Responses-shaped body Cursor's
+                                agent mode posts here
     POST /v1/responses          the Responses API, on the same machinery
-    GET  /v1/models             the model aliases the CLI understands
+    GET  /v1/models             the model aliases the CLI understands, with their windows and output limits
     GET  /v1/models/{id}        one of them
     GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
     GET  /                      a pointer to the above
