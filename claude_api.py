@@ -632,14 +632,15 @@ def message_parts(content: Any, param: str, image_limit: int | None, refusals: b
                 param=f"{where}.type",
                 code="unsupported_content",
             )
-        key = "refusal" if kind == "refusal" and refusals else "text"
-        if kind not in ("text", "input_text", "output_text") and key == "text":
+        refusal = refusals and kind == "refusal"
+        if kind not in ("text", "input_text", "output_text") and not refusal:
             supported = "'text' and 'refusal'" if refusals else "'text' and 'image_url'"
             raise BadRequest(
                 f"Invalid value for '{where}.type': {kind!r}. Supported values are {supported}.",
                 param=f"{where}.type",
                 code="invalid_value",
             )
+        key = "refusal" if refusal else "text"
         if not isinstance(part.get(key), str):
             raise wrong_type(f"{where}.{key}", "a string", part.get(key))
         if parts and isinstance(parts[-1], str):
@@ -3903,7 +3904,7 @@ class ResponseShell:
             "top_p": body.get("top_p"),
             "truncation": "disabled",
             "metadata": body.get("metadata") or {},
-            # Both a string or an object, or absent: the spec has no null for them.
+            # user (a string) and usage (an object) are left out rather than null: the spec allows no null for them.
             **({"user": body["user"]} if isinstance(body.get("user"), str) else {}),
             **({"usage": response_usage(usage)} if usage is not None else {}),
         }
