@@ -9,9 +9,10 @@ keys, each key is a separate user.
 
 Endpoints:
     POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not, with function calling,
-                                JSON output, images and sessions
+                                JSON output, images and sessions; also the Responses-shaped body Cursor's
+                                agent mode posts here
     POST /v1/responses          the Responses API, on the same machinery
-    GET  /v1/models             the model aliases the CLI understands
+    GET  /v1/models             the model aliases the CLI understands, with their windows and output limits
     GET  /v1/models/{id}        one of them
     GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
     GET  /                      a pointer to the above
@@ -382,6 +383,10 @@ class ContextLengthExceeded(BadRequest):
 
 class MethodNotAllowed(ProxyError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
+    allow: tuple[str, ...] = ()  # the methods the route does serve, for the Allow header RFC 9110 requires
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
 
 class RequestTimeout(ProxyError):
@@ -607,9 +612,11 @@ def json_path(where: tuple[Any, ...]) -> str:
     return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)).lstrip(".")
 
 
-def message_parts(content: Any, param: str, image_limit: int | None) -> tuple[str | Image, ...]:
+def message_parts(content: Any, param: str, image_limit: int | None, refusals: bool = False) -> tuple[str | Image, ...]:
     """A message's content as text and images in order; adjacent text parts are joined by newlines.
-    ``image_limit`` is the most bytes an image may have, or None where images are not accepted."""
+    ``image_limit`` is the most bytes an image may have, or None where images are not accepted; ``refusals``
+    lets in refusal parts (an assistant's), taken as text. Keys a part has besides its own, such as the
+    ``cache_control`` markers some clients add, are ignored: the CLI manages the prompt cache itself."""
     if content is None:
         return ()
     if isinstance(content, str):
@@ -633,24 +640,41 @@ def message_parts(content: Any, param: str, image_limit: int | None) -> tuple[st
                 param=f"{where}.type",
                 code="unsupported_content",
             )
-        if kind not in ("text", "input_text", "output_text"):
+        refusal = refusals and kind == "refusal"
+        if kind not in ("text", "input_text", "output_text") and not refusal:
+            supported = "'text' and 'refusal'" if refusals else "'text' and 'image_url'"
             raise BadRequest(
-                f"Invalid value for '{where}.type': {kind!r}. Supported values are 'text' and 'image_url'.",
+                f"Invalid value for '{where}.type': {kind!r}. Supported values are {supported}.",
                 param=f"{where}.type",
                 code="invalid_value",
             )
-        if not isinstance(part.get("text"), str):
-            raise wrong_type(f"{where}.text", "a string", part.get("text"))
+        key = "refusal" if refusal else "text"
+        if not isinstance(part.get(key), str):
+            raise wrong_type(f"{where}.{key}", "a string", part.get(key))
         if parts and isinstance(parts[-1], str):
-            parts[-1] += "\n" + part["text"]
+            parts[-1] += "\n" + part[key]
         else:
-            parts.append(part["text"])
+            parts.append(part[key])
     return tuple(parts)
 
 
-def message_text(content: Any, param: str) -> str:
+def message_text(content: Any, param: str, refusals: bool = False) -> str:
     """The text of a message that cannot carry images."""
-    return "".join(part for part in message_parts(content, param, None) if isinstance(part, str))
+    return "".join(part for part in message_parts(content, param, None, refusals) if isinstance(part, str))
+
+
+def content_text(message: dict[str, Any], where: str, role: Role) -> str:
+    """The text of a message other than a user's. An assistant's may hold refusal parts, and its ``refusal``
+    (what the model declined, said instead of content) stays in the history as the turn's text: the model did
+    say it. Its ``reasoning_content``, which some clients echo back and others leave out, is checked and left
+    out: earlier thinking is not replayed to the model."""
+    if role != "assistant":
+        return message_text(message.get("content"), f"{where}.content")
+    for key in ("refusal", "reasoning_content"):
+        if not isinstance(message.get(key), str | None):
+            raise wrong_type(f"{where}.{key}", "a string or null", message[key])
+    text = message_text(message.get("content"), f"{where}.content", refusals=True)
+    return "\n".join(filter(None, [text, message.get("refusal")]))
 
 
 IMAGE_MAGIC: Mapping[str, Callable[[bytes], bool]] = MappingProxyType(
@@ -782,7 +806,7 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
             images = parts if any(isinstance(p, Image) for p in parts) else ()
             turns.append(Turn("tool", text, images, call_id=ref if isinstance(ref, str) else ""))
             continue
-        text = message_text(message.get("content"), f"{where}.content")
+        text = content_text(message, where, role)
         if role in ("system", "developer"):
             system.append(text)
         elif role == "assistant":
@@ -790,11 +814,10 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
             if text or calls:  # an empty assistant turn says nothing (a Responses reasoning item, say)
                 turns.append(Turn("assistant", text, calls=calls))
     if not turns:
-        raise BadRequest(
-            "'messages' holds only system messages; add at least one user message.",
-            param="messages",
-            code="invalid_value",
-        )
+        # Only system or developer messages, as OpenAI allows: the Messages API needs a user turn, and their
+        # text becomes it (under the neutral system prompt), so the model acts on what the client wrote and
+        # on nothing the server made up.
+        return "", (Turn("user", "\n\n".join(system)),)
     return "\n\n".join(system), tuple(turns)
 
 
@@ -999,12 +1022,15 @@ def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
         return kind, None
     if kind == "json_schema":
         spec = raw.get("json_schema")
+        if spec is None:
+            raise missing("response_format.json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise BadRequest(
                 'response_format json_schema needs \'json_schema\': {"name", "schema"}.',
                 param="response_format.json_schema",
                 code="invalid_value",
             )
+        check_format_name(spec.get("name"), "response_format.json_schema.name")
         schema = spec.get("schema") or {}
         check_schema(schema, "response_format.json_schema.schema")
         return kind, schema
@@ -1014,6 +1040,35 @@ def parse_response_format(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
         param="response_format.type",
         code="invalid_value",
     )
+
+
+def check_format_name(name: Any, param: str) -> None:
+    """A JSON Schema format's name, required and checked as OpenAI checks it, in OpenAI's words."""
+    if name is None:
+        raise missing(param)
+    if not isinstance(name, str):
+        raise wrong_type(param, "a string", name)
+    if not name:
+        raise BadRequest(
+            f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string "
+            "instead.",
+            param=param,
+            code="empty_string",
+        )
+    if len(name) > 64:
+        raise BadRequest(
+            f"Invalid '{param}': string too long. Expected a string with maximum length 64, but got a string with "
+            f"length {len(name)} instead.",
+            param=param,
+            code="string_above_max_length",
+        )
+    if not re.fullmatch(r"[a-zA-Z0-9_-]+", name):  # linear, and on 64 characters at most
+        raise BadRequest(
+            f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
+            "'^[a-zA-Z0-9_-]+$'.",
+            param=param,
+            code="invalid_value",
+        )
 
 
 def reply_tool(request: ChatRequest) -> Tool | None:
@@ -1616,6 +1671,17 @@ STANDARD_WINDOW_MODELS = ("sonnet", "opus", "haiku")
 MAX_CHARS_PER_TOKEN = 10  # more than any tokenizer packs into a token on average: the estimate only refuses the sure
 
 
+# The most output tokens a model of each family can give, in its current models (Opus 4.6 and later, Sonnet 4.6
+# and later: 128K; Haiku 4.5: 64K); /v1/models shows them beside the context window.
+MAX_OUTPUT_TOKENS: Mapping[str, int] = MappingProxyType({"haiku": 64_000, "sonnet": 128_000, "opus": 128_000})
+DEFAULT_MAX_OUTPUT_TOKENS = 128_000  # default, best, opusplan and other names: Opus or Sonnet
+
+
+def max_output_tokens(cli_model: str | None) -> int:
+    name = (cli_model or "").lower()
+    return next((limit for family, limit in MAX_OUTPUT_TOKENS.items() if family in name), DEFAULT_MAX_OUTPUT_TOKENS)
+
+
 def context_window(cli_model: str | None) -> int:
     """The window a prompt must fit: the standard one only for a model known to have it."""
     name = cli_model or ""
@@ -1762,12 +1828,35 @@ def as_responses_error(error: BadRequest) -> BadRequest:
         tool = error.param.split(".function", 1)[0]
         error.param = error.param.replace(".function", "", 1)
         error.message = error.message.replace(f"'{tool}.function", f"'{tool}")
-    if error.param and error.param.startswith("text.format.json_schema.schema"):
+    if error.param and error.param.startswith("text.format.json_schema."):
         error.param = error.param.replace(".json_schema", "", 1)
-        error.message = error.message.replace("'text.format.json_schema.schema", "'text.format.schema")
+        error.message = error.message.replace("'text.format.json_schema.", "'text.format.")
     if error.param and error.param.startswith("input[") and error.param.endswith(".image_url.url"):
         error.param = error.param.removesuffix(".url")
     return error
+
+
+def parse_responses_body(
+    body: Any, settings: Settings, session_header: str | None = None, carried: tuple[str, ...] = ()
+) -> ChatRequest:
+    """A Responses body as the chat request it stands for, plus the ``carried`` chat fields it holds as they
+    are; errors name the Responses fields."""
+    try:
+        chat = responses_to_chat(body)
+        chat.update({key: body[key] for key in carried if body.get(key) is not None})
+        return parse_chat_request(chat, settings, session_header)
+    except BadRequest as error:
+        raise as_responses_error(error) from None
+
+
+def parse_chat_body(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
+    """A /v1/chat/completions body. Cursor's agent mode posts a Responses body there (``input``, flat tools,
+    ``reasoning``) and reads chat completions back: a body with ``input`` and no ``messages`` is read as
+    /v1/responses reads it, its errors naming the fields it has, and answered in the chat format."""
+    if not isinstance(body, dict) or body.get("messages") is not None or body.get("input") is None:
+        return parse_chat_request(body, settings, session_header)
+    # The answer is chat chunks, so the chat field that asks for a usage chunk applies, under its own name.
+    return parse_responses_body(body, settings, session_header, carried=("stream_options",))
 
 
 # --- The CLI call: argv, stdin line and environment for one request ---
@@ -4063,14 +4152,40 @@ def response_usage(usage: Usage | None) -> dict[str, Any]:
         "input_tokens": usage["prompt_tokens"],
         "output_tokens": usage["completion_tokens"],
         "total_tokens": usage["total_tokens"],
-        "input_tokens_details": usage["prompt_tokens_details"],
+        "input_tokens_details": {
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": usage["cache_creation_input_tokens"],
+        },
         "output_tokens_details": {"reasoning_tokens": 0},
     }
 
 
+def output_text(text: str) -> dict[str, Any]:
+    """An output_text part: no annotations, and no log probabilities (the CLI has none), as empty lists."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    content = [output_text(text)] if status == "completed" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def echoed_tools(tools: Any) -> list[Any]:
+    """The request's tools as a response shows them. A function tool always shows ``strict``: the client's
+    value, or true, since every call's arguments are checked against its parameters (OpenAI uses strict
+    validation when it can); and ``parameters``, null when the client sent none."""
+    return [
+        {**tool, "parameters": tool.get("parameters"), "strict": tool.get("strict") is not False}
+        if isinstance(tool, dict) and tool.get("type") == "function"
+        else tool
+        for tool in tools or []
+    ]
+
+
+def response_error(error: ProxyError) -> dict[str, str]:
+    """A response's ``error``: its code is one of the few the Responses API defines (the ``error`` event
+    before it carries the exact one)."""
+    return {"code": "rate_limit_exceeded" if error.status == 429 else "server_error", "message": error.message}
 
 
 def call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
@@ -4110,7 +4225,7 @@ class ResponseShell:
             "model": body.get("model") or "default",
             "output": output,
             "output_text": text,
-            "error": {"code": error.code or error.type, "message": error.message} if error else None,
+            "error": response_error(error) if error else None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"),
@@ -4121,12 +4236,13 @@ class ResponseShell:
             "temperature": body.get("temperature"),
             "text": body.get("text") or {"format": {"type": "text"}},
             "tool_choice": body.get("tool_choice", "auto"),
-            "tools": body.get("tools") or [],
+            "tools": echoed_tools(body.get("tools")),
             "top_p": body.get("top_p"),
             "truncation": "disabled",
             "metadata": body.get("metadata") or {},
-            "user": body.get("user"),
-            "usage": response_usage(usage) if usage is not None else None,
+            # user (a string) and usage (an object) are left out rather than null: the spec allows no null for them.
+            **({"user": body["user"]} if isinstance(body.get("user"), str) else {}),
+            **({"usage": response_usage(usage)} if usage is not None else {}),
         }
 
 
@@ -4198,6 +4314,7 @@ class ResponsesStream:
                 output_index=len(self.output) - 1,
                 content_index=0,
                 delta=text,
+                logprobs=[],
             )
         )
         return events
@@ -4213,7 +4330,7 @@ class ResponsesStream:
                 item_id=item["id"],
                 output_index=index,
                 content_index=0,
-                part={"type": "output_text", "text": "", "annotations": []},
+                part=output_text(""),
             ),
         ]
 
@@ -4223,11 +4340,16 @@ class ResponsesStream:
         item, index = self.output[-1], len(self.output) - 1
         if item["type"] == "message":
             text = "".join(self.text)
-            part = {"type": "output_text", "text": text, "annotations": []}
+            part = output_text(text)
             item.update(message_item(item["id"], text))
             return [
                 self._event(
-                    "response.output_text.done", item_id=item["id"], output_index=index, content_index=0, text=text
+                    "response.output_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=text,
+                    logprobs=[],
                 ),
                 self._event(
                     "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
@@ -4239,6 +4361,7 @@ class ResponsesStream:
             self._event(
                 "response.function_call_arguments.done",
                 item_id=item["id"],
+                name=item["name"],
                 output_index=index,
                 arguments=item["arguments"],
             ),
@@ -4487,7 +4610,7 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     body = await read_json(request, settings)
-    chat = parse_chat_request(body, settings, request.headers.get("x-session-id"))
+    chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
     runner: Runner = state.runner
     job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
     headers = {"X-Session-Notice": notice} if notice else {}
@@ -4510,10 +4633,7 @@ async def create_response(request: Request) -> Response:
     runner: Runner = state.runner
     sessions: Sessions = state.sessions
     body = await read_json(request, settings)
-    try:
-        chat = parse_chat_request(responses_to_chat(body), settings)
-    except BadRequest as error:
-        raise as_responses_error(error) from None
+    chat = parse_responses_body(body, settings)
     responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")
@@ -4543,7 +4663,8 @@ async def create_response(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [model_card(m) for m in known_models(request.app.state.settings)]})
+    settings: Settings = request.app.state.settings
+    return JSONResponse({"object": "list", "data": [model_card(m, settings) for m in known_models(settings)]})
 
 
 async def get_model(request: Request) -> Response:
@@ -4551,11 +4672,24 @@ async def get_model(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     if model_id not in known_models(settings) and model_id not in settings.model_map and model_id not in DEFAULT_NAMES:
         raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.")
-    return JSONResponse(model_card(model_id))
+    return JSONResponse(model_card(model_id, settings))
 
 
-def model_card(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": "anthropic"}
+def model_card(model_id: str, settings: Settings) -> dict[str, Any]:
+    """OpenAI's model object, with the context window and output limit of the model the name stands for, in the
+    fields clients read them from: OpenRouter's ``context_length`` and ``top_provider`` (LobeChat and others),
+    and ``max_output_tokens``."""
+    cli_model = resolve_model(model_id, settings)
+    context, output = context_window(cli_model), max_output_tokens(cli_model)
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": MODEL_CREATED,
+        "owned_by": "anthropic",
+        "context_length": context,
+        "max_output_tokens": output,
+        "top_provider": {"context_length": context, "max_completion_tokens": output, "is_moderated": False},
+    }
 
 
 async def health(request: Request) -> Response:
@@ -4619,7 +4753,13 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
+        # Starlette names the route's methods in an unordered set; the header lists them sorted.
+        allow = tuple(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
+        error = MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.url.path}; allowed: {', '.join(allow)}."
+        )
+        error.allow = allow
+        return error_response(error)
     if exc.status_code == 404:
         return error_response(NotFound(f"Invalid URL ({request.method} {request.url.path})."))
     return error_response(BadRequest(str(exc.detail)))

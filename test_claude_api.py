@@ -474,6 +474,40 @@ def CALL(call_id: str, name: str = "get", **arguments: Any) -> dict[str, Any]:  
             [("user", [T("x")])],
             id="extra-keys-ok",
         ),
+        pytest.param(
+            [{"role": "system", "content": "Write a haiku."}], "", [("user", [T("Write a haiku.")])], id="only-system"
+        ),
+        pytest.param(
+            [{"role": "developer", "content": "A"}, {"role": "system", "content": "B"}],
+            "",
+            [("user", [T("A\n\nB")])],
+            id="only-developer-and-system",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": None, "refusal": "I can't help with that."}, user("why?")],
+            "",
+            [("user", [T("hi")]), ("assistant", [T("I can't help with that.")]), ("user", [T("why?")])],
+            id="refusal-field",
+        ),
+        pytest.param(
+            [
+                user("hi"),
+                {
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": "Well."}, {"type": "refusal", "refusal": "No."}],
+                },
+                user("ok"),
+            ],
+            "",
+            [("user", [T("hi")]), ("assistant", [T("Well.\nNo.")]), ("user", [T("ok")])],
+            id="refusal-part",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": "Hello.", "reasoning_content": "they greet me"}, user("ok")],
+            "",
+            [("user", [T("hi")]), ("assistant", [T("Hello.")]), ("user", [T("ok")])],
+            id="echoed-reasoning-left-out",
+        ),
     ],
 )
 def test_history_becomes_native_messages(messages: list[Any], system: str, native: list[Any]) -> None:
@@ -520,7 +554,30 @@ def test_history_becomes_native_messages(messages: list[Any], system: str, nativ
             "invalid_type",
             id="text-part-without-text",
         ),
-        pytest.param([{"role": "system", "content": "only"}], "messages", "invalid_value", id="only-system"),
+        pytest.param(
+            [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}],
+            "messages[0].content[0].type",
+            "invalid_value",
+            id="refusal-part-from-the-user",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": [{"type": "refusal"}]}],
+            "messages[1].content[0].refusal",
+            "invalid_type",
+            id="refusal-part-without-text",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": None, "refusal": ["no"]}],
+            "messages[1].refusal",
+            "invalid_type",
+            id="refusal-not-a-string",
+        ),
+        pytest.param(
+            [user("hi"), {"role": "assistant", "content": "x", "reasoning_content": 5}],
+            "messages[1].reasoning_content",
+            "invalid_type",
+            id="reasoning-content-not-a-string",
+        ),
     ],
 )
 def test_flatten_rejects(messages: Any, param: str, code: str) -> None:
@@ -847,6 +904,90 @@ async def test_thinking_goes_to_reasoning_content(fake: Fake) -> None:
     assert "".join(d.get("content", "") for d in deltas) == "the answer"
 
 
+THOUGHTS = "private chain of thought 41"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(
+            {"role": "assistant", "content": "Hi Ada.", "reasoning_content": THOUGHTS}, id="kilo-and-zed-echo"
+        ),
+        pytest.param({"role": "assistant", "content": "Hi Ada.", "reasoning_content": None}, id="null"),
+        pytest.param({"role": "assistant", "content": "Hi Ada."}, id="cursor-leaves-it-out"),
+    ],
+)
+async def test_echoed_reasoning_is_accepted_and_kept_out_of_the_prompt(fake: Fake, reply: dict[str, Any]) -> None:
+    messages = [user("My name is Ada."), reply, user("My name?")]
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "sonnet", "messages": messages})
+    assert response.status_code == 200, response.text
+    [call] = fake.calls()
+    assert conversation_shape(call["request"]) == [
+        ("user", "My name is Ada."),
+        ("assistant", "Hi Ada."),
+        ("user", "My name?"),
+    ]
+    assert THOUGHTS not in json.dumps(call["request"]) and THOUGHTS not in call["system"]
+
+
+EPHEMERAL = {"cache_control": {"type": "ephemeral"}}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param(
+            [{"role": "system", "content": [{"type": "text", "text": "Be terse.", **EPHEMERAL}]}], id="system"
+        ),
+        pytest.param([{"role": "user", "content": [{"type": "text", "text": "first", **EPHEMERAL}]}], id="user"),
+        pytest.param(
+            [user("first"), {"role": "assistant", "content": [{"type": "text", "text": "answer", **EPHEMERAL}]}],
+            id="assistant",
+        ),
+        pytest.param([{"role": "user", "content": "first", **EPHEMERAL}], id="message"),
+    ],
+)
+async def test_cache_control_markers_are_accepted_and_ignored(fake: Fake, messages: list[dict[str, Any]]) -> None:
+    body = {"model": "sonnet", "messages": [*messages, user("second")]}
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    [call] = fake.calls()
+    sent = json.dumps(call["request"]["messages"]) + call["system"]
+    texts = [part["text"] for m in messages for part in m["content"] if isinstance(m["content"], list)]
+    assert all(text in sent for text in texts) and "second" in sent
+    assert "cache_control" not in sent and "ephemeral" not in sent
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Write a haiku about tea."}]}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "developer", "content": "Write a haiku"},
+                    {"role": "system", "content": "about tea."},
+                ]
+            },
+        ),
+        ("/v1/responses", {"instructions": "Write a haiku about tea.", "input": []}),
+        ("/v1/responses", {"input": [{"role": "developer", "content": "Write a haiku about tea."}]}),
+    ],
+    ids=["system", "developer-and-system", "responses-instructions", "responses-developer"],
+)
+async def test_only_system_messages_become_the_user_turn(fake: Fake, path: str, body: dict[str, Any]) -> None:
+    async with client_for(fake.app()) as client:
+        response = await client.post(path, json={"model": "sonnet", **body})
+    assert response.status_code == 200, response.text
+    [call] = fake.calls()
+    prompt = json.loads(call["stdin"])["message"]["content"][0]["text"]
+    assert prompt.replace("\n\n", " ") == "Write a haiku about tea."
+    assert call["system"] == api.NEUTRAL_SYSTEM_PROMPT  # the client's text is the request, not the setting
+
+
 @pytest.mark.parametrize(
     "body,param,code",
     [
@@ -922,9 +1063,31 @@ async def test_malformed_bodies(fake: Fake) -> None:
         assert_error(
             await client.post("/v1/chat/completions", content=chunked(), headers=as_json), 413, "request_too_large"
         )
-        assert_error(await client.get("/v1/chat/completions"), 405, "method_not_allowed")
         assert_error(await client.get("/v1/nothing-here"), 404, "unknown_url")
     assert fake.calls() == []
+
+
+WRONG_METHODS = [  # one per route; every route of the app must be here
+    ("/", "POST", "GET, HEAD"),
+    ("/health", "DELETE", "GET, HEAD"),
+    ("/v1/models", "DELETE", "GET, HEAD"),
+    ("/v1/models/{model_id:path}", "POST", "GET, HEAD"),
+    ("/v1/chat/completions", "GET", "POST"),
+    ("/v1/responses", "PUT", "POST"),
+]
+
+
+@pytest.mark.parametrize("route,method,allow", WRONG_METHODS, ids=[f"{m} {r}" for r, m, _ in WRONG_METHODS])
+async def test_a_wrong_method_gets_405_with_allow(fake: Fake, route: str, method: str, allow: str) -> None:
+    app = fake.app()
+    assert sorted(r.path for r in app.routes) == sorted(r for r, _, _ in WRONG_METHODS)
+    path = route.replace("{model_id:path}", "sonnet")
+    async with client_for(app) as client:
+        response = await client.request(method, path)
+        served = [await client.request(m, path, json={}) for m in allow.split(", ") if m != "POST"]
+    error = assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == allow and allow in error["message"]
+    assert all(r.status_code == 200 for r in served)  # HEAD is served wherever GET is
 
 
 async def test_models_endpoints(fake: Fake) -> None:
@@ -945,13 +1108,42 @@ async def test_models_endpoints(fake: Fake) -> None:
             "my-model",
         ]
         assert all(
-            set(m) == {"id", "object", "created", "owned_by"} and m["object"] == "model" for m in listing["data"]
+            set(m) == {"id", "object", "created", "owned_by", "context_length", "max_output_tokens", "top_provider"}
+            and m["object"] == "model"
+            for m in listing["data"]
         )
         assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
         assert (await client.get("/v1/models/my-model")).status_code == 200
         assert (await client.get("/v1/models/gpt-4o")).status_code == 200
         error = assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
         assert "nope" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "model_id,context,output",
+    [
+        ("sonnet", 200_000, 128_000),
+        ("opus", 200_000, 128_000),
+        ("haiku", 200_000, 64_000),
+        ("sonnet[1m]", 1_000_000, 128_000),
+        ("opus[1m]", 1_000_000, 128_000),
+        ("best", 1_000_000, 128_000),  # a model the server cannot place: the largest window it may have
+        ("opusplan", 1_000_000, 128_000),
+        ("default", 200_000, 64_000),  # CLAUDE_DEFAULT_MODEL=haiku below
+        ("gpt-4o", 200_000, 128_000),  # mapped to sonnet
+        ("gpt-4o-mini", 200_000, 64_000),  # mapped to haiku
+        ("claude-haiku-4-5", 200_000, 64_000),  # from CLAUDE_MODELS
+    ],
+)
+async def test_model_cards_carry_the_window_and_output_limit(
+    fake: Fake, model_id: str, context: int, output: int
+) -> None:
+    async with client_for(fake.app(models="claude-haiku-4-5", default_model="haiku")) as client:
+        card = (await client.get(f"/v1/models/{model_id}")).json()
+        listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+    assert card["context_length"] == context and card["max_output_tokens"] == output
+    assert card["top_provider"] == {"context_length": context, "max_completion_tokens": output, "is_moderated": False}
+    assert listed.get(model_id, card) == card  # the list and the single card agree
 
 
 @needs_real_cli
@@ -1038,6 +1230,20 @@ async def test_stream_protocol(fake: Fake, mode: str) -> None:
     assert text == "a fairly long answer that pseudo mode slices into several chunks"
     assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")) > 2
     assert all("usage" not in c for c in sse_events(plain.text)[:-1])
+
+
+@pytest.mark.parametrize(
+    "stream,mode", [(False, "live"), (True, "live"), (True, "pseudo")], ids=["json", "live", "pseudo"]
+)
+async def test_usage_has_the_cache_counts_both_ways(fake: Fake, stream: bool, mode: str) -> None:
+    """OpenAI's cached_tokens, and the Anthropic names Roo Code reads, on answers and on the usage chunk."""
+    body = chat(stream=True, stream_options={"include_usage": True}) if stream else chat()
+    async with client_for(fake.app(stream_mode=mode)) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    usage = sse_events(response.text)[-2]["usage"] if stream else response.json()["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 7}  # the fake CLI reads 7 and writes 3
+    assert (usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]) == (7, 3)
+    assert usage["prompt_tokens"] == 5 + 7 + 3
 
 
 @pytest.mark.parametrize("mode", ["live", "pseudo"])
@@ -2727,6 +2933,66 @@ def test_a_json_reply_is_a_call_of_a_function_with_the_clients_schema() -> None:
     assert api.reply_tool(api.parse_chat_request(chat(), settings)) is None
 
 
+PATTERN_MESSAGE = (
+    "Invalid '{p}': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'."
+)
+
+
+@pytest.mark.parametrize(
+    "name,code,message",
+    [
+        pytest.param(None, "missing_required_parameter", "Missing required parameter: '{p}'.", id="missing"),
+        pytest.param("bad name!", "invalid_value", PATTERN_MESSAGE, id="bad-name"),
+        pytest.param("schema.v2", "invalid_value", PATTERN_MESSAGE, id="dot"),
+        pytest.param(
+            "",
+            "empty_string",
+            "Invalid '{p}': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+            id="empty",
+        ),
+        pytest.param(
+            "a" * 65,
+            "string_above_max_length",
+            "Invalid '{p}': string too long. Expected a string with maximum length 64, but got a string with length 65 "
+            "instead.",
+            id="65-characters",
+        ),
+        pytest.param(
+            7, "invalid_type", "Invalid type for '{p}': expected a string, but got an integer instead.", id="7"
+        ),
+        pytest.param("Person_v2-" + "x" * 54, None, None, id="64-characters-ok"),
+    ],
+)
+def test_a_json_schema_format_needs_a_valid_name(name: Any, code: str | None, message: str | None) -> None:
+    """As OpenAI answers: the name is required and must match ^[a-zA-Z0-9_-]{1,64}$, in both APIs."""
+    spec = {"schema": PERSON_SCHEMA, **({"name": name} if name is not None else {})}
+    settings = make_settings()
+    for parse, body, param in (
+        (
+            api.parse_chat_request,
+            chat(response_format={"type": "json_schema", "json_schema": spec}),
+            "response_format.json_schema.name",
+        ),
+        (
+            api.parse_responses_body,
+            {"input": "x", "text": {"format": {"type": "json_schema", **spec}}},
+            "text.format.name",
+        ),
+    ):
+        if code is None:
+            assert parse(body, settings).response_format == "json_schema"
+            continue
+        with pytest.raises(api.BadRequest) as caught:
+            parse(body, settings)
+        error = caught.value.body()["error"]
+        assert error == {
+            "message": message.format(p=param),
+            "type": "invalid_request_error",
+            "param": param,
+            "code": code,
+        }
+
+
 def test_functions_are_offered_natively_and_none_keeps_them_for_the_history() -> None:
     settings = make_settings()
     call = api.build_cli_call(tool_request(tool_choice="required"), settings)
@@ -3371,6 +3637,195 @@ async def test_responses_errors_use_their_own_names(fake: Fake) -> None:
         )
     assert image.status_code == 200 and image.json()["output_text"].startswith("echo: see")
     assert fake.calls()[-1]["stdin"].count('"type": "image"') == 1
+
+
+CURSOR_AGENT_BODY = {  # the shape Cursor's agent mode posts to /v1/chat/completions
+    "model": "sonnet",
+    "instructions": "You are a coding agent.",
+    "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}],
+    "tools": [RESPONSES_WEATHER],
+    "reasoning": {"effort": "low", "summary": "auto"},
+    "store": False,
+    "include": ["reasoning.encrypted_content"],
+}
+PARIS_CALL = {"tool_use": [{"name": "get_weather", "input": {"city": "Paris"}}]}  # a model answer of the fake
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_responses_body_sent_to_chat_completions_gets_a_chat_answer(fake: Fake, stream: bool) -> None:
+    fake.control(default=PARIS_CALL)
+    body = (
+        {**CURSOR_AGENT_BODY, "stream": True, "stream_options": {"include_usage": True}}
+        if stream
+        else CURSOR_AGENT_BODY
+    )
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    if stream:
+        events = sse_events(response.text)
+        chunks = events[:-1]
+        assert events[-1] == "[DONE]" and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        calls = [
+            d["tool_calls"][0] for c in chunks if c["choices"] for d in [c["choices"][0]["delta"]] if "tool_calls" in d
+        ]
+        assert calls[0]["function"]["name"] == "get_weather"
+        assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
+        assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] > 0  # include_usage was honoured
+    else:
+        answer = response.json()
+        assert answer["object"] == "chat.completion" and answer["choices"][0]["finish_reason"] == "tool_calls"
+        [call] = answer["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {
+            "city": "Paris"
+        }
+    [cli] = fake.calls()
+    assert cli["argv"][cli["argv"].index("--effort") + 1] == "low"
+    assert "Weather in Paris?" in cli["stdin"]
+    assert cli["system"] == "You are a coding agent." and [t["name"] for t in cli["request"]["tools"]] == [
+        "get_weather"
+    ]
+
+
+@pytest.mark.parametrize(
+    "body,param,code",
+    [
+        ({"input": [{"type": "computer_call"}]}, "input[0].type", "unsupported_value"),
+        ({"input": [{"role": "user", "content": 5}]}, "input[0].content", "invalid_type"),
+        ({"input": "x", "tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name", "invalid_value"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "integer_below_min_value"),
+        ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
+        (
+            {"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}},
+            "text.format.name",
+            "missing_required_parameter",
+        ),
+        ({"input": "x", "stream_options": {"include_usage": True}}, "stream_options", None),  # a chat field, as sent
+    ],
+    ids=lambda v: json.dumps(v)[:50] if isinstance(v, dict) else str(v),
+)
+async def test_a_responses_body_sent_to_chat_completions_has_errors_naming_its_fields(
+    fake: Fake, body: dict[str, Any], param: str, code: str | None
+) -> None:
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "sonnet", **body})
+    error = assert_error(response, 400, code, param)
+    chat_names = ("messages", "max_completion_tokens", "response_format", "reasoning_effort", ".function")
+    assert not any(name in error["message"] for name in chat_names), error["message"]
+    assert fake.calls() == []
+
+
+@needs_real_cli
+def test_real_cursor_agent_body_streams_chat_chunks(real: Real) -> None:
+    real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})))
+    body = {**CURSOR_AGENT_BODY, "stream": True, "stream_options": {"include_usage": True}}
+    with serve(real.app()) as url:
+        response = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer proxy-secret-key"}, timeout=60
+        )
+    assert response.status_code == 200, response.text
+    chunks = sse_events(response.text)[:-1]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    [first, *_] = calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert first["function"]["name"] == "get_weather" and first["id"].startswith("call_")
+    assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
+    assert chunks[-1]["usage"]["prompt_tokens"] > 0
+    upstream = real.standin.bodies()[0]
+    assert "Weather in Paris?" in json.dumps(upstream["messages"]) and "You are a coding agent." in json.dumps(
+        upstream["system"]
+    )
+    assert upstream["output_config"]["effort"] == "low"
+
+
+def test_a_chat_body_with_messages_stays_a_chat_body() -> None:
+    request = api.parse_chat_body({"messages": [user("hi")], "input": "not this"}, make_settings())
+    assert request.turns == (api.Turn("user", "hi"),)
+    with pytest.raises(api.BadRequest) as caught:
+        api.parse_chat_body({"model": "sonnet"}, make_settings())
+    assert caught.value.param == "messages"  # neither: a chat body missing its messages
+
+
+RESPONSES_SPEC = json.loads((HERE / "testdata" / "openai_responses_schemas.json").read_text())
+EVENT_SCHEMAS = {  # event type -> the spec's schema for it
+    RESPONSES_SPEC["components"]["schemas"][name]["properties"]["type"]["enum"][0]: name
+    for name in RESPONSES_SPEC["events"]
+}
+
+
+def spec_problems(value: Any, schema: str) -> list[str]:
+    """Where ``value`` breaks the OpenAPI spec's schema of that name (a copy of its parts in testdata)."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    spec = Resource(contents={"components": RESPONSES_SPEC["components"]}, specification=DRAFT202012)
+    validator = Draft202012Validator(
+        {"$ref": f"urn:openai#/components/schemas/{schema}"}, registry=Registry().with_resource("urn:openai", spec)
+    )
+    return [f"{list(error.absolute_path)}: {error.message[:200]}" for error in validator.iter_errors(value)]
+
+
+def response_events(text: str) -> list[dict[str, Any]]:
+    """The events of a Responses stream, each sent as an ``event:`` line and its ``data:`` line."""
+    events = []
+    for block in filter(str.strip, text.split("\n\n")):
+        name, data = block.split("\n", 1)
+        events.append(json.loads(data.removeprefix("data: ")))
+        assert name == f"event: {events[-1]['type']}"
+    return events
+
+
+TWO_TOOLS = [RESPONSES_WEATHER, {**RESPONSES_WEATHER, "name": "get_time", "strict": False}]
+
+
+@pytest.mark.parametrize(
+    "control,body",
+    [
+        pytest.param({}, {"input": "hi", "user": "u1", "metadata": {"k": "v"}}, id="text"),
+        pytest.param(
+            {"reply": "No call."},
+            {"input": "hi", "tools": TWO_TOOLS},
+            id="tools-unused",
+        ),
+        pytest.param({"default": PARIS_CALL}, {"input": "Paris?", "tools": TWO_TOOLS}, id="function-call"),
+        pytest.param({"default": "max_tokens"}, {"input": "hi", "max_output_tokens": 5}, id="incomplete"),
+        pytest.param({"default": "content_then_crash"}, {"input": "hi"}, id="failed"),
+    ],
+)
+async def test_responses_objects_and_events_match_the_spec(
+    fake: Fake, control: dict[str, Any], body: dict[str, Any]
+) -> None:
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    fake.control(**control)
+    async with client_for(fake.app()) as client:
+        plain = await client.post("/v1/responses", json={"model": "sonnet", **body})
+        streamed = await client.post("/v1/responses", json={"model": "sonnet", "stream": True, **body})
+    events = response_events(streamed.text)
+    final = events[-1]["response"]
+    objects = [final] if control.get("default") == "content_then_crash" else [plain.json(), final]
+    for obj in objects:
+        assert spec_problems(obj, "Response") == []
+        Response.model_validate(obj, strict=True)  # the openai SDK's own type, strictly
+    for event in events:
+        assert spec_problems(event, EVENT_SCHEMAS[event["type"]]) == [], event
+        TypeAdapter(ResponseStreamEvent).validate_python(event, strict=True)
+    # What the spec added that a response must now carry:
+    parts = [part for obj in objects for item in obj["output"] if item["type"] == "message" for part in item["content"]]
+    parts += [e["part"] for e in events if "part" in e]
+    calling = control.get("default") == PARIS_CALL
+    assert all(part["logprobs"] == [] for part in parts) and bool(parts) != calling
+    assert all(e["logprobs"] == [] for e in events if e["type"].startswith("response.output_text."))
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert all(e["name"] == "get_weather" for e in done) and bool(done) == calling
+    assert [t["strict"] for t in final["tools"]] == ([True, False] if "tools" in body else [])
+    for obj in objects if final["status"] != "failed" else []:
+        assert obj["usage"]["input_tokens_details"] == {"cached_tokens": 7, "cache_write_tokens": 3}
+    if final["status"] == "failed":  # the error event has the exact code; the response one of the spec's codes
+        assert [e["code"] for e in events if e["type"] == "error"] == ["cli_failed"]
+        assert final["error"]["code"] == "server_error" and "usage" not in final
 
 
 # --- Pre-started processes ---
