@@ -100,6 +100,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9._:\[\]][A-Za-z0-9._:\[\]-]{0,199}")  # boun
 # OpenAI's reasoning_effort values, and Claude's own, mapped to the CLI's --effort levels.
 EFFORTS: Mapping[str, str] = MappingProxyType(
     {
+        "none": "low",  # OpenAI's newest models take "none"; the CLI's lowest effort is the nearest
         "minimal": "low",
         "low": "low",
         "medium": "medium",

@@ -880,8 +880,10 @@ async def test_effort_reaches_the_cli(fake: Fake) -> None:
     async with client_for(fake.app(effort="high")) as client:
         await client.post("/v1/chat/completions", json=chat(reasoning_effort="minimal"))
         await client.post("/v1/chat/completions", json=chat())
-    first, second = (call["argv"] for call in fake.calls())
+        await client.post("/v1/chat/completions", json=chat(reasoning_effort="none"))  # OpenAI's newest value
+    first, second, third = (call["argv"] for call in fake.calls())
     assert first[first.index("--effort") + 1] == "low" and second[second.index("--effort") + 1] == "high"
+    assert third[third.index("--effort") + 1] == "low"
 
 
 async def test_stop_cuts_the_answer(fake: Fake) -> None:
