@@ -2580,16 +2580,16 @@ class CliProcess:
         assert self.process and self.process.stdout
         waited, self.state = self.state == "waiting", "busy"
         self.policy, self.garbage = policy, 0
-        try:
-            await self._prepare(call)
-        except EOFError:
-            raise await self._ended(False, waited) from None
-        self.pending = {}
-        await self.write(call.stdin)
         began = False
         usage: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
         limit: LimitReached | None = None  # the CLI said the account's limit is reached
         try:
+            try:
+                await self._prepare(call)
+            except EOFError:
+                raise await self._ended(False, waited) from None
+            self.pending = {}
+            await self.write(call.stdin)
             async for line in self._lines():
                 try:
                     event = line if isinstance(line, CallDeferred) else parse_event(line)

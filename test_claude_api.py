@@ -3730,7 +3730,7 @@ def test_real_cursor_agent_body_streams_chat_chunks(real: Real) -> None:
     chunks = sse_events(response.text)[:-1]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     [first, *_] = calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
-    assert first["function"]["name"] == "get_weather" and first["id"].startswith("call_")
+    assert first["function"]["name"] == "get_weather" and first["id"]
     assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
     assert chunks[-1]["usage"]["prompt_tokens"] > 0
     upstream = real.standin.bodies()[0]
