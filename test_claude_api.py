@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -3548,6 +3549,56 @@ def test_real_responses_function_call_loop(real: Real) -> None:
         ("assistant", ["tool_use"]),
         ("user", ["tool_result"]),
     ]
+
+
+# The Vercel AI SDK (npm ai and @ai-sdk/openai), where the README's test command installs it, pinned.
+AI_SDK = HERE / ".cli" / "ai"
+NODE = shutil.which("node")
+needs_ai_sdk = pytest.mark.skipif(
+    (NODE is None or not (AI_SDK / "node_modules" / "ai").is_dir()) and not IN_CI,
+    reason="node or the Vercel AI SDK is missing: run the README's test command (it installs the SDK into ./.cli/ai)",
+)
+
+
+@needs_real_cli
+@needs_ai_sdk
+def test_real_vercel_ai_sdk_gets_the_same_calls_streamed_and_plain_on_both_apis(real: Real) -> None:
+    assert NODE is not None and (AI_SDK / "node_modules" / "ai").is_dir(), "CI must run the Vercel AI SDK test"
+    two = calls_reply(("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"}), preamble="Checking.")
+    for call, call_id in zip(two.calls(), ("toolu_paris", "toolu_rome"), strict=True):
+        call["id"] = call_id  # the same ids in every answer: each run's calls can be held to the stand-in's
+    real.standin.reset(default=two)
+    with serve(real.app()) as url:
+        # generateText and streamText, on chat completions and on the Responses API, one after another.
+        ran = subprocess.run(
+            [NODE, str(HERE / "testdata" / "vercel_ai.mjs"), f"{url}/v1", str(AI_SDK)],
+            env={"PATH": os.environ.get("PATH", ""), "OPENAI_API_KEY": "proxy-secret-key"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert ran.returncode == 0, ran.stderr
+    runs = json.loads(ran.stdout)
+    expected = {
+        "text": "Checking.",
+        "toolCalls": [{"toolCallId": c["id"], "toolName": c["name"], "input": c["input"]} for c in two.calls()],
+        "finishReason": "tool-calls",
+    }
+    assert runs["chat"] == runs["responses"] == expected
+    for name in ("chatStream", "responsesStream"):
+        streamed = runs[name]
+        assert streamed.pop("errors") == [], name
+        parts = streamed.pop("parts")
+        assert streamed == expected, name
+        # The calls came as calls in the stream, after the preamble: each one's input, then the call itself.
+        assert parts.index("text-delta") < parts.index("tool-input-start") < parts.index("tool-input-delta"), parts
+        assert parts.count("tool-call") == 2 and parts[-2:] == ["finish-step", "finish"], parts
+    bodies = real.standin.bodies()
+    assert len(bodies) == 4  # one model call each: no call was denied and corrected
+    for body in bodies:  # the tool the model saw is the SDK's: WEATHER's parameters, from its zod schema
+        [offered] = body["tools"]
+        schema = {k: v for k, v in offered["input_schema"].items() if k != "$schema"}
+        assert (offered["name"], schema) == ("get_weather", WEATHER["function"]["parameters"])
 
 
 @needs_real_cli
