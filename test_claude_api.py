@@ -3743,7 +3743,9 @@ def test_real_anthropic_sdk_create_and_stream(real: Real) -> None:
             final = stream.get_final_message()
     assert message.content[0].text == "Hello there, friend." and message.stop_reason == "end_turn"
     assert message.model == "sonnet" and message.id.startswith("msg_")
-    assert message.usage.cache_creation_input_tokens > 0 and message.usage.output_tokens > 0
+    usage = message.usage
+    assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens > 0
+    assert usage.output_tokens > 0
     assert len(pieces) > 1 and "".join(pieces) == final.content[0].text == "Hello there, friend."
     assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0
     first = real.standin.bodies()[0]
@@ -3843,7 +3845,7 @@ def test_real_claude_code_on_another_machine_uses_the_server(real: Real, tmp_pat
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         }
         done = subprocess.run(
-            [real.bin, "-p", "--model", "claude-sonnet-4-5-20250929", "What does note.txt say?"],
+            [real.bin, "-p", "What does note.txt say?"],
             cwd=home,
             env=client_env,
             capture_output=True,
@@ -3854,6 +3856,7 @@ def test_real_claude_code_on_another_machine_uses_the_server(real: Real, tmp_pat
     assert "The note says pineapple." in done.stdout
     first, second = real.standin.bodies()
     assert "What does note.txt say?" in json.dumps(first)
+    assert first["model"].startswith("claude-")  # the client's full model id, passed on as it is
     assert "the secret word is pineapple" in json.dumps(second)  # the client read its own file and sent the result
 
 
