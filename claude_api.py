@@ -1,17 +1,20 @@
-"""OpenAI-compatible HTTP API over the local, logged-in ``claude`` CLI.
+"""OpenAI-compatible (and Anthropic Messages-compatible) HTTP API over the local, logged-in ``claude`` CLI.
 
-Start it with ``python claude_api.py`` and point any OpenAI client at
-``http://127.0.0.1:8765/v1``. Every request runs ``claude -p`` with its built-in tools and
-its ``@file`` mentions switched off, in a private empty working directory, so no client can
-make it touch the host; requests a web page could send (another Host, a cross-site Origin, a
-body that is not JSON) are refused. The CLI brings its own login: no API key is needed; with
-keys, each key is a separate user.
+Start it with ``python claude_api.py`` and point any OpenAI client at ``http://127.0.0.1:8765/v1``,
+or an Anthropic client (Claude Code too) at ``http://127.0.0.1:8765``. Every request runs
+``claude -p`` with its built-in tools and its ``@file`` mentions switched off, in a private empty
+working directory, so no client can make it touch the host; requests a web page could send
+(another Host, a cross-site Origin, a body that is not JSON) are refused. The CLI brings its own
+login: no API key is needed; with keys, each key is a separate user.
 
 Endpoints:
     POST /v1/chat/completions   chat completions, streaming (live or pseudo) or not, with function calling,
                                 JSON output, images and sessions; also the Responses-shaped body Cursor's
                                 agent mode posts here
     POST /v1/responses          the Responses API, on the same machinery
+    POST /v1/messages           Anthropic's Messages API, streaming or not, on the same machinery; errors in
+                                Anthropic's shape on every path under /v1/messages; x-api-key as well as a bearer key
+    POST /v1/messages/count_tokens  an estimate of a Messages request's input tokens, made locally (no quota spent)
     GET  /v1/models             the model aliases the CLI understands, with their windows and output limits
     GET  /v1/models/{id}        one of them
     GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
@@ -313,12 +316,27 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
 # --- Errors ---
 
 
+WireFormat = Literal["openai", "anthropic"]  # whose shapes a route speaks: its answers and its errors
+
+
+def wire_format(path: str) -> WireFormat:
+    """The Messages API's routes (any path under /v1/messages) speak Anthropic's shapes; every other route OpenAI's."""
+    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
+
+
+def dotted(param: str) -> str:
+    """``messages[2].content[0]`` as Anthropic's errors name the place: ``messages.2.content.0``."""
+    return param.replace("[", ".").replace("]", "")
+
+
 class ProxyError(Exception):
-    """An error the client sees as OpenAI's ``{"error": {...}}`` with an HTTP status."""
+    """An error the client sees as OpenAI's ``{"error": {...}}`` with an HTTP status, or on the Messages API's
+    routes as Anthropic's ``{"type": "error", "error": {...}}`` with Anthropic's status and type (``anthropic``)."""
 
     status = 500
     type = "server_error"
     code: str | None = None
+    anthropic: tuple[int, str] = (500, "api_error")  # Anthropic's status and type: its 500 for any failure of ours
     retryable = False  # transient: worth another attempt while nothing has reached the client
 
     def __init__(
@@ -333,46 +351,60 @@ class ProxyError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def anthropic_body(self, request_id: str | None = None) -> dict[str, Any]:
+        """Anthropic's error object. It has no ``param``: as Anthropic does, the message starts with the place."""
+        message = f"{dotted(self.param)}: {self.message}" if self.param else self.message
+        return {"type": "error", "error": {"type": self.anthropic[1], "message": message}, "request_id": request_id}
+
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
 
 
 class BadRequest(ProxyError):
     status, type = 400, "invalid_request_error"
+    anthropic = 400, "invalid_request_error"
 
 
 class InvalidApiKey(ProxyError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
+    anthropic = 401, "authentication_error"
 
 
 class CliNotLoggedIn(ProxyError):
     status, type, code = 401, "authentication_error", "cli_not_logged_in"
+    anthropic = 401, "authentication_error"
 
 
 class PlanRefused(ProxyError):
     status, type, code = 403, "permission_error", "third_party_app_refused"
+    anthropic = 403, "permission_error"
 
 
 class BudgetExceeded(ProxyError):
     """The request reached CLAUDE_MAX_BUDGET_USD; retrying would only spend more."""
 
     status, type, code = 402, "insufficient_quota", "max_budget_exceeded"
+    anthropic = 402, "billing_error"
 
 
 class HostNotAllowed(ProxyError):
     status, type, code = 400, "invalid_request_error", "host_not_allowed"
+    anthropic = 400, "invalid_request_error"
 
 
 class OriginNotAllowed(ProxyError):
     status, type, code = 403, "permission_error", "origin_not_allowed"
+    anthropic = 403, "permission_error"
 
 
 class NotFound(ProxyError):
     status, type, code = 404, "invalid_request_error", "unknown_url"
+    anthropic = 404, "not_found_error"
 
 
 class ModelNotFound(ProxyError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+    anthropic = 404, "not_found_error"
 
 
 class ContextLengthExceeded(BadRequest):
@@ -388,10 +420,12 @@ class MethodNotAllowed(ProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allow)}
+    anthropic = 405, "invalid_request_error"  # Anthropic's type for the 4xx it does not name
 
 
 class RequestTimeout(ProxyError):
     status, type, code = 408, "invalid_request_error", "request_timeout"
+    anthropic = 408, "invalid_request_error"
 
     def headers(self) -> dict[str, str]:
         return {"Connection": "close"}  # else the server would go on reading the dripping body to reuse the connection
@@ -399,14 +433,17 @@ class RequestTimeout(ProxyError):
 
 class PayloadTooLarge(ProxyError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+    anthropic = 413, "request_too_large"
 
 
 class UnsupportedMediaType(ProxyError):
     status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+    anthropic = 415, "invalid_request_error"
 
 
 class RateLimited(ProxyError):
     status, type, code, retryable = 429, "rate_limit_error", "rate_limit_exceeded", True
+    anthropic = 429, "rate_limit_error"
     resets_at: float | None = None  # when the CLI said the limit resets (epoch seconds), if it did
 
 
@@ -434,10 +471,12 @@ class CliUnavailable(ProxyError):
 
 class Overloaded(ProxyError):
     status, type, code = 503, "server_error", "overloaded"
+    anthropic = 529, "overloaded_error"
 
 
 class CliTimeout(ProxyError):
     status, type, code, retryable = 504, "server_error", "timeout", True
+    anthropic = 504, "timeout_error"
 
 
 class ClientGone(Exception):
@@ -796,16 +835,12 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
         if role == "user":
             if message.get("content") is None:
                 raise missing(f"{where}.content")
-            parts = message_parts(message["content"], f"{where}.content", image_limit)
-            text = "".join(part for part in parts if isinstance(part, str))
-            turns.append(Turn("user", text, parts if any(isinstance(p, Image) for p in parts) else ()))
+            turns.append(parts_turn("user", message_parts(message["content"], f"{where}.content", image_limit)))
             continue
-        if role in ("tool", "function"):
-            parts = message_parts(message.get("content"), f"{where}.content", image_limit)
-            text = "".join(part for part in parts if isinstance(part, str))
+        if role in ("tool", "function"):  # a result may carry images (as an Anthropic tool_result can)
             ref = message.get("tool_call_id") if role == "tool" else message.get("name")
-            images = parts if any(isinstance(p, Image) for p in parts) else ()
-            turns.append(Turn("tool", text, images, call_id=ref if isinstance(ref, str) else ""))
+            parts = message_parts(message.get("content"), f"{where}.content", image_limit)
+            turns.append(replace(parts_turn("tool", parts), call_id=ref if isinstance(ref, str) else ""))
             continue
         text = content_text(message, where, role)
         if role in ("system", "developer"):
@@ -820,6 +855,13 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
         # on nothing the server made up.
         return "", (Turn("user", "\n\n".join(system)),)
     return "\n\n".join(system), tuple(turns)
+
+
+def parts_turn(role: Literal["user", "tool"], parts: tuple[str | Image, ...]) -> Turn:
+    """A turn of text and images; it keeps its parts only when it has an image among them."""
+    text = "".join(part for part in parts if isinstance(part, str))
+    return Turn(role, text, parts if any(isinstance(part, Image) for part in parts) else ())
+
 
 
 # What the Messages API accepts as a tool_use id; a client's id outside it is mapped to one that is, the same way
@@ -1860,6 +1902,521 @@ def parse_chat_body(body: Any, settings: Settings, session_header: str | None = 
     return parse_responses_body(body, settings, session_header, carried=("stream_options",))
 
 
+# --- Validation: an Anthropic Messages request body to the equivalent chat body ---
+# A Messages request is first checked for the rules Anthropic has and chat completions do not (max_tokens required,
+# the pairing of tool_use and tool_result blocks, thinking's limits), with Anthropic's wording; then translated into
+# the equivalent chat body, served by the same machinery, and rendered back as a ``message`` or its event stream.
+# Each place of the chat body is noted with its place in the Messages body, so that an error the chat validation
+# finds (an image, a schema, a tool name) names the Messages request's own field.
+
+Place = tuple[str, str]  # (a place in the chat body, the same place in the Messages body)
+TOOL_ID = re.compile(r"[A-Za-z0-9_-]+")  # a tool_use block's id, as Anthropic requires it (fullmatch: linear)
+# A system block Claude Code sends, with attribution that changes from request to request: it is no part of the
+# prompt, and kept in it, it would make every request look like a new conversation to the automatic sessions.
+BILLING_LINE = "x-anthropic-billing-header:"
+MAX_STOP_SEQUENCES = 64  # this server's bounds: the stop strings are matched here, against every delta of the answer
+MAX_STOP_LENGTH = 1000
+THINKING_MODES = ("enabled", "adaptive", "between_tools")  # thinking is on
+# thinking.budget_tokens below each bound maps to that effort; a larger budget to "high".
+BUDGET_EFFORTS = ((4096, "low"), (16384, "medium"))
+OUTPUT_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+
+
+@dataclass(frozen=True)
+class MessagesBody:
+    """A Messages request body as the chat machinery takes it, and what a chat body cannot say."""
+
+    chat: dict[str, Any]
+    places: tuple[Place, ...]
+    stop: tuple[str, ...] = ()  # stop_sequences: Anthropic sets no limit of 4 as chat's 'stop' does
+    thinking: bool = False  # thinking blocks go back to the client: it turned thinking on and did not omit it
+
+
+def invalid(param: str, message: str) -> BadRequest:
+    """An error of a Messages body, worded the way Anthropic words its own (the place comes first when rendered)."""
+    return BadRequest(message, param=param)
+
+
+def field_of(
+    body: Mapping[str, Any],
+    key: str,
+    kinds: tuple[type, ...],
+    expected: str,
+    *,
+    required: bool = False,
+    param: str = "",
+) -> Any:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise invalid(param or key, "Field required")
+        return None
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        raise invalid(param or key, f"Input should be {expected}")
+    return value
+
+
+def bounded(body: Mapping[str, Any], key: str, low: float, high: float | None = None, integer: bool = False) -> Any:
+    value = field_of(body, key, (int,) if integer else (int, float), "a valid integer" if integer else "a valid number")
+    if value is not None and value < low:
+        raise invalid(key, f"Input should be greater than or equal to {low:g}")
+    if value is not None and high is not None and value > high:
+        raise invalid(key, f"Input should be less than or equal to {high:g}")
+    return value
+
+
+def messages_to_chat(body: Any, *, count_only: bool = False) -> MessagesBody:
+    """The chat body equivalent to a Messages body; ``count_only`` for a count_tokens body, which has no max_tokens."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    model = field_of(body, "model", (str,), "a valid string", required=True)
+    if not model:
+        raise invalid("model", "String should have at least 1 character")
+    max_tokens = None if count_only else max_tokens_of(body)
+    stream = field_of(body, "stream", (bool,), "a valid boolean")
+    thinking, shown, budget_effort = thinking_of(body.get("thinking"), max_tokens)
+    check_sampling(body, thinking)
+    stop = stop_sequences(body.get("stop_sequences"))
+    metadata = field_of(body, "metadata", (dict,), "a valid dictionary") or {}
+    field_of(metadata, "user_id", (str,), "a valid string", param="metadata.user_id")
+    effort, output_format = output_config(body.get("output_config"))
+    places: list[Place] = [("response_format.json_schema.schema", "output_config.format.schema")]
+    system = system_message(body.get("system"), places)
+    messages = [*system, *translate_messages(body.get("messages"), len(system), places)]
+    chat: dict[str, Any] = {"model": model, "messages": messages, "stream": stream, "max_tokens": max_tokens}
+    chat.update(tools_to_chat(body.get("tools"), body.get("tool_choice"), thinking, places))
+    if stream:
+        chat["stream_options"] = {"include_usage": True}  # every message_delta carries the usage
+    if effort or budget_effort:
+        chat["reasoning_effort"] = effort or budget_effort
+    if output_format is not None:
+        chat["response_format"] = output_format
+    return MessagesBody(chat, tuple(places), stop, thinking and shown)
+
+
+def max_tokens_of(body: Mapping[str, Any]) -> int:
+    value = field_of(body, "max_tokens", (int,), "a valid integer", required=True)
+    if value == 0:  # Anthropic's way to warm the prompt cache without an answer: the CLI has no such call
+        raise invalid("max_tokens", "max_tokens 0 (warming the prompt cache only) is not supported by this server.")
+    if value < 0:
+        raise invalid("max_tokens", "Input should be greater than or equal to 0")
+    return value
+
+
+def thinking_of(raw: Any, max_tokens: int | None) -> tuple[bool, bool, str | None]:
+    """Whether thinking is on, whether its text goes back to the client, and the effort its budget maps to. The CLI
+    decides itself whether the model thinks (adaptive thinking on the models that have it): a budget only sets the
+    effort, and "disabled" cannot switch thinking off upstream, only keep it out of the answer."""
+    if raw is None:
+        return False, False, None
+    if not isinstance(raw, dict):
+        raise invalid("thinking", "Input should be a valid dictionary")
+    kind = raw.get("type")
+    if kind == "disabled":
+        return False, False, None
+    if kind not in THINKING_MODES:
+        raise invalid("thinking.type", "Input should be 'enabled', 'disabled' or 'adaptive'")
+    display = field_of(raw, "display", (str,), "a valid string", param="thinking.display")
+    if kind != "enabled":
+        return True, display != "omitted", None
+    budget = field_of(raw, "budget_tokens", (int,), "a valid integer", required=True, param="thinking.budget_tokens")
+    if budget < 1024:
+        raise invalid("thinking.budget_tokens", "Input should be greater than or equal to 1024")
+    if max_tokens is not None and budget >= max_tokens:
+        raise invalid("max_tokens", "`max_tokens` must be greater than `thinking.budget_tokens`.")
+    return True, display != "omitted", next((name for bound, name in BUDGET_EFFORTS if budget < bound), "high")
+
+
+def check_sampling(body: Mapping[str, Any], thinking: bool) -> None:
+    """temperature, top_p and top_k: checked as Anthropic checks them, then ignored (the CLI cannot set them)."""
+    temperature = bounded(body, "temperature", 0, 1)
+    top_p = bounded(body, "top_p", 0, 1)
+    top_k = bounded(body, "top_k", 0, integer=True)
+    if thinking and temperature is not None and temperature != 1:
+        raise invalid("temperature", "`temperature` may only be set to 1 when thinking is enabled.")
+    if thinking and top_k is not None:
+        raise invalid("top_k", "`top_k` cannot be set when thinking is enabled.")
+    if thinking and top_p is not None and top_p < 0.95:
+        raise invalid("top_p", "`top_p` must be between 0.95 and 1 when thinking is enabled.")
+
+
+def stop_sequences(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise invalid("stop_sequences", "Input should be a valid list")
+    if len(raw) > MAX_STOP_SEQUENCES:
+        raise invalid("stop_sequences", f"This server takes at most {MAX_STOP_SEQUENCES} stop sequences.")
+    for i, stop in enumerate(raw):
+        if not isinstance(stop, str):
+            raise invalid(f"stop_sequences[{i}]", "Input should be a valid string")
+        if not stop:
+            raise invalid("stop_sequences", "each stop sequence must be non-empty")
+        if len(stop) > MAX_STOP_LENGTH:
+            raise invalid(
+                f"stop_sequences[{i}]", f"This server takes stop sequences of at most {MAX_STOP_LENGTH} characters."
+            )
+    return tuple(dict.fromkeys(raw))
+
+
+def output_config(raw: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """output_config's effort (as reasoning_effort) and its JSON output format (as a json_schema response_format)."""
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        raise invalid("output_config", "Input should be a valid dictionary")
+    effort = raw.get("effort")
+    if effort is not None and effort not in OUTPUT_EFFORTS:
+        raise invalid("output_config.effort", "Input should be 'low', 'medium', 'high', 'xhigh' or 'max'")
+    fmt = raw.get("format")
+    if fmt is None:
+        return effort, None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise invalid("output_config.format.type", "Input should be 'json_schema'")
+    schema = field_of(fmt, "schema", (dict,), "a valid dictionary", required=True, param="output_config.format.schema")
+    return effort, {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+
+
+def text_of(block: Any, place: str) -> str:
+    """The text of a block that must be a text block (in the system prompt and in system messages)."""
+    if not isinstance(block, dict):
+        raise invalid(place, "Input should be a valid dictionary")
+    if block.get("type") != "text":
+        raise invalid(f"{place}.type", "Input should be 'text'")
+    return field_of(block, "text", (str,), "a valid string", required=True, param=f"{place}.text")
+
+
+def system_message(raw: Any, places: list[Place]) -> list[dict[str, Any]]:
+    """The top-level system prompt as the first chat message (none when it is empty); cache_control is ignored."""
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str):
+        places.append(("messages[0]", "system"))
+        return [{"role": "system", "content": raw}]
+    if not isinstance(raw, list):
+        raise invalid("system", "Input should be a valid string or a valid list")
+    parts: list[dict[str, Any]] = []
+    for k, block in enumerate(raw):
+        text = text_of(block, f"system[{k}]")
+        if not text.startswith(BILLING_LINE):
+            places.append((f"messages[0].content[{len(parts)}]", f"system[{k}]"))
+            parts.append({"type": "text", "text": text})
+    if not parts:
+        return []
+    places.append(("messages[0]", "system"))
+    return [{"role": "system", "content": parts}]
+
+
+Blocks = list[tuple[str, dict[str, Any]]]  # a message's content blocks, each with its place in the Messages body
+
+
+def message_blocks(message: Any, where: str) -> tuple[str, Blocks]:
+    """A message's role and content blocks; string content counts as one text block."""
+    if not isinstance(message, dict):
+        raise invalid(where, "Input should be a valid dictionary")
+    role = message.get("role")
+    if role not in ("user", "assistant", "system"):
+        raise invalid(f"{where}.role", "Input should be 'user', 'assistant' or 'system'")
+    content = message.get("content")
+    if content is None:
+        raise invalid(f"{where}.content", "Field required")
+    if content == [] or content == "":
+        raise invalid(where, "all messages must have non-empty content except for the optional final assistant message")
+    if isinstance(content, str):
+        content, places = [{"type": "text", "text": content}], [f"{where}.content"]
+    elif isinstance(content, list):
+        places = [f"{where}.content[{k}]" for k in range(len(content))]
+    else:
+        raise invalid(f"{where}.content", "Input should be a valid string or a valid list")
+    for place, block in zip(places, content, strict=True):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise invalid(place, "Input should be a valid dictionary with a 'type'")
+        if block["type"] == "text" and block.get("text") == "":
+            raise invalid(place, "text content blocks must be non-empty")
+    return role, list(zip(places, content, strict=True))
+
+
+def translate_messages(raw: Any, first: int, places: list[Place]) -> list[dict[str, Any]]:
+    """The messages as chat messages, numbered from ``first`` on in the chat body; their places go to ``places``."""
+    if raw is None:
+        raise invalid("messages", "Field required")
+    if not isinstance(raw, list):
+        raise invalid("messages", "Input should be a valid list")
+    checked = [message_blocks(message, f"messages[{i}]") for i, message in enumerate(raw)]
+    check_tool_pairing(checked)
+    last = next((i for i in range(len(checked) - 1, -1, -1) if checked[i][0] != "system"), None)
+    if last is not None and checked[last][0] == "assistant":
+        # Anthropic answers so for the models that take no prefill; the CLI cannot continue a message it did not write.
+        raise invalid(
+            f"messages[{last}]",
+            "This server does not support assistant message prefill. The conversation must end with a user message.",
+        )
+    chat: list[dict[str, Any]] = []
+    for i, (role, blocks) in enumerate(checked):
+        translate = {"user": user_messages, "assistant": assistant_message, "system": system_role_message}[role]
+        chat += translate(blocks, f"messages[{i}]", first + len(chat), places)
+    return chat
+
+
+def check_tool_pairing(messages: list[tuple[str, Blocks]]) -> None:
+    """Anthropic's rules for tool calls: a tool_use is answered by a tool_result in the next turn, whose content
+    starts with the results; a tool_result answers a tool_use of the turn before; tool_use ids are unique. As
+    Anthropic does, consecutive messages of one role make one turn; system messages are not turns."""
+    turns: list[tuple[str, str, Blocks]] = []
+    for i, (role, blocks) in enumerate(messages):
+        if role == "system":
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][2].extend(blocks)
+        else:
+            turns.append((role, f"messages[{i}]", list(blocks)))
+    issued: set[str] = set()
+    calls: dict[str, str] = {}  # the ids of the previous turn's tool_use blocks
+    asked = ""  # where that turn is
+    for role, where, blocks in turns:
+        if role == "assistant":
+            calls = {
+                tool_use_of(block, place, issued)[0]: place for place, block in blocks if block["type"] == "tool_use"
+            }
+            asked = where
+            continue
+        answer_calls(blocks, calls)
+        if calls:
+            raise invalid(
+                asked,
+                f"`tool_use` ids were found without `tool_result` blocks immediately after: {', '.join(calls)}. "
+                "Each `tool_use` block must have a corresponding `tool_result` block in the next message.",
+            )
+
+
+def answer_calls(blocks: Blocks, calls: dict[str, str]) -> None:
+    """Take the calls a user turn answers out of ``calls``: its tool_result blocks, which must come first."""
+    other = False
+    for place, block in blocks:
+        if block["type"] != "tool_result":
+            other = True
+            continue
+        if other:
+            raise invalid(place, "tool_result blocks must come first in a user turn, before any other content.")
+        ref = field_of(block, "tool_use_id", (str,), "a valid string", required=True, param=f"{place}.tool_use_id")
+        if calls.pop(ref, None) is None:
+            raise invalid(
+                place,
+                f"unexpected `tool_use_id` found in `tool_result` blocks: {ref[:100]}. Each `tool_result` block must "
+                "have a corresponding `tool_use` block in the previous message.",
+            )
+
+
+def tool_use_of(
+    block: Mapping[str, Any], place: str, issued: set[str] | None = None
+) -> tuple[str, str, dict[str, Any]]:
+    """A tool_use block's id, name and input, checked; ``issued`` holds the ids seen so far, which must not recur."""
+    call_id = field_of(block, "id", (str,), "a valid string", required=True, param=f"{place}.id")
+    if not TOOL_ID.fullmatch(call_id):
+        raise invalid(f"{place}.id", "String should match pattern '^[a-zA-Z0-9_-]+$'")
+    if issued is not None:
+        if call_id in issued:
+            raise invalid(f"{place}.id", f"`tool_use` ids must be unique: {call_id[:100]} is used twice.")
+        issued.add(call_id)
+    name = field_of(block, "name", (str,), "a valid string", required=True, param=f"{place}.name")
+    arguments = field_of(block, "input", (dict,), "a valid dictionary", required=True, param=f"{place}.input")
+    return call_id, name, arguments
+
+
+def user_messages(blocks: Blocks, where: str, index: int, places: list[Place]) -> list[dict[str, Any]]:
+    """A user message as chat messages: a tool message per tool_result block, in order, then the rest of its content
+    as one user message."""
+    results = [(place, block) for place, block in blocks if block["type"] == "tool_result"]
+    rest = [(place, block) for place, block in blocks if block["type"] != "tool_result"]
+    chat = [tool_message(block, place, f"messages[{index + n}]", places) for n, (place, block) in enumerate(results)]
+    if rest:
+        at = f"messages[{index + len(chat)}]"
+        places.append((at, where))
+        chat.append({"role": "user", "content": chat_parts(rest, at, places, USER_BLOCKS)})
+    return chat
+
+
+def tool_message(block: Mapping[str, Any], place: str, at: str, places: list[Place]) -> dict[str, Any]:
+    """A tool_result block as a chat tool message: its text and images in order, after "[error]" when is_error."""
+    content = block.get("content")
+    if content is None or content == "":
+        nested: Blocks = []
+    elif isinstance(content, str):
+        nested = [(f"{place}.content", {"type": "text", "text": content})]
+    elif isinstance(content, list):
+        nested = [(f"{place}.content[{q}]", item) for q, item in enumerate(content)]
+    else:
+        raise invalid(f"{place}.content", "Input should be a valid string or a valid list")
+    failed = field_of(block, "is_error", (bool,), "a valid boolean", param=f"{place}.is_error")
+    places += [(at, place), (f"{at}.content", f"{place}.content")]
+    parts = [{"type": "text", "text": "[error]"}] if failed else []
+    content_parts = chat_parts(nested, at, places, RESULT_BLOCKS, parts)
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": content_parts}
+
+
+def assistant_message(blocks: Blocks, where: str, index: int, places: list[Place]) -> list[dict[str, Any]]:
+    """An assistant message as one chat message: its text, and its tool_use blocks as tool_calls. Its thinking
+    blocks are dropped: the CLI cannot send signed thinking back upstream, and the model does not need its earlier
+    thinking (Anthropic's API itself drops it from earlier turns)."""
+    at = f"messages[{index}]"
+    places.append((at, where))
+    calls: list[dict[str, Any]] = []
+    kept: Blocks = []
+    for place, block in blocks:
+        if block["type"] == "tool_use":
+            call_id, name, arguments = tool_use_of(block, place)
+            places.append((f"{at}.tool_calls[{len(calls)}]", place))
+            arguments_text = json.dumps(arguments, ensure_ascii=False)
+            calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments_text}})
+        elif block["type"] not in ("thinking", "redacted_thinking"):
+            kept.append((place, block))
+    message: dict[str, Any] = {"role": "assistant", "content": chat_parts(kept, at, places, ASSISTANT_BLOCKS)}
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
+
+
+def system_role_message(blocks: Blocks, where: str, index: int, places: list[Place]) -> list[dict[str, Any]]:
+    """A message with role "system" (text only) as a chat system message: part of the system prompt."""
+    at = f"messages[{index}]"
+    places.append((at, where))
+    return [{"role": "system", "content": [{"type": "text", "text": text_of(block, place)} for place, block in blocks]}]
+
+
+# The blocks each content takes, besides those taken apart before (tool_result, tool_use and thinking blocks).
+USER_BLOCKS = ("text", "image")
+ASSISTANT_BLOCKS = ("text",)
+RESULT_BLOCKS = ("text", "image", "tool_reference")
+
+
+def chat_parts(
+    blocks: Blocks, at: str, places: list[Place], allowed: tuple[str, ...], parts: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Content blocks as chat content parts (appended to ``parts``), each part's place noted; cache_control and
+    citations are ignored."""
+    parts = [] if parts is None else parts
+    for place, block in blocks:
+        kind = block["type"]
+        if kind not in allowed:
+            takes = ", ".join(allowed)
+            raise invalid(f"{place}.type", f"{kind[:100]!r} blocks are not supported here: this server takes {takes}.")
+        places.append((f"{at}.content[{len(parts)}]", place))
+        if kind == "text":
+            text = field_of(block, "text", (str,), "a valid string", required=True, param=f"{place}.text")
+            parts.append({"type": "text", "text": text})
+        elif kind == "image":
+            parts.append({"type": "image_url", "image_url": {"url": image_source(block, place)}})
+        else:  # a tool_reference: a tool that Claude Code's tool search loaded, named in its result
+            name = field_of(block, "tool_name", (str,), "a valid string", required=True, param=f"{place}.tool_name")
+            parts.append({"type": "text", "text": f"[tool {name} loaded]"})
+    return parts
+
+
+def image_source(block: Mapping[str, Any], place: str) -> str:
+    """An image block's source as an image_url: a data URL for base64 data, or the URL itself."""
+    where = f"{place}.source"
+    source = field_of(block, "source", (dict,), "a valid dictionary", required=True, param=where)
+    kind = source.get("type")
+    if kind == "base64":
+        media = field_of(source, "media_type", (str,), "a valid string", required=True, param=f"{where}.media_type")
+        data = field_of(source, "data", (str,), "a valid string", required=True, param=f"{where}.data")
+        return f"data:{media};base64,{data}"
+    if kind == "url":
+        return field_of(source, "url", (str,), "a valid string", required=True, param=f"{where}.url")
+    raise invalid(f"{where}.type", f"Image source type {kind!r} is not supported here: send 'base64' data or a 'url'.")
+
+
+def tools_to_chat(raw: Any, choice: Any, thinking: bool, places: list[Place]) -> dict[str, Any]:
+    """tools and tool_choice as the chat body's tools, tool_choice and parallel_tool_calls."""
+    chat: dict[str, Any] = {}
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise invalid("tools", "Input should be a valid list")
+        chat["tools"] = [tool_to_chat(tool, f"tools[{t}]", places) for t, tool in enumerate(raw)]
+    if choice is None:
+        return chat
+    if not isinstance(choice, dict):
+        raise invalid("tool_choice", "Input should be a valid dictionary")
+    kind = choice.get("type")
+    if kind == "tool":
+        name = field_of(choice, "name", (str,), "a valid string", required=True, param="tool_choice.name")
+        chat["tool_choice"] = {"type": "function", "function": {"name": name}}
+    elif kind in ("auto", "any", "none"):
+        chat["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
+    else:
+        raise invalid("tool_choice.type", "Input should be 'auto', 'any', 'tool' or 'none'")
+    if kind in ("any", "tool") and not chat.get("tools"):
+        raise invalid("tool_choice", "tool_choice may only be specified while providing tools.")
+    if kind in ("any", "tool") and thinking:
+        raise invalid("tool_choice", "Thinking may not be enabled when tool_choice forces tool use.")
+    param = "tool_choice.disable_parallel_tool_use"
+    if field_of(choice, "disable_parallel_tool_use", (bool,), "a valid boolean", param=param) and chat.get("tools"):
+        chat["parallel_tool_calls"] = False
+    return chat
+
+
+def tool_to_chat(tool: Any, where: str, places: list[Place]) -> dict[str, Any]:
+    """A client tool as a chat function tool. Its cache_control, strict, input_examples and defer_loading are
+    ignored: every tool given is offered."""
+    if not isinstance(tool, dict):
+        raise invalid(where, "Input should be a valid dictionary")
+    if tool.get("type") not in (None, "custom"):
+        raise invalid(
+            f"{where}.type",
+            f"Tool type {str(tool.get('type'))[:100]!r} is not supported by this server: only client tools "
+            "(with a name and an input_schema) are; server tools such as web search run on Anthropic's side.",
+        )
+    name = field_of(tool, "name", (str,), "a valid string", required=True, param=f"{where}.name")
+    description = field_of(tool, "description", (str,), "a valid string", param=f"{where}.description")
+    schema = field_of(tool, "input_schema", (dict,), "a valid dictionary", required=True, param=f"{where}.input_schema")
+    if schema.get("type") != "object":
+        raise invalid(f"{where}.input_schema.type", "Input should be 'object'")
+    places += [(f"{where}.function.parameters", f"{where}.input_schema"), (f"{where}.function", where)]
+    return {"type": "function", "function": {"name": name, "description": description or "", "parameters": schema}}
+
+
+def as_anthropic_error(error: BadRequest, places: Iterable[Place]) -> BadRequest:
+    """A validation error of the translated chat body, named in the Messages request's own terms."""
+    param = error.param
+    if not param:
+        return error
+    found = [(chat, own) for chat, own in places if param == chat or param.startswith((f"{chat}.", f"{chat}["))]
+    if found:
+        chat, own = max(found, key=lambda place: len(place[0]))
+        error.param = own + param[len(chat) :]
+        error.message = error.message.replace(chat, own)
+    if error.param.endswith(".image_url.url"):
+        error.param = error.param.removesuffix(".image_url.url") + ".source"
+    return error
+
+
+def parse_messages_request(
+    body: Any, settings: Settings, session_header: str | None = None, *, count_only: bool = False
+) -> tuple[ChatRequest, MessagesBody]:
+    """Validate a Messages body and make it the chat request it is equivalent to: 400s named in Anthropic's terms."""
+    translated = messages_to_chat(body, count_only=count_only)
+    try:
+        chat = parse_chat_request(translated.chat, settings, session_header)
+    except BadRequest as error:
+        raise as_anthropic_error(error, translated.places) from None
+    return replace(chat, stop=translated.stop), translated
+
+
+BYTES_PER_TOKEN = 4  # of UTF-8 text: about 4 characters of English, or 1 to 1.5 of Chinese or Japanese, per token
+IMAGE_TOKENS = 1600  # an image, about its count at the largest size the upstream takes without scaling it down
+TURN_TOKENS = 4  # the framing of each message
+
+
+def estimate_input_tokens(chat: ChatRequest) -> int:
+    """count_tokens' answer, an estimate: the CLI has no count that spends no quota. The UTF-8 bytes of the system
+    prompt, the messages and the tool definitions over BYTES_PER_TOKEN, plus IMAGE_TOKENS an image and TURN_TOKENS a
+    message. Near the upstream's count for prose; not exact, and never billed."""
+    tools = [{"name": t.name, "description": t.description, "input_schema": t.parameters} for t in chat.tools]
+    text = "".join([chat.system, json.dumps(tools, ensure_ascii=False) if tools else "", *(t.text for t in chat.turns)])
+    images = sum(len(turn.images) for turn in chat.turns)
+    return math.ceil(len(text.encode()) / BYTES_PER_TOKEN) + IMAGE_TOKENS * images + TURN_TOKENS * len(chat.turns)
+
+
 # --- The CLI call: argv, stdin line and environment for one request ---
 
 
@@ -2207,6 +2764,7 @@ class Answer:
     finish: FinishReason
     usage: Usage
     thinking: str = ""
+    stop_sequence: str | None = None  # the stop string the answer was cut at, if it was
 
 
 def wire_tool_call(call: ToolCall) -> dict[str, Any]:
@@ -2226,14 +2784,16 @@ class StopScanner:
         self.hold = max(map(len, stops), default=1) - 1
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string the text was cut at
 
     def feed(self, text: str) -> str:
         if not self.stops:
             return text
         self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending, self.stopped = self.pending[:cut], "", True
+        # The first stop string in the text; of two at one place, the shorter, which the model finished first.
+        found = min(((i, len(s), s) for s in self.stops if (i := self.pending.find(s)) >= 0), default=None)
+        if found is not None:
+            out, self.pending, self.stopped, self.matched = self.pending[: found[0]], "", True, found[2]
             return out
         keep = len(self.pending) - self.hold
         out, self.pending = self.pending[: max(keep, 0)], self.pending[max(keep, 0) :]
@@ -3847,6 +4407,7 @@ class ArgumentsDelta:
 class Finished:
     finish: FinishReason
     usage: Usage | None  # None only when a stream was cut at a stop string and no usage was asked for
+    stop_sequence: str | None = None  # the stop string the answer was cut at, if it was
 
 
 TurnEvent = TextDelta | ThinkingDelta | CallStarted | ArgumentsDelta | Finished
@@ -3911,7 +4472,7 @@ class AnswerSoFar:
             if self.shown:
                 yield TextDelta("".join(self.shown))
         finish: FinishReason = "tool_calls" if self.calls else result.finish_reason
-        yield Finished("stop" if self.scanner.stopped else finish, result.usage)
+        yield Finished("stop" if self.scanner.stopped else finish, result.usage, self.scanner.matched)
 
 
 async def attempt_events(
@@ -3934,7 +4495,7 @@ async def attempt_events(
                 if answer.scanner.stopped:
                     result = await final_result(events) if want_usage else None
                     job.answered(answer.turn, exact=False)
-                    finished = Finished("stop", result.usage if result else None)
+                    finished = Finished("stop", result.usage if result else None, answer.scanner.matched)
                     break
             elif isinstance(event, CallDeferred):
                 for out in answer.deferred(event.call):
@@ -3981,6 +4542,7 @@ async def fold(stream: AsyncGenerator[TurnEvent, None]) -> Answer:
                     event.finish,
                     event.usage or openai_usage(None, None),
                     "".join(thinking),
+                    event.stop_sequence,
                 )
     raise CliFailed("The claude CLI ended without an answer.")
 
@@ -3997,7 +4559,7 @@ def replay(done: Answer) -> Iterator[TurnEvent]:
         yield CallStarted(index, call.id, call.name)
         for start in range(0, len(call.arguments), PSEUDO_SLICE):
             yield ArgumentsDelta(index, call.arguments[start : start + PSEUDO_SLICE])
-    yield Finished(done.finish, done.usage)
+    yield Finished(done.finish, done.usage, done.stop_sequence)
 
 
 async def answer(runner: Runner, job: Job, request: ChatRequest) -> Answer:
@@ -4079,6 +4641,7 @@ class StreamRenderer(Protocol):
     def id(self) -> str: ...
 
     def start(self) -> list[bytes]: ...
+    def ping(self) -> list[bytes]: ...  # a keep-alive, when the stream is quiet
     def render(self, event: TurnEvent) -> list[bytes]: ...
     def fail(self, error: ProxyError) -> list[bytes]: ...
 
@@ -4111,6 +4674,9 @@ class ChatStream:
 
     def start(self) -> list[bytes]:
         return [self._delta({"role": "assistant", "content": "", "refusal": None})]
+
+    def ping(self) -> list[bytes]:
+        return [KEEPALIVE]
 
     def render(self, event: TurnEvent) -> list[bytes]:
         if isinstance(event, TextDelta):
@@ -4281,6 +4847,9 @@ class ResponsesStream:
             self._event("response.in_progress", response=snapshot),
         ]
 
+    def ping(self) -> list[bytes]:
+        return [KEEPALIVE]
+
     def render(self, event: TurnEvent) -> list[bytes]:
         if isinstance(event, TextDelta):
             return self._text(event.text)
@@ -4388,6 +4957,136 @@ class ResponsesStream:
         ]
 
 
+def message_id() -> str:
+    return f"msg_{uuid.uuid4().hex[:24]}"
+
+
+STOP_REASONS: Mapping[FinishReason, str] = MappingProxyType(
+    {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+)
+
+
+def stop_reason(finish: FinishReason, stop_sequence: str | None) -> str:
+    return "stop_sequence" if stop_sequence is not None else STOP_REASONS[finish]
+
+
+def anthropic_usage(usage: Usage | None) -> dict[str, int]:
+    """The usage as the upstream reported it: input_tokens is the part read neither from nor into the cache."""
+    usage = usage or openai_usage(None, None)
+    read, created = usage.get("cache_read_input_tokens", 0), usage.get("cache_creation_input_tokens", 0)
+    return {
+        "input_tokens": usage["prompt_tokens"] - read - created,
+        "output_tokens": usage["completion_tokens"],
+        "cache_read_input_tokens": read,
+        "cache_creation_input_tokens": created,
+    }
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    arguments: Any = {}
+    with contextlib.suppress(ValueError, RecursionError):
+        arguments = json.loads(call.arguments or "{}")
+    return {
+        "type": "tool_use",
+        "id": call.id,
+        "name": call.name,
+        "input": arguments if isinstance(arguments, dict) else {},
+    }
+
+
+def anthropic_message(mid: str, model: str, done: Answer, thinking: bool) -> dict[str, Any]:
+    """A ``message`` object: thinking (when the client turned it on), text, then a tool_use block per call."""
+    content: list[dict[str, Any]] = []
+    if thinking and done.thinking:
+        content.append({"type": "thinking", "thinking": done.thinking, "signature": ""})
+    if done.content:
+        content.append({"type": "text", "text": done.content})
+    content += [tool_use_block(call) for call in done.calls]
+    return {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(done.finish, done.stop_sequence),
+        "stop_sequence": done.stop_sequence,
+        "usage": anthropic_usage(done.usage),
+    }
+
+
+@dataclass
+class AnthropicStream:
+    """Renders a stream as the Messages API's events: message_start; for each content block (thinking, text, each
+    tool_use) content_block_start, its deltas and content_block_stop; message_delta with the stop reason and the
+    usage; message_stop. The keep-alive is a ping. message_start's usage is zero: the counts come with message_delta,
+    whose usage Anthropic's clients take as the whole."""
+
+    model: str
+    thinking: bool
+    id: str = field(default_factory=message_id)
+    blocks: int = 0  # content blocks started
+    current: str | int | None = None  # the open block: "text", "thinking", or a call's index
+    calls: dict[int, int] = field(default_factory=dict)  # a call's index -> its block's index
+
+    @staticmethod
+    def _event(kind: str, **data: Any) -> bytes:
+        return f"event: {kind}\n".encode() + sse({"type": kind, **data})
+
+    def start(self) -> list[bytes]:
+        message = {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": anthropic_usage(None),
+        }
+        return [self._event("message_start", message=message)]
+
+    def ping(self) -> list[bytes]:
+        return [self._event("ping")]
+
+    def render(self, event: TurnEvent) -> list[bytes]:
+        if isinstance(event, TextDelta):
+            return self._delta("text", {"type": "text", "text": ""}, {"type": "text_delta", "text": event.text})
+        if isinstance(event, ThinkingDelta):
+            if not self.thinking:
+                return []
+            start = {"type": "thinking", "thinking": "", "signature": ""}
+            return self._delta("thinking", start, {"type": "thinking_delta", "thinking": event.text})
+        if isinstance(event, CallStarted):
+            self.calls[event.index] = self.blocks
+            block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+            return self._close() + self._open(event.index, block)
+        if isinstance(event, ArgumentsDelta):
+            delta = {"type": "input_json_delta", "partial_json": event.text}
+            return [self._event("content_block_delta", index=self.calls[event.index], delta=delta)]
+        delta = {"stop_reason": stop_reason(event.finish, event.stop_sequence), "stop_sequence": event.stop_sequence}
+        return self._close() + [
+            self._event("message_delta", delta=delta, usage=anthropic_usage(event.usage)),
+            self._event("message_stop"),
+        ]
+
+    def _delta(self, kind: str, start: dict[str, Any], delta: dict[str, Any]) -> list[bytes]:
+        events = [] if self.current == kind else self._close() + self._open(kind, start)
+        return events + [self._event("content_block_delta", index=self.blocks - 1, delta=delta)]
+
+    def _open(self, key: str | int, block: dict[str, Any]) -> list[bytes]:
+        self.current, self.blocks = key, self.blocks + 1
+        return [self._event("content_block_start", index=self.blocks - 1, content_block=block)]
+
+    def _close(self) -> list[bytes]:
+        if self.current is None:
+            return []
+        self.current = None
+        return [self._event("content_block_stop", index=self.blocks - 1)]
+
+    def fail(self, error: ProxyError) -> list[bytes]:
+        return [b"event: error\n" + sse(error.anthropic_body())]  # Anthropic's clients raise on it
+
+
 # --- Routes: the HTTP endpoints, their errors and their key check ---
 
 
@@ -4421,7 +5120,13 @@ class RequestLog:
         )
 
 
-def error_response(error: ProxyError) -> JSONResponse:
+def error_response(error: ProxyError, wire: WireFormat = "openai") -> JSONResponse:
+    """The one place an error becomes a response: OpenAI's shape and status, or Anthropic's on its routes (with the
+    request id Anthropic's clients read from the body and the request-id header)."""
+    if wire == "anthropic":
+        request_id = f"req_{uuid.uuid4().hex[:24]}"
+        headers = {**error.headers(), "request-id": request_id}
+        return JSONResponse(error.anthropic_body(request_id), status_code=error.anthropic[0], headers=headers)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
@@ -4555,7 +5260,7 @@ async def stream_response(
             for chunk in renderer.start():
                 yield chunk
             while item is not END_OF_STREAM:
-                for chunk in [KEEPALIVE] if item is None else renderer.render(item):
+                for chunk in renderer.ping() if item is None else renderer.render(item):
                     yield chunk
                 if isinstance(item, Finished):
                     entry.usage = item.usage
@@ -4608,24 +5313,57 @@ async def answer_request(
 
 
 async def chat_completions(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
+    settings: Settings = request.app.state.settings
     body = await read_json(request, settings)
     chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
+    renderer = ChatStream(chat.model, chat.include_usage)
+    return await serve_chat(
+        request, chat, renderer, "", lambda done: chat_completion(renderer.id, renderer.created, chat.model, done)
+    )
+
+
+async def create_message(request: Request) -> Response:
+    """The Messages API: the equivalent chat request, answered by the same machinery in Anthropic's shapes."""
+    settings: Settings = request.app.state.settings
+    body = await read_json(request, settings)
+    chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
+    renderer = AnthropicStream(chat.model, messages.thinking)
+    return await serve_chat(
+        request,
+        chat,
+        renderer,
+        "messages-",
+        lambda done: anthropic_message(renderer.id, chat.model, done, renderer.thinking),
+    )
+
+
+async def count_tokens(request: Request) -> Response:
+    """The Messages API's token count, estimated here (see estimate_input_tokens): no CLI runs, no quota is spent."""
+    settings: Settings = request.app.state.settings
+    chat, _ = parse_messages_request(await read_json(request, settings), settings, count_only=True)
+    return JSONResponse({"input_tokens": estimate_input_tokens(chat)})
+
+
+async def serve_chat(
+    request: Request, chat: ChatRequest, renderer: StreamRenderer, kind: str, whole: Callable[[Answer], Any]
+) -> Response:
+    """A chat request's answer, in its session or not: streamed through ``renderer``, or whole as ``whole`` renders
+    it. ``kind`` prefixes the request's mode in the log."""
+    state = request.app.state
+    settings: Settings = state.settings
     runner: Runner = state.runner
     job, notice = state.sessions.job(chat, request.scope.get(KEY_OWNER, ""))
     headers = {"X-Session-Notice": notice} if notice else {}
     session = "" if type(job) is Job else "-session"
     if chat.stream:
-        renderer = ChatStream(chat.model, chat.include_usage)
-        entry = RequestLog(renderer.id, chat.model, f"stream-{settings.stream_mode}{session}")
+        entry = RequestLog(renderer.id, chat.model, f"{kind}stream-{settings.stream_mode}{session}")
         events = turn_events(runner, job, chat, settings.stream_mode)
         return await stream_response(request, events, renderer, entry, headers)
-    entry = RequestLog(completion_id(), chat.model, f"json{session}")
+    entry = RequestLog(renderer.id, chat.model, f"{kind}json{session}")
     done = await answer_request(request, runner, job, chat, entry)
     if done is None:
         return Response(status_code=499)
-    return JSONResponse(chat_completion(entry.id, int(time.time()), chat.model, done), headers=headers)
+    return JSONResponse(whole(done), headers=headers)
 
 
 async def create_response(request: Request) -> Response:
@@ -4711,7 +5449,7 @@ async def health(request: Request) -> Response:
     else:
         status, reason = "ok", None
     body: dict[str, Any] = {"status": status, **({"reason": reason} if reason else {})}
-    authorized = bool(settings.api_keys) and has_key(request.headers.get("authorization", ""), settings.api_keys)
+    authorized = bool(settings.api_keys) and key_index(request.headers, settings.api_keys) is not None
     if authorized or not settings.api_keys:
         sessions: Sessions = state.sessions
         body["cli"] = {
@@ -4741,18 +5479,27 @@ async def index(request: Request) -> Response:
     return JSONResponse(
         {
             "service": "claude_api",
-            "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/models/{id}", "/health"],
+            "endpoints": [
+                "/v1/chat/completions",
+                "/v1/responses",
+                "/v1/messages",
+                "/v1/messages/count_tokens",
+                "/v1/models",
+                "/v1/models/{id}",
+                "/health",
+            ],
         }
     )
 
 
 async def proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return error_response(exc)
+    return error_response(exc, wire_format(request.url.path))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    wire = wire_format(request.url.path)
     if exc.status_code == 405:
         # Starlette names the route's methods in an unordered set; the header lists them sorted.
         allow = tuple(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
@@ -4760,31 +5507,34 @@ async def http_error(request: Request, exc: Exception) -> Response:
             f"Method {request.method} is not allowed on {request.url.path}; allowed: {', '.join(allow)}."
         )
         error.allow = allow
-        return error_response(error)
+        return error_response(error, wire)
     if exc.status_code == 404:
-        return error_response(NotFound(f"Invalid URL ({request.method} {request.url.path})."))
-    return error_response(BadRequest(str(exc.detail)))
+        return error_response(NotFound(f"Invalid URL ({request.method} {request.url.path})."), wire)
+    return error_response(BadRequest(str(exc.detail)), wire)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(ProxyError("The server hit an unexpected error; see its log."))
+    return error_response(ProxyError("The server hit an unexpected error; see its log."), wire_format(request.url.path))
 
 
-def key_index(authorization: str, keys: tuple[str, ...]) -> int | None:
-    """Which of ``keys`` an Authorization header carries as a bearer token, if any."""
-    scheme, _, token = authorization.partition(" ")
-    # Compare against every key, so the time taken says nothing about which one was close.
-    matches = [hmac.compare_digest(token.strip().encode("latin-1"), key.encode()) for key in keys]
-    return matches.index(True) if scheme.lower() == "bearer" and any(matches) else None
-
-
-def has_key(authorization: str, keys: tuple[str, ...]) -> bool:
-    return key_index(authorization, keys) is not None
+def key_index(headers: Headers, keys: tuple[str, ...]) -> int | None:
+    """Which of ``keys`` a request carries, if any: as a bearer token (OpenAI's clients send it so) or in the x-api-key
+    header (Anthropic's clients do), on any route."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    presented = [token.strip()] if scheme.lower() == "bearer" else []
+    presented += [headers["x-api-key"].strip()] if "x-api-key" in headers else []
+    for candidate in presented:
+        # Compare against every key, so the time taken says nothing about which one was close.
+        matches = [hmac.compare_digest(candidate.encode("latin-1"), key.encode()) for key in keys]
+        if any(matches):
+            return matches.index(True)
+    return None
 
 
 class BearerAuth:
-    """Requires ``Authorization: Bearer <key>`` on /v1 routes when CLAUDE_API_KEYS is set."""
+    """Requires one of CLAUDE_API_KEYS on /v1 routes when it is set: ``Authorization: Bearer <key>`` or
+    ``x-api-key: <key>``."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
         self.app = app
@@ -4793,14 +5543,13 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.keys and scope["path"].startswith("/v1"):
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            index = key_index(header.decode("latin-1"), self.keys)
+            index = key_index(Headers(scope=scope), self.keys)
             if index is None:
                 error = InvalidApiKey(
-                    "Missing or incorrect API key: send `Authorization: Bearer <key>` with one of "
-                    "the keys in CLAUDE_API_KEYS."
+                    "Missing or incorrect API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`) with "
+                    "one of the keys in CLAUDE_API_KEYS."
                 )
-                await error_response(error)(scope, receive, send)
+                await error_response(error, wire_format(scope["path"]))(scope, receive, send)
                 return
             scope[KEY_OWNER] = self.owners[index]
         await self.app(scope, receive, send)
@@ -4845,7 +5594,7 @@ class BrowserGuard(TrustedHostMiddleware):
                 "server, add its origin to CLAUDE_ALLOWED_ORIGINS."
             )
         if error is not None:
-            await error_response(error)(scope, receive, send)
+            await error_response(error, wire_format(scope["path"]))(scope, receive, send)
             return
         await self.next(scope, receive, send)
 
@@ -5022,6 +5771,8 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
             Route("/v1/models/{model_id:path}", get_model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/responses", create_response, methods=["POST"]),
+            Route("/v1/messages", create_message, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         ],
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,

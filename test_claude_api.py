@@ -34,6 +34,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 
 import claude_api as api
 from testdata.support import (
@@ -3879,6 +3880,794 @@ async def test_responses_objects_and_events_match_the_spec(
     if final["status"] == "failed":  # the error event has the exact code; the response one of the spec's codes
         assert [e["code"] for e in events if e["type"] == "error"] == ["cli_failed"]
         assert final["error"]["code"] == "server_error" and "usage" not in final
+
+
+# --- Anthropic Messages API ---
+
+
+def anthropic_client(url: str, key: str = "proxy-secret-key", **kwargs: Any) -> Any:
+    from anthropic import Anthropic
+
+    return Anthropic(base_url=url, api_key=key, max_retries=0, timeout=60, **kwargs)
+
+
+def message_body(content: Any = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "sonnet", "max_tokens": 100, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def named_events(text: str) -> list[tuple[str, Any]]:
+    """An SSE body of named events as (name, data) pairs."""
+    events = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            fields = dict(line.split(": ", 1) for line in block.split("\n"))
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def assert_anthropic_error(response: httpx.Response, status: int, kind: str, place: str | None = None) -> str:
+    """An error in Anthropic's shape, with its request id in the body and the header; returns its message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"type", "error", "request_id"} and body["type"] == "error"
+    assert set(body["error"]) == {"type", "message"} and body["error"]["type"] == kind
+    assert body["request_id"].startswith("req_") and response.headers["request-id"] == body["request_id"]
+    if place is not None:
+        assert body["error"]["message"].startswith(f"{place}: "), body["error"]["message"]
+    return body["error"]["message"]
+
+
+def image_block(data: bytes = PNG, media: str = "image/png") -> dict[str, Any]:
+    return {"type": "image", "source": {"type": "base64", "media_type": media, "data": base64.b64encode(data).decode()}}
+
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "input_schema": WEATHER["function"]["parameters"],
+}
+CALL = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "22 C"}
+
+
+def test_a_messages_body_becomes_the_equivalent_chat_body() -> None:
+    body = {
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 2000,
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.abc; cc_entrypoint=cli;"},
+            {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "look:"}, image_block()]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "c2ln"},
+                    {"type": "redacted_thinking", "data": "c2VjcmV0"},
+                    {"type": "text", "text": "Checking."},
+                    CALL,
+                    {**CALL, "id": "toolu_2", "input": {"city": "Rome", "unit": "c"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {**RESULT, "cache_control": {"type": "ephemeral"}},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_2",
+                        "is_error": True,
+                        "content": [
+                            {"type": "text", "text": "no data"},
+                            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+                        ],
+                    },
+                    {"type": "text", "text": "And now?", "cache_control": {"type": "ephemeral"}},
+                ],
+            },
+            {"role": "system", "content": "Answer in French."},
+        ],
+        "tools": [{**WEATHER_TOOL, "cache_control": {"type": "ephemeral"}, "defer_loading": True}],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+        "stop_sequences": ["STOP", "END", "x", "y", "z"],
+        "metadata": {"user_id": "someone"},
+        "thinking": {"type": "enabled", "budget_tokens": 1500},
+        "context_management": {"edits": []},
+        "stream": True,
+    }
+    translated = api.messages_to_chat(body)
+    assert translated.chat["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "look:"}, {"type": "image_url", "image_url": {"url": data_url(PNG)}}],
+        },
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "Checking."}],
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                },
+                {
+                    "id": "toolu_2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "c"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "toolu_1", "content": [{"type": "text", "text": "22 C"}]},
+        {
+            "role": "tool",
+            "tool_call_id": "toolu_2",
+            "content": [
+                {"type": "text", "text": "[error]"},
+                {"type": "text", "text": "no data"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            ],
+        },
+        {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
+        {"role": "system", "content": [{"type": "text", "text": "Answer in French."}]},
+    ]
+    assert translated.chat["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": WEATHER_TOOL["input_schema"],
+            },
+        }
+    ]
+    assert (translated.chat["tool_choice"], translated.chat["parallel_tool_calls"]) == ("auto", False)
+    assert translated.chat["stream_options"] == {"include_usage": True}
+    assert translated.stop == ("STOP", "END", "x", "y", "z") and translated.thinking
+    chat, _ = api.parse_messages_request(body, make_settings())  # the translation is a valid chat body
+    assert chat.system == "Be brief.\n\nAnswer in French." and chat.model == "claude-sonnet-4-5-20250929"
+    assert chat.cli_model == "claude-sonnet-4-5-20250929" and chat.max_tokens == 2000 and chat.stream
+    assert chat.stop == ("STOP", "END", "x", "y", "z")  # Anthropic sets no limit of 4, as OpenAI's 'stop' does
+    assert chat.effort == "low" and [t.name for t in chat.tools] == ["get_weather"] and not chat.parallel_tool_calls
+
+
+@pytest.mark.parametrize(
+    "extra,effort",
+    [
+        ({}, ""),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "low"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 8000}}, "medium"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 31999}}, "high"),
+        ({"thinking": {"type": "adaptive", "display": "summarized"}}, ""),
+        ({"thinking": {"type": "disabled"}}, ""),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}, "output_config": {"effort": "max"}}, "max"),
+        ({"output_config": {"effort": "xhigh"}}, "xhigh"),
+    ],
+    ids=lambda v: json.dumps(v)[:60] if isinstance(v, dict) else v,
+)
+def test_thinking_and_output_effort_become_the_cli_effort(extra: dict[str, Any], effort: str) -> None:
+    chat, translated = api.parse_messages_request({**message_body(max_tokens=32000), **extra}, make_settings())
+    assert chat.effort == effort
+    assert translated.thinking == (extra.get("thinking", {}).get("type") in ("enabled", "adaptive"))
+
+
+@pytest.mark.parametrize(
+    "choice,tool_choice,tools,parallel",
+    [
+        ({"type": "auto"}, "auto", 1, True),
+        ({"type": "any"}, "required", 1, True),
+        ({"type": "tool", "name": "get_weather"}, "get_weather", 1, True),
+        ({"type": "none"}, "auto", 0, True),  # as if no tools were given
+        ({"type": "any", "disable_parallel_tool_use": True}, "required", 1, False),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
+)
+def test_tool_choice_maps_to_its_chat_equivalent(
+    choice: dict[str, Any], tool_choice: str, tools: int, parallel: bool
+) -> None:
+    chat, _ = api.parse_messages_request(message_body(tools=[WEATHER_TOOL], tool_choice=choice), make_settings())
+    assert (chat.tool_choice, len(chat.tools), chat.parallel_tool_calls) == (tool_choice, tools, parallel)
+
+
+def without(body: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != key}
+
+
+def conversation(*messages: Any, **extra: Any) -> dict[str, Any]:
+    return {"model": "sonnet", "max_tokens": 100, "messages": list(messages), **extra}
+
+
+def user_says(*content: Any) -> dict[str, Any]:
+    return {"role": "user", "content": list(content)}
+
+
+def assistant_says(*content: Any) -> dict[str, Any]:
+    return {"role": "assistant", "content": list(content)}
+
+
+TEXT = {"type": "text", "text": "hi"}
+THINKING = {"type": "enabled", "budget_tokens": 2000}
+BAD_MESSAGES_BODIES = [
+    (without(message_body(), "max_tokens"), "max_tokens", "Field required"),
+    (message_body(max_tokens="10"), "max_tokens", "valid integer"),
+    (message_body(max_tokens=0), "max_tokens", "warming the prompt cache"),
+    (without(message_body(), "model"), "model", "Field required"),
+    (message_body(model=""), "model", "at least 1 character"),
+    (message_body(stream="yes"), "stream", "valid boolean"),
+    ({**message_body(), "messages": "hi"}, "messages", "valid list"),
+    ({**message_body(), "messages": []}, "messages", "empty array"),
+    (conversation({"role": "tool", "content": "x"}), "messages.0.role", "'user', 'assistant' or 'system'"),
+    (conversation({"role": "user"}), "messages.0.content", "Field required"),
+    (message_body(""), "messages.0", "non-empty content"),
+    (message_body([]), "messages.0", "non-empty content"),
+    (message_body([{"type": "text", "text": ""}]), "messages.0.content.0", "must be non-empty"),
+    (message_body([{"type": "document", "source": {}}]), "messages.0.content.0.type", "'document'"),
+    (message_body(temperature=1.5), "temperature", "less than or equal to 1"),
+    (message_body(top_p=-0.1), "top_p", "greater than or equal to 0"),
+    (message_body(top_k=2.5), "top_k", "valid integer"),
+    (message_body(stop_sequences="STOP"), "stop_sequences", "valid list"),
+    (message_body(stop_sequences=[""]), "stop_sequences", "non-empty"),
+    (message_body(stop_sequences=["a", 3]), "stop_sequences.1", "valid string"),
+    (message_body(stop_sequences=["s"] * 65), "stop_sequences", "at most 64"),
+    (message_body(metadata={"user_id": 5}), "metadata.user_id", "valid string"),
+    (message_body(system=5), "system", "valid string or a valid list"),
+    (message_body(system=[image_block()]), "system.0.type", "'text'"),
+    (message_body(tool_choice="auto", tools=[WEATHER_TOOL]), "tool_choice", "valid dictionary"),
+    (message_body(tool_choice={"type": "function"}, tools=[WEATHER_TOOL]), "tool_choice.type", "'auto', 'any'"),
+    (message_body(tool_choice={"type": "any"}), "tool_choice", "while providing tools"),
+    (message_body(tool_choice={"type": "tool", "name": "nope"}, tools=[WEATHER_TOOL]), "tool_choice", "'nope'"),
+    (message_body(tools=[without(WEATHER_TOOL, "input_schema")]), "tools.0.input_schema", "Field required"),
+    (
+        message_body(tools=[{**WEATHER_TOOL, "input_schema": {"type": "array"}}]),
+        "tools.0.input_schema.type",
+        "'object'",
+    ),
+    (message_body(tools=[{"type": "web_search_20250305", "name": "web_search"}]), "tools.0.type", "server tools"),
+    (message_body(tools=[{**WEATHER_TOOL, "name": "bad name"}]), "tools.0.name", "letters, digits"),
+    (
+        message_body(
+            tools=[{**WEATHER_TOOL, "input_schema": {"type": "object", "properties": {"x": {"pattern": "("}}}}]
+        ),
+        "tools.0.input_schema.properties.x.pattern",
+        "regular expression",
+    ),
+    (message_body(thinking={"type": "on"}), "thinking.type", "'enabled', 'disabled' or 'adaptive'"),
+    (
+        message_body(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 500}),
+        "thinking.budget_tokens",
+        "1024",
+    ),
+    (message_body(thinking=THINKING, max_tokens=2000), "max_tokens", "greater than `thinking.budget_tokens`"),
+    (message_body(thinking=THINKING, max_tokens=4000, temperature=0.5), "temperature", "only be set to 1"),
+    (message_body(thinking=THINKING, max_tokens=4000, top_k=5), "top_k", "thinking"),
+    (
+        message_body(thinking=THINKING, max_tokens=4000, tools=[WEATHER_TOOL], tool_choice={"type": "any"}),
+        "tool_choice",
+        "forces tool use",
+    ),
+    (conversation(user_says(TEXT), assistant_says(TEXT)), "messages.1", "prefill"),
+    (conversation(user_says(RESULT)), "messages.0.content.0", "unexpected `tool_use_id`"),
+    (conversation(user_says(TEXT), assistant_says(CALL), user_says(TEXT)), "messages.1", "without `tool_result`"),
+    (conversation(user_says(TEXT), assistant_says(CALL), user_says(TEXT, RESULT)), "messages.2.content.1", "first"),
+    (conversation(user_says(TEXT), assistant_says({**CALL, "id": "call 1"})), "messages.1.content.0.id", "pattern"),
+    (
+        conversation(user_says(TEXT), assistant_says({**CALL, "input": "{}"})),
+        "messages.1.content.0.input",
+        "dictionary",
+    ),
+    (
+        conversation(user_says(TEXT), assistant_says(CALL), user_says(RESULT), assistant_says(CALL), user_says(RESULT)),
+        "messages.3.content.0.id",
+        "unique",
+    ),
+    (message_body([image_block(b"AAAA")]), "messages.0.content.0.source", "does not hold image/png data"),
+    (message_body([image_block(media="image/bmp")]), "messages.0.content.0.source", "PNG, JPEG, GIF and WebP"),
+    (
+        message_body([{"type": "image", "source": {"type": "file", "file_id": "f"}}]),
+        "messages.0.content.0.source.type",
+        "'file'",
+    ),
+    (
+        conversation(user_says(TEXT), assistant_says(CALL), user_says({**RESULT, "content": [image_block(b"x")]})),
+        "messages.2.content.0.content.0.source",
+        "does not hold image/png data",
+    ),
+    (message_body(output_config={"format": {"type": "text"}}), "output_config.format.type", "'json_schema'"),
+    (message_body(output_config={"effort": "huge"}), "output_config.effort", "'low', 'medium'"),
+    (
+        message_body(output_config={"format": {"type": "json_schema", "schema": {"type": "object", "required": "x"}}}),
+        "output_config.format.schema.required",
+        "array of strings",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "body,place,fragment", BAD_MESSAGES_BODIES, ids=[f"{p}-{f}" for _, p, f in BAD_MESSAGES_BODIES]
+)
+def test_bad_messages_bodies_get_anthropic_errors_naming_the_place(body: Any, place: str, fragment: str) -> None:
+    with pytest.raises(api.BadRequest) as caught:
+        api.parse_messages_request(body, make_settings())
+    rendered = caught.value.anthropic_body()
+    assert rendered["type"] == "error" and rendered["error"]["type"] == "invalid_request_error"
+    message = rendered["error"]["message"]
+    assert message.startswith(f"{place}: ") and fragment in message, message
+
+
+def test_what_anthropic_accepts_is_accepted() -> None:
+    settings = make_settings()
+    for body in [
+        conversation(assistant_says(TEXT), user_says(TEXT)),  # a first assistant message
+        conversation(user_says(TEXT), user_says(TEXT)),  # consecutive turns of one role are one turn
+        conversation(user_says(TEXT), assistant_says(CALL), user_says(RESULT), user_says(TEXT)),
+        conversation(user_says(TEXT), assistant_says(CALL), {"role": "user", "content": [{**RESULT, "content": []}]}),
+        conversation(user_says(TEXT), {"role": "system", "content": "context"}),  # ends with a system message
+        conversation(
+            user_says(TEXT), assistant_says({"type": "thinking", "thinking": "", "signature": "s"}), user_says(TEXT)
+        ),
+        message_body(temperature=0, top_p=1, top_k=0, service_tier="auto", cache_control={"type": "ephemeral"}),
+        message_body(thinking={"type": "adaptive", "display": "updates"}, temperature=1, top_p=0.95),
+        message_body(system=[{"type": "text", "text": "x-anthropic-billing-header: only"}]),
+        {**without(message_body(), "max_tokens")},  # count_tokens takes no max_tokens
+    ]:
+        api.parse_messages_request(body, settings, count_only="max_tokens" not in body)
+
+
+async def test_message_shape_and_usage_as_the_upstream_reported_it(fake: Fake) -> None:
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/messages?beta=true", json=message_body(model="claude-sonnet-4-5-20250929"))
+    assert response.status_code == 200, response.text
+    message = response.json()
+    assert message["id"].startswith("msg_") and message["type"] == "message" and message["role"] == "assistant"
+    assert message["model"] == "claude-sonnet-4-5-20250929"  # as the client sent it
+    assert message["content"] == [{"type": "text", "text": "echo: hello"}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("end_turn", None)
+    # The fake CLI reports 5 fresh input tokens, 7 read from the cache, 3 written to it and 4 output tokens.
+    assert message["usage"] == {
+        "input_tokens": 5,
+        "output_tokens": 4,
+        "cache_read_input_tokens": 7,
+        "cache_creation_input_tokens": 3,
+    }
+    [call] = fake.calls()
+    assert call["argv"][call["argv"].index("--model") + 1] == "claude-sonnet-4-5-20250929"
+    assert call["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "100"
+
+
+@pytest.mark.parametrize("mode", ["live", "pseudo"])
+async def test_message_stream_events(fake: Fake, mode: str) -> None:
+    fake.control(default="thinking", reply="a fairly long answer in several pieces")
+    async with client_for(fake.app(stream_mode=mode)) as client:
+        thinking = await client.post(
+            "/v1/messages",
+            json=message_body(stream=True, max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 1024}),
+        )
+        plain = await client.post("/v1/messages", json=message_body(stream=True))
+    assert thinking.status_code == 200 and thinking.headers["content-type"].startswith("text/event-stream")
+    events = named_events(thinking.text)
+    assert all(data["type"] == name for name, data in events)
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    start = events[0][1]["message"]
+    assert start["id"].startswith("msg_") and start["content"] == [] and start["stop_reason"] is None
+    blocks = [data for name, data in events if name == "content_block_start"]
+    assert [(b["index"], b["content_block"]["type"]) for b in blocks] == [(0, "thinking"), (1, "text")]
+    assert [data["index"] for name, data in events if name == "content_block_stop"] == [0, 1]
+    deltas = [data for name, data in events if name == "content_block_delta"]
+    assert "".join(d["delta"]["thinking"] for d in deltas if d["index"] == 0) == "let me think"
+    assert "".join(d["delta"]["text"] for d in deltas if d["index"] == 1) == "a fairly long answer in several pieces"
+    assert len([d for d in deltas if d["index"] == 1]) > 1
+    final = events[-2][1]
+    assert final["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert final["usage"] == {
+        "input_tokens": 5,
+        "output_tokens": 4,
+        "cache_read_input_tokens": 7,
+        "cache_creation_input_tokens": 3,
+    }
+    # Thinking is shown only to a client that turned it on.
+    assert [d["content_block"]["type"] for n, d in named_events(plain.text) if n == "content_block_start"] == ["text"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_sequences_and_max_tokens_give_their_stop_reasons(fake: Fake, stream: bool) -> None:
+    fake.control(reply="one two STOP three END")
+
+    async def ask(client: httpx.AsyncClient, **extra: Any) -> tuple[str, str, str | None]:
+        response = await client.post("/v1/messages", json=message_body(stream=stream, **extra))
+        assert response.status_code == 200, response.text
+        if not stream:
+            message = response.json()
+            return "".join(b["text"] for b in message["content"]), message["stop_reason"], message["stop_sequence"]
+        events = named_events(response.text)
+        text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+        delta = next(d for n, d in events if n == "message_delta")
+        assert delta["usage"]["input_tokens"] == 5  # the CLI's own counts, even after a stop
+        return text, delta["delta"]["stop_reason"], delta["delta"]["stop_sequence"]
+
+    async with client_for(fake.app()) as client:
+        assert await ask(client, stop_sequences=["END", "STOP", "x", "y", "z"]) == ("one two ", "stop_sequence", "STOP")
+        fake.control(default="max_tokens", reply="cut short")
+        assert await ask(client) == ("cut short", "max_tokens", None)
+
+
+async def test_keepalive_pings_during_silence(fake: Fake) -> None:
+    fake.control(default="silent_then_ok", silence=1.0, reply="late")
+    async with client_for(fake.app(keepalive=0.1)) as client:
+        response = await client.post("/v1/messages", json=message_body(stream=True))
+    events = named_events(response.text)
+    assert response.status_code == 200 and ("ping", {"type": "ping"}) in events
+    assert "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta") == "late"
+
+
+async def test_message_stream_errors(fake: Fake) -> None:
+    fake.control(default="content_then_crash")
+    async with client_for(fake.app(max_retries=3)) as client:
+        cut = await client.post("/v1/messages", json=message_body(stream=True))
+        fake.control(default="rate_limit")
+        early = await client.post("/v1/messages", json=message_body(stream=True))
+    events = named_events(cut.text)
+    assert cut.status_code == 200 and events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "api_error" and "fake-cli-stderr-secret" not in cut.text
+    assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["first words"]
+    assert_anthropic_error(early, 429, "rate_limit_error")  # nothing had gone out: a plain error with its status
+    assert int(early.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    "behaviour,status,kind",
+    [
+        ("not_logged_in", 401, "authentication_error"),
+        ("third_party", 403, "permission_error"),
+        ("rate_limit", 429, "rate_limit_error"),
+        ("crash", 500, "api_error"),
+        ("bad_request", 500, "api_error"),
+    ],
+)
+async def test_cli_failures_get_anthropic_statuses_and_types(
+    fake: Fake, behaviour: str, status: int, kind: str
+) -> None:
+    fake.control(default=behaviour)
+    async with client_for(fake.app()) as client:
+        response = await client.post("/v1/messages", json=message_body())
+    assert_anthropic_error(response, status, kind)
+    assert "fake-cli-stderr-secret" not in response.text
+
+
+async def test_every_refusal_on_the_messages_routes_has_anthropic_shape(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys="k1,k2", max_body_bytes=2000)) as client:
+        key = {"x-api-key": "k1"}
+        assert_anthropic_error(await client.post("/v1/messages", json=message_body()), 401, "authentication_error")
+        wrong = await client.post("/v1/messages/count_tokens", json=message_body(), headers={"x-api-key": "k3"})
+        assert_anthropic_error(wrong, 401, "authentication_error")
+        assert_anthropic_error(await client.get("/v1/messages", headers=key), 405, "invalid_request_error")
+        assert_anthropic_error(await client.post("/v1/messages/batches", json={}, headers=key), 404, "not_found_error")
+        host = await client.post("/v1/messages", json=message_body(), headers={**key, "host": "attacker.example"})
+        assert "CLAUDE_ALLOWED_HOSTS" in assert_anthropic_error(host, 400, "invalid_request_error")
+        origin = await client.post(
+            "/v1/messages", json=message_body(), headers={**key, "origin": "http://evil.example"}
+        )
+        assert "CLAUDE_ALLOWED_ORIGINS" in assert_anthropic_error(origin, 403, "permission_error")
+        text = await client.post("/v1/messages", content="{}", headers={**key, "content-type": "text/plain"})
+        assert_anthropic_error(text, 415, "invalid_request_error")
+        large = await client.post("/v1/messages", json=message_body("x" * 3000), headers=key)
+        assert_anthropic_error(large, 413, "request_too_large")
+        broken = await client.post("/v1/messages", content="{", headers={**key, "content-type": "application/json"})
+        assert_anthropic_error(broken, 400, "invalid_request_error")
+        bad = await client.post("/v1/messages", json=without(message_body(), "max_tokens"), headers=key)
+        assert assert_anthropic_error(bad, 400, "invalid_request_error", "max_tokens") == "max_tokens: Field required"
+        # The other routes keep OpenAI's shape, and take either header too.
+        assert_error(await client.post("/v1/chat/completions", json=chat()), 401, "invalid_api_key")
+        assert (await client.post("/v1/chat/completions", json=chat(), headers={"x-api-key": "k2"})).status_code == 200
+        ok = await client.post("/v1/messages", json=message_body(), headers={"authorization": "Bearer k2"})
+        assert ok.status_code == 200 and (await client.get("/health", headers=key)).json()["cli"]["path"]
+    assert len(fake.calls()) == 2
+
+
+def test_both_key_headers_name_the_same_owner() -> None:
+    keys = ("k1", "k2")
+    assert api.key_index(Headers({"x-api-key": "k2"}), keys) == 1
+    assert api.key_index(Headers({"authorization": "Bearer k2"}), keys) == 1
+    assert api.key_index(Headers({"authorization": "Bearer nope", "x-api-key": "k1"}), keys) == 0
+    assert api.key_index(Headers({"authorization": "Basic k1"}), keys) is None
+    assert api.key_index(Headers({"x-api-key": "k1 k2"}), keys) is None
+
+
+async def test_timeouts_and_a_full_queue_get_anthropic_statuses(fake: Fake) -> None:
+    fake.control(default="hang")
+    async with client_for(fake.app(timeout=3)) as client:
+        assert_anthropic_error(await client.post("/v1/messages", json=message_body()), 504, "timeout_error")
+    fake.control(default="silent_then_ok", silence=3)
+    app = fake.app(max_concurrency=1, max_queue=0)
+    async with client_for(app) as client:
+        first = asyncio.create_task(client.post("/v1/messages", json=message_body()))
+        assert await eventually(lambda: app.state.runner.in_flight == 1)
+        full = await client.post("/v1/messages", json=message_body())
+        assert_anthropic_error(full, 529, "overloaded_error")
+        assert full.headers["retry-after"] == "5"
+        assert (await first).status_code == 200
+    assert wait_until(lambda: fake.alive() == [], 5)
+
+
+def test_the_anthropic_sdk_gets_each_error_class(fake: Fake) -> None:
+    import anthropic
+
+    fake.control(default="rate_limit")
+    with serve(fake.app(api_keys="proxy-secret-key", max_body_bytes=5000, allowed_origins="")) as url:
+        client = anthropic_client(url)
+        request = {"model": "sonnet", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+        cases: list[tuple[type, Any]] = [
+            (anthropic.BadRequestError, lambda: client.messages.create(**{**request, "max_tokens": 0})),
+            (anthropic.AuthenticationError, lambda: anthropic_client(url, "wrong").messages.create(**request)),
+            (
+                anthropic.PermissionDeniedError,
+                lambda: anthropic_client(url, default_headers={"Origin": "http://evil.example"}).messages.create(
+                    **request
+                ),
+            ),
+            (anthropic.NotFoundError, lambda: client.messages.batches.retrieve("msgbatch_1")),
+            (anthropic.ContentTooLargeError, lambda: client.messages.create(**{**request, "system": "x" * 6000})),
+            (anthropic.RateLimitError, lambda: client.messages.create(**request)),
+        ]
+        for error_class, call in cases:
+            with pytest.raises(error_class) as caught:
+                call()
+            assert caught.value.body["type"] == "error", caught.value.body
+        fake.control(default="crash")
+        with pytest.raises(anthropic.InternalServerError) as crashed:
+            client.messages.create(**request)
+        assert crashed.value.status_code == 500 and crashed.value.body["error"]["type"] == "api_error"
+    with serve(fake.app(api_keys="proxy-secret-key", timeout=3)) as url:
+        fake.control(default="hang")
+        with pytest.raises(anthropic.GatewayTimeoutError):
+            anthropic_client(url).messages.create(**request)
+    fake.control(default="silent_then_ok", silence=3)
+    with serve(fake.app(api_keys="proxy-secret-key", max_concurrency=1, max_queue=0)) as url:
+        results: list[Any] = []
+        calls = len(fake.calls())
+        slow = threading.Thread(target=lambda: results.append(anthropic_client(url).messages.create(**request)))
+        slow.start()
+        assert wait_until(lambda: len(fake.calls()) > calls, 10)
+        with pytest.raises(anthropic.OverloadedError):
+            anthropic_client(url).messages.create(**request)
+        slow.join(30)
+        assert results and results[0].content[0].text == "echo: hi"
+
+
+def test_the_anthropic_sdk_creates_streams_and_counts(fake: Fake) -> None:
+    fake.control(reply="Hello there, friend.")
+    with serve(fake.app()) as url:
+        client = anthropic_client(url)
+        message = client.messages.create(
+            model="sonnet", max_tokens=50, system="Be brief.", messages=[{"role": "user", "content": "hi"}]
+        )
+        with client.messages.stream(
+            model="sonnet", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            pieces = list(stream.text_stream)
+            final = stream.get_final_message()
+        count = client.messages.count_tokens(model="sonnet", messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello there, friend." and message.stop_reason == "end_turn"
+    assert message.usage.input_tokens == 5 and message.usage.cache_read_input_tokens == 7
+    assert len(pieces) > 1 and "".join(pieces) == final.content[0].text == "Hello there, friend."
+    assert (
+        final.stop_reason == "end_turn"
+        and final.usage.output_tokens == 4
+        and final.usage.cache_creation_input_tokens == 3
+    )
+    assert count.input_tokens > 0
+    assert len(fake.calls()) == 2  # counting ran no CLI
+
+
+async def test_count_tokens_is_a_local_estimate(fake: Fake) -> None:
+    prose = "The quick brown fox jumps over the lazy dog. " * 100  # 4,500 characters: about 1,000 tokens of English
+    async with client_for(fake.app()) as client:
+        counted = await client.post(
+            "/v1/messages/count_tokens", json={"model": "sonnet", "messages": [{"role": "user", "content": prose}]}
+        )
+        with_image = await client.post(
+            "/v1/messages/count_tokens",
+            json={
+                "model": "sonnet",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": prose}, image_block()]}],
+            },
+        )
+        with_tools = await client.post(
+            "/v1/messages/count_tokens",
+            json={"model": "sonnet", "tools": [WEATHER_TOOL], "messages": [{"role": "user", "content": prose}]},
+        )
+        bad = await client.post("/v1/messages/count_tokens", json={"model": "sonnet", "messages": [{"role": "user"}]})
+    assert counted.status_code == 200 and set(counted.json()) == {"input_tokens"}
+    tokens = counted.json()["input_tokens"]
+    assert 900 <= tokens <= 1300
+    assert with_image.json()["input_tokens"] == tokens + api.IMAGE_TOKENS
+    assert with_tools.json()["input_tokens"] > tokens + 30  # the tool's definition counts too
+    assert_anthropic_error(bad, 400, "invalid_request_error", "messages.0.content")
+    assert fake.calls() == []  # no CLI ran: no quota was spent
+
+
+@dataclass(frozen=True)
+class ModelForm:
+    """How the stand-in, playing the model, answers a request that offers functions: in the form the server's
+    upstream request asks for, a tool_use block where it offers them as native tools, else the JSON reply its system
+    prompt describes. Learnt from one probe request, so the tests below hold whichever way the server offers them."""
+
+    native: dict[str, str]  # a client function's name -> its name upstream, for functions offered natively
+
+    def call(self, name: str, arguments: dict[str, Any]) -> Reply:
+        if name in self.native:
+            return Reply(tool_use={"name": self.native[name], "input": arguments})
+        return Reply(text=json.dumps({"type": "tool_calls", "tool_calls": [{"name": name, "arguments": arguments}]}))
+
+    def says(self, text: str) -> Reply:
+        return Reply(text=text) if self.native else Reply(text=json.dumps({"type": "text", "content": text}))
+
+
+def model_form(real: Real, url: str, tools: list[dict[str, Any]]) -> ModelForm:
+    real.standin.reset(default=Reply(text=json.dumps({"type": "text", "content": "probe"})))
+    messages = [{"role": "user", "content": "probe"}]
+    anthropic_client(url).messages.create(model="sonnet", max_tokens=50, tools=tools, messages=messages)
+    offered = [tool["name"] for tool in real.standin.bodies()[-1].get("tools") or []]
+    names = [tool["name"] for tool in tools]
+    return ModelForm({name: up for name in names for up in offered if up == name or up.endswith(f"__{name}")})
+
+
+def blocks_of(value: Any, kind: str) -> list[dict[str, Any]]:
+    """Every block of a type anywhere in a request body."""
+    found = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            found += [item] if item.get("type") == kind else []
+            stack += list(item.values())
+        elif isinstance(item, list):
+            stack += item
+    return found
+
+
+@needs_real_cli
+def test_real_anthropic_sdk_create_and_stream(real: Real) -> None:
+    real.standin.reset(default=Reply(text="Hello there, friend.", delay=0.01))
+    system = [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=0.0.0.client;"},
+        {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+    ]
+    with serve(real.app()) as url:
+        client = anthropic_client(url)
+        message = client.messages.create(
+            model="sonnet",
+            max_tokens=300,
+            system=system,
+            messages=[{"role": "user", "content": "hi"}],
+            metadata={"user_id": "u1"},
+        )
+        with client.messages.stream(
+            model="sonnet",
+            max_tokens=300,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "hi again"}]}],
+        ) as stream:
+            pieces = list(stream.text_stream)
+            final = stream.get_final_message()
+    assert message.content[0].text == "Hello there, friend." and message.stop_reason == "end_turn"
+    assert message.model == "sonnet" and message.id.startswith("msg_")
+    usage = message.usage
+    assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens > 0
+    assert usage.output_tokens > 0
+    assert len(pieces) > 1 and "".join(pieces) == final.content[0].text == "Hello there, friend."
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0
+    first = real.standin.bodies()[0]
+    assert "Be brief." in json.dumps(first["system"]) and "0.0.0.client" not in json.dumps(first)
+    assert first["max_tokens"] == 300
+
+
+@needs_real_cli
+def test_real_anthropic_sdk_tool_loop(real: Real) -> None:
+    with serve(real.app()) as url:
+        form = model_form(real, url, [WEATHER_TOOL])
+        real.standin.reset(
+            form.call("get_weather", {"city": "Paris"}),
+            form.says("Sunny in Paris."),
+            form.call("get_weather", {"city": "Oslo"}),
+        )
+        client = anthropic_client(url)
+        messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+        first = client.messages.create(model="sonnet", max_tokens=300, tools=[WEATHER_TOOL], messages=messages)
+        [call] = [block for block in first.content if block.type == "tool_use"]
+        result = {
+            "type": "tool_result",
+            "tool_use_id": call.id,
+            "content": [{"type": "text", "text": "22 C"}, image_block()],
+        }
+        messages += [{"role": "assistant", "content": first.content}, {"role": "user", "content": [result]}]
+        second = client.messages.create(model="sonnet", max_tokens=300, tools=[WEATHER_TOOL], messages=messages)
+        with client.messages.stream(
+            model="sonnet",
+            max_tokens=300,
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "tool", "name": "get_weather"},
+            messages=[{"role": "user", "content": "Oslo?"}],
+        ) as stream:
+            streamed = stream.get_final_message()
+    assert first.stop_reason == "tool_use" and call.name == "get_weather" and call.input == {"city": "Paris"}
+    assert second.stop_reason == "end_turn" and second.content[-1].text == "Sunny in Paris."
+    upstream = real.standin.bodies()[1]
+    assert (
+        call.id in json.dumps(upstream)
+        and "22 C" in json.dumps(upstream)
+        and "Weather in Paris?" in json.dumps(upstream)
+    )
+    # The result's image reached the model as an image.
+    assert [block["source"]["data"] for block in blocks_of(upstream, "image")] == [base64.b64encode(PNG).decode()]
+    [streamed_call] = [block for block in streamed.content if block.type == "tool_use"]
+    assert streamed.stop_reason == "tool_use" and streamed_call.input == {"city": "Oslo"}
+
+
+@needs_real_cli
+def test_real_stateless_anthropic_chat_reads_its_history_from_the_cache(real: Real) -> None:
+    """A client that resends the whole history each turn, as the Anthropic API expects, is served by an automatic
+    session: from turn 2 on, the earlier turns come from the prompt cache."""
+    real.standin.reset(default=Reply(echo=True))
+    with serve(real.app(auto_session="on")) as url:
+        client = anthropic_client(url)
+        messages: list[Any] = []
+        counts = []
+        for turn in range(1, 11):
+            messages.append({"role": "user", "content": f"Turn {turn}: say something about the number {turn}."})
+            answer = client.messages.create(model="sonnet", max_tokens=200, system="Be brief.", messages=messages)
+            messages.append({"role": "assistant", "content": answer.content})
+            usage = answer.usage
+            read, written = usage.cache_read_input_tokens, usage.cache_creation_input_tokens
+            counts.append((read, usage.input_tokens + read + written))
+    shares = [read / total for read, total in counts]
+    later = sum(read for read, _ in counts[1:]) / sum(total for _, total in counts[1:])
+    print(
+        f"stateless Anthropic chat, 10 turns: {later:.1%} of turns 2-10's input tokens read from the cache "
+        f"(per turn: {', '.join(f'{share:.0%}' for share in shares)})"
+    )
+    assert later >= 0.8 and min(shares[1:]) > 0.5, shares
+    bodies = real.standin.bodies()
+    assert len(bodies) == 10 and conversation_shape(bodies[-1])[-1] == ("user", messages[-2]["content"])
+    assert len(conversation_shape(bodies[-1])) == 19  # the whole conversation, the earlier turns resumed
+
+
+@needs_real_cli
+def test_real_claude_code_on_another_machine_uses_the_server(real: Real, tmp_path: Path) -> None:
+    """The CLI itself as a client, as on a machine of its own pointed at the server: it sends its own system prompt,
+    its tools, a full model id and /v1/messages?beta=true, runs the tool the model calls where it runs, and gets the
+    answer."""
+    home = tmp_path / "client"
+    home.mkdir()
+    (home / "note.txt").write_text("the secret word is pineapple\n")
+    read_tool = {"name": "Read", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}}}
+    with serve(real.app(api_keys="proxy-secret-key")) as url:
+        form = model_form(real, url, [read_tool])
+        real.standin.reset(
+            form.call("Read", {"file_path": str(home / "note.txt")}), form.says("The note says pineapple.")
+        )
+        client_env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(home),
+            "ANTHROPIC_BASE_URL": url,
+            "ANTHROPIC_API_KEY": "proxy-secret-key",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        }
+        done = subprocess.run(
+            [real.bin, "-p", "What does note.txt say?"],
+            cwd=home,
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "The note says pineapple." in done.stdout
+    first, second = real.standin.bodies()
+    assert "What does note.txt say?" in json.dumps(first)
+    assert first["model"].startswith("claude-")  # the client's full model id, passed on as it is
+    assert "the secret word is pineapple" in json.dumps(second)  # the client read its own file and sent the result
 
 
 # --- Pre-started processes ---
