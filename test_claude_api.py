@@ -1078,6 +1078,8 @@ WRONG_METHODS = [  # one per route; every route of the app must be here
     ("/v1/models/{model_id:path}", "POST", "GET, HEAD"),
     ("/v1/chat/completions", "GET", "POST"),
     ("/v1/responses", "PUT", "POST"),
+    ("/v1/messages", "GET", "POST"),
+    ("/v1/messages/count_tokens", "GET", "POST"),
 ]
 
 
@@ -1089,7 +1091,11 @@ async def test_a_wrong_method_gets_405_with_allow(fake: Fake, route: str, method
     async with client_for(app) as client:
         response = await client.request(method, path)
         served = [await client.request(m, path, json={}) for m in allow.split(", ") if m != "POST"]
-    error = assert_error(response, 405, "method_not_allowed")
+    if route.startswith("/v1/messages"):  # Anthropic's error shape on its routes
+        assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
+        error = response.json()["error"]
+    else:
+        error = assert_error(response, 405, "method_not_allowed")
     assert response.headers["allow"] == allow and allow in error["message"]
     assert all(r.status_code == 200 for r in served)  # HEAD is served wherever GET is
 
@@ -4059,7 +4065,7 @@ def test_thinking_and_output_effort_become_the_cli_effort(extra: dict[str, Any],
         ({"type": "auto"}, "auto", 1, True),
         ({"type": "any"}, "required", 1, True),
         ({"type": "tool", "name": "get_weather"}, "get_weather", 1, True),
-        ({"type": "none"}, "auto", 0, True),  # as if no tools were given
+        ({"type": "none"}, "none", 1, True),  # still defined (a history may call them), never called
         ({"type": "any", "disable_parallel_tool_use": True}, "required", 1, False),
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
@@ -4488,32 +4494,6 @@ async def test_count_tokens_is_a_local_estimate(fake: Fake) -> None:
     assert fake.calls() == []  # no CLI ran: no quota was spent
 
 
-@dataclass(frozen=True)
-class ModelForm:
-    """How the stand-in, playing the model, answers a request that offers functions: in the form the server's
-    upstream request asks for, a tool_use block where it offers them as native tools, else the JSON reply its system
-    prompt describes. Learnt from one probe request, so the tests below hold whichever way the server offers them."""
-
-    native: dict[str, str]  # a client function's name -> its name upstream, for functions offered natively
-
-    def call(self, name: str, arguments: dict[str, Any]) -> Reply:
-        if name in self.native:
-            return Reply(tool_use={"name": self.native[name], "input": arguments})
-        return Reply(text=json.dumps({"type": "tool_calls", "tool_calls": [{"name": name, "arguments": arguments}]}))
-
-    def says(self, text: str) -> Reply:
-        return Reply(text=text) if self.native else Reply(text=json.dumps({"type": "text", "content": text}))
-
-
-def model_form(real: Real, url: str, tools: list[dict[str, Any]]) -> ModelForm:
-    real.standin.reset(default=Reply(text=json.dumps({"type": "text", "content": "probe"})))
-    messages = [{"role": "user", "content": "probe"}]
-    anthropic_client(url).messages.create(model="sonnet", max_tokens=50, tools=tools, messages=messages)
-    offered = [tool["name"] for tool in real.standin.bodies()[-1].get("tools") or []]
-    names = [tool["name"] for tool in tools]
-    return ModelForm({name: up for name in names for up in offered if up == name or up.endswith(f"__{name}")})
-
-
 def blocks_of(value: Any, kind: str) -> list[dict[str, Any]]:
     """Every block of a type anywhere in a request body."""
     found = []
@@ -4566,11 +4546,10 @@ def test_real_anthropic_sdk_create_and_stream(real: Real) -> None:
 @needs_real_cli
 def test_real_anthropic_sdk_tool_loop(real: Real) -> None:
     with serve(real.app()) as url:
-        form = model_form(real, url, [WEATHER_TOOL])
         real.standin.reset(
-            form.call("get_weather", {"city": "Paris"}),
-            form.says("Sunny in Paris."),
-            form.call("get_weather", {"city": "Oslo"}),
+            calls_reply(("get_weather", {"city": "Paris"})),
+            Reply(text="Sunny in Paris."),
+            calls_reply(("get_weather", {"city": "Oslo"})),
         )
         client = anthropic_client(url)
         messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
@@ -4594,6 +4573,11 @@ def test_real_anthropic_sdk_tool_loop(real: Real) -> None:
     assert first.stop_reason == "tool_use" and call.name == "get_weather" and call.input == {"city": "Paris"}
     assert second.stop_reason == "end_turn" and second.content[-1].text == "Sunny in Paris."
     upstream = real.standin.bodies()[1]
+    assert upstream_blocks(upstream)[-3:] == [
+        ("user", ["text"]),
+        ("assistant", ["tool_use"]),
+        ("user", ["tool_result"]),
+    ]
     assert (
         call.id in json.dumps(upstream)
         and "22 C" in json.dumps(upstream)
@@ -4641,11 +4625,9 @@ def test_real_claude_code_on_another_machine_uses_the_server(real: Real, tmp_pat
     home = tmp_path / "client"
     home.mkdir()
     (home / "note.txt").write_text("the secret word is pineapple\n")
-    read_tool = {"name": "Read", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}}}
     with serve(real.app(api_keys="proxy-secret-key")) as url:
-        form = model_form(real, url, [read_tool])
         real.standin.reset(
-            form.call("Read", {"file_path": str(home / "note.txt")}), form.says("The note says pineapple.")
+            calls_reply(("Read", {"file_path": str(home / "note.txt")})), Reply(text="The note says pineapple.")
         )
         client_env = {
             "PATH": os.environ.get("PATH", ""),
