@@ -5403,7 +5403,10 @@ async def create_response(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    return JSONResponse({"object": "list", "data": [model_card(m, settings) for m in known_models(settings)]})
+    names = known_models(settings)
+    # OpenAI's list, with the paging fields of Anthropic's: one body that both protocols' clients read.
+    page = {"has_more": False, "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
+    return JSONResponse({"object": "list", "data": [model_card(m, settings) for m in names], **page})
 
 
 async def get_model(request: Request) -> Response:
@@ -5417,7 +5420,7 @@ async def get_model(request: Request) -> Response:
 def model_card(model_id: str, settings: Settings) -> dict[str, Any]:
     """OpenAI's model object, with the context window and output limit of the model the name stands for, in the
     fields clients read them from: OpenRouter's ``context_length`` and ``top_provider`` (LobeChat and others),
-    and ``max_output_tokens``."""
+    and ``max_output_tokens``; and the fields of Anthropic's model object, for its SDK and Claude Code."""
     cli_model = resolve_model(model_id, settings)
     context, output = context_window(cli_model), max_output_tokens(cli_model)
     return {
@@ -5425,6 +5428,9 @@ def model_card(model_id: str, settings: Settings) -> dict[str, Any]:
         "object": "model",
         "created": MODEL_CREATED,
         "owned_by": "anthropic",
+        "type": "model",
+        "display_name": model_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(MODEL_CREATED)),
         "context_length": context,
         "max_output_tokens": output,
         "top_provider": {"context_length": context, "max_completion_tokens": output, "is_moderated": False},

@@ -1117,16 +1117,26 @@ async def test_models_endpoints(fake: Fake) -> None:
             "claude-sonnet-4-5",
             "my-model",
         ]
-        assert all(
-            set(m) == {"id", "object", "created", "owned_by", "context_length", "max_output_tokens", "top_provider"}
-            and m["object"] == "model"
-            for m in listing["data"]
-        )
+        openai_fields = {"id", "object", "created", "owned_by", "context_length", "max_output_tokens", "top_provider"}
+        anthropic_fields = {"type", "display_name", "created_at"}
+        assert all(set(m) == openai_fields | anthropic_fields and m["object"] == "model" for m in listing["data"])
+        assert (listing["has_more"], listing["first_id"], listing["last_id"]) == (False, "default", "my-model")
         assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
         assert (await client.get("/v1/models/my-model")).status_code == 200
         assert (await client.get("/v1/models/gpt-4o")).status_code == 200
         error = assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
         assert "nope" in error["message"]
+
+
+def test_both_sdks_read_the_model_list(fake: Fake) -> None:
+    from anthropic import Anthropic
+    from openai import OpenAI
+
+    with serve(fake.app()) as url:
+        claude_side = list(Anthropic(base_url=url, api_key="x", max_retries=0).models.list())
+        openai_side = list(OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).models.list())
+    assert [m.id for m in claude_side] == [m.id for m in openai_side] and "sonnet" in [m.id for m in claude_side]
+    assert all(m.type == "model" and m.display_name == m.id for m in claude_side)
 
 
 @pytest.mark.parametrize(
