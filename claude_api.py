@@ -420,6 +420,7 @@ class MethodNotAllowed(ProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allow)}
+
     anthropic = 405, "invalid_request_error"  # Anthropic's type for the 4xx it does not name
 
 
@@ -861,7 +862,6 @@ def parts_turn(role: Literal["user", "tool"], parts: tuple[str | Image, ...]) ->
     """A turn of text and images; it keeps its parts only when it has an image among them."""
     text = "".join(part for part in parts if isinstance(part, str))
     return Turn(role, text, parts if any(isinstance(part, Image) for part in parts) else ())
-
 
 
 # What the Messages API accepts as a tool_use id; a client's id outside it is mapped to one that is, the same way
@@ -2945,6 +2945,7 @@ def deny(reason: str) -> HookAnswer:
 
 
 DEFER: HookAnswer = {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "defer"}}
+ONE_AT_A_TIME = "Only one function call is allowed at a time; this call was not made."
 
 
 class ToolPolicy:
@@ -2972,6 +2973,8 @@ class ToolPolicy:
     async def pre_tool_use(self, name: str, arguments: Any, call_id: str) -> HookAnswer:
         """Defer the call, or deny it with a reason; a deferred call is in ``deferred``."""
         problem = await self.call_problem(name, arguments)
+        if problem == ONE_AT_A_TIME:  # a call beside the deferred one, in the same message: it costs no model call
+            return deny(problem)
         if problem:
             self.correct(problem)
             return deny(problem)
@@ -2988,7 +2991,7 @@ class ToolPolicy:
         if request.tool_choice not in ("auto", "none", "required") and name != request.tool_choice:
             return f"You must call the function {request.tool_choice!r}, not {name!r}."
         if self.deferred and (not request.parallel_tool_calls or tool is reply):
-            return "Only one function call is allowed at a time; this call was not made."
+            return ONE_AT_A_TIME
         if not isinstance(arguments, dict):
             return "The arguments must be a JSON object."
         if found := await value_problem(arguments, tool.parameters, self.patterns):

@@ -2877,8 +2877,8 @@ def tool_request(**extra: Any) -> api.ChatRequest:
         ),
         (
             {"parallel_tool_calls": False},
-            [("get_weather", {"city": "A"}), ("get_weather", {"city": "B"})],
-            ["defer", "Only one function call"],
+            [("get_weather", {"city": c}) for c in "ABCDE"],
+            ["defer", *["Only one function call"] * 4],  # denied, but not counted as corrections
         ),
         (
             {},
