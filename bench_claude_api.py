@@ -18,7 +18,7 @@ Prints one table with nine figures (or only those named with --figure), then a o
      within 1.1x) and in pseudo mode, and a server with the default CLAUDE_PREWARM=2 in live mode, pool full;
   5. the share of prompt tokens read from the prompt cache over a 10-turn conversation from a stateless
      openai SDK client (it resends the whole history), with automatic sessions on and off;
-  6. the latency a follow-up turn adds with the session's CLI process kept warm vs resumed cold
+  6. the latency a follow-up turn adds with the session's CLI process kept warm vs rebuilt cold (seeded)
      (CLAUDE_WARM_MAX=0), the stand-in's own reply time subtracted;
   7. 2000 requests from 100 workers, half streaming, against a server capped at 16 CLIs with a queue of 64:
      throughput, latency, refusals, the most CLIs alive at once, RSS; and RSS with 100 streams open;
@@ -1289,7 +1289,7 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
     figure = "6 follow-up turn (N >= 3)"
     return [
         Row(figure, "warm (default): HTTP round trip", p50_p95(totals["warm"])),
-        Row(figure, "cold (CLAUDE_WARM_MAX=0, --resume): round trip", p50_p95(totals["cold"])),
+        Row(figure, "cold (CLAUDE_WARM_MAX=0: history seeded): round trip", p50_p95(totals["cold"])),
         Row(figure, "  of which the stand-in's reply (both)", p50_p95(upstream), "subtracted"),
         Row(figure, "added latency, warm", p50_p95(added["warm"])),
         Row(figure, "added latency, cold", p50_p95(added["cold"])),
