@@ -4223,3 +4223,76 @@ async def test_real_environment_text_names_no_home_path(real: Real) -> None:
     assert real.environ["HOME"] not in upstream
     if "Primary working directory" in upstream:  # 2.1.332 and later name it; 2.1.197 sends only the date
         assert f"Primary working directory: {api.private_workdir(real.environ)}" in upstream
+
+
+# --- Usage per key, metrics, the status page and limits ---
+
+
+@pytest.mark.parametrize(
+    ("raw", "secrets", "names"),
+    [
+        ("alice:sk-1,bob:sk-2", ("sk-1", "sk-2"), ("alice", "bob")),
+        ("sk-plain,alice:sk-1", ("sk-plain", "sk-1"), ("key1", "alice")),
+        ("ci.bot:a:b:c", ("a:b:c",), ("ci.bot",)),  # only the first colon splits
+        ("has space:k", ("has space:k",), ("key1",)),  # not a name: the whole entry is the key
+    ],
+    ids=["named", "plain-and-named", "key-with-colons", "not-a-name"],
+)
+def test_named_keys(raw: str, secrets: tuple[str, ...], names: tuple[str, ...]) -> None:
+    settings = make_settings(api_keys=raw)
+    assert (settings.api_keys, settings.named_keys) == (secrets, names)
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragment"),
+    [
+        ({"CLAUDE_API_KEYS": "a:k1,a:k2"}, "each key needs its own name"),
+        ({"CLAUDE_API_KEYS": "k1,key1:k2"}, "each key needs its own name"),
+        ({"CLAUDE_API_KEYS": "alice:"}, "the key named 'alice' is empty"),
+        ({"CLAUDE_KEY_RPM": "5"}, "set CLAUDE_API_KEYS too"),
+        ({"CLAUDE_API_KEYS": "a:k", "CLAUDE_KEY_RPM": "b:5"}, "names keys that CLAUDE_API_KEYS does not: b"),
+        ({"CLAUDE_API_KEYS": "a:k", "CLAUDE_KEY_USD_PER_DAY": "a:x"}, "CLAUDE_KEY_USD_PER_DAY must be a number"),
+        ({"CLAUDE_API_KEYS": "a:k", "CLAUDE_KEY_RPM": "0"}, "CLAUDE_KEY_RPM must be a number >= 1"),
+        ({"CLAUDE_METRICS": "maybe"}, "CLAUDE_METRICS must be one of"),
+    ],
+)
+def test_bad_key_settings_name_the_variable(environ: dict[str, str], fragment: str) -> None:
+    with pytest.raises(api.SettingsError, match=re.escape(fragment)):
+        api.load_settings(environ)
+
+
+KEYS = "alice:sk-alice-secret,bob:sk-bob-secret,sk-plain-secret"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_each_request_logs_its_key_name_never_the_key(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="claude_api")
+    async with client_for(fake.app(api_keys=KEYS)) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))).is_success
+        assert (await client.post("/v1/responses", json={"input": "hi"}, headers=bearer("sk-plain-secret"))).is_success
+        bad = await client.post("/v1/chat/completions", json={"model": "sonnet"}, headers=bearer("sk-bob-secret"))
+        assert_error(bad, 400, param="messages")
+    lines = [r.getMessage() for r in caplog.records if " key=" in r.getMessage()]
+    assert len(lines) == 3
+    assert " key=alice model=sonnet mode=json status=200 " in lines[0]
+    assert " key=key3 " in lines[1] and "status=200" in lines[1]
+    assert " key=bob model=- mode=- status=400 " in lines[2] and lines[2].endswith("error=missing_required_parameter")
+    assert "secret" not in caplog.text
+
+
+async def test_per_key_totals_are_kept_and_add_up(fake: Fake) -> None:
+    app = fake.app(api_keys=KEYS)
+    async with client_for(app) as client:
+        for key in ("sk-alice-secret", "sk-alice-secret", "sk-bob-secret"):
+            assert (await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))).is_success
+        metrics: api.Metrics = app.state.metrics
+        alice, bob = metrics.keys["alice"], metrics.keys["bob"]
+    # Each answer of the fake CLI: 5 fresh input tokens, 4 output, 7 read from the cache, 3 written; $0.0012.
+    assert (alice.requests, alice.tokens, alice.cost) == (2, [10, 8, 14, 6], pytest.approx(0.0024))
+    assert (bob.requests, bob.tokens, bob.cost) == (1, [5, 4, 7, 3], pytest.approx(0.0012))
+    assert metrics.total.requests == alice.requests + bob.requests
+    assert metrics.total.tokens == [a + b for a, b in zip(alice.tokens, bob.tokens, strict=True)]
+    assert metrics.total.cost == pytest.approx(alice.cost + bob.cost)
