@@ -15,6 +15,7 @@ Endpoints:
     GET  /v1/models             the model aliases the CLI understands, with their windows and output limits
     GET  /v1/models/{id}        one of them
     GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
+    GET  /metrics               Prometheus metrics: requests, latency, tokens and cost (per key too), processes
     GET  /                      a pointer to the above
 
 Settings are environment variables, read once by ``load_settings``; the ``Settings``
@@ -406,6 +407,13 @@ class BadRequest(ProxyError):
 
 class InvalidApiKey(ProxyError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class ViewerKeyRequired(InvalidApiKey):
+    """/metrics and /status without a key, when keys are set: a browser asks its user for one (Basic auth)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="claude_api", charset="UTF-8"'}
 
 
 class CliNotLoggedIn(ProxyError):
@@ -5177,6 +5185,76 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
 
+def process_states(runner: Runner) -> dict[str, int]:
+    """Every CLI process not yet reaped, by what it is doing: answering a turn, pre-started and idle, warm at a
+    turn boundary, warm but parked at the function calls its last turn stopped at, or starting or closing."""
+    idle = {id(entry.cli): entry.kind for entry in runner.store.idle}
+    counts = dict.fromkeys(("running", "prestarted", "warm", "parked", "other"), 0)
+    for cli in list(runner.live):
+        kind = idle.get(id(cli))
+        if kind == "warm":
+            counts["parked" if cli.pending else "warm"] += 1
+        elif kind == "prestarted":
+            counts["prestarted"] += 1
+        else:
+            counts["running" if cli.state == "busy" else "other"] += 1
+    return counts
+
+
+def viewer_allowed(request: Request) -> None:
+    """/metrics and /status take a key as a bearer token, or as the password of Basic auth (any user name), which
+    a browser asks for; without keys they are open, like the rest of a loopback server."""
+    settings: Settings = request.app.state.settings
+    if not settings.metrics:
+        raise NotFound(f"Invalid URL ({request.method} {request.url.path}): CLAUDE_METRICS is off.")
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "basic":
+        with contextlib.suppress(ValueError):
+            header = "Bearer " + base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+    if settings.api_keys and not has_key(header, settings.api_keys):
+        raise ViewerKeyRequired(
+            "Missing or incorrect API key: send one of the keys in CLAUDE_API_KEYS as a bearer token, or as the "
+            "password of Basic auth."
+        )
+
+
+def gauge_families(state: Any) -> list[tuple[str, str, str, Iterable[Sample]]]:
+    runner: Runner = state.runner
+    sessions: Sessions = state.sessions
+    info: CliInfo | None = state.cli
+    return [
+        ("claude_api_queue_length", "gauge", "Requests waiting for a concurrency slot.", [("", {}, runner.queued)]),
+        ("claude_api_in_flight", "gauge", "Requests holding a concurrency slot.", [("", {}, runner.in_flight)]),
+        (
+            "claude_api_cli_processes",
+            "gauge",
+            "CLI processes by state: running a turn, prestarted, warm, parked at a function call, other "
+            "(starting or closing).",
+            [("", {"state": name}, count) for name, count in process_states(runner).items()],
+        ),
+        (
+            "claude_api_sessions",
+            "gauge",
+            "Sessions held, explicit (with the conversations behind stored responses) and automatic.",
+            [("", {"kind": "explicit"}, len(sessions.explicit)), ("", {"kind": "automatic"}, len(sessions.auto))],
+        ),
+        (
+            "claude_api_cli_info",
+            "gauge",
+            "The claude CLI's version, as it prints it.",
+            [("", {"version": (info.version if info else None) or "unknown"}, 1)],
+        ),
+    ]
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    viewer_allowed(request)
+    state = request.app.state
+    text = exposition([*metric_families(state.metrics), *gauge_families(state)])
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 async def index(request: Request) -> Response:
     return JSONResponse(
         {
@@ -5476,6 +5554,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
         routes=[
             Route("/", index),
             Route("/health", health),
+            Route("/metrics", metrics_endpoint),
             Route("/v1/models", list_models),
             Route("/v1/models/{model_id:path}", get_model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),

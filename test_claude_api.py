@@ -4296,3 +4296,113 @@ async def test_per_key_totals_are_kept_and_add_up(fake: Fake) -> None:
     assert metrics.total.requests == alice.requests + bob.requests
     assert metrics.total.tokens == [a + b for a, b in zip(alice.tokens, bob.tokens, strict=True)]
     assert metrics.total.cost == pytest.approx(alice.cost + bob.cost)
+
+
+Scraped = dict[str, list[tuple[dict[str, str], float]]]
+
+
+async def scrape(client: httpx.AsyncClient, key: str = "sk-alice-secret") -> Scraped:
+    """/metrics read by Prometheus' own parser: each sample's labels and value, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await client.get("/metrics", headers=bearer(key))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Scraped = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: Scraped, name: str, **labels: str) -> float:
+    """The sum of a metric's samples that carry these labels."""
+    return sum(value for have, value in samples.get(name, []) if labels.items() <= have.items())
+
+
+async def test_metrics_parse_and_move_as_requests_flow(fake: Fake) -> None:
+    paris = {"name": "get_weather", "input": {"city": "Paris"}}
+    fake.control(script=[{"tool_use": [paris]}, "ok", "crash", "ok"], default="ok")
+    app = fake.app(api_keys=KEYS, auto_session="on", max_retries=1)
+    async with client_for(app) as client:
+        refused = await client.get("/metrics")
+        assert_error(refused, 401, "invalid_api_key")
+        assert refused.headers["www-authenticate"].startswith("Basic ")
+        before = await scrape(client)
+        assert total(before, "claude_api_requests_total") == 0
+        assert total(before, "claude_api_cli_info", version="9.9.9 (Fake Code)") == 1
+
+        ask = {**chat("Paris?"), "tools": [WEATHER]}
+        called = await client.post("/v1/chat/completions", json=ask, headers=bearer("sk-alice-secret"))
+        assert called.json()["choices"][0]["finish_reason"] == "tool_calls"
+        parked = await scrape(client)
+        assert total(parked, "claude_api_cli_processes", state="parked") == 1
+        assert total(parked, "claude_api_cli_processes", state="warm") == 0
+        assert total(parked, "claude_api_sessions", kind="automatic") == 1
+
+        streamed = await client.post(
+            "/v1/chat/completions", json=chat("Hi", stream=True), headers=bearer("sk-bob-secret")
+        )
+        assert streamed.status_code == 200
+        retried = await client.post("/v1/chat/completions", json=chat("again"), headers=bearer("sk-plain-secret"))
+        assert retried.status_code == 200
+        bad = await client.post("/v1/chat/completions", json={"model": "sonnet"}, headers=bearer("sk-bob-secret"))
+        assert bad.status_code == 400
+        after = await scrape(client)
+
+    assert total(after, "claude_api_requests_total") == 4
+    assert total(after, "claude_api_requests_total", status="200", mode="json-session", model="sonnet") == 2
+    assert total(after, "claude_api_requests_total", status="200", mode="stream-live-session") == 1
+    assert total(after, "claude_api_requests_total", status="400", mode="-", model="-") == 1
+    assert total(after, "claude_api_request_seconds_count", endpoint="/v1/chat/completions") == 4
+    assert total(after, "claude_api_first_token_seconds_count", endpoint="/v1/chat/completions") == 1
+    assert total(after, "claude_api_retries_total", cause="cli_failed") == 1
+    assert total(after, "claude_api_process_start_seconds_count") == 4  # the parked one, bob's, the crash, retry
+    assert total(after, "claude_api_tokens_total", type="output") == 3 * 4
+    assert total(after, "claude_api_tokens_total", type="cache_read") == 3 * 7
+    assert total(after, "claude_api_cost_usd_total") == pytest.approx(3 * 0.0012)
+    # Per-key totals add up to the totals.
+    assert total(after, "claude_api_key_requests_total") == total(after, "claude_api_requests_total")
+    assert total(after, "claude_api_key_requests_total", key="bob") == 2
+    for kind in api.TOKEN_TYPES:
+        assert total(after, "claude_api_key_tokens_total", type=kind) == total(
+            after, "claude_api_tokens_total", type=kind
+        )
+    assert total(after, "claude_api_key_cost_usd_total") == pytest.approx(total(after, "claude_api_cost_usd_total"))
+    assert total(after, "claude_api_key_cost_usd_total", key="alice") == pytest.approx(0.0012)
+
+
+async def eventually_async(condition: Any, ceiling: float = 10) -> bool:
+    """``eventually`` for a condition that must await: a ceiling, polled."""
+    deadline = time.monotonic() + ceiling
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_metrics_show_the_queue_and_the_running_processes(fake: Fake) -> None:
+    fake.control(default="silent_then_ok", silence=2.0)
+    async with client_for(fake.app(max_concurrency=1)) as client:
+        posts = [asyncio.ensure_future(client.post("/v1/chat/completions", json=chat())) for _ in range(2)]
+        seen: list[Scraped] = []
+
+        async def busy() -> bool:
+            seen.append(await scrape(client))
+            return total(seen[-1], "claude_api_queue_length") == 1
+
+        assert await eventually_async(busy)
+        assert total(seen[-1], "claude_api_cli_processes", state="running") == 1
+        assert total(seen[-1], "claude_api_in_flight") == 1
+        assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
+        done = await scrape(client)
+    assert total(done, "claude_api_queue_length") == 0 and total(done, "claude_api_requests_total", status="200") == 2
+    assert total(done, "claude_api_key_requests_total", key="-") == 2  # a server without keys: one key, "-"
+
+
+async def test_metrics_off_leaves_no_endpoint_and_counts_nothing(fake: Fake) -> None:
+    app = fake.app(metrics="off")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert_error(await client.get("/metrics"), 404, "unknown_url")
+    assert app.state.metrics.total.requests == 0 and app.state.metrics.requests == {}
