@@ -16,6 +16,7 @@ Endpoints:
     GET  /v1/models/{id}        one of them
     GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
     GET  /metrics               Prometheus metrics: requests, latency, tokens and cost (per key too), processes
+    GET  /status                a status page for a person, updating itself from GET /status.json
     GET  /                      a pointer to the above
 
 Settings are environment variables, read once by ``load_settings``; the ``Settings``
@@ -44,7 +45,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, TypedDict
@@ -4786,6 +4787,146 @@ class ResponsesStream:
         ]
 
 
+# --- The status page: one HTML page with its script inline, polling /status.json while it is open ---
+
+STATUS_SCRIPT = """
+const $ = (id) => document.getElementById(id);
+const dollars = (v) => "$" + v.toFixed(v < 1 ? 4 : 2);
+const count = (v) => v.toLocaleString("en-US");
+let updates = 0;
+
+function cell(row, text, number) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (number) td.className = "n";
+}
+
+function usageTable(id, byName) {
+  const body = $(id);
+  body.replaceChildren();
+  for (const [name, t] of Object.entries(byName)) {
+    const row = body.insertRow();
+    cell(row, name);
+    for (const v of [t.requests, t.errors, t.input, t.output, t.cache_read, t.cache_write]) cell(row, count(v), true);
+    cell(row, dollars(t.cost), true);
+  }
+  if (!body.rows.length) cell(body.insertRow(), "none yet");
+}
+
+function render(s) {
+  const hour = s.last_hour;
+  const requests = hour.reduce((a, m) => a + m.requests, 0);
+  const errors = hour.reduce((a, m) => a + m.errors, 0);
+  $("requests").textContent = count(requests);
+  $("errors").textContent = count(errors);
+  $("cost").textContent = dollars(s.totals.cost);
+  $("cache").textContent = s.cache_share === null ? "-" : (100 * s.cache_share).toFixed(1) + "%";
+  for (const [state, n] of Object.entries(s.processes)) {
+    const el = $("p-" + state);
+    if (el) el.textContent = count(n);
+  }
+  $("queued").textContent = count(s.queued);
+  $("version").textContent = s.cli_version || "unknown";
+  const peak = Math.max(1, ...hour.map((m) => m.requests));
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const m of hour) {
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.title = m.requests + " requests, " + m.errors + " errors";
+    const ok = document.createElement("div");
+    ok.style.height = (100 * (m.requests - m.errors)) / peak + "%";
+    const bad = document.createElement("div");
+    bad.className = "bad";
+    bad.style.height = (100 * m.errors) / peak + "%";
+    bar.append(bad, ok);
+    bars.append(bar);
+  }
+  usageTable("keys", s.keys);
+  usageTable("models", s.models);
+  const failures = $("failures");
+  failures.replaceChildren();
+  for (const f of s.failures) {
+    const row = failures.insertRow();
+    cell(row, new Date(f.at * 1000).toLocaleTimeString());
+    cell(row, f.key);
+    cell(row, f.model);
+    cell(row, String(f.status), true);
+    cell(row, f.code || "-");
+    cell(row, f.message);
+  }
+  if (!failures.rows.length) cell(failures.insertRow(), "none");
+}
+
+async function refresh() {
+  try {
+    const answer = await fetch(location.origin + "/status.json", { cache: "no-store" });
+    if (!answer.ok) throw new Error("HTTP " + answer.status);
+    render(await answer.json());
+    updates += 1;
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    $("updated").dataset.updates = updates;
+  } catch (error) {
+    $("updated").textContent = "not updated: " + error.message;
+  }
+}
+
+refresh();
+setInterval(refresh, STATUS_REFRESH_MS);
+"""
+STATUS_REFRESH = 5.0  # seconds between the status page's updates while it is open
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>claude_api status</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1.05em; margin: 1.4em 0 .4em; }
+.muted { color: #777; } .tiles { display: flex; flex-wrap: wrap; gap: .8em; }
+.tile { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em; min-width: 7em; }
+.tile b { display: block; font-size: 1.6em; }
+#bars { display: flex; align-items: flex-end; gap: 2px; height: 80px; background: #fff; border: 1px solid #ddd;
+  padding: 4px; margin-top: .8em; } .bar { flex: 1; height: 100%; display: flex; flex-direction: column-reverse; }
+.bar div { background: #4a7bd0; } .bar div.bad { background: #d04a4a; }
+table { border-collapse: collapse; background: #fff; } td, th { border: 1px solid #ddd; padding: .25em .6em; }
+th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-variant-numeric: tabular-nums; }
+</style></head><body>
+<h1>claude_api</h1><div class="muted">CLI <span id="version">-</span> &middot; <span id="updated">loading</span></div>
+<h2>Last hour</h2>
+<div class="tiles">
+<div class="tile">requests<b id="requests">-</b></div><div class="tile">errors<b id="errors">-</b></div>
+<div class="tile">cost since start<b id="cost">-</b></div><div class="tile">read from cache<b id="cache">-</b></div>
+</div>
+<div id="bars" title="requests per minute, errors in red"></div>
+<h2>Processes</h2>
+<div class="tiles">
+<div class="tile">running<b id="p-running">-</b></div><div class="tile">warm<b id="p-warm">-</b></div>
+<div class="tile">parked at a call<b id="p-parked">-</b></div>
+<div class="tile">pre-started<b id="p-prestarted">-</b></div>
+<div class="tile">queued<b id="queued">-</b></div>
+</div>
+<h2>Per key, since start</h2>
+<table><thead><tr><th>key</th><th>requests</th><th>errors</th><th>input</th><th>output</th><th>cache read</th>
+<th>cache write</th><th>cost</th></tr></thead><tbody id="keys"></tbody></table>
+<h2>Per model, since start</h2>
+<table><thead><tr><th>model</th><th>requests</th><th>errors</th><th>input</th><th>output</th><th>cache read</th>
+<th>cache write</th><th>cost</th></tr></thead><tbody id="models"></tbody></table>
+<h2>Recent failures</h2>
+<table><thead><tr><th>time</th><th>key</th><th>model</th><th>status</th><th>code</th><th>message</th></tr></thead>
+<tbody id="failures"></tbody></table>
+<script>SCRIPT</script>
+</body></html>
+"""
+STATUS_SCRIPT = STATUS_SCRIPT.replace("STATUS_REFRESH_MS", str(int(STATUS_REFRESH * 1000)))
+STATUS_HTML = STATUS_PAGE.replace("SCRIPT", STATUS_SCRIPT)
+# The page loads nothing from anywhere: its one script is allowed by its hash, its data comes from this server.
+STATUS_SCRIPT_HASH = base64.b64encode(hashlib.sha256(STATUS_SCRIPT.encode()).digest()).decode()
+STATUS_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src 'sha256-{STATUS_SCRIPT_HASH}'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
 # --- Routes: the HTTP endpoints, their errors and their key check ---
 
 
@@ -5255,6 +5396,36 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def status_report(state: Any) -> dict[str, Any]:
+    """What the status page shows, as /status.json gives it."""
+    metrics: Metrics = state.metrics
+    runner: Runner = state.runner
+    fresh, _, read, write = metrics.total.tokens
+    prompt = fresh + read + write
+    return {
+        "uptime": time.time() - metrics.started,
+        "cli_version": state.cli.version if state.cli else None,
+        "last_hour": metrics.last_hour(),
+        "totals": metrics.total.report(),
+        "keys": {name: totals.report() for name, totals in metrics.keys.items()},
+        "models": {name: totals.report() for name, totals in metrics.models.items()},
+        "cache_share": read / prompt if prompt else None,
+        "processes": process_states(runner),
+        "queued": runner.queued,
+        "failures": [asdict(failure) for failure in reversed(metrics.failures)],
+    }
+
+
+async def status_page(request: Request) -> Response:
+    viewer_allowed(request)
+    return Response(STATUS_HTML, media_type="text/html", headers=STATUS_HEADERS)
+
+
+async def status_json(request: Request) -> Response:
+    viewer_allowed(request)
+    return JSONResponse(status_report(request.app.state), headers={"Cache-Control": "no-store"})
+
+
 async def index(request: Request) -> Response:
     return JSONResponse(
         {
@@ -5555,6 +5726,8 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
             Route("/", index),
             Route("/health", health),
             Route("/metrics", metrics_endpoint),
+            Route("/status", status_page),
+            Route("/status.json", status_json),
             Route("/v1/models", list_models),
             Route("/v1/models/{model_id:path}", get_model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -4406,3 +4407,76 @@ async def test_metrics_off_leaves_no_endpoint_and_counts_nothing(fake: Fake) -> 
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
         assert_error(await client.get("/metrics"), 404, "unknown_url")
     assert app.state.metrics.total.requests == 0 and app.state.metrics.requests == {}
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+async def test_the_status_page_and_its_data_need_a_key(fake: Fake) -> None:
+    fake.control(script=["ok", "bad_request"], default="ok")
+    async with client_for(fake.app(api_keys=KEYS)) as client:
+        await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+        failed = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bob-secret"))
+        assert_error(failed, 502, "upstream_rejected")
+        for path in ("/status", "/status.json", "/metrics"):
+            for headers in ({}, basic("viewer", "wrong"), bearer("wrong"), basic("sk-bob-secret", "")):
+                refused = await client.get(path, headers=headers)
+                assert_error(refused, 401, "invalid_api_key")
+                assert refused.headers["www-authenticate"] == 'Basic realm="claude_api", charset="UTF-8"'
+        page = await client.get("/status", headers=basic("anyone", "sk-bob-secret"))
+        report = (await client.get("/status.json", headers=bearer("sk-alice-secret"))).json()
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and f"'sha256-{api.STATUS_SCRIPT_HASH}'" in policy
+    assert "http" not in page.text.replace("http-equiv", "")  # nothing is fetched from anywhere else
+    assert sum(minute["requests"] for minute in report["last_hour"]) == 2 and len(report["last_hour"]) == 60
+    assert report["keys"]["alice"]["requests"] == 1 and report["keys"]["bob"]["errors"] == 1
+    assert report["cache_share"] == pytest.approx(7 / 15)
+    assert [(f["key"], f["status"], f["code"]) for f in report["failures"]] == [("bob", 502, "upstream_rejected")]
+
+
+BROWSER = next((found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None)
+needs_browser = pytest.mark.skipif(
+    BROWSER is None and not IN_CI,
+    reason="no headless Chromium: install Debian's chromium package (the README's test command does, as root)",
+)
+
+
+def chromium(page: str, profile: Path, *args: str) -> str:
+    """Headless Chromium on a page, its timers run for 12 s of virtual time; its stdout."""
+    assert BROWSER is not None, "CI must render the status page: install Debian's chromium package"
+    command = [BROWSER, "--headless", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
+    command += ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium's sandbox refuses to run as root
+    done = subprocess.run(
+        [*command, "--virtual-time-budget=12000", *args, page], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def element_text(dom: str, element_id: str) -> str:
+    found = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
+    assert found, f"no element {element_id!r} in the page"
+    return found.group(1)
+
+
+@needs_browser
+def test_the_status_page_shows_real_numbers_in_chromium(fake: Fake, tmp_path: Path) -> None:
+    fake.control(script=["ok", "ok", "bad_request"], default="ok")
+    with serve(fake.app(api_keys=KEYS)) as url:
+        for key in ("sk-alice-secret", "sk-alice-secret", "sk-bob-secret"):
+            httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bearer(key), timeout=30)
+        page = url.replace("http://", "http://viewer:sk-bob-secret@") + "/status"  # Basic auth, as a person logs in
+        dom = chromium(page, tmp_path / "profile", "--dump-dom")
+        screenshot = tmp_path / "status.png"
+        chromium(page, tmp_path / "profile", "--window-size=1100,1000", f"--screenshot={screenshot}")
+    # The numbers are the script's: the page as served holds only dashes.
+    assert (element_text(dom, "requests"), element_text(dom, "errors")) == ("3", "1")
+    assert element_text(dom, "cost") == "$0.0024" and element_text(dom, "cache") == "46.7%"
+    assert element_text(dom, "version") == "9.9.9 (Fake Code)"
+    assert '<td>alice</td><td class="n">2</td>' in dom and "<td>upstream_rejected</td>" in dom
+    updates = re.search(r'data-updates="(\d+)"', dom)
+    assert updates and int(updates.group(1)) >= 2  # it went on updating itself while open
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    print(f"status page screenshot: {screenshot}")
