@@ -4480,3 +4480,54 @@ def test_the_status_page_shows_real_numbers_in_chromium(fake: Fake, tmp_path: Pa
     assert updates and int(updates.group(1)) >= 2  # it went on updating itself while open
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
     print(f"status page screenshot: {screenshot}")
+
+
+async def test_a_key_over_its_requests_per_minute_gets_429_with_retry_after(fake: Fake) -> None:
+    app = fake.app(api_keys=KEYS, key_rpm="alice:2")
+    async with client_for(app) as client:
+        for _ in range(2):
+            assert (
+                await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+            ).is_success
+        refused = await client.post("/v1/responses", json={"input": "hi"}, headers=bearer("sk-alice-secret"))
+        other = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bob-secret"))
+    error = assert_error(refused, 429, "rate_limit_exceeded")
+    assert "2 requests per minute" in error["message"] and "CLAUDE_KEY_RPM" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert other.is_success  # bob has no limit
+    assert len(fake.calls()) == 3  # the refused request ran no CLI
+    failure = app.state.metrics.failures[-1]
+    assert (failure.key, failure.status, failure.code) == ("alice", 429, "rate_limit_exceeded")
+
+
+async def test_a_key_over_its_dollars_per_day_gets_429_until_midnight_utc(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys=KEYS, key_usd_per_day="*:0.002,alice:1")) as client:
+        # Each answer of the fake CLI costs $0.0012: the second takes bob past $0.002, the third is refused.
+        answers = [
+            await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bob-secret")) for _ in "abc"
+        ]
+        alice = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+    assert [a.status_code for a in answers] == [200, 200, 429] and alice.is_success
+    error = assert_error(answers[2], 429, "rate_limit_exceeded")
+    assert "$0.002 a day" in error["message"] and "CLAUDE_KEY_USD_PER_DAY" in error["message"]
+    to_midnight = 86400 - time.time() % 86400
+    assert abs(int(answers[2].headers["retry-after"]) - to_midnight) <= 5
+
+
+def test_key_limits_slide_by_the_minute_and_reset_by_the_day() -> None:
+    limits = api.KeyLimits(make_settings(api_keys=KEYS, key_rpm="*:2", key_usd_per_day="bob:1"))
+    day = 20_000 * 86400.0
+    limits.admit("alice", day + 10)
+    limits.admit("alice", day + 40)
+    with pytest.raises(api.KeyLimitReached) as refused:
+        limits.admit("alice", day + 50)
+    assert refused.value.retry_after == pytest.approx(20)  # when the first of the two leaves the minute
+    limits.admit("alice", day + 70.5)
+    limits.spend("bob", 0.6, day + 100)
+    limits.spend("bob", 0.5, day + 200)
+    with pytest.raises(api.KeyLimitReached) as spent:
+        limits.admit("bob", day + 300)
+    assert spent.value.retry_after == pytest.approx(86400 - 300)
+    limits.admit("bob", day + 86400 + 1)  # a new day (UTC)
+    limits.spend("bob", 0.9, day + 86400 + 2)
+    limits.admit("bob", day + 86400 + 3)
