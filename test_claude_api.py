@@ -4531,3 +4531,48 @@ def test_key_limits_slide_by_the_minute_and_reset_by_the_day() -> None:
     limits.admit("bob", day + 86400 + 1)  # a new day (UTC)
     limits.spend("bob", 0.9, day + 86400 + 2)
     limits.admit("bob", day + 86400 + 3)
+
+
+# --- Running as a service: the READMEs' unit files ---
+
+
+def readme_block(readme: str, opening: str) -> str:
+    """The README's code block whose first lines are ``opening``, without its fences."""
+    text = (HERE / readme).read_text()
+    found = re.search(rf"```[a-z]*\n({re.escape(opening)}.*?)```", text, re.DOTALL)
+    assert found, f"{readme} has no block opening with {opening!r}"
+    return found.group(1)
+
+
+def test_the_systemd_unit_in_the_readmes_is_valid(tmp_path: Path) -> None:
+    unit = readme_block("README.en.md", "[Unit]\n")
+    assert readme_block("README.md", "[Unit]\n") == unit
+    sections: dict[str, dict[str, str]] = {}
+    for line in unit.splitlines():
+        if line.startswith("["):
+            section = sections.setdefault(line.strip("[]"), {})
+        elif line.strip():
+            name, _, value = line.partition("=")
+            section[name] = value
+    service = sections["Service"]
+    assert service["Restart"] == "on-failure" and service["EnvironmentFile"] == "%h/.config/claude_api/env"
+    assert service["ExecStart"].endswith(" claude_api.py") and sections["Install"]["WantedBy"] == "default.target"
+    if shutil.which("systemd-analyze") is None:
+        return
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    path = tmp_path / "claude_api.service"
+    path.write_text(unit.replace("/usr/bin/python3", python))
+    checked = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    # It exits 0 even for keys it ignores: any word on stderr is a problem.
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+
+
+def test_the_launchd_agent_in_the_readmes_restarts_on_failure_with_the_environment_file() -> None:
+    import plistlib
+
+    agent = readme_block("README.en.md", '<?xml version="1.0"')
+    assert readme_block("README.md", '<?xml version="1.0"') == agent
+    plist = plistlib.loads(agent.encode())
+    assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
+    shell, flag, command = plist["ProgramArguments"]
+    assert (shell, flag) == ("/bin/sh", "-c") and command.startswith('set -a; . "$HOME/.config/claude_api/env"; exec ')
