@@ -4576,3 +4576,78 @@ def test_the_launchd_agent_in_the_readmes_restarts_on_failure_with_the_environme
     assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
     shell, flag, command = plist["ProgramArguments"]
     assert (shell, flag) == ("/bin/sh", "-c") and command.startswith('set -a; . "$HOME/.config/claude_api/env"; exec ')
+
+
+# --- Several instances behind nginx ---
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+needs_nginx = pytest.mark.skipif(
+    NGINX is None and not IN_CI,
+    reason="no nginx: install Debian's nginx package (the README's test command does, as root)",
+)
+
+
+@contextlib.contextmanager
+def nginx_in_front(folder: Path, ports: list[int]) -> Iterator[str]:
+    """nginx on a free loopback port with the README's upstream block, its servers replaced by ``ports``."""
+    assert NGINX is not None, "CI must run the load-balancer test: install Debian's nginx package"
+    block = readme_block("README.en.md", "upstream claude_api {\n")
+    assert readme_block("README.md", "upstream claude_api {\n") == block
+    upstream = block[: block.index("\n}\n") + 3]  # the upstream block alone, without the server block after it
+    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in ports)
+    upstream = re.sub(r"( {4}server [^\n]*\n)+", servers, upstream, count=1)
+    port = free_port()
+    temp = "".join(
+        f"{kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    config = folder / "nginx.conf"
+    config.write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes 1;\npid {folder}/nginx.pid;\nevents {{}}\nhttp {{\naccess_log off;\n{temp}{upstream}"
+        + f"server {{\nlisten 127.0.0.1:{port};\nlocation / {{\nproxy_pass http://claude_api;\n"
+        + "proxy_http_version 1.1;\nproxy_set_header Host $host;\nproxy_buffering off;\n}\n}\n}\n"
+    )
+    process = subprocess.Popen(
+        [NGINX, "-p", str(folder), "-c", str(config), "-e", "stderr", "-g", "daemon off;"],
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        return False
+
+    try:
+        assert wait_until(up, 15), "nginx did not start"
+        yield url
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=20)
+        assert process.returncode == 0, errors.decode()[-2000:]
+
+
+@needs_nginx
+def test_behind_nginx_every_turn_of_a_conversation_reaches_the_same_instance(tmp_path: Path) -> None:
+    fakes = [write_fake_cli(tmp_path / name) for name in ("one", "two")]
+    envs = [
+        {"CLAUDE_BIN": str(binary), "HOME": str(tmp_path), "CLAUDE_API_KEYS": KEYS, "CLAUDE_PREWARM": "0"}
+        for binary in fakes
+    ]
+    with server_process(envs[0]) as (first, _), server_process(envs[1]) as (second, _):
+        ports = [int(url.rsplit(":", 1)[1]) for url in (first, second)]
+        with nginx_in_front(tmp_path, ports) as url:
+            for key in ("sk-alice-secret", "sk-bob-secret", "sk-plain-secret"):
+                history: list[dict[str, Any]] = []
+                for turn in range(3):  # a stateless client: the whole history every turn
+                    history.append(user(f"{key} turn {turn}"))
+                    answer = httpx.post(
+                        f"{url}/v1/chat/completions", json=chat(messages=history), headers=bearer(key), timeout=30
+                    )
+                    assert answer.status_code == 200, answer.text
+                    history.append(answer.json()["choices"][0]["message"])
+    for key in ("sk-alice-secret", "sk-bob-secret", "sk-plain-secret"):
+        where = [
+            (folder, call["pid"]) for folder in fakes for call in fake_calls(folder.parent) if key in json.dumps(call)
+        ]
+        assert len(where) == 3 and len(set(where)) == 1, where  # one instance, and there one warm CLI process
