@@ -2478,6 +2478,7 @@ class Metrics:
 
 
 Sample = tuple[str, Mapping[str, str], float]  # name suffix, labels, value
+Family = tuple[str, str, str, Iterable[Sample]]  # name, type, help, samples
 
 
 def label_value(value: str) -> str:
@@ -2492,7 +2493,7 @@ def number_text(value: float) -> str:
     return repr(value) if isinstance(value, float) and not value.is_integer() else str(int(value))
 
 
-def exposition(families: Iterable[tuple[str, str, str, Iterable[Sample]]]) -> str:
+def exposition(families: Iterable[Family]) -> str:
     """Prometheus' text format (0.0.4) for (name, type, help, samples) families."""
     lines = []
     for name, kind, help_text, samples in families:
@@ -2515,7 +2516,29 @@ def by_endpoint(histograms: Mapping[str, Histogram]) -> list[Sample]:
     return list(histogram_samples(({"endpoint": endpoint}, h) for endpoint, h in histograms.items()))
 
 
-def metric_families(metrics: Metrics) -> list[tuple[str, str, str, Iterable[Sample]]]:
+def usage_families(prefix: str, label: str, by: Mapping[str, Totals]) -> list[Family]:
+    """Tokens by type, and cost, of each model or each key."""
+    return [
+        (
+            f"{prefix}tokens_total",
+            "counter",
+            f"Tokens by {label} and type (input: not read from the cache; cache_read; cache_write; output).",
+            [
+                ("", {label: value, "type": kind}, totals.tokens[i])
+                for value, totals in by.items()
+                for i, kind in enumerate(TOKEN_TYPES)
+            ],
+        ),
+        (
+            f"{prefix}cost_usd_total",
+            "counter",
+            f"Cost in US dollars as the CLI reports it, by {label}.",
+            [("", {label: value}, totals.cost) for value, totals in by.items()],
+        ),
+    ]
+
+
+def metric_families(metrics: Metrics) -> list[Family]:
     """The counted families; the routes add the gauges they read from the runner and the sessions."""
     return [
         (
@@ -2527,44 +2550,14 @@ def metric_families(metrics: Metrics) -> list[tuple[str, str, str, Iterable[Samp
                 for key, count in metrics.requests.items()
             ],
         ),
-        (
-            "claude_api_tokens_total",
-            "counter",
-            "Tokens by model and type (input: not read from the cache; cache_read; cache_write; output).",
-            [
-                ("", {"model": model, "type": kind}, totals.tokens[i])
-                for model, totals in metrics.models.items()
-                for i, kind in enumerate(TOKEN_TYPES)
-            ],
-        ),
-        (
-            "claude_api_cost_usd_total",
-            "counter",
-            "Cost in US dollars as the CLI reports it, by model.",
-            [("", {"model": model}, totals.cost) for model, totals in metrics.models.items()],
-        ),
+        *usage_families("claude_api_", "model", metrics.models),
         (
             "claude_api_key_requests_total",
             "counter",
             "Requests by key name.",
             [("", {"key": key}, totals.requests) for key, totals in metrics.keys.items()],
         ),
-        (
-            "claude_api_key_tokens_total",
-            "counter",
-            "Tokens by key name and type.",
-            [
-                ("", {"key": key, "type": kind}, totals.tokens[i])
-                for key, totals in metrics.keys.items()
-                for i, kind in enumerate(TOKEN_TYPES)
-            ],
-        ),
-        (
-            "claude_api_key_cost_usd_total",
-            "counter",
-            "Cost in US dollars as the CLI reports it, by key name.",
-            [("", {"key": key}, totals.cost) for key, totals in metrics.keys.items()],
-        ),
+        *usage_families("claude_api_key_", "key", metrics.keys),
         (
             "claude_api_request_seconds",
             "histogram",
@@ -5360,7 +5353,7 @@ def viewer_allowed(request: Request) -> None:
         )
 
 
-def gauge_families(state: Any) -> list[tuple[str, str, str, Iterable[Sample]]]:
+def gauge_families(state: Any) -> list[Family]:
     runner: Runner = state.runner
     sessions: Sessions = state.sessions
     info: CliInfo | None = state.cli

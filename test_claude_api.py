@@ -4390,10 +4390,10 @@ async def test_metrics_show_the_queue_and_the_running_processes(fake: Fake) -> N
 
         async def busy() -> bool:
             seen.append(await scrape(client))
-            return total(seen[-1], "claude_api_queue_length") == 1
+            running = total(seen[-1], "claude_api_cli_processes", state="running")
+            return total(seen[-1], "claude_api_queue_length") == 1 and running == 1  # past the process's start
 
         assert await eventually_async(busy)
-        assert total(seen[-1], "claude_api_cli_processes", state="running") == 1
         assert total(seen[-1], "claude_api_in_flight") == 1
         assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
         done = await scrape(client)
