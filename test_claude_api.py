@@ -1073,6 +1073,9 @@ async def test_malformed_bodies(fake: Fake) -> None:
 WRONG_METHODS = [  # one per route; every route of the app must be here
     ("/", "POST", "GET, HEAD"),
     ("/health", "DELETE", "GET, HEAD"),
+    ("/metrics", "POST", "GET, HEAD"),
+    ("/status", "PUT", "GET, HEAD"),
+    ("/status.json", "DELETE", "GET, HEAD"),
     ("/v1/models", "DELETE", "GET, HEAD"),
     ("/v1/models/{model_id:path}", "POST", "GET, HEAD"),
     ("/v1/chat/completions", "GET", "POST"),
