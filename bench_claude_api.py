@@ -2,7 +2,7 @@
 
     python bench_claude_api.py [--runs N] [--cli PATH] [--figure N ...]
 
-Prints one table with nine figures (or only those named with --figure), then a one-line verdict per goal:
+Prints one table with ten figures (or only those named with --figure), then a one-line verdict per goal:
   1. a one-shot, non-streaming request, each a new conversation: a plain ``claude -p`` for reference; the CLI
      run directly with the server's argv (to its exit, and to its result line); the HTTP round trip through a
      server with CLAUDE_PREWARM=0, which starts a CLI per request as the direct run does (goal: within 1.10x of
@@ -33,6 +33,9 @@ Prints one table with nine figures (or only those named with --figure), then a o
      the upstream requests breaking the Messages API's rules for turns and tools (goal: none). The stand-in
      acts as an agent (``Reply(agent=True)``), in native tool_use blocks or in the server's JSON-in-text
      protocol, whichever the request uses.
+  10. what the metrics cost: two servers on the fake CLI, CLAUDE_METRICS on and off, taking turns at rounds of
+     requests from two keys: the server process's CPU time per request (goal: on - off within the spread
+     between one server's rounds), the latency, and the in-process cost of counting one request.
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -43,7 +46,7 @@ same settings (CLAUDE_PREWARM=0) driving the fake CLI of testdata/, which record
 ``--session-id`` gets a fresh id per run. The stand-in notes when each of its replies starts and ends, so
 figures 1 and 6 can subtract the upstream's own time. Before every sample, figures 1 and 4 wait until the
 PREWARM=2 server's pool is full and no CLI process is busy starting, answering or exiting, so that no sample
-shares the CPU with the leftovers of another. Figures 3, 7 and 8 use that fake CLI too, with the
+shares the CPU with the leftovers of another. Figures 3, 7, 8 and 10 use that fake CLI too, with the
 server as a separate ``python claude_api.py`` process (so its RSS is its own) and CLAUDE_PREWARM=0, so the
 processes counted are the requests' own.
 
@@ -2175,7 +2178,122 @@ def cli_version(cli: str) -> str:
     return out.stdout.decode(errors="replace").strip()
 
 
-FIGURES = 9
+# --- Figure 10: what counting costs (CLAUDE_METRICS on and off, fake CLI) ---
+
+METRICS_ROUNDS = 4  # rounds per server, the two servers taking turns
+METRICS_REQUESTS = 150  # requests per round
+METRICS_CONCURRENCY = 8
+METRICS_KEYS = "alice:sk-bench-alice,bob:sk-bench-bob"
+METRICS_RECORDS = 20_000  # in-process calls timed for the cost of counting one request
+
+
+async def metrics_round(url: str, requests: int) -> list[float]:
+    """``requests`` chat completions from METRICS_CONCURRENCY workers, the keys taking turns: each one's seconds."""
+    seconds: list[float] = []
+    keys = ["sk-bench-alice", "sk-bench-bob"]
+    todo = iter(range(requests))
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        for n in todo:
+            began = time.perf_counter()
+            answer = await http.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "sonnet", "messages": [{"role": "user", "content": f"hi {n}"}]},
+                headers={"Authorization": f"Bearer {keys[n % 2]}"},
+            )
+            if answer.status_code != 200:
+                raise BenchError(f"a request got {answer.status_code}: {answer.text[:300]}")
+            seconds.append(time.perf_counter() - began)
+
+    async with httpx.AsyncClient(timeout=CLI_TIMEOUT) as http:
+        await asyncio.gather(*(worker(http) for _ in range(METRICS_CONCURRENCY)))
+    return seconds
+
+
+def record_cost() -> float:
+    """Seconds one request's counting takes in-process (Metrics.record with a key, a model and usage)."""
+    metrics = api.Metrics()
+    usage = api.openai_usage(
+        {"input_tokens": 5, "output_tokens": 4, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3}, 0.001
+    )
+    done = api.Finish("/v1/chat/completions", "sonnet", "json", "alice", 200, 0.5, None, usage)
+    began = time.perf_counter()
+    for _ in range(METRICS_RECORDS):
+        metrics.record(done)
+    return (time.perf_counter() - began) / METRICS_RECORDS
+
+
+def bench_metrics() -> tuple[list[Row], list[int]]:
+    """The server's own CPU time per request, and the latency, with metrics on and off; the rows and leftovers."""
+    leftovers: list[int] = []
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    latency: dict[str, list[float]] = {"on": [], "off": []}
+    counted = -1
+    with tempfile.TemporaryDirectory(prefix="bench_claude_api-metrics-") as tmp, contextlib.ExitStack() as stack:
+        servers = {}
+        for mode in ("on", "off"):
+            root = Path(tmp) / mode
+            fake = t.write_fake_cli(root / "fake")
+            settings = {**FAKE_SERVER, "CLAUDE_METRICS": mode, "CLAUDE_API_KEYS": METRICS_KEYS}
+            servers[mode] = stack.enter_context(server_process(root, fake, **settings, CLAUDE_MAX_RETRIES="0"))
+        for server in servers.values():
+            asyncio.run(healthy(server))
+            asyncio.run(metrics_round(server.url, METRICS_CONCURRENCY))  # warm-up
+        for _ in range(METRICS_ROUNDS):
+            for mode, server in servers.items():
+                pid = server.process.pid
+                before = cpu_seconds([pid])[pid]
+                latency[mode] += asyncio.run(metrics_round(server.url, METRICS_REQUESTS))
+                cpu[mode].append((cpu_seconds([pid])[pid] - before) / METRICS_REQUESTS)
+        scraped = httpx.get(
+            f"{servers['on'].url}/metrics", headers={"Authorization": "Bearer sk-bench-alice"}, timeout=10
+        ).text
+        counted = sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in scraped.splitlines()
+            if line.startswith("claude_api_key_requests_total")
+        )
+        off_status = httpx.get(f"{servers['off'].url}/metrics", timeout=10).status_code
+        stack.close()
+        leftovers += [pid for server in servers.values() for pid in server.leftovers]
+    expected = METRICS_CONCURRENCY + METRICS_ROUNDS * METRICS_REQUESTS
+    if counted != expected or off_status != 404:
+        raise BenchError(
+            f"/metrics counted {counted} requests of {expected}; with metrics off it answered {off_status}"
+        )
+    mean = {mode: sum(values) / len(values) for mode, values in cpu.items()}
+    noise = max(max(values) - min(values) for values in cpu.values())  # the spread between rounds of one server
+    difference = mean["on"] - mean["off"]
+    one = record_cost()
+    figure = "10 metrics cost (fake CLI)"
+    return [
+        Row(
+            figure,
+            "requests per server",
+            f"{METRICS_ROUNDS} rounds of {METRICS_REQUESTS}, {METRICS_CONCURRENCY} "
+            "workers, two keys, the servers taking turns",
+        ),
+        Row(figure, "server CPU per request, metrics on", f"{mean['on'] * 1000:.2f} ms", "report"),
+        Row(figure, "server CPU per request, metrics off", f"{mean['off'] * 1000:.2f} ms", "report"),
+        Row(
+            figure,
+            "on - off, against the spread between rounds",
+            f"{difference * 1000:+.2f} ms (spread {noise * 1000:.2f} ms)",
+            "within the spread",
+            verdict(abs(difference) <= noise),
+        ),
+        Row(figure, "latency, metrics on", p50_p95(latency["on"]), "report"),
+        Row(figure, "latency, metrics off", p50_p95(latency["off"]), "report"),
+        Row(
+            figure,
+            "counting one request, in-process",
+            f"{one * 1e6:.1f} us ({one / mean['off']:.2%} of the server's CPU per request)",
+            "report",
+        ),
+    ], leftovers
+
+
+FIGURES = 10
 
 
 def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Row], leftovers: list[int]) -> None:
@@ -2205,6 +2323,10 @@ def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Ro
     if step(8, f"faults: {FAULT_REQUESTS} requests, the fake CLI failing in {FAULT_SHARE:.0%} of calls"):
         fault_rows, gone = bench_faults()
         rows += fault_rows
+        leftovers += gone
+    if step(10, "metrics on and off (fake CLI)"):
+        metrics_rows, gone = bench_metrics()
+        rows += metrics_rows
         leftovers += gone
 
 

@@ -18,6 +18,8 @@ Endpoints:
     GET  /v1/models             the model aliases the CLI understands, with their windows and output limits
     GET  /v1/models/{id}        one of them
     GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
+    GET  /metrics               Prometheus metrics: requests, latency, tokens and cost (per key too), processes
+    GET  /status                a status page for a person, updating itself from GET /status.json
     GET  /                      a pointer to the above
 
 Settings are environment variables, read once by ``load_settings``; the ``Settings``
@@ -46,7 +48,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, TypedDict
@@ -236,6 +238,51 @@ def setting_sources(name: str, raw: str) -> str:
     return ",".join(sources)
 
 
+KEY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a key's name in CLAUDE_API_KEYS (and the limits naming it)
+
+
+def key_entries(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """CLAUDE_API_KEYS as (name, key) pairs. An entry is ``name:key`` when the text before its first colon is a
+    name (letters, digits, ``_.-``, at most 64); otherwise the whole entry is the key, named ``key<N>`` after
+    its place in the list. A key that holds a colon itself therefore needs a name in front."""
+    entries = []
+    for number, entry in enumerate(names(name, raw), 1):
+        label, colon, secret = entry.partition(":")
+        if not (colon and KEY_NAME.fullmatch(label)):
+            label, secret = f"key{number}", entry
+        if not secret.strip():
+            raise SettingsError(f"{name}: the key named {label!r} is empty")
+        entries.append((label, secret.strip()))
+    if len(seen := [label for label, _ in entries]) != len(set(seen)):
+        raise SettingsError(f"{name}: each key needs its own name, got {', '.join(seen)}")
+    return tuple(entries)
+
+
+def key_secrets(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(secret for _, secret in key_entries(name, raw))
+
+
+def key_labels(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(label for label, _ in key_entries(name, raw))
+
+
+def per_key(minimum: float) -> Parser:
+    """A limit for every key (``30``), or per key name (``alice:60,bob:10``), ``*`` naming the rest."""
+
+    def parse(name: str, raw: str) -> Mapping[str, float]:
+        if ":" not in raw:
+            return MappingProxyType({"*": number(minimum)(name, raw)})
+        limits = {}
+        for item in names(name, raw):
+            label, _, value = item.partition(":")
+            if not (label == "*" or KEY_NAME.fullmatch(label)):
+                raise SettingsError(f"{name} must be a number or a list like 'alice:60,*:10', got {item!r}")
+            limits[label] = number(minimum)(name, value.strip())
+        return MappingProxyType(limits)
+
+    return parse
+
+
 def setting(env: str, default: Any, parse: Parser) -> Any:
     """A Settings field read from ``env``."""
     metadata = {"env": env, "parse": parse}
@@ -250,7 +297,12 @@ class Settings:
 
     host: str = setting("CLAUDE_API_HOST", "127.0.0.1", text)
     port: int = setting("CLAUDE_API_PORT", 8765, number(0, 65535, integer=True))
-    api_keys: tuple[str, ...] = setting("CLAUDE_API_KEYS", (), names)
+    api_keys: tuple[str, ...] = setting("CLAUDE_API_KEYS", (), key_secrets)
+    # The same variable's names, in the same order: what logs, /metrics and /status call each key.
+    key_names: tuple[str, ...] = setting("CLAUDE_API_KEYS", (), key_labels)
+    key_rpm: Mapping[str, float] = setting("CLAUDE_KEY_RPM", {}, per_key(1))  # requests per minute per key
+    key_usd_per_day: Mapping[str, float] = setting("CLAUDE_KEY_USD_PER_DAY", {}, per_key(1e-9))  # UTC days
+    metrics: bool = setting("CLAUDE_METRICS", True, switch)  # off: no /metrics, no /status, nothing counted
     claude_bin: str = setting("CLAUDE_BIN", "claude", text)
     default_model: str = setting("CLAUDE_DEFAULT_MODEL", "", model)  # empty: the CLI's own default
     extra_models: tuple[str, ...] = setting("CLAUDE_MODELS", (), models)
@@ -291,6 +343,19 @@ class Settings:
         "CLAUDE_ALLOWED_ORIGINS", (), patterns(ORIGIN_PATTERN, "'https://app.example.com' or '*'")
     )
     self_check: bool = setting("CLAUDE_SELF_CHECK", True, switch)  # try the CLI's features once at start-up
+
+    def __post_init__(self) -> None:
+        for env, limits in (("CLAUDE_KEY_RPM", self.key_rpm), ("CLAUDE_KEY_USD_PER_DAY", self.key_usd_per_day)):
+            if limits and not self.api_keys:
+                raise SettingsError(f"{env} limits keys: set CLAUDE_API_KEYS too")
+            if unknown := sorted(set(limits) - {"*", *self.named_keys}):
+                raise SettingsError(f"{env} names keys that CLAUDE_API_KEYS does not: {', '.join(unknown)}")
+
+    @property
+    def named_keys(self) -> tuple[str, ...]:
+        """Each key's name, by its place in api_keys (``key<N>`` for keys given without a name)."""
+        given = self.key_names if len(self.key_names) == len(self.api_keys) else ()
+        return given or tuple(f"key{number}" for number in range(1, len(self.api_keys) + 1))
 
     @property
     def trusted_hosts(self) -> tuple[str, ...]:
@@ -370,6 +435,13 @@ class InvalidApiKey(ProxyError):
     anthropic = 401, "authentication_error"
 
 
+class ViewerKeyRequired(InvalidApiKey):
+    """/metrics and /status without a key, when keys are set: a browser asks its user for one (Basic auth)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="claude_api", charset="UTF-8"'}
+
+
 class CliNotLoggedIn(ProxyError):
     status, type, code = 401, "authentication_error", "cli_not_logged_in"
     anthropic = 401, "authentication_error"
@@ -446,6 +518,12 @@ class RateLimited(ProxyError):
     status, type, code, retryable = 429, "rate_limit_error", "rate_limit_exceeded", True
     anthropic = 429, "rate_limit_error"
     resets_at: float | None = None  # when the CLI said the limit resets (epoch seconds), if it did
+
+
+class KeyLimitReached(RateLimited):
+    """A key reached its own limit (CLAUDE_KEY_RPM, CLAUDE_KEY_USD_PER_DAY): refused before any work."""
+
+    retryable = False
 
 
 class CliFailed(ProxyError):
@@ -2804,6 +2882,311 @@ class StopScanner:
         return out
 
 
+# --- Metrics: what the server did, counted in memory for /metrics and /status, and the per-key limits ---
+# Counting is a few dictionary updates per request; nothing is computed until someone reads /metrics or /status.
+
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")  # input: the prompt tokens read from no cache
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # seconds
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MAX_MODEL_LABELS = 50  # model names a client may send are free text: past this many, the rest count as "other"
+RECENT_FAILURES = 20
+HOUR = 60  # minutes of requests and errors the status page shows
+NO_KEY = "-"  # the key name of requests to a server without keys
+
+
+def token_counts(usage: Usage | None) -> tuple[int, int, int, int]:
+    """One answer's tokens by TOKEN_TYPES."""
+    usage = usage or {}
+    read, write = usage.get("cache_read_input_tokens", 0), usage.get("cache_creation_input_tokens", 0)
+    return usage.get("prompt_tokens", 0) - read - write, usage.get("completion_tokens", 0), read, write
+
+
+@dataclass
+class Histogram:
+    """Prometheus' cumulative histogram: counts per upper bound, the sum and the count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.bounds)
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+
+@dataclass
+class Totals:
+    """What one key (or one model, or the whole server) used: requests, tokens by type, and cost in USD."""
+
+    requests: int = 0
+    errors: int = 0
+    tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_TYPES))
+    cost: float = 0.0
+
+    def add(self, status: int, tokens: tuple[int, ...], cost: float) -> None:
+        self.requests += 1
+        self.errors += status >= 400
+        self.tokens = [a + b for a, b in zip(self.tokens, tokens, strict=True)]
+        self.cost += cost
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            **dict(zip(TOKEN_TYPES, self.tokens, strict=True)),
+            "cost": self.cost,
+        }
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request that ended in an error, for the status page."""
+
+    at: float  # epoch seconds
+    endpoint: str
+    model: str
+    key: str
+    status: int
+    code: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How one request ended, as Metrics.record takes it."""
+
+    endpoint: str
+    model: str
+    mode: str
+    key: str
+    status: int
+    latency: float
+    first_token: float | None
+    usage: Usage | None
+    code: str | None = None
+    message: str = ""
+
+
+class Metrics:
+    """Counters and histograms of requests, tokens, cost, retries and process starts; per-key and per-model
+    totals; each minute's requests and errors over the last hour; the recent failures. Everything is a no-op
+    with CLAUDE_METRICS=off."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.started = time.time()
+        self.requests: dict[tuple[str, str, str, str], int] = {}  # (endpoint, model, status, mode)
+        self.models: dict[str, Totals] = {}
+        self.keys: dict[str, Totals] = {}
+        self.total = Totals()
+        self.latency: dict[str, Histogram] = {}  # by endpoint
+        self.ttft: dict[str, Histogram] = {}
+        self.retries: dict[str, int] = {}  # by cause: the failed attempt's error code
+        self.starts = Histogram(START_BUCKETS)
+        self.minutes: deque[tuple[int, int, int]] = deque(maxlen=HOUR)  # (minute, requests, errors)
+        self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+
+    def model_label(self, model: str) -> str:
+        return model if model in self.models or len(self.models) < MAX_MODEL_LABELS else "other"
+
+    def record(self, done: Finish) -> None:
+        if not self.enabled:
+            return
+        model = self.model_label(done.model)
+        key = (done.endpoint, model, str(done.status), done.mode)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        tokens, cost = token_counts(done.usage), (done.usage or {}).get("total_cost_usd", 0.0)
+        for totals in (self.total, self.models.setdefault(model, Totals()), self.keys.setdefault(done.key, Totals())):
+            totals.add(done.status, tokens, cost)
+        self.latency.setdefault(done.endpoint, Histogram(LATENCY_BUCKETS)).observe(done.latency)
+        if done.first_token is not None:
+            self.ttft.setdefault(done.endpoint, Histogram(TTFT_BUCKETS)).observe(done.first_token)
+        minute = int(time.time() // 60)
+        last = self.minutes[-1] if self.minutes and self.minutes[-1][0] == minute else None
+        if last is None:
+            self.minutes.append((minute, 0, 0))
+        _, requests, errors = self.minutes[-1]
+        self.minutes[-1] = (minute, requests + 1, errors + (done.status >= 400))
+        if done.status >= 400:
+            self.failures.append(
+                Failure(time.time(), done.endpoint, model, done.key, done.status, done.code, done.message[:300])
+            )
+
+    def retried(self, cause: str) -> None:
+        if self.enabled:
+            self.retries[cause] = self.retries.get(cause, 0) + 1
+
+    def process_started(self, seconds: float) -> None:
+        if self.enabled:
+            self.starts.observe(seconds)
+
+    def last_hour(self) -> list[dict[str, int]]:
+        """Requests and errors in each of the last 60 minutes, oldest first, minutes without any included."""
+        now = int(time.time() // 60)
+        counts = {minute: (requests, errors) for minute, requests, errors in self.minutes}
+        return [
+            dict(zip(("requests", "errors"), counts.get(minute, (0, 0)), strict=True))
+            for minute in range(now - HOUR + 1, now + 1)
+        ]
+
+
+Sample = tuple[str, Mapping[str, str], float]  # name suffix, labels, value
+Family = tuple[str, str, str, Iterable[Sample]]  # name, type, help, samples
+
+
+def label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def label_text(labels: Mapping[str, str]) -> str:
+    return "{" + ",".join(f'{name}="{label_value(value)}"' for name, value in labels.items()) + "}" if labels else ""
+
+
+def number_text(value: float) -> str:
+    return repr(value) if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+
+def exposition(families: Iterable[Family]) -> str:
+    """Prometheus' text format (0.0.4) for (name, type, help, samples) families."""
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{suffix}{label_text(labels)} {number_text(value)}" for suffix, labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+def histogram_samples(histograms: Iterable[tuple[Mapping[str, str], Histogram]]) -> Iterator[Sample]:
+    for labels, histogram in histograms:
+        counts = histogram.counts or [0] * len(histogram.bounds)
+        for bound, count in zip(histogram.bounds, counts, strict=True):
+            yield "_bucket", {**labels, "le": f"{bound:g}"}, count
+        yield "_bucket", {**labels, "le": "+Inf"}, histogram.count
+        yield "_sum", labels, histogram.sum
+        yield "_count", labels, histogram.count
+
+
+def by_endpoint(histograms: Mapping[str, Histogram]) -> list[Sample]:
+    return list(histogram_samples(({"endpoint": endpoint}, h) for endpoint, h in histograms.items()))
+
+
+def usage_families(prefix: str, label: str, by: Mapping[str, Totals]) -> list[Family]:
+    """Tokens by type, and cost, of each model or each key."""
+    return [
+        (
+            f"{prefix}tokens_total",
+            "counter",
+            f"Tokens by {label} and type (input: not read from the cache; cache_read; cache_write; output).",
+            [
+                ("", {label: value, "type": kind}, totals.tokens[i])
+                for value, totals in by.items()
+                for i, kind in enumerate(TOKEN_TYPES)
+            ],
+        ),
+        (
+            f"{prefix}cost_usd_total",
+            "counter",
+            f"Cost in US dollars as the CLI reports it, by {label}.",
+            [("", {label: value}, totals.cost) for value, totals in by.items()],
+        ),
+    ]
+
+
+def metric_families(metrics: Metrics) -> list[Family]:
+    """The counted families; the routes add the gauges they read from the runner and the sessions."""
+    return [
+        (
+            "claude_api_requests_total",
+            "counter",
+            "Requests answered, by endpoint, model, HTTP status and mode.",
+            [
+                ("", dict(zip(("endpoint", "model", "status", "mode"), key, strict=True)), count)
+                for key, count in metrics.requests.items()
+            ],
+        ),
+        *usage_families("claude_api_", "model", metrics.models),
+        (
+            "claude_api_key_requests_total",
+            "counter",
+            "Requests by key name.",
+            [("", {"key": key}, totals.requests) for key, totals in metrics.keys.items()],
+        ),
+        *usage_families("claude_api_key_", "key", metrics.keys),
+        (
+            "claude_api_request_seconds",
+            "histogram",
+            "Seconds from a request's start to its last byte, by endpoint.",
+            by_endpoint(metrics.latency),
+        ),
+        (
+            "claude_api_first_token_seconds",
+            "histogram",
+            "Seconds from a streamed request's start to its first text, thinking or call, by endpoint.",
+            by_endpoint(metrics.ttft),
+        ),
+        (
+            "claude_api_retries_total",
+            "counter",
+            "Attempts retried, by the failed attempt's error code.",
+            [("", {"cause": cause}, count) for cause, count in metrics.retries.items()],
+        ),
+        (
+            "claude_api_process_start_seconds",
+            "histogram",
+            "CLI processes started (the count), and the seconds to spawn each and hand it its hooks.",
+            list(histogram_samples([({}, metrics.starts)])),
+        ),
+    ]
+
+
+DAY = 86400
+
+
+class KeyLimits:
+    """CLAUDE_KEY_RPM and CLAUDE_KEY_USD_PER_DAY: each key's requests over the last minute, and what it spent
+    today (UTC) as the CLI reports cost. A request is refused once a limit is reached; one under way may take a
+    key past its dollars, since a cost is known only when its answer is."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rpm, self.usd = settings.key_rpm, settings.key_usd_per_day
+        self.recent: dict[str, deque[float]] = {}  # admission times within the last minute, by key name
+        self.spent: dict[str, tuple[int, float]] = {}  # (day, dollars) by key name
+
+    def admit(self, key: str, now: float | None = None) -> None:
+        """Count a request against its key's limits, or raise KeyLimitReached."""
+        now = time.time() if now is None else now
+        if (usd := self.usd.get(key, self.usd.get("*"))) is not None:
+            day, spent = self.spent.get(key, (0, 0.0))
+            if day == int(now // DAY) and spent >= usd:
+                raise KeyLimitReached(
+                    f"The key {key!r} has spent ${spent:.2f} today, its limit is ${usd:g} a day "
+                    "(CLAUDE_KEY_USD_PER_DAY); it resets at midnight UTC.",
+                    retry_after=(day + 1) * DAY - now,
+                )
+        if (rpm := self.rpm.get(key, self.rpm.get("*"))) is not None:
+            recent = self.recent.setdefault(key, deque())
+            while recent and recent[0] <= now - 60:
+                recent.popleft()
+            if len(recent) >= rpm:
+                raise KeyLimitReached(
+                    f"The key {key!r} reached its limit of {rpm:g} requests per minute (CLAUDE_KEY_RPM).",
+                    retry_after=recent[0] + 60 - now,
+                )
+            recent.append(now)
+
+    def spend(self, key: str, usd: float, now: float | None = None) -> None:
+        if usd and (key in self.usd or "*" in self.usd):
+            day = int((time.time() if now is None else now) // DAY)
+            last, spent = self.spent.get(key, (day, 0.0))
+            self.spent[key] = (day, (spent if last == day else 0.0) + usd)
+
+
 # --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
 
 STDOUT_LIMIT = 64 * MiB  # one stream-json line can carry a whole long answer
@@ -3075,9 +3458,10 @@ class CliProcess:
         environ: Mapping[str, str],
         on_closed: Callable[[CliProcess], None] = lambda cli: None,
         version_args: tuple[str, ...] = (),
+        on_started: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.binary, self.call, self.workdir, self.environ = binary, call, workdir, environ
-        self.on_closed = on_closed
+        self.on_closed, self.on_started = on_closed, on_started
         self.version_args = version_args  # the same for every process of a server: not part of the call's options
         self.state: ProcessState = "new"
         self.process: asyncio.subprocess.Process | None = None
@@ -3109,6 +3493,7 @@ class CliProcess:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(self.call.system_prompt)
             args += [self.call.system_flag, self._prompt_file]
+        began = time.monotonic()
         try:
             self.process = await asyncio.create_subprocess_exec(
                 self.binary,
@@ -3129,6 +3514,7 @@ class CliProcess:
         self.state = "ready"
         self._stderr_task = asyncio.create_task(self._drain_stderr())
         await self.write(INITIALIZE)
+        self.on_started(time.monotonic() - began)
 
     async def _drain_stderr(self) -> None:
         assert self.process and self.process.stderr
@@ -3529,6 +3915,7 @@ class Retries:
             raise error
         if self.job.free_retry(error) and self.free < FREE_RETRIES:
             self.free += 1
+            runner.metrics.retried("process_lost")
             return
         delay = runner.backoff(self.attempts)
         if (
@@ -3545,6 +3932,7 @@ class Retries:
                 raise error  # it will not clear soon enough: the client hears now, with Retry-After
             self.limited += delay
         self.attempts += 1
+        runner.metrics.retried(error.code or type(error).__name__)
         log.info(
             "attempt %d failed (%s: %s); retrying in %.1f s", self.attempts, type(error).__name__, error.message, delay
         )
@@ -3638,7 +4026,9 @@ class Runner:
     """Runs jobs' attempts under the concurrency cap and the timeouts, and owns every CLI process: the live ones,
     and through its store, the idle ones."""
 
-    def __init__(self, settings: Settings, workdir: str, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, workdir: str, environ: Mapping[str, str], metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.workdir = workdir
         self.environ = environ  # the base of every child's environment
@@ -3653,6 +4043,7 @@ class Runner:
         self.patterns = PatternChecker(environ)  # for client schemas' patterns; its process starts on first use
         self.version_args: tuple[str, ...] = ()  # flags for this CLI version, learnt at start-up (cli_arguments)
         self.login: LoginState = "unknown"  # from `claude auth status` at start-up, then from each answer
+        self.metrics = metrics or Metrics(settings.metrics)
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -3700,6 +4091,7 @@ class Runner:
             self.environ,
             on_closed=self.live.discard,
             version_args=self.version_args,
+            on_started=self.metrics.process_started,
         )
         self.live.add(cli)
         return cli
@@ -5090,12 +5482,155 @@ class AnthropicStream:
         return [b"event: error\n" + sse(error.anthropic_body())]  # Anthropic's clients raise on it
 
 
+# --- The status page: one HTML page with its script inline, polling /status.json while it is open ---
+
+STATUS_SCRIPT = """
+const $ = (id) => document.getElementById(id);
+const dollars = (v) => "$" + v.toFixed(v < 1 ? 4 : 2);
+const count = (v) => v.toLocaleString("en-US");
+let updates = 0;
+
+function cell(row, text, number) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (number) td.className = "n";
+}
+
+function usageTable(id, byName) {
+  const body = $(id);
+  body.replaceChildren();
+  for (const [name, t] of Object.entries(byName)) {
+    const row = body.insertRow();
+    cell(row, name);
+    for (const v of [t.requests, t.errors, t.input, t.output, t.cache_read, t.cache_write]) cell(row, count(v), true);
+    cell(row, dollars(t.cost), true);
+  }
+  if (!body.rows.length) cell(body.insertRow(), "none yet");
+}
+
+function render(s) {
+  const hour = s.last_hour;
+  const requests = hour.reduce((a, m) => a + m.requests, 0);
+  const errors = hour.reduce((a, m) => a + m.errors, 0);
+  $("requests").textContent = count(requests);
+  $("errors").textContent = count(errors);
+  $("cost").textContent = dollars(s.totals.cost);
+  $("cache").textContent = s.cache_share === null ? "-" : (100 * s.cache_share).toFixed(1) + "%";
+  for (const [state, n] of Object.entries(s.processes)) {
+    const el = $("p-" + state);
+    if (el) el.textContent = count(n);
+  }
+  $("queued").textContent = count(s.queued);
+  $("version").textContent = s.cli_version || "unknown";
+  const peak = Math.max(1, ...hour.map((m) => m.requests));
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const m of hour) {
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.title = m.requests + " requests, " + m.errors + " errors";
+    const ok = document.createElement("div");
+    ok.style.height = (100 * (m.requests - m.errors)) / peak + "%";
+    const bad = document.createElement("div");
+    bad.className = "bad";
+    bad.style.height = (100 * m.errors) / peak + "%";
+    bar.append(bad, ok);
+    bars.append(bar);
+  }
+  usageTable("keys", s.keys);
+  usageTable("models", s.models);
+  const failures = $("failures");
+  failures.replaceChildren();
+  for (const f of s.failures) {
+    const row = failures.insertRow();
+    cell(row, new Date(f.at * 1000).toLocaleTimeString());
+    cell(row, f.key);
+    cell(row, f.model);
+    cell(row, String(f.status), true);
+    cell(row, f.code || "-");
+    cell(row, f.message);
+  }
+  if (!failures.rows.length) cell(failures.insertRow(), "none");
+}
+
+async function refresh() {
+  try {
+    const answer = await fetch(location.origin + "/status.json", { cache: "no-store" });
+    if (!answer.ok) throw new Error("HTTP " + answer.status);
+    render(await answer.json());
+    updates += 1;
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    $("updated").dataset.updates = updates;
+  } catch (error) {
+    $("updated").textContent = "not updated: " + error.message;
+  }
+}
+
+refresh();
+setInterval(refresh, STATUS_REFRESH_MS);
+"""
+STATUS_REFRESH = 5.0  # seconds between the status page's updates while it is open
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>claude_api status</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1.05em; margin: 1.4em 0 .4em; }
+.muted { color: #777; } .tiles { display: flex; flex-wrap: wrap; gap: .8em; }
+.tile { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em; min-width: 7em; }
+.tile b { display: block; font-size: 1.6em; }
+#bars { display: flex; align-items: flex-end; gap: 2px; height: 80px; background: #fff; border: 1px solid #ddd;
+  padding: 4px; margin-top: .8em; } .bar { flex: 1; height: 100%; display: flex; flex-direction: column-reverse; }
+.bar div { background: #4a7bd0; } .bar div.bad { background: #d04a4a; }
+table { border-collapse: collapse; background: #fff; } td, th { border: 1px solid #ddd; padding: .25em .6em; }
+th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-variant-numeric: tabular-nums; }
+</style></head><body>
+<h1>claude_api</h1><div class="muted">CLI <span id="version">-</span> &middot; <span id="updated">loading</span></div>
+<h2>Last hour</h2>
+<div class="tiles">
+<div class="tile">requests<b id="requests">-</b></div><div class="tile">errors<b id="errors">-</b></div>
+<div class="tile">cost since start<b id="cost">-</b></div><div class="tile">read from cache<b id="cache">-</b></div>
+</div>
+<div id="bars" title="requests per minute, errors in red"></div>
+<h2>Processes</h2>
+<div class="tiles">
+<div class="tile">running<b id="p-running">-</b></div><div class="tile">warm<b id="p-warm">-</b></div>
+<div class="tile">parked at a call<b id="p-parked">-</b></div>
+<div class="tile">pre-started<b id="p-prestarted">-</b></div>
+<div class="tile">queued<b id="queued">-</b></div>
+</div>
+<h2>Per key, since start</h2>
+<table><thead><tr><th>key</th><th>requests</th><th>errors</th><th>input</th><th>output</th><th>cache read</th>
+<th>cache write</th><th>cost</th></tr></thead><tbody id="keys"></tbody></table>
+<h2>Per model, since start</h2>
+<table><thead><tr><th>model</th><th>requests</th><th>errors</th><th>input</th><th>output</th><th>cache read</th>
+<th>cache write</th><th>cost</th></tr></thead><tbody id="models"></tbody></table>
+<h2>Recent failures</h2>
+<table><thead><tr><th>time</th><th>key</th><th>model</th><th>status</th><th>code</th><th>message</th></tr></thead>
+<tbody id="failures"></tbody></table>
+<script>SCRIPT</script>
+</body></html>
+"""
+STATUS_SCRIPT = STATUS_SCRIPT.replace("STATUS_REFRESH_MS", str(int(STATUS_REFRESH * 1000)))
+STATUS_HTML = STATUS_PAGE.replace("SCRIPT", STATUS_SCRIPT)
+# The page loads nothing from anywhere: its one script is allowed by its hash, its data comes from this server.
+STATUS_SCRIPT_HASH = base64.b64encode(hashlib.sha256(STATUS_SCRIPT.encode()).digest()).decode()
+STATUS_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src 'sha256-{STATUS_SCRIPT_HASH}'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
 # --- Routes: the HTTP endpoints, their errors and their key check ---
+
+
+REQUEST_LOG = "claude_api.request_log"  # the request's RequestLog in its ASGI scope, once it has one
 
 
 @dataclass
 class RequestLog:
-    """The one log line each request gets."""
+    """The one log line each request gets, carrying its key's name (never the key); ``on_finish`` counts it."""
 
     id: str
     model: str
@@ -5103,24 +5638,63 @@ class RequestLog:
     started: float = field(default_factory=time.monotonic)
     status: int = 200
     usage: Usage | None = None
+    endpoint: str = "-"
+    key: str = NO_KEY
+    on_finish: Callable[[Finish], None] = lambda done: None
+    first_token: float | None = None  # seconds to the first text, thinking or call of a stream
+    error: ProxyError | None = None
 
     def finish(self, status: int, usage: Usage | None = None) -> None:
         self.status, self.usage = status, usage or self.usage
         self.write()
 
+    def fail(self, error: ProxyError) -> None:
+        self.status, self.error = error.status, error
+
     def write(self) -> None:
-        usage = self.usage or {}
+        usage, latency = self.usage or {}, time.monotonic() - self.started
         log.info(
-            "%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s",
+            "%s key=%s model=%s mode=%s status=%d latency=%.3fs tokens=%s/%s cost=%s%s",
             self.id,
+            self.key,
             self.model,
             self.mode,
             self.status,
-            time.monotonic() - self.started,
+            latency,
             usage.get("prompt_tokens", "-"),
             usage.get("completion_tokens", "-"),
             usage.get("total_cost_usd", "-"),
+            f" error={self.error.code}" if self.error else "",
         )
+        error = self.error
+        self.on_finish(
+            Finish(
+                self.endpoint,
+                self.model,
+                self.mode,
+                self.key,
+                self.status,
+                latency,
+                self.first_token,
+                self.usage,
+                error.code if error else None,
+                error.message if error else "",
+            )
+        )
+
+
+def key_name(request: Request) -> str:
+    """The name of the key the request came with (NO_KEY on a server without keys)."""
+    return request.app.state.key_names.get(request.scope.get(KEY_OWNER, ""), NO_KEY)
+
+
+def request_log(request: Request, request_id: str, model: str, mode: str) -> RequestLog:
+    """A request's log line, counted by the app's metrics and its key's limits when it is written."""
+    entry = RequestLog(
+        request_id, model, mode, endpoint=request.url.path, key=key_name(request), on_finish=request.app.state.observe
+    )
+    request.scope[REQUEST_LOG] = entry
+    return entry
 
 
 def error_response(error: ProxyError, wire: WireFormat = "openai") -> JSONResponse:
@@ -5254,7 +5828,8 @@ async def stream_response(
         return Response(status_code=499)
     except ProxyError as error:
         await ticks.aclose()
-        entry.finish(error.status)
+        entry.fail(error)
+        entry.write()
         raise
 
     async def body() -> AsyncIterator[bytes]:
@@ -5267,15 +5842,18 @@ async def stream_response(
                     yield chunk
                 if isinstance(item, Finished):
                     entry.usage = item.usage
+                elif item is not None and entry.first_token is None:
+                    entry.first_token = time.monotonic() - entry.started
                 item = await next_event(ticks)
         except ProxyError as error:
-            entry.status = error.status
+            entry.fail(error)
             for chunk in renderer.fail(error):
                 yield chunk
         except Exception:  # a bug: the client still gets a well-formed end, the log the traceback
             log.exception("stream failed")
-            entry.status = 500
-            for chunk in renderer.fail(ProxyError("The stream failed; see the server log.")):
+            failure = ProxyError("The stream failed; see the server log.")
+            entry.fail(failure)
+            for chunk in renderer.fail(failure):
                 yield chunk
         except BaseException:
             entry.status = 499
@@ -5306,7 +5884,8 @@ async def answer_request(
     try:
         done = await unless_disconnected(request, run())
     except ProxyError as error:
-        entry.finish(error.status)
+        entry.fail(error)
+        entry.write()
         raise
     except ClientGone:
         entry.finish(499)
@@ -5316,7 +5895,9 @@ async def answer_request(
 
 
 async def chat_completions(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
+    state = request.app.state
+    settings: Settings = state.settings
+    state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
     renderer = ChatStream(chat.model, chat.include_usage)
@@ -5327,7 +5908,9 @@ async def chat_completions(request: Request) -> Response:
 
 async def create_message(request: Request) -> Response:
     """The Messages API: the equivalent chat request, answered by the same machinery in Anthropic's shapes."""
-    settings: Settings = request.app.state.settings
+    state = request.app.state
+    settings: Settings = state.settings
+    state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
     renderer = AnthropicStream(chat.model, messages.thinking)
@@ -5359,10 +5942,10 @@ async def serve_chat(
     headers = {"X-Session-Notice": notice} if notice else {}
     session = "" if type(job) is Job else "-session"
     if chat.stream:
-        entry = RequestLog(renderer.id, chat.model, f"{kind}stream-{settings.stream_mode}{session}")
+        entry = request_log(request, renderer.id, chat.model, f"{kind}stream-{settings.stream_mode}{session}")
         events = turn_events(runner, job, chat, settings.stream_mode)
         return await stream_response(request, events, renderer, entry, headers)
-    entry = RequestLog(renderer.id, chat.model, f"{kind}json{session}")
+    entry = request_log(request, renderer.id, chat.model, f"{kind}json{session}")
     done = await answer_request(request, runner, job, chat, entry)
     if done is None:
         return Response(status_code=499)
@@ -5374,6 +5957,7 @@ async def create_response(request: Request) -> Response:
     settings: Settings = state.settings
     runner: Runner = state.runner
     sessions: Sessions = state.sessions
+    state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat = parse_responses_body(body, settings)
     responses: ResponseStore = state.responses
@@ -5396,11 +5980,12 @@ async def create_response(request: Request) -> Response:
             responses.put(shell.id, (*chat.turns, answer_turn(done)), job, owner)
 
     if chat.stream:
-        entry = RequestLog(shell.id, chat.model, f"responses-{settings.stream_mode}")
+        entry = request_log(request, shell.id, chat.model, f"responses-{settings.stream_mode}")
         return await stream_response(
             request, turn_events(runner, job, chat, settings.stream_mode), ResponsesStream(shell, keep), entry, {}
         )
-    done = await answer_request(request, runner, job, chat, RequestLog(shell.id, chat.model, "responses"), keep)
+    entry = request_log(request, shell.id, chat.model, "responses")
+    done = await answer_request(request, runner, job, chat, entry, keep)
     return JSONResponse(response_object(shell, done)) if done else Response(status_code=499)
 
 
@@ -5484,6 +6069,107 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
 
+def process_states(runner: Runner) -> dict[str, int]:
+    """Every CLI process not yet reaped, by what it is doing: answering a turn, pre-started and idle, warm at a
+    turn boundary, warm but parked at the function calls its last turn stopped at, or starting or closing."""
+    idle = {id(entry.cli): entry.kind for entry in runner.store.idle}
+    counts = dict.fromkeys(("running", "prestarted", "warm", "parked", "other"), 0)
+    for cli in list(runner.live):
+        kind = idle.get(id(cli))
+        if kind == "warm":
+            counts["parked" if cli.pending else "warm"] += 1
+        elif kind == "prestarted":
+            counts["prestarted"] += 1
+        else:
+            counts["running" if cli.state == "busy" else "other"] += 1
+    return counts
+
+
+def viewer_allowed(request: Request) -> None:
+    """/metrics and /status take a key as a bearer token, or as the password of Basic auth (any user name), which
+    a browser asks for; without keys they are open, like the rest of a loopback server."""
+    settings: Settings = request.app.state.settings
+    if not settings.metrics:
+        raise NotFound(f"Invalid URL ({request.method} {request.url.path}): CLAUDE_METRICS is off.")
+    headers = request.headers
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        with contextlib.suppress(ValueError):
+            password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+            headers = Headers({"authorization": f"Bearer {password}"})
+    if settings.api_keys and key_index(headers, settings.api_keys) is None:
+        raise ViewerKeyRequired(
+            "Missing or incorrect API key: send one of the keys in CLAUDE_API_KEYS as a bearer token, or as the "
+            "password of Basic auth."
+        )
+
+
+def gauge_families(state: Any) -> list[Family]:
+    runner: Runner = state.runner
+    sessions: Sessions = state.sessions
+    info: CliInfo | None = state.cli
+    return [
+        ("claude_api_queue_length", "gauge", "Requests waiting for a concurrency slot.", [("", {}, runner.queued)]),
+        ("claude_api_in_flight", "gauge", "Requests holding a concurrency slot.", [("", {}, runner.in_flight)]),
+        (
+            "claude_api_cli_processes",
+            "gauge",
+            "CLI processes by state: running a turn, prestarted, warm, parked at a function call, other "
+            "(starting or closing).",
+            [("", {"state": name}, count) for name, count in process_states(runner).items()],
+        ),
+        (
+            "claude_api_sessions",
+            "gauge",
+            "Sessions held, explicit (with the conversations behind stored responses) and automatic.",
+            [("", {"kind": "explicit"}, len(sessions.explicit)), ("", {"kind": "automatic"}, len(sessions.auto))],
+        ),
+        (
+            "claude_api_cli_info",
+            "gauge",
+            "The claude CLI's version, as it prints it.",
+            [("", {"version": (info.version if info else None) or "unknown"}, 1)],
+        ),
+    ]
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    viewer_allowed(request)
+    state = request.app.state
+    text = exposition([*metric_families(state.metrics), *gauge_families(state)])
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def status_report(state: Any) -> dict[str, Any]:
+    """What the status page shows, as /status.json gives it."""
+    metrics: Metrics = state.metrics
+    runner: Runner = state.runner
+    fresh, _, read, write = metrics.total.tokens
+    prompt = fresh + read + write
+    return {
+        "uptime": time.time() - metrics.started,
+        "cli_version": state.cli.version if state.cli else None,
+        "last_hour": metrics.last_hour(),
+        "totals": metrics.total.report(),
+        "keys": {name: totals.report() for name, totals in metrics.keys.items()},
+        "models": {name: totals.report() for name, totals in metrics.models.items()},
+        "cache_share": read / prompt if prompt else None,
+        "processes": process_states(runner),
+        "queued": runner.queued,
+        "failures": [asdict(failure) for failure in reversed(metrics.failures)],
+    }
+
+
+async def status_page(request: Request) -> Response:
+    viewer_allowed(request)
+    return Response(STATUS_HTML, media_type="text/html", headers=STATUS_HEADERS)
+
+
+async def status_json(request: Request) -> Response:
+    viewer_allowed(request)
+    return JSONResponse(status_report(request.app.state), headers={"Cache-Control": "no-store"})
+
+
 async def index(request: Request) -> Response:
     return JSONResponse(
         {
@@ -5503,6 +6189,10 @@ async def index(request: Request) -> Response:
 
 async def proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
+    if request.method == "POST" and REQUEST_LOG not in request.scope and request.url.path.startswith("/v1"):
+        entry = request_log(request, f"req-{uuid.uuid4().hex[:24]}", "-", "-")  # refused before it had a model
+        entry.fail(exc)
+        entry.write()
     return error_response(exc, wire_format(request.url.path))
 
 
@@ -5736,6 +6426,20 @@ async def check_cli(app: Starlette, info: CliInfo, settings: Settings, environ: 
         )
 
 
+def observe_requests(app: Starlette, settings: Settings) -> None:
+    """What each request's end feeds: the metrics, and its key's limits; and each key's name by its owner."""
+    metrics, limits = app.state.metrics, app.state.limits = Metrics(settings.metrics), KeyLimits(settings)
+    app.state.key_names = {
+        owner_of(key.encode()): name for key, name in zip(settings.api_keys, settings.named_keys, strict=True)
+    }
+
+    def observe(done: Finish) -> None:
+        metrics.record(done)
+        limits.spend(done.key, (done.usage or {}).get("total_cost_usd", 0.0))
+
+    app.state.observe = observe
+
+
 def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
     """The app. ``environ`` is the base of the CLI's environment (tests pass their own)."""
     settings = settings or load_settings(environ)
@@ -5743,7 +6447,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         workdir = prepare_workdir(settings, environ)
-        runner = app.state.runner = Runner(settings, str(workdir), environ)
+        runner = app.state.runner = Runner(settings, str(workdir), environ, app.state.metrics)
         binary = resolve_binary(settings, environ)
         info = app.state.cli = await probe_cli(binary, environ) if binary else None
         runner.version_args = cli_arguments(info) if info else ()
@@ -5776,6 +6480,9 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
         routes=[
             Route("/", index),
             Route("/health", health),
+            Route("/metrics", metrics_endpoint),
+            Route("/status", status_page),
+            Route("/status.json", status_json),
             Route("/v1/models", list_models),
             Route("/v1/models/{model_id:path}", get_model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -5789,6 +6496,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
     app.add_middleware(BearerAuth, keys=settings.api_keys)
     app.add_middleware(BrowserGuard, hosts=settings.trusted_hosts, origins=settings.allowed_origins)
     app.state.settings = settings
+    observe_requests(app, settings)
     app.state.cli = None
     app.state.self_check = SelfCheck("pending" if settings.self_check else "off")
     return app

@@ -1074,6 +1074,9 @@ async def test_malformed_bodies(fake: Fake) -> None:
 WRONG_METHODS = [  # one per route; every route of the app must be here
     ("/", "POST", "GET, HEAD"),
     ("/health", "DELETE", "GET, HEAD"),
+    ("/metrics", "POST", "GET, HEAD"),
+    ("/status", "PUT", "GET, HEAD"),
+    ("/status.json", "DELETE", "GET, HEAD"),
     ("/v1/models", "DELETE", "GET, HEAD"),
     ("/v1/models/{model_id:path}", "POST", "GET, HEAD"),
     ("/v1/chat/completions", "GET", "POST"),
@@ -5055,3 +5058,430 @@ async def test_real_environment_text_names_no_home_path(real: Real) -> None:
     assert real.environ["HOME"] not in upstream
     if "Primary working directory" in upstream:  # 2.1.332 and later name it; 2.1.197 sends only the date
         assert f"Primary working directory: {api.private_workdir(real.environ)}" in upstream
+
+
+# --- Usage per key, metrics, the status page and limits ---
+
+
+@pytest.mark.parametrize(
+    ("raw", "secrets", "names"),
+    [
+        ("alice:sk-1,bob:sk-2", ("sk-1", "sk-2"), ("alice", "bob")),
+        ("sk-plain,alice:sk-1", ("sk-plain", "sk-1"), ("key1", "alice")),
+        ("ci.bot:a:b:c", ("a:b:c",), ("ci.bot",)),  # only the first colon splits
+        ("has space:k", ("has space:k",), ("key1",)),  # not a name: the whole entry is the key
+    ],
+    ids=["named", "plain-and-named", "key-with-colons", "not-a-name"],
+)
+def test_named_keys(raw: str, secrets: tuple[str, ...], names: tuple[str, ...]) -> None:
+    settings = make_settings(api_keys=raw)
+    assert (settings.api_keys, settings.named_keys) == (secrets, names)
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragment"),
+    [
+        ({"CLAUDE_API_KEYS": "a:k1,a:k2"}, "each key needs its own name"),
+        ({"CLAUDE_API_KEYS": "k1,key1:k2"}, "each key needs its own name"),
+        ({"CLAUDE_API_KEYS": "alice:"}, "the key named 'alice' is empty"),
+        ({"CLAUDE_KEY_RPM": "5"}, "set CLAUDE_API_KEYS too"),
+        ({"CLAUDE_API_KEYS": "a:k", "CLAUDE_KEY_RPM": "b:5"}, "names keys that CLAUDE_API_KEYS does not: b"),
+        ({"CLAUDE_API_KEYS": "a:k", "CLAUDE_KEY_USD_PER_DAY": "a:x"}, "CLAUDE_KEY_USD_PER_DAY must be a number"),
+        ({"CLAUDE_API_KEYS": "a:k", "CLAUDE_KEY_RPM": "0"}, "CLAUDE_KEY_RPM must be a number >= 1"),
+        ({"CLAUDE_METRICS": "maybe"}, "CLAUDE_METRICS must be one of"),
+    ],
+)
+def test_bad_key_settings_name_the_variable(environ: dict[str, str], fragment: str) -> None:
+    with pytest.raises(api.SettingsError, match=re.escape(fragment)):
+        api.load_settings(environ)
+
+
+KEYS = "alice:sk-alice-secret,bob:sk-bob-secret,sk-plain-secret"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_each_request_logs_its_key_name_never_the_key(fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="claude_api")
+    async with client_for(fake.app(api_keys=KEYS)) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))).is_success
+        assert (await client.post("/v1/responses", json={"input": "hi"}, headers=bearer("sk-plain-secret"))).is_success
+        bad = await client.post("/v1/chat/completions", json={"model": "sonnet"}, headers=bearer("sk-bob-secret"))
+        assert_error(bad, 400, param="messages")
+    lines = [r.getMessage() for r in caplog.records if " key=" in r.getMessage()]
+    assert len(lines) == 3
+    assert " key=alice model=sonnet mode=json status=200 " in lines[0]
+    assert " key=key3 " in lines[1] and "status=200" in lines[1]
+    assert " key=bob model=- mode=- status=400 " in lines[2] and lines[2].endswith("error=missing_required_parameter")
+    assert "secret" not in caplog.text
+
+
+async def test_per_key_totals_are_kept_and_add_up(fake: Fake) -> None:
+    app = fake.app(api_keys=KEYS)
+    async with client_for(app) as client:
+        for key in ("sk-alice-secret", "sk-alice-secret", "sk-bob-secret"):
+            assert (await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))).is_success
+        metrics: api.Metrics = app.state.metrics
+        alice, bob = metrics.keys["alice"], metrics.keys["bob"]
+    # Each answer of the fake CLI: 5 fresh input tokens, 4 output, 7 read from the cache, 3 written; $0.0012.
+    assert (alice.requests, alice.tokens, alice.cost) == (2, [10, 8, 14, 6], pytest.approx(0.0024))
+    assert (bob.requests, bob.tokens, bob.cost) == (1, [5, 4, 7, 3], pytest.approx(0.0012))
+    assert metrics.total.requests == alice.requests + bob.requests
+    assert metrics.total.tokens == [a + b for a, b in zip(alice.tokens, bob.tokens, strict=True)]
+    assert metrics.total.cost == pytest.approx(alice.cost + bob.cost)
+
+
+Scraped = dict[str, list[tuple[dict[str, str], float]]]
+
+
+async def scrape(client: httpx.AsyncClient, key: str = "sk-alice-secret") -> Scraped:
+    """/metrics read by Prometheus' own parser: each sample's labels and value, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await client.get("/metrics", headers=bearer(key))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Scraped = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: Scraped, name: str, **labels: str) -> float:
+    """The sum of a metric's samples that carry these labels."""
+    return sum(value for have, value in samples.get(name, []) if labels.items() <= have.items())
+
+
+async def test_metrics_parse_and_move_as_requests_flow(fake: Fake) -> None:
+    paris = {"name": "get_weather", "input": {"city": "Paris"}}
+    fake.control(script=[{"tool_use": [paris]}, "ok", "crash", "ok"], default="ok")
+    app = fake.app(api_keys=KEYS, auto_session="on", max_retries=1)
+    async with client_for(app) as client:
+        refused = await client.get("/metrics")
+        assert_error(refused, 401, "invalid_api_key")
+        assert refused.headers["www-authenticate"].startswith("Basic ")
+        before = await scrape(client)
+        assert total(before, "claude_api_requests_total") == 0
+        assert total(before, "claude_api_cli_info", version="9.9.9 (Fake Code)") == 1
+
+        ask = {**chat("Paris?"), "tools": [WEATHER]}
+        called = await client.post("/v1/chat/completions", json=ask, headers=bearer("sk-alice-secret"))
+        assert called.json()["choices"][0]["finish_reason"] == "tool_calls"
+        parked = await scrape(client)
+        assert total(parked, "claude_api_cli_processes", state="parked") == 1
+        assert total(parked, "claude_api_cli_processes", state="warm") == 0
+        assert total(parked, "claude_api_sessions", kind="automatic") == 1
+
+        streamed = await client.post(
+            "/v1/chat/completions", json=chat("Hi", stream=True), headers=bearer("sk-bob-secret")
+        )
+        assert streamed.status_code == 200
+        retried = await client.post("/v1/chat/completions", json=chat("again"), headers=bearer("sk-plain-secret"))
+        assert retried.status_code == 200
+        bad = await client.post("/v1/chat/completions", json={"model": "sonnet"}, headers=bearer("sk-bob-secret"))
+        assert bad.status_code == 400
+        after = await scrape(client)
+
+    assert total(after, "claude_api_requests_total") == 4
+    assert total(after, "claude_api_requests_total", status="200", mode="json-session", model="sonnet") == 2
+    assert total(after, "claude_api_requests_total", status="200", mode="stream-live-session") == 1
+    assert total(after, "claude_api_requests_total", status="400", mode="-", model="-") == 1
+    assert total(after, "claude_api_request_seconds_count", endpoint="/v1/chat/completions") == 4
+    assert total(after, "claude_api_first_token_seconds_count", endpoint="/v1/chat/completions") == 1
+    assert total(after, "claude_api_retries_total", cause="cli_failed") == 1
+    assert total(after, "claude_api_process_start_seconds_count") == 4  # the parked one, bob's, the crash, retry
+    assert total(after, "claude_api_tokens_total", type="output") == 3 * 4
+    assert total(after, "claude_api_tokens_total", type="cache_read") == 3 * 7
+    assert total(after, "claude_api_cost_usd_total") == pytest.approx(3 * 0.0012)
+    # Per-key totals add up to the totals.
+    assert total(after, "claude_api_key_requests_total") == total(after, "claude_api_requests_total")
+    assert total(after, "claude_api_key_requests_total", key="bob") == 2
+    for kind in api.TOKEN_TYPES:
+        assert total(after, "claude_api_key_tokens_total", type=kind) == total(
+            after, "claude_api_tokens_total", type=kind
+        )
+    assert total(after, "claude_api_key_cost_usd_total") == pytest.approx(total(after, "claude_api_cost_usd_total"))
+    assert total(after, "claude_api_key_cost_usd_total", key="alice") == pytest.approx(0.0012)
+
+
+async def eventually_async(condition: Any, ceiling: float = 10) -> bool:
+    """``eventually`` for a condition that must await: a ceiling, polled."""
+    deadline = time.monotonic() + ceiling
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_metrics_show_the_queue_and_the_running_processes(fake: Fake) -> None:
+    fake.control(default="silent_then_ok", silence=2.0)
+    async with client_for(fake.app(max_concurrency=1)) as client:
+        posts = [asyncio.ensure_future(client.post("/v1/chat/completions", json=chat())) for _ in range(2)]
+        seen: list[Scraped] = []
+
+        async def busy() -> bool:
+            seen.append(await scrape(client))
+            running = total(seen[-1], "claude_api_cli_processes", state="running")
+            return total(seen[-1], "claude_api_queue_length") == 1 and running == 1  # past the process's start
+
+        assert await eventually_async(busy)
+        assert total(seen[-1], "claude_api_in_flight") == 1
+        assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
+        done = await scrape(client)
+    assert total(done, "claude_api_queue_length") == 0 and total(done, "claude_api_requests_total", status="200") == 2
+    assert total(done, "claude_api_key_requests_total", key="-") == 2  # a server without keys: one key, "-"
+
+
+async def test_metrics_off_leaves_no_endpoint_and_counts_nothing(fake: Fake) -> None:
+    app = fake.app(metrics="off")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert_error(await client.get("/metrics"), 404, "unknown_url")
+    assert app.state.metrics.total.requests == 0 and app.state.metrics.requests == {}
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+async def test_the_status_page_and_its_data_need_a_key(fake: Fake) -> None:
+    fake.control(script=["ok", "bad_request"], default="ok")
+    async with client_for(fake.app(api_keys=KEYS)) as client:
+        await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+        failed = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bob-secret"))
+        assert_error(failed, 502, "upstream_rejected")
+        for path in ("/status", "/status.json", "/metrics"):
+            for headers in ({}, basic("viewer", "wrong"), bearer("wrong"), basic("sk-bob-secret", "")):
+                refused = await client.get(path, headers=headers)
+                assert_error(refused, 401, "invalid_api_key")
+                assert refused.headers["www-authenticate"] == 'Basic realm="claude_api", charset="UTF-8"'
+        page = await client.get("/status", headers=basic("anyone", "sk-bob-secret"))
+        report = (await client.get("/status.json", headers=bearer("sk-alice-secret"))).json()
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and f"'sha256-{api.STATUS_SCRIPT_HASH}'" in policy
+    assert "http" not in page.text.replace("http-equiv", "")  # nothing is fetched from anywhere else
+    assert sum(minute["requests"] for minute in report["last_hour"]) == 2 and len(report["last_hour"]) == 60
+    assert report["keys"]["alice"]["requests"] == 1 and report["keys"]["bob"]["errors"] == 1
+    assert report["cache_share"] == pytest.approx(7 / 15)
+    assert [(f["key"], f["status"], f["code"]) for f in report["failures"]] == [("bob", 502, "upstream_rejected")]
+
+
+BROWSER = next((found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None)
+needs_browser = pytest.mark.skipif(
+    BROWSER is None and not IN_CI,
+    reason="no headless Chromium: install Debian's chromium package (the README's test command does, as root)",
+)
+
+
+def chromium(page: str, profile: Path, *args: str) -> str:
+    """Headless Chromium on a page, its timers run for 12 s of virtual time; its stdout."""
+    assert BROWSER is not None, "CI must render the status page: install Debian's chromium package"
+    command = [BROWSER, "--headless", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
+    command += ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium's sandbox refuses to run as root
+    done = subprocess.run(
+        [*command, "--virtual-time-budget=12000", *args, page], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def element_text(dom: str, element_id: str) -> str:
+    found = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
+    assert found, f"no element {element_id!r} in the page"
+    return found.group(1)
+
+
+@needs_browser
+def test_the_status_page_shows_real_numbers_in_chromium(fake: Fake, tmp_path: Path) -> None:
+    fake.control(script=["ok", "ok", "bad_request"], default="ok")
+    with serve(fake.app(api_keys=KEYS)) as url:
+        for key in ("sk-alice-secret", "sk-alice-secret", "sk-bob-secret"):
+            httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bearer(key), timeout=30)
+        page = url.replace("http://", "http://viewer:sk-bob-secret@") + "/status"  # Basic auth, as a person logs in
+        dom = chromium(page, tmp_path / "profile", "--dump-dom")
+        screenshot = tmp_path / "status.png"
+        chromium(page, tmp_path / "profile", "--window-size=1100,1000", f"--screenshot={screenshot}")
+    # The numbers are the script's: the page as served holds only dashes.
+    assert (element_text(dom, "requests"), element_text(dom, "errors")) == ("3", "1")
+    assert element_text(dom, "cost") == "$0.0024" and element_text(dom, "cache") == "46.7%"
+    assert element_text(dom, "version") == "9.9.9 (Fake Code)"
+    assert '<td>alice</td><td class="n">2</td>' in dom and "<td>upstream_rejected</td>" in dom
+    updates = re.search(r'data-updates="(\d+)"', dom)
+    assert updates and int(updates.group(1)) >= 2  # it went on updating itself while open
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    print(f"status page screenshot: {screenshot}")
+
+
+async def test_a_key_over_its_requests_per_minute_gets_429_with_retry_after(fake: Fake) -> None:
+    app = fake.app(api_keys=KEYS, key_rpm="alice:2")
+    async with client_for(app) as client:
+        for _ in range(2):
+            assert (
+                await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+            ).is_success
+        refused = await client.post("/v1/responses", json={"input": "hi"}, headers=bearer("sk-alice-secret"))
+        other = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bob-secret"))
+    error = assert_error(refused, 429, "rate_limit_exceeded")
+    assert "2 requests per minute" in error["message"] and "CLAUDE_KEY_RPM" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert other.is_success  # bob has no limit
+    assert len(fake.calls()) == 3  # the refused request ran no CLI
+    failure = app.state.metrics.failures[-1]
+    assert (failure.key, failure.status, failure.code) == ("alice", 429, "rate_limit_exceeded")
+
+
+async def test_a_key_over_its_dollars_per_day_gets_429_until_midnight_utc(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys=KEYS, key_usd_per_day="*:0.002,alice:1")) as client:
+        # Each answer of the fake CLI costs $0.0012: the second takes bob past $0.002, the third is refused.
+        answers = [
+            await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-bob-secret")) for _ in "abc"
+        ]
+        alice = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+    assert [a.status_code for a in answers] == [200, 200, 429] and alice.is_success
+    error = assert_error(answers[2], 429, "rate_limit_exceeded")
+    assert "$0.002 a day" in error["message"] and "CLAUDE_KEY_USD_PER_DAY" in error["message"]
+    to_midnight = 86400 - time.time() % 86400
+    assert abs(int(answers[2].headers["retry-after"]) - to_midnight) <= 5
+
+
+def test_key_limits_slide_by_the_minute_and_reset_by_the_day() -> None:
+    limits = api.KeyLimits(make_settings(api_keys=KEYS, key_rpm="*:2", key_usd_per_day="bob:1"))
+    day = 20_000 * 86400.0
+    limits.admit("alice", day + 10)
+    limits.admit("alice", day + 40)
+    with pytest.raises(api.KeyLimitReached) as refused:
+        limits.admit("alice", day + 50)
+    assert refused.value.retry_after == pytest.approx(20)  # when the first of the two leaves the minute
+    limits.admit("alice", day + 70.5)
+    limits.spend("bob", 0.6, day + 100)
+    limits.spend("bob", 0.5, day + 200)
+    with pytest.raises(api.KeyLimitReached) as spent:
+        limits.admit("bob", day + 300)
+    assert spent.value.retry_after == pytest.approx(86400 - 300)
+    limits.admit("bob", day + 86400 + 1)  # a new day (UTC)
+    limits.spend("bob", 0.9, day + 86400 + 2)
+    limits.admit("bob", day + 86400 + 3)
+
+
+# --- Running as a service: the READMEs' unit files ---
+
+
+def readme_block(readme: str, opening: str) -> str:
+    """The README's code block whose first lines are ``opening``, without its fences."""
+    text = (HERE / readme).read_text()
+    found = re.search(rf"```[a-z]*\n({re.escape(opening)}.*?)```", text, re.DOTALL)
+    assert found, f"{readme} has no block opening with {opening!r}"
+    return found.group(1)
+
+
+def test_the_systemd_unit_in_the_readmes_is_valid(tmp_path: Path) -> None:
+    unit = readme_block("README.en.md", "[Unit]\n")
+    assert readme_block("README.md", "[Unit]\n") == unit
+    sections: dict[str, dict[str, str]] = {}
+    for line in unit.splitlines():
+        if line.startswith("["):
+            section = sections.setdefault(line.strip("[]"), {})
+        elif line.strip():
+            name, _, value = line.partition("=")
+            section[name] = value
+    service = sections["Service"]
+    assert service["Restart"] == "on-failure" and service["EnvironmentFile"] == "%h/.config/claude_api/env"
+    assert service["ExecStart"].endswith(" claude_api.py") and sections["Install"]["WantedBy"] == "default.target"
+    if shutil.which("systemd-analyze") is None:
+        return
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    path = tmp_path / "claude_api.service"
+    path.write_text(unit.replace("/usr/bin/python3", python))
+    checked = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    # It exits 0 even for keys it ignores: any word on stderr is a problem.
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+
+
+def test_the_launchd_agent_in_the_readmes_restarts_on_failure_with_the_environment_file() -> None:
+    import plistlib
+
+    agent = readme_block("README.en.md", '<?xml version="1.0"')
+    assert readme_block("README.md", '<?xml version="1.0"') == agent
+    plist = plistlib.loads(agent.encode())
+    assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
+    shell, flag, command = plist["ProgramArguments"]
+    assert (shell, flag) == ("/bin/sh", "-c") and command.startswith('set -a; . "$HOME/.config/claude_api/env"; exec ')
+
+
+# --- Several instances behind nginx ---
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+needs_nginx = pytest.mark.skipif(
+    NGINX is None and not IN_CI,
+    reason="no nginx: install Debian's nginx package (the README's test command does, as root)",
+)
+
+
+@contextlib.contextmanager
+def nginx_in_front(folder: Path, ports: list[int]) -> Iterator[str]:
+    """nginx on a free loopback port with the README's upstream block, its servers replaced by ``ports``."""
+    assert NGINX is not None, "CI must run the load-balancer test: install Debian's nginx package"
+    block = readme_block("README.en.md", "upstream claude_api {\n")
+    assert readme_block("README.md", "upstream claude_api {\n") == block
+    upstream = block[: block.index("\n}\n") + 3]  # the upstream block alone, without the server block after it
+    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in ports)
+    upstream = re.sub(r"( {4}server [^\n]*\n)+", servers, upstream, count=1)
+    port = free_port()
+    temp = "".join(
+        f"{kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    config = folder / "nginx.conf"
+    config.write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes 1;\npid {folder}/nginx.pid;\nevents {{}}\nhttp {{\naccess_log off;\n{temp}{upstream}"
+        + f"server {{\nlisten 127.0.0.1:{port};\nlocation / {{\nproxy_pass http://claude_api;\n"
+        + "proxy_http_version 1.1;\nproxy_set_header Host $host;\nproxy_buffering off;\n}\n}\n}\n"
+    )
+    process = subprocess.Popen(
+        [NGINX, "-p", str(folder), "-c", str(config), "-e", "stderr", "-g", "daemon off;"],
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        return False
+
+    try:
+        assert wait_until(up, 15), "nginx did not start"
+        yield url
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=20)
+        assert process.returncode == 0, errors.decode()[-2000:]
+
+
+@needs_nginx
+def test_behind_nginx_every_turn_of_a_conversation_reaches_the_same_instance(tmp_path: Path) -> None:
+    fakes = [write_fake_cli(tmp_path / name) for name in ("one", "two")]
+    envs = [
+        {"CLAUDE_BIN": str(binary), "HOME": str(tmp_path), "CLAUDE_API_KEYS": KEYS, "CLAUDE_PREWARM": "0"}
+        for binary in fakes
+    ]
+    with server_process(envs[0]) as (first, _), server_process(envs[1]) as (second, _):
+        ports = [int(url.rsplit(":", 1)[1]) for url in (first, second)]
+        with nginx_in_front(tmp_path, ports) as url:
+            for key in ("sk-alice-secret", "sk-bob-secret", "sk-plain-secret"):
+                history: list[dict[str, Any]] = []
+                for turn in range(3):  # a stateless client: the whole history every turn
+                    history.append(user(f"{key} turn {turn}"))
+                    answer = httpx.post(
+                        f"{url}/v1/chat/completions", json=chat(messages=history), headers=bearer(key), timeout=30
+                    )
+                    assert answer.status_code == 200, answer.text
+                    history.append(answer.json()["choices"][0]["message"])
+    for key in ("sk-alice-secret", "sk-bob-secret", "sk-plain-secret"):
+        where = [
+            (folder, call["pid"]) for folder in fakes for call in fake_calls(folder.parent) if key in json.dumps(call)
+        ]
+        assert len(where) == 3 and len(set(where)) == 1, where  # one instance, and there one warm CLI process
