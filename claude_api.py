@@ -6182,6 +6182,8 @@ async def index(request: Request) -> Response:
                 "/v1/models",
                 "/v1/models/{id}",
                 "/health",
+                "/metrics",
+                "/status",
             ],
         }
     )
