@@ -5378,15 +5378,7 @@ def anthropic_usage(usage: Usage | None) -> dict[str, int]:
 
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
-    arguments: Any = {}
-    with contextlib.suppress(ValueError, RecursionError):
-        arguments = json.loads(call.arguments or "{}")
-    return {
-        "type": "tool_use",
-        "id": call.id,
-        "name": call.name,
-        "input": arguments if isinstance(arguments, dict) else {},
-    }
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call_input(call.arguments)}
 
 
 def anthropic_message(mid: str, model: str, done: Answer, thinking: bool) -> dict[str, Any]:
