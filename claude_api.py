@@ -5771,7 +5771,8 @@ h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1.05em; margin: 1.4em
 #bars { display: flex; align-items: flex-end; gap: 2px; height: 80px; background: #fff; border: 1px solid #ddd;
   padding: 4px; margin-top: .8em; } .bar { flex: 1; height: 100%; display: flex; flex-direction: column-reverse; }
 .bar div { background: #4a7bd0; } .bar div.bad { background: #d04a4a; }
-#windows { display: contents; } .window { min-width: 12em; } .meter { height: 8px; background: #e4e4e4; border-radius: 4px; margin: .3em 0; }
+#windows { display: contents; } .window { min-width: 12em; }
+.meter { height: 8px; background: #e4e4e4; border-radius: 4px; margin: .3em 0; }
 .meter div { height: 100%; background: #4a7bd0; border-radius: 4px; } .meter div.high { background: #d04a4a; }
 table { border-collapse: collapse; background: #fff; } td, th { border: 1px solid #ddd; padding: .25em .6em; }
 th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-variant-numeric: tabular-nums; }
