@@ -4816,6 +4816,7 @@ async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
             "queued": 0,
             "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
             "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0},
+            "subscription": {"state": "not_reported", "note": api.NOT_REPORTED},
         }
         index = (await client.get("/")).json()
         assert "/v1/chat/completions" in index["endpoints"]
