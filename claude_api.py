@@ -1,6 +1,14 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "starlette>=0.46",
+#     "uvicorn>=0.34",
+# ]
+# ///
 """OpenAI-compatible (and Anthropic Messages-compatible) HTTP API over the local, logged-in ``claude`` CLI.
 
-Start it with ``python claude_api.py`` and point any OpenAI client at ``http://127.0.0.1:8765/v1``,
+Start it with ``python claude_api.py`` (or ``uv run claude_api.py``, which reads its needs from the block above)
+and point any OpenAI client at ``http://127.0.0.1:8765/v1``,
 or an Anthropic client (Claude Code too) at ``http://127.0.0.1:8765``. Every request runs
 ``claude -p`` with its built-in tools and its ``@file`` mentions switched off, in a private empty
 working directory, so no client can make it touch the host; requests a web page could send

@@ -5594,6 +5594,68 @@ def test_the_launchd_agent_in_the_readmes_restarts_on_failure_with_the_environme
     assert (shell, flag) == ("/bin/sh", "-c") and command.startswith('set -a; . "$HOME/.config/claude_api/env"; exec ')
 
 
+def start_command(readme: Path, heading: str) -> str:
+    """The first command of a README's start section: its first bash block after ``heading``."""
+    text = readme.read_text()
+    found = re.search(rf"^{re.escape(heading)}$.*?```bash\n(.*?)\n```", text, re.DOTALL | re.MULTILINE)
+    assert found, f"{readme.name} has no bash block under {heading!r}"
+    return found.group(1)
+
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin:/usr/local/bin")
+
+
+@pytest.mark.skipif(
+    (SYSTEM_PYTHON is None or shutil.which("git") is None) and not IN_CI, reason="no system python3, or no git"
+)
+def test_the_readmes_start_command_works_in_a_fresh_clone_with_only_the_system_python(tmp_path: Path) -> None:
+    assert SYSTEM_PYTHON is not None, "CI must run the README's start command on the system's python3"
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(HERE), str(clone)], check=True, timeout=60)
+    command = start_command(clone / "README.en.md", "## Start and test")
+    assert start_command(clone / "README.md", "## 启动与测试") == command
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    home.mkdir()
+    (bin_dir / "python3").symlink_to(SYSTEM_PYTHON)  # the only program on PATH: no python, no pip
+    port = free_port()
+    environ = {
+        "PATH": str(bin_dir),
+        "HOME": str(home),
+        "TMPDIR": str(tmp_path),
+        "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip"),  # pip's own cache
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "CLAUDE_API_PORT": str(port),
+        "CLAUDE_BIN": str(write_fake_cli(tmp_path / "fakecli")),
+        "CLAUDE_SELF_CHECK": "off",
+    }
+    log = (tmp_path / "start.log").open("w")
+    server = subprocess.Popen(
+        ["/bin/sh", "-c", command], cwd=clone, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+    def health() -> httpx.Response | None:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        return None
+
+    try:
+        assert wait_until(lambda: health() is not None or server.poll() is not None, 180, 0.2)
+        answer = health()
+        assert answer is not None, (tmp_path / "start.log").read_text()[-3000:]
+        assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
+        assert (clone / ".venv" / "bin" / "python").exists()  # it ran from its own environment
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+        log.close()
+
+
 # --- Several instances behind nginx ---
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
