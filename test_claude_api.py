@@ -5623,12 +5623,14 @@ def test_the_readmes_start_command_works_in_a_fresh_clone_with_only_the_system_p
         "PATH": str(bin_dir),
         "HOME": str(home),
         "TMPDIR": str(tmp_path),
-        "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip"),  # pip's own cache
+        "PIP_CACHE_DIR": str(Path.home() / ".cache" / "pip"),  # the user's pip cache, for speed
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "CLAUDE_API_PORT": str(port),
         "CLAUDE_BIN": str(write_fake_cli(tmp_path / "fakecli")),
         "CLAUDE_SELF_CHECK": "off",
     }
+    # How this machine reaches the package registry (an index, a proxy, a certificate) is pip's to keep.
+    environ |= {k: v for k, v in os.environ.items() if k.startswith("PIP_") or k.lower().endswith("_proxy")}
     log = (tmp_path / "start.log").open("w")
     server = subprocess.Popen(
         ["/bin/sh", "-c", command], cwd=clone, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
