@@ -5396,6 +5396,19 @@ def test_the_subscription_takes_a_bounded_number_of_windows() -> None:
     assert len(subscription.windows) == api.MAX_WINDOWS and "five_hour" not in subscription.windows
 
 
+async def test_a_messages_error_for_a_reached_limit_carries_the_unified_headers(fake: Fake) -> None:
+    fake.control(default="usage_limit", resets_in=3600)
+    async with client_for(fake.app()) as client:
+        refused = await client.post("/v1/messages", json={**chat(), "max_tokens": 50})
+        openai = await client.post("/v1/chat/completions", json=chat())
+    assert_anthropic_error(refused, 429, "rate_limit_error")
+    assert refused.headers["anthropic-ratelimit-unified-status"] == "rejected"
+    assert refused.headers["anthropic-ratelimit-unified-representative-claim"] == "five_hour"
+    assert abs(int(refused.headers["anthropic-ratelimit-unified-reset"]) - (time.time() + 3600)) < 60
+    assert not any("utilization" in name for name in refused.headers)  # the event had no windows
+    assert openai.status_code == 429 and not any(name.startswith("anthropic-") for name in openai.headers)
+
+
 def subscriber(real: Real) -> dict[str, str]:
     """The real CLI's environment logged in as a subscriber: an OAuth token instead of an API key."""
     environ = {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"}
