@@ -5615,6 +5615,22 @@ def start_command(readme: Path, heading: str) -> str:
     return found.group(1)
 
 
+def test_the_module_names_its_python_and_dependencies_for_uv_run_and_pipx_run() -> None:
+    import tomllib
+
+    # PEP 723's reference reader: a "script" block of "# " lines between "# /// script" and "# ///".
+    found = re.search(
+        r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$", (HERE / "claude_api.py").read_text()
+    )
+    assert found and found["type"] == "script"
+    lines = found["content"].splitlines(keepends=True)
+    metadata = tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:] for line in lines))
+    requirements = [line.strip() for line in (HERE / "requirements.txt").read_text().splitlines() if line.strip()]
+    assert metadata["dependencies"] == requirements
+    target = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["ruff"]["target-version"]
+    assert metadata["requires-python"] == f">={target[2]}.{target[3:]}"
+
+
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin:/usr/local/bin")
 
 
