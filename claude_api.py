@@ -3217,11 +3217,10 @@ def limit_word(value: Any) -> str | None:
 
 
 def finite(value: Any) -> float | None:
-    return (
-        float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        else None
-    )
+    """A number of the CLI's as a float, or None: not a number, NaN, infinite, or an integer too big for a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1e15 < value < 1e15:
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -3260,8 +3259,6 @@ class Subscription:
         using = info.get("isUsingOverage")
         self.using_overage = using if isinstance(using, bool) else None
         windows = info.get("unifiedWindows")
-        if not isinstance(windows, dict) and self.claim and finite(info.get("utilization")) is not None:
-            windows = {self.claim: {"utilization": info["utilization"], "resetsAt": self.resets_at}}
         for name, window in windows.items() if isinstance(windows, dict) else ():
             used = finite(window.get("utilization")) if isinstance(window, dict) else None
             if limit_word(name) and used is not None and (name in self.windows or len(self.windows) < MAX_WINDOWS):

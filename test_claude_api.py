@@ -5375,8 +5375,19 @@ def test_the_subscription_keeps_the_latest_value_of_each_window_and_invents_none
         {"status": "allowed", "unifiedWindows": {"five_hour": {"utilization": "39%"}, "x y": {"utilization": 1}}},
         {"status": "Allowed!", "unifiedWindows": {"five_hour": {"utilization": True}, "w": [1]}, "resetsAt": "soon"},
         {"status": ["allowed"], "unifiedWindows": {"five_hour": {"utilization": float("nan")}}, "isUsingOverage": 1},
+        {
+            "status": "allowed",
+            "unifiedWindows": {"five_hour": {"utilization": 10**400}, "seven_day": {"utilization": 1e400}},
+        },
     ],
-    ids=["older-cli", "windows-not-an-object", "bad-utilization-and-name", "bool-and-list", "nan-and-odd-types"],
+    ids=[
+        "older-cli",
+        "windows-not-an-object",
+        "bad-utilization-and-name",
+        "bool-and-list",
+        "nan-and-odd-types",
+        "huge",
+    ],
 )
 def test_a_report_without_usable_windows_says_so(info: dict[str, Any]) -> None:
     subscription = api.Subscription()
