@@ -3217,10 +3217,11 @@ def limit_word(value: Any) -> str | None:
 
 
 def finite(value: Any) -> float | None:
-    """A number of the CLI's as a float, or None: not a number, NaN, infinite, or an integer too big for a float."""
+    """A number of the CLI's, kept as it came (an integer stays one), or None: not a number, NaN, infinite, or
+    too big to be a time or a share."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not -1e15 < value < 1e15:
         return None
-    return float(value)
+    return value
 
 
 @dataclass(frozen=True)
