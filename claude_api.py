@@ -25,8 +25,10 @@ Endpoints:
     POST /v1/messages/count_tokens  an estimate of a Messages request's input tokens, made locally (no quota spent)
     GET  /v1/models             the model aliases the CLI understands, with their windows and output limits
     GET  /v1/models/{id}        one of them
-    GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
-    GET  /metrics               Prometheus metrics: requests, latency, tokens and cost (per key too), processes
+    GET  /health                status; CLI version, login and self-check, counts, the subscription's usage windows
+                                (the CLI's path to key holders)
+    GET  /metrics               Prometheus metrics: requests, latency, tokens and cost (per key too), processes, the
+                                subscription's usage windows
     GET  /status                a status page for a person, updating itself from GET /status.json
     GET  /                      a pointer to the above
 
