@@ -1,6 +1,14 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "starlette>=0.46",
+#     "uvicorn>=0.34",
+# ]
+# ///
 """OpenAI-compatible (and Anthropic Messages-compatible) HTTP API over the local, logged-in ``claude`` CLI.
 
-Start it with ``python claude_api.py`` and point any OpenAI client at ``http://127.0.0.1:8765/v1``,
+Start it with ``python claude_api.py`` (or ``uv run claude_api.py``, which reads its needs from the block above)
+and point any OpenAI client at ``http://127.0.0.1:8765/v1``,
 or an Anthropic client (Claude Code too) at ``http://127.0.0.1:8765``. Every request runs
 ``claude -p`` with its built-in tools and its ``@file`` mentions switched off, in a private empty
 working directory, so no client can make it touch the host; requests a web page could send
@@ -17,8 +25,10 @@ Endpoints:
     POST /v1/messages/count_tokens  an estimate of a Messages request's input tokens, made locally (no quota spent)
     GET  /v1/models             the model aliases the CLI understands, with their windows and output limits
     GET  /v1/models/{id}        one of them
-    GET  /health                status; CLI version, login and self-check, counts (the CLI's path to key holders)
-    GET  /metrics               Prometheus metrics: requests, latency, tokens and cost (per key too), processes
+    GET  /health                status; CLI version, login and self-check, counts, the subscription's usage windows
+                                (the CLI's path to key holders)
+    GET  /metrics               Prometheus metrics: requests, latency, tokens and cost (per key too), processes, the
+                                subscription's usage windows
     GET  /status                a status page for a person, updating itself from GET /status.json
     GET  /                      a pointer to the above
 
@@ -3187,6 +3197,155 @@ class KeyLimits:
             self.spent[key] = (day, (spent if last == day else 0.0) + usd)
 
 
+# --- The subscription: the account's usage windows, as the CLI last reported them ---
+
+SubscriptionState = Literal["not_reported", "no_windows", "reported"]
+UNIFIED = "anthropic-ratelimit-unified-"  # the Messages API's headers for a subscription's limits
+# The API's short names of the windows in its headers (anthropic-ratelimit-unified-5h-utilization and so on).
+WINDOW_SHORT_NAMES: Mapping[str, str] = MappingProxyType(
+    {"five_hour": "5h", "seven_day": "7d", "seven_day_overage_included": "7d_oi"}
+)
+LIMIT_WORD = re.compile(r"[a-z0-9_]{1,40}")  # a window's name or a status: the CLI's words; bounded, fullmatch
+MAX_WINDOWS = 10  # window names are the CLI's, but they become labels and headers: a few at most
+NOT_REPORTED = (
+    "The CLI has reported no usage windows yet: it reports them only with a subscription (OAuth) login, not an "
+    "API key, and only after a model call."
+)
+NO_WINDOWS = "This CLI version reports the account's status but not its usage windows; newer versions do."
+
+
+def limit_word(value: Any) -> str | None:
+    return value if isinstance(value, str) and LIMIT_WORD.fullmatch(value) else None
+
+
+def finite(value: Any) -> float | None:
+    """A number of the CLI's, kept as it came (an integer stays one), or None: not a number, NaN, infinite, or
+    too big to be a time or a share."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1e15 < value < 1e15:
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class Window:
+    utilization: float  # the share used, 0-1
+    resets_at: float | None  # Unix seconds
+
+
+class Subscription:
+    """The account's usage windows (a plan's five-hour and weekly limits), its status and its overage, from the
+    CLI's ``rate_limit_event`` lines. One login serves the whole server: each window keeps its latest value,
+    whichever request brought it. Only a subscription (OAuth) login gets these events, and older CLIs (2.1.197)
+    send them without ``unifiedWindows``: then nothing here is a number the CLI did not give."""
+
+    def __init__(self) -> None:
+        self.updated_at: float | None = None
+        self.status: str | None = None  # allowed, allowed_warning or rejected
+        self.resets_at: float | None = None  # of the window that decides the status
+        self.claim: str | None = None  # that window's name
+        self.overage_status: str | None = None
+        self.using_overage: bool | None = None
+        self.windows: dict[str, Window] = {}
+
+    @property
+    def state(self) -> SubscriptionState:
+        if self.updated_at is None:
+            return "not_reported"
+        return "reported" if self.windows else "no_windows"
+
+    def update(self, info: Mapping[str, Any]) -> None:
+        """Take one ``rate_limit_info``; unknown fields are ignored, and values of the wrong type left out."""
+        self.updated_at = time.time()
+        self.status, self.claim = limit_word(info.get("status")), limit_word(info.get("rateLimitType"))
+        self.resets_at = finite(info.get("resetsAt"))
+        self.overage_status = limit_word(info.get("overageStatus"))
+        using = info.get("isUsingOverage")
+        self.using_overage = using if isinstance(using, bool) else None
+        windows = info.get("unifiedWindows")
+        for name, window in windows.items() if isinstance(windows, dict) else ():
+            used = finite(window.get("utilization")) if isinstance(window, dict) else None
+            if limit_word(name) and used is not None and (name in self.windows or len(self.windows) < MAX_WINDOWS):
+                self.windows[name] = Window(used, finite(window.get("resetsAt")))
+
+    def report(self, now: float | None = None) -> dict[str, Any]:
+        """For /health and /status.json: what the CLI reported, or a note saying why there is nothing."""
+        if self.updated_at is None:
+            return {"state": "not_reported", "note": NOT_REPORTED}
+        now = time.time() if now is None else now
+        return {
+            "state": self.state,
+            **({"note": NO_WINDOWS} if not self.windows else {}),
+            "status": self.status,
+            "representative_window": self.claim,
+            "resets_at": self.resets_at,
+            "overage": {"status": self.overage_status, "in_use": self.using_overage},
+            "windows": {
+                name: {
+                    "utilization": window.utilization,
+                    "resets_at": window.resets_at,
+                    "resets_in": None if window.resets_at is None else max(0.0, window.resets_at - now),
+                }
+                for name, window in self.windows.items()
+            },
+            "updated_at": self.updated_at,
+        }
+
+    def headers(self) -> dict[str, str]:
+        """The ``anthropic-ratelimit-unified-*`` headers the CLI last saw, from what it reported: none before."""
+        found: dict[str, str | float | None] = {
+            "status": self.status,
+            "reset": self.resets_at,
+            "representative-claim": self.claim,
+            "overage-status": self.overage_status,
+        }
+        for name, window in self.windows.items():
+            if short := WINDOW_SHORT_NAMES.get(name):
+                found |= {f"{short}-utilization": window.utilization, f"{short}-reset": window.resets_at}
+        return {
+            UNIFIED + name: value if isinstance(value, str) else number_text(value)
+            for name, value in found.items()
+            if value is not None
+        }
+
+    def families(self) -> list[Family]:
+        windows = self.windows.items()
+        return [
+            (
+                "claude_api_subscription_state",
+                "gauge",
+                "Whether the CLI reports the account's usage windows: reported; no_windows (it reports the status "
+                "only: an older CLI); not_reported (an API key login, or no model call yet).",
+                [("", {"state": self.state}, 1)],
+            ),
+            (
+                "claude_api_subscription_utilization",
+                "gauge",
+                "The share (0-1) of each usage window the account has used, as the CLI last reported it.",
+                [("", {"window": name}, window.utilization) for name, window in windows],
+            ),
+            (
+                "claude_api_subscription_resets_at_seconds",
+                "gauge",
+                "When each usage window resets, in Unix seconds.",
+                [("", {"window": name}, window.resets_at) for name, window in windows if window.resets_at is not None],
+            ),
+            (
+                "claude_api_subscription_status",
+                "gauge",
+                "The account's status as the CLI last reported it (allowed, allowed_warning, rejected).",
+                [("", {"status": self.status}, 1)] if self.status else [],
+            ),
+            (
+                "claude_api_subscription_overage_in_use",
+                "gauge",
+                "1 when the account is drawing on extra usage (overage), else 0; its overage status as a label.",
+                [("", {"overage_status": self.overage_status or "unknown"}, int(self.using_overage))]
+                if self.using_overage is not None
+                else [],
+            ),
+        ]
+
+
 # --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
 
 STDOUT_LIMIT = 64 * MiB  # one stream-json line can carry a whole long answer
@@ -3459,9 +3618,10 @@ class CliProcess:
         on_closed: Callable[[CliProcess], None] = lambda cli: None,
         version_args: tuple[str, ...] = (),
         on_started: Callable[[float], None] = lambda seconds: None,
+        on_limits: Callable[[Mapping[str, Any]], None] = lambda info: None,
     ) -> None:
         self.binary, self.call, self.workdir, self.environ = binary, call, workdir, environ
-        self.on_closed, self.on_started = on_closed, on_started
+        self.on_closed, self.on_started, self.on_limits = on_closed, on_started, on_limits
         self.version_args = version_args  # the same for every process of a server: not part of the call's options
         self.state: ProcessState = "new"
         self.process: asyncio.subprocess.Process | None = None
@@ -3610,6 +3770,8 @@ class CliProcess:
                     and (line.get("response") or {}).get("request_id") == "initialize"
                 ):
                     self.initialized = True
+                if line.get("type") == "rate_limit_event" and isinstance(line.get("rate_limit_info"), dict):
+                    self.on_limits(line["rate_limit_info"])
                 yield line
                 continue
             request = line.get("request") if isinstance(line.get("request"), dict) else {}
@@ -4044,6 +4206,7 @@ class Runner:
         self.version_args: tuple[str, ...] = ()  # flags for this CLI version, learnt at start-up (cli_arguments)
         self.login: LoginState = "unknown"  # from `claude auth status` at start-up, then from each answer
         self.metrics = metrics or Metrics(settings.metrics)
+        self.subscription = Subscription()  # the account's usage windows, from every process's reports
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -4092,6 +4255,7 @@ class Runner:
             on_closed=self.live.discard,
             version_args=self.version_args,
             on_started=self.metrics.process_started,
+            on_limits=self.subscription.update,
         )
         self.live.add(cli)
         return cli
@@ -5500,6 +5664,46 @@ function usageTable(id, byName) {
   if (!body.rows.length) cell(body.insertRow(), "none yet");
 }
 
+function duration(seconds) {
+  const minutes = Math.round(seconds / 60);
+  if (minutes < 60) return minutes + " min";
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) return hours + " h " + (minutes % 60) + " min";
+  return Math.floor(hours / 24) + " d " + (hours % 24) + " h";
+}
+
+function part(tag, text, className, id) {
+  const el = document.createElement(tag);
+  el.textContent = text;
+  if (className) el.className = className;
+  if (id) el.id = id;
+  return el;
+}
+
+function windowTile(name, w) {
+  const tile = part("div", WINDOW_NAMES[name] || name.replaceAll("_", " "), "tile window");
+  const used = Math.max(0, Math.min(1, w.utilization));
+  const meter = part("div", "", "meter");
+  const fill = part("div", "", used >= 0.9 ? "high" : "");
+  fill.style.width = 100 * used + "%";
+  meter.append(fill);
+  const reset = w.resets_in === null ? "reset time not reported" : "resets in " + duration(w.resets_in);
+  tile.append(part("b", (100 * w.utilization).toFixed(0) + "%", "", "w-" + name), meter);
+  tile.append(part("div", reset, "muted", "w-" + name + "-reset"));
+  return tile;
+}
+
+function renderSubscription(sub) {
+  const tiles = $("windows");
+  tiles.replaceChildren();
+  for (const [name, w] of Object.entries(sub.windows || {})) tiles.append(windowTile(name, w));
+  $("sub-status").textContent = sub.status || "-";
+  const overage = sub.overage || {};
+  const use = overage.in_use === true ? "in use" : overage.in_use === false ? "not in use" : "-";
+  $("overage").textContent = use + (overage.status ? " (" + overage.status + ")" : "");
+  $("sub-note").textContent = sub.note || "";
+}
+
 function render(s) {
   const hour = s.last_hour;
   const requests = hour.reduce((a, m) => a + m.requests, 0);
@@ -5529,6 +5733,7 @@ function render(s) {
     bar.append(bad, ok);
     bars.append(bar);
   }
+  renderSubscription(s.subscription);
   usageTable("keys", s.keys);
   usageTable("models", s.models);
   const failures = $("failures");
@@ -5574,6 +5779,9 @@ h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1.05em; margin: 1.4em
 #bars { display: flex; align-items: flex-end; gap: 2px; height: 80px; background: #fff; border: 1px solid #ddd;
   padding: 4px; margin-top: .8em; } .bar { flex: 1; height: 100%; display: flex; flex-direction: column-reverse; }
 .bar div { background: #4a7bd0; } .bar div.bad { background: #d04a4a; }
+#windows { display: contents; } .window { min-width: 12em; }
+.meter { height: 8px; background: #e4e4e4; border-radius: 4px; margin: .3em 0; }
+.meter div { height: 100%; background: #4a7bd0; border-radius: 4px; } .meter div.high { background: #d04a4a; }
 table { border-collapse: collapse; background: #fff; } td, th { border: 1px solid #ddd; padding: .25em .6em; }
 th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-variant-numeric: tabular-nums; }
 </style></head><body>
@@ -5591,6 +5799,11 @@ th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-varia
 <div class="tile">pre-started<b id="p-prestarted">-</b></div>
 <div class="tile">queued<b id="queued">-</b></div>
 </div>
+<h2>Subscription</h2>
+<div class="tiles"><div id="windows"></div>
+<div class="tile">status<b id="sub-status">-</b></div><div class="tile">extra usage<b id="overage">-</b></div>
+</div>
+<div class="muted" id="sub-note"></div>
 <h2>Per key, since start</h2>
 <table><thead><tr><th>key</th><th>requests</th><th>errors</th><th>input</th><th>output</th><th>cache read</th>
 <th>cache write</th><th>cost</th></tr></thead><tbody id="keys"></tbody></table>
@@ -5603,7 +5816,11 @@ th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-varia
 <script>SCRIPT</script>
 </body></html>
 """
-STATUS_SCRIPT = STATUS_SCRIPT.replace("STATUS_REFRESH_MS", str(int(STATUS_REFRESH * 1000)))
+# The windows' names as the Claude apps show them; a window the CLI names otherwise shows its own name.
+WINDOW_TITLES = {"five_hour": "5-hour window", "seven_day": "weekly window", "seven_day_opus": "weekly, Opus"}
+STATUS_SCRIPT = STATUS_SCRIPT.replace("STATUS_REFRESH_MS", str(int(STATUS_REFRESH * 1000))).replace(
+    "WINDOW_NAMES", json.dumps(WINDOW_TITLES)
+)
 STATUS_HTML = STATUS_PAGE.replace("SCRIPT", STATUS_SCRIPT)
 # The page loads nothing from anywhere: its one script is allowed by its hash, its data comes from this server.
 STATUS_SCRIPT_HASH = base64.b64encode(hashlib.sha256(STATUS_SCRIPT.encode()).digest()).decode()
@@ -5906,13 +6123,16 @@ async def create_message(request: Request) -> Response:
     body = await read_json(request, settings)
     chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
     renderer = AnthropicStream(chat.model, messages.thinking)
-    return await serve_chat(
+    response = await serve_chat(
         request,
         chat,
         renderer,
         "messages-",
         lambda done: anthropic_message(renderer.id, chat.model, done, renderer.thinking),
     )
+    # Anthropic clients (Claude Code among them) show the account's limits from these, as the CLI last saw them.
+    response.headers.update(state.runner.subscription.headers())
+    return response
 
 
 async def count_tokens(request: Request) -> Response:
@@ -6056,6 +6276,7 @@ async def health(request: Request) -> Response:
                     "waiting": sessions.waiting,
                 },
                 "prewarm": runner.prestart.status(),
+                "subscription": runner.subscription.report(),
             }
         )
     return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
@@ -6128,7 +6349,7 @@ def gauge_families(state: Any) -> list[Family]:
 async def metrics_endpoint(request: Request) -> Response:
     viewer_allowed(request)
     state = request.app.state
-    text = exposition([*metric_families(state.metrics), *gauge_families(state)])
+    text = exposition([*metric_families(state.metrics), *gauge_families(state), *state.runner.subscription.families()])
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -6149,6 +6370,7 @@ def status_report(state: Any) -> dict[str, Any]:
         "processes": process_states(runner),
         "queued": runner.queued,
         "failures": [asdict(failure) for failure in reversed(metrics.failures)],
+        "subscription": runner.subscription.report(),
     }
 
 
@@ -6187,7 +6409,11 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
         entry = request_log(request, f"req-{uuid.uuid4().hex[:24]}", "-", "-")  # refused before it had a model
         entry.fail(exc)
         entry.write()
-    return error_response(exc, wire_format(request.url.path))
+    response = error_response(exc, wire_format(request.url.path))
+    runner: Runner | None = getattr(request.app.state, "runner", None)
+    if runner is not None and request.url.path == "/v1/messages":  # a usage limit reached shows here first
+        response.headers.update(runner.subscription.headers())
+    return response
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

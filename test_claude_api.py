@@ -50,6 +50,7 @@ from testdata.support import (
     rule_breaches,
     selftest,
     serve,
+    unified_headers,
     wait_until,
     write_fake_cli,
 )
@@ -4815,6 +4816,7 @@ async def test_health_and_index(fake: Fake, tmp_path: Path) -> None:
             "queued": 0,
             "sessions": {"explicit": 0, "automatic": 0, "warm": 0, "waiting": 0},
             "prewarm": {"size": 0, "ready": 0, "starting": 0, "hits": 0, "misses": 0},
+            "subscription": {"state": "not_reported", "note": api.NOT_REPORTED},
         }
         index = (await client.get("/")).json()
         assert "/v1/chat/completions" in index["endpoints"]
@@ -5316,6 +5318,210 @@ def test_the_status_page_shows_real_numbers_in_chromium(fake: Fake, tmp_path: Pa
     print(f"status page screenshot: {screenshot}")
 
 
+# --- The subscription's usage windows ---
+
+NOW = 1_800_000_000
+WINDOWS_INFO = {  # a rate_limit_event's rate_limit_info as 2.1.337 sends it
+    "status": "allowed",
+    "resetsAt": NOW + 3600,
+    "rateLimitType": "five_hour",
+    "overageStatus": "allowed",
+    "isUsingOverage": False,
+    "unifiedWindows": {
+        "five_hour": {"utilization": 0.39, "resetsAt": NOW + 3600},
+        "seven_day": {"utilization": 0.15, "resetsAt": NOW + 3 * 86400},
+    },
+}
+
+
+def test_the_subscription_keeps_the_latest_value_of_each_window_and_invents_none() -> None:
+    subscription = api.Subscription()
+    assert subscription.report() == {"state": "not_reported", "note": api.NOT_REPORTED}
+    assert subscription.headers() == {}
+    text = api.exposition(subscription.families())
+    assert 'claude_api_subscription_state{state="not_reported"} 1' in text and "{window=" not in text
+    subscription.update(WINDOWS_INFO)
+    later = {"unifiedWindows": {"five_hour": {"utilization": 0.5, "resetsAt": NOW + 1800}}, "novel": {"x": 1}}
+    subscription.update({**WINDOWS_INFO, "status": "allowed_warning", "isUsingOverage": True, **later})
+    report = subscription.report(now=NOW)
+    assert report["state"] == "reported" and "note" not in report
+    assert report["windows"] == {
+        "five_hour": {"utilization": 0.5, "resets_at": NOW + 1800, "resets_in": 1800},
+        "seven_day": {"utilization": 0.15, "resets_at": NOW + 3 * 86400, "resets_in": 3 * 86400},  # kept
+    }
+    assert (report["status"], report["overage"]) == ("allowed_warning", {"status": "allowed", "in_use": True})
+    assert subscription.headers() == {
+        "anthropic-ratelimit-unified-status": "allowed_warning",
+        "anthropic-ratelimit-unified-reset": str(NOW + 3600),
+        "anthropic-ratelimit-unified-representative-claim": "five_hour",
+        "anthropic-ratelimit-unified-overage-status": "allowed",
+        "anthropic-ratelimit-unified-5h-utilization": "0.5",
+        "anthropic-ratelimit-unified-5h-reset": str(NOW + 1800),
+        "anthropic-ratelimit-unified-7d-utilization": "0.15",
+        "anthropic-ratelimit-unified-7d-reset": str(NOW + 3 * 86400),
+    }
+    text = api.exposition(subscription.families())
+    assert 'claude_api_subscription_utilization{window="five_hour"} 0.5' in text
+    assert f'claude_api_subscription_resets_at_seconds{{window="seven_day"}} {NOW + 3 * 86400}' in text
+    assert 'claude_api_subscription_status{status="allowed_warning"} 1' in text
+    assert 'claude_api_subscription_overage_in_use{overage_status="allowed"} 1' in text
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"status": "allowed", "resetsAt": NOW, "rateLimitType": "five_hour", "isUsingOverage": False},  # 2.1.197
+        {"status": "allowed", "unifiedWindows": "none"},
+        {"status": "allowed", "unifiedWindows": {"five_hour": {"utilization": "39%"}, "x y": {"utilization": 1}}},
+        {"status": "Allowed!", "unifiedWindows": {"five_hour": {"utilization": True}, "w": [1]}, "resetsAt": "soon"},
+        {"status": ["allowed"], "unifiedWindows": {"five_hour": {"utilization": float("nan")}}, "isUsingOverage": 1},
+        {
+            "status": "allowed",
+            "unifiedWindows": {"five_hour": {"utilization": 10**400}, "seven_day": {"utilization": 1e400}},
+        },
+    ],
+    ids=[
+        "older-cli",
+        "windows-not-an-object",
+        "bad-utilization-and-name",
+        "bool-and-list",
+        "nan-and-odd-types",
+        "huge",
+    ],
+)
+def test_a_report_without_usable_windows_says_so(info: dict[str, Any]) -> None:
+    subscription = api.Subscription()
+    subscription.update(info)
+    report = subscription.report()
+    assert report["state"] == "no_windows" and report["note"] == api.NO_WINDOWS and report["windows"] == {}
+    assert not any("utilization" in name or name.endswith("5h-reset") for name in subscription.headers())
+    assert report["status"] in ("allowed", None) and report["overage"]["in_use"] in (False, None)
+    assert "{window=" not in api.exposition(subscription.families())
+
+
+def test_the_subscription_takes_a_bounded_number_of_windows() -> None:
+    subscription = api.Subscription()
+    many = {f"window_{i}": {"utilization": 0.1, "resetsAt": NOW} for i in range(100)}
+    subscription.update({"status": "allowed", "unifiedWindows": {**many, "w" * 41: {"utilization": 0.2}}})
+    subscription.update({"status": "allowed", "unifiedWindows": {"five_hour": {"utilization": 0.3, "resetsAt": NOW}}})
+    assert len(subscription.windows) == api.MAX_WINDOWS and "five_hour" not in subscription.windows
+
+
+async def test_a_messages_error_for_a_reached_limit_carries_the_unified_headers(fake: Fake) -> None:
+    fake.control(default="usage_limit", resets_in=3600)
+    async with client_for(fake.app()) as client:
+        refused = await client.post("/v1/messages", json={**chat(), "max_tokens": 50})
+        openai = await client.post("/v1/chat/completions", json=chat())
+    assert_anthropic_error(refused, 429, "rate_limit_error")
+    assert refused.headers["anthropic-ratelimit-unified-status"] == "rejected"
+    assert refused.headers["anthropic-ratelimit-unified-representative-claim"] == "five_hour"
+    assert abs(int(refused.headers["anthropic-ratelimit-unified-reset"]) - (time.time() + 3600)) < 60
+    assert not any("utilization" in name for name in refused.headers)  # the event had no windows
+    assert openai.status_code == 429 and not any(name.startswith("anthropic-") for name in openai.headers)
+
+
+def subscriber(real: Real) -> dict[str, str]:
+    """The real CLI's environment logged in as a subscriber: an OAuth token instead of an API key."""
+    environ = {k: v for k, v in real.environ.items() if k != "ANTHROPIC_API_KEY"}
+    return environ | {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-stand-in"}
+
+
+def sends_windows(real: Real) -> bool:
+    """2.1.197 reports a subscription's status without its windows; the newer CLIs send them too."""
+    version = subprocess.run([real.bin, "--version"], capture_output=True, text=True, timeout=30).stdout
+    return not version.startswith("2.1.197")
+
+
+def subscription_windows(now: int) -> dict[str, str]:
+    return unified_headers(
+        {"five_hour": (0.39, now + 3 * 3600), "seven_day": (0.15, now + 4 * 86400)}, overage_status="allowed"
+    )
+
+
+async def test_real_subscription_windows_reach_every_surface(real: Real) -> None:
+    now = int(time.time())
+    real.standin.reset(limits=subscription_windows(now))
+    app = api.create_app(make_settings(bin=real.bin, api_keys="proxy-secret-key"), subscriber(real))
+    key = {"x-api-key": "proxy-secret-key"}
+    async with client_for(app) as client:
+        # A stream's headers go out before its CLI runs: the first one finds nothing reported yet.
+        before = await client.post("/v1/messages", json={**chat(), "max_tokens": 50, "stream": True}, headers=key)
+        answered = await client.post("/v1/messages", json={**chat(), "max_tokens": 50}, headers=key)
+        metrics = (await client.get("/metrics", headers=bearer("proxy-secret-key"))).text
+        health = (await client.get("/health", headers=bearer("proxy-secret-key"))).json()
+        anonymous = (await client.get("/health")).json()
+        status = (await client.get("/status.json", headers=bearer("proxy-secret-key"))).json()
+    assert before.status_code == answered.status_code == 200
+    assert not any(name.startswith("anthropic-ratelimit") for name in before.headers)
+    report = health["subscription"]
+    assert "subscription" not in anonymous  # the account's facts are for key holders
+    assert status["subscription"]["state"] == report["state"] and status["subscription"]["status"] == report["status"]
+    headers = {k: v for k, v in answered.headers.items() if k.startswith("anthropic-ratelimit-unified-")}
+    assert headers["anthropic-ratelimit-unified-status"] == "allowed" == report["status"]
+    assert headers["anthropic-ratelimit-unified-representative-claim"] == "five_hour"
+    assert report["overage"] == {"status": "allowed", "in_use": False}
+    assert 'claude_api_subscription_status{status="allowed"} 1' in metrics
+    if sends_windows(real):
+        assert report["state"] == "reported" and "note" not in report
+        assert {name: w["utilization"] for name, w in report["windows"].items()} == {
+            "five_hour": 0.39,
+            "seven_day": 0.15,
+        }
+        assert report["windows"]["seven_day"]["resets_at"] == now + 4 * 86400
+        assert 3 * 3600 - 60 <= report["windows"]["five_hour"]["resets_in"] <= 3 * 3600
+        assert (
+            headers["anthropic-ratelimit-unified-5h-utilization"],
+            headers["anthropic-ratelimit-unified-7d-reset"],
+        ) == (
+            "0.39",
+            str(now + 4 * 86400),
+        )
+        assert 'claude_api_subscription_utilization{window="five_hour"} 0.39' in metrics
+        assert f'claude_api_subscription_resets_at_seconds{{window="seven_day"}} {now + 4 * 86400}' in metrics
+    else:
+        assert report["state"] == "no_windows" and report["note"] == api.NO_WINDOWS and report["windows"] == {}
+        assert not any("utilization" in name for name in headers) and "{window=" not in metrics
+        assert 'claude_api_subscription_state{state="no_windows"} 1' in metrics
+
+
+async def test_real_api_key_login_reports_no_subscription_windows(real: Real) -> None:
+    real.standin.reset(limits=subscription_windows(int(time.time())))  # the API sends them; the CLI reports none
+    async with client_for(real.app()) as client:
+        answered = await client.post(
+            "/v1/messages", json={**chat(), "max_tokens": 50}, headers=bearer("proxy-secret-key")
+        )
+        metrics = (await client.get("/metrics")).text
+        health = (await client.get("/health")).json()
+    assert answered.status_code == 200 and len(real.standin.requests) >= 1
+    assert not any(name.startswith("anthropic-ratelimit") for name in answered.headers)
+    assert health["subscription"] == {"state": "not_reported", "note": api.NOT_REPORTED}
+    assert 'claude_api_subscription_state{state="not_reported"} 1' in metrics and "{window=" not in metrics
+
+
+@needs_browser
+def test_real_status_page_shows_the_subscription_windows_in_chromium(real: Real, tmp_path: Path) -> None:
+    now = int(time.time())
+    real.standin.reset(limits=subscription_windows(now))
+    app = api.create_app(make_settings(bin=real.bin, api_keys="proxy-secret-key"), subscriber(real))
+    with serve(app) as url:
+        answered = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bearer("proxy-secret-key"), timeout=60)
+        assert answered.status_code == 200
+        page = url.replace("http://", "http://viewer:proxy-secret-key@") + "/status"
+        dom = chromium(page, tmp_path / "profile", "--dump-dom")
+        screenshot = tmp_path / "status.png"
+        chromium(page, tmp_path / "profile", "--window-size=1100,1000", f"--screenshot={screenshot}")
+    assert element_text(dom, "sub-status") == "allowed" and element_text(dom, "overage") == "not in use (allowed)"
+    if sends_windows(real):
+        assert (element_text(dom, "w-five_hour"), element_text(dom, "w-seven_day")) == ("39%", "15%")
+        assert element_text(dom, "w-five_hour-reset") in ("resets in 3 h 0 min", "resets in 2 h 59 min")
+        assert element_text(dom, "w-seven_day-reset") in ("resets in 4 d 0 h", "resets in 3 d 23 h")
+        assert element_text(dom, "sub-note") == ""
+    else:
+        assert 'id="w-' not in dom and element_text(dom, "sub-note") == api.NO_WINDOWS
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"status page screenshot: {screenshot}")
+
+
 async def test_a_key_over_its_requests_per_minute_gets_429_with_retry_after(fake: Fake) -> None:
     app = fake.app(api_keys=KEYS, key_rpm="alice:2")
     async with client_for(app) as client:
@@ -5410,6 +5616,86 @@ def test_the_launchd_agent_in_the_readmes_restarts_on_failure_with_the_environme
     assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
     shell, flag, command = plist["ProgramArguments"]
     assert (shell, flag) == ("/bin/sh", "-c") and command.startswith('set -a; . "$HOME/.config/claude_api/env"; exec ')
+
+
+def start_command(readme: Path, heading: str) -> str:
+    """The first command of a README's start section: its first bash block after ``heading``."""
+    text = readme.read_text()
+    found = re.search(rf"^{re.escape(heading)}$.*?```bash\n(.*?)\n```", text, re.DOTALL | re.MULTILINE)
+    assert found, f"{readme.name} has no bash block under {heading!r}"
+    return found.group(1)
+
+
+def test_the_module_names_its_python_and_dependencies_for_uv_run_and_pipx_run() -> None:
+    import tomllib
+
+    # PEP 723's reference reader: a "script" block of "# " lines between "# /// script" and "# ///".
+    found = re.search(
+        r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$", (HERE / "claude_api.py").read_text()
+    )
+    assert found and found["type"] == "script"
+    lines = found["content"].splitlines(keepends=True)
+    metadata = tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:] for line in lines))
+    requirements = [line.strip() for line in (HERE / "requirements.txt").read_text().splitlines() if line.strip()]
+    assert metadata["dependencies"] == requirements
+    target = tomllib.loads((HERE / "pyproject.toml").read_text())["tool"]["ruff"]["target-version"]
+    assert metadata["requires-python"] == f">={target[2]}.{target[3:]}"
+
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin:/usr/local/bin")
+
+
+@pytest.mark.skipif(
+    (SYSTEM_PYTHON is None or shutil.which("git") is None) and not IN_CI, reason="no system python3, or no git"
+)
+def test_the_readmes_start_command_works_in_a_fresh_clone_with_only_the_system_python(tmp_path: Path) -> None:
+    assert SYSTEM_PYTHON is not None, "CI must run the README's start command on the system's python3"
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(HERE), str(clone)], check=True, timeout=60)
+    command = start_command(clone / "README.en.md", "## Start and test")
+    assert start_command(clone / "README.md", "## 启动与测试") == command
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    home.mkdir()
+    (bin_dir / "python3").symlink_to(SYSTEM_PYTHON)  # the only program on PATH: no python, no pip
+    port = free_port()
+    environ = {
+        "PATH": str(bin_dir),
+        "HOME": str(home),
+        "TMPDIR": str(tmp_path),
+        "PIP_CACHE_DIR": str(Path.home() / ".cache" / "pip"),  # the user's pip cache, for speed
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "CLAUDE_API_PORT": str(port),
+        "CLAUDE_BIN": str(write_fake_cli(tmp_path / "fakecli")),
+        "CLAUDE_SELF_CHECK": "off",
+    }
+    # How this machine reaches the package registry (an index, a proxy, a certificate) is pip's to keep.
+    environ |= {k: v for k, v in os.environ.items() if k.startswith("PIP_") or k.lower().endswith("_proxy")}
+    log = (tmp_path / "start.log").open("w")
+    server = subprocess.Popen(
+        ["/bin/sh", "-c", command], cwd=clone, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+    def health() -> httpx.Response | None:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        return None
+
+    try:
+        assert wait_until(lambda: health() is not None or server.poll() is not None, 180, 0.2)
+        answer = health()
+        assert answer is not None, (tmp_path / "start.log").read_text()[-3000:]
+        assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
+        assert (clone / ".venv" / "bin" / "python").exists()  # it ran from its own environment
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+        log.close()
 
 
 # --- Several instances behind nginx ---

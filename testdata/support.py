@@ -281,6 +281,23 @@ def selftest() -> None:
     assert agent_reply({"messages": [ask]}, Reply(agent=True, text="plain")).text == "plain"
 
 
+def unified_headers(
+    windows: dict[str, tuple[float, int]], status: str = "allowed", claim: str = "five_hour", **extra: str
+) -> dict[str, str]:
+    """The ``anthropic-ratelimit-unified-*`` headers the Messages API sends a subscription (OAuth) login: the
+    status, the representative window and its reset, and each window's utilization (0-1) and reset (Unix
+    seconds), by the API's short names ("5h", "7d", "7d_oi"); ``extra`` adds others (``overage_status=..``)."""
+    prefix = "anthropic-ratelimit-unified-"
+    headers = {f"{prefix}status": status, f"{prefix}representative-claim": claim}
+    short = {"five_hour": "5h", "seven_day": "7d", "seven_day_overage_included": "7d_oi"}
+    if claim in windows:
+        headers[f"{prefix}reset"] = str(windows[claim][1])
+    for window, (utilization, reset) in windows.items():
+        name = short.get(window, window)
+        headers |= {f"{prefix}{name}-utilization": str(utilization), f"{prefix}{name}-reset": str(reset)}
+    return headers | {prefix + name.replace("_", "-"): value for name, value in extra.items()}
+
+
 class StandIn:
     """A loopback Messages API: it records every request and answers from a script of replies.
 
@@ -294,6 +311,7 @@ class StandIn:
         self.breaches: list[str] = []  # of the Messages API's rules, in any request since the last reset
         self.script: list[Reply] = []
         self.default = Reply()
+        self.limits: dict[str, str] = {}  # anthropic-ratelimit-unified-* headers sent with every answer
         self.sent_last_piece = threading.Event()
         self.cached_prefixes: set[str] = set()
         self.lock = threading.Lock()
@@ -315,12 +333,14 @@ class StandIn:
     def __exit__(self, *exc: object) -> None:
         self.server.stop()
 
-    def reset(self, *script: Reply, default: Reply | None = None) -> None:
+    def reset(self, *script: Reply, default: Reply | None = None, limits: dict[str, str] | None = None) -> None:
+        """A new script of replies; ``limits`` (see ``unified_headers``) go with every answer until the next reset."""
         with self.lock:
             self.requests.clear()
             self.breaches.clear()
             self.script = list(script)
             self.default = default or Reply()
+            self.limits = dict(limits or {})
             self.sent_last_piece.clear()
 
     def bodies(self) -> list[dict[str, Any]]:
@@ -379,6 +399,7 @@ class StandIn:
             self.requests.append({"body": body, "headers": dict(request.headers), "raw_size": len(raw)})
             self.breaches += rule_breaches(body)
             reply = self.script.pop(0) if self.script else self.default
+            limits = dict(self.limits)
         if reply.status != 200:
             return JSONResponse(
                 {"type": "error", "error": {"type": reply.error_type, "message": reply.message}},
@@ -392,7 +413,7 @@ class StandIn:
             reply = replace(reply, text=f"echo: {last_user_text(body)}")
         if reply.agent:
             reply = self.agent_reply(body, reply)
-        return StreamingResponse(self.events(body, reply, usage), media_type="text/event-stream")
+        return StreamingResponse(self.events(body, reply, usage), media_type="text/event-stream", headers=limits)
 
     async def events(self, body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> AsyncIterator[bytes]:
         def event(name: str, data: dict[str, Any]) -> bytes:
