@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite, with everything it needs: each step below says what it does; the first that fails stops it.
-# `pip` and `python` are whichever are first on PATH (an activated virtual environment's, for instance).
+# It runs in the active virtual environment, or in ./.venv, which it makes the first time.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -10,6 +10,13 @@ if ! { command -v chromium >/dev/null && command -v nginx >/dev/null; } && comma
   && [ "$(id -u)" = 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends chromium nginx >/dev/null
+fi
+
+# A virtual environment for the test packages in .venv (made once, then reused), unless one is active already:
+# the Python that Debian, Ubuntu or Homebrew ships will not install packages outside one (PEP 668).
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  . .venv/bin/activate
 fi
 
 # The Python packages the tests use (pytest, httpx, the OpenAI and Anthropic SDKs, ruff, ...).
