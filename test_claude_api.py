@@ -698,7 +698,7 @@ def test_cli_call_keeps_client_text_out_of_argv() -> None:
     assert argv[argv.index("--tools") + 1] == "" and "--no-session-persistence" in argv
     assert argv[argv.index("--model") + 1] == "opus"
     assert not any("dangerously" in a or "default" == a for a in argv)
-    assert call.system_prompt == "--dangerously-skip-permissions" and call.system_flag == "--system-prompt-file"
+    assert call.system_prompt == "--dangerously-skip-permissions" and call.system_field == "systemPrompt"
     assert argv[argv.index("--setting-sources") + 1] == ""
     user_settings = make_settings(setting_sources="user, project")
     user_call = api.build_cli_call(api.parse_chat_request(chat(), user_settings), user_settings)
@@ -708,22 +708,22 @@ def test_cli_call_keeps_client_text_out_of_argv() -> None:
 
 
 @pytest.mark.parametrize(
-    "mode,system_prompt,flag,prompt_starts",
+    "mode,system_prompt,field,prompt_starts",
     [
-        ("replace", "Be terse.", "--system-prompt-file", "hi"),
-        ("append", "Be terse.", "--append-system-prompt-file", "hi"),
+        ("replace", "Be terse.", "systemPrompt", "hi"),
+        ("append", "Be terse.", "appendSystemPrompt", "hi"),
         ("embed", None, None, "Be terse.\n\nhi"),
     ],
 )
-def test_system_prompt_modes(mode: str, system_prompt: str | None, flag: str | None, prompt_starts: str) -> None:
+def test_system_prompt_modes(mode: str, system_prompt: str | None, field: str | None, prompt_starts: str) -> None:
     settings = make_settings(system_prompt_mode=mode)
     request = api.parse_chat_request(
         {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]}, settings
     )
     call = api.build_cli_call(request, settings)
     assert call.system_prompt == system_prompt
-    if flag:
-        assert call.system_flag == flag
+    if field:
+        assert call.system_field == field
     assert json.loads(call.stdin)["message"]["content"][0]["text"] == prompt_starts
 
 
@@ -857,7 +857,7 @@ async def test_workdir_setting_overrides_the_private_one(fake: Fake, tmp_path: P
     assert Path(fake.calls()[0]["cwd"]) == chosen
 
 
-async def test_long_system_prompt_goes_through_a_file(fake: Fake) -> None:
+async def test_long_system_prompt_stays_out_of_argv(fake: Fake) -> None:
     system = "S" * 200_000
     async with client_for(fake.app()) as client:
         response = await client.post(
@@ -4695,14 +4695,12 @@ async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) ->
         assert wait_until(lambda: call["pid"] not in fake.alive(), 5)  # served once, then retired
         await ready(client, 2)
         assert (await prewarm(client))["hits"] == 1
-        other = await client.post(
-            "/v1/chat/completions", json={"messages": [{"role": "system", "content": "Another prompt"}, user("two")]}
-        )
+        other = await client.post("/v1/chat/completions", json={"model": "opus", "messages": [user("two")]})
         assert other.status_code == 200 and (await prewarm(client))["misses"] == 1
         await ready(client, 2)  # now spread: one for each recent combination, so both are served waiting
-        for prompt in ("Another prompt", None):
-            system = [{"role": "system", "content": prompt}] if prompt else []
-            answered = await client.post("/v1/chat/completions", json={"messages": [*system, user("again")]})
+        for model in ("opus", None):
+            chosen = {"model": model} if model else {}
+            answered = await client.post("/v1/chat/completions", json={**chosen, "messages": [user("again")]})
             assert answered.status_code == 200
         assert (await prewarm(client))["hits"] == 3
     assert wait_until(lambda: fake.alive() == [], 5)  # none survives shutdown
