@@ -3429,6 +3429,8 @@ def initialize_request(call: CliCall) -> bytes:
         prompt = call.system_prompt
         request[call.system_field] = [prompt] if call.system_field == "systemPrompt" else prompt
     return control_request("initialize", request)
+
+
 SDK_SERVER = {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}
 
 

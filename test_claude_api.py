@@ -43,6 +43,7 @@ from testdata.support import (
     conversation_shape,
     eventually,
     fake_calls,
+    fake_protocol,
     find_real_cli,
     free_port,
     last_user_text,
@@ -4782,6 +4783,40 @@ async def test_prewarm_off(fake: Fake) -> None:
     assert len(fake.calls()) == 1
 
 
+async def test_prewarmed_process_serves_a_system_prompt_it_was_not_started_with(fake: Fake) -> None:
+    app = fake.app(prewarm=1)
+    prompt = "You help Ana. Today is 2026-12-08."
+    async with client_for(app) as client:
+        await ready(client, 1)
+        [started] = fake.alive()
+        response = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "system", "content": prompt}, user("hi")]}
+        )
+        assert response.status_code == 200 and (await prewarm(client))["hits"] == 1
+    [call] = fake.calls()
+    assert call["pid"] == started and call["system"] == prompt  # no start-up on the request path, and its prompt
+    assert not any(prompt in arg for arg in call["argv"])
+    sent = [e["line"] for e in fake_protocol(fake.folder) if e["pid"] == started and e["dir"] == "in"]
+    initialize = [line["request"] for line in sent if line.get("type") == "control_request"]
+    assert initialize[0]["subtype"] == "initialize" and initialize[0]["systemPrompt"] == [prompt]
+
+
+def test_initialize_request_carries_the_system_prompt_in_the_mode_s_field() -> None:
+    for mode, name, value in (
+        ("replace", "systemPrompt", ["Be terse."]),
+        ("append", "appendSystemPrompt", "Be terse."),
+    ):
+        settings = make_settings(system_prompt_mode=mode)
+        request = api.parse_chat_request(
+            {"messages": [{"role": "system", "content": "Be terse."}, user("hi")]}, settings
+        )
+        sent = json.loads(api.initialize_request(api.build_cli_call(request, settings)))["request"]
+        assert sent[name] == value and sent["hooks"] == api.HOOKS
+    embed = make_settings(system_prompt_mode="embed")
+    sent = json.loads(api.initialize_request(api.build_cli_call(api.parse_chat_request(chat(), embed), embed)))
+    assert "systemPrompt" not in sent["request"] and "appendSystemPrompt" not in sent["request"]
+
+
 @needs_real_cli
 async def test_real_prewarmed_process_answers(real: Real) -> None:
     real.standin.reset(default=Reply(text="Warm hello."))
@@ -4792,6 +4827,23 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
         health = (await client.get("/health")).json()
     assert response.json()["choices"][0]["message"]["content"] == "Warm hello."
     assert health["prewarm"]["hits"] == 1
+
+
+@needs_real_cli
+async def test_real_prewarmed_process_takes_a_new_system_prompt_as_a_fresh_one_does(real: Real) -> None:
+    """The upstream sees the same system prompt, block for block, from a process started before the request (and
+    its prompt) as from one started with it."""
+    real.standin.reset(default=Reply(text="fine"))
+    prompt = "You help Ana. Today is 2026-12-08."
+    body = {"messages": [{"role": "system", "content": prompt}, user("hi")]}
+    for prewarmed in (1, 0):
+        async with client_for(real.app(prewarm=prewarmed)) as client:
+            if prewarmed:
+                await ready(client, 1)
+            response = await client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200 and (await prewarm(client))["hits"] == prewarmed
+    warm, cold = (request["system"] for request in real.standin.bodies())
+    assert warm == cold and any(block["text"] == prompt for block in warm)
 
 
 # --- The CLI's version, flags, login and self-check; /health and the start-up log ---

@@ -15,8 +15,8 @@
 - ``control_protocol``: false for a CLI without the control protocol: control requests get no answer.
 
 Like the real CLI (2.1.197 and 2.1.332, measured), the process keeps its conversation between turns, answers
-the control protocol on stdin (``initialize`` with hooks and a system prompt, ``mcp_set_servers``), connects in-process ("sdk")
-MCP servers of ``--mcp-config`` at start and those of ``mcp_set_servers`` at the next turn, takes
+the control protocol on stdin (``initialize`` with hooks and the system prompt, ``mcp_set_servers``), connects
+in-process ("sdk") MCP servers of ``--mcp-config`` at start and those of ``mcp_set_servers`` at the next turn, takes
 ``"shouldQuery": false`` user lines and ``assistant`` lines as history without a model call, and for each
 ``tool_use`` block asks the PreToolUse hook: "defer" ends the turn with ``stop_reason: "tool_deferred"``,
 "deny" records an error result ("PreToolUse:<tool> hook error: <reason>", as 2.1.332 words it) and calls the
