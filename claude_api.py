@@ -3422,8 +3422,8 @@ HOOKS = {
 def initialize_request(call: CliCall) -> bytes:
     """The first control request of a process, sent with its first turn: the hooks, and the call's system prompt.
     Both CLI versions we support send a prompt given here upstream exactly as one given by --system-prompt-file
-    (the same request, byte for byte), and read it only from the first initialize: a later one is answered but
-    changes nothing. So a process is started without a prompt and told it only when a request brings one."""
+    (the same system blocks, tools and messages), and read it only from the first initialize: a later one is
+    answered but changes nothing. So a process is started without a prompt and told it when a request brings one."""
     request: dict[str, Any] = {"subtype": "initialize", "hooks": HOOKS}
     if call.system_prompt is not None:
         prompt = call.system_prompt
@@ -3750,7 +3750,7 @@ IdleKind = Literal["prestarted", "warm"]
 class Idle:
     cli: CliProcess
     kind: IdleKind
-    key: Any  # a pre-started process's options; a warm process's conversation
+    key: Any  # a pre-started process's launch options; a warm process's conversation
     since: float
 
 
