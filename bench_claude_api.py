@@ -36,6 +36,9 @@ Prints one table with ten figures (or only those named with --figure), then a on
   10. what the metrics cost: two servers on the fake CLI, CLAUDE_METRICS on and off, taking turns at rounds of
      requests from two keys: the server process's CPU time per request (goal: on - off within the spread
      between one server's rounds), the latency, and the in-process cost of counting one request.
+  11. a one-shot request with a system prompt the server has never seen (as a chat UI writes one, with the
+     date and the user's name in it) against one with a prompt it has served before, interleaved, through a
+     server with the default CLAUDE_PREWARM=2, its pool full and idle before each request (goal: within 1.3x).
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -91,6 +94,8 @@ BYTES_GOAL = 2048
 LATENCY_GOAL = 1.10
 PREWARM_ADDED_GOAL = 0.100  # seconds a request adds over the upstream's own time, with the pool full
 TTFT_GOAL = 1.10
+NEW_PROMPT_GOAL = 1.30  # a one-shot with a never-seen system prompt / one with a known prompt, at p50
+KNOWN_SYSTEM = "You are a concise assistant."
 COLD = {"CLAUDE_PREWARM": "0"}  # every request starts its CLI, as a direct run does
 
 
@@ -253,11 +258,12 @@ class Lab:
             raise BenchError(f"capturing the server's CLI call: expected 1 call of the fake CLI, saw {len(records)}")
         record = records[0]
         argv = [self.cli, *record["argv"]]
-        for flag in ("--system-prompt-file", "--append-system-prompt-file"):
-            if flag in argv:  # the server's file is gone by now: the same text in a file of ours
-                own = folder / "system-prompt.txt"
-                own.write_text(record["system"], encoding="utf-8")
-                argv[argv.index(flag) + 1] = str(own)
+        if record["system"] is not None:
+            # The server gives its system prompt in the initialize request, which a direct run does not send: the
+            # same text in a file, which the CLI sends upstream the same way (README: how the CLI is called).
+            own = folder / "system-prompt.txt"
+            own.write_text(record["system"], encoding="utf-8")
+            argv += ["--system-prompt-file", str(own)]
         if "--resume" in argv:
             raise BenchError(f"the server resumed a conversation for a one-shot request: {argv}")
         return Call(tuple(argv), record["stdin"].encode(), record["env"], Path(record["cwd"]))
@@ -341,8 +347,10 @@ class TimedStandIn(t.StandIn):
         return total
 
 
-def chat_body(stream: bool = False, prompt: str = PROMPT) -> dict[str, Any]:
+def chat_body(stream: bool = False, prompt: str = PROMPT, system: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": prompt}]}
+    if system is not None:
+        body["messages"].insert(0, {"role": "system", "content": system})
     if stream:
         body["stream"] = True
     return body
@@ -427,9 +435,11 @@ def fresh_prompt() -> str:
     return f"{PROMPT} (request {uuid.uuid4().hex[:8]})"
 
 
-async def timed_completion(client: httpx.AsyncClient, url: str, prompt: str = PROMPT) -> float:
+async def timed_completion(
+    client: httpx.AsyncClient, url: str, prompt: str = PROMPT, system: str | None = None
+) -> float:
     start = time.perf_counter()
-    response = await client.post(f"{url}/v1/chat/completions", json=chat_body(prompt=prompt))
+    response = await client.post(f"{url}/v1/chat/completions", json=chat_body(prompt=prompt, system=system))
     elapsed = time.perf_counter() - start
     if response.status_code != 200 or not response.json()["choices"][0]["message"]["content"]:
         raise BenchError(f"the server answered {response.status_code}: {response.text[:500]}")
@@ -2293,7 +2303,66 @@ def bench_metrics() -> tuple[list[Row], list[int]]:
     ], leftovers
 
 
-FIGURES = 10
+# --- Figure 11: a system prompt never seen before ---
+
+
+def fresh_system() -> str:
+    """A system prompt never sent before, as a chat UI writes one with the user's name and today's date in it."""
+    return f"{KNOWN_SYSTEM} The user's name is user-{uuid.uuid4().hex[:8]}. Today is {time.strftime('%Y-%m-%d')}."
+
+
+def bench_new_system_prompt(lab: Lab, runs: int) -> list[Row]:
+    """One-shot requests through a server with the default settings, its pool full and idle before each: with
+    the system prompt it served before (and during the warm-up), and with one it has never seen, interleaved.
+    Each request is a new conversation (a unique first message)."""
+    standin = lab.standin
+    standin.reset()
+    timed: dict[str, list[tuple[float, float]]] = {"known": [], "new": []}
+    figure = "11 a never-seen system prompt"
+
+    async def through(http: httpx.AsyncClient, url: str, name: str, system: str) -> float:
+        start = time.perf_counter()
+        seconds = await timed_completion(http, url, fresh_prompt(), system=system)
+        timed[name].append((start, seconds))
+        return seconds
+
+    async def measure(url: str) -> tuple[dict[str, list[float]], Row]:
+        async with client() as http:
+            pool = WarmPool(http, url)
+            got = await interleaved(
+                runs,
+                {
+                    "known": lambda: through(http, url, "known", KNOWN_SYSTEM),
+                    "new": lambda: through(http, url, "new", fresh_system()),
+                },
+                before=pool.settle,
+            )
+            return got, await pool.row(figure, 2 * (runs + 1))
+
+    with t.serve(lab.app()) as url:
+        got, served = asyncio.run(measure(url))
+    time.sleep(0.2)  # a reply's span is noted just after its last byte: let the last one land
+    split = {name: split_by_upstream(standin, requests[1:]) for name, requests in timed.items()}
+    known, new = (percentile(got[name], 50) for name in ("known", "new"))
+    ratio = new / known
+    paired = percentile([n - k for n, k in zip(got["new"], got["known"], strict=True)], 50)
+    return [
+        Row(figure, "a known system prompt: HTTP round trip", p50_p95(got["known"])),
+        Row(figure, "a never-seen system prompt: HTTP round trip", p50_p95(got["new"])),
+        Row(
+            figure,
+            "never-seen / known",
+            f"{ratio:.2f}x at p50 ({signed_ms(new - known)}; paired per-round median {signed_ms(paired)})",
+            f"p50 <= {NEW_PROMPT_GOAL:.2f}x",
+            verdict(ratio <= NEW_PROMPT_GOAL),
+        ),
+        served,
+        Row(figure, "beyond the stand-in: known", split["known"].described(), "report"),
+        Row(figure, "beyond the stand-in: never seen", split["new"].described(), "report"),
+    ]
+
+
+FIGURES = 11
 
 
 def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Row], leftovers: list[int]) -> None:
@@ -2316,6 +2385,8 @@ def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Ro
             rows += bench_warm_cold(shared, runs)
         if step(9, f"function calling: a {TOOL_TURNS}-turn agent chat with and without functions"):
             rows += bench_tools(shared)
+        if step(11, "a never-seen system prompt vs a known one"):
+            rows += bench_new_system_prompt(shared, runs)
     if step(7, f"load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} (fake CLI)"):
         load_rows, gone = bench_load()
         rows += load_rows

@@ -2508,23 +2508,33 @@ def estimate_input_tokens(chat: ChatRequest) -> int:
 # --- The CLI call: argv, stdin line and environment for one request ---
 
 
+# The initialize request's fields for a system prompt: one that replaces the CLI's own, or one appended to it.
+SystemField = Literal["systemPrompt", "appendSystemPrompt"]
+
+
 @dataclass(frozen=True)
 class CliCall:
     """Everything needed to run the CLI once: argv, what goes to stdin, the environment changes."""
 
     args: tuple[str, ...]
     stdin: bytes  # the user message that starts the turn
-    system_prompt: str | None  # written to a file and passed with system_flag; never put in argv
-    system_flag: str = "--system-prompt-file"
+    system_prompt: str | None  # sent in system_field of the initialize request (initialize_request); never in argv
+    system_field: SystemField = "systemPrompt"
     env: Mapping[str, str] = field(default_factory=dict)
     session_args: tuple[str, ...] = ()  # how the call stores its conversation; not part of its options
     history: tuple[NativeMessage, ...] = ()  # the conversation before stdin, seeded into the process first
     tools: tuple[Tool, ...] = ()  # the functions offered, through the in-process MCP server
 
     @property
+    def launch(self) -> tuple[Any, ...]:
+        """What a process is fixed to at its start. Not the system prompt: that goes with the first turn, so a
+        process started ahead of time serves a call with the same launch options whatever its prompt."""
+        return self.args, tuple(sorted(self.env.items()))
+
+    @property
     def options(self) -> tuple[Any, ...]:
-        """What a started process is fixed to: a waiting process serves only a call with the same options."""
-        return self.args, self.system_prompt, self.system_flag, tuple(sorted(self.env.items()))
+        """What a process is fixed to once it has answered a turn: a warm process serves only a call with the same."""
+        return *self.launch, self.system_prompt, self.system_field
 
 
 # Variables a parent Claude Code session sets, and the server's own secrets: never inherited by the child.
@@ -2610,7 +2620,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
     if not messages or messages[-1].role == "assistant":
         messages.append(NativeMessage("user", [{"type": "text", "text": CONTINUE}]))
     system: str | None = request.system or None
-    flag = "--system-prompt-file"
+    field: SystemField = "systemPrompt"
     if settings.system_prompt_mode == "embed":
         if system and not (conversation and conversation.resume):
             first = next(m for m in messages if m.role == "user")
@@ -2620,7 +2630,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
                 first.blocks.insert(0, {"type": "text", "text": f"{system}\n\n"})
         system = None  # keep the CLI's own prompt: the plan accepts only that one
     elif settings.system_prompt_mode == "append":
-        flag = "--append-system-prompt-file"
+        field = "appendSystemPrompt"
     else:
         system = system or NEUTRAL_SYSTEM_PROMPT
     env = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(request.max_tokens)} if request.max_tokens else {}
@@ -2632,7 +2642,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         args=tuple(args),
         stdin=user_message_line(messages[-1].blocks),
         system_prompt=system,
-        system_flag=flag,
+        system_field=field,
         env=env,
         session_args=session_args,
         history=tuple(messages[:-1]),
@@ -3561,17 +3571,25 @@ def control_request(request_id: str, request: Mapping[str, Any]) -> bytes:
     return json.dumps({"type": "control_request", "request_id": request_id, "request": request}).encode() + b"\n"
 
 
-# Sent to every process at its start: the hooks through which ToolPolicy decides each call and each turn's end.
-INITIALIZE = control_request(
-    "initialize",
-    {
-        "subtype": "initialize",
-        "hooks": {
-            "PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}],
-            "Stop": [{"matcher": None, "hookCallbackIds": ["stop"]}],
-        },
-    },
-)
+# The hooks through which ToolPolicy decides each call and each turn's end.
+HOOKS = {
+    "PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}],
+    "Stop": [{"matcher": None, "hookCallbackIds": ["stop"]}],
+}
+
+
+def initialize_request(call: CliCall) -> bytes:
+    """The first control request of a process, sent with its first turn: the hooks, and the call's system prompt.
+    Both CLI versions we support send a prompt given here upstream exactly as one given by --system-prompt-file
+    (the same system blocks, tools and messages), and read it only from the first initialize: a later one is
+    answered but changes nothing. So a process is started without a prompt and told it when a request brings one."""
+    request: dict[str, Any] = {"subtype": "initialize", "hooks": HOOKS}
+    if call.system_prompt is not None:
+        prompt = call.system_prompt
+        request[call.system_field] = [prompt] if call.system_field == "systemPrompt" else prompt
+    return control_request("initialize", request)
+
+
 SDK_SERVER = {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}
 
 
@@ -3631,9 +3649,9 @@ class CliProcess:
         self.pending: dict[str, dict[str, Any]] = {}  # the calls its last turn stopped at, with a result for each
         self.policy: ToolPolicy | None = None  # the rules of the turn under way
         self.garbage = 0  # unparseable stdout lines in the turn under way
-        self.initialized = False  # the CLI answered INITIALIZE: it speaks the control protocol
+        self.introduced = False  # the initialize request went out, with the system prompt the process keeps
+        self.initialized = False  # the CLI answered that request: it speaks the control protocol
         self._closing: asyncio.Future[None] | None = None
-        self._prompt_file: str | None = None
         self._stderr_task: asyncio.Task[None] | None = None
 
     @property
@@ -3648,11 +3666,6 @@ class CliProcess:
 
     async def start(self) -> None:
         args = [*self.call.args, *self.version_args, *self.call.session_args]
-        if self.call.system_prompt is not None:
-            fd, self._prompt_file = tempfile.mkstemp(prefix="system-", suffix=".txt")
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(self.call.system_prompt)
-            args += [self.call.system_flag, self._prompt_file]
         began = time.monotonic()
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -3673,7 +3686,6 @@ class CliProcess:
             raise CliUnavailable("The claude CLI could not be started; the server's log says why.") from None
         self.state = "ready"
         self._stderr_task = asyncio.create_task(self._drain_stderr())
-        await self.write(INITIALIZE)
         self.on_started(time.monotonic() - began)
 
     async def _drain_stderr(self) -> None:
@@ -3732,8 +3744,13 @@ class CliProcess:
                 self.state = "spent"
 
     async def _prepare(self, call: CliCall) -> None:
-        """Before a turn: the functions, then the history, each user message of which the CLI confirms with an
-        empty result (the next line must wait for it, or an assistant line can overtake it)."""
+        """Before a turn: the initialize request (the first turn only), the functions, then the history, each user
+        message of which the CLI confirms with an empty result (the next line must wait for it, or an assistant
+        line can overtake it)."""
+        if not self.introduced:
+            self.introduced = True
+            self.call = replace(self.call, system_prompt=call.system_prompt, system_field=call.system_field)
+            await self.write(initialize_request(call))
         if call.tools and self.tools is None:
             self.tools = call.tools
             await self.write(control_request("tools", {"subtype": "mcp_set_servers", "servers": SDK_SERVER}))
@@ -3885,10 +3902,6 @@ class CliProcess:
             self._stderr_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stderr_task
-        if self._prompt_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self._prompt_file)
-            self._prompt_file = None
         self.state = "closed"
 
 
@@ -3899,7 +3912,7 @@ IdleKind = Literal["prestarted", "warm"]
 class Idle:
     cli: CliProcess
     kind: IdleKind
-    key: Any  # a pre-started process's options; a warm process's conversation
+    key: Any  # a pre-started process's launch options; a warm process's conversation
     since: float
 
 
@@ -4103,8 +4116,9 @@ class Retries:
 
 class Prestart:
     """Keeps CLAUDE_PREWARM processes started ahead of time in the store, so a new conversation or a one-shot
-    request pays no start-up. They are spread over the most recently used combinations of model, system
-    prompt and options; each serves one request (then it ends, or becomes that conversation's warm process)."""
+    request pays no start-up. They are spread over the most recently used combinations of model and options
+    (any system prompt: a process takes its prompt with its first turn); each serves one request (then it ends,
+    or becomes that conversation's warm process)."""
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
@@ -4115,12 +4129,12 @@ class Prestart:
 
     @staticmethod
     def key(call: CliCall) -> tuple[Any, ...]:
-        return call.options, call.session_args[:1]
+        return call.launch, call.session_args[:1]
 
     def expect(self, call: CliCall) -> None:
         """Note these options as the most recently used, and refill to match."""
         key = self.key(call)
-        self.recent[key] = replace(call, stdin=b"")
+        self.recent[key] = replace(call, stdin=b"", system_prompt=None)
         self.recent.move_to_end(key)
         while len(self.recent) > self.size:
             self.recent.popitem(last=False)

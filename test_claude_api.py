@@ -43,6 +43,7 @@ from testdata.support import (
     conversation_shape,
     eventually,
     fake_calls,
+    fake_protocol,
     find_real_cli,
     free_port,
     last_user_text,
@@ -699,7 +700,7 @@ def test_cli_call_keeps_client_text_out_of_argv() -> None:
     assert argv[argv.index("--tools") + 1] == "" and "--no-session-persistence" in argv
     assert argv[argv.index("--model") + 1] == "opus"
     assert not any("dangerously" in a or "default" == a for a in argv)
-    assert call.system_prompt == "--dangerously-skip-permissions" and call.system_flag == "--system-prompt-file"
+    assert call.system_prompt == "--dangerously-skip-permissions" and call.system_field == "systemPrompt"
     assert argv[argv.index("--setting-sources") + 1] == ""
     user_settings = make_settings(setting_sources="user, project")
     user_call = api.build_cli_call(api.parse_chat_request(chat(), user_settings), user_settings)
@@ -709,22 +710,22 @@ def test_cli_call_keeps_client_text_out_of_argv() -> None:
 
 
 @pytest.mark.parametrize(
-    "mode,system_prompt,flag,prompt_starts",
+    "mode,system_prompt,field,prompt_starts",
     [
-        ("replace", "Be terse.", "--system-prompt-file", "hi"),
-        ("append", "Be terse.", "--append-system-prompt-file", "hi"),
+        ("replace", "Be terse.", "systemPrompt", "hi"),
+        ("append", "Be terse.", "appendSystemPrompt", "hi"),
         ("embed", None, None, "Be terse.\n\nhi"),
     ],
 )
-def test_system_prompt_modes(mode: str, system_prompt: str | None, flag: str | None, prompt_starts: str) -> None:
+def test_system_prompt_modes(mode: str, system_prompt: str | None, field: str | None, prompt_starts: str) -> None:
     settings = make_settings(system_prompt_mode=mode)
     request = api.parse_chat_request(
         {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]}, settings
     )
     call = api.build_cli_call(request, settings)
     assert call.system_prompt == system_prompt
-    if flag:
-        assert call.system_flag == flag
+    if field:
+        assert call.system_field == field
     assert json.loads(call.stdin)["message"]["content"][0]["text"] == prompt_starts
 
 
@@ -858,7 +859,7 @@ async def test_workdir_setting_overrides_the_private_one(fake: Fake, tmp_path: P
     assert Path(fake.calls()[0]["cwd"]) == chosen
 
 
-async def test_long_system_prompt_goes_through_a_file(fake: Fake) -> None:
+async def test_long_system_prompt_stays_out_of_argv(fake: Fake) -> None:
     system = "S" * 200_000
     async with client_for(fake.app()) as client:
         response = await client.post(
@@ -4696,14 +4697,12 @@ async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) ->
         assert wait_until(lambda: call["pid"] not in fake.alive(), 5)  # served once, then retired
         await ready(client, 2)
         assert (await prewarm(client))["hits"] == 1
-        other = await client.post(
-            "/v1/chat/completions", json={"messages": [{"role": "system", "content": "Another prompt"}, user("two")]}
-        )
+        other = await client.post("/v1/chat/completions", json={"model": "opus", "messages": [user("two")]})
         assert other.status_code == 200 and (await prewarm(client))["misses"] == 1
         await ready(client, 2)  # now spread: one for each recent combination, so both are served waiting
-        for prompt in ("Another prompt", None):
-            system = [{"role": "system", "content": prompt}] if prompt else []
-            answered = await client.post("/v1/chat/completions", json={"messages": [*system, user("again")]})
+        for model in ("opus", None):
+            chosen = {"model": model} if model else {}
+            answered = await client.post("/v1/chat/completions", json={**chosen, "messages": [user("again")]})
             assert answered.status_code == 200
         assert (await prewarm(client))["hits"] == 3
     assert wait_until(lambda: fake.alive() == [], 5)  # none survives shutdown
@@ -4785,6 +4784,40 @@ async def test_prewarm_off(fake: Fake) -> None:
     assert len(fake.calls()) == 1
 
 
+async def test_prewarmed_process_serves_a_system_prompt_it_was_not_started_with(fake: Fake) -> None:
+    app = fake.app(prewarm=1)
+    prompt = "You help Ana. Today is 2026-12-08."
+    async with client_for(app) as client:
+        await ready(client, 1)
+        [started] = fake.alive()
+        response = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "system", "content": prompt}, user("hi")]}
+        )
+        assert response.status_code == 200 and (await prewarm(client))["hits"] == 1
+    [call] = fake.calls()
+    assert call["pid"] == started and call["system"] == prompt  # no start-up on the request path, and its prompt
+    assert not any(prompt in arg for arg in call["argv"])
+    sent = [e["line"] for e in fake_protocol(fake.folder) if e["pid"] == started and e["dir"] == "in"]
+    initialize = [line["request"] for line in sent if line.get("type") == "control_request"]
+    assert initialize[0]["subtype"] == "initialize" and initialize[0]["systemPrompt"] == [prompt]
+
+
+def test_initialize_request_carries_the_system_prompt_in_the_mode_s_field() -> None:
+    for mode, name, value in (
+        ("replace", "systemPrompt", ["Be terse."]),
+        ("append", "appendSystemPrompt", "Be terse."),
+    ):
+        settings = make_settings(system_prompt_mode=mode)
+        request = api.parse_chat_request(
+            {"messages": [{"role": "system", "content": "Be terse."}, user("hi")]}, settings
+        )
+        sent = json.loads(api.initialize_request(api.build_cli_call(request, settings)))["request"]
+        assert sent[name] == value and sent["hooks"] == api.HOOKS
+    embed = make_settings(system_prompt_mode="embed")
+    sent = json.loads(api.initialize_request(api.build_cli_call(api.parse_chat_request(chat(), embed), embed)))
+    assert "systemPrompt" not in sent["request"] and "appendSystemPrompt" not in sent["request"]
+
+
 @needs_real_cli
 async def test_real_prewarmed_process_answers(real: Real) -> None:
     real.standin.reset(default=Reply(text="Warm hello."))
@@ -4795,6 +4828,24 @@ async def test_real_prewarmed_process_answers(real: Real) -> None:
         health = (await client.get("/health")).json()
     assert response.json()["choices"][0]["message"]["content"] == "Warm hello."
     assert health["prewarm"]["hits"] == 1
+
+
+@needs_real_cli
+@pytest.mark.parametrize("mode", ["replace", "append"])
+async def test_real_prewarmed_process_takes_a_new_system_prompt_as_a_fresh_one_does(real: Real, mode: str) -> None:
+    """The upstream sees the same system prompt, block for block, from a process started before the request (and
+    its prompt) as from one started for it."""
+    real.standin.reset(default=Reply(text="fine"))
+    prompt = "You help Ana. Today is 2026-12-08."
+    body = {"messages": [{"role": "system", "content": prompt}, user("hi")]}
+    for prewarmed in (1, 0):
+        async with client_for(real.app(prewarm=prewarmed, system_prompt_mode=mode)) as client:
+            if prewarmed:
+                await ready(client, 1)
+            response = await client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200 and (await prewarm(client))["hits"] == prewarmed
+    warm, cold = (request["system"] for request in real.standin.bodies())
+    assert warm == cold and any(prompt in block["text"] for block in warm)
 
 
 # --- The CLI's version, flags, login and self-check; /health and the start-up log ---

@@ -15,8 +15,8 @@
 - ``control_protocol``: false for a CLI without the control protocol: control requests get no answer.
 
 Like the real CLI (2.1.197 and 2.1.332, measured), the process keeps its conversation between turns, answers
-the control protocol on stdin (``initialize`` with hooks, ``mcp_set_servers``), connects in-process ("sdk")
-MCP servers of ``--mcp-config`` at start and those of ``mcp_set_servers`` at the next turn, takes
+the control protocol on stdin (``initialize`` with hooks and the system prompt, ``mcp_set_servers``), connects
+in-process ("sdk") MCP servers of ``--mcp-config`` at start and those of ``mcp_set_servers`` at the next turn, takes
 ``"shouldQuery": false`` user lines and ``assistant`` lines as history without a model call, and for each
 ``tool_use`` block asks the PreToolUse hook: "defer" ends the turn with ``stop_reason: "tool_deferred"``,
 "deny" records an error result ("PreToolUse:<tool> hook error: <reason>", as 2.1.332 words it) and calls the
@@ -148,6 +148,7 @@ def ask(request):
 # --- The control protocol: initialize, MCP servers and hooks ---
 
 hooks = {}  # hook event -> callback ids, from initialize
+initialized = False  # an initialize request came: only the first sets the system prompt
 servers = {}  # sdk MCP server name -> {"tools": [...] or None before it is connected, "removed": bool}
 
 
@@ -179,6 +180,11 @@ def answer_control(obj):
     request = obj.get("request") or {}
     kind = request.get("subtype")
     if kind == "initialize":
+        global system, initialized
+        if not initialized and ("systemPrompt" in request or "appendSystemPrompt" in request):
+            # as the real CLI: the first initialize's prompt replaces (or follows) its own; later ones change nothing
+            system = "".join(request.get("systemPrompt") or []) or request.get("appendSystemPrompt")
+        initialized = True
         for event, matchers in (request.get("hooks") or {}).items():
             hooks[event] = [i for matcher in matchers for i in matcher.get("hookCallbackIds", [])]
         body = {"subtype": "success", "request_id": obj["request_id"], "response": initialize_response()}
