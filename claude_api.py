@@ -624,7 +624,7 @@ class ToolCall:
 class Turn:
     role: Literal["user", "assistant", "tool"]
     text: str
-    parts: tuple[str | Image, ...] = ()  # text and images in order, when the turn carries images
+    parts: tuple[str | Image, ...] = ()  # text and images in order, when there is more than one
     calls: tuple[ToolCall, ...] = ()  # an assistant turn's function calls
     call_id: str = ""  # the call a tool turn answers
 
@@ -731,11 +731,15 @@ def json_path(where: tuple[Any, ...]) -> str:
     return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)).lstrip(".")
 
 
-def message_parts(content: Any, param: str, image_limit: int | None, refusals: bool = False) -> tuple[str | Image, ...]:
-    """A message's content as text and images in order; adjacent text parts are joined by newlines.
-    ``image_limit`` is the most bytes an image may have, or None where images are not accepted; ``refusals``
-    lets in refusal parts (an assistant's), taken as text. Keys a part has besides its own, such as the
-    ``cache_control`` markers some clients add, are ignored: the CLI manages the prompt cache itself."""
+def message_parts(
+    content: Any, param: str, image_limit: int | None, refusals: bool = False, *, apart: bool = False
+) -> tuple[str | Image, ...]:
+    """A message's content as text and images in order; adjacent text parts are joined by newlines, unless
+    ``apart`` (a user's: Claude Code sends its <system-reminder> notes as blocks beside the prompt, and each
+    stays a block upstream). ``image_limit`` is the most bytes an image may have, or None where images are not
+    accepted; ``refusals`` lets in refusal parts (an assistant's), taken as text. Keys a part has besides its
+    own, such as the ``cache_control`` markers some clients add, are ignored: the CLI manages the prompt cache
+    itself."""
     if content is None:
         return ()
     if isinstance(content, str):
@@ -770,7 +774,7 @@ def message_parts(content: Any, param: str, image_limit: int | None, refusals: b
         key = "refusal" if refusal else "text"
         if not isinstance(part.get(key), str):
             raise wrong_type(f"{where}.{key}", "a string", part.get(key))
-        if parts and isinstance(parts[-1], str):
+        if parts and isinstance(parts[-1], str) and not apart:
             parts[-1] += "\n" + part[key]
         else:
             parts.append(part[key])
@@ -914,7 +918,8 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
         if role == "user":
             if message.get("content") is None:
                 raise missing(f"{where}.content")
-            turns.append(parts_turn("user", message_parts(message["content"], f"{where}.content", image_limit)))
+            parts = message_parts(message["content"], f"{where}.content", image_limit, apart=True)
+            turns.append(parts_turn("user", parts))
             continue
         if role in ("tool", "function"):  # a result may carry images (as an Anthropic tool_result can)
             ref = message.get("tool_call_id") if role == "tool" else message.get("name")
@@ -937,9 +942,14 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
 
 
 def parts_turn(role: Literal["user", "tool"], parts: tuple[str | Image, ...]) -> Turn:
-    """A turn of text and images; it keeps its parts only when it has an image among them."""
-    text = "".join(part for part in parts if isinstance(part, str))
-    return Turn(role, text, parts if any(isinstance(part, Image) for part in parts) else ())
+    """A turn of text and images; it keeps its parts only when it has more than one. Its text is the text
+    parts, adjacent ones joined by a newline."""
+    text = "".join(
+        ("\n" if i and isinstance(parts[i - 1], str) else "") + part
+        for i, part in enumerate(parts)
+        if isinstance(part, str)
+    )
+    return Turn(role, text, parts if len(parts) > 1 else ())
 
 
 # What the Messages API accepts as a tool_use id; a client's id outside it is mapped to one that is, the same way
@@ -985,6 +995,18 @@ def unanswered(call_id: str, text: str = NO_RESULT, *, error: bool = True) -> di
     return {"type": "tool_result", "tool_use_id": call_id, "content": text, "is_error": error}
 
 
+def assistant_blocks(turn: Turn, open_calls: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant turn's blocks, its calls opened in ``open_calls`` (each until its result comes)."""
+    blocks = content_blocks(turn)
+    for call in turn.calls:
+        call_id = native_id(call.id)
+        if call_id in open_calls:  # the same id twice in one message: the second cannot be answered apart
+            continue
+        open_calls[call_id] = unanswered(call_id)
+        blocks.append({"type": "tool_use", "id": call_id, "name": call.name, "input": call_input(call.arguments)})
+    return blocks
+
+
 def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]] | None = None) -> list[NativeMessage]:
     """The turns as Messages API messages, keeping its rules whatever the client sent: roles alternate, every
     tool_use is answered by a tool_result first thing in the next message (a call the client left unanswered
@@ -1011,17 +1033,16 @@ def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]]
         if turn.role == "user":
             loose.extend(content_blocks(turn))
             continue
+        if messages and messages[-1].role == "assistant" and not results and not loose:
+            # Nothing between two assistant messages: one turn of parallel calls sent as one message per call
+            # (the Responses API's function_call items), whose results follow them all.
+            messages[-1].blocks.extend(assistant_blocks(turn, open_calls))
+            continue
         user = close_calls(results) + loose
         results, loose = {}, []
         if user:
             messages.append(NativeMessage("user", user))
-        blocks = content_blocks(turn)
-        for call in turn.calls:
-            call_id = native_id(call.id)
-            if call_id in open_calls:  # the same id twice in one message: the second cannot be answered apart
-                continue
-            open_calls[call_id] = unanswered(call_id)
-            blocks.append({"type": "tool_use", "id": call_id, "name": call.name, "input": call_input(call.arguments)})
+        blocks = assistant_blocks(turn, open_calls)
         if messages and messages[-1].role == "assistant":
             messages[-1].blocks.extend(blocks)
         else:

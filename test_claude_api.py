@@ -47,6 +47,7 @@ from testdata.support import (
     free_port,
     last_user_text,
     processes_running,
+    result_text,
     rule_breaches,
     selftest,
     serve,
@@ -393,8 +394,36 @@ def CALL(call_id: str, name: str = "get", **arguments: Any) -> dict[str, Any]:  
         pytest.param(
             [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}],
             "",
-            [("user", [T("one\ntwo")])],
-            id="text-parts-joined",
+            [("user", [T("one"), T("two")])],
+            id="text-parts-kept-apart",
+        ),
+        pytest.param(
+            [
+                user("weather and time?"),
+                {"role": "assistant", "tool_calls": [CALL("call_a", "get_weather")]},
+                {"role": "assistant", "tool_calls": [CALL("call_b", "get_time")]},
+                {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+            ],
+            "",
+            [
+                ("user", [T("weather and time?")]),
+                (
+                    "assistant",
+                    [
+                        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}},
+                        {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {}},
+                    ],
+                ),
+                (
+                    "user",
+                    [
+                        {"type": "tool_result", "tool_use_id": "call_a", "content": [T("sunny")]},
+                        {"type": "tool_result", "tool_use_id": "call_b", "content": [T("12:00")]},
+                    ],
+                ),
+            ],
+            id="consecutive-calls-are-one-turn",
         ),
         pytest.param(
             [
@@ -3569,6 +3598,78 @@ def test_real_responses_function_call_loop(real: Real) -> None:
         ("assistant", ["tool_use"]),
         ("user", ["tool_result"]),
     ]
+
+
+def paired_results(body: dict[str, Any]) -> dict[str, str]:
+    """Each call of the last assistant message upstream (by function name) and the text of the result paired
+    with it by id in the user message after it."""
+    turns = [m for m in body["messages"] if m["role"] != "system"]
+    calls = {b["id"]: b["name"] for b in turns[-2]["content"] if b["type"] == "tool_use"}
+    results = [b for b in turns[-1]["content"] if b["type"] == "tool_result"]
+    return {calls.get(b["tool_use_id"], "?"): result_text(b) for b in results}
+
+
+def agents_sdk_run(url: str, api_kind: str) -> Any:
+    """The OpenAI Agents SDK runs an agent with two functions on ``api_kind`` ("responses" or "chat")."""
+    from agents import Agent, OpenAIChatCompletionsModel, OpenAIResponsesModel, RunConfig, Runner, function_tool
+    from openai import AsyncOpenAI
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        return f"sunny in {city}"
+
+    @function_tool
+    def get_time(city: str) -> str:
+        return f"12:00 in {city}"
+
+    async def run() -> Any:
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="proxy-secret-key", max_retries=0) as client:
+            kind = OpenAIResponsesModel if api_kind == "responses" else OpenAIChatCompletionsModel
+            tools = [get_weather, get_time]
+            agent = Agent(name="helper", instructions="Be brief.", tools=tools, model=kind("sonnet", client))
+            config = RunConfig(tracing_disabled=True)
+            return await Runner.run(agent, "Weather and time in Paris?", max_turns=4, run_config=config)
+
+    return asyncio.run(run())
+
+
+@needs_real_cli
+@pytest.mark.parametrize("api_kind", ["responses", "chat"])
+def test_real_agents_sdk_parallel_calls_come_back_paired_with_their_results(real: Real, api_kind: str) -> None:
+    two = calls_reply(("get_weather", {"city": "Paris"}), ("get_time", {"city": "Paris"}))
+    real.standin.reset(two, Reply(text="Sunny, and it is noon."))
+    with serve(real.app()) as url:
+        result = agents_sdk_run(url, api_kind)
+    assert result.final_output == "Sunny, and it is noon."
+    bodies = real.standin.bodies()
+    assert paired_results(bodies[-1]) == {"get_weather": "sunny in Paris", "get_time": "12:00 in Paris"}
+    upstream = json.dumps(bodies)
+    assert api.NO_RESULT not in upstream and "Result of call" not in upstream
+
+
+@needs_real_cli
+def test_real_calls_sent_as_consecutive_assistant_messages_are_one_turn(real: Real) -> None:
+    real.standin.reset(Reply(text="Sunny, and it is noon."))
+    weather = {
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    time_now = {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    split = [
+        {"role": "assistant", "tool_calls": [weather]},
+        {"role": "assistant", "tool_calls": [time_now]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+    ]
+    with serve(real.app()) as url:
+        answer = openai_client(url).chat.completions.create(
+            model="sonnet", messages=[user("Weather and time?"), *split], tools=[WEATHER, TIME]
+        )
+    assert answer.choices[0].message.content == "Sunny, and it is noon."
+    [body] = real.standin.bodies()
+    assert paired_results(body) == {"get_weather": "sunny", "get_time": "12:00"}
+    assert api.NO_RESULT not in json.dumps(body) and "Result of call" not in json.dumps(body)
 
 
 # The Vercel AI SDK (npm ai and @ai-sdk/openai), where the README's test command installs it, pinned.
