@@ -553,6 +553,16 @@ class Overloaded(ProxyError):
     anthropic = 529, "overloaded_error"
 
 
+class UpstreamOverloaded(Overloaded):
+    """The upstream API answered 529: worth another attempt, here and then by the client (the SDKs retry it, the
+    anthropic SDK as its OverloadedError)."""
+
+    retryable = True
+
+
+OVERLOAD_WAIT = 5  # seconds a client is told to wait after an upstream overload
+
+
 class CliTimeout(ProxyError):
     status, type, code, retryable = 504, "server_error", "timeout", True
     anthropic = 504, "timeout_error"
@@ -1066,7 +1076,8 @@ def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]]
 
 MCP_SERVER = "fn"  # our name for the in-process MCP server; never the client's text
 REPLY_FUNCTION = "json_reply"  # the function a JSON reply is given through (another name if the client has this one)
-MAX_CORRECTIONS = 2  # denied calls or blocked stops per turn, at most, before the answer counts as invalid
+MAX_CORRECTIONS = 2  # model answers per turn with denied calls or a blocked stop, at most, before it is invalid
+MAX_DENIALS = 32  # denied calls per turn, at most, however they fall into answers
 ROOT_COMBINATORS = ("anyOf", "oneOf", "allOf")
 
 
@@ -2705,6 +2716,7 @@ class ModelCall:
 
     usage: Mapping[str, Any]
     stop_reason: str | None = None
+    starts: bool = False  # its start (message_start), not its end
 
 
 @dataclass(frozen=True)
@@ -2799,6 +2811,8 @@ def error_from_result(event: Mapping[str, Any]) -> ProxyError:
         return rate_limited()
     if status == 404:
         return ModelNotFound("The upstream API does not know the requested model.", param="model")
+    if status == 529:
+        return UpstreamOverloaded("The upstream API is overloaded; retry shortly.", retry_after=OVERLOAD_WAIT)
     if isinstance(status, int) and 400 <= status < 500:
         return UpstreamRejected(f"The upstream API rejected the request (HTTP {status}).")
     if isinstance(status, int):
@@ -2818,7 +2832,7 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
                 return ThinkingDelta(delta["thinking"])
         if event.get("type") == "message_start":
-            return ModelCall((event.get("message") or {}).get("usage") or {})
+            return ModelCall((event.get("message") or {}).get("usage") or {}, starts=True)
         if event.get("type") == "message_delta":
             return ModelCall(event.get("usage") or {}, delta.get("stop_reason"))
         return None
@@ -3356,21 +3370,30 @@ class ToolPolicy:
     """One turn's rules for function calls, enforced natively through the CLI's hooks: each call is deferred to
     the client, or denied with a reason the model reads and acts on; a turn that would end without a call it
     needs is sent back with a reason (the Stop hook). The CLI sends no tool_choice upstream, so this is where
-    tool_choice and parallel_tool_calls are honoured. Corrections are capped: past MAX_CORRECTIONS the answer is
-    invalid."""
+    tool_choice and parallel_tool_calls are honoured. Corrections are capped by model answer, not by call: the
+    model learns the rules only from a denial, so one answer's refused parallel calls are one correction (and a
+    good call beside them still goes through); past MAX_CORRECTIONS answers the turn's answer is invalid."""
 
     def __init__(self, request: ChatRequest, patterns: PatternChecker) -> None:
         self.request, self.patterns = request, patterns
         self.tools = {tool.name: tool for tool in request.tools}
         self.reply = reply_tool(request)
         self.deferred: list[ToolCall] = []
-        self.corrections = 0
+        self.corrections = 0  # model answers that broke the rules
+        self.denials = 0
+        self.corrected = False  # the model answer under way has been counted
+
+    def new_answer(self) -> None:
+        """A model answer begins (its message_start, which comes before any of its calls)."""
+        self.corrected = False
 
     def correct(self, problem: str) -> None:
-        self.corrections += 1
-        if self.corrections > MAX_CORRECTIONS:
+        self.denials += 1
+        if not self.corrected:
+            self.corrected, self.corrections = True, self.corrections + 1
+        if self.corrections > MAX_CORRECTIONS or self.denials > MAX_DENIALS:
             raise InvalidModelOutput(
-                f"The model's answer broke the request's rules {self.corrections} times in one turn; the last "
+                f"The model's answers broke the request's rules {self.corrections} times in one turn; the last "
                 f"time: {problem}"
             )
 
@@ -3575,6 +3598,8 @@ class CliProcess:
                     continue
                 if isinstance(event, ModelCall):
                     usage.update(event.usage)
+                    if event.starts and policy is not None:
+                        policy.new_answer()
                     if event.stop_reason == "max_tokens":
                         # Left alone, the CLI would ask the model to go on, several times, at the user's cost:
                         # stop here with the upstream's own counts (the process is spent).

@@ -2925,6 +2925,7 @@ async def test_tool_policy_defers_valid_calls_and_denies_the_rest_with_a_reason(
 ) -> None:
     policy = api.ToolPolicy(tool_request(**extra), api.PatternChecker({}))
     for i, ((name, arguments), outcome) in enumerate(zip(calls, expected, strict=True)):
+        policy.new_answer()  # each call a model answer of its own
         if outcome == "invalid_model_output":  # past MAX_CORRECTIONS the answer is invalid
             with pytest.raises(api.InvalidModelOutput):
                 await policy.pre_tool_use(name, arguments, f"toolu_{i}")
@@ -2938,6 +2939,23 @@ async def test_tool_policy_defers_valid_calls_and_denies_the_rest_with_a_reason(
     assert deferred == [
         (f"toolu_{i}", n, a) for i, ((n, a), o) in enumerate(zip(calls, expected, strict=True)) if o == "defer"
     ]
+
+
+async def test_refused_calls_count_once_per_model_answer() -> None:
+    policy = api.ToolPolicy(tool_request(tool_choice="none"), api.PatternChecker({}))
+    for answer in range(api.MAX_CORRECTIONS):
+        policy.new_answer()
+        for i in range(5):  # five refused calls in one answer: one correction
+            reason = await policy.pre_tool_use("get_weather", {"city": "A"}, f"toolu_{answer}_{i}")
+            assert reason["hookSpecificOutput"]["permissionDecision"] == "deny"
+    policy.new_answer()
+    with pytest.raises(api.InvalidModelOutput, match="3 times"):
+        await policy.pre_tool_use("get_weather", {"city": "A"}, "toolu_last")
+    unmarked = api.ToolPolicy(tool_request(tool_choice="none"), api.PatternChecker({}))
+    for i in range(api.MAX_DENIALS):  # answers the server cannot tell apart are bounded all the same
+        await unmarked.pre_tool_use("get_weather", {"city": "A"}, f"toolu_{i}")
+    with pytest.raises(api.InvalidModelOutput):
+        await unmarked.pre_tool_use("get_weather", {"city": "A"}, "toolu_last")
 
 
 @pytest.mark.parametrize(
@@ -3308,6 +3326,39 @@ async def test_real_each_tool_choice_is_honoured_natively(real: Real) -> None:
     assert "You must call at least one" in upstream[3]
     assert "You must call the function 'get_weather'" in upstream[5]
     assert all("tool_choice" not in body for body in real.standin.bodies())  # the CLI sends none: hooks enforce it
+
+
+def function(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+
+@needs_real_cli
+async def test_real_refused_parallel_calls_in_one_answer_are_one_correction(real: Real) -> None:
+    names = ("get_news", "get_stock", "get_time", "get_place")
+    real.standin.reset(
+        calls_reply(*((name, {}) for name in names)),  # a named function among three others, in one answer
+        calls_reply(*((name, {}) for name in names[:3])),  # "none": three calls in one answer...
+        Reply(text="No functions, then."),  # ...and the model answers in text
+    )
+    tools = [function(name) for name in names]
+    async with client_for(real.app()) as client:
+        named = await client.post(
+            "/v1/chat/completions",
+            json={
+                **chat("All four?"),
+                "tools": tools,
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+            },
+        )
+        after_named = len(real.standin.requests)
+        none = await client.post("/v1/chat/completions", json={**chat("Three?"), "tools": tools, "tool_choice": "none"})
+    assert named.status_code == 200, named.text
+    [call] = named.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_time" and after_named == 1  # the good call went through at once
+    assert none.status_code == 200, none.text
+    assert none.json()["choices"][0]["message"]["content"] == "No functions, then."
+    denials = [b for b in real.standin.bodies()[-1]["messages"][-1]["content"] if b["type"] == "tool_result"]
+    assert len(denials) == 3 and all("Function calling is off" in result_text(b) for b in denials)
 
 
 @needs_real_cli
