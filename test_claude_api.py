@@ -1528,6 +1528,26 @@ async def test_real_transient_529_is_retried(real: Real) -> None:
 
 
 @needs_real_cli
+def test_real_persistent_529_is_an_overload_each_sdk_knows(real: Real) -> None:
+    import anthropic
+    import openai
+
+    real.standin.reset(default=Reply(status=529, error_type="overloaded_error", message="Overloaded"))
+    with serve(real.app(max_retries=1)) as url, anthropic_client(url) as claude, openai_client(url) as gpt:
+        with pytest.raises(anthropic.APIStatusError) as messages:
+            claude.messages.create(**message_body())
+        with pytest.raises(openai.InternalServerError) as chat_completions:
+            gpt.chat.completions.create(model="sonnet", messages=[user("hi")])
+    assert messages.value.status_code == 529 and messages.value.body["error"]["type"] == "overloaded_error"
+    assert type(messages.value).__name__ == "OverloadedError"  # the SDK's own class, which it retries
+    assert messages.value.response.headers["retry-after"] == str(api.OVERLOAD_WAIT)
+    assert messages.value.response.headers["request-id"].startswith("req_")
+    assert chat_completions.value.status_code == 503 and chat_completions.value.code == "overloaded"
+    assert chat_completions.value.response.headers["retry-after"] == str(api.OVERLOAD_WAIT)
+    assert len(real.standin.requests) == 4  # each API's request tried twice (max_retries=1), no more
+
+
+@needs_real_cli
 async def test_real_stalled_upstream_times_out_and_leaves_no_process(real: Real) -> None:
     real.standin.reset(default=Reply(stall=True))
     async with client_for(real.app(timeout=3)) as client:
