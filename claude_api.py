@@ -384,9 +384,14 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
 WireFormat = Literal["openai", "anthropic"]  # whose shapes a route speaks: its answers and its errors
 
 
-def wire_format(path: str) -> WireFormat:
-    """The Messages API's routes (any path under /v1/messages) speak Anthropic's shapes; every other route OpenAI's."""
-    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
+def wire_format(path: str, headers: Mapping[str, str] | None = None) -> WireFormat:
+    """The Messages API's routes (any path under /v1/messages) speak Anthropic's shapes; so do the model routes
+    to a client that sends Anthropic's headers (its SDK and Claude Code look models up there); every other route
+    speaks OpenAI's."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    anthropic_client = headers is not None and ("anthropic-version" in headers or "x-api-key" in headers)
+    return "anthropic" if anthropic_client and (path == "/v1/models" or path.startswith("/v1/models/")) else "openai"
 
 
 def dotted(param: str) -> str:
@@ -2087,10 +2092,11 @@ def messages_to_chat(body: Any, *, count_only: bool = False) -> MessagesBody:
     thinking, shown, budget_effort = thinking_of(body.get("thinking"), max_tokens)
     check_sampling(body, thinking)
     stop = stop_sequences(body.get("stop_sequences"))
+    check_top_level_fields(body)
     metadata = field_of(body, "metadata", (dict,), "a valid dictionary") or {}
     field_of(metadata, "user_id", (str,), "a valid string", param="metadata.user_id")
-    effort, output_format = output_config(body.get("output_config"))
-    places: list[Place] = [("response_format.json_schema.schema", "output_config.format.schema")]
+    effort, output_format, format_place = output_config(body)
+    places: list[Place] = [("response_format.json_schema.schema", f"{format_place}.schema")]
     system = system_message(body.get("system"), places)
     messages = [*system, *translate_messages(body.get("messages"), len(system), places)]
     chat: dict[str, Any] = {"model": model, "messages": messages, "stream": stream, "max_tokens": max_tokens}
@@ -2169,22 +2175,72 @@ def stop_sequences(raw: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(raw))
 
 
-def output_config(raw: Any) -> tuple[str | None, dict[str, Any] | None]:
-    """output_config's effort (as reasoning_effort) and its JSON output format (as a json_schema response_format)."""
+# Top-level Messages fields that only tune how an answer is delivered, billed, cached or logged: accepted, and
+# ignored (metadata.user_id is checked). Fields that would change the answer in a way the CLI cannot are refused,
+# each with why; a field Anthropic does not have is refused as Anthropic refuses it.
+SERVED_FIELDS = frozenset(
+    {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "tools", "tool_choice", "thinking"}
+    | {"output_config", "output_format", "temperature", "top_p", "top_k", "context_management"}
+)
+DELIVERY_FIELDS = frozenset(
+    {"metadata", "cache_control", "service_tier", "inference_geo", "speed", "diagnostics", "billing_policy"}
+    | {"anthropic_version"}  # Bedrock's and Vertex AI's bodies carry the version
+)
+UNSERVED_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "container": "containers (code execution, skills) are not available through the claude CLI.",
+        "mcp_servers": "the MCP connector is not available through the claude CLI: offer the tools as tools.",
+        "compaction": "server-side compaction is not available through the claude CLI.",
+        "thread": "server-held threads are not available here: send the conversation in messages.",
+        "fallbacks": "fallback models are not available per request here (the server has CLAUDE_FALLBACK_MODEL).",
+        "fallback_credit_token": "fallback models are not available per request here.",
+    }
+)
+
+
+def check_top_level_fields(body: Mapping[str, Any]) -> None:
+    """Every top-level field is served, only tunes delivery, or is refused naming it; never silently dropped.
+    context_management's edits may only clear thinking (what Claude Code sends): earlier turns' thinking never
+    goes upstream from here anyway."""
+    for key, value in body.items():
+        if key in SERVED_FIELDS or key in DELIVERY_FIELDS or (key in UNSERVED_FIELDS and value is None):
+            continue
+        raise invalid(key, UNSERVED_FIELDS.get(key, "Extra inputs are not permitted"))
+    raw = body.get("context_management")
     if raw is None:
-        return None, None
+        return
     if not isinstance(raw, dict):
+        raise invalid("context_management", "Input should be a valid dictionary")
+    edits = field_of(raw, "edits", (list,), "a valid list", param="context_management.edits")
+    for i, edit in enumerate(edits or []):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("clear_thinking")):
+            raise invalid(
+                f"context_management.edits.{i}.type",
+                "only clear_thinking edits are served here: the CLI manages the context itself.",
+            )
+
+
+def output_config(body: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None, str]:
+    """output_config's effort (as reasoning_effort); its JSON output format, or the older top-level output_format
+    (LiteLLM sends it), as a json_schema response_format; and the place that format came from."""
+    raw = body.get("output_config")
+    if raw is not None and not isinstance(raw, dict):
         raise invalid("output_config", "Input should be a valid dictionary")
-    effort = raw.get("effort")
+    effort = (raw or {}).get("effort")
     if effort is not None and effort not in OUTPUT_EFFORTS:
         raise invalid("output_config.effort", "Input should be 'low', 'medium', 'high', 'xhigh' or 'max'")
-    fmt = raw.get("format")
+    fmt, place = (raw or {}).get("format"), "output_config.format"
+    if body.get("output_format") is not None:
+        if fmt is not None:
+            raise invalid("output_format", "give output_config.format or output_format, not both.")
+        fmt, place = body["output_format"], "output_format"
     if fmt is None:
-        return effort, None
+        return effort, None, place
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
-        raise invalid("output_config.format.type", "Input should be 'json_schema'")
-    schema = field_of(fmt, "schema", (dict,), "a valid dictionary", required=True, param="output_config.format.schema")
-    return effort, {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+        raise invalid(f"{place}.type", "Input should be 'json_schema'")
+    schema = field_of(fmt, "schema", (dict,), "a valid dictionary", required=True, param=f"{place}.schema")
+    return effort, {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}, place
 
 
 def text_of(block: Any, place: str) -> str:
@@ -5735,11 +5791,21 @@ def request_log(request: Request, request_id: str, model: str, mode: str) -> Req
     return entry
 
 
+def anthropic_request_id() -> str:
+    return f"req_{uuid.uuid4().hex[:24]}"
+
+
+def with_request_id(response: Response) -> Response:
+    """A Messages API answer with the request-id header Anthropic sends on every response (an error has its own)."""
+    response.headers.setdefault("request-id", anthropic_request_id())
+    return response
+
+
 def error_response(error: ProxyError, wire: WireFormat = "openai") -> JSONResponse:
     """The one place an error becomes a response: OpenAI's shape and status, or Anthropic's on its routes (with the
     request id Anthropic's clients read from the body and the request-id header)."""
     if wire == "anthropic":
-        request_id = f"req_{uuid.uuid4().hex[:24]}"
+        request_id = anthropic_request_id()
         headers = {**error.headers(), "request-id": request_id}
         return JSONResponse(error.anthropic_body(request_id), status_code=error.anthropic[0], headers=headers)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
@@ -5952,20 +6018,21 @@ async def create_message(request: Request) -> Response:
     body = await read_json(request, settings)
     chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
     renderer = AnthropicStream(chat.model, messages.thinking)
-    return await serve_chat(
+    response = await serve_chat(
         request,
         chat,
         renderer,
         "messages-",
         lambda done: anthropic_message(renderer.id, chat.model, done, renderer.thinking),
     )
+    return with_request_id(response)
 
 
 async def count_tokens(request: Request) -> Response:
     """The Messages API's token count, estimated here (see estimate_input_tokens): no CLI runs, no quota is spent."""
     settings: Settings = request.app.state.settings
     chat, _ = parse_messages_request(await read_json(request, settings), settings, count_only=True)
-    return JSONResponse({"input_tokens": estimate_input_tokens(chat)})
+    return with_request_id(JSONResponse({"input_tokens": estimate_input_tokens(chat)}))
 
 
 async def serve_chat(
@@ -6057,6 +6124,11 @@ def model_card(model_id: str, settings: Settings) -> dict[str, Any]:
         "type": "model",
         "display_name": model_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(MODEL_CREATED)),
+        "lifecycle": "active",  # a name the server serves is in use: nothing here is deprecated or retired
+        "deprecated_at": None,
+        "retires_at": None,
+        "max_input_tokens": context,
+        "max_tokens": output,
         "context_length": context,
         "max_output_tokens": output,
         "top_provider": {"context_length": context, "max_completion_tokens": output, "is_moderated": False},
@@ -6233,12 +6305,12 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
         entry = request_log(request, f"req-{uuid.uuid4().hex[:24]}", "-", "-")  # refused before it had a model
         entry.fail(exc)
         entry.write()
-    return error_response(exc, wire_format(request.url.path))
+    return error_response(exc, wire_format(request.url.path, request.headers))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    wire = wire_format(request.url.path)
+    wire = wire_format(request.url.path, request.headers)
     if exc.status_code == 405:
         # Starlette names the route's methods in an unordered set; the header lists them sorted.
         allow = tuple(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
@@ -6254,7 +6326,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(ProxyError("The server hit an unexpected error; see its log."), wire_format(request.url.path))
+    error = ProxyError("The server hit an unexpected error; see its log.")
+    return error_response(error, wire_format(request.url.path, request.headers))
 
 
 def key_index(headers: Headers, keys: tuple[str, ...]) -> int | None:
@@ -6288,7 +6361,7 @@ class BearerAuth:
                     "Missing or incorrect API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`) with "
                     "one of the keys in CLAUDE_API_KEYS."
                 )
-                await error_response(error, wire_format(scope["path"]))(scope, receive, send)
+                await error_response(error, wire_format(scope["path"], Headers(scope=scope)))(scope, receive, send)
                 return
             scope[KEY_OWNER] = self.owners[index]
         await self.app(scope, receive, send)
@@ -6333,7 +6406,7 @@ class BrowserGuard(TrustedHostMiddleware):
                 "server, add its origin to CLAUDE_ALLOWED_ORIGINS."
             )
         if error is not None:
-            await error_response(error, wire_format(scope["path"]))(scope, receive, send)
+            await error_response(error, wire_format(scope["path"], headers))(scope, receive, send)
             return
         await self.next(scope, receive, send)
 

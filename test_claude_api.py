@@ -1150,7 +1150,8 @@ async def test_models_endpoints(fake: Fake) -> None:
             "my-model",
         ]
         openai_fields = {"id", "object", "created", "owned_by", "context_length", "max_output_tokens", "top_provider"}
-        anthropic_fields = {"type", "display_name", "created_at"}
+        anthropic_fields = {"type", "display_name", "created_at", "lifecycle", "deprecated_at", "retires_at"}
+        anthropic_fields |= {"max_input_tokens", "max_tokens"}
         assert all(set(m) == openai_fields | anthropic_fields and m["object"] == "model" for m in listing["data"])
         assert (listing["has_more"], listing["first_id"], listing["last_id"]) == (False, "default", "my-model")
         assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
@@ -1158,17 +1159,24 @@ async def test_models_endpoints(fake: Fake) -> None:
         assert (await client.get("/v1/models/gpt-4o")).status_code == 200
         error = assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
         assert "nope" in error["message"]
+        for anthropic_headers in ({"anthropic-version": "2023-06-01"}, {"x-api-key": "any"}):
+            unknown = await client.get("/v1/models/nope", headers=anthropic_headers)
+            assert "nope" in assert_anthropic_error(unknown, 404, "not_found_error")
 
 
 def test_both_sdks_read_the_model_list(fake: Fake) -> None:
     from anthropic import Anthropic
+    from anthropic.types import ModelInfo
     from openai import OpenAI
 
     with serve(fake.app()) as url:
         claude_side = list(Anthropic(base_url=url, api_key="x", max_retries=0).models.list())
         openai_side = list(OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).models.list())
+        cards = httpx.get(f"{url}/v1/models").json()["data"]
     assert [m.id for m in claude_side] == [m.id for m in openai_side] and "sonnet" in [m.id for m in claude_side]
     assert all(m.type == "model" and m.display_name == m.id for m in claude_side)
+    assert "lifecycle" in ModelInfo.model_fields  # the SDK requirements-dev.txt pins, whose model requires it
+    assert all(ModelInfo.model_validate(card).lifecycle == "active" for card in cards)  # the SDK's type, checked
 
 
 @pytest.mark.parametrize(
@@ -1194,6 +1202,7 @@ async def test_model_cards_carry_the_window_and_output_limit(
         card = (await client.get(f"/v1/models/{model_id}")).json()
         listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
     assert card["context_length"] == context and card["max_output_tokens"] == output
+    assert (card["max_input_tokens"], card["max_tokens"]) == (context, output)  # Anthropic's names for them
     assert card["top_provider"] == {"context_length": context, "max_completion_tokens": output, "is_moderated": False}
     assert listed.get(model_id, card) == card  # the list and the single card agree
 
@@ -4372,6 +4381,24 @@ BAD_MESSAGES_BODIES = [
         "output_config.format.schema.required",
         "array of strings",
     ),
+    (
+        message_body(output_format={"type": "json_schema", "schema": {"required": 1}}),
+        "output_format.schema.required",
+        "array",
+    ),
+    (
+        message_body(output_format={"type": "json_schema", "schema": {}}, output_config={"format": {}}),
+        "output_format",
+        "not both",
+    ),
+    (message_body(container="container_1"), "container", "not available"),
+    (message_body(mcp_servers=[{"type": "url", "url": "https://x", "name": "x"}]), "mcp_servers", "MCP connector"),
+    (message_body(tempreature=0.5), "tempreature", "Extra inputs are not permitted"),
+    (
+        message_body(context_management={"edits": [{"type": "clear_tool_uses_20250919"}]}),
+        "context_management.edits.0.type",
+        "only clear_thinking",
+    ),
 ]
 
 
@@ -4401,6 +4428,8 @@ def test_what_anthropic_accepts_is_accepted() -> None:
         message_body(temperature=0, top_p=1, top_k=0, service_tier="auto", cache_control={"type": "ephemeral"}),
         message_body(thinking={"type": "adaptive", "display": "updates"}, temperature=1, top_p=0.95),
         message_body(system=[{"type": "text", "text": "x-anthropic-billing-header: only"}]),
+        message_body(inference_geo="us", speed="fast", diagnostics={}, metadata={"user_id": "u"}, container=None),
+        message_body(context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}),
         {**without(message_body(), "max_tokens")},  # count_tokens takes no max_tokens
     ]:
         api.parse_messages_request(body, settings, count_only="max_tokens" not in body)
@@ -4726,6 +4755,33 @@ def test_real_anthropic_sdk_create_and_stream(real: Real) -> None:
     first = real.standin.bodies()[0]
     assert "Be brief." in json.dumps(first["system"]) and "0.0.0.client" not in json.dumps(first)
     assert first["max_tokens"] == 300
+
+
+@needs_real_cli
+def test_real_anthropic_small_print_is_honoured(real: Real) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    real.standin.reset(calls_reply(("json_reply", {"city": "Paris"})), default=Reply(text="Hi."))
+    reminder = "<system-reminder>\nToday is Tuesday.\n</system-reminder>"
+    headers = {"x-api-key": "proxy-secret-key", "anthropic-version": "2023-06-01"}
+    with serve(real.app()) as url, httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        # LiteLLM sends a JSON schema as a top-level output_format, which Anthropic accepts.
+        fmt = {"type": "json_schema", "schema": schema}
+        litellm = client.post("/v1/messages", json=message_body("Where?", output_format=fmt))
+        # Claude Code sends its notes as text blocks beside the prompt.
+        plain = client.post("/v1/messages", json=message_body([{"type": "text", "text": reminder}, T("hello")]))
+        with client.stream("POST", "/v1/messages", json=message_body("hi", stream=True)) as streamed:
+            streamed.read()
+        counted = client.post("/v1/messages/count_tokens", json=without(message_body(), "max_tokens"))
+        unknown = client.get("/v1/models/claude-nope")
+    assert json.loads(litellm.json()["content"][0]["text"]) == {"city": "Paris"}
+    assert [t["name"] for t in real.standin.bodies()[0]["tools"]] == ["json_reply"]
+    answers = (litellm, plain, streamed, counted)
+    assert all(r.status_code == 200 and r.headers["request-id"].startswith("req_") for r in answers)
+    assert len({r.headers["request-id"] for r in answers}) == len(answers)
+    [asked] = [m for m in real.standin.bodies()[1]["messages"] if m["role"] == "user"]
+    texts = [b["text"] for b in asked["content"] if b["type"] == "text"]
+    assert texts[-2:] == [reminder, "hello"]  # two blocks, as sent
+    assert "nope" in assert_anthropic_error(unknown, 404, "not_found_error")
 
 
 @needs_real_cli
