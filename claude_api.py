@@ -4271,7 +4271,7 @@ class Runner:
 # --- The CLI itself: its version and flags, its login, and a self-check of the features we use ---
 
 OLDEST_SUPPORTED = (2, 1, 197)  # the oldest version the tests run on (README: supported versions)
-NEWEST_TESTED = (2, 1, 332)  # the newest version the tests ran on when this file was last changed
+NEWEST_TESTED = (2, 1, 337)  # the newest version the tests ran on when this file was last changed
 HELP_FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 VERSION_NUMBER = re.compile(r"(\d+)\.(\d+)\.(\d+)")
 

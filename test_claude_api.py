@@ -5111,6 +5111,9 @@ async def test_start_up_log_says_what_the_service_is(fake: Fake, caplog: pytest.
         ("2.1.197 (Claude Code)", False),
         ("2.1.250 (Claude Code)", False),
         ("2.1.332 (Claude Code)", False),
+        ("2.1.337 (Claude Code)", False),
+        ("2.1.338 (Claude Code)", True),  # newer than any the tests ran on: it runs, with a warning
+        ("2.2.0 (Claude Code)", True),
         ("nonsense", True),
     ],
 )
@@ -5197,7 +5200,13 @@ async def test_self_check_reports_missing_features_honestly(fake: Fake, caplog: 
 
 
 @needs_real_cli
-async def test_real_self_check_passes_quickly_and_spends_nothing(real: Real) -> None:
+@pytest.mark.parametrize("newer_than_tested", [False, True], ids=["within-the-range", "newer-than-the-range"])
+async def test_real_self_check_passes_quickly_and_spends_nothing(
+    real: Real, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, newer_than_tested: bool
+) -> None:
+    if newer_than_tested:  # as when npm serves a release newer than any the tests ran on
+        monkeypatch.setattr(api, "OLDEST_SUPPORTED", (0, 0, 1))
+        monkeypatch.setattr(api, "NEWEST_TESTED", (0, 0, 2))
     app = real.app(self_check="on")
     async with client_for(app) as client:
         await checked(app)
@@ -5206,7 +5215,12 @@ async def test_real_self_check_passes_quickly_and_spends_nothing(real: Real) -> 
     assert check["state"] == "passed" and check["problems"] == [], check
     assert check["seconds"] < 10  # about 0.5 s on an idle machine; the ceiling is for a busy one
     assert real.standin.bodies() == []  # nothing reached the upstream the user pays for
-    assert health["cli"]["tested"] is True and health["status"] == "ok"
+    assert health["status"] == "ok"  # the self-check is the gate; the tested range is information
+    number = tuple(int(part) for part in health["cli"]["version"].split()[0].split("."))
+    untested = not api.OLDEST_SUPPORTED <= number <= api.NEWEST_TESTED  # information, whatever npm serves today
+    assert untested or not newer_than_tested
+    assert health["cli"]["tested"] is not untested
+    assert any("outside the tested range" in r.getMessage() for r in caplog.records) is untested
 
 
 @needs_real_cli
