@@ -1739,6 +1739,43 @@ def parse_stop(value: Any) -> tuple[str, ...]:
     return tuple(s for s in value if s)
 
 
+def check_chat_combinations(
+    body: Mapping[str, Any],
+    stream: bool,
+    logprobs: bool | None,
+    top_logprobs: int | None,
+    n: int | None,
+    max_tokens: int | None,
+    max_completion_tokens: int | None,
+) -> None:
+    """The chat body's rules for parameters together, checked after each one alone (OpenAI's order); and what the
+    CLI cannot give (log probabilities, several choices)."""
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise BadRequest(
+            "max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
+            param="max_tokens",
+            code="invalid_parameter_combination",
+        )
+    if top_logprobs is not None and not logprobs:
+        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
+    if body.get("stream_options") is not None and not stream:
+        raise BadRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+        )
+    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
+        raise BadRequest(
+            "'parallel_tool_calls' is only allowed when 'tools' are specified.", param="parallel_tool_calls"
+        )
+    if logprobs:
+        raise BadRequest(
+            "logprobs are not available through the claude CLI.", param="logprobs", code="unsupported_parameter"
+        )
+    if n is not None and n > 1:
+        raise BadRequest(
+            "n > 1 is not supported: send n separate requests instead.", param="n", code="unsupported_value"
+        )
+
+
 def parse_chat_request(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
     """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
     if not isinstance(body, dict):
@@ -1775,30 +1812,7 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
             code="invalid_value",
         )
 
-    if max_tokens is not None and max_completion_tokens is not None:
-        raise BadRequest(
-            "max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
-            param="max_tokens",
-            code="invalid_parameter_combination",
-        )
-    if top_logprobs is not None and not logprobs:
-        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
-    if body.get("stream_options") is not None and not stream:
-        raise BadRequest(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
-        )
-    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
-        raise BadRequest(
-            "'parallel_tool_calls' is only allowed when 'tools' are specified.", param="parallel_tool_calls"
-        )
-    if logprobs:
-        raise BadRequest(
-            "logprobs are not available through the claude CLI.", param="logprobs", code="unsupported_parameter"
-        )
-    if n is not None and n > 1:
-        raise BadRequest(
-            "n > 1 is not supported: send n separate requests instead.", param="n", code="unsupported_value"
-        )
+    check_chat_combinations(body, stream, logprobs, top_logprobs, n, max_tokens, max_completion_tokens)
     tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
     response_format, schema = parse_response_format(body.get("response_format"))
 

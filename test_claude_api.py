@@ -2506,6 +2506,15 @@ def test_a_dripped_body_times_out_with_408(fake: Fake) -> None:
     assert fake.calls() == []
 
 
+def test_no_function_of_the_service_is_over_70_lines() -> None:
+    import ast
+
+    tree = ast.parse((HERE / "claude_api.py").read_text())
+    functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    lengths = {node.name: (node.end_lineno or node.lineno) - node.lineno + 1 for node in functions}
+    assert len(lengths) > 100 and {name: n for name, n in lengths.items() if n > 70} == {}
+
+
 def test_uvicorn_limits_are_stated() -> None:
     limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500))
     assert limits == {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16384, "limit_concurrency": 572}
