@@ -671,7 +671,7 @@ def test_resolve_model_rejects(name: str) -> None:
         ),
         ({"api_error_status": 404, "result": "model not found"}, api.ModelNotFound, 404),
         ({"api_error_status": 400, "result": "API Error: 400 prompt too long"}, api.UpstreamRejected, 502),
-        ({"api_error_status": 529, "result": "Overloaded"}, api.CliFailed, 502),
+        ({"api_error_status": 529, "result": "Overloaded"}, api.UpstreamOverloaded, 503),
         ({"api_error_status": 500, "result": "API Error: 500"}, api.CliFailed, 502),
         ({"subtype": "error_during_execution"}, api.CliFailed, 502),
     ],
@@ -680,7 +680,7 @@ def test_resolve_model_rejects(name: str) -> None:
 def test_error_mapping(event: dict[str, Any], error_class: type, status: int) -> None:
     error = api.error_from_result({"is_error": True, **event})
     assert type(error) is error_class and error.status == status
-    assert error.retryable == (error_class in (api.RateLimited, api.CliFailed))
+    assert error.retryable == (error_class in (api.RateLimited, api.CliFailed, api.UpstreamOverloaded))
     if error_class is api.CliNotLoggedIn:
         assert "log in" in error.message and "claude" in error.message
     if error_class is api.PlanRefused:
