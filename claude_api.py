@@ -394,9 +394,14 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
 WireFormat = Literal["openai", "anthropic"]  # whose shapes a route speaks: its answers and its errors
 
 
-def wire_format(path: str) -> WireFormat:
-    """The Messages API's routes (any path under /v1/messages) speak Anthropic's shapes; every other route OpenAI's."""
-    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
+def wire_format(path: str, headers: Mapping[str, str] | None = None) -> WireFormat:
+    """The Messages API's routes (any path under /v1/messages) speak Anthropic's shapes; so do the model routes
+    to a client that sends Anthropic's headers (its SDK and Claude Code look models up there); every other route
+    speaks OpenAI's."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    anthropic_client = headers is not None and ("anthropic-version" in headers or "x-api-key" in headers)
+    return "anthropic" if anthropic_client and (path == "/v1/models" or path.startswith("/v1/models/")) else "openai"
 
 
 def dotted(param: str) -> str:
@@ -563,6 +568,16 @@ class Overloaded(ProxyError):
     anthropic = 529, "overloaded_error"
 
 
+class UpstreamOverloaded(Overloaded):
+    """The upstream API answered 529: worth another attempt, here and then by the client (the SDKs retry it, the
+    anthropic SDK as its OverloadedError)."""
+
+    retryable = True
+
+
+OVERLOAD_WAIT = 5  # seconds a client is told to wait after an upstream overload
+
+
 class CliTimeout(ProxyError):
     status, type, code, retryable = 504, "server_error", "timeout", True
     anthropic = 504, "timeout_error"
@@ -634,7 +649,7 @@ class ToolCall:
 class Turn:
     role: Literal["user", "assistant", "tool"]
     text: str
-    parts: tuple[str | Image, ...] = ()  # text and images in order, when the turn carries images
+    parts: tuple[str | Image, ...] = ()  # text and images in order, when there is more than one
     calls: tuple[ToolCall, ...] = ()  # an assistant turn's function calls
     call_id: str = ""  # the call a tool turn answers
 
@@ -741,11 +756,15 @@ def json_path(where: tuple[Any, ...]) -> str:
     return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)).lstrip(".")
 
 
-def message_parts(content: Any, param: str, image_limit: int | None, refusals: bool = False) -> tuple[str | Image, ...]:
-    """A message's content as text and images in order; adjacent text parts are joined by newlines.
-    ``image_limit`` is the most bytes an image may have, or None where images are not accepted; ``refusals``
-    lets in refusal parts (an assistant's), taken as text. Keys a part has besides its own, such as the
-    ``cache_control`` markers some clients add, are ignored: the CLI manages the prompt cache itself."""
+def message_parts(
+    content: Any, param: str, image_limit: int | None, refusals: bool = False, *, apart: bool = False
+) -> tuple[str | Image, ...]:
+    """A message's content as text and images in order; adjacent text parts are joined by newlines, unless
+    ``apart`` (a user's: Claude Code sends its <system-reminder> notes as blocks beside the prompt, and each
+    stays a block upstream). ``image_limit`` is the most bytes an image may have, or None where images are not
+    accepted; ``refusals`` lets in refusal parts (an assistant's), taken as text. Keys a part has besides its
+    own, such as the ``cache_control`` markers some clients add, are ignored: the CLI manages the prompt cache
+    itself."""
     if content is None:
         return ()
     if isinstance(content, str):
@@ -780,7 +799,7 @@ def message_parts(content: Any, param: str, image_limit: int | None, refusals: b
         key = "refusal" if refusal else "text"
         if not isinstance(part.get(key), str):
             raise wrong_type(f"{where}.{key}", "a string", part.get(key))
-        if parts and isinstance(parts[-1], str):
+        if parts and isinstance(parts[-1], str) and not apart:
             parts[-1] += "\n" + part[key]
         else:
             parts.append(part[key])
@@ -924,7 +943,8 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
         if role == "user":
             if message.get("content") is None:
                 raise missing(f"{where}.content")
-            turns.append(parts_turn("user", message_parts(message["content"], f"{where}.content", image_limit)))
+            parts = message_parts(message["content"], f"{where}.content", image_limit, apart=True)
+            turns.append(parts_turn("user", parts))
             continue
         if role in ("tool", "function"):  # a result may carry images (as an Anthropic tool_result can)
             ref = message.get("tool_call_id") if role == "tool" else message.get("name")
@@ -947,9 +967,14 @@ def flatten_messages(messages: Any, image_limit: int = 5 * MiB) -> tuple[str, tu
 
 
 def parts_turn(role: Literal["user", "tool"], parts: tuple[str | Image, ...]) -> Turn:
-    """A turn of text and images; it keeps its parts only when it has an image among them."""
-    text = "".join(part for part in parts if isinstance(part, str))
-    return Turn(role, text, parts if any(isinstance(part, Image) for part in parts) else ())
+    """A turn of text and images; it keeps its parts only when it has more than one. Its text is the text
+    parts, adjacent ones joined by a newline."""
+    text = "".join(
+        ("\n" if i and isinstance(parts[i - 1], str) else "") + part
+        for i, part in enumerate(parts)
+        if isinstance(part, str)
+    )
+    return Turn(role, text, parts if len(parts) > 1 else ())
 
 
 # What the Messages API accepts as a tool_use id; a client's id outside it is mapped to one that is, the same way
@@ -995,6 +1020,18 @@ def unanswered(call_id: str, text: str = NO_RESULT, *, error: bool = True) -> di
     return {"type": "tool_result", "tool_use_id": call_id, "content": text, "is_error": error}
 
 
+def assistant_blocks(turn: Turn, open_calls: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant turn's blocks, its calls opened in ``open_calls`` (each until its result comes)."""
+    blocks = content_blocks(turn)
+    for call in turn.calls:
+        call_id = native_id(call.id)
+        if call_id in open_calls:  # the same id twice in one message: the second cannot be answered apart
+            continue
+        open_calls[call_id] = unanswered(call_id)
+        blocks.append({"type": "tool_use", "id": call_id, "name": call.name, "input": call_input(call.arguments)})
+    return blocks
+
+
 def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]] | None = None) -> list[NativeMessage]:
     """The turns as Messages API messages, keeping its rules whatever the client sent: roles alternate, every
     tool_use is answered by a tool_result first thing in the next message (a call the client left unanswered
@@ -1021,17 +1058,16 @@ def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]]
         if turn.role == "user":
             loose.extend(content_blocks(turn))
             continue
+        if messages and messages[-1].role == "assistant" and not results and not loose:
+            # Nothing between two assistant messages: one turn of parallel calls sent as one message per call
+            # (the Responses API's function_call items), whose results follow them all.
+            messages[-1].blocks.extend(assistant_blocks(turn, open_calls))
+            continue
         user = close_calls(results) + loose
         results, loose = {}, []
         if user:
             messages.append(NativeMessage("user", user))
-        blocks = content_blocks(turn)
-        for call in turn.calls:
-            call_id = native_id(call.id)
-            if call_id in open_calls:  # the same id twice in one message: the second cannot be answered apart
-                continue
-            open_calls[call_id] = unanswered(call_id)
-            blocks.append({"type": "tool_use", "id": call_id, "name": call.name, "input": call_input(call.arguments)})
+        blocks = assistant_blocks(turn, open_calls)
         if messages and messages[-1].role == "assistant":
             messages[-1].blocks.extend(blocks)
         else:
@@ -1055,7 +1091,8 @@ def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]]
 
 MCP_SERVER = "fn"  # our name for the in-process MCP server; never the client's text
 REPLY_FUNCTION = "json_reply"  # the function a JSON reply is given through (another name if the client has this one)
-MAX_CORRECTIONS = 2  # denied calls or blocked stops per turn, at most, before the answer counts as invalid
+MAX_CORRECTIONS = 2  # model answers per turn with denied calls or a blocked stop, at most, before it is invalid
+MAX_DENIALS = 32  # denied calls per turn, at most, however they fall into answers
 ROOT_COMBINATORS = ("anyOf", "oneOf", "allOf")
 
 
@@ -1712,6 +1749,43 @@ def parse_stop(value: Any) -> tuple[str, ...]:
     return tuple(s for s in value if s)
 
 
+def check_chat_combinations(
+    body: Mapping[str, Any],
+    stream: bool,
+    logprobs: bool | None,
+    top_logprobs: int | None,
+    n: int | None,
+    max_tokens: int | None,
+    max_completion_tokens: int | None,
+) -> None:
+    """The chat body's rules for parameters together, checked after each one alone (OpenAI's order); and what the
+    CLI cannot give (log probabilities, several choices)."""
+    if max_tokens is not None and max_completion_tokens is not None:
+        raise BadRequest(
+            "max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
+            param="max_tokens",
+            code="invalid_parameter_combination",
+        )
+    if top_logprobs is not None and not logprobs:
+        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
+    if body.get("stream_options") is not None and not stream:
+        raise BadRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+        )
+    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
+        raise BadRequest(
+            "'parallel_tool_calls' is only allowed when 'tools' are specified.", param="parallel_tool_calls"
+        )
+    if logprobs:
+        raise BadRequest(
+            "logprobs are not available through the claude CLI.", param="logprobs", code="unsupported_parameter"
+        )
+    if n is not None and n > 1:
+        raise BadRequest(
+            "n > 1 is not supported: send n separate requests instead.", param="n", code="unsupported_value"
+        )
+
+
 def parse_chat_request(body: Any, settings: Settings, session_header: str | None = None) -> ChatRequest:
     """Validate an OpenAI chat completion body: 400s with ``param`` for anything we cannot serve."""
     if not isinstance(body, dict):
@@ -1748,30 +1822,7 @@ def parse_chat_request(body: Any, settings: Settings, session_header: str | None
             code="invalid_value",
         )
 
-    if max_tokens is not None and max_completion_tokens is not None:
-        raise BadRequest(
-            "max_tokens and max_completion_tokens cannot both be set; use max_completion_tokens.",
-            param="max_tokens",
-            code="invalid_parameter_combination",
-        )
-    if top_logprobs is not None and not logprobs:
-        raise BadRequest("Using 'top_logprobs' requires 'logprobs' to be set to true.", param="top_logprobs")
-    if body.get("stream_options") is not None and not stream:
-        raise BadRequest(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
-        )
-    if body.get("parallel_tool_calls") is not None and not body.get("tools"):
-        raise BadRequest(
-            "'parallel_tool_calls' is only allowed when 'tools' are specified.", param="parallel_tool_calls"
-        )
-    if logprobs:
-        raise BadRequest(
-            "logprobs are not available through the claude CLI.", param="logprobs", code="unsupported_parameter"
-        )
-    if n is not None and n > 1:
-        raise BadRequest(
-            "n > 1 is not supported: send n separate requests instead.", param="n", code="unsupported_value"
-        )
+    check_chat_combinations(body, stream, logprobs, top_logprobs, n, max_tokens, max_completion_tokens)
     tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
     response_format, schema = parse_response_format(body.get("response_format"))
 
@@ -2065,10 +2116,11 @@ def messages_to_chat(body: Any, *, count_only: bool = False) -> MessagesBody:
     thinking, shown, budget_effort = thinking_of(body.get("thinking"), max_tokens)
     check_sampling(body, thinking)
     stop = stop_sequences(body.get("stop_sequences"))
+    check_top_level_fields(body)
     metadata = field_of(body, "metadata", (dict,), "a valid dictionary") or {}
     field_of(metadata, "user_id", (str,), "a valid string", param="metadata.user_id")
-    effort, output_format = output_config(body.get("output_config"))
-    places: list[Place] = [("response_format.json_schema.schema", "output_config.format.schema")]
+    effort, output_format, format_place = output_config(body)
+    places: list[Place] = [("response_format.json_schema.schema", f"{format_place}.schema")]
     system = system_message(body.get("system"), places)
     messages = [*system, *translate_messages(body.get("messages"), len(system), places)]
     chat: dict[str, Any] = {"model": model, "messages": messages, "stream": stream, "max_tokens": max_tokens}
@@ -2147,22 +2199,72 @@ def stop_sequences(raw: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(raw))
 
 
-def output_config(raw: Any) -> tuple[str | None, dict[str, Any] | None]:
-    """output_config's effort (as reasoning_effort) and its JSON output format (as a json_schema response_format)."""
+# Top-level Messages fields that only tune how an answer is delivered, billed, cached or logged: accepted, and
+# ignored (metadata.user_id is checked). Fields that would change the answer in a way the CLI cannot are refused,
+# each with why; a field Anthropic does not have is refused as Anthropic refuses it.
+SERVED_FIELDS = frozenset(
+    {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "tools", "tool_choice", "thinking"}
+    | {"output_config", "output_format", "temperature", "top_p", "top_k", "context_management"}
+)
+DELIVERY_FIELDS = frozenset(
+    {"metadata", "cache_control", "service_tier", "inference_geo", "speed", "diagnostics", "billing_policy"}
+    | {"anthropic_version"}  # Bedrock's and Vertex AI's bodies carry the version
+)
+UNSERVED_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "container": "containers (code execution, skills) are not available through the claude CLI.",
+        "mcp_servers": "the MCP connector is not available through the claude CLI: offer the tools as tools.",
+        "compaction": "server-side compaction is not available through the claude CLI.",
+        "thread": "server-held threads are not available here: send the conversation in messages.",
+        "fallbacks": "fallback models are not available per request here (the server has CLAUDE_FALLBACK_MODEL).",
+        "fallback_credit_token": "fallback models are not available per request here.",
+    }
+)
+
+
+def check_top_level_fields(body: Mapping[str, Any]) -> None:
+    """Every top-level field is served, only tunes delivery, or is refused naming it; never silently dropped.
+    context_management's edits may only clear thinking (what Claude Code sends): earlier turns' thinking never
+    goes upstream from here anyway."""
+    for key, value in body.items():
+        if key in SERVED_FIELDS or key in DELIVERY_FIELDS or (key in UNSERVED_FIELDS and value is None):
+            continue
+        raise invalid(key, UNSERVED_FIELDS.get(key, "Extra inputs are not permitted"))
+    raw = body.get("context_management")
     if raw is None:
-        return None, None
+        return
     if not isinstance(raw, dict):
+        raise invalid("context_management", "Input should be a valid dictionary")
+    edits = field_of(raw, "edits", (list,), "a valid list", param="context_management.edits")
+    for i, edit in enumerate(edits or []):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("clear_thinking")):
+            raise invalid(
+                f"context_management.edits.{i}.type",
+                "only clear_thinking edits are served here: the CLI manages the context itself.",
+            )
+
+
+def output_config(body: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None, str]:
+    """output_config's effort (as reasoning_effort); its JSON output format, or the older top-level output_format
+    (LiteLLM sends it), as a json_schema response_format; and the place that format came from."""
+    raw = body.get("output_config")
+    if raw is not None and not isinstance(raw, dict):
         raise invalid("output_config", "Input should be a valid dictionary")
-    effort = raw.get("effort")
+    effort = (raw or {}).get("effort")
     if effort is not None and effort not in OUTPUT_EFFORTS:
         raise invalid("output_config.effort", "Input should be 'low', 'medium', 'high', 'xhigh' or 'max'")
-    fmt = raw.get("format")
+    fmt, place = (raw or {}).get("format"), "output_config.format"
+    if body.get("output_format") is not None:
+        if fmt is not None:
+            raise invalid("output_format", "give output_config.format or output_format, not both.")
+        fmt, place = body["output_format"], "output_format"
     if fmt is None:
-        return effort, None
+        return effort, None, place
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
-        raise invalid("output_config.format.type", "Input should be 'json_schema'")
-    schema = field_of(fmt, "schema", (dict,), "a valid dictionary", required=True, param="output_config.format.schema")
-    return effort, {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+        raise invalid(f"{place}.type", "Input should be 'json_schema'")
+    schema = field_of(fmt, "schema", (dict,), "a valid dictionary", required=True, param=f"{place}.schema")
+    return effort, {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}, place
 
 
 def text_of(block: Any, place: str) -> str:
@@ -2704,6 +2806,7 @@ class ModelCall:
 
     usage: Mapping[str, Any]
     stop_reason: str | None = None
+    starts: bool = False  # its start (message_start), not its end
 
 
 @dataclass(frozen=True)
@@ -2798,6 +2901,8 @@ def error_from_result(event: Mapping[str, Any]) -> ProxyError:
         return rate_limited()
     if status == 404:
         return ModelNotFound("The upstream API does not know the requested model.", param="model")
+    if status == 529:
+        return UpstreamOverloaded("The upstream API is overloaded; retry shortly.", retry_after=OVERLOAD_WAIT)
     if isinstance(status, int) and 400 <= status < 500:
         return UpstreamRejected(f"The upstream API rejected the request (HTTP {status}).")
     if isinstance(status, int):
@@ -2817,7 +2922,7 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
                 return ThinkingDelta(delta["thinking"])
         if event.get("type") == "message_start":
-            return ModelCall((event.get("message") or {}).get("usage") or {})
+            return ModelCall((event.get("message") or {}).get("usage") or {}, starts=True)
         if event.get("type") == "message_delta":
             return ModelCall(event.get("usage") or {}, delta.get("stop_reason"))
         return None
@@ -3504,21 +3609,30 @@ class ToolPolicy:
     """One turn's rules for function calls, enforced natively through the CLI's hooks: each call is deferred to
     the client, or denied with a reason the model reads and acts on; a turn that would end without a call it
     needs is sent back with a reason (the Stop hook). The CLI sends no tool_choice upstream, so this is where
-    tool_choice and parallel_tool_calls are honoured. Corrections are capped: past MAX_CORRECTIONS the answer is
-    invalid."""
+    tool_choice and parallel_tool_calls are honoured. Corrections are capped by model answer, not by call: the
+    model learns the rules only from a denial, so one answer's refused parallel calls are one correction (and a
+    good call beside them still goes through); past MAX_CORRECTIONS answers the turn's answer is invalid."""
 
     def __init__(self, request: ChatRequest, patterns: PatternChecker) -> None:
         self.request, self.patterns = request, patterns
         self.tools = {tool.name: tool for tool in request.tools}
         self.reply = reply_tool(request)
         self.deferred: list[ToolCall] = []
-        self.corrections = 0
+        self.corrections = 0  # model answers that broke the rules
+        self.denials = 0
+        self.corrected = False  # the model answer under way has been counted
+
+    def new_answer(self) -> None:
+        """A model answer begins (its message_start, which comes before any of its calls)."""
+        self.corrected = False
 
     def correct(self, problem: str) -> None:
-        self.corrections += 1
-        if self.corrections > MAX_CORRECTIONS:
+        self.denials += 1
+        if not self.corrected:
+            self.corrected, self.corrections = True, self.corrections + 1
+        if self.corrections > MAX_CORRECTIONS or self.denials > MAX_DENIALS:
             raise InvalidModelOutput(
-                f"The model's answer broke the request's rules {self.corrections} times in one turn; the last "
+                f"The model's answers broke the request's rules {self.corrections} times in one turn; the last "
                 f"time: {problem}"
             )
 
@@ -3726,6 +3840,8 @@ class CliProcess:
                     continue
                 if isinstance(event, ModelCall):
                     usage.update(event.usage)
+                    if event.starts and policy is not None:
+                        policy.new_answer()
                     if event.stop_reason == "max_tokens":
                         # Left alone, the CLI would ask the model to go on, several times, at the user's cost:
                         # stop here with the upstream's own counts (the process is spent).
@@ -4347,7 +4463,7 @@ class Runner:
 # --- The CLI itself: its version and flags, its login, and a self-check of the features we use ---
 
 OLDEST_SUPPORTED = (2, 1, 197)  # the oldest version the tests run on (README: supported versions)
-NEWEST_TESTED = (2, 1, 332)  # the newest version the tests ran on when this file was last changed
+NEWEST_TESTED = (2, 1, 337)  # the newest version the tests ran on when this file was last changed
 HELP_FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 VERSION_NUMBER = re.compile(r"(\d+)\.(\d+)\.(\d+)")
 
@@ -5920,11 +6036,21 @@ def request_log(request: Request, request_id: str, model: str, mode: str) -> Req
     return entry
 
 
+def anthropic_request_id() -> str:
+    return f"req_{uuid.uuid4().hex[:24]}"
+
+
+def with_request_id(response: Response) -> Response:
+    """A Messages API answer with the request-id header Anthropic sends on every response (an error has its own)."""
+    response.headers.setdefault("request-id", anthropic_request_id())
+    return response
+
+
 def error_response(error: ProxyError, wire: WireFormat = "openai") -> JSONResponse:
     """The one place an error becomes a response: OpenAI's shape and status, or Anthropic's on its routes (with the
     request id Anthropic's clients read from the body and the request-id header)."""
     if wire == "anthropic":
-        request_id = f"req_{uuid.uuid4().hex[:24]}"
+        request_id = anthropic_request_id()
         headers = {**error.headers(), "request-id": request_id}
         return JSONResponse(error.anthropic_body(request_id), status_code=error.anthropic[0], headers=headers)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
@@ -6146,14 +6272,14 @@ async def create_message(request: Request) -> Response:
     )
     # Anthropic clients (Claude Code among them) show the account's limits from these, as the CLI last saw them.
     response.headers.update(state.runner.subscription.headers())
-    return response
+    return with_request_id(response)
 
 
 async def count_tokens(request: Request) -> Response:
     """The Messages API's token count, estimated here (see estimate_input_tokens): no CLI runs, no quota is spent."""
     settings: Settings = request.app.state.settings
     chat, _ = parse_messages_request(await read_json(request, settings), settings, count_only=True)
-    return JSONResponse({"input_tokens": estimate_input_tokens(chat)})
+    return with_request_id(JSONResponse({"input_tokens": estimate_input_tokens(chat)}))
 
 
 async def serve_chat(
@@ -6245,6 +6371,11 @@ def model_card(model_id: str, settings: Settings) -> dict[str, Any]:
         "type": "model",
         "display_name": model_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(MODEL_CREATED)),
+        "lifecycle": "active",  # a name the server serves is in use: nothing here is deprecated or retired
+        "deprecated_at": None,
+        "retires_at": None,
+        "max_input_tokens": context,
+        "max_tokens": output,
         "context_length": context,
         "max_output_tokens": output,
         "top_provider": {"context_length": context, "max_completion_tokens": output, "is_moderated": False},
@@ -6423,7 +6554,7 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
         entry = request_log(request, f"req-{uuid.uuid4().hex[:24]}", "-", "-")  # refused before it had a model
         entry.fail(exc)
         entry.write()
-    response = error_response(exc, wire_format(request.url.path))
+    response = error_response(exc, wire_format(request.url.path, request.headers))
     runner: Runner | None = getattr(request.app.state, "runner", None)
     if runner is not None and request.url.path == "/v1/messages":  # a usage limit reached shows here first
         response.headers.update(runner.subscription.headers())
@@ -6432,7 +6563,7 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    wire = wire_format(request.url.path)
+    wire = wire_format(request.url.path, request.headers)
     if exc.status_code == 405:
         # Starlette names the route's methods in an unordered set; the header lists them sorted.
         allow = tuple(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
@@ -6448,7 +6579,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(ProxyError("The server hit an unexpected error; see its log."), wire_format(request.url.path))
+    error = ProxyError("The server hit an unexpected error; see its log.")
+    return error_response(error, wire_format(request.url.path, request.headers))
 
 
 def key_index(headers: Headers, keys: tuple[str, ...]) -> int | None:
@@ -6482,7 +6614,7 @@ class BearerAuth:
                     "Missing or incorrect API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`) with "
                     "one of the keys in CLAUDE_API_KEYS."
                 )
-                await error_response(error, wire_format(scope["path"]))(scope, receive, send)
+                await error_response(error, wire_format(scope["path"], Headers(scope=scope)))(scope, receive, send)
                 return
             scope[KEY_OWNER] = self.owners[index]
         await self.app(scope, receive, send)
@@ -6527,7 +6659,7 @@ class BrowserGuard(TrustedHostMiddleware):
                 "server, add its origin to CLAUDE_ALLOWED_ORIGINS."
             )
         if error is not None:
-            await error_response(error, wire_format(scope["path"]))(scope, receive, send)
+            await error_response(error, wire_format(scope["path"], headers))(scope, receive, send)
             return
         await self.next(scope, receive, send)
 

@@ -48,6 +48,7 @@ from testdata.support import (
     free_port,
     last_user_text,
     processes_running,
+    result_text,
     rule_breaches,
     selftest,
     serve,
@@ -395,8 +396,36 @@ def CALL(call_id: str, name: str = "get", **arguments: Any) -> dict[str, Any]:  
         pytest.param(
             [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}],
             "",
-            [("user", [T("one\ntwo")])],
-            id="text-parts-joined",
+            [("user", [T("one"), T("two")])],
+            id="text-parts-kept-apart",
+        ),
+        pytest.param(
+            [
+                user("weather and time?"),
+                {"role": "assistant", "tool_calls": [CALL("call_a", "get_weather")]},
+                {"role": "assistant", "tool_calls": [CALL("call_b", "get_time")]},
+                {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+            ],
+            "",
+            [
+                ("user", [T("weather and time?")]),
+                (
+                    "assistant",
+                    [
+                        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}},
+                        {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {}},
+                    ],
+                ),
+                (
+                    "user",
+                    [
+                        {"type": "tool_result", "tool_use_id": "call_a", "content": [T("sunny")]},
+                        {"type": "tool_result", "tool_use_id": "call_b", "content": [T("12:00")]},
+                    ],
+                ),
+            ],
+            id="consecutive-calls-are-one-turn",
         ),
         pytest.param(
             [
@@ -644,7 +673,7 @@ def test_resolve_model_rejects(name: str) -> None:
         ),
         ({"api_error_status": 404, "result": "model not found"}, api.ModelNotFound, 404),
         ({"api_error_status": 400, "result": "API Error: 400 prompt too long"}, api.UpstreamRejected, 502),
-        ({"api_error_status": 529, "result": "Overloaded"}, api.CliFailed, 502),
+        ({"api_error_status": 529, "result": "Overloaded"}, api.UpstreamOverloaded, 503),
         ({"api_error_status": 500, "result": "API Error: 500"}, api.CliFailed, 502),
         ({"subtype": "error_during_execution"}, api.CliFailed, 502),
     ],
@@ -653,7 +682,7 @@ def test_resolve_model_rejects(name: str) -> None:
 def test_error_mapping(event: dict[str, Any], error_class: type, status: int) -> None:
     error = api.error_from_result({"is_error": True, **event})
     assert type(error) is error_class and error.status == status
-    assert error.retryable == (error_class in (api.RateLimited, api.CliFailed))
+    assert error.retryable == (error_class in (api.RateLimited, api.CliFailed, api.UpstreamOverloaded))
     if error_class is api.CliNotLoggedIn:
         assert "log in" in error.message and "claude" in error.message
     if error_class is api.PlanRefused:
@@ -1123,7 +1152,8 @@ async def test_models_endpoints(fake: Fake) -> None:
             "my-model",
         ]
         openai_fields = {"id", "object", "created", "owned_by", "context_length", "max_output_tokens", "top_provider"}
-        anthropic_fields = {"type", "display_name", "created_at"}
+        anthropic_fields = {"type", "display_name", "created_at", "lifecycle", "deprecated_at", "retires_at"}
+        anthropic_fields |= {"max_input_tokens", "max_tokens"}
         assert all(set(m) == openai_fields | anthropic_fields and m["object"] == "model" for m in listing["data"])
         assert (listing["has_more"], listing["first_id"], listing["last_id"]) == (False, "default", "my-model")
         assert (await client.get("/v1/models/sonnet[1m]")).json()["id"] == "sonnet[1m]"
@@ -1131,17 +1161,24 @@ async def test_models_endpoints(fake: Fake) -> None:
         assert (await client.get("/v1/models/gpt-4o")).status_code == 200
         error = assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
         assert "nope" in error["message"]
+        for anthropic_headers in ({"anthropic-version": "2023-06-01"}, {"x-api-key": "any"}):
+            unknown = await client.get("/v1/models/nope", headers=anthropic_headers)
+            assert "nope" in assert_anthropic_error(unknown, 404, "not_found_error")
 
 
 def test_both_sdks_read_the_model_list(fake: Fake) -> None:
     from anthropic import Anthropic
+    from anthropic.types import ModelInfo
     from openai import OpenAI
 
     with serve(fake.app()) as url:
         claude_side = list(Anthropic(base_url=url, api_key="x", max_retries=0).models.list())
         openai_side = list(OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).models.list())
+        cards = httpx.get(f"{url}/v1/models").json()["data"]
     assert [m.id for m in claude_side] == [m.id for m in openai_side] and "sonnet" in [m.id for m in claude_side]
     assert all(m.type == "model" and m.display_name == m.id for m in claude_side)
+    assert "lifecycle" in ModelInfo.model_fields  # the SDK requirements-dev.txt pins, whose model requires it
+    assert all(ModelInfo.model_validate(card).lifecycle == "active" for card in cards)  # the SDK's type, checked
 
 
 @pytest.mark.parametrize(
@@ -1167,6 +1204,7 @@ async def test_model_cards_carry_the_window_and_output_limit(
         card = (await client.get(f"/v1/models/{model_id}")).json()
         listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
     assert card["context_length"] == context and card["max_output_tokens"] == output
+    assert (card["max_input_tokens"], card["max_tokens"]) == (context, output)  # Anthropic's names for them
     assert card["top_provider"] == {"context_length": context, "max_completion_tokens": output, "is_moderated": False}
     assert listed.get(model_id, card) == card  # the list and the single card agree
 
@@ -1498,6 +1536,26 @@ async def test_real_transient_529_is_retried(real: Real) -> None:
     async with client_for(real.app(max_retries=2)) as client:
         response = await client.post("/v1/chat/completions", json=chat())
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "Back again."
+
+
+@needs_real_cli
+def test_real_persistent_529_is_an_overload_each_sdk_knows(real: Real) -> None:
+    import anthropic
+    import openai
+
+    real.standin.reset(default=Reply(status=529, error_type="overloaded_error", message="Overloaded"))
+    with serve(real.app(max_retries=1)) as url, anthropic_client(url) as claude, openai_client(url) as gpt:
+        with pytest.raises(anthropic.APIStatusError) as messages:
+            claude.messages.create(**message_body())
+        with pytest.raises(openai.InternalServerError) as chat_completions:
+            gpt.chat.completions.create(model="sonnet", messages=[user("hi")])
+    assert messages.value.status_code == 529 and messages.value.body["error"]["type"] == "overloaded_error"
+    assert type(messages.value).__name__ == "OverloadedError"  # the SDK's own class, which it retries
+    assert messages.value.response.headers["retry-after"] == str(api.OVERLOAD_WAIT)
+    assert messages.value.response.headers["request-id"].startswith("req_")
+    assert chat_completions.value.status_code == 503 and chat_completions.value.code == "overloaded"
+    assert chat_completions.value.response.headers["retry-after"] == str(api.OVERLOAD_WAIT)
+    assert len(real.standin.requests) == 4  # each API's request tried twice (max_retries=1), no more
 
 
 @needs_real_cli
@@ -2450,6 +2508,15 @@ def test_a_dripped_body_times_out_with_408(fake: Fake) -> None:
     assert fake.calls() == []
 
 
+def test_no_function_of_the_service_is_over_70_lines() -> None:
+    import ast
+
+    tree = ast.parse((HERE / "claude_api.py").read_text())
+    functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    lengths = {node.name: (node.end_lineno or node.lineno) - node.lineno + 1 for node in functions}
+    assert len(lengths) > 100 and {name: n for name, n in lengths.items() if n > 70} == {}
+
+
 def test_uvicorn_limits_are_stated() -> None:
     limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500))
     assert limits == {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16384, "limit_concurrency": 572}
@@ -2898,6 +2965,7 @@ async def test_tool_policy_defers_valid_calls_and_denies_the_rest_with_a_reason(
 ) -> None:
     policy = api.ToolPolicy(tool_request(**extra), api.PatternChecker({}))
     for i, ((name, arguments), outcome) in enumerate(zip(calls, expected, strict=True)):
+        policy.new_answer()  # each call a model answer of its own
         if outcome == "invalid_model_output":  # past MAX_CORRECTIONS the answer is invalid
             with pytest.raises(api.InvalidModelOutput):
                 await policy.pre_tool_use(name, arguments, f"toolu_{i}")
@@ -2911,6 +2979,23 @@ async def test_tool_policy_defers_valid_calls_and_denies_the_rest_with_a_reason(
     assert deferred == [
         (f"toolu_{i}", n, a) for i, ((n, a), o) in enumerate(zip(calls, expected, strict=True)) if o == "defer"
     ]
+
+
+async def test_refused_calls_count_once_per_model_answer() -> None:
+    policy = api.ToolPolicy(tool_request(tool_choice="none"), api.PatternChecker({}))
+    for answer in range(api.MAX_CORRECTIONS):
+        policy.new_answer()
+        for i in range(5):  # five refused calls in one answer: one correction
+            reason = await policy.pre_tool_use("get_weather", {"city": "A"}, f"toolu_{answer}_{i}")
+            assert reason["hookSpecificOutput"]["permissionDecision"] == "deny"
+    policy.new_answer()
+    with pytest.raises(api.InvalidModelOutput, match="3 times"):
+        await policy.pre_tool_use("get_weather", {"city": "A"}, "toolu_last")
+    unmarked = api.ToolPolicy(tool_request(tool_choice="none"), api.PatternChecker({}))
+    for i in range(api.MAX_DENIALS):  # answers the server cannot tell apart are bounded all the same
+        await unmarked.pre_tool_use("get_weather", {"city": "A"}, f"toolu_{i}")
+    with pytest.raises(api.InvalidModelOutput):
+        await unmarked.pre_tool_use("get_weather", {"city": "A"}, "toolu_last")
 
 
 @pytest.mark.parametrize(
@@ -3283,6 +3368,39 @@ async def test_real_each_tool_choice_is_honoured_natively(real: Real) -> None:
     assert all("tool_choice" not in body for body in real.standin.bodies())  # the CLI sends none: hooks enforce it
 
 
+def function(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+
+@needs_real_cli
+async def test_real_refused_parallel_calls_in_one_answer_are_one_correction(real: Real) -> None:
+    names = ("get_news", "get_stock", "get_time", "get_place")
+    real.standin.reset(
+        calls_reply(*((name, {}) for name in names)),  # a named function among three others, in one answer
+        calls_reply(*((name, {}) for name in names[:3])),  # "none": three calls in one answer...
+        Reply(text="No functions, then."),  # ...and the model answers in text
+    )
+    tools = [function(name) for name in names]
+    async with client_for(real.app()) as client:
+        named = await client.post(
+            "/v1/chat/completions",
+            json={
+                **chat("All four?"),
+                "tools": tools,
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+            },
+        )
+        after_named = len(real.standin.requests)
+        none = await client.post("/v1/chat/completions", json={**chat("Three?"), "tools": tools, "tool_choice": "none"})
+    assert named.status_code == 200, named.text
+    [call] = named.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_time" and after_named == 1  # the good call went through at once
+    assert none.status_code == 200, none.text
+    assert none.json()["choices"][0]["message"]["content"] == "No functions, then."
+    denials = [b for b in real.standin.bodies()[-1]["messages"][-1]["content"] if b["type"] == "tool_result"]
+    assert len(denials) == 3 and all("Function calling is off" in result_text(b) for b in denials)
+
+
 @needs_real_cli
 async def test_real_a_restart_between_a_call_and_its_result_rebuilds_the_conversation_natively(real: Real) -> None:
     real.standin.reset(calls_reply(("get_weather", {"city": "Paris"})), Reply(text="Sunny."))
@@ -3571,6 +3689,78 @@ def test_real_responses_function_call_loop(real: Real) -> None:
         ("assistant", ["tool_use"]),
         ("user", ["tool_result"]),
     ]
+
+
+def paired_results(body: dict[str, Any]) -> dict[str, str]:
+    """Each call of the last assistant message upstream (by function name) and the text of the result paired
+    with it by id in the user message after it."""
+    turns = [m for m in body["messages"] if m["role"] != "system"]
+    calls = {b["id"]: b["name"] for b in turns[-2]["content"] if b["type"] == "tool_use"}
+    results = [b for b in turns[-1]["content"] if b["type"] == "tool_result"]
+    return {calls.get(b["tool_use_id"], "?"): result_text(b) for b in results}
+
+
+def agents_sdk_run(url: str, api_kind: str) -> Any:
+    """The OpenAI Agents SDK runs an agent with two functions on ``api_kind`` ("responses" or "chat")."""
+    from agents import Agent, OpenAIChatCompletionsModel, OpenAIResponsesModel, RunConfig, Runner, function_tool
+    from openai import AsyncOpenAI
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        return f"sunny in {city}"
+
+    @function_tool
+    def get_time(city: str) -> str:
+        return f"12:00 in {city}"
+
+    async def run() -> Any:
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="proxy-secret-key", max_retries=0) as client:
+            kind = OpenAIResponsesModel if api_kind == "responses" else OpenAIChatCompletionsModel
+            tools = [get_weather, get_time]
+            agent = Agent(name="helper", instructions="Be brief.", tools=tools, model=kind("sonnet", client))
+            config = RunConfig(tracing_disabled=True)
+            return await Runner.run(agent, "Weather and time in Paris?", max_turns=4, run_config=config)
+
+    return asyncio.run(run())
+
+
+@needs_real_cli
+@pytest.mark.parametrize("api_kind", ["responses", "chat"])
+def test_real_agents_sdk_parallel_calls_come_back_paired_with_their_results(real: Real, api_kind: str) -> None:
+    two = calls_reply(("get_weather", {"city": "Paris"}), ("get_time", {"city": "Paris"}))
+    real.standin.reset(two, Reply(text="Sunny, and it is noon."))
+    with serve(real.app()) as url:
+        result = agents_sdk_run(url, api_kind)
+    assert result.final_output == "Sunny, and it is noon."
+    bodies = real.standin.bodies()
+    assert paired_results(bodies[-1]) == {"get_weather": "sunny in Paris", "get_time": "12:00 in Paris"}
+    upstream = json.dumps(bodies)
+    assert api.NO_RESULT not in upstream and "Result of call" not in upstream
+
+
+@needs_real_cli
+def test_real_calls_sent_as_consecutive_assistant_messages_are_one_turn(real: Real) -> None:
+    real.standin.reset(Reply(text="Sunny, and it is noon."))
+    weather = {
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    time_now = {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    split = [
+        {"role": "assistant", "tool_calls": [weather]},
+        {"role": "assistant", "tool_calls": [time_now]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+    ]
+    with serve(real.app()) as url:
+        answer = openai_client(url).chat.completions.create(
+            model="sonnet", messages=[user("Weather and time?"), *split], tools=[WEATHER, TIME]
+        )
+    assert answer.choices[0].message.content == "Sunny, and it is noon."
+    [body] = real.standin.bodies()
+    assert paired_results(body) == {"get_weather": "sunny", "get_time": "12:00"}
+    assert api.NO_RESULT not in json.dumps(body) and "Result of call" not in json.dumps(body)
 
 
 # The Vercel AI SDK (npm ai and @ai-sdk/openai), where the README's test command installs it, pinned.
@@ -4202,6 +4392,24 @@ BAD_MESSAGES_BODIES = [
         "output_config.format.schema.required",
         "array of strings",
     ),
+    (
+        message_body(output_format={"type": "json_schema", "schema": {"required": 1}}),
+        "output_format.schema.required",
+        "array",
+    ),
+    (
+        message_body(output_format={"type": "json_schema", "schema": {}}, output_config={"format": {}}),
+        "output_format",
+        "not both",
+    ),
+    (message_body(container="container_1"), "container", "not available"),
+    (message_body(mcp_servers=[{"type": "url", "url": "https://x", "name": "x"}]), "mcp_servers", "MCP connector"),
+    (message_body(tempreature=0.5), "tempreature", "Extra inputs are not permitted"),
+    (
+        message_body(context_management={"edits": [{"type": "clear_tool_uses_20250919"}]}),
+        "context_management.edits.0.type",
+        "only clear_thinking",
+    ),
 ]
 
 
@@ -4231,6 +4439,8 @@ def test_what_anthropic_accepts_is_accepted() -> None:
         message_body(temperature=0, top_p=1, top_k=0, service_tier="auto", cache_control={"type": "ephemeral"}),
         message_body(thinking={"type": "adaptive", "display": "updates"}, temperature=1, top_p=0.95),
         message_body(system=[{"type": "text", "text": "x-anthropic-billing-header: only"}]),
+        message_body(inference_geo="us", speed="fast", diagnostics={}, metadata={"user_id": "u"}, container=None),
+        message_body(context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}),
         {**without(message_body(), "max_tokens")},  # count_tokens takes no max_tokens
     ]:
         api.parse_messages_request(body, settings, count_only="max_tokens" not in body)
@@ -4556,6 +4766,33 @@ def test_real_anthropic_sdk_create_and_stream(real: Real) -> None:
     first = real.standin.bodies()[0]
     assert "Be brief." in json.dumps(first["system"]) and "0.0.0.client" not in json.dumps(first)
     assert first["max_tokens"] == 300
+
+
+@needs_real_cli
+def test_real_anthropic_small_print_is_honoured(real: Real) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    real.standin.reset(calls_reply(("json_reply", {"city": "Paris"})), default=Reply(text="Hi."))
+    reminder = "<system-reminder>\nToday is Tuesday.\n</system-reminder>"
+    headers = {"x-api-key": "proxy-secret-key", "anthropic-version": "2023-06-01"}
+    with serve(real.app()) as url, httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        # LiteLLM sends a JSON schema as a top-level output_format, which Anthropic accepts.
+        fmt = {"type": "json_schema", "schema": schema}
+        litellm = client.post("/v1/messages", json=message_body("Where?", output_format=fmt))
+        # Claude Code sends its notes as text blocks beside the prompt.
+        plain = client.post("/v1/messages", json=message_body([{"type": "text", "text": reminder}, T("hello")]))
+        with client.stream("POST", "/v1/messages", json=message_body("hi", stream=True)) as streamed:
+            streamed.read()
+        counted = client.post("/v1/messages/count_tokens", json=without(message_body(), "max_tokens"))
+        unknown = client.get("/v1/models/claude-nope")
+    assert json.loads(litellm.json()["content"][0]["text"]) == {"city": "Paris"}
+    assert [t["name"] for t in real.standin.bodies()[0]["tools"]] == ["json_reply"]
+    answers = (litellm, plain, streamed, counted)
+    assert all(r.status_code == 200 and r.headers["request-id"].startswith("req_") for r in answers)
+    assert len({r.headers["request-id"] for r in answers}) == len(answers)
+    [asked] = [m for m in real.standin.bodies()[1]["messages"] if m["role"] == "user"]
+    texts = [b["text"] for b in asked["content"] if b["type"] == "text"]
+    assert texts[-2:] == [reminder, "hello"]  # two blocks, as sent
+    assert "nope" in assert_anthropic_error(unknown, 404, "not_found_error")
 
 
 @needs_real_cli
@@ -4936,6 +5173,9 @@ async def test_start_up_log_says_what_the_service_is(fake: Fake, caplog: pytest.
         ("2.1.197 (Claude Code)", False),
         ("2.1.250 (Claude Code)", False),
         ("2.1.332 (Claude Code)", False),
+        ("2.1.337 (Claude Code)", False),
+        ("2.1.338 (Claude Code)", True),  # newer than any the tests ran on: it runs, with a warning
+        ("2.2.0 (Claude Code)", True),
         ("nonsense", True),
     ],
 )
@@ -5022,7 +5262,13 @@ async def test_self_check_reports_missing_features_honestly(fake: Fake, caplog: 
 
 
 @needs_real_cli
-async def test_real_self_check_passes_quickly_and_spends_nothing(real: Real) -> None:
+@pytest.mark.parametrize("newer_than_tested", [False, True], ids=["within-the-range", "newer-than-the-range"])
+async def test_real_self_check_passes_quickly_and_spends_nothing(
+    real: Real, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, newer_than_tested: bool
+) -> None:
+    if newer_than_tested:  # as when npm serves a release newer than any the tests ran on
+        monkeypatch.setattr(api, "OLDEST_SUPPORTED", (0, 0, 1))
+        monkeypatch.setattr(api, "NEWEST_TESTED", (0, 0, 2))
     app = real.app(self_check="on")
     async with client_for(app) as client:
         await checked(app)
@@ -5031,7 +5277,13 @@ async def test_real_self_check_passes_quickly_and_spends_nothing(real: Real) -> 
     assert check["state"] == "passed" and check["problems"] == [], check
     assert check["seconds"] < 10  # about 0.5 s on an idle machine; the ceiling is for a busy one
     assert real.standin.bodies() == []  # nothing reached the upstream the user pays for
-    assert health["cli"]["tested"] is True and health["status"] == "ok"
+    assert health["status"] == "ok"  # the self-check is the gate; the tested range is information
+    number = tuple(int(part) for part in health["cli"]["version"].split()[0].split("."))
+    untested = not api.OLDEST_SUPPORTED <= number <= api.NEWEST_TESTED  # information, whatever npm serves today
+    if newer_than_tested:
+        assert untested  # the patched range holds no real release
+    assert health["cli"]["tested"] is not untested
+    assert any("outside the tested range" in r.getMessage() for r in caplog.records) is untested
 
 
 @needs_real_cli
