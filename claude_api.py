@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
@@ -2672,6 +2673,7 @@ class CliResult:
     usage: Usage
     cost: float | None
     session_id: str | None = None
+    model_usage: Mapping[str, Any] | None = None  # the CLI's cost and tokens by model, for Prices.learn
 
     @property
     def finish_reason(self) -> FinishReason:
@@ -2684,6 +2686,7 @@ class ModelCall:
 
     usage: Mapping[str, Any]
     stop_reason: str | None = None
+    model: str | None = None  # the model that answers, on the start only
 
 
 @dataclass(frozen=True)
@@ -2722,6 +2725,74 @@ def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
     if cost is not None:
         usage["total_cost_usd"] = cost
     return usage
+
+
+# Dollars per input token by model family, at Anthropic's list prices: used for a model call the CLI never priced
+# (a turn cut short has no result) until the CLI has priced a call of that model itself (see Prices.learn). Every
+# model is priced in the same proportions to its input: output 5x, cache writes 1.25x, cache reads 0.1x.
+LIST_PRICES = {"opus": 5e-6, "sonnet": 3e-6, "haiku": 1e-6}
+TOKEN_WEIGHTS = {
+    "input_tokens": 1.0,
+    "cache_creation_input_tokens": 1.25,
+    "cache_read_input_tokens": 0.1,
+    "output_tokens": 5.0,
+}
+MODEL_USAGE_NAMES = {  # the CLI's modelUsage fields, by the Messages API's names
+    "input_tokens": "inputTokens",
+    "cache_creation_input_tokens": "cacheCreationInputTokens",
+    "cache_read_input_tokens": "cacheReadInputTokens",
+    "output_tokens": "outputTokens",
+}
+
+
+def count_of(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else 0.0
+
+
+def weighted_tokens(usage: Mapping[str, Any]) -> float:
+    """A call's tokens in input-token equivalents: its cost over its model's input price."""
+    return sum(weight * count_of(usage.get(name)) for name, weight in TOKEN_WEIGHTS.items())
+
+
+class Prices:
+    """Each model's price per input token: the CLI's own, once a result has priced the model, else the list
+    price of its family (sonnet's for a name of no known family)."""
+
+    def __init__(self) -> None:
+        self.learned: dict[str, float] = {}
+
+    @staticmethod
+    def family(model: str) -> str:
+        return model.partition("[")[0].lower()  # "claude-opus-4-8[1m]" is priced as "claude-opus-4-8"
+
+    def learn(self, model_usage: Any) -> None:
+        """From a result's modelUsage: each model's cost over its weighted tokens."""
+        for model, figures in (model_usage or {}).items() if isinstance(model_usage, dict) else ():
+            if not isinstance(figures, dict):
+                continue
+            tokens = weighted_tokens({name: figures.get(cli) for name, cli in MODEL_USAGE_NAMES.items()})
+            if tokens > 0 and (cost := count_of(figures.get("costUSD"))) > 0:
+                self.learned[self.family(str(model))] = cost / tokens
+
+    def rate(self, model: str) -> float:
+        family = self.family(model)
+        if family in self.learned:
+            return self.learned[family]
+        return next((price for name, price in LIST_PRICES.items() if name in family), LIST_PRICES["sonnet"])
+
+    def cost(self, calls: Iterable[tuple[str, Mapping[str, Any]]]) -> float:
+        """What model calls cost: each (model, usage) at its model's rate."""
+        return sum(self.rate(model) * weighted_tokens(usage) for model, usage in calls)
+
+
+# Whom the model calls of the code running now are charged to: the request's RequestLog sets it (asyncio copies it
+# into the tasks the request starts), and every turn of a CLI process charges what it cost, however it ended.
+CHARGE: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar("charge", default=None)
+
+
+def charge(usd: float) -> None:
+    if usd > 0 and (to := CHARGE.get()) is not None:
+        to(usd)
 
 
 # On CLI output, both linear: literal prefixes, one quantifier over digits, alternatives of literals.
@@ -2797,7 +2868,8 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
                 return ThinkingDelta(delta["thinking"])
         if event.get("type") == "message_start":
-            return ModelCall((event.get("message") or {}).get("usage") or {})
+            message = event.get("message") or {}
+            return ModelCall(message.get("usage") or {}, model=str(message.get("model") or ""))
         if event.get("type") == "message_delta":
             return ModelCall(event.get("usage") or {}, delta.get("stop_reason"))
         return None
@@ -2820,6 +2892,7 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
                 usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
                 cost=line.get("total_cost_usd"),
                 session_id=line.get("session_id"),
+                model_usage=line.get("modelUsage"),
             )
         if line.get("is_error") or line.get("subtype", "success") != "success":
             raise error_from_result(line)
@@ -2829,6 +2902,7 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
             usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
             cost=line.get("total_cost_usd"),
             session_id=line.get("session_id"),
+            model_usage=line.get("modelUsage"),
         )
     return None
 
@@ -2930,11 +3004,10 @@ class Totals:
     tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_TYPES))
     cost: float = 0.0
 
-    def add(self, status: int, tokens: tuple[int, ...], cost: float) -> None:
+    def add(self, status: int, tokens: tuple[int, ...]) -> None:
         self.requests += 1
         self.errors += status >= 400
         self.tokens = [a + b for a, b in zip(self.tokens, tokens, strict=True)]
-        self.cost += cost
 
     def report(self) -> dict[str, Any]:
         return {
@@ -2955,7 +3028,6 @@ class Failure:
     key: str
     status: int
     code: str | None
-    message: str
 
 
 @dataclass(frozen=True)
@@ -2971,7 +3043,7 @@ class Finish:
     first_token: float | None
     usage: Usage | None
     code: str | None = None
-    message: str = ""
+    cost: float = 0.0  # what its model calls cost, charged as they were made (Metrics.charge)
 
 
 class Metrics:
@@ -3002,9 +3074,9 @@ class Metrics:
         model = self.model_label(done.model)
         key = (done.endpoint, model, str(done.status), done.mode)
         self.requests[key] = self.requests.get(key, 0) + 1
-        tokens, cost = token_counts(done.usage), (done.usage or {}).get("total_cost_usd", 0.0)
+        tokens = token_counts(done.usage)
         for totals in (self.total, self.models.setdefault(model, Totals()), self.keys.setdefault(done.key, Totals())):
-            totals.add(done.status, tokens, cost)
+            totals.add(done.status, tokens)
         self.latency.setdefault(done.endpoint, Histogram(LATENCY_BUCKETS)).observe(done.latency)
         if done.first_token is not None:
             self.ttft.setdefault(done.endpoint, Histogram(TTFT_BUCKETS)).observe(done.first_token)
@@ -3014,10 +3086,15 @@ class Metrics:
             self.minutes.append((minute, 0, 0))
         _, requests, errors = self.minutes[-1]
         self.minutes[-1] = (minute, requests + 1, errors + (done.status >= 400))
-        if done.status >= 400:
-            self.failures.append(
-                Failure(time.time(), done.endpoint, model, done.key, done.status, done.code, done.message[:300])
-            )
+        if done.status >= 400:  # never the message: it can quote the model's answer or the client's values
+            self.failures.append(Failure(time.time(), done.endpoint, model, done.key, done.status, done.code))
+
+    def charge(self, model: str, key: str, usd: float) -> None:
+        """A model call's cost, counted when it is known: a request that fails after several calls paid for them."""
+        if self.enabled:
+            model = self.model_label(model)
+            for totals in (self.total, self.models.setdefault(model, Totals()), self.keys.setdefault(key, Totals())):
+                totals.cost += usd
 
     def retried(self, cause: str) -> None:
         if self.enabled:
@@ -3092,7 +3169,7 @@ def usage_families(prefix: str, label: str, by: Mapping[str, Totals]) -> list[Fa
         (
             f"{prefix}cost_usd_total",
             "counter",
-            f"Cost in US dollars as the CLI reports it, by {label}.",
+            f"Cost in US dollars of every model call, as the CLI reports it (or priced from its usage), by {label}.",
             [("", {label: value}, totals.cost) for value, totals in by.items()],
         ),
     ]
@@ -3146,28 +3223,78 @@ def metric_families(metrics: Metrics) -> list[Family]:
 
 
 DAY = 86400
+DEFAULT_ESTIMATE = 0.01  # dollars held for a request before any request of the server has cost anything
+ESTIMATE_SAMPLES = 20  # the last requests whose mean cost is the estimate held for the next one
+HELD_RETRY = 5.0  # seconds a request refused for what its key's requests under way hold is told to wait
+
+
+def dollars(usd: float) -> str:
+    """An amount with the digits that tell it apart: $12.35, $0.0048, $0.000123."""
+    return f"${usd:,.2f}" if usd >= 1 else f"${usd:.3g}"
+
+
+@dataclass(eq=False)
+class Reservation:
+    """What a request holds of its key's dollars while it runs: an estimate, less what it has been charged."""
+
+    key: str
+    usd: float
+    expires: float  # a request that somehow never ends holds nothing past this
+    used: float = 0.0
+    settled: bool = False  # the request ended: what it cost is in the key's spending now
+
+    @property
+    def held(self) -> float:
+        return max(0.0, self.usd - self.used)
 
 
 class KeyLimits:
     """CLAUDE_KEY_RPM and CLAUDE_KEY_USD_PER_DAY: each key's requests over the last minute, and what it spent
-    today (UTC) as the CLI reports cost. A request is refused once a limit is reached; one under way may take a
-    key past its dollars, since a cost is known only when its answer is."""
+    today (UTC): every model call it made, as the CLI reports its cost or priced from its usage. A request is
+    admitted while its key's spending, plus what its requests under way hold, plus an estimate of its own cost
+    (the mean of the key's last requests) stays within the limit; one request at a time is always admitted
+    below the limit, so a key can exceed its dollars by at most what its admitted requests cost beyond their
+    estimates."""
 
     def __init__(self, settings: Settings) -> None:
         self.rpm, self.usd = settings.key_rpm, settings.key_usd_per_day
         self.recent: dict[str, deque[float]] = {}  # admission times within the last minute, by key name
         self.spent: dict[str, tuple[int, float]] = {}  # (day, dollars) by key name
+        self.reservations: dict[str, list[Reservation]] = {}  # by key name, of requests under way
+        self.costs: dict[str, deque[float]] = {}  # the last requests' costs by key name, "" for the whole server
+        self.hold_for = settings.request_timeout + settings.body_timeout + 60
+
+    def spent_today(self, key: str, now: float) -> float:
+        day, spent = self.spent.get(key, (0, 0.0))
+        return spent if day == int(now // DAY) else 0.0
+
+    def held(self, key: str, now: float) -> float:
+        """What the key's requests under way hold, the ended and expired ones dropped."""
+        live = [r for r in self.reservations.get(key, ()) if not r.settled and r.expires > now]
+        self.reservations[key] = live
+        return sum(r.held for r in live)
+
+    def estimate(self, key: str) -> float:
+        costs = self.costs.get(key) or self.costs.get("")
+        return sum(costs) / len(costs) if costs else DEFAULT_ESTIMATE
 
     def admit(self, key: str, now: float | None = None) -> None:
         """Count a request against its key's limits, or raise KeyLimitReached."""
         now = time.time() if now is None else now
         if (usd := self.usd.get(key, self.usd.get("*"))) is not None:
-            day, spent = self.spent.get(key, (0, 0.0))
-            if day == int(now // DAY) and spent >= usd:
+            spent, held = self.spent_today(key, now), self.held(key, now)
+            if spent >= usd:
                 raise KeyLimitReached(
-                    f"The key {key!r} has spent ${spent:.2f} today, its limit is ${usd:g} a day "
+                    f"The key {key!r} has spent {dollars(spent)} today, its limit is {dollars(usd)} a day "
                     "(CLAUDE_KEY_USD_PER_DAY); it resets at midnight UTC.",
-                    retry_after=(day + 1) * DAY - now,
+                    retry_after=(int(now // DAY) + 1) * DAY - now,
+                )
+            if held > 0 and spent + held + self.estimate(key) > usd:
+                raise KeyLimitReached(
+                    f"The key {key!r} has spent {dollars(spent)} today and its requests under way may spend "
+                    f"{dollars(held)} more, against its limit of {dollars(usd)} a day (CLAUDE_KEY_USD_PER_DAY); "
+                    "retry when they have ended.",
+                    retry_after=HELD_RETRY,
                 )
         if (rpm := self.rpm.get(key, self.rpm.get("*"))) is not None:
             recent = self.recent.setdefault(key, deque())
@@ -3180,11 +3307,33 @@ class KeyLimits:
                 )
             recent.append(now)
 
+    def reserve(self, key: str, now: float | None = None) -> Reservation | None:
+        """Hold an estimate of an admitted request's cost against its key's dollars, until the request ends."""
+        if key not in self.usd and "*" not in self.usd:
+            return None
+        reservation = Reservation(key, self.estimate(key), (time.time() if now is None else now) + self.hold_for)
+        self.reservations.setdefault(key, []).append(reservation)
+        return reservation
+
     def spend(self, key: str, usd: float, now: float | None = None) -> None:
         if usd and (key in self.usd or "*" in self.usd):
             day = int((time.time() if now is None else now) // DAY)
             last, spent = self.spent.get(key, (day, 0.0))
             self.spent[key] = (day, (spent if last == day else 0.0) + usd)
+
+    def finished(self, key: str, cost: float) -> None:
+        """A request's whole cost, for the estimates of the next ones."""
+        if cost > 0 and (key in self.usd or "*" in self.usd):
+            for name in (key, ""):
+                self.costs.setdefault(name, deque(maxlen=ESTIMATE_SAMPLES)).append(cost)
+
+
+def admit(request: Request) -> None:
+    """Count a request against its key's limits, and hold an estimate of its cost until its RequestLog is written."""
+    limits: KeyLimits = request.app.state.limits
+    key = key_name(request)
+    limits.admit(key)
+    request.scope[RESERVATION] = limits.reserve(key)
 
 
 # --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
@@ -3467,6 +3616,7 @@ class CliProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
+        self.prices = Prices()  # the runner's, shared by its processes
         self.tools: tuple[Tool, ...] | None = None  # the functions it offers, fixed once set (the CLI cannot swap them)
         self.pending: dict[str, dict[str, Any]] = {}  # the calls its last turn stopped at, with a result for each
         self.policy: ToolPolicy | None = None  # the rules of the turn under way
@@ -3531,6 +3681,8 @@ class CliProcess:
         self.policy, self.garbage = policy, 0
         began = False
         usage: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
+        calls: list[tuple[str, dict[str, Any]]] = []  # each model call's model and usage, for a turn with no result
+        result: CliResult | None = None
         limit: LimitReached | None = None  # the CLI said the account's limit is reached
         try:
             try:
@@ -3554,6 +3706,10 @@ class CliProcess:
                     continue
                 if isinstance(event, ModelCall):
                     usage.update(event.usage)
+                    if event.model is not None:
+                        calls.append((event.model, {}))
+                    if calls:
+                        calls[-1][1].update(event.usage)
                     if event.stop_reason == "max_tokens":
                         # Left alone, the CLI would ask the model to go on, several times, at the user's cost:
                         # stop here with the upstream's own counts (the process is spent).
@@ -3562,11 +3718,15 @@ class CliProcess:
                 if isinstance(event, CliResult):
                     self.state = "ready"
                     self.pending = self._stopped_at(policy)
-                    yield self.turn_cost(event)
+                    result = self.turn_cost(event)
+                    yield result
                     return
+                if isinstance(event, TextDelta) and calls:  # a call cut off before its end is billed for these
+                    calls[-1][1]["streamed"] = calls[-1][1].get("streamed", 0) + len(event.text)
                 yield event
             raise await self._ended(began, waited)
         finally:
+            self.bill(calls, result)
             self.policy = None
             if self.state == "busy":
                 self.state = "spent"
@@ -3681,6 +3841,18 @@ class CliProcess:
         )
         error = TurnNotStarted if not began else CliFailed
         return error(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
+
+    def bill(self, calls: list[tuple[str, dict[str, Any]]], result: CliResult | None) -> None:
+        """Charge a turn's cost, however it ended: the CLI's own figure when its result came, else the model calls
+        seen priced from their usage (the output of a call cut off midway counted from its text, about 4 characters
+        a token)."""
+        if result is not None and result.cost is not None:
+            self.prices.learn(result.model_usage)
+            charge(result.cost)
+            return
+        for _, usage in calls:
+            usage["output_tokens"] = max(count_of(usage.get("output_tokens")), usage.pop("streamed", 0) / 4)
+        charge(self.prices.cost(calls))
 
     def turn_cost(self, result: CliResult) -> CliResult:
         """A process that answers several turns reports its running total cost: keep this turn's share."""
@@ -4044,6 +4216,7 @@ class Runner:
         self.version_args: tuple[str, ...] = ()  # flags for this CLI version, learnt at start-up (cli_arguments)
         self.login: LoginState = "unknown"  # from `claude auth status` at start-up, then from each answer
         self.metrics = metrics or Metrics(settings.metrics)
+        self.prices = Prices()  # what each model costs, for model calls the CLI never priced
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -4093,6 +4266,7 @@ class Runner:
             version_args=self.version_args,
             on_started=self.metrics.process_started,
         )
+        cli.prices = self.prices
         self.live.add(cli)
         return cli
 
@@ -5540,7 +5714,6 @@ function render(s) {
     cell(row, f.model);
     cell(row, String(f.status), true);
     cell(row, f.code || "-");
-    cell(row, f.message);
   }
   if (!failures.rows.length) cell(failures.insertRow(), "none");
 }
@@ -5598,7 +5771,7 @@ th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-varia
 <table><thead><tr><th>model</th><th>requests</th><th>errors</th><th>input</th><th>output</th><th>cache read</th>
 <th>cache write</th><th>cost</th></tr></thead><tbody id="models"></tbody></table>
 <h2>Recent failures</h2>
-<table><thead><tr><th>time</th><th>key</th><th>model</th><th>status</th><th>code</th><th>message</th></tr></thead>
+<table><thead><tr><th>time</th><th>key</th><th>model</th><th>status</th><th>code</th></tr></thead>
 <tbody id="failures"></tbody></table>
 <script>SCRIPT</script>
 </body></html>
@@ -5618,6 +5791,7 @@ STATUS_HEADERS = {
 
 
 REQUEST_LOG = "claude_api.request_log"  # the request's RequestLog in its ASGI scope, once it has one
+RESERVATION = "claude_api.reservation"  # what its key's dollar limit holds for the request (KeyLimits.admit)
 
 
 @dataclass
@@ -5635,6 +5809,15 @@ class RequestLog:
     on_finish: Callable[[Finish], None] = lambda done: None
     first_token: float | None = None  # seconds to the first text, thinking or call of a stream
     error: ProxyError | None = None
+    cost: float = 0.0  # what its model calls cost so far
+    on_charge: Callable[[str, str, float], None] = lambda key, model, usd: None
+    reservation: Reservation | None = None  # what its key's dollar limit holds for it until it ends
+
+    def charge(self, usd: float) -> None:
+        self.cost += usd
+        if self.reservation is not None:
+            self.reservation.used += usd
+        self.on_charge(self.key, self.model, usd)
 
     def finish(self, status: int, usage: Usage | None = None) -> None:
         self.status, self.usage = status, usage or self.usage
@@ -5655,9 +5838,11 @@ class RequestLog:
             latency,
             usage.get("prompt_tokens", "-"),
             usage.get("completion_tokens", "-"),
-            usage.get("total_cost_usd", "-"),
+            f"{self.cost:.6g}",
             f" error={self.error.code}" if self.error else "",
         )
+        if self.reservation is not None:
+            self.reservation.settled = True
         error = self.error
         self.on_finish(
             Finish(
@@ -5670,7 +5855,7 @@ class RequestLog:
                 self.first_token,
                 self.usage,
                 error.code if error else None,
-                error.message if error else "",
+                self.cost,
             )
         )
 
@@ -5682,10 +5867,12 @@ def key_name(request: Request) -> str:
 
 def request_log(request: Request, request_id: str, model: str, mode: str) -> RequestLog:
     """A request's log line, counted by the app's metrics and its key's limits when it is written."""
-    entry = RequestLog(
-        request_id, model, mode, endpoint=request.url.path, key=key_name(request), on_finish=request.app.state.observe
-    )
+    state = request.app.state
+    entry = RequestLog(request_id, model, mode, endpoint=request.url.path, key=key_name(request))
+    entry.on_finish, entry.on_charge = state.observe, state.charge
+    entry.reservation = request.scope.get(RESERVATION)
     request.scope[REQUEST_LOG] = entry
+    CHARGE.set(entry.charge)
     return entry
 
 
@@ -5889,7 +6076,7 @@ async def answer_request(
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
-    state.limits.admit(key_name(request))
+    admit(request)
     body = await read_json(request, settings)
     chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
     renderer = ChatStream(chat.model, chat.include_usage)
@@ -5902,7 +6089,7 @@ async def create_message(request: Request) -> Response:
     """The Messages API: the equivalent chat request, answered by the same machinery in Anthropic's shapes."""
     state = request.app.state
     settings: Settings = state.settings
-    state.limits.admit(key_name(request))
+    admit(request)
     body = await read_json(request, settings)
     chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
     renderer = AnthropicStream(chat.model, messages.thinking)
@@ -5949,7 +6136,7 @@ async def create_response(request: Request) -> Response:
     settings: Settings = state.settings
     runner: Runner = state.runner
     sessions: Sessions = state.sessions
-    state.limits.admit(key_name(request))
+    admit(request)
     body = await read_json(request, settings)
     chat = parse_responses_body(body, settings)
     responses: ResponseStore = state.responses
@@ -6208,6 +6395,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
+    if (reservation := request.scope.get(RESERVATION)) is not None:
+        reservation.settled = True  # the request is over, whether or not its log line was written
     return error_response(ProxyError("The server hit an unexpected error; see its log."), wire_format(request.url.path))
 
 
@@ -6429,9 +6618,13 @@ def observe_requests(app: Starlette, settings: Settings) -> None:
 
     def observe(done: Finish) -> None:
         metrics.record(done)
-        limits.spend(done.key, (done.usage or {}).get("total_cost_usd", 0.0))
+        limits.finished(done.key, done.cost)
 
-    app.state.observe = observe
+    def charge(key: str, model: str, usd: float) -> None:
+        metrics.charge(model, key, usd)
+        limits.spend(key, usd)
+
+    app.state.observe, app.state.charge = observe, charge
 
 
 def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
