@@ -2785,6 +2785,15 @@ class Prices:
         return sum(self.rate(model) * weighted_tokens(usage) for model, usage in calls)
 
 
+def streamed_characters(line: Mapping[str, Any]) -> int:
+    """The characters of text, thinking or call arguments a stream-json line carries."""
+    event = line.get("event") if line.get("type") == "stream_event" else None
+    delta = event.get("delta") if isinstance(event, dict) and event.get("type") == "content_block_delta" else None
+    if not isinstance(delta, dict):
+        return 0
+    return sum(len(value) for key in ("text", "thinking", "partial_json") if isinstance(value := delta.get(key), str))
+
+
 # Whom the model calls of the code running now are charged to: the request's RequestLog sets it (asyncio copies it
 # into the tasks the request starts), and every turn of a CLI process charges what it cost, however it ended.
 CHARGE: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar("charge", default=None)
@@ -3698,6 +3707,8 @@ class CliProcess:
                     if limit is None or limit.resets_at is None:
                         raise
                     raise rate_limited(limit.resets_at) from None  # the result itself does not say when it resets
+                if calls and isinstance(line, dict):  # a call cut off before its end is billed for what it sent
+                    calls[-1][1]["streamed"] = calls[-1][1].get("streamed", 0) + streamed_characters(line)
                 if event is None:  # start-up lines, and events we do not act on
                     continue
                 began = True
@@ -3721,8 +3732,6 @@ class CliProcess:
                     result = self.turn_cost(event)
                     yield result
                     return
-                if isinstance(event, TextDelta) and calls:  # a call cut off before its end is billed for these
-                    calls[-1][1]["streamed"] = calls[-1][1].get("streamed", 0) + len(event.text)
                 yield event
             raise await self._ended(began, waited)
         finally:

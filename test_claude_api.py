@@ -5344,6 +5344,7 @@ async def test_a_key_over_its_dollars_per_day_gets_429_until_midnight_utc(fake: 
     assert [a.status_code for a in answers] == [200, 200, 429] and alice.is_success
     error = assert_error(answers[2], 429, "rate_limit_exceeded")
     assert "$0.002 a day" in error["message"] and "CLAUDE_KEY_USD_PER_DAY" in error["message"]
+    assert "spent $0.0024 today" in error["message"]  # the digits that matter, not "$0.00"
     to_midnight = 86400 - time.time() % 86400
     assert abs(int(answers[2].headers["retry-after"]) - to_midnight) <= 5
 
@@ -5365,6 +5366,94 @@ def test_key_limits_slide_by_the_minute_and_reset_by_the_day() -> None:
     limits.admit("bob", day + 86400 + 1)  # a new day (UTC)
     limits.spend("bob", 0.9, day + 86400 + 2)
     limits.admit("bob", day + 86400 + 3)
+
+
+# The fake CLI's answers cost $0.0012 for 5 tokens in, 3 written to and 7 read from the cache, and 4 out; it reports
+# its object behaviours' model calls as 5 tokens in and 4 out (the text of one cut off midway: about 4 characters a
+# token), which the server prices at that rate once the CLI has priced a call of the model.
+FAKE_RATE = 0.0012 / (5 + 3 * 1.25 + 7 * 0.1 + 4 * 5)
+FAKE_CALL = (5 + 4 * 5) * FAKE_RATE
+
+
+async def test_every_model_call_is_charged_to_its_key_however_its_turn_ends(fake: Fake) -> None:
+    bad = {"tool_use": [{"name": "get_weather", "input": {"town": "Paris"}}]}
+    cut = {"text": "cut short", "stop_reason": "max_tokens"}
+    fake.control(script=["ok", cut, bad, bad, bad], default="ok")
+    app = fake.app(api_keys=KEYS, key_usd_per_day="*:1")
+    alice = bearer("sk-alice-secret")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=alice)).is_success
+        length = await client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=alice)
+        broken = await client.post("/v1/chat/completions", json=chat(tools=[WEATHER]), headers=alice)
+        samples = await scrape(client)
+    assert length.json()["choices"][0]["finish_reason"] == "length"
+    assert_error(broken, 502, "invalid_model_output")
+    # The answer the CLI priced, the call cut at max_tokens, and the three calls of the invalid answer.
+    billed = 0.0012 + FAKE_CALL * (1 + api.MAX_CORRECTIONS + 1)
+    assert app.state.limits.spent_today("alice", time.time()) == pytest.approx(billed, rel=0.1)
+    assert total(samples, "claude_api_key_cost_usd_total", key="alice") == pytest.approx(billed, rel=0.1)
+    assert total(samples, "claude_api_cost_usd_total") == pytest.approx(billed, rel=0.1)
+
+
+def test_a_turn_cut_by_a_timeout_or_a_disconnect_is_charged(fake: Fake) -> None:
+    fake.control(script=["ok"], default={"text": "x" * 400}, delay=0.05)  # 80 deltas: 4 s
+    app = fake.app(api_keys=KEYS, key_usd_per_day="*:1", timeout="1", max_retries=0, prewarm=0)
+    limits, bob = app.state.limits, bearer("sk-bob-secret")
+    with serve(app) as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bob, timeout=30).is_success
+        timed_out = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bob, timeout=30)
+        after_timeout = limits.spent_today("bob", time.time())
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat(stream=True), headers=bob) as response:
+            for line in response.iter_lines():
+                if '"content"' in line:
+                    break
+        assert wait_until(lambda: limits.spent_today("bob", time.time()) > after_timeout, 5)
+        assert wait_until(lambda: fake.alive() == [], 5)
+    assert_error(timed_out, 504, "timeout")
+    # Each cut call: its 5 tokens in, and the output it had streamed (at most the whole 100 tokens).
+    least, most = (5 + 5) * FAKE_RATE, (5 + 5 * 100) * FAKE_RATE
+    assert 0.0012 + least <= after_timeout <= 0.0012 + most
+    assert least <= limits.spent_today("bob", time.time()) - after_timeout <= most
+
+
+async def test_a_dollar_limit_holds_under_concurrent_requests(fake: Fake) -> None:
+    fake.control(default="ok", delay=0.1)
+    app = fake.app(api_keys=KEYS, key_usd_per_day="bob:0.005", max_concurrency=8)
+    bob = bearer("sk-bob-secret")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=bob)).is_success  # $0.0012
+        answers = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=chat(), headers=bob) for _ in range(15)),
+            *(client.post("/v1/messages", json=message_body(), headers=bob) for _ in range(15)),
+        )
+    spent = app.state.limits.spent_today("bob", time.time())
+    print(f"30 concurrent requests against a $0.005 limit: spent ${spent:.4f}")
+    assert spent <= 1.5 * 0.005
+    assert sum(a.is_success for a in answers) >= 2  # what the limit allows runs at once
+    for index, refused in enumerate(answers):
+        if refused.is_success:
+            continue
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 10
+        if index < 15:
+            error = assert_error(refused, 429, "rate_limit_exceeded")
+        else:  # Anthropic's shape on the Messages API
+            assert refused.json()["type"] == "error" and refused.headers["request-id"].startswith("req_")
+            error = refused.json()["error"]
+        assert error["type"] == "rate_limit_error"
+        assert "under way" in error["message"] and "CLAUDE_KEY_USD_PER_DAY" in error["message"]
+    assert not [r for r in app.state.limits.reservations.get("bob", []) if not r.settled]
+
+
+async def test_status_failures_carry_no_message(fake: Fake) -> None:
+    app = fake.app(api_keys=KEYS)
+    async with client_for(app) as client:
+        body = {"input": "hi", "previous_response_id": "resp_private-value-of-bob"}
+        missing = await client.post("/v1/responses", json=body, headers=bearer("sk-bob-secret"))
+        report = await client.get("/status.json", headers=bearer("sk-alice-secret"))
+    assert "private-value" in assert_error(missing, 400, "previous_response_not_found")["message"]
+    [failure] = report.json()["failures"]
+    assert set(failure) == {"at", "endpoint", "model", "key", "status", "code"}
+    assert "private-value" not in report.text
 
 
 # --- Running as a service: the READMEs' unit files ---
