@@ -5375,6 +5375,11 @@ FAKE_RATE = 0.0012 / (5 + 3 * 1.25 + 7 * 0.1 + 4 * 5)
 FAKE_CALL = (5 + 4 * 5) * FAKE_RATE
 
 
+def spent_by(app: Starlette, key: str) -> float:
+    """What the key spent today, as its dollar limit counts it."""
+    return app.state.limits.spent.get(key, (0, 0.0))[1]
+
+
 async def test_every_model_call_is_charged_to_its_key_however_its_turn_ends(fake: Fake) -> None:
     bad = {"tool_use": [{"name": "get_weather", "input": {"town": "Paris"}}]}
     cut = {"text": "cut short", "stop_reason": "max_tokens"}
@@ -5390,7 +5395,7 @@ async def test_every_model_call_is_charged_to_its_key_however_its_turn_ends(fake
     assert_error(broken, 502, "invalid_model_output")
     # The answer the CLI priced, the call cut at max_tokens, and the three calls of the invalid answer.
     billed = 0.0012 + FAKE_CALL * (1 + api.MAX_CORRECTIONS + 1)
-    assert app.state.limits.spent_today("alice", time.time()) == pytest.approx(billed, rel=0.1)
+    assert spent_by(app, "alice") == pytest.approx(billed, rel=0.1)
     assert total(samples, "claude_api_key_cost_usd_total", key="alice") == pytest.approx(billed, rel=0.1)
     assert total(samples, "claude_api_cost_usd_total") == pytest.approx(billed, rel=0.1)
 
@@ -5398,22 +5403,22 @@ async def test_every_model_call_is_charged_to_its_key_however_its_turn_ends(fake
 def test_a_turn_cut_by_a_timeout_or_a_disconnect_is_charged(fake: Fake) -> None:
     fake.control(script=["ok"], default={"text": "x" * 400}, delay=0.05)  # 80 deltas: 4 s
     app = fake.app(api_keys=KEYS, key_usd_per_day="*:1", timeout="1", max_retries=0, prewarm=0)
-    limits, bob = app.state.limits, bearer("sk-bob-secret")
+    bob = bearer("sk-bob-secret")
     with serve(app) as url:
         assert httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bob, timeout=30).is_success
         timed_out = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bob, timeout=30)
-        after_timeout = limits.spent_today("bob", time.time())
+        after_timeout = spent_by(app, "bob")
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat(stream=True), headers=bob) as response:
             for line in response.iter_lines():
                 if '"content"' in line:
                     break
-        assert wait_until(lambda: limits.spent_today("bob", time.time()) > after_timeout, 5)
+        assert wait_until(lambda: spent_by(app, "bob") > after_timeout, 5)
         assert wait_until(lambda: fake.alive() == [], 5)
     assert_error(timed_out, 504, "timeout")
     # Each cut call: its 5 tokens in, and the output it had streamed (at most the whole 100 tokens).
     least, most = (5 + 5) * FAKE_RATE, (5 + 5 * 100) * FAKE_RATE
     assert 0.0012 + least <= after_timeout <= 0.0012 + most
-    assert least <= limits.spent_today("bob", time.time()) - after_timeout <= most
+    assert least <= spent_by(app, "bob") - after_timeout <= most
 
 
 async def test_a_dollar_limit_holds_under_concurrent_requests(fake: Fake) -> None:
@@ -5426,7 +5431,7 @@ async def test_a_dollar_limit_holds_under_concurrent_requests(fake: Fake) -> Non
             *(client.post("/v1/chat/completions", json=chat(), headers=bob) for _ in range(15)),
             *(client.post("/v1/messages", json=message_body(), headers=bob) for _ in range(15)),
         )
-    spent = app.state.limits.spent_today("bob", time.time())
+    spent = spent_by(app, "bob")
     print(f"30 concurrent requests against a $0.005 limit: spent ${spent:.4f}")
     assert spent <= 1.5 * 0.005
     assert sum(a.is_success for a in answers) >= 2  # what the limit allows runs at once
