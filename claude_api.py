@@ -4713,12 +4713,14 @@ class Sessions:
         key = chat.session_id or ""
         session = self.explicit.get((owner, key))
         if session is None:
-            self.make_room()
+            self.make_room(owner)
             session = Session(key, cli_session_id(key, owner), chat.system, chat.cli_model, "explicit", owner=owner)
             known = self.transcript(session.cli_id)  # a session this server started before a restart
             session.state = "stored" if known is not None and known.exists() else "new"
             self.explicit[owner, key] = session
-            return SessionJob(self, session, chat), None
+            job = SessionJob(self, session, chat)
+            job.created = session.state == "new"
+            return job, None
         # A request without a system message (only the newest turn, as sessions invite) changes nothing.
         ignored = [
             name
@@ -4757,7 +4759,7 @@ class Sessions:
             or (session.system, session.cli_model) != (chat.system, chat.cli_model)
         ):
             key = f"response-{uuid.uuid4()}"
-            self.make_room()
+            self.make_room(owner)
             session = self.explicit[owner, key] = Session(
                 key,
                 str(uuid.uuid4()),
@@ -4767,17 +4769,32 @@ class Sessions:
                 history=list(prior.turns) if prior else [],
                 owner=owner,
             )
+            job = SessionJob(self, session, chat, new_input if prior else None)
+            job.created = True
+            return job, chat
         return SessionJob(self, session, chat, new_input if prior else None), chat
 
-    def make_room(self) -> None:
-        """Before a new explicit session: keep CLAUDE_MAX_SESSIONS by dropping the least recently used idle
-        one, as its TTL would; when every one is busy, refuse."""
+    def make_room(self, owner: str = "") -> None:
+        """Before a new explicit session of ``owner``: keep CLAUDE_MAX_SESSIONS by dropping an idle session, as
+        its TTL would. A key may drop its own, or those of a key holding more than its share (the limit over the
+        keys holding sessions), those first, each least recently used first; never another key's within its
+        share. When none may go, refuse."""
         if len(self.explicit) < self.settings.max_sessions:
             return
-        idle = min((s for s in self.explicit.values() if not s.lock.locked()), key=lambda s: s.last_used, default=None)
+        held: dict[str, int] = {owner: 0}
+        for session in self.explicit.values():
+            held[session.owner] = held.get(session.owner, 0) + 1
+        share = self.settings.max_sessions / len(held)
+        idle = min(
+            (s for s in self.explicit.values() if not s.lock.locked() and (s.owner == owner or held[s.owner] > share)),
+            key=lambda s: (held[s.owner] <= share, s.last_used),
+            default=None,
+        )
         if idle is None:
             raise Overloaded(
-                f"All {len(self.explicit)} sessions are busy (CLAUDE_MAX_SESSIONS); retry shortly.", retry_after=5
+                f"All {len(self.explicit)} sessions are busy or held by other keys within their share "
+                "(CLAUDE_MAX_SESSIONS); retry shortly.",
+                retry_after=5,
             )
         self.forget(idle)
 
@@ -4844,7 +4861,8 @@ class SessionJob(Job):
         self.sessions, self.session, self.chat = sessions, session, chat
         self.source: AttemptSource = "fresh"
         self.newest = newest_turns(chat.turns) if newest is None else newest
-        self.registered = False
+        self.registered = False  # its session can be reached again: it answered
+        self.created = False  # this request made its explicit session, which holds nothing until it answers
         self.context: tuple[Turn, ...] = ()  # the whole conversation this turn answers
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -4865,8 +4883,10 @@ class SessionJob(Job):
         finally:
             session.last_used = time.monotonic()
             session.lock.release()
-            if session.kind == "automatic" and not self.registered:
-                sessions.forget(session)  # an automatic session nobody can reach again
+            if (session.kind == "automatic" or self.created) and not self.registered:
+                # An automatic session nobody can reach again, or a new one whose first turn failed: it holds no
+                # conversation, and must not take the place of another.
+                sessions.forget(session)
 
     async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
         session, settings, store = self.session, self.sessions.settings, runner.store
@@ -4922,6 +4942,9 @@ class SessionJob(Job):
     def answered(self, turn: Turn, exact: bool) -> None:
         session = self.session
         session.history = [*self.context, turn]
+        if session.kind != "automatic":
+            self.registered = True
+            self.sessions.explicit.setdefault((session.owner, session.key), session)  # a failed turn's twin forgot it
         if not exact:
             session.state = "stale"  # cut at a stop string: continue from what the client saw, not what the CLI said
         elif session.kind == "automatic":

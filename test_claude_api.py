@@ -2117,6 +2117,29 @@ async def test_explicit_sessions_are_capped_least_recently_used_first(fake: Fake
     assert session_arg(fake.calls()[-1]) == ("--session-id", api.cli_session_id(sids[1]))
 
 
+async def test_one_keys_sessions_cannot_evict_another_keys_within_its_share(fake: Fake) -> None:
+    fake.control(script=["ok", "crash", "crash", "crash"], default="ok")
+    app = fake.app(api_keys=KEYS, max_sessions=3, max_retries=0)
+    alice, bob = bearer("sk-alice-secret"), bearer("sk-bob-secret")
+    sid = {name: str(uuid.uuid4()) for name in ("alice", "aborted-0", "aborted-1", "aborted-2", "0", "1", "2", "3")}
+
+    async def turn(key: dict[str, str], name: str) -> int:
+        body = {**chat("hi"), "session_id": sid[name]}
+        return (await client.post("/v1/chat/completions", json=body, headers=key)).status_code
+
+    async with client_for(app) as client:
+        sessions = app.state.sessions
+        assert await turn(alice, "alice") == 200
+        # Turns that failed leave no session behind to take a place.
+        assert [await turn(bob, f"aborted-{n}") for n in range(3)] == [502] * 3
+        assert sorted(key for _, key in sessions.explicit) == [sid["alice"]]
+        # Bob's own sessions, past his share of the three, make room among his own.
+        assert [await turn(bob, str(n)) for n in range(4)] == [200] * 4
+        assert sorted(key for _, key in sessions.explicit) == sorted(sid[name] for name in ("alice", "2", "3"))
+        assert await turn(alice, "alice") == 200
+    assert len(fake.calls()[-1]["request"]["messages"]) > 1  # her turn went on with its context
+
+
 async def test_a_new_session_is_refused_when_every_session_is_busy(fake: Fake) -> None:
     fake.control(default="hang")
     app = fake.app(max_sessions=1)
