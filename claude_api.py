@@ -328,6 +328,8 @@ class Settings:
     setting_sources: str = setting("CLAUDE_SETTING_SOURCES", "", setting_sources)  # which CLI settings files load
     session_ttl: float = setting("CLAUDE_SESSION_TTL", 1800.0, number(0.001))  # seconds a session may stay idle
     max_sessions: int = setting("CLAUDE_MAX_SESSIONS", 1000, number(1, integer=True))  # explicit ones, LRU goes
+    # What sessions and stored responses may keep in all (their histories, images included), LRU idle ones go.
+    max_kept_bytes: int = setting("CLAUDE_MAX_KEPT_BYTES", 128 * MiB, number(1, integer=True))
     auto_session: bool = setting("CLAUDE_AUTO_SESSION", True, switch)
     warm_idle: float = setting("CLAUDE_WARM_IDLE", 120.0, number())  # seconds an idle session process stays
     warm_max: int = setting("CLAUDE_WARM_MAX", 4, number(0, integer=True))  # idle session processes kept at most
@@ -637,6 +639,16 @@ class Turn:
     def size(self) -> int:
         """Characters, for the context-length floor."""
         return len(self.text) + sum(len(call.name) + len(call.arguments) for call in self.calls)
+
+    @property
+    def kept_bytes(self) -> int:
+        """About what keeping it costs in memory: its text, its parts, its images' data, its calls."""
+        parts = sum(len(p) if isinstance(p, str) else sum(map(len, p.source.values())) for p in self.parts)
+        return len(self.text) + parts + sum(len(call.name) + len(call.arguments) for call in self.calls)
+
+
+def kept_bytes(turns: Iterable[Turn]) -> int:
+    return sum(turn.kept_bytes for turn in turns)
 
 
 @dataclass(frozen=True)
@@ -4669,6 +4681,7 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
     last_used: float = field(default_factory=time.monotonic)
     owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
+    kept: int = 0  # kept_bytes of its history
 
     @property
     def pinned(self) -> bool:
@@ -4689,6 +4702,7 @@ class Sessions:
         self.auto: OrderedDict[str, Session] = OrderedDict()
         self.background: set[asyncio.Future[None]] = set()
         self.waiting = 0  # requests queued on a busy session's lock
+        self.responses = ResponseStore(settings.session_ttl)  # stored responses share the memory budget
 
     def job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
@@ -4768,6 +4782,7 @@ class Sessions:
                 "response",
                 history=list(prior.turns) if prior else [],
                 owner=owner,
+                kept=prior.kept if prior else 0,
             )
             job = SessionJob(self, session, chat, new_input if prior else None)
             job.created = True
@@ -4797,6 +4812,38 @@ class Sessions:
                 retry_after=5,
             )
         self.forget(idle)
+
+    def kept(self) -> list[Kept]:
+        """Everything kept between requests, each with its size; the busy sessions can not go."""
+        sessions = {id(s): s for s in (*self.explicit.values(), *self.auto.values())}.values()
+        entries = [Kept(s.owner, s.kept, s.last_used, s if not s.lock.locked() else None) for s in sessions]
+        return entries + [
+            Kept(r.owner, r.kept, r.last_used, response_id) for response_id, r in self.responses.items.items()
+        ]
+
+    def fit_memory(self) -> None:
+        """Keep what sessions and stored responses hold within CLAUDE_MAX_KEPT_BYTES: past it, idle ones go, those
+        of a key holding more than its share (the budget over the keys holding any) first, each least recently
+        used first."""
+        budget, entries = self.settings.max_kept_bytes, self.kept()
+        total = sum(entry.size for entry in entries)
+        if total <= budget:
+            return
+        held: dict[str, int] = {}
+        for entry in entries:
+            held[entry.owner] = held.get(entry.owner, 0) + entry.size
+        share = budget / len(held)
+        idle = [entry for entry in entries if entry.what is not None]
+        while total > budget and idle:
+            gone = min(idle, key=lambda e: (held[e.owner] <= share, e.last_used))
+            idle.remove(gone)
+            total, held[gone.owner] = total - gone.size, held[gone.owner] - gone.size
+            if isinstance(gone.what, Session):
+                for key in [k for k, s in self.auto.items() if s is gone.what]:
+                    del self.auto[key]
+                self.forget(gone.what)
+            else:
+                self.responses.items.pop(str(gone.what), None)
 
     def transcript(self, cli_id: str) -> Path | None:
         return self.transcripts / f"{cli_id}.jsonl" if self.transcripts else None
@@ -4942,6 +4989,7 @@ class SessionJob(Job):
     def answered(self, turn: Turn, exact: bool) -> None:
         session = self.session
         session.history = [*self.context, turn]
+        session.kept = kept_bytes(session.history)
         if session.kind != "automatic":
             self.registered = True
             self.sessions.explicit.setdefault((session.owner, session.key), session)  # a failed turn's twin forgot it
@@ -4950,9 +4998,10 @@ class SessionJob(Job):
         elif session.kind == "automatic":
             self.sessions.remember(session, (*self.chat.turns, turn))
             self.registered = True
+        self.sessions.fit_memory()
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoredResponse:
     """What a stored response continues from: the conversation up to and including its answer."""
 
@@ -4960,6 +5009,19 @@ class StoredResponse:
     session: Session | None  # the CLI conversation whose head it is, when there is one
     owner: str = ""  # the API key that made it (see KEY_OWNER)
     created: float = field(default_factory=time.monotonic)
+    kept: int = 0  # kept_bytes of its turns
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One session or stored response, as the memory budget sees it: ``what`` is the idle session or the response's
+    id, None for a busy session."""
+
+    owner: str
+    size: int
+    last_used: float
+    what: Session | str | None
 
 
 class ResponseStore:
@@ -4972,10 +5034,14 @@ class ResponseStore:
     def get(self, response_id: Any, owner: str = "") -> StoredResponse | None:
         """A stored response, for its owner only: to another key it does not exist."""
         stored = self.items.get(response_id) if isinstance(response_id, str) else None
-        return stored if stored is not None and stored.owner == owner else None
+        if stored is None or stored.owner != owner:
+            return None
+        stored.last_used = time.monotonic()
+        return stored
 
     def put(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
-        self.items[response_id] = StoredResponse(turns, job.session if isinstance(job, SessionJob) else None, owner)
+        session = job.session if isinstance(job, SessionJob) else None
+        self.items[response_id] = StoredResponse(turns, session, owner, kept=kept_bytes(turns))
         while len(self.items) > MAX_AUTO_SESSIONS:
             self.items.popitem(last=False)
 
@@ -6189,6 +6255,7 @@ async def create_response(request: Request) -> Response:
     def keep(done: Answer) -> None:
         if store:
             responses.put(shell.id, (*chat.turns, answer_turn(done)), job, owner)
+            sessions.fit_memory()
 
     if chat.stream:
         entry = request_log(request, shell.id, chat.model, f"responses-{settings.stream_mode}")
@@ -6680,7 +6747,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
             runner.prestart.expect(
                 build_cli_call(chat, settings, Conversation("-", False, chat.turns) if settings.auto_session else None)
             )
-        app.state.responses = ResponseStore(settings.session_ttl)
+        app.state.responses = sessions.responses
         sweeper = asyncio.create_task(sweep_forever(app))
         checks = asyncio.create_task(check_cli(app, info, settings, environ)) if info else None
         try:

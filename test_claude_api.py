@@ -2140,6 +2140,38 @@ async def test_one_keys_sessions_cannot_evict_another_keys_within_its_share(fake
     assert len(fake.calls()[-1]["request"]["messages"]) > 1  # her turn went on with its context
 
 
+def kept_in(app: Starlette) -> tuple[int, list[str]]:
+    """The text and image data that the sessions and stored responses hold, and each session's first user text."""
+    sessions = app.state.sessions
+    held = {id(s): s for s in (*sessions.explicit.values(), *sessions.auto.values())}.values()
+    turns = [t for s in held for t in s.history] + [t for r in app.state.responses.items.values() for t in r.turns]
+    size = sum(len(t.text) + sum(len(p.source.get("data", "")) for p in t.images) for t in turns)
+    return size, sorted(s.history[0].text for s in held if s.history)
+
+
+async def test_what_sessions_keep_stays_within_a_byte_budget(fake: Fake) -> None:
+    image = data_url(PNG + bytes(150_000))  # 200 kB of base64
+    app = fake.app(api_keys=KEYS, auto_session="on", max_kept_bytes=1_000_000)
+    alice, bob = bearer("sk-alice-secret"), bearer("sk-bob-secret")
+
+    def ask(text: str) -> dict[str, Any]:
+        return {"model": "sonnet", "messages": [image_message(image, before=text, after="")]}
+
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=ask("alice"), headers=alice)).is_success
+        for n in range(6):
+            assert (await client.post("/v1/chat/completions", json=ask(f"bob {n}"), headers=bob)).is_success
+        size, firsts = kept_in(app)
+        assert size <= 1_000_000, size
+        # Bob holds more than his half: his least recently used went; Alice's, within her share, stayed.
+        assert firsts == ["alice", "bob 3", "bob 4", "bob 5"]
+        stored = await client.post("/v1/responses", json={"input": "y" * 100_000}, headers=bob)
+        assert stored.is_success
+        size, firsts = kept_in(app)
+    assert size <= 1_000_000 and "alice" in firsts, (size, firsts)
+    assert app.state.responses.get(stored.json()["id"], api.owner_of(b"sk-bob-secret")) is not None
+
+
 async def test_a_new_session_is_refused_when_every_session_is_busy(fake: Fake) -> None:
     fake.control(default="hang")
     app = fake.app(max_sessions=1)
