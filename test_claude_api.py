@@ -2676,6 +2676,38 @@ async def test_real_warm_turns_report_their_own_cost(real: Real) -> None:
     assert 0 < costs[2] < costs[0] and 0 < costs[1] < costs[0]  # not the process's running total
 
 
+def input_equivalents(usage: dict[str, int]) -> float:
+    """A call's tokens weighted as Anthropic prices them against input: cache writes 1.25, reads 0.1, output 5."""
+    weights = {"input_tokens": 1, "cache_creation_input_tokens": 1.25, "cache_read_input_tokens": 0.1}
+    return sum(usage.get(name, 0) * weight for name, weight in {**weights, "output_tokens": 5}.items())
+
+
+@needs_real_cli
+async def test_real_every_model_call_is_charged_as_the_cli_prices_it(real: Real) -> None:
+    text = "Twelve words in every answer, so the calls cost about the same. " * 5
+    bad = calls_reply(("get_weather", {"town": "Paris"}))
+    real.standin.reset(Reply(text=text), Reply(text=text, stop_reason="max_tokens"), *[bad] * 3)
+    app = real.app(api_keys="alice:proxy-secret-key", key_usd_per_day="*:10")
+    key = {"Authorization": "Bearer proxy-secret-key"}
+    async with client_for(app) as client:
+        whole = await client.post("/v1/chat/completions", json=chat("one"), headers=key)
+        cut = await client.post("/v1/chat/completions", json=chat("two", max_tokens=300), headers=key)
+        broken = await client.post("/v1/chat/completions", json=chat("three", tools=[WEATHER]), headers=key)
+        samples = await scrape(client, "proxy-secret-key")
+    assert cut.json()["choices"][0]["finish_reason"] == "length"
+    assert_error(broken, 502, "invalid_model_output")
+    billed = real.standin.billed
+    assert len(billed) == 2 + api.MAX_CORRECTIONS + 1  # no call made besides these
+    # The CLI's price for the model, from its own cost of the first answer: every other call at that price.
+    cost = whole.json()["usage"]["total_cost_usd"]
+    rate = cost / input_equivalents(billed[0])
+    expected = cost + rate * sum(input_equivalents(usage) for usage in billed[1:])
+    spent = spent_by(app, "alice")
+    print(f"charged ${spent:.6f} for calls the upstream billed at ${expected:.6f}")
+    assert spent == pytest.approx(expected, rel=0.1)
+    assert total(samples, "claude_api_key_cost_usd_total", key="alice") == pytest.approx(expected, rel=0.1)
+
+
 @needs_real_cli
 def test_real_warm_process_serves_the_next_turn_and_a_dead_one_is_replaced(real: Real) -> None:
     real.standin.reset(default=Reply(echo=True))

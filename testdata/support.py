@@ -294,6 +294,7 @@ class StandIn:
         self.breaches: list[str] = []  # of the Messages API's rules, in any request since the last reset
         self.script: list[Reply] = []
         self.default = Reply()
+        self.billed: list[dict[str, Any]] = []  # the usage reported for each answer streamed to its end, in order
         self.sent_last_piece = threading.Event()
         self.cached_prefixes: set[str] = set()
         self.lock = threading.Lock()
@@ -318,6 +319,7 @@ class StandIn:
     def reset(self, *script: Reply, default: Reply | None = None) -> None:
         with self.lock:
             self.requests.clear()
+            self.billed.clear()
             self.breaches.clear()
             self.script = list(script)
             self.default = default or Reply()
@@ -444,6 +446,8 @@ class StandIn:
         output = max(1, (len(text) + len(reply.thinking) + len(json.dumps(calls))) // 4)
         stop = {"stop_reason": "tool_use" if calls else reply.stop_reason, "stop_sequence": None}
         yield event("message_delta", {"delta": stop, "usage": {"output_tokens": output}})
+        with self.lock:
+            self.billed.append({**usage, "output_tokens": output})
         yield event("message_stop", {})
 
 
