@@ -5936,7 +5936,7 @@ class RequestLog:
             latency,
             usage.get("prompt_tokens", "-"),
             usage.get("completion_tokens", "-"),
-            f"{self.cost:.6g}",
+            f"{self.cost:.6g}" if self.cost else "-",
             f" error={self.error.code}" if self.error else "",
         )
         if self.reservation is not None:
