@@ -2774,7 +2774,7 @@ class Prices:
         self.learned: dict[str, float] = {}
 
     @staticmethod
-    def family(model: str) -> str:
+    def base_name(model: str) -> str:
         return model.partition("[")[0].lower()  # "claude-opus-4-8[1m]" is priced as "claude-opus-4-8"
 
     def learn(self, model_usage: Any) -> None:
@@ -2783,14 +2783,15 @@ class Prices:
             if not isinstance(figures, dict):
                 continue
             tokens = weighted_tokens({name: figures.get(cli) for name, cli in MODEL_USAGE_NAMES.items()})
-            if tokens > 0 and (cost := count_of(figures.get("costUSD"))) > 0:
-                self.learned[self.family(str(model))] = cost / tokens
+            base = self.base_name(str(model))
+            if tokens > 0 and (cost := count_of(figures.get("costUSD"))) > 0 and len(self.learned) < MAX_MODEL_LABELS:
+                self.learned[base] = cost / tokens
 
     def rate(self, model: str) -> float:
-        family = self.family(model)
-        if family in self.learned:
-            return self.learned[family]
-        return next((price for name, price in LIST_PRICES.items() if name in family), LIST_PRICES["sonnet"])
+        base = self.base_name(model)
+        if base in self.learned:
+            return self.learned[base]
+        return next((price for family, price in LIST_PRICES.items() if family in base), LIST_PRICES["sonnet"])
 
     def cost(self, calls: Iterable[tuple[str, Mapping[str, Any]]]) -> float:
         """What model calls cost: each (model, usage) at its model's rate."""
