@@ -2150,8 +2150,8 @@ def kept_in(app: Starlette) -> tuple[int, list[str]]:
 
 
 async def test_what_sessions_keep_stays_within_a_byte_budget(fake: Fake) -> None:
-    image = data_url(PNG + bytes(150_000))  # 200 kB of base64
-    app = fake.app(api_keys=KEYS, auto_session="on", max_kept_bytes=1_000_000)
+    image = data_url(PNG + bytes(30_000))  # 40 kB of base64
+    app = fake.app(api_keys=KEYS, auto_session="on", max_kept_bytes=200_000)
     alice, bob = bearer("sk-alice-secret"), bearer("sk-bob-secret")
 
     def ask(text: str) -> dict[str, Any]:
@@ -2162,13 +2162,13 @@ async def test_what_sessions_keep_stays_within_a_byte_budget(fake: Fake) -> None
         for n in range(6):
             assert (await client.post("/v1/chat/completions", json=ask(f"bob {n}"), headers=bob)).is_success
         size, firsts = kept_in(app)
-        assert size <= 1_000_000, size
+        assert size <= 200_000, size
         # Bob holds more than his half: his least recently used went; Alice's, within her share, stayed.
         assert firsts == ["alice", "bob 3", "bob 4", "bob 5"]
-        stored = await client.post("/v1/responses", json={"input": "y" * 100_000}, headers=bob)
+        stored = await client.post("/v1/responses", json={"input": "y" * 20_000}, headers=bob)
         assert stored.is_success
         size, firsts = kept_in(app)
-    assert size <= 1_000_000 and "alice" in firsts, (size, firsts)
+    assert size <= 200_000 and "alice" in firsts, (size, firsts)
     assert app.state.responses.get(stored.json()["id"], api.owner_of(b"sk-bob-secret")) is not None
 
 
