@@ -4826,10 +4826,16 @@ class Sessions:
         """Keep what sessions and stored responses hold within CLAUDE_MAX_KEPT_BYTES: past it, idle ones go, those
         of a key holding more than its share (the budget over the keys holding any) first, each least recently
         used first."""
-        budget, entries = self.settings.max_kept_bytes, self.kept()
-        total = sum(entry.size for entry in entries)
-        if total <= budget:
+        budget = self.settings.max_kept_bytes
+        if (
+            sum(s.kept for s in self.explicit.values())
+            + sum(s.kept for s in self.auto.values())
+            + sum(r.kept for r in self.responses.items.values())
+            <= budget
+        ):  # the common case, counted without building the list
             return
+        entries = self.kept()
+        total = sum(entry.size for entry in entries)
         held: dict[str, int] = {}
         for entry in entries:
             held[entry.owner] = held.get(entry.owner, 0) + entry.size
