@@ -3311,13 +3311,7 @@ class KeyLimits:
                     "(CLAUDE_KEY_USD_PER_DAY); it resets at midnight UTC.",
                     retry_after=(int(now // DAY) + 1) * DAY - now,
                 )
-            if held > 0 and spent + held + self.estimate(key) > usd:
-                raise KeyLimitReached(
-                    f"The key {key!r} has spent {dollars(spent)} today and its requests under way may spend "
-                    f"{dollars(held)} more, against its limit of {dollars(usd)} a day (CLAUDE_KEY_USD_PER_DAY); "
-                    "retry when they have ended.",
-                    retry_after=HELD_RETRY,
-                )
+            self.check_held(key, usd, spent, held, self.estimate(key))
         if (rpm := self.rpm.get(key, self.rpm.get("*"))) is not None:
             recent = self.recent.setdefault(key, deque())
             while recent and recent[0] <= now - 60:
@@ -3329,11 +3323,28 @@ class KeyLimits:
                 )
             recent.append(now)
 
-    def reserve(self, key: str, now: float | None = None) -> Reservation | None:
-        """Hold an estimate of an admitted request's cost against its key's dollars, until the request ends."""
-        if key not in self.usd and "*" not in self.usd:
+    @staticmethod
+    def check_held(key: str, usd: float, spent: float, held: float, estimate: float) -> None:
+        """Refuse a request whose estimate, with what the key spent and what its requests under way hold, would
+        pass its dollars; one at a time always goes."""
+        if held > 0 and spent + held + estimate > usd:
+            raise KeyLimitReached(
+                f"The key {key!r} has spent {dollars(spent)} today and its requests under way may spend "
+                f"{dollars(held)} more, against its limit of {dollars(usd)} a day (CLAUDE_KEY_USD_PER_DAY); "
+                "retry when they have ended.",
+                retry_after=HELD_RETRY,
+            )
+
+    def reserve(self, key: str, least: float = 0.0, now: float | None = None) -> Reservation | None:
+        """Hold an estimate of an admitted request's cost against its key's dollars until the request ends: the
+        mean of the key's last requests, or ``least`` (what its own input costs) when that is more. Refused, as
+        ``admit`` refuses, when it does not fit."""
+        if (usd := self.usd.get(key, self.usd.get("*"))) is None:
             return None
-        reservation = Reservation(key, self.estimate(key), (time.time() if now is None else now) + self.hold_for)
+        now = time.time() if now is None else now
+        estimate = max(self.estimate(key), least)
+        self.check_held(key, usd, self.spent_today(key, now), self.held(key, now), estimate)
+        reservation = Reservation(key, estimate, now + self.hold_for)
         self.reservations.setdefault(key, []).append(reservation)
         return reservation
 
@@ -3350,12 +3361,11 @@ class KeyLimits:
                 self.costs.setdefault(name, deque(maxlen=ESTIMATE_SAMPLES)).append(cost)
 
 
-def admit(request: Request) -> None:
-    """Count a request against its key's limits, and hold an estimate of its cost until its RequestLog is written."""
-    limits: KeyLimits = request.app.state.limits
-    key = key_name(request)
-    limits.admit(key)
-    request.scope[RESERVATION] = limits.reserve(key)
+def reserve(request: Request, chat: ChatRequest) -> None:
+    """Once its body is read, hold an estimate of a request's cost against its key's dollars until its RequestLog is
+    written: at least its input at its model's price (a first request with a long history costs that much)."""
+    least = estimate_input_tokens(chat) * request.app.state.runner.prices.rate(chat.cli_model or "")
+    request.scope[RESERVATION] = request.app.state.limits.reserve(key_name(request), least)
 
 
 # --- CLI processes: each one owned by a CliProcess from its start to its reaping ---
@@ -6181,9 +6191,10 @@ async def answer_request(
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
-    admit(request)
+    state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
+    reserve(request, chat)
     renderer = ChatStream(chat.model, chat.include_usage)
     return await serve_chat(
         request, chat, renderer, "", lambda done: chat_completion(renderer.id, renderer.created, chat.model, done)
@@ -6194,9 +6205,10 @@ async def create_message(request: Request) -> Response:
     """The Messages API: the equivalent chat request, answered by the same machinery in Anthropic's shapes."""
     state = request.app.state
     settings: Settings = state.settings
-    admit(request)
+    state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
+    reserve(request, chat)
     renderer = AnthropicStream(chat.model, messages.thinking)
     return await serve_chat(
         request,
@@ -6241,9 +6253,10 @@ async def create_response(request: Request) -> Response:
     settings: Settings = state.settings
     runner: Runner = state.runner
     sessions: Sessions = state.sessions
-    admit(request)
+    state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat = parse_responses_body(body, settings)
+    reserve(request, chat)
     responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")

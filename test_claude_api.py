@@ -5536,6 +5536,18 @@ async def test_a_dollar_limit_holds_under_concurrent_requests(fake: Fake) -> Non
     assert not [r for r in app.state.limits.reservations.get("bob", []) if not r.settled]
 
 
+async def test_a_request_holds_at_least_what_its_input_costs(fake: Fake) -> None:
+    fake.control(default="ok", reply="fine", delay=0.2)
+    app = fake.app(api_keys=KEYS, key_usd_per_day="bob:0.05", max_concurrency=8)
+    bob = bearer("sk-bob-secret")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=bob)).is_success  # $0.0012
+        # Each holds its 1,000 tokens of input at the model's price ($0.04), not the key's mean cost.
+        long = chat("x" * 4000)
+        answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=long, headers=bob) for _ in range(5)))
+    assert sorted(a.status_code for a in answers) == [200, 429, 429, 429, 429]
+
+
 async def test_status_failures_carry_no_message(fake: Fake) -> None:
     app = fake.app(api_keys=KEYS)
     async with client_for(app) as client:
