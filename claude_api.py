@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
@@ -337,6 +338,8 @@ class Settings:
     setting_sources: str = setting("CLAUDE_SETTING_SOURCES", "", setting_sources)  # which CLI settings files load
     session_ttl: float = setting("CLAUDE_SESSION_TTL", 1800.0, number(0.001))  # seconds a session may stay idle
     max_sessions: int = setting("CLAUDE_MAX_SESSIONS", 1000, number(1, integer=True))  # explicit ones, LRU goes
+    # What sessions and stored responses may keep in all (their histories, images included), LRU idle ones go.
+    max_kept_bytes: int = setting("CLAUDE_MAX_KEPT_BYTES", 128 * MiB, number(1, integer=True))
     auto_session: bool = setting("CLAUDE_AUTO_SESSION", True, switch)
     warm_idle: float = setting("CLAUDE_WARM_IDLE", 120.0, number())  # seconds an idle session process stays
     warm_max: int = setting("CLAUDE_WARM_MAX", 4, number(0, integer=True))  # idle session processes kept at most
@@ -661,6 +664,16 @@ class Turn:
     def size(self) -> int:
         """Characters, for the context-length floor."""
         return len(self.text) + sum(len(call.name) + len(call.arguments) for call in self.calls)
+
+    @property
+    def kept_bytes(self) -> int:
+        """About what keeping it costs in memory: its text, its parts, its images' data, its calls."""
+        parts = sum(len(p) if isinstance(p, str) else sum(map(len, p.source.values())) for p in self.parts)
+        return len(self.text) + parts + sum(len(call.name) + len(call.arguments) for call in self.calls)
+
+
+def kept_bytes(turns: Iterable[Turn]) -> int:
+    return sum(turn.kept_bytes for turn in turns)
 
 
 @dataclass(frozen=True)
@@ -2794,6 +2807,7 @@ class CliResult:
     usage: Usage
     cost: float | None
     session_id: str | None = None
+    model_usage: Mapping[str, Any] | None = None  # the CLI's cost and tokens by model, for Prices.learn
 
     @property
     def finish_reason(self) -> FinishReason:
@@ -2806,7 +2820,11 @@ class ModelCall:
 
     usage: Mapping[str, Any]
     stop_reason: str | None = None
-    starts: bool = False  # its start (message_start), not its end
+    model: str | None = None  # the model that answers, on its start (message_start) only
+
+    @property
+    def starts(self) -> bool:
+        return self.model is not None
 
 
 @dataclass(frozen=True)
@@ -2845,6 +2863,84 @@ def openai_usage(raw: Mapping[str, Any] | None, cost: float | None) -> Usage:
     if cost is not None:
         usage["total_cost_usd"] = cost
     return usage
+
+
+# Dollars per input token by model family, at Anthropic's list prices: used for a model call the CLI never priced
+# (a turn cut short has no result) until the CLI has priced a call of that model itself (see Prices.learn). Every
+# model is priced in the same proportions to its input: output 5x, cache writes 1.25x, cache reads 0.1x.
+LIST_PRICES = {"opus": 5e-6, "sonnet": 3e-6, "haiku": 1e-6}
+TOKEN_WEIGHTS = {
+    "input_tokens": 1.0,
+    "cache_creation_input_tokens": 1.25,
+    "cache_read_input_tokens": 0.1,
+    "output_tokens": 5.0,
+}
+MODEL_USAGE_NAMES = {  # the CLI's modelUsage fields, by the Messages API's names
+    "input_tokens": "inputTokens",
+    "cache_creation_input_tokens": "cacheCreationInputTokens",
+    "cache_read_input_tokens": "cacheReadInputTokens",
+    "output_tokens": "outputTokens",
+}
+
+
+def count_of(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else 0.0
+
+
+def weighted_tokens(usage: Mapping[str, Any]) -> float:
+    """A call's tokens in input-token equivalents: its cost over its model's input price."""
+    return sum(weight * count_of(usage.get(name)) for name, weight in TOKEN_WEIGHTS.items())
+
+
+class Prices:
+    """Each model's price per input token: the CLI's own, once a result has priced the model, else the list
+    price of its family (sonnet's for a name of no known family)."""
+
+    def __init__(self) -> None:
+        self.learned: dict[str, float] = {}
+
+    @staticmethod
+    def base_name(model: str) -> str:
+        return model.partition("[")[0].lower()  # "claude-opus-4-8[1m]" is priced as "claude-opus-4-8"
+
+    def learn(self, model_usage: Any) -> None:
+        """From a result's modelUsage: each model's cost over its weighted tokens."""
+        for model, figures in (model_usage or {}).items() if isinstance(model_usage, dict) else ():
+            if not isinstance(figures, dict):
+                continue
+            tokens = weighted_tokens({name: figures.get(cli) for name, cli in MODEL_USAGE_NAMES.items()})
+            base = self.base_name(str(model))
+            if tokens > 0 and (cost := count_of(figures.get("costUSD"))) > 0 and len(self.learned) < MAX_MODEL_LABELS:
+                self.learned[base] = cost / tokens
+
+    def rate(self, model: str) -> float:
+        base = self.base_name(model)
+        if base in self.learned:
+            return self.learned[base]
+        return next((price for family, price in LIST_PRICES.items() if family in base), LIST_PRICES["sonnet"])
+
+    def cost(self, calls: Iterable[tuple[str, Mapping[str, Any]]]) -> float:
+        """What model calls cost: each (model, usage) at its model's rate."""
+        return sum(self.rate(model) * weighted_tokens(usage) for model, usage in calls)
+
+
+def streamed_characters(line: Mapping[str, Any]) -> int:
+    """The characters of text, thinking or call arguments a stream-json line carries."""
+    event = line.get("event") if line.get("type") == "stream_event" else None
+    delta = event.get("delta") if isinstance(event, dict) and event.get("type") == "content_block_delta" else None
+    if not isinstance(delta, dict):
+        return 0
+    return sum(len(value) for key in ("text", "thinking", "partial_json") if isinstance(value := delta.get(key), str))
+
+
+# Whom the model calls of the code running now are charged to: the request's RequestLog sets it (asyncio copies it
+# into the tasks the request starts), and every turn of a CLI process charges what it cost, however it ended.
+CHARGE: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar("charge", default=None)
+
+
+def charge(usd: float) -> None:
+    if usd > 0 and (to := CHARGE.get()) is not None:
+        to(usd)
 
 
 # On CLI output, both linear: literal prefixes, one quantifier over digits, alternatives of literals.
@@ -2922,7 +3018,8 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
                 return ThinkingDelta(delta["thinking"])
         if event.get("type") == "message_start":
-            return ModelCall((event.get("message") or {}).get("usage") or {}, starts=True)
+            message = event.get("message") or {}
+            return ModelCall(message.get("usage") or {}, model=str(message.get("model") or ""))
         if event.get("type") == "message_delta":
             return ModelCall(event.get("usage") or {}, delta.get("stop_reason"))
         return None
@@ -2945,6 +3042,7 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
                 usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
                 cost=line.get("total_cost_usd"),
                 session_id=line.get("session_id"),
+                model_usage=line.get("modelUsage"),
             )
         if line.get("is_error") or line.get("subtype", "success") != "success":
             raise error_from_result(line)
@@ -2954,6 +3052,7 @@ def parse_event(line: Mapping[str, Any]) -> CliEvent | None:
             usage=openai_usage(line.get("usage"), line.get("total_cost_usd")),
             cost=line.get("total_cost_usd"),
             session_id=line.get("session_id"),
+            model_usage=line.get("modelUsage"),
         )
     return None
 
@@ -3055,11 +3154,10 @@ class Totals:
     tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_TYPES))
     cost: float = 0.0
 
-    def add(self, status: int, tokens: tuple[int, ...], cost: float) -> None:
+    def add(self, status: int, tokens: tuple[int, ...]) -> None:
         self.requests += 1
         self.errors += status >= 400
         self.tokens = [a + b for a, b in zip(self.tokens, tokens, strict=True)]
-        self.cost += cost
 
     def report(self) -> dict[str, Any]:
         return {
@@ -3080,7 +3178,6 @@ class Failure:
     key: str
     status: int
     code: str | None
-    message: str
 
 
 @dataclass(frozen=True)
@@ -3096,7 +3193,7 @@ class Finish:
     first_token: float | None
     usage: Usage | None
     code: str | None = None
-    message: str = ""
+    cost: float = 0.0  # what its model calls cost, charged as they were made (Metrics.charge)
 
 
 class Metrics:
@@ -3127,9 +3224,9 @@ class Metrics:
         model = self.model_label(done.model)
         key = (done.endpoint, model, str(done.status), done.mode)
         self.requests[key] = self.requests.get(key, 0) + 1
-        tokens, cost = token_counts(done.usage), (done.usage or {}).get("total_cost_usd", 0.0)
+        tokens = token_counts(done.usage)
         for totals in (self.total, self.models.setdefault(model, Totals()), self.keys.setdefault(done.key, Totals())):
-            totals.add(done.status, tokens, cost)
+            totals.add(done.status, tokens)
         self.latency.setdefault(done.endpoint, Histogram(LATENCY_BUCKETS)).observe(done.latency)
         if done.first_token is not None:
             self.ttft.setdefault(done.endpoint, Histogram(TTFT_BUCKETS)).observe(done.first_token)
@@ -3139,10 +3236,15 @@ class Metrics:
             self.minutes.append((minute, 0, 0))
         _, requests, errors = self.minutes[-1]
         self.minutes[-1] = (minute, requests + 1, errors + (done.status >= 400))
-        if done.status >= 400:
-            self.failures.append(
-                Failure(time.time(), done.endpoint, model, done.key, done.status, done.code, done.message[:300])
-            )
+        if done.status >= 400:  # never the message: it can quote the model's answer or the client's values
+            self.failures.append(Failure(time.time(), done.endpoint, model, done.key, done.status, done.code))
+
+    def charge(self, model: str, key: str, usd: float) -> None:
+        """A model call's cost, counted when it is known: a request that fails after several calls paid for them."""
+        if self.enabled:
+            model = self.model_label(model)
+            for totals in (self.total, self.models.setdefault(model, Totals()), self.keys.setdefault(key, Totals())):
+                totals.cost += usd
 
     def retried(self, cause: str) -> None:
         if self.enabled:
@@ -3217,7 +3319,7 @@ def usage_families(prefix: str, label: str, by: Mapping[str, Totals]) -> list[Fa
         (
             f"{prefix}cost_usd_total",
             "counter",
-            f"Cost in US dollars as the CLI reports it, by {label}.",
+            f"Cost in US dollars of every model call, as the CLI reports it (or priced from its usage), by {label}.",
             [("", {label: value}, totals.cost) for value, totals in by.items()],
         ),
     ]
@@ -3271,29 +3373,73 @@ def metric_families(metrics: Metrics) -> list[Family]:
 
 
 DAY = 86400
+DEFAULT_ESTIMATE = 0.01  # dollars held for a request before any request of the server has cost anything
+ESTIMATE_SAMPLES = 20  # the last requests whose mean cost is the estimate held for the next one
+HELD_RETRY = 5.0  # seconds a request refused for what its key's requests under way hold is told to wait
+
+
+def dollars(usd: float) -> str:
+    """An amount with the digits that tell it apart: $12.35, $0.0048, $0.000123."""
+    return f"${usd:,.2f}" if usd >= 1 else f"${usd:.3g}"
+
+
+@dataclass(eq=False)
+class Reservation:
+    """What a request holds of its key's dollars while it runs: an estimate, less what it has been charged."""
+
+    key: str
+    usd: float
+    expires: float  # a request that somehow never ends holds nothing past this
+    used: float = 0.0
+    settled: bool = False  # the request ended: what it cost is in the key's spending now
+
+    @property
+    def held(self) -> float:
+        return max(0.0, self.usd - self.used)
 
 
 class KeyLimits:
     """CLAUDE_KEY_RPM and CLAUDE_KEY_USD_PER_DAY: each key's requests over the last minute, and what it spent
-    today (UTC) as the CLI reports cost. A request is refused once a limit is reached; one under way may take a
-    key past its dollars, since a cost is known only when its answer is."""
+    today (UTC): every model call it made, as the CLI reports its cost or priced from its usage. A request is
+    admitted while its key's spending, plus what its requests under way hold, plus an estimate of its own cost
+    (the mean of the key's last requests) stays within the limit; one request at a time is always admitted
+    below the limit, so a key can exceed its dollars by at most what its admitted requests cost beyond their
+    estimates."""
 
     def __init__(self, settings: Settings) -> None:
         self.rpm, self.usd = settings.key_rpm, settings.key_usd_per_day
         self.recent: dict[str, deque[float]] = {}  # admission times within the last minute, by key name
         self.spent: dict[str, tuple[int, float]] = {}  # (day, dollars) by key name
+        self.reservations: dict[str, list[Reservation]] = {}  # by key name, of requests under way
+        self.costs: dict[str, deque[float]] = {}  # the last requests' costs by key name, "" for the whole server
+        self.hold_for = settings.request_timeout + settings.body_timeout + 60
+
+    def spent_today(self, key: str, now: float) -> float:
+        day, spent = self.spent.get(key, (0, 0.0))
+        return spent if day == int(now // DAY) else 0.0
+
+    def held(self, key: str, now: float) -> float:
+        """What the key's requests under way hold, the ended and expired ones dropped."""
+        live = [r for r in self.reservations.get(key, ()) if not r.settled and r.expires > now]
+        self.reservations[key] = live
+        return sum(r.held for r in live)
+
+    def estimate(self, key: str) -> float:
+        costs = self.costs.get(key) or self.costs.get("")
+        return sum(costs) / len(costs) if costs else DEFAULT_ESTIMATE
 
     def admit(self, key: str, now: float | None = None) -> None:
         """Count a request against its key's limits, or raise KeyLimitReached."""
         now = time.time() if now is None else now
         if (usd := self.usd.get(key, self.usd.get("*"))) is not None:
-            day, spent = self.spent.get(key, (0, 0.0))
-            if day == int(now // DAY) and spent >= usd:
+            spent, held = self.spent_today(key, now), self.held(key, now)
+            if spent >= usd:
                 raise KeyLimitReached(
-                    f"The key {key!r} has spent ${spent:.2f} today, its limit is ${usd:g} a day "
+                    f"The key {key!r} has spent {dollars(spent)} today, its limit is {dollars(usd)} a day "
                     "(CLAUDE_KEY_USD_PER_DAY); it resets at midnight UTC.",
-                    retry_after=(day + 1) * DAY - now,
+                    retry_after=(int(now // DAY) + 1) * DAY - now,
                 )
+            self.check_held(key, usd, spent, held, self.estimate(key))
         if (rpm := self.rpm.get(key, self.rpm.get("*"))) is not None:
             recent = self.recent.setdefault(key, deque())
             while recent and recent[0] <= now - 60:
@@ -3305,11 +3451,49 @@ class KeyLimits:
                 )
             recent.append(now)
 
+    @staticmethod
+    def check_held(key: str, usd: float, spent: float, held: float, estimate: float) -> None:
+        """Refuse a request whose estimate, with what the key spent and what its requests under way hold, would
+        pass its dollars; one at a time always goes."""
+        if held > 0 and spent + held + estimate > usd:
+            raise KeyLimitReached(
+                f"The key {key!r} has spent {dollars(spent)} today and its requests under way may spend "
+                f"{dollars(held)} more, against its limit of {dollars(usd)} a day (CLAUDE_KEY_USD_PER_DAY); "
+                "retry when they have ended.",
+                retry_after=HELD_RETRY,
+            )
+
+    def reserve(self, key: str, least: float = 0.0, now: float | None = None) -> Reservation | None:
+        """Hold an estimate of an admitted request's cost against its key's dollars until the request ends: the
+        mean of the key's last requests, or ``least`` (what its own input costs) when that is more. Refused, as
+        ``admit`` refuses, when it does not fit."""
+        if (usd := self.usd.get(key, self.usd.get("*"))) is None:
+            return None
+        now = time.time() if now is None else now
+        estimate = max(self.estimate(key), least)
+        self.check_held(key, usd, self.spent_today(key, now), self.held(key, now), estimate)
+        reservation = Reservation(key, estimate, now + self.hold_for)
+        self.reservations.setdefault(key, []).append(reservation)
+        return reservation
+
     def spend(self, key: str, usd: float, now: float | None = None) -> None:
         if usd and (key in self.usd or "*" in self.usd):
             day = int((time.time() if now is None else now) // DAY)
             last, spent = self.spent.get(key, (day, 0.0))
             self.spent[key] = (day, (spent if last == day else 0.0) + usd)
+
+    def finished(self, key: str, cost: float) -> None:
+        """A request's whole cost, for the estimates of the next ones."""
+        if cost > 0 and (key in self.usd or "*" in self.usd):
+            for name in (key, ""):
+                self.costs.setdefault(name, deque(maxlen=ESTIMATE_SAMPLES)).append(cost)
+
+
+def reserve(request: Request, chat: ChatRequest) -> None:
+    """Once its body is read, hold an estimate of a request's cost against its key's dollars until its RequestLog is
+    written: at least its input at its model's price (a first request with a long history costs that much)."""
+    least = estimate_input_tokens(chat) * request.app.state.runner.prices.rate(chat.cli_model or "")
+    request.scope[RESERVATION] = request.app.state.limits.reserve(key_name(request), least)
 
 
 # --- The subscription: the account's usage windows, as the CLI last reported them ---
@@ -3759,6 +3943,7 @@ class CliProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
+        self.prices = Prices()  # the runner's, shared by its processes
         self.tools: tuple[Tool, ...] | None = None  # the functions it offers, fixed once set (the CLI cannot swap them)
         self.pending: dict[str, dict[str, Any]] = {}  # the calls its last turn stopped at, with a result for each
         self.policy: ToolPolicy | None = None  # the rules of the turn under way
@@ -3817,6 +4002,8 @@ class CliProcess:
         self.policy, self.garbage = policy, 0
         began = False
         usage: dict[str, Any] = {}  # the upstream's usage of this turn's model call, as it streams
+        calls: list[tuple[str, dict[str, Any]]] = []  # each model call's model and usage, for a turn with no result
+        result: CliResult | None = None
         limit: LimitReached | None = None  # the CLI said the account's limit is reached
         try:
             try:
@@ -3832,6 +4019,8 @@ class CliProcess:
                     if limit is None or limit.resets_at is None:
                         raise
                     raise rate_limited(limit.resets_at) from None  # the result itself does not say when it resets
+                if calls and isinstance(line, dict):  # a call cut off before its end is billed for what it sent
+                    calls[-1][1]["streamed"] = calls[-1][1].get("streamed", 0) + streamed_characters(line)
                 if event is None:  # start-up lines, and events we do not act on
                     continue
                 began = True
@@ -3840,8 +4029,12 @@ class CliProcess:
                     continue
                 if isinstance(event, ModelCall):
                     usage.update(event.usage)
-                    if event.starts and policy is not None:
-                        policy.new_answer()
+                    if event.model is not None:
+                        calls.append((event.model, {}))
+                        if policy is not None:
+                            policy.new_answer()
+                    if calls:
+                        calls[-1][1].update(event.usage)
                     if event.stop_reason == "max_tokens":
                         # Left alone, the CLI would ask the model to go on, several times, at the user's cost:
                         # stop here with the upstream's own counts (the process is spent).
@@ -3850,11 +4043,13 @@ class CliProcess:
                 if isinstance(event, CliResult):
                     self.state = "ready"
                     self.pending = self._stopped_at(policy)
-                    yield self.turn_cost(event)
+                    result = self.turn_cost(event)
+                    yield result
                     return
                 yield event
             raise await self._ended(began, waited)
         finally:
+            self.bill(calls, result)
             self.policy = None
             if self.state == "busy":
                 self.state = "spent"
@@ -3976,6 +4171,18 @@ class CliProcess:
         )
         error = TurnNotStarted if not began else CliFailed
         return error(f"The claude CLI exited unexpectedly (status {code}) without an answer; see the server log.")
+
+    def bill(self, calls: list[tuple[str, dict[str, Any]]], result: CliResult | None) -> None:
+        """Charge a turn's cost, however it ended: the CLI's own figure when its result came, else the model calls
+        seen priced from their usage (the output of a call cut off midway counted from its text, about 4 characters
+        a token)."""
+        if result is not None and result.cost is not None:
+            self.prices.learn(result.model_usage)
+            charge(result.cost)
+            return
+        for _, usage in calls:
+            usage["output_tokens"] = max(count_of(usage.get("output_tokens")), usage.pop("streamed", 0) / 4)
+        charge(self.prices.cost(calls))
 
     def turn_cost(self, result: CliResult) -> CliResult:
         """A process that answers several turns reports its running total cost: keep this turn's share."""
@@ -4337,6 +4544,7 @@ class Runner:
         self.login: LoginState = "unknown"  # from `claude auth status` at start-up, then from each answer
         self.metrics = metrics or Metrics(settings.metrics)
         self.subscription = Subscription()  # the account's usage windows, from every process's reports
+        self.prices = Prices()  # what each model costs, for model calls the CLI never priced
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -4387,6 +4595,7 @@ class Runner:
             on_started=self.metrics.process_started,
             on_limits=self.subscription.update,
         )
+        cli.prices = self.prices
         self.live.add(cli)
         return cli
 
@@ -4780,6 +4989,7 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
     last_used: float = field(default_factory=time.monotonic)
     owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
+    kept: int = 0  # kept_bytes of its history
 
     @property
     def pinned(self) -> bool:
@@ -4800,6 +5010,7 @@ class Sessions:
         self.auto: OrderedDict[str, Session] = OrderedDict()
         self.background: set[asyncio.Future[None]] = set()
         self.waiting = 0  # requests queued on a busy session's lock
+        self.responses = ResponseStore(settings.session_ttl)  # stored responses share the memory budget
 
     def job(self, chat: ChatRequest, owner: str = "") -> tuple[Job, str | None]:
         """The job for a request, and a notice when the session ignored part of it."""
@@ -4824,12 +5035,14 @@ class Sessions:
         key = chat.session_id or ""
         session = self.explicit.get((owner, key))
         if session is None:
-            self.make_room()
+            self.make_room(owner)
             session = Session(key, cli_session_id(key, owner), chat.system, chat.cli_model, "explicit", owner=owner)
             known = self.transcript(session.cli_id)  # a session this server started before a restart
             session.state = "stored" if known is not None and known.exists() else "new"
             self.explicit[owner, key] = session
-            return SessionJob(self, session, chat), None
+            job = SessionJob(self, session, chat)
+            job.created = session.state == "new"
+            return job, None
         # A request without a system message (only the newest turn, as sessions invite) changes nothing.
         ignored = [
             name
@@ -4868,7 +5081,7 @@ class Sessions:
             or (session.system, session.cli_model) != (chat.system, chat.cli_model)
         ):
             key = f"response-{uuid.uuid4()}"
-            self.make_room()
+            self.make_room(owner)
             session = self.explicit[owner, key] = Session(
                 key,
                 str(uuid.uuid4()),
@@ -4877,20 +5090,74 @@ class Sessions:
                 "response",
                 history=list(prior.turns) if prior else [],
                 owner=owner,
+                kept=prior.kept if prior else 0,
             )
+            job = SessionJob(self, session, chat, new_input if prior else None)
+            job.created = True
+            return job, chat
         return SessionJob(self, session, chat, new_input if prior else None), chat
 
-    def make_room(self) -> None:
-        """Before a new explicit session: keep CLAUDE_MAX_SESSIONS by dropping the least recently used idle
-        one, as its TTL would; when every one is busy, refuse."""
+    def make_room(self, owner: str = "") -> None:
+        """Before a new explicit session of ``owner``: keep CLAUDE_MAX_SESSIONS by dropping an idle session, as
+        its TTL would. A key may drop its own, or those of a key holding more than its share (the limit over the
+        keys holding sessions), those first, each least recently used first; never another key's within its
+        share. When none may go, refuse."""
         if len(self.explicit) < self.settings.max_sessions:
             return
-        idle = min((s for s in self.explicit.values() if not s.lock.locked()), key=lambda s: s.last_used, default=None)
+        held: dict[str, int] = {owner: 0}
+        for session in self.explicit.values():
+            held[session.owner] = held.get(session.owner, 0) + 1
+        share = self.settings.max_sessions / len(held)
+        idle = min(
+            (s for s in self.explicit.values() if not s.lock.locked() and (s.owner == owner or held[s.owner] > share)),
+            key=lambda s: (held[s.owner] <= share, s.last_used),
+            default=None,
+        )
         if idle is None:
             raise Overloaded(
-                f"All {len(self.explicit)} sessions are busy (CLAUDE_MAX_SESSIONS); retry shortly.", retry_after=5
+                f"All {len(self.explicit)} sessions are busy or held by other keys within their share "
+                "(CLAUDE_MAX_SESSIONS); retry shortly.",
+                retry_after=5,
             )
         self.forget(idle)
+
+    def kept(self) -> list[Kept]:
+        """Everything kept between requests, each with its size; the busy sessions can not go."""
+        sessions = {id(s): s for s in (*self.explicit.values(), *self.auto.values())}.values()
+        entries = [Kept(s.owner, s.kept, s.last_used, s if not s.lock.locked() else None) for s in sessions]
+        return entries + [
+            Kept(r.owner, r.kept, r.last_used, response_id) for response_id, r in self.responses.items.items()
+        ]
+
+    def fit_memory(self) -> None:
+        """Keep what sessions and stored responses hold within CLAUDE_MAX_KEPT_BYTES: past it, idle ones go, those
+        of a key holding more than its share (the budget over the keys holding any) first, each least recently
+        used first."""
+        budget = self.settings.max_kept_bytes
+        if (
+            sum(s.kept for s in self.explicit.values())
+            + sum(s.kept for s in self.auto.values())
+            + sum(r.kept for r in self.responses.items.values())
+            <= budget
+        ):  # the common case, counted without building the list
+            return
+        entries = self.kept()
+        total = sum(entry.size for entry in entries)
+        held: dict[str, int] = {}
+        for entry in entries:
+            held[entry.owner] = held.get(entry.owner, 0) + entry.size
+        share = budget / len(held)
+        idle = [entry for entry in entries if entry.what is not None]
+        while total > budget and idle:
+            gone = min(idle, key=lambda e: (held[e.owner] <= share, e.last_used))
+            idle.remove(gone)
+            total, held[gone.owner] = total - gone.size, held[gone.owner] - gone.size
+            if isinstance(gone.what, Session):
+                for key in [k for k, s in self.auto.items() if s is gone.what]:
+                    del self.auto[key]
+                self.forget(gone.what)
+            else:
+                self.responses.items.pop(str(gone.what), None)
 
     def transcript(self, cli_id: str) -> Path | None:
         return self.transcripts / f"{cli_id}.jsonl" if self.transcripts else None
@@ -4955,7 +5222,8 @@ class SessionJob(Job):
         self.sessions, self.session, self.chat = sessions, session, chat
         self.source: AttemptSource = "fresh"
         self.newest = newest_turns(chat.turns) if newest is None else newest
-        self.registered = False
+        self.registered = False  # its session can be reached again: it answered
+        self.created = False  # this request made its explicit session, which holds nothing until it answers
         self.context: tuple[Turn, ...] = ()  # the whole conversation this turn answers
 
     def hold(self) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -4976,8 +5244,10 @@ class SessionJob(Job):
         finally:
             session.last_used = time.monotonic()
             session.lock.release()
-            if session.kind == "automatic" and not self.registered:
-                sessions.forget(session)  # an automatic session nobody can reach again
+            if (session.kind == "automatic" or self.created) and not self.registered:
+                # An automatic session nobody can reach again, or a new one whose first turn failed: it holds no
+                # conversation, and must not take the place of another.
+                sessions.forget(session)
 
     async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:
         session, settings, store = self.session, self.sessions.settings, runner.store
@@ -5033,14 +5303,19 @@ class SessionJob(Job):
     def answered(self, turn: Turn, exact: bool) -> None:
         session = self.session
         session.history = [*self.context, turn]
+        session.kept = kept_bytes(session.history)
+        if session.kind != "automatic":
+            self.registered = True
+            self.sessions.explicit.setdefault((session.owner, session.key), session)  # a failed turn's twin forgot it
         if not exact:
             session.state = "stale"  # cut at a stop string: continue from what the client saw, not what the CLI said
         elif session.kind == "automatic":
             self.sessions.remember(session, (*self.chat.turns, turn))
             self.registered = True
+        self.sessions.fit_memory()
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoredResponse:
     """What a stored response continues from: the conversation up to and including its answer."""
 
@@ -5048,6 +5323,19 @@ class StoredResponse:
     session: Session | None  # the CLI conversation whose head it is, when there is one
     owner: str = ""  # the API key that made it (see KEY_OWNER)
     created: float = field(default_factory=time.monotonic)
+    kept: int = 0  # kept_bytes of its turns
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One session or stored response, as the memory budget sees it: ``what`` is the idle session or the response's
+    id, None for a busy session."""
+
+    owner: str
+    size: int
+    last_used: float
+    what: Session | str | None
 
 
 class ResponseStore:
@@ -5060,10 +5348,14 @@ class ResponseStore:
     def get(self, response_id: Any, owner: str = "") -> StoredResponse | None:
         """A stored response, for its owner only: to another key it does not exist."""
         stored = self.items.get(response_id) if isinstance(response_id, str) else None
-        return stored if stored is not None and stored.owner == owner else None
+        if stored is None or stored.owner != owner:
+            return None
+        stored.last_used = time.monotonic()
+        return stored
 
     def put(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
-        self.items[response_id] = StoredResponse(turns, job.session if isinstance(job, SessionJob) else None, owner)
+        session = job.session if isinstance(job, SessionJob) else None
+        self.items[response_id] = StoredResponse(turns, session, owner, kept=kept_bytes(turns))
         while len(self.items) > MAX_AUTO_SESSIONS:
             self.items.popitem(last=False)
 
@@ -5875,7 +6167,6 @@ function render(s) {
     cell(row, f.model);
     cell(row, String(f.status), true);
     cell(row, f.code || "-");
-    cell(row, f.message);
   }
   if (!failures.rows.length) cell(failures.insertRow(), "none");
 }
@@ -5941,7 +6232,7 @@ th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-varia
 <table><thead><tr><th>model</th><th>requests</th><th>errors</th><th>input</th><th>output</th><th>cache read</th>
 <th>cache write</th><th>cost</th></tr></thead><tbody id="models"></tbody></table>
 <h2>Recent failures</h2>
-<table><thead><tr><th>time</th><th>key</th><th>model</th><th>status</th><th>code</th><th>message</th></tr></thead>
+<table><thead><tr><th>time</th><th>key</th><th>model</th><th>status</th><th>code</th></tr></thead>
 <tbody id="failures"></tbody></table>
 <script>SCRIPT</script>
 </body></html>
@@ -5965,6 +6256,7 @@ STATUS_HEADERS = {
 
 
 REQUEST_LOG = "claude_api.request_log"  # the request's RequestLog in its ASGI scope, once it has one
+RESERVATION = "claude_api.reservation"  # what its key's dollar limit holds for the request (KeyLimits.admit)
 
 
 @dataclass
@@ -5982,6 +6274,15 @@ class RequestLog:
     on_finish: Callable[[Finish], None] = lambda done: None
     first_token: float | None = None  # seconds to the first text, thinking or call of a stream
     error: ProxyError | None = None
+    cost: float = 0.0  # what its model calls cost so far
+    on_charge: Callable[[str, str, float], None] = lambda key, model, usd: None
+    reservation: Reservation | None = None  # what its key's dollar limit holds for it until it ends
+
+    def charge(self, usd: float) -> None:
+        self.cost += usd
+        if self.reservation is not None:
+            self.reservation.used += usd
+        self.on_charge(self.key, self.model, usd)
 
     def finish(self, status: int, usage: Usage | None = None) -> None:
         self.status, self.usage = status, usage or self.usage
@@ -6002,9 +6303,11 @@ class RequestLog:
             latency,
             usage.get("prompt_tokens", "-"),
             usage.get("completion_tokens", "-"),
-            usage.get("total_cost_usd", "-"),
+            f"{self.cost:.6g}" if self.cost else "-",
             f" error={self.error.code}" if self.error else "",
         )
+        if self.reservation is not None:
+            self.reservation.settled = True
         error = self.error
         self.on_finish(
             Finish(
@@ -6017,7 +6320,7 @@ class RequestLog:
                 self.first_token,
                 self.usage,
                 error.code if error else None,
-                error.message if error else "",
+                self.cost,
             )
         )
 
@@ -6029,10 +6332,12 @@ def key_name(request: Request) -> str:
 
 def request_log(request: Request, request_id: str, model: str, mode: str) -> RequestLog:
     """A request's log line, counted by the app's metrics and its key's limits when it is written."""
-    entry = RequestLog(
-        request_id, model, mode, endpoint=request.url.path, key=key_name(request), on_finish=request.app.state.observe
-    )
+    state = request.app.state
+    entry = RequestLog(request_id, model, mode, endpoint=request.url.path, key=key_name(request))
+    entry.on_finish, entry.on_charge = state.observe, state.charge
+    entry.reservation = request.scope.get(RESERVATION)
     request.scope[REQUEST_LOG] = entry
+    CHARGE.set(entry.charge)
     return entry
 
 
@@ -6249,6 +6554,7 @@ async def chat_completions(request: Request) -> Response:
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
+    reserve(request, chat)
     renderer = ChatStream(chat.model, chat.include_usage)
     return await serve_chat(
         request, chat, renderer, "", lambda done: chat_completion(renderer.id, renderer.created, chat.model, done)
@@ -6262,6 +6568,7 @@ async def create_message(request: Request) -> Response:
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
+    reserve(request, chat)
     renderer = AnthropicStream(chat.model, messages.thinking)
     response = await serve_chat(
         request,
@@ -6312,6 +6619,7 @@ async def create_response(request: Request) -> Response:
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
     chat = parse_responses_body(body, settings)
+    reserve(request, chat)
     responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")
@@ -6330,6 +6638,7 @@ async def create_response(request: Request) -> Response:
     def keep(done: Answer) -> None:
         if store:
             responses.put(shell.id, (*chat.turns, answer_turn(done)), job, owner)
+            sessions.fit_memory()
 
     if chat.stream:
         entry = request_log(request, shell.id, chat.model, f"responses-{settings.stream_mode}")
@@ -6579,6 +6888,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
+    if (reservation := request.scope.get(RESERVATION)) is not None:
+        reservation.settled = True  # the request is over, whether or not its log line was written
     error = ProxyError("The server hit an unexpected error; see its log.")
     return error_response(error, wire_format(request.url.path, request.headers))
 
@@ -6801,9 +7112,13 @@ def observe_requests(app: Starlette, settings: Settings) -> None:
 
     def observe(done: Finish) -> None:
         metrics.record(done)
-        limits.spend(done.key, (done.usage or {}).get("total_cost_usd", 0.0))
+        limits.finished(done.key, done.cost)
 
-    app.state.observe = observe
+    def charge(key: str, model: str, usd: float) -> None:
+        metrics.charge(model, key, usd)
+        limits.spend(key, usd)
+
+    app.state.observe, app.state.charge = observe, charge
 
 
 def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os.environ) -> Starlette:
@@ -6827,7 +7142,7 @@ def create_app(settings: Settings | None = None, environ: Mapping[str, str] = os
             runner.prestart.expect(
                 build_cli_call(chat, settings, Conversation("-", False, chat.turns) if settings.auto_session else None)
             )
-        app.state.responses = ResponseStore(settings.session_ttl)
+        app.state.responses = sessions.responses
         sweeper = asyncio.create_task(sweep_forever(app))
         checks = asyncio.create_task(check_cli(app, info, settings, environ)) if info else None
         try:

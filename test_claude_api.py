@@ -2177,6 +2177,61 @@ async def test_explicit_sessions_are_capped_least_recently_used_first(fake: Fake
     assert session_arg(fake.calls()[-1]) == ("--session-id", api.cli_session_id(sids[1]))
 
 
+async def test_one_keys_sessions_cannot_evict_another_keys_within_its_share(fake: Fake) -> None:
+    fake.control(script=["ok", "crash", "crash", "crash"], default="ok")
+    app = fake.app(api_keys=KEYS, max_sessions=3, max_retries=0)
+    alice, bob = bearer("sk-alice-secret"), bearer("sk-bob-secret")
+    sid = {name: str(uuid.uuid4()) for name in ("alice", "aborted-0", "aborted-1", "aborted-2", "0", "1", "2", "3")}
+
+    async def turn(key: dict[str, str], name: str) -> int:
+        body = {**chat("hi"), "session_id": sid[name]}
+        return (await client.post("/v1/chat/completions", json=body, headers=key)).status_code
+
+    async with client_for(app) as client:
+        sessions = app.state.sessions
+        assert await turn(alice, "alice") == 200
+        # Turns that failed leave no session behind to take a place.
+        assert [await turn(bob, f"aborted-{n}") for n in range(3)] == [502] * 3
+        assert sorted(key for _, key in sessions.explicit) == [sid["alice"]]
+        # Bob's own sessions, past his share of the three, make room among his own.
+        assert [await turn(bob, str(n)) for n in range(4)] == [200] * 4
+        assert sorted(key for _, key in sessions.explicit) == sorted(sid[name] for name in ("alice", "2", "3"))
+        assert await turn(alice, "alice") == 200
+    assert len(fake.calls()[-1]["request"]["messages"]) > 1  # her turn went on with its context
+
+
+def kept_in(app: Starlette) -> tuple[int, list[str]]:
+    """The text and image data that the sessions and stored responses hold, and each session's first user text."""
+    sessions = app.state.sessions
+    held = {id(s): s for s in (*sessions.explicit.values(), *sessions.auto.values())}.values()
+    turns = [t for s in held for t in s.history] + [t for r in app.state.responses.items.values() for t in r.turns]
+    size = sum(len(t.text) + sum(len(p.source.get("data", "")) for p in t.images) for t in turns)
+    return size, sorted(s.history[0].text for s in held if s.history)
+
+
+async def test_what_sessions_keep_stays_within_a_byte_budget(fake: Fake) -> None:
+    image = data_url(PNG + bytes(30_000))  # 40 kB of base64
+    app = fake.app(api_keys=KEYS, auto_session="on", max_kept_bytes=200_000)
+    alice, bob = bearer("sk-alice-secret"), bearer("sk-bob-secret")
+
+    def ask(text: str) -> dict[str, Any]:
+        return {"model": "sonnet", "messages": [image_message(image, before=text, after="")]}
+
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=ask("alice"), headers=alice)).is_success
+        for n in range(6):
+            assert (await client.post("/v1/chat/completions", json=ask(f"bob {n}"), headers=bob)).is_success
+        size, firsts = kept_in(app)
+        assert size <= 200_000, size
+        # Bob holds more than his half: his least recently used went; Alice's, within her share, stayed.
+        assert firsts == ["alice", "bob 3", "bob 4", "bob 5"]
+        stored = await client.post("/v1/responses", json={"input": "y" * 20_000}, headers=bob)
+        assert stored.is_success
+        size, firsts = kept_in(app)
+    assert size <= 200_000 and "alice" in firsts, (size, firsts)
+    assert app.state.responses.get(stored.json()["id"], api.owner_of(b"sk-bob-secret")) is not None
+
+
 async def test_a_new_session_is_refused_when_every_session_is_busy(fake: Fake) -> None:
     fake.control(default="hang")
     app = fake.app(max_sessions=1)
@@ -2688,6 +2743,38 @@ async def test_real_warm_turns_report_their_own_cost(real: Real) -> None:
             costs.append(response.json()["usage"]["total_cost_usd"])
         assert len(real.alive()) == 1  # all three turns went to one warm process
     assert 0 < costs[2] < costs[0] and 0 < costs[1] < costs[0]  # not the process's running total
+
+
+def input_equivalents(usage: dict[str, int]) -> float:
+    """A call's tokens weighted as Anthropic prices them against input: cache writes 1.25, reads 0.1, output 5."""
+    weights = {"input_tokens": 1, "cache_creation_input_tokens": 1.25, "cache_read_input_tokens": 0.1}
+    return sum(usage.get(name, 0) * weight for name, weight in {**weights, "output_tokens": 5}.items())
+
+
+@needs_real_cli
+async def test_real_every_model_call_is_charged_as_the_cli_prices_it(real: Real) -> None:
+    text = "Twelve words in every answer, so the calls cost about the same. " * 5
+    bad = calls_reply(("get_weather", {"town": "Paris"}))
+    real.standin.reset(Reply(text=text), Reply(text=text, stop_reason="max_tokens"), *[bad] * 3)
+    app = real.app(api_keys="alice:proxy-secret-key", key_usd_per_day="*:10")
+    key = {"Authorization": "Bearer proxy-secret-key"}
+    async with client_for(app) as client:
+        whole = await client.post("/v1/chat/completions", json=chat("one"), headers=key)
+        cut = await client.post("/v1/chat/completions", json=chat("two", max_tokens=300), headers=key)
+        broken = await client.post("/v1/chat/completions", json=chat("three", tools=[WEATHER]), headers=key)
+        samples = await scrape(client, "proxy-secret-key")
+    assert cut.json()["choices"][0]["finish_reason"] == "length"
+    assert_error(broken, 502, "invalid_model_output")
+    billed = real.standin.billed
+    assert len(billed) == 2 + api.MAX_CORRECTIONS + 1  # no call made besides these
+    # The CLI's price for the model, from its own cost of the first answer: every other call at that price.
+    cost = whole.json()["usage"]["total_cost_usd"]
+    rate = cost / input_equivalents(billed[0])
+    expected = cost + rate * sum(input_equivalents(usage) for usage in billed[1:])
+    spent = spent_by(app, "alice")
+    print(f"charged ${spent:.6f} for calls the upstream billed at ${expected:.6f}")
+    assert spent == pytest.approx(expected, rel=0.1)
+    assert total(samples, "claude_api_key_cost_usd_total", key="alice") == pytest.approx(expected, rel=0.1)
 
 
 @needs_real_cli
@@ -5853,6 +5940,7 @@ async def test_a_key_over_its_dollars_per_day_gets_429_until_midnight_utc(fake: 
     assert [a.status_code for a in answers] == [200, 200, 429] and alice.is_success
     error = assert_error(answers[2], 429, "rate_limit_exceeded")
     assert "$0.002 a day" in error["message"] and "CLAUDE_KEY_USD_PER_DAY" in error["message"]
+    assert "spent $0.0024 today" in error["message"]  # the digits that matter, not "$0.00"
     to_midnight = 86400 - time.time() % 86400
     assert abs(int(answers[2].headers["retry-after"]) - to_midnight) <= 5
 
@@ -5874,6 +5962,111 @@ def test_key_limits_slide_by_the_minute_and_reset_by_the_day() -> None:
     limits.admit("bob", day + 86400 + 1)  # a new day (UTC)
     limits.spend("bob", 0.9, day + 86400 + 2)
     limits.admit("bob", day + 86400 + 3)
+
+
+# The fake CLI's answers cost $0.0012 for 5 tokens in, 3 written to and 7 read from the cache, and 4 out; it reports
+# its object behaviours' model calls as 5 tokens in and 4 out (the text of one cut off midway: about 4 characters a
+# token), which the server prices at that rate once the CLI has priced a call of the model.
+FAKE_RATE = 0.0012 / (5 + 3 * 1.25 + 7 * 0.1 + 4 * 5)
+FAKE_CALL = (5 + 4 * 5) * FAKE_RATE
+
+
+def spent_by(app: Starlette, key: str) -> float:
+    """What the key spent today, as its dollar limit counts it."""
+    return app.state.limits.spent.get(key, (0, 0.0))[1]
+
+
+async def test_every_model_call_is_charged_to_its_key_however_its_turn_ends(fake: Fake) -> None:
+    bad = {"tool_use": [{"name": "get_weather", "input": {"town": "Paris"}}]}
+    cut = {"text": "cut short", "stop_reason": "max_tokens"}
+    fake.control(script=["ok", cut, bad, bad, bad], default="ok")
+    app = fake.app(api_keys=KEYS, key_usd_per_day="*:1")
+    alice = bearer("sk-alice-secret")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=alice)).is_success
+        length = await client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=alice)
+        broken = await client.post("/v1/chat/completions", json=chat(tools=[WEATHER]), headers=alice)
+        samples = await scrape(client)
+    assert length.json()["choices"][0]["finish_reason"] == "length"
+    assert_error(broken, 502, "invalid_model_output")
+    # The answer the CLI priced, the call cut at max_tokens, and the three calls of the invalid answer.
+    billed = 0.0012 + FAKE_CALL * (1 + api.MAX_CORRECTIONS + 1)
+    assert spent_by(app, "alice") == pytest.approx(billed, rel=0.1)
+    assert total(samples, "claude_api_key_cost_usd_total", key="alice") == pytest.approx(billed, rel=0.1)
+    assert total(samples, "claude_api_cost_usd_total") == pytest.approx(billed, rel=0.1)
+
+
+def test_a_turn_cut_by_a_timeout_or_a_disconnect_is_charged(fake: Fake) -> None:
+    fake.control(script=["ok"], default={"text": "x" * 400}, delay=0.05)  # 80 deltas: 4 s
+    app = fake.app(api_keys=KEYS, key_usd_per_day="*:1", timeout="1", max_retries=0, prewarm=0)
+    bob = bearer("sk-bob-secret")
+    with serve(app) as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bob, timeout=30).is_success
+        timed_out = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bob, timeout=30)
+        after_timeout = spent_by(app, "bob")
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat(stream=True), headers=bob) as response:
+            for line in response.iter_lines():
+                if '"content"' in line:
+                    break
+        assert wait_until(lambda: spent_by(app, "bob") > after_timeout, 5)
+        assert wait_until(lambda: fake.alive() == [], 5)
+    assert_error(timed_out, 504, "timeout")
+    # Each cut call: its 5 tokens in, and the output it had streamed (at most the whole 100 tokens).
+    least, most = (5 + 5) * FAKE_RATE, (5 + 5 * 100) * FAKE_RATE
+    assert 0.0012 + least <= after_timeout <= 0.0012 + most
+    assert least <= spent_by(app, "bob") - after_timeout <= most
+
+
+async def test_a_dollar_limit_holds_under_concurrent_requests(fake: Fake) -> None:
+    fake.control(default="ok", delay=0.1)
+    app = fake.app(api_keys=KEYS, key_usd_per_day="bob:0.005", max_concurrency=8)
+    bob = bearer("sk-bob-secret")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=bob)).is_success  # $0.0012
+        answers = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=chat(), headers=bob) for _ in range(15)),
+            *(client.post("/v1/messages", json=message_body(), headers=bob) for _ in range(15)),
+        )
+    spent = spent_by(app, "bob")
+    print(f"30 concurrent requests against a $0.005 limit: spent ${spent:.4f}")
+    assert spent <= 1.5 * 0.005
+    assert sum(a.is_success for a in answers) >= 2  # what the limit allows runs at once
+    for index, refused in enumerate(answers):
+        if refused.is_success:
+            continue
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 10
+        if index < 15:
+            error = assert_error(refused, 429, "rate_limit_exceeded")
+        else:  # Anthropic's shape on the Messages API
+            assert refused.json()["type"] == "error" and refused.headers["request-id"].startswith("req_")
+            error = refused.json()["error"]
+        assert error["type"] == "rate_limit_error"
+        assert "under way" in error["message"] and "CLAUDE_KEY_USD_PER_DAY" in error["message"]
+    assert not [r for r in app.state.limits.reservations.get("bob", []) if not r.settled]
+
+
+async def test_a_request_holds_at_least_what_its_input_costs(fake: Fake) -> None:
+    fake.control(default="ok", reply="fine", delay=0.2)
+    app = fake.app(api_keys=KEYS, key_usd_per_day="bob:0.05", max_concurrency=8)
+    bob = bearer("sk-bob-secret")
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=bob)).is_success  # $0.0012
+        # Each holds its 1,000 tokens of input at the model's price ($0.04), not the key's mean cost.
+        long = chat("x" * 4000)
+        answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=long, headers=bob) for _ in range(5)))
+    assert sorted(a.status_code for a in answers) == [200, 429, 429, 429, 429]
+
+
+async def test_status_failures_carry_no_message(fake: Fake) -> None:
+    app = fake.app(api_keys=KEYS)
+    async with client_for(app) as client:
+        body = {"input": "hi", "previous_response_id": "resp_private-value-of-bob"}
+        missing = await client.post("/v1/responses", json=body, headers=bearer("sk-bob-secret"))
+        report = await client.get("/status.json", headers=bearer("sk-alice-secret"))
+    assert "private-value" in assert_error(missing, 400, "previous_response_not_found")["message"]
+    [failure] = report.json()["failures"]
+    assert set(failure) == {"at", "endpoint", "model", "key", "status", "code"}
+    assert "private-value" not in report.text
 
 
 # --- Running as a service: the READMEs' unit files ---

@@ -367,9 +367,16 @@ def result(text, **extra):
                 "cache_creation_input_tokens": 3,
                 "output_tokens": 4,
             },
+            "modelUsage": {MODEL: model_usage(turns_answered)},
             **extra,
         }
     )
+
+
+def model_usage(turns):
+    """The process's running totals by model, as the real CLI reports them beside its cost."""
+    tokens = {"inputTokens": 5, "outputTokens": 4, "cacheReadInputTokens": 7, "cacheCreationInputTokens": 3}
+    return {**{name: count * turns for name, count in tokens.items()}, "costUSD": round(0.0012 * turns, 6)}
 
 
 def empty_result():

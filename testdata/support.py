@@ -312,6 +312,7 @@ class StandIn:
         self.script: list[Reply] = []
         self.default = Reply()
         self.limits: dict[str, str] = {}  # anthropic-ratelimit-unified-* headers sent with every answer
+        self.billed: list[dict[str, Any]] = []  # the usage reported for each answer streamed to its end, in order
         self.sent_last_piece = threading.Event()
         self.cached_prefixes: set[str] = set()
         self.lock = threading.Lock()
@@ -337,6 +338,7 @@ class StandIn:
         """A new script of replies; ``limits`` (see ``unified_headers``) go with every answer until the next reset."""
         with self.lock:
             self.requests.clear()
+            self.billed.clear()
             self.breaches.clear()
             self.script = list(script)
             self.default = default or Reply()
@@ -465,6 +467,8 @@ class StandIn:
         output = max(1, (len(text) + len(reply.thinking) + len(json.dumps(calls))) // 4)
         stop = {"stop_reason": "tool_use" if calls else reply.stop_reason, "stop_sequence": None}
         yield event("message_delta", {"delta": stop, "usage": {"output_tokens": output}})
+        with self.lock:
+            self.billed.append({**usage, "output_tokens": output})
         yield event("message_stop", {})
 
 
