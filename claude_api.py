@@ -1467,6 +1467,21 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 SAME_VALUE = ("allOf", "anyOf", "oneOf")  # keywords whose schemas apply to the value itself, as $ref does
 
 
+# A place in a schema as a link to its parent's place and the piece it adds (``(((), ".properties"), ".a")``):
+# each node holds one short piece, so a long name shared by many children is kept once, not once per child.
+SchemaPlace = tuple[Any, ...]
+SchemaFault = tuple[SchemaPlace, str]
+
+
+def schema_place(where: SchemaPlace) -> str:
+    """A place in a schema spelled out (``.properties.a``), done only for the fault that is reported."""
+    pieces: list[str] = []
+    while where:
+        where, piece = where
+        pieces.append(piece)
+    return "".join(reversed(pieces))
+
+
 class SchemaLint:
     """One run of ``schema_fault`` over a schema tree: the schemas already walked (each once, even when
     several $refs lead to it), and the $ref targets still to walk."""
@@ -1474,15 +1489,15 @@ class SchemaLint:
     def __init__(self, root: Any) -> None:
         self.root = root
         self.seen: set[int] = set()
-        self.refs: list[tuple[Any, str]] = []  # $ref targets, linted after the tree (a long chain costs no stack)
+        self.refs: list[tuple[Any, SchemaPlace]] = []  # $ref targets, linted after the tree: no stack for a chain
 
     def fault(self) -> tuple[str, str] | None:
-        fault = self.walk(self.root, "")
+        fault = self.walk(self.root, ())
         while fault is None and self.refs:
             fault = self.walk(*self.refs.pop())
-        return fault
+        return (schema_place(fault[0]), fault[1]) if fault else None
 
-    def walk(self, schema: Any, where: str) -> tuple[str, str] | None:
+    def walk(self, schema: Any, where: SchemaPlace) -> SchemaFault | None:
         if isinstance(schema, bool):
             return None
         if not isinstance(schema, dict):
@@ -1498,65 +1513,65 @@ class SchemaLint:
         )
 
     @staticmethod
-    def keyword_fault(schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def keyword_fault(schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         """A keyword of the wrong type: type, the COUNTS, the BOUNDS, enum, required."""
         kinds = schema.get("type")
         if kinds is not None and not (
             isinstance(kinds, str) or isinstance(kinds, list) and kinds and all(isinstance(kind, str) for kind in kinds)
         ):
-            return f"{where}.type", "must be a string or a non-empty array of strings"
+            return (where, ".type"), "must be a string or a non-empty array of strings"
         for key in COUNTS:
             if key in schema and (isinstance(schema[key], bool) or not isinstance(schema[key], int) or schema[key] < 0):
-                return f"{where}.{key}", "must be a non-negative integer"
+                return (where, f".{key}"), "must be a non-negative integer"
         for key in BOUNDS:
             if key in schema and not isinstance(schema[key], int | float):
-                return f"{where}.{key}", "must be a number"
+                return (where, f".{key}"), "must be a number"
         if "enum" in schema and not isinstance(schema["enum"], list):
-            return f"{where}.enum", "must be an array"
+            return (where, ".enum"), "must be an array"
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
-            return f"{where}.required", "must be an array of strings"
+            return (where, ".required"), "must be an array of strings"
         return None
 
     @staticmethod
-    def pattern_fault(schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def pattern_fault(schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         if "pattern" not in schema:
             return None
         pattern = schema["pattern"]
         if not isinstance(pattern, str):
-            return f"{where}.pattern", "must be a string"
+            return (where, ".pattern"), "must be a string"
         if len(pattern) > MAX_PATTERN_LENGTH:
-            return f"{where}.pattern", f"is longer than {MAX_PATTERN_LENGTH} characters"
+            return (where, ".pattern"), f"is longer than {MAX_PATTERN_LENGTH} characters"
         try:
             re.compile(pattern)  # compiling is linear in the pattern; matching happens off the event loop
         except (re.error, RecursionError, OverflowError, ValueError) as exc:
-            return f"{where}.pattern", f"is not a valid regular expression ({exc})"
+            return (where, ".pattern"), f"is not a valid regular expression ({exc})"
         return None
 
-    def children_fault(self, schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def children_fault(self, schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         """Walks the schemas inside this one, in a fixed order, and returns the first fault among them."""
         for key in ("properties", "$defs", "definitions"):
             if key in schema:
                 if not isinstance(schema[key], dict):
-                    return f"{where}.{key}", "must be an object"
+                    return (where, f".{key}"), "must be an object"
                 for name, child in schema[key].items():
-                    if fault := self.walk(child, f"{where}.{key}.{name}"):
+                    if fault := self.walk(child, (where, f".{key}.{name}")):
                         return fault
         for key in SAME_VALUE:
             if key in schema:
                 if not isinstance(schema[key], list) or not schema[key]:
-                    return f"{where}.{key}", "must be a non-empty array of schemas"
+                    return (where, f".{key}"), "must be a non-empty array of schemas"
                 for i, child in enumerate(schema[key]):
-                    if fault := self.walk(child, f"{where}.{key}[{i}]"):
+                    if fault := self.walk(child, (where, f".{key}[{i}]")):
                         return fault
         for key in ("items", "additionalProperties"):
             children = schema.get(key, True)
             for i, child in enumerate(children) if key == "items" and isinstance(children, list) else [(-1, children)]:
-                if fault := self.walk(child, f"{where}.{key}" + (f"[{i}]" if i >= 0 else "")):
+                if fault := self.walk(child, (where, f".{key}" + (f"[{i}]" if i >= 0 else ""))):
                     return fault
         return None
 
-    def ref_fault(self, schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def ref_fault(self, schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         """A $ref that does not resolve; the target of one that does is queued to be walked."""
         if "$ref" not in schema:
             return None
@@ -1564,10 +1579,10 @@ class SchemaLint:
         target = resolve_ref(self.root, ref) if isinstance(ref, str) else None
         if target is None:
             return (
-                f"{where}.$ref",
+                (where, ".$ref"),
                 f"{json.dumps(ref)[:100]} does not resolve: only local references such as '#/$defs/Name' are supported",
             )
-        self.refs.append((target, f"{where}.$ref"))
+        self.refs.append((target, (where, ".$ref")))
         return None
 
 
@@ -1582,34 +1597,34 @@ def schema_fault(root: Any) -> tuple[str, str] | None:
 def same_value_loop(root: Any) -> tuple[str, str] | None:
     """A cycle of $ref/allOf/anyOf/oneOf edges: applying it would never move on to a part of the value."""
 
-    def edges(schema: dict[str, Any], where: str) -> list[tuple[Any, str, str]]:
+    def edges(schema: dict[str, Any], where: SchemaPlace) -> list[tuple[Any, SchemaPlace, SchemaPlace]]:
         """(child, where the child is, where the edge to it is) for each schema applied to the same value."""
-        found = [
-            (child, f"{where}.{key}[{i}]", f"{where}.{key}[{i}]")
-            for key in SAME_VALUE
-            for i, child in enumerate(schema.get(key) or [])
-        ]
+        found: list[tuple[Any, SchemaPlace, SchemaPlace]] = []
+        for key in SAME_VALUE:
+            for i, child in enumerate(schema.get(key) or []):
+                at = (where, f".{key}[{i}]")
+                found.append((child, at, at))
         ref = schema.get("$ref")
         if isinstance(ref, str):
             target = "".join(f".{part}" for part in ref[2:].split("/")) if ref.startswith("#/") else ""
-            found.append((resolve_ref(root, ref), target, f"{where}.$ref"))
+            found.append((resolve_ref(root, ref), ((), target), (where, ".$ref")))
         return [edge for edge in found if isinstance(edge[0], dict)]
 
-    nodes: list[tuple[dict[str, Any], str]] = []  # every schema in the tree: any of them can start a loop
-    pending: list[tuple[Any, str]] = [(root, "")]
+    nodes: list[tuple[dict[str, Any], SchemaPlace]] = []  # every schema in the tree: any of them can start a loop
+    pending: list[tuple[Any, SchemaPlace]] = [(root, ())]
     while pending:
         schema, where = pending.pop()
         if isinstance(schema, dict):
             nodes.append((schema, where))
             for key in ("properties", "$defs", "definitions"):
-                pending += [(child, f"{where}.{key}.{name}") for name, child in (schema.get(key) or {}).items()]
+                pending += [(child, (where, f".{key}.{name}")) for name, child in (schema.get(key) or {}).items()]
             for key in ("items", "additionalProperties"):
                 children = schema.get(key)
                 pending += [
-                    (child, f"{where}.{key}") for child in (children if isinstance(children, list) else [children])
+                    (child, (where, f".{key}")) for child in (children if isinstance(children, list) else [children])
                 ]
             for key in SAME_VALUE:
-                pending += [(child, f"{where}.{key}[{i}]") for i, child in enumerate(schema.get(key) or [])]
+                pending += [(child, (where, f".{key}[{i}]")) for i, child in enumerate(schema.get(key) or [])]
     done: set[int] = set()
     for start, where in nodes:  # a depth-first walk from each, iterative: a long chain costs no stack
         on_path = {id(start)}
@@ -1618,7 +1633,10 @@ def same_value_loop(root: Any) -> tuple[str, str] | None:
             schema, children = stack[-1]
             for child, at, via in children:
                 if id(child) in on_path:
-                    return via, "closes a loop of $ref/allOf/anyOf/oneOf that never reaches a part of the value"
+                    return (
+                        schema_place(via),
+                        "closes a loop of $ref/allOf/anyOf/oneOf that never reaches a part of the value",
+                    )
                 if id(child) not in done:
                     on_path.add(id(child))
                     stack.append((child, iter(edges(child, at))))

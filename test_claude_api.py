@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -2324,6 +2325,25 @@ def test_schema_work_is_bounded() -> None:
         value = [value]
     assert "too large" in (finishes_within(5, lambda: api.schema_problem(1, schema)) or "")
     assert "nested too deeply" in (finishes_within(5, lambda: api.schema_problem(value, deep)) or "")
+
+
+def test_schema_checks_take_memory_linear_in_the_schema() -> None:
+    # One long property name over thousands of children: spelling each child's full place would keep the name
+    # once per child (hundreds of megabytes from a 200 kB body).
+    children = {f"p{i}": {"type": "string"} for i in range(2000)}
+    schema = {"type": "object", "properties": {"A" * 100_000: {"type": "object", "properties": children}}}
+    tracemalloc.start()
+    try:
+        assert api.schema_fault(schema) is None
+        where, why = api.schema_fault({**schema, "$defs": {"x": {"$ref": "#/$defs/x"}}}) or ("", "")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (where, "loop" in why) == (".$defs.x.$ref", True)
+    assert peak < 20 * 1024 * 1024, f"{peak / 1e6:.0f} MB for a {len(json.dumps(schema)) // 1000} kB schema"
+    children["p7"] = {"type": 3}  # a fault is still reported at its full place
+    where, why = api.schema_fault(schema) or ("", "")
+    assert (where, why.startswith("must be a string")) == (f".properties.{'A' * 100_000}.properties.p7.type", True)
 
 
 HOSTILE_BODIES = [
