@@ -1704,18 +1704,30 @@ def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected:
     return value
 
 
+# Characters in one stop string: the answer's stream holds back one less than the longest, and every delta is
+# searched for each, so the bound keeps that work a constant per delta (Anthropic's stop_sequences too).
+MAX_STOP_LENGTH = 1000
+
+
 def parse_stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,) if value else ()
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        value = [value]
+    elif not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise wrong_type("stop", "a string or an array of strings", value)
     if len(value) > 4:
         raise BadRequest(
             "Invalid 'stop': array too long. Expected an array with maximum length 4.",
             param="stop",
             code="array_above_max_length",
+        )
+    if too_long := [stop for stop in value if len(stop) > MAX_STOP_LENGTH]:
+        raise BadRequest(
+            f"Invalid 'stop': string too long. Expected a string with maximum length {MAX_STOP_LENGTH}, "
+            f"but got a string with length {len(too_long[0])} instead.",
+            param="stop",
+            code="string_above_max_length",
         )
     return tuple(s for s in value if s)
 
@@ -2010,8 +2022,7 @@ TOOL_ID = re.compile(r"[A-Za-z0-9_-]+")  # a tool_use block's id, as Anthropic r
 # A system block Claude Code sends, with attribution that changes from request to request: it is no part of the
 # prompt, and kept in it, it would make every request look like a new conversation to the automatic sessions.
 BILLING_LINE = "x-anthropic-billing-header:"
-MAX_STOP_SEQUENCES = 64  # this server's bounds: the stop strings are matched here, against every delta of the answer
-MAX_STOP_LENGTH = 1000
+MAX_STOP_SEQUENCES = 64  # this server's bound: the stop strings are matched here, against every delta of the answer
 THINKING_MODES = ("enabled", "adaptive", "between_tools")  # thinking is on
 # thinking.budget_tokens below each bound maps to that effort; a larger budget to "high".
 BUDGET_EFFORTS = ((4096, "low"), (16384, "medium"))
@@ -2885,9 +2896,14 @@ class StopScanner:
     def feed(self, text: str) -> str:
         if not self.stops:
             return text
-        self.pending += text
-        # The first stop string in the text; of two at one place, the shorter, which the model finished first.
-        found = min(((i, len(s), s) for s in self.stops if (i := self.pending.find(s)) >= 0), default=None)
+        held = len(self.pending)
+        self.pending += text  # at most hold + len(text) characters: the stops' bounded length keeps this linear
+        # The first stop string in the text; of two at one place, the shorter, which the model finished first. A stop
+        # wholly inside the held text was looked for already: each search starts where one could end in the new text.
+        found = min(
+            ((i, len(s), s) for s in self.stops if (i := self.pending.find(s, max(held - len(s) + 1, 0))) >= 0),
+            default=None,
+        )
         if found is not None:
             out, self.pending, self.stopped, self.matched = self.pending[: found[0]], "", True, found[2]
             return out
@@ -5934,8 +5950,11 @@ async def create_message(request: Request) -> Response:
 
 
 async def count_tokens(request: Request) -> Response:
-    """The Messages API's token count, estimated here (see estimate_input_tokens): no CLI runs, no quota is spent."""
-    settings: Settings = request.app.state.settings
+    """The Messages API's token count, estimated here (see estimate_input_tokens): no CLI runs, no quota is spent.
+    It counts against the key's requests per minute all the same: checking a body is work this server does."""
+    state = request.app.state
+    settings: Settings = state.settings
+    state.limits.admit(key_name(request))
     chat, _ = parse_messages_request(await read_json(request, settings), settings, count_only=True)
     return JSONResponse({"input_tokens": estimate_input_tokens(chat)})
 

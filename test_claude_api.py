@@ -897,6 +897,31 @@ async def test_stop_cuts_the_answer(fake: Fake) -> None:
     assert choice["message"]["content"] == "alpha beta " and choice["finish_reason"] == "stop"
 
 
+async def test_stop_takes_four_strings_of_bounded_length(fake: Fake) -> None:
+    fake.control(reply="alpha beta STOP gamma")
+    longest = "x" * api.MAX_STOP_LENGTH
+    async with client_for(fake.app()) as client:
+        for stop in (longest + "x", ["STOP", longest + "x"]):
+            error = assert_error(
+                await client.post("/v1/chat/completions", json=chat(stop=stop)), 400, "string_above_max_length", "stop"
+            )
+            assert f"maximum length {api.MAX_STOP_LENGTH}" in error["message"]
+        assert_error(
+            await client.post("/v1/chat/completions", json=chat(stop=list("abcde"))), 400, "array_above_max_length"
+        )
+        fits = await client.post("/v1/chat/completions", json=chat(stream=True, stop=["STOP", longest]))
+    assert fits.status_code == 200 and "alpha beta " in fits.text and "gamma" not in fits.text
+    assert len(fake.calls()) == 1
+
+
+def test_stop_scanner_finds_each_stop_once_across_held_text() -> None:
+    scanner = api.StopScanner(("abcd", "cx"))
+    out = [scanner.feed(delta) for delta in ("zzab", "c", "d tail")]
+    assert "".join(out) == "zz" and scanner.matched == "abcd"
+    scanner = api.StopScanner(("abcd", "cx"))
+    assert scanner.feed("zzab") + scanner.feed("c") + scanner.feed("x!") == "zzab" and scanner.matched == "cx"
+
+
 async def test_thinking_goes_to_reasoning_content(fake: Fake) -> None:
     fake.control(default="thinking", reply="the answer")
     async with client_for(fake.app()) as client:
@@ -5366,6 +5391,21 @@ async def test_a_key_over_its_dollars_per_day_gets_429_until_midnight_utc(fake: 
     assert "$0.002 a day" in error["message"] and "CLAUDE_KEY_USD_PER_DAY" in error["message"]
     to_midnight = 86400 - time.time() % 86400
     assert abs(int(answers[2].headers["retry-after"]) - to_midnight) <= 5
+
+
+async def test_count_tokens_counts_against_the_requests_per_minute(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys=KEYS, key_rpm="alice:2")) as client:
+        answers = [
+            await client.post("/v1/messages/count_tokens", json=message_body(), headers=bearer("sk-alice-secret"))
+            for _ in "abc"
+        ]
+        chat_refused = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+        other = await client.post("/v1/messages/count_tokens", json=message_body(), headers=bearer("sk-bob-secret"))
+    assert [answer.status_code for answer in answers] == [200, 200, 429] and other.is_success
+    assert "CLAUDE_KEY_RPM" in assert_anthropic_error(answers[2], 429, "rate_limit_error")
+    assert 1 <= int(answers[2].headers["retry-after"]) <= 60
+    assert_error(chat_refused, 429, "rate_limit_exceeded")
+    assert fake.calls() == []
 
 
 def test_key_limits_slide_by_the_minute_and_reset_by_the_day() -> None:
