@@ -62,6 +62,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 log = logging.getLogger("claude_api")
 
@@ -319,6 +320,7 @@ class Settings:
     workdir: str = setting("CLAUDE_WORKDIR", "", text)  # empty: a private folder under the user's cache folder
     max_body_bytes: int = setting("CLAUDE_MAX_BODY_BYTES", 20 * MiB, number(1, integer=True))
     body_timeout: float = setting("CLAUDE_BODY_TIMEOUT", 30.0, number(0.001))  # seconds to receive a whole body
+    header_timeout: float = setting("CLAUDE_HEADER_TIMEOUT", 10.0, number(0.001))  # seconds to send a request head
     log_level: str = setting("CLAUDE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"))
     stream_mode: StreamMode = setting("CLAUDE_STREAM_MODE", "live", choice("live", "pseudo"))
     keepalive: float = setting("CLAUDE_KEEPALIVE", 15.0, number(0.01))  # seconds
@@ -6550,14 +6552,76 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class AwaitingHead(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol (h11, or httptools where it is installed), with two rules for a connection that has
+    no request under way, from its opening or the end of its last response until a whole request head arrives:
+    it is closed after ``header_timeout`` seconds, and when uvicorn's connection table is full (limit_concurrency,
+    which counts every open connection), the longest-waiting such connection is closed to make room for a new one.
+    So idle or dripping sockets can neither stay open for ever nor take the places of requests, and the cap goes on
+    bounding what it is for: the requests in progress, whose bodies are in memory. ``head_protocol`` makes one
+    subclass per server, with its own timeout and its own waiting list."""
+
+    header_timeout: float
+    waiting: OrderedDict[Any, None]  # connections awaiting a head, the longest-waiting first
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.await_head()
+        while self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
+            oldest = next(iter(self.waiting))
+            if oldest is self:
+                break
+            oldest.close_idle()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self in self.waiting and self.cycle is not self.awaited_after:
+            self.head_arrived()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.head_arrived()
+        super().connection_lost(exc)
+
+    def await_head(self) -> None:
+        self.head_arrived()
+        self.awaited_after = self.cycle  # the request a new head would follow: a new cycle means it came
+        self.waiting[self] = None
+        self.head_timer = self.loop.call_later(self.header_timeout, self.close_idle)
+
+    def head_arrived(self) -> None:
+        self.waiting.pop(self, None)
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def close_idle(self) -> None:
+        self.head_arrived()
+        self.connections.discard(self)  # at once: the table counts it no more, though the close completes later
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def head_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    return type("AwaitingHead", (AwaitingHead,), {"header_timeout": header_timeout, "waiting": OrderedDict()})
+
+
 def uvicorn_limits(settings: Settings) -> dict[str, Any]:
     """uvicorn's own limits, stated: idle keep-alive connections close after 5 s, a request head is at most
-    16 KiB, and past the requests the queue could ever take (plus room for /health and the like) uvicorn
-    answers 503 itself, so many large bodies at once cannot exhaust memory. Slow bodies are CLAUDE_BODY_TIMEOUT's."""
+    16 KiB and must arrive within CLAUDE_HEADER_TIMEOUT, and past the requests the queue could ever take (plus
+    room for /health and the like) uvicorn answers 503 itself, so many large bodies at once cannot exhaust
+    memory; a connection with no request under way gives up its place to a new one (``AwaitingHead``). Slow
+    bodies are CLAUDE_BODY_TIMEOUT's."""
     return {
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": 16 * 1024,
         "limit_concurrency": max(256, settings.max_concurrency + settings.max_queue + 64),
+        "http": head_protocol(settings.header_timeout),
     }
 
 

@@ -2494,9 +2494,71 @@ def test_a_dripped_body_times_out_with_408(fake: Fake) -> None:
 
 
 def test_uvicorn_limits_are_stated() -> None:
-    limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500))
+    limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500, header_timeout=3))
+    protocol = limits.pop("http")
     assert limits == {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16384, "limit_concurrency": 572}
+    assert issubclass(protocol, api.AwaitingHead) and protocol.header_timeout == 3
     assert uvicorn.Config(api.create_app(make_settings()), **limits).limit_concurrency == 572
+
+
+def until_closed(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sends on ``sock`` until it closes it, or None if it is still open after ``seconds``."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        return received
+    except TimeoutError:
+        return None
+    return received
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    return until_closed(sock, seconds) is not None
+
+
+def test_a_connection_that_sends_no_whole_request_head_is_closed(fake: Fake) -> None:
+    with server_process(fake_server_env(fake, header_timeout=0.5)) as (url, _):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        with (
+            socket.create_connection(address) as silent,
+            socket.create_connection(address) as partial,
+            socket.create_connection(address) as reused,
+        ):
+            partial.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head that never ends
+            reused.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            reused.settimeout(10)
+            assert reused.recv(65536).startswith(b"HTTP/1.1 200")
+            reused.sendall(b"GET /health HTTP/1.1\r\n")  # the next head, begun and never finished
+            assert closed_within(silent, 5) and closed_within(partial, 5) and closed_within(reused, 5)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_idle_connections_cannot_starve_requests(fake: Fake) -> None:
+    fake.control(reply="still here")
+    env = fake_server_env(fake, header_timeout=60, api_keys=KEYS)
+    with server_process(env) as (url, _), contextlib.ExitStack() as stack:
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        body = json.dumps(chat()).encode()
+        # A request under way (its body half sent) when the idle sockets come: its place is not given up.
+        under_way = stack.enter_context(socket.create_connection(address))
+        under_way.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-alice-secret\r\n"
+            + b"Connection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body[:10]
+        )
+        idle = [stack.enter_context(socket.create_connection(address)) for _ in range(300)]
+        health = httpx.get(f"{url}/health", timeout=10)
+        answer = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"), timeout=30)
+        under_way.sendall(body[10:])
+        finished = until_closed(under_way, 30) or b""
+        closed = sum(closed_within(sock, 0.01) for sock in idle)
+    assert health.status_code == 200, health.text
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "still here"
+    assert finished.startswith(b"HTTP/1.1 200") and b"still here" in finished
+    assert 0 < closed < 300  # the oldest idle sockets made room; the newest are still open
 
 
 # --- Sessions ---
