@@ -33,6 +33,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -693,6 +694,45 @@ def known_models(settings: Settings) -> list[str]:
 
 
 MAX_JSON_DEPTH = 100  # levels of arrays and objects a request body (or a structured reply) may nest
+# Values in a request body (counted as the commas and opening brackets outside strings): json.loads holds the
+# interpreter for its whole run, so this bound is what keeps one body from stalling every other request.
+# Long conversations with many tools stay far below it; a body near CLAUDE_MAX_BODY_BYTES is mostly images.
+MAX_JSON_VALUES = 200_000
+# A string (possessive, and its closing quote optional, so a scan never restarts inside one: linear), or a mark.
+JSON_MARK = re.compile(rb'"(?:[^"\\]++|\\.?)*+"?|[\[{,]', re.DOTALL)
+
+
+def too_many_values(body: bytes | bytearray, limit: int = MAX_JSON_VALUES) -> bool:
+    """Whether a JSON text holds more than ``limit`` values. Counting every comma and bracket, strings' too, is
+    quick and bounds the count from above; only a body over the limit by that count is scanned for the marks
+    outside strings, a scan that stops at the limit."""
+    if body.count(b",") + body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    marks = (match for match in JSON_MARK.finditer(body) if match.end() - match.start() == 1)
+    return next(itertools.islice(marks, limit, None), None) is not None
+
+
+def decode_json(body: bytes | bytearray) -> Any:
+    """A request body parsed, or the BadRequest that refuses it: too many values, not JSON, or what ``json_fault``
+    refuses. The work is linear in the body; ``read_json`` runs it off the event loop."""
+    if too_many_values(body):
+        raise BadRequest(f"The request body holds more than {MAX_JSON_VALUES} values.", code="invalid_json")
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise BadRequest(
+            f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        ) from None
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if fault := json_fault(value):
+        where, why = fault
+        raise BadRequest(
+            f"The request body {why}" + (f" (at '{where}')." if where else "."),
+            param=where or None,
+            code="invalid_json",
+        )
+    return value
 
 
 def json_fault(value: Any) -> tuple[str, str] | None:
@@ -5760,22 +5800,16 @@ async def read_json(request: Request, settings: Settings) -> Any:
         raise RequestTimeout(
             f"The request body did not arrive within CLAUDE_BODY_TIMEOUT={settings.body_timeout:g} s."
         ) from None
-    try:
-        value = json.loads(body)
-    except RecursionError:
-        raise BadRequest(
-            f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
-        ) from None
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if fault := json_fault(value):
-        where, why = fault
-        raise BadRequest(
-            f"The request body {why}" + (f" (at '{where}')." if where else "."),
-            param=where or None,
-            code="invalid_json",
-        )
-    return value
+    return await off_loop(decode_json, body)
+
+
+T = TypeVar("T")
+
+
+async def off_loop(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``work`` run in a worker thread: parsing a body and checking its schemas take time in proportion to the
+    body, and the event loop goes on serving every other request (/health within milliseconds) meanwhile."""
+    return await asyncio.to_thread(work, *args, **kwargs)
 
 
 async def until_disconnect(request: Request) -> None:
@@ -5927,7 +5961,7 @@ async def chat_completions(request: Request) -> Response:
     settings: Settings = state.settings
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
+    chat = await off_loop(parse_chat_body, body, settings, request.headers.get("x-session-id"))
     renderer = ChatStream(chat.model, chat.include_usage)
     return await serve_chat(
         request, chat, renderer, "", lambda done: chat_completion(renderer.id, renderer.created, chat.model, done)
@@ -5940,7 +5974,7 @@ async def create_message(request: Request) -> Response:
     settings: Settings = state.settings
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
+    chat, messages = await off_loop(parse_messages_request, body, settings, request.headers.get("x-session-id"))
     renderer = AnthropicStream(chat.model, messages.thinking)
     return await serve_chat(
         request,
@@ -5957,7 +5991,7 @@ async def count_tokens(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     state.limits.admit(key_name(request))
-    chat, _ = parse_messages_request(await read_json(request, settings), settings, count_only=True)
+    chat, _ = await off_loop(parse_messages_request, await read_json(request, settings), settings, count_only=True)
     return JSONResponse({"input_tokens": estimate_input_tokens(chat)})
 
 
@@ -5990,7 +6024,7 @@ async def create_response(request: Request) -> Response:
     sessions: Sessions = state.sessions
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat = parse_responses_body(body, settings)
+    chat = await off_loop(parse_responses_body, body, settings)
     responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
     previous = body.get("previous_response_id")

@@ -2263,6 +2263,8 @@ def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
         lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
         lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
         lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
+        lambda: api.too_many_values(b',"' + b'\\"' * 500_000, 10),
+        lambda: api.too_many_values(b'"\\' * 500_000 + b"," * 20, 10),
     ],
     ids=[
         "model name",
@@ -2272,6 +2274,8 @@ def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
         "output limit digits",
         "auth words",
         "output limit repeats",
+        "json marks, an escaped quote run",
+        "json marks, unterminated strings",
     ],
 )
 def test_every_regex_on_outside_text_runs_in_linear_time(check: Any) -> None:
@@ -2403,6 +2407,39 @@ async def test_hostile_json_is_refused_before_any_cli_runs(fake: Fake, raw: byte
             expected = param.replace("messages", "input") if param and path == "/v1/responses" else param
             assert_error(response, 400, "invalid_json", expected)
     assert fake.calls() == []
+
+
+async def test_a_body_with_too_many_values_is_refused_before_it_is_parsed(fake: Fake) -> None:
+    too_many = {**chat(), "metadata": {"x": [0] * api.MAX_JSON_VALUES}}
+    commas_in_text = chat("," * api.MAX_JSON_VALUES + "[{")  # marks inside a string are no values
+    async with client_for(fake.app()) as client:
+        for path, body in (("/v1/chat/completions", too_many), ("/v1/messages/count_tokens", too_many)):
+            response = await client.post(path, json=body)
+            assert response.status_code == 400 and "more than 200000 values" in response.text
+        assert (await client.post("/v1/chat/completions", json=commas_in_text)).status_code == 200
+    assert len(fake.calls()) == 1
+
+
+async def test_health_answers_while_a_body_is_checked(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    checking, health_answered = threading.Event(), threading.Event()
+    order: list[str] = []
+    check = api.json_fault
+
+    def held_check(value: Any) -> Any:  # the body's check, held until /health has answered (or 10 s pass)
+        checking.set()
+        health_answered.wait(10)
+        order.append("checked")
+        return check(value)
+
+    monkeypatch.setattr(api, "json_fault", held_check)
+    async with client_for(fake.app()) as client:
+        posted = asyncio.create_task(client.post("/v1/chat/completions", json=chat()))
+        assert await asyncio.to_thread(checking.wait, 10)
+        assert (await client.get("/health")).status_code in (200, 503)
+        order.append("health")
+        health_answered.set()
+        assert (await posted).status_code == 200
+    assert order == ["health", "checked"]
 
 
 async def test_a_prompt_far_past_the_window_is_refused_at_once(fake: Fake) -> None:
