@@ -694,18 +694,18 @@ def known_models(settings: Settings) -> list[str]:
 
 
 MAX_JSON_DEPTH = 100  # levels of arrays and objects a request body (or a structured reply) may nest
-# Values in a request body (counted as the commas and opening brackets outside strings): json.loads holds the
+# Arrays, objects and commas outside strings in a request body (one or two per value): json.loads holds the
 # interpreter for its whole run, so this bound is what keeps one body from stalling every other request.
 # Long conversations with many tools stay far below it; a body near CLAUDE_MAX_BODY_BYTES is mostly images.
-MAX_JSON_VALUES = 200_000
+MAX_JSON_ITEMS = 200_000
 # A string (possessive, and its closing quote optional, so a scan never restarts inside one: linear), or a mark.
 JSON_MARK = re.compile(rb'"(?:[^"\\]++|\\.?)*+"?|[\[{,]', re.DOTALL)
 
 
-def too_many_values(body: bytes | bytearray, limit: int = MAX_JSON_VALUES) -> bool:
-    """Whether a JSON text holds more than ``limit`` values. Counting every comma and bracket, strings' too, is
-    quick and bounds the count from above; only a body over the limit by that count is scanned for the marks
-    outside strings, a scan that stops at the limit."""
+def too_many_items(body: bytes | bytearray, limit: int = MAX_JSON_ITEMS) -> bool:
+    """Whether a JSON text holds more than ``limit`` arrays, objects and commas outside its strings. Counting
+    them in strings too is quick and bounds the count from above; only a body over the limit by that count is
+    scanned for the marks outside strings, a scan that stops at the limit."""
     if body.count(b",") + body.count(b"[") + body.count(b"{") <= limit:
         return False
     marks = (match for match in JSON_MARK.finditer(body) if match.end() - match.start() == 1)
@@ -713,10 +713,13 @@ def too_many_values(body: bytes | bytearray, limit: int = MAX_JSON_VALUES) -> bo
 
 
 def decode_json(body: bytes | bytearray) -> Any:
-    """A request body parsed, or the BadRequest that refuses it: too many values, not JSON, or what ``json_fault``
+    """A request body parsed, or the BadRequest that refuses it: too many items, not JSON, or what ``json_fault``
     refuses. The work is linear in the body; ``read_json`` runs it off the event loop."""
-    if too_many_values(body):
-        raise BadRequest(f"The request body holds more than {MAX_JSON_VALUES} values.", code="invalid_json")
+    if too_many_items(body):
+        raise BadRequest(
+            f"The request body holds too many values: more than {MAX_JSON_ITEMS} arrays, objects and commas.",
+            code="invalid_json",
+        )
     try:
         value = json.loads(body)
     except RecursionError:

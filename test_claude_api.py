@@ -2263,8 +2263,8 @@ def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
         lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
         lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
         lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
-        lambda: api.too_many_values(b',"' + b'\\"' * 500_000, 10),
-        lambda: api.too_many_values(b'"\\' * 500_000 + b"," * 20, 10),
+        lambda: api.too_many_items(b',"' + b'\\"' * 500_000, 10),
+        lambda: api.too_many_items(b'"\\' * 500_000 + b"," * 20, 10),
     ],
     ids=[
         "model name",
@@ -2409,13 +2409,13 @@ async def test_hostile_json_is_refused_before_any_cli_runs(fake: Fake, raw: byte
     assert fake.calls() == []
 
 
-async def test_a_body_with_too_many_values_is_refused_before_it_is_parsed(fake: Fake) -> None:
-    too_many = {**chat(), "metadata": {"x": [0] * api.MAX_JSON_VALUES}}
-    commas_in_text = chat("," * api.MAX_JSON_VALUES + "[{")  # marks inside a string are no values
+async def test_a_body_with_too_many_items_is_refused_before_it_is_parsed(fake: Fake) -> None:
+    too_many = {**chat(), "metadata": {"x": [0] * api.MAX_JSON_ITEMS}}  # as many commas, and the brackets
+    commas_in_text = chat("," * api.MAX_JSON_ITEMS + "[{")  # marks inside a string are no values
     async with client_for(fake.app()) as client:
         for path, body in (("/v1/chat/completions", too_many), ("/v1/messages/count_tokens", too_many)):
             response = await client.post(path, json=body)
-            assert response.status_code == 400 and "more than 200000 values" in response.text
+            assert response.status_code == 400 and "more than 200000 arrays, objects and commas" in response.text
         assert (await client.post("/v1/chat/completions", json=commas_in_text)).status_code == 200
     assert len(fake.calls()) == 1
 
