@@ -1749,9 +1749,9 @@ def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected:
     return value
 
 
-# Characters in one stop string: the answer's stream holds back one less than the longest, and every delta is
-# searched for each, so the bound keeps that work a constant per delta (Anthropic's stop_sequences too).
-MAX_STOP_LENGTH = 1000
+# Characters in one chat stop string: the longest OpenAI was seen to take. The stream may hold back up to one less
+# than a stop's length while it could be that stop beginning, so the bound keeps that work bounded per delta.
+MAX_CHAT_STOP_LENGTH = 10_000
 
 
 def parse_stop(value: Any) -> tuple[str, ...]:
@@ -1767,9 +1767,9 @@ def parse_stop(value: Any) -> tuple[str, ...]:
             param="stop",
             code="array_above_max_length",
         )
-    if too_long := [stop for stop in value if len(stop) > MAX_STOP_LENGTH]:
+    if too_long := [stop for stop in value if len(stop) > MAX_CHAT_STOP_LENGTH]:
         raise BadRequest(
-            f"Invalid 'stop': string too long. Expected a string with maximum length {MAX_STOP_LENGTH}, "
+            f"Invalid 'stop': string too long. Expected a string with maximum length {MAX_CHAT_STOP_LENGTH}, "
             f"but got a string with length {len(too_long[0])} instead.",
             param="stop",
             code="string_above_max_length",
@@ -2067,7 +2067,8 @@ TOOL_ID = re.compile(r"[A-Za-z0-9_-]+")  # a tool_use block's id, as Anthropic r
 # A system block Claude Code sends, with attribution that changes from request to request: it is no part of the
 # prompt, and kept in it, it would make every request look like a new conversation to the automatic sessions.
 BILLING_LINE = "x-anthropic-billing-header:"
-MAX_STOP_SEQUENCES = 64  # this server's bound: the stop strings are matched here, against every delta of the answer
+MAX_STOP_SEQUENCES = 64  # this server's bounds: the stop strings are matched here, against every delta of the answer
+MAX_STOP_LENGTH = 1000
 THINKING_MODES = ("enabled", "adaptive", "between_tools")  # thinking is on
 # thinking.budget_tokens below each bound maps to that effort; a larger budget to "high".
 BUDGET_EFFORTS = ((4096, "low"), (16384, "medium"))
@@ -2929,11 +2930,13 @@ def answer_turn(done: Answer) -> Turn:
 
 
 class StopScanner:
-    """Cuts streamed text at the first stop string, holding back just enough to catch one split across deltas."""
+    """Cuts streamed text at the first stop string, holding back only what could be the start of one split across
+    deltas: the text from the first place, within a stop's length of the end, where that stop's first character
+    is. Usually that is nowhere, so a delta goes out whole and nothing is carried over; at worst a stop's length
+    is, as the stops' length is bounded, so the work per delta is bounded too."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
-        self.hold = max(map(len, stops), default=1) - 1
         self.pending = ""
         self.stopped = False
         self.matched: str | None = None  # the stop string the text was cut at
@@ -2942,18 +2945,19 @@ class StopScanner:
         if not self.stops:
             return text
         held = len(self.pending)
-        self.pending += text  # at most hold + len(text) characters: the stops' bounded length keeps this linear
+        text = self.pending + text if held else text
         # The first stop string in the text; of two at one place, the shorter, which the model finished first. A stop
         # wholly inside the held text was looked for already: each search starts where one could end in the new text.
         found = min(
-            ((i, len(s), s) for s in self.stops if (i := self.pending.find(s, max(held - len(s) + 1, 0))) >= 0),
+            ((i, len(s), s) for s in self.stops if (i := text.find(s, max(held - len(s) + 1, 0))) >= 0),
             default=None,
         )
         if found is not None:
-            out, self.pending, self.stopped, self.matched = self.pending[: found[0]], "", True, found[2]
+            out, self.pending, self.stopped, self.matched = text[: found[0]], "", True, found[2]
             return out
-        keep = len(self.pending) - self.hold
-        out, self.pending = self.pending[: max(keep, 0)], self.pending[max(keep, 0) :]
+        starts = (i for s in self.stops if (i := text.find(s[0], max(len(text) - len(s) + 1, 0))) >= 0)
+        keep = min(starts, default=len(text))
+        out, self.pending = text[:keep], text[keep:]
         return out
 
     def flush(self) -> str:
