@@ -2375,7 +2375,12 @@ async def every(period, path, body, name, stop):
 async def main():
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_reader(sys.stdin.fileno(), stop.set)
+
+    def stopping():
+        loop.remove_reader(sys.stdin.fileno())
+        stop.set()
+
+    loop.add_reader(sys.stdin.fileno(), stopping)
     print("ready", flush=True)
     await asyncio.gather(
         keep_idle(stop),
