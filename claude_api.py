@@ -6597,27 +6597,30 @@ class AwaitingHead(AutoHTTPProtocol):
     """uvicorn's HTTP protocol (h11, or httptools where it is installed), with two rules for a connection that has
     no request under way, from its opening or the end of its last response until a whole request head arrives:
     it is closed after ``header_timeout`` seconds, and when uvicorn's connection table is full (limit_concurrency,
-    which counts every open connection), the longest-waiting such connection is closed to make room for a new one.
-    So idle or dripping sockets can neither stay open for ever nor take the places of requests, and the cap goes on
-    bounding what it is for: the requests in progress, whose bodies are in memory. ``head_protocol`` makes one
-    subclass per server, with its own timeout and its own waiting list."""
+    which counts every open connection), one such connection is closed to make room for a new one: the one that
+    has waited longest of those that never sent a request, else of those kept alive after a response (a client
+    that is using its connection loses it last). So idle or dripping sockets can neither stay open for ever nor
+    take the places of requests, and the cap goes on bounding what it is for: the requests in progress, whose
+    bodies are in memory. ``head_protocol`` makes one subclass per server, with its own timeout and lists."""
 
     header_timeout: float
-    waiting: OrderedDict[Any, None]  # connections awaiting a head, the longest-waiting first
+    # Connections awaiting a head, the longest-waiting first: new ones, and ones kept alive after a response.
+    fresh: OrderedDict[Any, None]
+    kept: OrderedDict[Any, None]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.head_timer: asyncio.TimerHandle | None = None
         self.await_head()
         while self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
-            oldest = next(iter(self.waiting))
-            if oldest is self:
+            oldest = next((idle for idle in itertools.chain(self.fresh, self.kept) if idle is not self), None)
+            if oldest is None:
                 break
             oldest.close_idle()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self in self.waiting and self.cycle is not self.awaited_after:
+        if self.head_timer is not None and self.cycle is not self.awaited_after:
             self.head_arrived()
 
     def on_response_complete(self) -> None:
@@ -6632,11 +6635,12 @@ class AwaitingHead(AutoHTTPProtocol):
     def await_head(self) -> None:
         self.head_arrived()
         self.awaited_after = self.cycle  # the request a new head would follow: a new cycle means it came
-        self.waiting[self] = None
+        (self.fresh if self.cycle is None else self.kept)[self] = None
         self.head_timer = self.loop.call_later(self.header_timeout, self.close_idle)
 
     def head_arrived(self) -> None:
-        self.waiting.pop(self, None)
+        self.fresh.pop(self, None)
+        self.kept.pop(self, None)
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
@@ -6649,7 +6653,8 @@ class AwaitingHead(AutoHTTPProtocol):
 
 
 def head_protocol(header_timeout: float) -> type[asyncio.Protocol]:
-    return type("AwaitingHead", (AwaitingHead,), {"header_timeout": header_timeout, "waiting": OrderedDict()})
+    lists = {"fresh": OrderedDict(), "kept": OrderedDict()}
+    return type("AwaitingHead", (AwaitingHead,), {"header_timeout": header_timeout, **lists})
 
 
 def uvicorn_limits(settings: Settings) -> dict[str, Any]:

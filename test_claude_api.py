@@ -2578,12 +2578,31 @@ def test_a_connection_that_sends_no_whole_request_head_is_closed(fake: Fake) -> 
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
 
 
+def one_response(sock: socket.socket, request: bytes) -> bytes:
+    """Send ``request`` on a kept-alive connection and read its whole response (it carries a Content-Length)."""
+    sock.sendall(request)
+    sock.settimeout(10)
+    received = b""
+    while True:
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        if length and len(body) >= int(length.group(1)):
+            return received
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {received[:100]!r}"
+        received += chunk
+
+
 def test_idle_connections_cannot_starve_requests(fake: Fake) -> None:
     fake.control(reply="still here")
     env = fake_server_env(fake, header_timeout=60, api_keys=KEYS)
     with server_process(env) as (url, _), contextlib.ExitStack() as stack:
         address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
         body = json.dumps(chat()).encode()
+        # A client's kept-alive connection, idle between its requests: the idle sockets that never sent one go first.
+        kept = stack.enter_context(socket.create_connection(address))
+        get_health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        assert one_response(kept, get_health).startswith(b"HTTP/1.1 200")
         # A request under way (its body half sent) when the idle sockets come: its place is not given up.
         under_way = stack.enter_context(socket.create_connection(address))
         under_way.sendall(
@@ -2596,10 +2615,12 @@ def test_idle_connections_cannot_starve_requests(fake: Fake) -> None:
         answer = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"), timeout=30)
         under_way.sendall(body[10:])
         finished = until_closed(under_way, 30) or b""
+        again = one_response(kept, get_health)
         closed = sum(closed_within(sock, 0.01) for sock in idle)
     assert health.status_code == 200, health.text
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "still here"
     assert finished.startswith(b"HTTP/1.1 200") and b"still here" in finished
+    assert again.startswith(b"HTTP/1.1 200")
     assert 0 < closed < 300  # the oldest idle sockets made room; the newest are still open
 
 
