@@ -41,7 +41,8 @@ Prints one table with eleven figures (or only those named with --figure), then a
      (a count_tokens body whose one schema has a 200,000-char property name over 3,000 properties) and a body
      as large as CLAUDE_MAX_BODY_BYTES of nested arrays every 2 s, sent by a process of its own. The polite
      clients' errors (goal: none) and p99 latency (goal: within 2x the quiet p99), /health's latency probed
-     every 50 ms (goal: at most 250 ms), what the server answered the hostile traffic, and its peak RSS.
+     every 50 ms by another process (goal: at most 250 ms), what the server answered the hostile traffic, and
+     its peak RSS.
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -2395,6 +2396,31 @@ asyncio.run(main())
 """
 
 
+# /health probed from a process of its own, as a monitor would: the polite clients' work in this process must not
+# delay the probe's own requests. It prints each probe's seconds when its stdin closes.
+PROBE_SCRIPT = r"""
+import http.client, json, os, select, sys, time
+host, port, every = "127.0.0.1", int(os.environ["BENCH_PORT"]), float(os.environ["BENCH_EVERY"])
+seconds, failures = [], []
+connection = http.client.HTTPConnection(host, port, timeout=60)
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], every)[0]:
+    began = time.perf_counter()
+    try:
+        connection.request("GET", "/health")
+        answer = connection.getresponse()
+        answer.read()
+        if answer.status not in (200, 503):
+            failures.append(answer.status)
+    except (OSError, http.client.HTTPException) as error:
+        failures.append(type(error).__name__)
+        connection.close()
+        connection = http.client.HTTPConnection(host, port, timeout=60)
+    seconds.append(time.perf_counter() - began)
+print(json.dumps({"seconds": seconds, "failures": failures}), flush=True)
+"""
+
+
 @dataclass
 class Phase:
     seconds: list[float] = field(default_factory=list)  # each polite request's latency
@@ -2432,8 +2458,36 @@ async def polite_request(http: httpx.AsyncClient, url: str, n: int) -> str | Non
     return None if text == POLITE_REPLY else f"200 with {text[:80]!r}"
 
 
-async def run_phase(url: str, seconds: float) -> Phase:
+def health_probe(url: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "BENCH_PORT": url.rsplit(":", 1)[1], "BENCH_EVERY": str(HEALTH_EVERY)}
+    probe = subprocess.Popen(
+        [sys.executable, "-c", PROBE_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert probe.stdout
+    if probe.stdout.readline().strip() != b"ready":
+        probe.kill()
+        probe.wait()
+        raise BenchError("the /health probe did not start")
+    return probe
+
+
+def run_phase(url: str, seconds: float) -> Phase:
     """HOSTILE_CLIENTS polite clients back to back, and /health every HEALTH_EVERY seconds, for ``seconds``."""
+    probe = health_probe(url)
+    try:
+        phase = asyncio.run(polite_phase(url, seconds))
+    finally:
+        out, _ = probe.communicate(b"stop\n", timeout=60)
+    try:
+        probed = json.loads(out.splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"the /health probe gave no figures: {out[-200:]!r}") from None
+    phase.health = probed["seconds"]
+    phase.errors += [f"/health {failure}" for failure in probed["failures"]]
+    return phase
+
+
+async def polite_phase(url: str, seconds: float) -> Phase:
     phase = Phase()
     end = time.perf_counter() + seconds
 
@@ -2447,20 +2501,7 @@ async def run_phase(url: str, seconds: float) -> Phase:
                 phase.seconds.append(time.perf_counter() - began)
                 n += HOSTILE_CLIENTS
 
-    async def probe() -> None:
-        async with httpx.AsyncClient(timeout=REQUEST_CEILING, trust_env=False) as http:
-            while time.perf_counter() < end:
-                began = time.perf_counter()
-                try:
-                    status = (await http.get(f"{url}/health")).status_code
-                except httpx.HTTPError as error:
-                    status = type(error).__name__
-                phase.health.append(time.perf_counter() - began)
-                if status not in (200, 503):
-                    phase.errors.append(f"/health {status}")
-                await asyncio.sleep(HEALTH_EVERY)
-
-    await asyncio.gather(probe(), *(polite(worker) for worker in range(HOSTILE_CLIENTS)))
+    await asyncio.gather(*(polite(worker) for worker in range(HOSTILE_CLIENTS)))
     return phase
 
 
@@ -2496,13 +2537,13 @@ def bench_hostile() -> tuple[list[Row], list[int]]:
         settings = {**FAKE_SERVER, "CLAUDE_MAX_CONCURRENCY": str(HOSTILE_CLIENTS), "CLAUDE_MAX_RETRIES": "0"}
         with server_process(root, fake, **settings) as server:
             asyncio.run(healthy(server))
-            asyncio.run(run_phase(server.url, 2.0))  # warm-up
+            run_phase(server.url, 2.0)  # warm-up
             quiet, loud, tallies = Phase(), Phase(), Counter[str]()
             for _ in range(HOSTILE_ROUNDS):
-                quiet.add(asyncio.run(run_phase(server.url, HOSTILE_PHASE)))
+                quiet.add(run_phase(server.url, HOSTILE_PHASE))
                 hostile = hostile_traffic(server)
                 try:
-                    loud.add(asyncio.run(run_phase(server.url, HOSTILE_PHASE)))
+                    loud.add(run_phase(server.url, HOSTILE_PHASE))
                 finally:
                     out, _ = hostile.communicate(b"stop\n", timeout=180)
                 try:
