@@ -2372,7 +2372,10 @@ async def every(period, path, body, name, stop):
         tasks = []
         while not stop.is_set():
             tasks.append(asyncio.create_task(send(http, path, body, name)))
-            await asyncio.sleep(period)
+            try:
+                await asyncio.wait_for(stop.wait(), period)
+            except TimeoutError:
+                pass
         await asyncio.gather(*tasks)
 
 async def main():
