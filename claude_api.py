@@ -711,8 +711,8 @@ def too_many_items(body: bytes | bytearray, limit: int = MAX_JSON_ITEMS) -> bool
         marks += sum(body.count(mark, start, start + MiB) for mark in (b",", b"[", b"{"))
     if marks <= limit:
         return False
-    marks = (match for match in JSON_MARK.finditer(body) if match.end() - match.start() == 1)
-    return next(itertools.islice(marks, limit, None), None) is not None
+    outside = (match for match in JSON_MARK.finditer(body) if match.end() - match.start() == 1)
+    return next(itertools.islice(outside, limit, None), None) is not None
 
 
 def decode_json(body: bytes | bytearray) -> Any:
