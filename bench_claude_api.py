@@ -2,7 +2,7 @@
 
     python bench_claude_api.py [--runs N] [--cli PATH] [--figure N ...]
 
-Prints one table with ten figures (or only those named with --figure), then a one-line verdict per goal:
+Prints one table with eleven figures (or only those named with --figure), then a one-line verdict per goal:
   1. a one-shot, non-streaming request, each a new conversation: a plain ``claude -p`` for reference; the CLI
      run directly with the server's argv (to its exit, and to its result line); the HTTP round trip through a
      server with CLAUDE_PREWARM=0, which starts a CLI per request as the direct run does (goal: within 1.10x of
@@ -39,6 +39,13 @@ Prints one table with ten figures (or only those named with --figure), then a on
   11. a one-shot request with a system prompt the server has never seen (as a chat UI writes one, with the
      date and the user's name in it) against one with a prompt it has served before, interleaved, through a
      server with the default CLAUDE_PREWARM=2, its pool full and idle before each request (goal: within 1.3x).
+  12. a hostile mix: 10 well-behaved clients (chat, streaming, a request offering functions, in turn) alone and
+     then beside hostile traffic, 10 s each, taking turns twice: 300 idle sockets, a schema bomb every second
+     (a count_tokens body whose one schema has a 200,000-char property name over 3,000 properties) and a body
+     as large as CLAUDE_MAX_BODY_BYTES of nested arrays every 2 s, sent by a process of its own. The polite
+     clients' errors (goal: none) and p99 latency (goal: within 2x the quiet p99), /health's latency probed
+     every 50 ms by another process (goal: at most 250 ms), what the server answered the hostile traffic, and
+     its peak RSS.
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -49,7 +56,7 @@ same settings (CLAUDE_PREWARM=0) driving the fake CLI of testdata/, which record
 ``--session-id`` gets a fresh id per run. The stand-in notes when each of its replies starts and ends, so
 figures 1 and 6 can subtract the upstream's own time. Before every sample, figures 1 and 4 wait until the
 PREWARM=2 server's pool is full and no CLI process is busy starting, answering or exiting, so that no sample
-shares the CPU with the leftovers of another. Figures 3, 7, 8 and 10 use that fake CLI too, with the
+shares the CPU with the leftovers of another. Figures 3, 7, 8, 10 and 11 use that fake CLI too, with the
 server as a separate ``python claude_api.py`` process (so its RSS is its own) and CLAUDE_PREWARM=0, so the
 processes counted are the requests' own.
 
@@ -72,6 +79,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -2362,7 +2370,301 @@ def bench_new_system_prompt(lab: Lab, runs: int) -> list[Row]:
     ]
 
 
-FIGURES = 11
+# --- Figure 12: well-behaved clients beside hostile traffic ---
+
+
+HOSTILE_CLIENTS = 10
+HOSTILE_PHASE = 10.0  # seconds of each phase: quiet, then hostile, taking turns HOSTILE_ROUNDS times
+HOSTILE_ROUNDS = 2  # taking turns, the two phases share the machine's own ups and downs
+HOSTILE_IDLE = 300  # idle sockets kept open (reopened when the server closes one)
+SCHEMA_BOMB_EVERY = 1.0  # seconds
+NESTED_EVERY = 2.0  # seconds
+HEALTH_EVERY = 0.05  # seconds between /health probes
+HEALTH_GOAL = 0.250  # seconds: /health while the hostile bodies are checked or refused
+ADDED_GOAL = 2.0  # the polite clients' p99 with hostile traffic, at most this many times their quiet p99
+POLITE_REPLY = "one two three four five six"
+POLITE_TOOLS = [
+    function("get_weather", "The weather now in a city.", {"city": {"type": "string"}}, ["city"]),
+    function("get_time", "The local time in a city.", {"city": {"type": "string"}}, ["city"]),
+]
+# The hostile traffic runs in a process of its own, so that building and sending its bodies shares no event loop
+# (and no GIL) with the polite clients it is measured against. It prints a tally when its stdin closes.
+HOSTILE_SCRIPT = r"""
+import asyncio, json, os, sys, time
+import httpx
+url, port = os.environ["BENCH_URL"], int(os.environ["BENCH_PORT"])
+idle = int(os.environ["BENCH_IDLE"])
+bomb_every, nested_every = float(os.environ["BENCH_BOMB"]), float(os.environ["BENCH_NESTED"])
+limit = int(os.environ["BENCH_MAX_BODY"])
+children = {f"p{i}": {"type": "string"} for i in range(3000)}
+schema = {"type": "object", "properties": {"A" * 200_000: {"type": "object", "properties": children}}}
+bomb = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}],
+                   "tools": [{"name": "t", "input_schema": schema}]}).encode()
+head = b'{"model": "sonnet", "messages": [{"role": "user", "content": "hi"}], "x": ['
+deep = b"[" * 98 + b"0" + b"]" * 98
+nested = head + b",".join([deep] * ((limit - len(head) - 2) // (len(deep) + 1))) + b"]}"
+tally = {"idle closed by the server": 0}
+
+def note(kind):
+    tally[kind] = tally.get(kind, 0) + 1
+
+async def keep_idle(stop):
+    sockets = []
+    while not stop.is_set():
+        alive = []
+        for reader, writer in sockets:
+            if reader.at_eof():
+                note("idle closed by the server")
+                writer.close()
+            else:
+                alive.append((reader, writer))
+        while len(alive) < idle:
+            try:
+                alive.append(await asyncio.open_connection("127.0.0.1", port))
+            except OSError:
+                note("idle connect failed")
+                break
+        sockets = alive
+        await asyncio.sleep(0.2)
+    for _, writer in sockets:
+        writer.close()
+
+async def send(http, path, body, name):
+    try:
+        answer = await http.post(url + path, content=body, headers={"content-type": "application/json"})
+        note(f"{name} {answer.status_code}")
+    except httpx.HTTPError as error:
+        note(f"{name} {type(error).__name__}")
+
+async def every(period, path, body, name, stop):
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
+        tasks = []
+        while not stop.is_set():
+            tasks.append(asyncio.create_task(send(http, path, body, name)))
+            try:
+                await asyncio.wait_for(stop.wait(), period)
+            except TimeoutError:
+                pass
+        await asyncio.gather(*tasks)
+
+async def main():
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def stopping():
+        loop.remove_reader(sys.stdin.fileno())
+        stop.set()
+
+    loop.add_reader(sys.stdin.fileno(), stopping)
+    print("ready", flush=True)
+    await asyncio.gather(
+        keep_idle(stop),
+        every(bomb_every, "/v1/messages/count_tokens", bomb, "schema bomb", stop),
+        every(nested_every, "/v1/chat/completions", nested, f"{len(nested) / 1e6:.1f} MB nested body", stop),
+    )
+    print(json.dumps(tally), flush=True)
+
+asyncio.run(main())
+"""
+
+
+# /health probed from a process of its own, as a monitor would: the polite clients' work in this process must not
+# delay the probe's own requests. It prints each probe's seconds when its stdin closes.
+PROBE_SCRIPT = r"""
+import http.client, json, os, select, sys, time
+host, port, every = "127.0.0.1", int(os.environ["BENCH_PORT"]), float(os.environ["BENCH_EVERY"])
+seconds, failures = [], []
+connection = http.client.HTTPConnection(host, port, timeout=60)
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], every)[0]:
+    began = time.perf_counter()
+    try:
+        connection.request("GET", "/health")
+        answer = connection.getresponse()
+        answer.read()
+        if answer.status not in (200, 503):
+            failures.append(answer.status)
+    except (OSError, http.client.HTTPException) as error:
+        failures.append(type(error).__name__)
+        connection.close()
+        connection = http.client.HTTPConnection(host, port, timeout=60)
+    seconds.append(time.perf_counter() - began)
+print(json.dumps({"seconds": seconds, "failures": failures}), flush=True)
+"""
+
+
+@dataclass
+class Phase:
+    seconds: list[float] = field(default_factory=list)  # each polite request's latency
+    errors: list[str] = field(default_factory=list)
+    health: list[float] = field(default_factory=list)  # each /health probe's latency
+
+    def add(self, other: Phase) -> None:
+        self.seconds += other.seconds
+        self.errors += other.errors
+        self.health += other.health
+
+
+async def polite_request(http: httpx.AsyncClient, url: str, n: int) -> str | None:
+    """One request of a well-behaved client, a chat, a stream or a request offering functions in turn: None when
+    it got the fake CLI's answer, else what went wrong."""
+    body: dict[str, Any] = {"model": "sonnet", "messages": [{"role": "user", "content": f"polite {n}"}]}
+    if n % 3 == 1:
+        body["stream"] = True
+    elif n % 3 == 2:
+        body["tools"] = POLITE_TOOLS
+    try:
+        answer = await http.post(f"{url}/v1/chat/completions", json=body)
+    except httpx.HTTPError as error:
+        return type(error).__name__
+    if answer.status_code != 200:
+        return f"{answer.status_code} {answer.text[:80]}"
+    try:
+        if body.get("stream"):
+            chunks = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+            text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c["choices"])
+        else:
+            text = answer.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"malformed: {answer.text[:80]}"
+    return None if text == POLITE_REPLY else f"200 with {text[:80]!r}"
+
+
+def health_probe(url: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "BENCH_PORT": url.rsplit(":", 1)[1], "BENCH_EVERY": str(HEALTH_EVERY)}
+    probe = subprocess.Popen(
+        [sys.executable, "-c", PROBE_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert probe.stdout
+    if probe.stdout.readline().strip() != b"ready":
+        probe.kill()
+        probe.wait()
+        raise BenchError("the /health probe did not start")
+    return probe
+
+
+def run_phase(url: str, seconds: float) -> Phase:
+    """HOSTILE_CLIENTS polite clients back to back, and /health every HEALTH_EVERY seconds, for ``seconds``."""
+    probe = health_probe(url)
+    try:
+        phase = asyncio.run(polite_phase(url, seconds))
+    finally:
+        out, _ = probe.communicate(b"stop\n", timeout=60)
+    try:
+        probed = json.loads(out.splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"the /health probe gave no figures: {out[-200:]!r}") from None
+    phase.health = probed["seconds"]
+    phase.errors += [f"/health {failure}" for failure in probed["failures"]]
+    return phase
+
+
+async def polite_phase(url: str, seconds: float) -> Phase:
+    phase = Phase()
+    end = time.perf_counter() + seconds
+
+    async def polite(worker: int) -> None:
+        async with httpx.AsyncClient(timeout=REQUEST_CEILING, trust_env=False) as http:
+            n = worker
+            while time.perf_counter() < end:
+                began = time.perf_counter()
+                if problem := await polite_request(http, url, n):
+                    phase.errors.append(problem)
+                phase.seconds.append(time.perf_counter() - began)
+                n += HOSTILE_CLIENTS
+
+    await asyncio.gather(*(polite(worker) for worker in range(HOSTILE_CLIENTS)))
+    return phase
+
+
+def hostile_traffic(server: ServerProcess) -> subprocess.Popen[bytes]:
+    port = server.url.rsplit(":", 1)[1]
+    env = {
+        **os.environ,
+        "BENCH_URL": server.url,
+        "BENCH_PORT": port,
+        "BENCH_IDLE": str(HOSTILE_IDLE),
+        "BENCH_BOMB": str(SCHEMA_BOMB_EVERY),
+        "BENCH_NESTED": str(NESTED_EVERY),
+        "BENCH_MAX_BODY": str(20 * 1024 * 1024 - 1024),  # the default CLAUDE_MAX_BODY_BYTES, less the headers' room
+    }
+    hostile = subprocess.Popen(
+        [sys.executable, "-c", HOSTILE_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert hostile.stdout
+    if hostile.stdout.readline().strip() != b"ready":
+        hostile.kill()
+        hostile.wait()
+        raise BenchError("the hostile traffic did not start")
+    return hostile
+
+
+def bench_hostile() -> tuple[list[Row], list[int]]:
+    """Ten polite clients alone, then beside 300 idle sockets, a schema bomb every second and a body as large
+    as the server takes, nested, every 2 s, the two phases taking turns: their errors and latency, and /health's,
+    side by side."""
+    with tempfile.TemporaryDirectory(prefix="bench_claude_api-hostile-") as tmp:
+        root = Path(tmp)
+        fake = t.write_fake_cli(root / "fake", reply=POLITE_REPLY)
+        settings = {**FAKE_SERVER, "CLAUDE_MAX_CONCURRENCY": str(HOSTILE_CLIENTS), "CLAUDE_MAX_RETRIES": "0"}
+        with server_process(root, fake, **settings) as server:
+            asyncio.run(healthy(server))
+            run_phase(server.url, 2.0)  # warm-up
+            quiet, loud, tallies = Phase(), Phase(), Counter[str]()
+            for _ in range(HOSTILE_ROUNDS):
+                quiet.add(run_phase(server.url, HOSTILE_PHASE))
+                hostile = hostile_traffic(server)
+                try:
+                    loud.add(run_phase(server.url, HOSTILE_PHASE))
+                finally:
+                    out, _ = hostile.communicate(b"stop\n", timeout=180)
+                try:
+                    tallies.update(json.loads(out.splitlines()[-1]))
+                except (ValueError, IndexError):
+                    raise BenchError(f"the hostile traffic gave no tally: {out[-200:]!r}") from None
+            peak = rss_kib(server.process.pid, "VmHWM")
+            tracebacks = server.tracebacks()
+        leftovers = server.leftovers
+    tally_line = ", ".join(f"{n}x {kind}" for kind, n in tallies.items())
+    figure = "12 a hostile mix (fake CLI)"
+    quiet_p99, loud_p99 = percentile(quiet.seconds, 99), percentile(loud.seconds, 99)
+    worst_health = max(loud.health)
+    return [
+        Row(
+            figure,
+            f"{HOSTILE_CLIENTS} polite clients",
+            f"chat, streaming, functions offered; {HOSTILE_ROUNDS}x {HOSTILE_PHASE:g} s quiet and hostile in turn",
+        ),
+        Row(figure, "  quiet: requests, errors", f"{len(quiet.seconds)}, {len(quiet.errors)}", "report"),
+        Row(figure, "  quiet: latency", f"{p50_p95(quiet.seconds)}, p99 {ms(quiet_p99)}", "report"),
+        Row(
+            figure,
+            "  hostile: requests, errors",
+            f"{len(loud.seconds)}, {len(loud.errors)}" + (f" (first: {loud.errors[0]})" if loud.errors else ""),
+            "0 errors",
+            verdict(not loud.errors),
+        ),
+        Row(
+            figure,
+            "  hostile: latency",
+            f"{p50_p95(loud.seconds)}, p99 {ms(loud_p99)} ({loud_p99 / quiet_p99:.2f}x quiet)",
+            f"p99 <= {ADDED_GOAL:g}x quiet",
+            verdict(loud_p99 <= ADDED_GOAL * quiet_p99),
+        ),
+        Row(figure, "/health, quiet", f"p99 {ms(percentile(quiet.health, 99))}, max {ms(max(quiet.health))}", "report"),
+        Row(
+            figure,
+            "/health, hostile",
+            f"p99 {ms(percentile(loud.health, 99))}, max {ms(worst_health)}",
+            f"max <= {ms(HEALTH_GOAL)}",
+            verdict(worst_health <= HEALTH_GOAL),
+        ),
+        Row(figure, "hostile traffic, as the server answered it", tally_line),
+        Row(figure, "server peak RSS; tracebacks in its log", f"{mib(peak)}; {tracebacks}", "report"),
+    ], leftovers
+
+
+FIGURES = 12
 
 
 def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Row], leftovers: list[int]) -> None:
@@ -2398,6 +2700,10 @@ def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Ro
     if step(10, "metrics on and off (fake CLI)"):
         metrics_rows, gone = bench_metrics()
         rows += metrics_rows
+        leftovers += gone
+    if step(12, "a hostile mix: polite clients beside idle sockets, schema bombs and nested bodies (fake CLI)"):
+        hostile_rows, gone = bench_hostile()
+        rows += hostile_rows
         leftovers += gone
 
 

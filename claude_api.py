@@ -44,6 +44,7 @@ import contextlib
 import contextvars
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -73,6 +74,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 log = logging.getLogger("claude_api")
 
@@ -330,6 +332,7 @@ class Settings:
     workdir: str = setting("CLAUDE_WORKDIR", "", text)  # empty: a private folder under the user's cache folder
     max_body_bytes: int = setting("CLAUDE_MAX_BODY_BYTES", 20 * MiB, number(1, integer=True))
     body_timeout: float = setting("CLAUDE_BODY_TIMEOUT", 30.0, number(0.001))  # seconds to receive a whole body
+    header_timeout: float = setting("CLAUDE_HEADER_TIMEOUT", 10.0, number(0.001))  # seconds to send a request head
     log_level: str = setting("CLAUDE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"))
     stream_mode: StreamMode = setting("CLAUDE_STREAM_MODE", "live", choice("live", "pseudo"))
     keepalive: float = setting("CLAUDE_KEEPALIVE", 15.0, number(0.01))  # seconds
@@ -729,6 +732,51 @@ def known_models(settings: Settings) -> list[str]:
 
 
 MAX_JSON_DEPTH = 100  # levels of arrays and objects a request body (or a structured reply) may nest
+# Arrays, objects and commas outside strings in a request body (one or two per value): json.loads holds the
+# interpreter for its whole run, so this bound is what keeps one body from stalling every other request.
+# Long conversations with many tools stay far below it; a body near CLAUDE_MAX_BODY_BYTES is mostly images.
+MAX_JSON_ITEMS = 200_000
+# A string (possessive, and its closing quote optional, so a scan never restarts inside one: linear), or a mark.
+JSON_MARK = re.compile(rb'"(?:[^"\\]++|\\.?)*+"?|[\[{,]', re.DOTALL)
+
+
+def too_many_items(body: bytes | bytearray, limit: int = MAX_JSON_ITEMS) -> bool:
+    """Whether a JSON text holds more than ``limit`` arrays, objects and commas outside its strings. Counting
+    them in strings too is quick and bounds the count from above; only a body over the limit by that count is
+    scanned for the marks outside strings, a scan that stops at the limit."""
+    marks = 0
+    for start in range(0, len(body), MiB):  # a megabyte at a time: no one call holds the interpreter for long
+        marks += sum(body.count(mark, start, start + MiB) for mark in (b",", b"[", b"{"))
+    if marks <= limit:
+        return False
+    outside = (match for match in JSON_MARK.finditer(body) if match.end() - match.start() == 1)
+    return next(itertools.islice(outside, limit, None), None) is not None
+
+
+def decode_json(body: bytes | bytearray) -> Any:
+    """A request body parsed, or the BadRequest that refuses it: too many items, not JSON, or what ``json_fault``
+    refuses. The work is linear in the body; ``read_json`` runs it off the event loop."""
+    if too_many_items(body):
+        raise BadRequest(
+            f"The request body holds too many values: more than {MAX_JSON_ITEMS} arrays, objects and commas.",
+            code="invalid_json",
+        )
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise BadRequest(
+            f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        ) from None
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if fault := json_fault(value):
+        where, why = fault
+        raise BadRequest(
+            f"The request body {why}" + (f" (at '{where}')." if where else "."),
+            param=where or None,
+            code="invalid_json",
+        )
+    return value
 
 
 def json_fault(value: Any) -> tuple[str, str] | None:
@@ -1527,6 +1575,21 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 SAME_VALUE = ("allOf", "anyOf", "oneOf")  # keywords whose schemas apply to the value itself, as $ref does
 
 
+# A place in a schema as a link to its parent's place and the piece it adds (``(((), ".properties"), ".a")``):
+# each node holds one short piece, so a long name shared by many children is kept once, not once per child.
+SchemaPlace = tuple[Any, ...]
+SchemaFault = tuple[SchemaPlace, str]
+
+
+def schema_place(where: SchemaPlace) -> str:
+    """A place in a schema spelled out (``.properties.a``), done only for the fault that is reported."""
+    pieces: list[str] = []
+    while where:
+        where, piece = where
+        pieces.append(piece)
+    return "".join(reversed(pieces))
+
+
 class SchemaLint:
     """One run of ``schema_fault`` over a schema tree: the schemas already walked (each once, even when
     several $refs lead to it), and the $ref targets still to walk."""
@@ -1534,15 +1597,15 @@ class SchemaLint:
     def __init__(self, root: Any) -> None:
         self.root = root
         self.seen: set[int] = set()
-        self.refs: list[tuple[Any, str]] = []  # $ref targets, linted after the tree (a long chain costs no stack)
+        self.refs: list[tuple[Any, SchemaPlace]] = []  # $ref targets, linted after the tree: no stack for a chain
 
     def fault(self) -> tuple[str, str] | None:
-        fault = self.walk(self.root, "")
+        fault = self.walk(self.root, ())
         while fault is None and self.refs:
             fault = self.walk(*self.refs.pop())
-        return fault
+        return (schema_place(fault[0]), fault[1]) if fault else None
 
-    def walk(self, schema: Any, where: str) -> tuple[str, str] | None:
+    def walk(self, schema: Any, where: SchemaPlace) -> SchemaFault | None:
         if isinstance(schema, bool):
             return None
         if not isinstance(schema, dict):
@@ -1558,65 +1621,65 @@ class SchemaLint:
         )
 
     @staticmethod
-    def keyword_fault(schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def keyword_fault(schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         """A keyword of the wrong type: type, the COUNTS, the BOUNDS, enum, required."""
         kinds = schema.get("type")
         if kinds is not None and not (
             isinstance(kinds, str) or isinstance(kinds, list) and kinds and all(isinstance(kind, str) for kind in kinds)
         ):
-            return f"{where}.type", "must be a string or a non-empty array of strings"
+            return (where, ".type"), "must be a string or a non-empty array of strings"
         for key in COUNTS:
             if key in schema and (isinstance(schema[key], bool) or not isinstance(schema[key], int) or schema[key] < 0):
-                return f"{where}.{key}", "must be a non-negative integer"
+                return (where, f".{key}"), "must be a non-negative integer"
         for key in BOUNDS:
             if key in schema and not isinstance(schema[key], int | float):
-                return f"{where}.{key}", "must be a number"
+                return (where, f".{key}"), "must be a number"
         if "enum" in schema and not isinstance(schema["enum"], list):
-            return f"{where}.enum", "must be an array"
+            return (where, ".enum"), "must be an array"
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
-            return f"{where}.required", "must be an array of strings"
+            return (where, ".required"), "must be an array of strings"
         return None
 
     @staticmethod
-    def pattern_fault(schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def pattern_fault(schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         if "pattern" not in schema:
             return None
         pattern = schema["pattern"]
         if not isinstance(pattern, str):
-            return f"{where}.pattern", "must be a string"
+            return (where, ".pattern"), "must be a string"
         if len(pattern) > MAX_PATTERN_LENGTH:
-            return f"{where}.pattern", f"is longer than {MAX_PATTERN_LENGTH} characters"
+            return (where, ".pattern"), f"is longer than {MAX_PATTERN_LENGTH} characters"
         try:
             re.compile(pattern)  # compiling is linear in the pattern; matching happens off the event loop
         except (re.error, RecursionError, OverflowError, ValueError) as exc:
-            return f"{where}.pattern", f"is not a valid regular expression ({exc})"
+            return (where, ".pattern"), f"is not a valid regular expression ({exc})"
         return None
 
-    def children_fault(self, schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def children_fault(self, schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         """Walks the schemas inside this one, in a fixed order, and returns the first fault among them."""
         for key in ("properties", "$defs", "definitions"):
             if key in schema:
                 if not isinstance(schema[key], dict):
-                    return f"{where}.{key}", "must be an object"
+                    return (where, f".{key}"), "must be an object"
                 for name, child in schema[key].items():
-                    if fault := self.walk(child, f"{where}.{key}.{name}"):
+                    if fault := self.walk(child, (where, f".{key}.{name}")):
                         return fault
         for key in SAME_VALUE:
             if key in schema:
                 if not isinstance(schema[key], list) or not schema[key]:
-                    return f"{where}.{key}", "must be a non-empty array of schemas"
+                    return (where, f".{key}"), "must be a non-empty array of schemas"
                 for i, child in enumerate(schema[key]):
-                    if fault := self.walk(child, f"{where}.{key}[{i}]"):
+                    if fault := self.walk(child, (where, f".{key}[{i}]")):
                         return fault
         for key in ("items", "additionalProperties"):
             children = schema.get(key, True)
             for i, child in enumerate(children) if key == "items" and isinstance(children, list) else [(-1, children)]:
-                if fault := self.walk(child, f"{where}.{key}" + (f"[{i}]" if i >= 0 else "")):
+                if fault := self.walk(child, (where, f".{key}" + (f"[{i}]" if i >= 0 else ""))):
                     return fault
         return None
 
-    def ref_fault(self, schema: dict[str, Any], where: str) -> tuple[str, str] | None:
+    def ref_fault(self, schema: dict[str, Any], where: SchemaPlace) -> SchemaFault | None:
         """A $ref that does not resolve; the target of one that does is queued to be walked."""
         if "$ref" not in schema:
             return None
@@ -1624,10 +1687,10 @@ class SchemaLint:
         target = resolve_ref(self.root, ref) if isinstance(ref, str) else None
         if target is None:
             return (
-                f"{where}.$ref",
+                (where, ".$ref"),
                 f"{json.dumps(ref)[:100]} does not resolve: only local references such as '#/$defs/Name' are supported",
             )
-        self.refs.append((target, f"{where}.$ref"))
+        self.refs.append((target, (where, ".$ref")))
         return None
 
 
@@ -1642,34 +1705,34 @@ def schema_fault(root: Any) -> tuple[str, str] | None:
 def same_value_loop(root: Any) -> tuple[str, str] | None:
     """A cycle of $ref/allOf/anyOf/oneOf edges: applying it would never move on to a part of the value."""
 
-    def edges(schema: dict[str, Any], where: str) -> list[tuple[Any, str, str]]:
+    def edges(schema: dict[str, Any], where: SchemaPlace) -> list[tuple[Any, SchemaPlace, SchemaPlace]]:
         """(child, where the child is, where the edge to it is) for each schema applied to the same value."""
-        found = [
-            (child, f"{where}.{key}[{i}]", f"{where}.{key}[{i}]")
-            for key in SAME_VALUE
-            for i, child in enumerate(schema.get(key) or [])
-        ]
+        found: list[tuple[Any, SchemaPlace, SchemaPlace]] = []
+        for key in SAME_VALUE:
+            for i, child in enumerate(schema.get(key) or []):
+                at = (where, f".{key}[{i}]")
+                found.append((child, at, at))
         ref = schema.get("$ref")
         if isinstance(ref, str):
             target = "".join(f".{part}" for part in ref[2:].split("/")) if ref.startswith("#/") else ""
-            found.append((resolve_ref(root, ref), target, f"{where}.$ref"))
+            found.append((resolve_ref(root, ref), ((), target), (where, ".$ref")))
         return [edge for edge in found if isinstance(edge[0], dict)]
 
-    nodes: list[tuple[dict[str, Any], str]] = []  # every schema in the tree: any of them can start a loop
-    pending: list[tuple[Any, str]] = [(root, "")]
+    nodes: list[tuple[dict[str, Any], SchemaPlace]] = []  # every schema in the tree: any of them can start a loop
+    pending: list[tuple[Any, SchemaPlace]] = [(root, ())]
     while pending:
         schema, where = pending.pop()
         if isinstance(schema, dict):
             nodes.append((schema, where))
             for key in ("properties", "$defs", "definitions"):
-                pending += [(child, f"{where}.{key}.{name}") for name, child in (schema.get(key) or {}).items()]
+                pending += [(child, (where, f".{key}.{name}")) for name, child in (schema.get(key) or {}).items()]
             for key in ("items", "additionalProperties"):
                 children = schema.get(key)
                 pending += [
-                    (child, f"{where}.{key}") for child in (children if isinstance(children, list) else [children])
+                    (child, (where, f".{key}")) for child in (children if isinstance(children, list) else [children])
                 ]
             for key in SAME_VALUE:
-                pending += [(child, f"{where}.{key}[{i}]") for i, child in enumerate(schema.get(key) or [])]
+                pending += [(child, (where, f".{key}[{i}]")) for i, child in enumerate(schema.get(key) or [])]
     done: set[int] = set()
     for start, where in nodes:  # a depth-first walk from each, iterative: a long chain costs no stack
         on_path = {id(start)}
@@ -1678,7 +1741,10 @@ def same_value_loop(root: Any) -> tuple[str, str] | None:
             schema, children = stack[-1]
             for child, at, via in children:
                 if id(child) in on_path:
-                    return via, "closes a loop of $ref/allOf/anyOf/oneOf that never reaches a part of the value"
+                    return (
+                        schema_place(via),
+                        "closes a loop of $ref/allOf/anyOf/oneOf that never reaches a part of the value",
+                    )
                 if id(child) not in done:
                     on_path.add(id(child))
                     stack.append((child, iter(edges(child, at))))
@@ -1746,18 +1812,30 @@ def _typed(body: Mapping[str, Any], key: str, types: tuple[type, ...], expected:
     return value
 
 
+# Characters in one chat stop string: the longest OpenAI was seen to take. The stream may hold back up to one less
+# than a stop's length while it could be that stop beginning, so the bound keeps that work bounded per delta.
+MAX_CHAT_STOP_LENGTH = 10_000
+
+
 def parse_stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,) if value else ()
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        value = [value]
+    elif not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise wrong_type("stop", "a string or an array of strings", value)
     if len(value) > 4:
         raise BadRequest(
             "Invalid 'stop': array too long. Expected an array with maximum length 4.",
             param="stop",
             code="array_above_max_length",
+        )
+    if too_long := [stop for stop in value if len(stop) > MAX_CHAT_STOP_LENGTH]:
+        raise BadRequest(
+            f"Invalid 'stop': string too long. Expected a string with maximum length {MAX_CHAT_STOP_LENGTH}, "
+            f"but got a string with length {len(too_long[0])} instead.",
+            param="stop",
+            code="string_above_max_length",
         )
     return tuple(s for s in value if s)
 
@@ -3079,11 +3157,13 @@ def answer_turn(done: Answer) -> Turn:
 
 
 class StopScanner:
-    """Cuts streamed text at the first stop string, holding back just enough to catch one split across deltas."""
+    """Cuts streamed text at the first stop string, holding back only what could be the start of one split across
+    deltas: the text from the first place, within a stop's length of the end, where that stop's first character
+    is. Usually that is nowhere, so a delta goes out whole and nothing is carried over; at worst a stop's length
+    is, as the stops' length is bounded, so the work per delta is bounded too."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
-        self.hold = max(map(len, stops), default=1) - 1
         self.pending = ""
         self.stopped = False
         self.matched: str | None = None  # the stop string the text was cut at
@@ -3091,14 +3171,20 @@ class StopScanner:
     def feed(self, text: str) -> str:
         if not self.stops:
             return text
-        self.pending += text
-        # The first stop string in the text; of two at one place, the shorter, which the model finished first.
-        found = min(((i, len(s), s) for s in self.stops if (i := self.pending.find(s)) >= 0), default=None)
+        held = len(self.pending)
+        text = self.pending + text if held else text
+        # The first stop string in the text; of two at one place, the shorter, which the model finished first. A stop
+        # wholly inside the held text was looked for already: each search starts where one could end in the new text.
+        found = min(
+            ((i, len(s), s) for s in self.stops if (i := text.find(s, max(held - len(s) + 1, 0))) >= 0),
+            default=None,
+        )
         if found is not None:
-            out, self.pending, self.stopped, self.matched = self.pending[: found[0]], "", True, found[2]
+            out, self.pending, self.stopped, self.matched = text[: found[0]], "", True, found[2]
             return out
-        keep = len(self.pending) - self.hold
-        out, self.pending = self.pending[: max(keep, 0)], self.pending[max(keep, 0) :]
+        starts = (i for s in self.stops if (i := text.find(s[0], max(len(text) - len(s) + 1, 0))) >= 0)
+        keep = min(starts, default=len(text))
+        out, self.pending = text[:keep], text[keep:]
         return out
 
     def flush(self) -> str:
@@ -6386,22 +6472,16 @@ async def read_json(request: Request, settings: Settings) -> Any:
         raise RequestTimeout(
             f"The request body did not arrive within CLAUDE_BODY_TIMEOUT={settings.body_timeout:g} s."
         ) from None
-    try:
-        value = json.loads(body)
-    except RecursionError:
-        raise BadRequest(
-            f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
-        ) from None
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if fault := json_fault(value):
-        where, why = fault
-        raise BadRequest(
-            f"The request body {why}" + (f" (at '{where}')." if where else "."),
-            param=where or None,
-            code="invalid_json",
-        )
-    return value
+    return await off_loop(decode_json, body)
+
+
+T = TypeVar("T")
+
+
+async def off_loop(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``work`` run in a worker thread: parsing a body and checking its schemas take time in proportion to the
+    body, and the event loop goes on serving every other request (/health within milliseconds) meanwhile."""
+    return await asyncio.to_thread(work, *args, **kwargs)
 
 
 async def until_disconnect(request: Request) -> None:
@@ -6553,7 +6633,7 @@ async def chat_completions(request: Request) -> Response:
     settings: Settings = state.settings
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat = parse_chat_body(body, settings, request.headers.get("x-session-id"))
+    chat = await off_loop(parse_chat_body, body, settings, request.headers.get("x-session-id"))
     reserve(request, chat)
     renderer = ChatStream(chat.model, chat.include_usage)
     return await serve_chat(
@@ -6567,7 +6647,7 @@ async def create_message(request: Request) -> Response:
     settings: Settings = state.settings
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat, messages = parse_messages_request(body, settings, request.headers.get("x-session-id"))
+    chat, messages = await off_loop(parse_messages_request, body, settings, request.headers.get("x-session-id"))
     reserve(request, chat)
     renderer = AnthropicStream(chat.model, messages.thinking)
     response = await serve_chat(
@@ -6583,9 +6663,12 @@ async def create_message(request: Request) -> Response:
 
 
 async def count_tokens(request: Request) -> Response:
-    """The Messages API's token count, estimated here (see estimate_input_tokens): no CLI runs, no quota is spent."""
-    settings: Settings = request.app.state.settings
-    chat, _ = parse_messages_request(await read_json(request, settings), settings, count_only=True)
+    """The Messages API's token count, estimated here (see estimate_input_tokens): no CLI runs, no quota is spent.
+    It counts against the key's requests per minute all the same: checking a body is work this server does."""
+    state = request.app.state
+    settings: Settings = state.settings
+    state.limits.admit(key_name(request))
+    chat, _ = await off_loop(parse_messages_request, await read_json(request, settings), settings, count_only=True)
     return with_request_id(JSONResponse({"input_tokens": estimate_input_tokens(chat)}))
 
 
@@ -6618,7 +6701,7 @@ async def create_response(request: Request) -> Response:
     sessions: Sessions = state.sessions
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat = parse_responses_body(body, settings)
+    chat = await off_loop(parse_responses_body, body, settings)
     reserve(request, chat)
     responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
@@ -7200,14 +7283,81 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class AwaitingHead(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol (h11, or httptools where it is installed), with two rules for a connection that has
+    no request under way, from its opening or the end of its last response until a whole request head arrives:
+    it is closed after ``header_timeout`` seconds, and when uvicorn's connection table is full (limit_concurrency,
+    which counts every open connection), one such connection is closed to make room for a new one: the one that
+    has waited longest of those that never sent a request, else of those kept alive after a response (a client
+    that is using its connection loses it last). So idle or dripping sockets can neither stay open for ever nor
+    take the places of requests, and the cap goes on bounding what it is for: the requests in progress, whose
+    bodies are in memory. ``head_protocol`` makes one subclass per server, with its own timeout and lists."""
+
+    header_timeout: float
+    # Connections awaiting a head, the longest-waiting first: new ones, and ones kept alive after a response.
+    fresh: OrderedDict[Any, None]
+    kept: OrderedDict[Any, None]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.await_head()
+        while self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
+            oldest = next((idle for idle in itertools.chain(self.fresh, self.kept) if idle is not self), None)
+            if oldest is None:
+                break
+            oldest.close_idle()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.head_timer is not None and self.cycle is not self.awaited_after:
+            self.head_arrived()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.head_arrived()
+        super().connection_lost(exc)
+
+    def await_head(self) -> None:
+        self.head_arrived()
+        self.awaited_after = self.cycle  # the request a new head would follow: a new cycle means it came
+        (self.fresh if self.cycle is None else self.kept)[self] = None
+        self.head_timer = self.loop.call_later(self.header_timeout, self.close_idle)
+
+    def head_arrived(self) -> None:
+        self.fresh.pop(self, None)
+        self.kept.pop(self, None)
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def close_idle(self) -> None:
+        self.head_arrived()
+        self.connections.discard(self)  # at once: the table counts it no more, though the close completes later
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def head_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    lists = {"fresh": OrderedDict(), "kept": OrderedDict()}
+    return type("AwaitingHead", (AwaitingHead,), {"header_timeout": header_timeout, **lists})
+
+
 def uvicorn_limits(settings: Settings) -> dict[str, Any]:
     """uvicorn's own limits, stated: idle keep-alive connections close after 5 s, a request head is at most
-    16 KiB, and past the requests the queue could ever take (plus room for /health and the like) uvicorn
-    answers 503 itself, so many large bodies at once cannot exhaust memory. Slow bodies are CLAUDE_BODY_TIMEOUT's."""
+    16 KiB and must arrive within CLAUDE_HEADER_TIMEOUT, and past the requests the queue could ever take (plus
+    room for /health and the like) uvicorn answers 503 itself, so many large bodies at once cannot exhaust
+    memory; a connection with no request under way gives up its place to a new one (``AwaitingHead``). Slow
+    bodies are CLAUDE_BODY_TIMEOUT's."""
     return {
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": 16 * 1024,
         "limit_concurrency": max(256, settings.max_concurrency + settings.max_queue + 64),
+        "http": head_protocol(settings.header_timeout),
     }
 
 

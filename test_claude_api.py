@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -925,6 +926,36 @@ async def test_stop_cuts_the_answer(fake: Fake) -> None:
         response = await client.post("/v1/chat/completions", json=chat(stop=["STOP", "zzz"]))
     choice = response.json()["choices"][0]
     assert choice["message"]["content"] == "alpha beta " and choice["finish_reason"] == "stop"
+
+
+async def test_stop_takes_four_strings_of_bounded_length(fake: Fake) -> None:
+    fake.control(reply="alpha beta STOP gamma")
+    longest = "x" * api.MAX_CHAT_STOP_LENGTH
+    async with client_for(fake.app()) as client:
+        for stop in (longest + "x", ["STOP", longest + "x"]):
+            error = assert_error(
+                await client.post("/v1/chat/completions", json=chat(stop=stop)), 400, "string_above_max_length", "stop"
+            )
+            assert f"maximum length {api.MAX_CHAT_STOP_LENGTH}" in error["message"]
+        assert_error(
+            await client.post("/v1/chat/completions", json=chat(stop=list("abcde"))), 400, "array_above_max_length"
+        )
+        fits = await client.post("/v1/chat/completions", json=chat(stream=True, stop=["STOP", longest]))
+    chunks = [event for event in sse_events(fits.text) if isinstance(event, dict) and event["choices"]]
+    assert "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks) == "alpha beta "
+    assert len(fake.calls()) == 1
+
+
+def test_stop_scanner_holds_back_only_what_could_start_a_stop() -> None:
+    scanner = api.StopScanner(("abcd", "cx"))
+    out = [scanner.feed(delta) for delta in ("zzab", "c", "d tail")]
+    assert out == ["zz", "", ""] and scanner.matched == "abcd"
+    scanner = api.StopScanner(("abcd", "cx"))
+    assert [scanner.feed(delta) for delta in ("zzab", "c", "x!")] == ["zz", "", "ab"] and scanner.matched == "cx"
+    long_stop = api.StopScanner(("x" * 10_000 + "END",))
+    # Text that cannot be the start of the stop goes out at once, however long the stop: nothing is carried over.
+    assert [long_stop.feed(delta) for delta in ("one ", "two ", "three")] == ["one ", "two ", "three"]
+    assert long_stop.pending == "" and long_stop.feed("xx") == "" and long_stop.pending == "xx"
 
 
 async def test_thinking_goes_to_reasoning_content(fake: Fake) -> None:
@@ -2352,6 +2383,8 @@ def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
         lambda: api.error_from_result({"result": "exceeded the " + "9" * 1_000_000, "is_error": True}),
         lambda: api.error_from_result({"result": "oauth " * 200_000 + "x", "is_error": True}),
         lambda: api.parse_event({"type": "result", "is_error": True, "result": "exceeded the " * 100_000}),
+        lambda: api.too_many_items(b',"' + b'\\"' * 500_000, 10),
+        lambda: api.too_many_items(b'"\\' * 500_000 + b"," * 20, 10),
     ],
     ids=[
         "model name",
@@ -2361,6 +2394,8 @@ def test_pattern_answers_are_asked_for_until_the_check_is_complete() -> None:
         "output limit digits",
         "auth words",
         "output limit repeats",
+        "json marks, an escaped quote run",
+        "json marks, unterminated strings",
     ],
 )
 def test_every_regex_on_outside_text_runs_in_linear_time(check: Any) -> None:
@@ -2441,6 +2476,25 @@ def test_schema_work_is_bounded() -> None:
     assert "nested too deeply" in (finishes_within(5, lambda: api.schema_problem(value, deep)) or "")
 
 
+def test_schema_checks_take_memory_linear_in_the_schema() -> None:
+    # One long property name over thousands of children: spelling each child's full place would keep the name
+    # once per child (hundreds of megabytes from a 200 kB body).
+    children = {f"p{i}": {"type": "string"} for i in range(2000)}
+    schema = {"type": "object", "properties": {"A" * 100_000: {"type": "object", "properties": children}}}
+    tracemalloc.start()
+    try:
+        assert api.schema_fault(schema) is None
+        where, why = api.schema_fault({**schema, "$defs": {"x": {"$ref": "#/$defs/x"}}}) or ("", "")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (where, "loop" in why) == (".$defs.x.$ref", True)
+    assert peak < 20 * 1024 * 1024, f"{peak / 1e6:.0f} MB for a {len(json.dumps(schema)) // 1000} kB schema"
+    children["p7"] = {"type": 3}  # a fault is still reported at its full place
+    where, why = api.schema_fault(schema) or ("", "")
+    assert (where, why.startswith("must be a string")) == (f".properties.{'A' * 100_000}.properties.p7.type", True)
+
+
 HOSTILE_BODIES = [
     (b'{"model": "sonnet", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
     (b'{"model": "sonnet", "temperature": Infinity, "messages": [{"role": "user", "content": "x"}]}', "temperature"),
@@ -2473,6 +2527,39 @@ async def test_hostile_json_is_refused_before_any_cli_runs(fake: Fake, raw: byte
             expected = param.replace("messages", "input") if param and path == "/v1/responses" else param
             assert_error(response, 400, "invalid_json", expected)
     assert fake.calls() == []
+
+
+async def test_a_body_with_too_many_items_is_refused_before_it_is_parsed(fake: Fake) -> None:
+    too_many = {**chat(), "metadata": {"x": [0] * api.MAX_JSON_ITEMS}}  # as many commas, and the brackets
+    commas_in_text = chat("," * api.MAX_JSON_ITEMS + "[{")  # marks inside a string are no values
+    async with client_for(fake.app()) as client:
+        for path, body in (("/v1/chat/completions", too_many), ("/v1/messages/count_tokens", too_many)):
+            response = await client.post(path, json=body)
+            assert response.status_code == 400 and "more than 200000 arrays, objects and commas" in response.text
+        assert (await client.post("/v1/chat/completions", json=commas_in_text)).status_code == 200
+    assert len(fake.calls()) == 1
+
+
+async def test_health_answers_while_a_body_is_checked(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    checking, health_answered = threading.Event(), threading.Event()
+    order: list[str] = []
+    check = api.json_fault
+
+    def held_check(value: Any) -> Any:  # the body's check, held until /health has answered (or 10 s pass)
+        checking.set()
+        health_answered.wait(10)
+        order.append("checked")
+        return check(value)
+
+    monkeypatch.setattr(api, "json_fault", held_check)
+    async with client_for(fake.app()) as client:
+        posted = asyncio.create_task(client.post("/v1/chat/completions", json=chat()))
+        assert await asyncio.to_thread(checking.wait, 10)
+        assert (await client.get("/health")).status_code in (200, 503)
+        order.append("health")
+        health_answered.set()
+        assert (await posted).status_code == 200
+    assert order == ["health", "checked"]
 
 
 async def test_a_prompt_far_past_the_window_is_refused_at_once(fake: Fake) -> None:
@@ -2573,9 +2660,92 @@ def test_no_function_of_the_service_is_over_70_lines() -> None:
 
 
 def test_uvicorn_limits_are_stated() -> None:
-    limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500))
+    limits = api.uvicorn_limits(make_settings(max_concurrency=8, max_queue=500, header_timeout=3))
+    protocol = limits.pop("http")
     assert limits == {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16384, "limit_concurrency": 572}
+    assert issubclass(protocol, api.AwaitingHead) and protocol.header_timeout == 3
     assert uvicorn.Config(api.create_app(make_settings()), **limits).limit_concurrency == 572
+
+
+def until_closed(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sends on ``sock`` until it closes it, or None if it is still open after ``seconds``."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        return received
+    except TimeoutError:
+        return None
+    return received
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    return until_closed(sock, seconds) is not None
+
+
+def test_a_connection_that_sends_no_whole_request_head_is_closed(fake: Fake) -> None:
+    with server_process(fake_server_env(fake, header_timeout=0.5)) as (url, _):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        with (
+            socket.create_connection(address) as silent,
+            socket.create_connection(address) as partial,
+            socket.create_connection(address) as reused,
+        ):
+            partial.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head that never ends
+            reused.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            reused.settimeout(10)
+            assert reused.recv(65536).startswith(b"HTTP/1.1 200")
+            reused.sendall(b"GET /health HTTP/1.1\r\n")  # the next head, begun and never finished
+            assert closed_within(silent, 5) and closed_within(partial, 5) and closed_within(reused, 5)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def one_response(sock: socket.socket, request: bytes) -> bytes:
+    """Send ``request`` on a kept-alive connection and read its whole response (it carries a Content-Length)."""
+    sock.sendall(request)
+    sock.settimeout(10)
+    received = b""
+    while True:
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        if length and len(body) >= int(length.group(1)):
+            return received
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {received[:100]!r}"
+        received += chunk
+
+
+def test_idle_connections_cannot_starve_requests(fake: Fake) -> None:
+    fake.control(reply="still here")
+    env = fake_server_env(fake, header_timeout=60, api_keys=KEYS)
+    with server_process(env) as (url, _), contextlib.ExitStack() as stack:
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        body = json.dumps(chat()).encode()
+        # A client's kept-alive connection, idle between its requests: the idle sockets that never sent one go first.
+        kept = stack.enter_context(socket.create_connection(address))
+        get_health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        assert one_response(kept, get_health).startswith(b"HTTP/1.1 200")
+        # A request under way (its body half sent) when the idle sockets come: its place is not given up.
+        under_way = stack.enter_context(socket.create_connection(address))
+        under_way.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-alice-secret\r\n"
+            + b"Connection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body[:10]
+        )
+        idle = [stack.enter_context(socket.create_connection(address)) for _ in range(300)]
+        health = httpx.get(f"{url}/health", timeout=10)
+        answer = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"), timeout=30)
+        under_way.sendall(body[10:])
+        finished = until_closed(under_way, 30) or b""
+        again = one_response(kept, get_health)
+        closed = sum(closed_within(sock, 0.01) for sock in idle)
+    assert health.status_code == 200, health.text
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "still here"
+    assert finished.startswith(b"HTTP/1.1 200") and b"still here" in finished
+    assert again.startswith(b"HTTP/1.1 200")
+    assert 0 < closed < 300  # the oldest idle sockets made room; the newest are still open
 
 
 # --- Sessions ---
@@ -5943,6 +6113,21 @@ async def test_a_key_over_its_dollars_per_day_gets_429_until_midnight_utc(fake: 
     assert "spent $0.0024 today" in error["message"]  # the digits that matter, not "$0.00"
     to_midnight = 86400 - time.time() % 86400
     assert abs(int(answers[2].headers["retry-after"]) - to_midnight) <= 5
+
+
+async def test_count_tokens_counts_against_the_requests_per_minute(fake: Fake) -> None:
+    async with client_for(fake.app(api_keys=KEYS, key_rpm="alice:2")) as client:
+        answers = [
+            await client.post("/v1/messages/count_tokens", json=message_body(), headers=bearer("sk-alice-secret"))
+            for _ in "abc"
+        ]
+        chat_refused = await client.post("/v1/chat/completions", json=chat(), headers=bearer("sk-alice-secret"))
+        other = await client.post("/v1/messages/count_tokens", json=message_body(), headers=bearer("sk-bob-secret"))
+    assert [answer.status_code for answer in answers] == [200, 200, 429] and other.is_success
+    assert "CLAUDE_KEY_RPM" in assert_anthropic_error(answers[2], 429, "rate_limit_error")
+    assert 1 <= int(answers[2].headers["retry-after"]) <= 60
+    assert_error(chat_refused, 429, "rate_limit_exceeded")
+    assert fake.calls() == []
 
 
 def test_key_limits_slide_by_the_minute_and_reset_by_the_day() -> None:
