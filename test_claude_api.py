@@ -257,6 +257,7 @@ def test_settings_defaults() -> None:
     assert (settings.system_prompt_mode, settings.stream_mode, settings.keepalive) == ("replace", "live", 15.0)
     assert settings.max_body_bytes == 20 * 1024 * 1024 and settings.shutdown_grace == 10.0
     assert settings.body_timeout == 30.0
+    assert (settings.idle_release, settings.cli_max_memory_mb) == (900.0, 1024)
     assert settings.model_map["gpt-4o"] == "sonnet"
 
 
@@ -2766,6 +2767,59 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
     assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
 
 
+async def test_idle_release_lets_every_idle_process_go_until_the_next_request(fake: Fake) -> None:
+    app = fake.app(auto_session="on", prewarm=1, idle_release=60)
+    async with client_for(app) as client:
+        await ready(client, 1)
+        sid = str(uuid.uuid4())
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
+        await ready(client, 1)
+        assert len(fake.alive()) == 2  # the session's warm process and a pre-started one
+        api.sweep(app, now=time.monotonic() + 30)
+        assert len(fake.alive()) == 2 and (await prewarm(client))["ready"] == 1  # not idle long enough yet
+        api.sweep(app, now=time.monotonic() + 61)
+        assert await eventually(lambda: fake.alive() == [])
+        api.sweep(app, now=time.monotonic() + 122)  # at rest, nothing is started again
+        assert (await prewarm(client))["ready"] == (await prewarm(client))["starting"] == 0
+        assert (await client.get("/health")).json()["sessions"]["explicit"] == 1  # the conversation is kept
+        second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
+        assert second.json()["choices"][0]["message"]["content"] == "echo: two"
+        await ready(client, 1)  # the request woke the pool
+    last = fake.calls()[-1]
+    assert last["pid"] != fake.calls()[0]["pid"]  # a cold start, the conversation seeded
+    assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
+
+
+async def test_idle_release_off_keeps_the_processes(fake: Fake) -> None:
+    app = fake.app(auto_session="on", prewarm=1, idle_release=0)
+    async with client_for(app) as client:
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": str(uuid.uuid4())})
+        await ready(client, 1)
+        api.sweep(app, now=time.monotonic() + 100)
+        await ready(client, 1)
+        assert len(fake.alive()) == 2
+
+
+@pytest.mark.parametrize("ceiling, retired", [(32, True), (0, False)], ids=["past-the-ceiling", "no-ceiling"])
+async def test_a_process_past_the_memory_ceiling_is_retired_and_its_conversation_seeded(
+    fake: Fake, ceiling: int, retired: bool
+) -> None:
+    fake.control(ballast_mb=64)
+    app = fake.app(auto_session="on", cli_max_memory_mb=ceiling)
+    sid = str(uuid.uuid4())
+    async with client_for(app) as client:
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
+        if retired:
+            assert await eventually(lambda: fake.alive() == [])  # retired at the turn boundary
+        else:
+            assert len(fake.alive()) == 1 and not app.state.runner.checks  # no check without a ceiling
+        second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
+        assert second.json()["choices"][0]["message"]["content"] == "echo: two"
+    first, last = fake.calls()
+    assert (last["pid"] != first["pid"]) is retired
+    assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
+
+
 @pytest.mark.parametrize("noticed", ["swept", "found", "unnoticed"])
 async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(fake: Fake, noticed: str) -> None:
     # A warm process killed from outside may not have written its last turn to the transcript yet, so the
@@ -5233,6 +5287,27 @@ async def test_metrics_show_the_queue_and_the_running_processes(fake: Fake) -> N
         done = await scrape(client)
     assert total(done, "claude_api_queue_length") == 0 and total(done, "claude_api_requests_total", status="200") == 2
     assert total(done, "claude_api_key_requests_total", key="-") == 2  # a server without keys: one key, "-"
+
+
+HAS_SMAPS_ROLLUP = os.path.exists("/proc/self/smaps_rollup")  # Linux 4.14 and later: proportional set sizes
+
+
+async def test_the_memory_of_live_cli_processes_is_shown(fake: Fake) -> None:
+    fake.control(ballast_mb=64)
+    app = fake.app(auto_session="on", warm_idle=5)
+    async with client_for(app) as client:
+        assert total(await scrape(client), "claude_api_cli_memory_bytes") == 0  # no process yet
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": str(uuid.uuid4())})
+        [warm] = fake.alive()
+        scraped = await scrape(client)
+        status = (await client.get("/status.json")).json()["cli_memory"]
+        measure = "pss" if HAS_SMAPS_ROLLUP else "rss"
+        assert total(scraped, "claude_api_cli_memory_bytes", measure=measure) >= 64 * 1024 * 1024
+        assert status["measure"] == measure and status["bytes"] >= 64 * 1024 * 1024
+        api.sweep(app, now=time.monotonic() + 6)
+        assert await eventually(lambda: fake.alive() == [])
+        assert total(await scrape(client), "claude_api_cli_memory_bytes") == 0
+        assert (await client.get("/status.json")).json()["cli_memory"]["bytes"] == 0
 
 
 async def test_metrics_off_leaves_no_endpoint_and_counts_nothing(fake: Fake) -> None:
