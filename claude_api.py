@@ -1229,6 +1229,12 @@ def reply_value(tool: Tool, arguments: Mapping[str, Any]) -> Any:
 CLI_DESCRIPTION_LIMIT = 2048  # characters of a function's description the CLI sends; it cuts the rest
 
 
+def needs_stop_hook(request: ChatRequest) -> bool:
+    """Whether a turn may have to be sent back when it ends without a call (see ToolPolicy.stop): a forced
+    ``tool_choice``, or a JSON answer given through the reply function. Any other turn ends as the model ends it."""
+    return request.response_format != "text" or request.tool_choice not in ("auto", "none")
+
+
 def mcp_tools(tools: Iterable[Tool]) -> list[dict[str, Any]]:
     """The functions as the MCP server lists them. The read-only hint lets the CLI hand over several calls of one
     message at once; every call is deferred anyway. A description the CLI would cut goes whole into the
@@ -2515,6 +2521,7 @@ class CliCall:
     session_args: tuple[str, ...] = ()  # how the call stores its conversation; not part of its options
     history: tuple[NativeMessage, ...] = ()  # the conversation before stdin, seeded into the process first
     tools: tuple[Tool, ...] = ()  # the functions offered, through the in-process MCP server
+    stop_hook: bool = False  # its turn may need the Stop hook (needs_stop_hook): only a process that has it fits
 
     @property
     def options(self) -> tuple[Any, ...]:
@@ -2632,6 +2639,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         session_args=session_args,
         history=tuple(messages[:-1]),
         tools=offered_tools(request),
+        stop_hook=needs_stop_hook(request),
     )
 
 
@@ -3458,16 +3466,14 @@ def control_request(request_id: str, request: Mapping[str, Any]) -> bytes:
     return json.dumps({"type": "control_request", "request_id": request_id, "request": request}).encode() + b"\n"
 
 
-# Sent to every process at its start: the hooks through which ToolPolicy decides each call and each turn's end.
-INITIALIZE = control_request(
+# Sent to every process at its start: the hooks through which ToolPolicy decides each call and, for a process
+# started for turns that may need it (CliCall.stop_hook), each turn's end. The CLI asks a Stop hook at the end of
+# every turn and waits for the answer, so a process registers it only when its turns may need it.
+PRE_TOOL_USE_HOOK = {"PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}]}
+INITIALIZE = control_request("initialize", {"subtype": "initialize", "hooks": PRE_TOOL_USE_HOOK})
+INITIALIZE_WITH_STOP = control_request(
     "initialize",
-    {
-        "subtype": "initialize",
-        "hooks": {
-            "PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}],
-            "Stop": [{"matcher": None, "hookCallbackIds": ["stop"]}],
-        },
-    },
+    {"subtype": "initialize", "hooks": {**PRE_TOOL_USE_HOOK, "Stop": [{"matcher": None, "hookCallbackIds": ["stop"]}]}},
 )
 SDK_SERVER = {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}
 
@@ -3542,6 +3548,12 @@ class CliProcess:
         """The last turn ended with its result: the process can take another turn."""
         return self.state in ("ready", "waiting") and self.alive
 
+    def fits(self, call: CliCall) -> bool:
+        """It can take this call's turn: started with the same options and hooks, and offering no other functions
+        (the CLI cannot change either in a running process)."""
+        same_hooks = self.call.stop_hook or not call.stop_hook  # an unneeded Stop hook only lets turns end
+        return self.call.options == call.options and self.tools in (None, call.tools) and same_hooks
+
     async def start(self) -> None:
         args = [*self.call.args, *self.version_args, *self.call.session_args]
         if self.call.system_prompt is not None:
@@ -3569,7 +3581,7 @@ class CliProcess:
             raise CliUnavailable("The claude CLI could not be started; the server's log says why.") from None
         self.state = "ready"
         self._stderr_task = asyncio.create_task(self._drain_stderr())
-        await self.write(INITIALIZE)
+        await self.write(INITIALIZE_WITH_STOP if self.call.stop_hook else INITIALIZE)
         self.on_started(time.monotonic() - began)
 
     async def _drain_stderr(self) -> None:
@@ -4023,7 +4035,7 @@ class Prestart:
 
     @staticmethod
     def key(call: CliCall) -> tuple[Any, ...]:
-        return call.options, call.session_args[:1]
+        return call.options, call.session_args[:1], call.stop_hook
 
     def expect(self, call: CliCall) -> None:
         """Note these options as the most recently used, and refill to match."""
@@ -4808,10 +4820,10 @@ class SessionJob(Job):
             session.state = "new"
         if warm is not None:
             call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest, warm.pending))
-            if warm.call.options == call.options and warm.tools in (None, call.tools):
+            if warm.fits(call):
                 self.context, self.source = (*session.history, *self.newest), "waiting"
                 return call, warm
-            # Started with other options or functions (which a process cannot change): rebuild the conversation.
+            # Started with other options, hooks or functions (which a process cannot change): rebuild the conversation.
             store.closed(session, warm, graceful=True)
             await store.settled(session)
         transcript = self.sessions.transcript(session.cli_id)

@@ -43,6 +43,7 @@ from testdata.support import (
     conversation_shape,
     eventually,
     fake_calls,
+    fake_protocol,
     find_real_cli,
     free_port,
     last_user_text,
@@ -2980,8 +2981,41 @@ def test_a_turn_ends_without_a_call_only_when_none_is_needed(extra: dict[str, An
     policy = api.ToolPolicy(tool_request(**extra), api.PatternChecker({}))
     answer = policy.stop()
     assert answer == {} if reason is None else answer["decision"] == "block" and reason in answer["reason"]
+    assert api.needs_stop_hook(tool_request(**extra)) is (reason is not None)  # its process asks the Stop hook
     policy.deferred.append(api.ToolCall("toolu_1", "get_weather", "{}"))
     assert policy.stop() == {}  # a call was made: the turn may end
+
+
+async def test_only_a_process_for_turns_that_may_need_a_call_asks_the_stop_hook(fake: Fake) -> None:
+    # The CLI waits for the Stop hook's answer at the end of every turn: a plain turn's process goes without it.
+    fake.control(script=["ok", {"tool_use": [{"name": "get_weather", "input": {"city": "Paris"}}]}], default="ok")
+    app = fake.app(auto_session="on")
+    async with client_for(app) as client:
+        messages: list[Any] = [user("hi")]
+        first = (await client.post("/v1/chat/completions", json={"messages": messages})).json()
+        messages += [first["choices"][0]["message"], user("Paris?")]
+        forced = {"messages": messages, "tools": [WEATHER], "tool_choice": "required"}
+        called = (await client.post("/v1/chat/completions", json=forced)).json()["choices"][0]
+        assert called["finish_reason"] == "tool_calls"
+        [call] = called["message"]["tool_calls"]
+        messages += [called["message"], {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        last = await client.post("/v1/chat/completions", json={"messages": messages, "tools": [WEATHER]})
+        assert last.json()["choices"][0]["finish_reason"] == "stop"
+    plain, hooked, continued = (record["pid"] for record in fake.calls())
+    assert hooked != plain and continued == hooked  # rebuilt once for the forced turn, then continued natively
+    protocol = fake_protocol(fake.folder)
+    hooks = {
+        entry["pid"]: set(entry["line"]["request"]["hooks"])
+        for entry in protocol
+        if entry["dir"] == "in" and isinstance(entry["line"], dict) and entry["line"].get("request_id") == "initialize"
+    }
+    assert hooks == {plain: {"PreToolUse"}, hooked: {"PreToolUse", "Stop"}}
+    asked = [
+        entry["pid"]
+        for entry in protocol
+        if entry["dir"] == "out" and entry["line"].get("request", {}).get("callback_id") == "stop"
+    ]
+    assert asked == [hooked]  # the last turn, which ended without a call
 
 
 def test_a_json_reply_is_a_call_of_a_function_with_the_clients_schema() -> None:
