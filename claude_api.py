@@ -4037,22 +4037,24 @@ class Prestart:
     def key(call: CliCall) -> tuple[Any, ...]:
         return call.options, call.session_args[:1], call.stop_hook
 
-    def expect(self, call: CliCall) -> None:
-        """Note these options as the most recently used, and refill to match."""
+    def expect(self, call: CliCall, *, refill: bool = True) -> None:
+        """Note these options as the most recently used, and refill to match (now, or when asked)."""
         key = self.key(call)
         self.recent[key] = replace(call, stdin=b"")
         self.recent.move_to_end(key)
         while len(self.recent) > self.size:
             self.recent.popitem(last=False)
-        self.refill()
+        if refill:
+            self.refill()
 
     def take(self, call: CliCall) -> CliProcess | None:
-        """A waiting process for this call's options, if one is ready; either way the store refills."""
+        """A waiting process for this call's options, if one is ready. The store refills when the attempt that
+        asks is over (Runner.attempt): a CLI's start-up takes a core for half a second, which the turn needs."""
         if self.size == 0 or self.runner.closing:
             return None
         found = self.runner.store.take("prestarted", self.key(call))
         self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
-        self.expect(call)
+        self.expect(call, refill=False)
         return found
 
     def targets(self) -> dict[tuple[Any, ...], int]:
@@ -4227,6 +4229,7 @@ class Runner:
                 self.note_login(error)
                 self.last_request = time.monotonic()
                 slot.until = self.settle(cli, job.verdict(cli, error))
+                self.prestart.refill()
 
     def note_login(self, error: BaseException | None) -> None:
         """What an attempt says about the CLI's login, for /health."""

@@ -4796,6 +4796,19 @@ async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) ->
     assert wait_until(lambda: fake.alive() == [], 5)  # none survives shutdown
 
 
+async def test_the_pool_refills_once_the_turn_that_took_a_process_is_over(fake: Fake) -> None:
+    # A CLI's start-up would share the CPU with the turn that just took a pre-started process.
+    fake.control(default="silent_then_ok", silence=1.0)
+    app = fake.app(prewarm=1)
+    async with client_for(app) as client:
+        await ready(client, 1)
+        posted = asyncio.ensure_future(client.post("/v1/chat/completions", json={"messages": [user("one")]}))
+        assert await eventually(lambda: app.state.runner.in_flight == 1 and len(fake.calls()) == 1)
+        assert await prewarm(client) == {"size": 1, "ready": 0, "starting": 0, "hits": 1, "misses": 0}
+        assert (await posted).status_code == 200
+        await ready(client, 1)
+
+
 async def test_prewarm_replaces_dead_and_old_processes(fake: Fake) -> None:
     app = fake.app(prewarm=1, prewarm_max_age=60)
     async with client_for(app) as client:
