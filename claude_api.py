@@ -3235,6 +3235,15 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
 MEMORY_SOURCE: Literal["pss", "rss"] = "pss" if os.path.exists("/proc/self/smaps_rollup") else "rss"
 HAS_PROC = os.path.isdir("/proc/self")  # else `ps` tells
 MEMORY_QUERY = 5.0  # seconds for `ps` to say how much memory processes hold, where there is no /proc
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident set size from /proc/<pid>/statm: a small read, where smaps_rollup walks the page tables
+    of a CLI process for milliseconds of CPU. Its proportional set size is never larger."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm", encoding="ascii") as data:
+        return int(data.read().split()[1]) * PAGE_SIZE
+    return None
 
 
 def proc_memory(pid: int) -> int | None:
@@ -4243,18 +4252,25 @@ class Runner:
         ends), or end it now, returning the end to wait on."""
         if verdict.action == "keep":
             self.store.put("warm", verdict.conversation, cli)
-            if self.settings.cli_max_memory_mb and cli.process is not None:
-                check = asyncio.create_task(self.check_memory(cli, cli.process.pid))
-                self.checks.add(check)
-                check.add_done_callback(self.checks.discard)
+            self.check_memory(cli)
             return None
         return self.store.closed(verdict.conversation, cli)
 
-    async def check_memory(self, cli: CliProcess, pid: int) -> None:
+    def check_memory(self, cli: CliProcess) -> None:
         """At a turn boundary: a process past CLAUDE_CLI_MAX_MEMORY_MB is retired (long-lived CLI processes grow);
-        its conversation goes on in another process, seeded from the history we kept. One taken for the next
-        turn meanwhile is checked at the end of that turn."""
+        its conversation goes on in another process, seeded from the history we kept."""
         ceiling = self.settings.cli_max_memory_mb * MiB
+        if not ceiling or cli.process is None:
+            return
+        if HAS_PROC and (resident_bytes(cli.process.pid) or 0) <= ceiling:  # most turns end here, at one small read
+            return
+        check = asyncio.create_task(self.retire_if_over(cli, cli.process.pid, ceiling))
+        self.checks.add(check)
+        check.add_done_callback(self.checks.discard)
+
+    async def retire_if_over(self, cli: CliProcess, pid: int, ceiling: int) -> None:
+        """Measure the process as the gauge does, off the event loop, and retire it if it is past ``ceiling``. One
+        taken for the next turn meanwhile is checked again at the end of that turn."""
         size = (await memory_of([pid])).get(pid, 0)
         if size > ceiling and self.store.retire(cli):
             log.info(
