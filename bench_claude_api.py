@@ -46,6 +46,11 @@ Prints one table with eleven figures (or only those named with --figure), then a
      clients' errors (goal: none) and p99 latency (goal: within 2x the quiet p99), /health's latency probed
      every 50 ms by another process (goal: at most 250 ms), what the server answered the hostile traffic, and
      its peak RSS.
+  13. the limit: the CLI alone (a bare process with the server's argv, environment and system prompt, in
+     stream-json mode, no server and no hooks) beside the server, taking turns, each beyond the stand-in's own
+     time: a stateless SDK client's turns 2-10 through a server with the default settings against the bare
+     process's warm turns (goal: within 1.2x), and a one-shot request to a server with its pool full against the
+     bare process's first turn (started, then idle) and its warm turn (goal: within 1.5x of the warm turn).
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -1321,6 +1326,152 @@ def bench_warm_cold(lab: Lab, runs: int) -> list[Row]:
             f"warm >= {WARM_GOAL:g}x lower",
             verdict(ratio >= WARM_GOAL),
         ),
+    ]
+
+
+# --- Figure 13: the limit: the CLI alone, beside the server ---
+
+LIMIT_FIGURE = "13 the limit: the CLI alone"
+LIMIT_TURN_GOAL = 1.20  # a stateless client's turn through the server / the bare CLI's warm turn, at most
+LIMIT_FIRST_GOAL = 1.50  # a one-shot request with the pool full / the bare CLI's warm turn, at most
+
+
+class BareCli:
+    """The CLI alone, as the limit: one process with the server's argv, environment and working directory (the
+    system prompt ``system``), in stream-json mode, sent one user line per turn; no server, no control requests,
+    no hooks. A turn is timed from the write of its line to the CLI's result line."""
+
+    def __init__(self, lab: Lab, system: str) -> None:
+        assert lab.json_call
+        call = lab.json_call
+        argv = call.fresh_argv()
+        prompt = Path(argv[argv.index("--system-prompt-file") + 1])
+        own = prompt.with_name(f"bare-{uuid.uuid4().hex}.txt")
+        own.write_text(system, encoding="utf-8")
+        argv[argv.index("--system-prompt-file") + 1] = str(own)
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=dict(call.env),
+            cwd=call.cwd,
+            start_new_session=True,
+        )
+
+    def turn(self, text: str, expect: str) -> tuple[float, float]:
+        """Ask; return (perf_counter at the start, seconds to the result line)."""
+        assert self.process.stdin and self.process.stdout
+        start = time.perf_counter()
+        self.process.stdin.write(api.user_message_line([{"type": "text", "text": text}]))
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            event = json.loads(line)
+            if event.get("type") == "result":
+                if event.get("result") != expect:
+                    raise BenchError(f"the bare CLI answered {json.dumps(event)[:300]}")
+                return start, time.perf_counter() - start
+        raise BenchError("the bare CLI exited before its result")
+
+    def __enter__(self) -> BareCli:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+async def settled_then(pool: WarmPool, ask: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+    """One first turn, asked once the pool is full and every CLI is idle."""
+    await pool.settle()
+    return await asyncio.to_thread(ask)
+
+
+def limit_warm_turns(lab: Lab, runs: int) -> dict[str, list[float]]:
+    """``runs`` conversations of SESSION_TURNS turns each, a stateless SDK client through a server with the
+    default settings beside the bare CLI, taking turns: turns 2 onwards, beyond the stand-in's own time."""
+    added: dict[str, list[float]] = {"server": [], "bare": []}
+    with t.serve(lab.app()) as url:
+        for n in range(runs):
+            with StatelessChat(url) as chat, BareCli(lab, SESSION_SYSTEM) as bare:
+                sides: dict[str, Callable[[str, str], tuple[float, float]]] = {
+                    "server": lambda text, expect: chat.turn(text, expect)[:2],
+                    "bare": bare.turn,
+                }
+                for turn in range(SESSION_TURNS):
+                    for name in ["server", "bare"] if (n + turn) % 2 == 0 else ["bare", "server"]:
+                        start, seconds = sides[name](question(turn), SESSION_ANSWER)
+                        time.sleep(0.02)  # a stream's span is noted just after its last byte
+                        if turn:
+                            added[name].append(seconds - lab.standin.upstream_seconds(start, start + seconds))
+    return added
+
+
+def limit_first_turns(lab: Lab, runs: int) -> tuple[dict[str, list[float]], Row]:
+    """A one-shot request to a server with its pool full, beside a bare CLI's first turn (started, then idle),
+    alternating: each beyond the stand-in's own time."""
+    added: dict[str, list[float]] = {"server": [], "bare": []}
+
+    async def measure(url: str) -> Row:
+        async with client() as http:
+            pool = WarmPool(http, url)
+            for n in range(runs + 1):
+                for name in ["server", "bare"] if n % 2 == 0 else ["bare", "server"]:
+                    if name == "server":
+                        await pool.settle()
+                        start = time.perf_counter()
+                        seconds = await timed_completion(http, url, fresh_prompt())
+                    else:
+                        with BareCli(lab, api.NEUTRAL_SYSTEM_PROMPT) as bare:
+                            start, seconds = await settled_then(pool, lambda: bare.turn(PROMPT, STREAM_REPLY.text))
+                    await asyncio.sleep(0.02)
+                    if n:  # the first round warms the pool's options up
+                        added[name].append(seconds - lab.standin.upstream_seconds(start, start + seconds))
+            return await pool.row(LIMIT_FIGURE, runs + 1)
+
+    lab.standin.reset(default=t.Reply(text=STREAM_REPLY.text))
+    with t.serve(lab.app()) as url:
+        row = asyncio.run(measure(url))
+    return added, row
+
+
+def bench_limit(lab: Lab, runs: int) -> list[Row]:
+    lab.standin.reset(default=t.Reply(text=SESSION_ANSWER))
+    warm = limit_warm_turns(lab, runs)
+    first, pool_row = limit_first_turns(lab, runs)
+    lab.standin.reset()
+    p50 = {
+        f"{kind} {name}": percentile(got[name], 50) for kind, got in (("warm", warm), ("first", first)) for name in got
+    }
+    turn_ratio = p50["warm server"] / p50["warm bare"]
+    first_ratio = p50["first server"] / p50["warm bare"]
+    return [
+        Row(LIMIT_FIGURE, "bare CLI, warm turn (2-10), beyond the stand-in", p50_p95(warm["bare"]), "the limit"),
+        Row(LIMIT_FIGURE, "server, a stateless client's turn (2-10), beyond", p50_p95(warm["server"])),
+        Row(
+            LIMIT_FIGURE,
+            "  server turn / bare warm turn",
+            f"{turn_ratio:.2f}x at p50 ({signed_ms(p50['warm server'] - p50['warm bare'])})",
+            f"<= {LIMIT_TURN_GOAL:.2f}x",
+            verdict(turn_ratio <= LIMIT_TURN_GOAL),
+        ),
+        Row(LIMIT_FIGURE, "bare CLI, first turn (started, idle), beyond", p50_p95(first["bare"]), "the limit"),
+        Row(LIMIT_FIGURE, "server, one-shot, pool full, beyond", p50_p95(first["server"])),
+        Row(
+            LIMIT_FIGURE,
+            "  one-shot / bare first turn",
+            f"{p50['first server'] / p50['first bare']:.2f}x at p50",
+            "report",
+        ),
+        Row(
+            LIMIT_FIGURE,
+            "  one-shot / bare warm turn",
+            f"{first_ratio:.2f}x at p50",
+            f"<= {LIMIT_FIRST_GOAL:.2f}x",
+            verdict(first_ratio <= LIMIT_FIRST_GOAL),
+        ),
+        pool_row,
     ]
 
 
@@ -2664,7 +2815,7 @@ def bench_hostile() -> tuple[list[Row], list[int]]:
     ], leftovers
 
 
-FIGURES = 12
+FIGURES = 13
 
 
 def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Row], leftovers: list[int]) -> None:
@@ -2689,6 +2840,8 @@ def measure(cli: str, runs: int, step: Callable[[int, str], bool], rows: list[Ro
             rows += bench_tools(shared)
         if step(11, "a never-seen system prompt vs a known one"):
             rows += bench_new_system_prompt(shared, runs)
+        if step(13, "the limit: the bare CLI beside the server, warm turns and first turns"):
+            rows += bench_limit(shared, runs)
     if step(7, f"load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} (fake CLI)"):
         load_rows, gone = bench_load()
         rows += load_rows

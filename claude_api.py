@@ -59,7 +59,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -348,6 +348,11 @@ class Settings:
     warm_max: int = setting("CLAUDE_WARM_MAX", 4, number(0, integer=True))  # idle session processes kept at most
     prewarm: int = setting("CLAUDE_PREWARM", 2, number(0, integer=True))  # processes started ahead of time
     prewarm_max_age: float = setting("CLAUDE_PREWARM_MAX_AGE", 600.0, number(1))  # seconds before one is replaced
+    # Seconds without a request before every idle process (pre-started or warm) goes, none restarted until the
+    # next request; 0: never.
+    idle_release: float = setting("CLAUDE_IDLE_RELEASE", 900.0, number())
+    # A CLI process holding more than this much memory (MiB) is retired at its next turn boundary; 0: no ceiling.
+    cli_max_memory_mb: int = setting("CLAUDE_CLI_MAX_MEMORY_MB", 1024, number(0, integer=True))
     max_image_bytes: int = setting("CLAUDE_MAX_IMAGE_BYTES", 5 * MiB, number(1, integer=True))  # per image
     fallback_model: str = setting("CLAUDE_FALLBACK_MODEL", "", fallback_models)  # --fallback-model, in order
     max_budget_usd: float | None = setting("CLAUDE_MAX_BUDGET_USD", None, number(1e-9))  # per request
@@ -1330,6 +1335,12 @@ def reply_value(tool: Tool, arguments: Mapping[str, Any]) -> Any:
 
 
 CLI_DESCRIPTION_LIMIT = 2048  # characters of a function's description the CLI sends; it cuts the rest
+
+
+def needs_stop_hook(request: ChatRequest) -> bool:
+    """Whether a turn may have to be sent back when it ends without a call (see ToolPolicy.stop): a forced
+    ``tool_choice``, or a JSON answer given through the reply function. Any other turn ends as the model ends it."""
+    return request.response_format != "text" or request.tool_choice not in ("auto", "none")
 
 
 def mcp_tools(tools: Iterable[Tool]) -> list[dict[str, Any]]:
@@ -2717,6 +2728,7 @@ class CliCall:
     session_args: tuple[str, ...] = ()  # how the call stores its conversation; not part of its options
     history: tuple[NativeMessage, ...] = ()  # the conversation before stdin, seeded into the process first
     tools: tuple[Tool, ...] = ()  # the functions offered, through the in-process MCP server
+    stop_hook: bool = False  # its turn may need the Stop hook (needs_stop_hook): only a process that has it fits
 
     @property
     def launch(self) -> tuple[Any, ...]:
@@ -2840,6 +2852,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         session_args=session_args,
         history=tuple(messages[:-1]),
         tools=offered_tools(request),
+        stop_hook=needs_stop_hook(request),
     )
 
 
@@ -3760,6 +3773,66 @@ def kill_group(process: asyncio.subprocess.Process) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+# What a process's memory means here: its proportional set size (its own pages, plus its share of the pages it
+# shares with other processes, such as the CLI's executable) where Linux gives /proc/<pid>/smaps_rollup, else
+# its resident set size (older kernels, macOS), which counts shared pages in full in every process.
+MEMORY_SOURCE: Literal["pss", "rss"] = "pss" if os.path.exists("/proc/self/smaps_rollup") else "rss"
+HAS_PROC = os.path.isdir("/proc/self")  # else `ps` tells
+MEMORY_QUERY = 5.0  # seconds for `ps` to say how much memory processes hold, where there is no /proc
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident set size from /proc/<pid>/statm: a small read, where smaps_rollup walks the page tables
+    of a CLI process for milliseconds of CPU. Its proportional set size is never larger."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm", encoding="ascii") as data:
+        return int(data.read().split()[1]) * PAGE_SIZE
+    return None
+
+
+def proc_memory(pid: int) -> int | None:
+    """A process's memory in bytes, read from /proc (see MEMORY_SOURCE); None when it is gone."""
+    path, key = (f"/proc/{pid}/smaps_rollup", "Pss:") if MEMORY_SOURCE == "pss" else (f"/proc/{pid}/status", "VmRSS:")
+    with contextlib.suppress(OSError, ValueError, IndexError), open(path, encoding="ascii", errors="replace") as data:
+        for line in data:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+async def memory_of(pids: Collection[int]) -> dict[int, int]:
+    """The memory of each of these processes that is still there, in bytes (see MEMORY_SOURCE)."""
+    if not pids:
+        return {}
+    if HAS_PROC:  # read off the event loop: smaps_rollup walks the process's page tables
+        found = await asyncio.to_thread(lambda: {pid: proc_memory(pid) for pid in pids})
+        return {pid: size for pid, size in found.items() if size is not None}
+    try:
+        ps = await asyncio.create_subprocess_exec(
+            "ps",
+            "-o",
+            "pid=,rss=",
+            "-p",
+            ",".join(map(str, pids)),
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return {}
+    try:
+        async with asyncio.timeout(MEMORY_QUERY):
+            out, _ = await ps.communicate()
+    except TimeoutError:
+        return {}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            ps.kill()
+        await ps.wait()
+    rows = (line.split() for line in out.decode(errors="replace").splitlines())
+    return {int(row[0]): int(row[1]) * 1024 for row in rows if len(row) == 2 and row[0].isdigit() and row[1].isdigit()}
+
+
 PATTERN_CHECKER = r"""# claude_api pattern checker: in, a JSON array of [pattern, text] a line; out, 1 or 0 a pair
 import json, re, sys
 for line in sys.stdin:
@@ -3955,19 +4028,21 @@ def control_request(request_id: str, request: Mapping[str, Any]) -> bytes:
     return json.dumps({"type": "control_request", "request_id": request_id, "request": request}).encode() + b"\n"
 
 
-# The hooks through which ToolPolicy decides each call and each turn's end.
-HOOKS = {
-    "PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}],
-    "Stop": [{"matcher": None, "hookCallbackIds": ["stop"]}],
-}
+# The hooks through which ToolPolicy decides each call and, for a process whose first turn may need it
+# (CliCall.stop_hook), each turn's end. The CLI asks a Stop hook at the end of every turn and waits for the answer,
+# so a process registers it only when its turns may need it.
+PRE_TOOL_USE_HOOK = {"PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}]}
+STOP_HOOK = {"Stop": [{"matcher": None, "hookCallbackIds": ["stop"]}]}
 
 
 def initialize_request(call: CliCall) -> bytes:
     """The first control request of a process, sent with its first turn: the hooks, and the call's system prompt.
     Both CLI versions we support send a prompt given here upstream exactly as one given by --system-prompt-file
-    (the same system blocks, tools and messages), and read it only from the first initialize: a later one is
-    answered but changes nothing. So a process is started without a prompt and told it when a request brings one."""
-    request: dict[str, Any] = {"subtype": "initialize", "hooks": HOOKS}
+    (the same system blocks, tools and messages), and read it and the hooks only from the first initialize: a later
+    one is answered but changes nothing. So a process is started without either and told them when a request
+    brings its first turn."""
+    hooks = {**PRE_TOOL_USE_HOOK, **STOP_HOOK} if call.stop_hook else PRE_TOOL_USE_HOOK
+    request: dict[str, Any] = {"subtype": "initialize", "hooks": hooks}
     if call.system_prompt is not None:
         prompt = call.system_prompt
         request[call.system_field] = [prompt] if call.system_field == "systemPrompt" else prompt
@@ -4048,6 +4123,13 @@ class CliProcess:
     def at_boundary(self) -> bool:
         """The last turn ended with its result: the process can take another turn."""
         return self.state in ("ready", "waiting") and self.alive
+
+    def fits(self, call: CliCall) -> bool:
+        """It can take this call's turn: started with the same options and hooks, and offering no other functions
+        (the CLI cannot change either in a running process). A process not yet introduced takes its hooks from its
+        first turn; an unneeded Stop hook only lets turns end."""
+        same_hooks = not self.introduced or self.call.stop_hook or not call.stop_hook
+        return self.call.options == call.options and self.tools in (None, call.tools) and same_hooks
 
     async def start(self) -> None:
         args = [*self.call.args, *self.version_args, *self.call.session_args]
@@ -4146,7 +4228,9 @@ class CliProcess:
         line can overtake it)."""
         if not self.introduced:
             self.introduced = True
-            self.call = replace(self.call, system_prompt=call.system_prompt, system_field=call.system_field)
+            self.call = replace(
+                self.call, system_prompt=call.system_prompt, system_field=call.system_field, stop_hook=call.stop_hook
+            )
             await self.write(initialize_request(call))
         if call.tools and self.tools is None:
             self.tools = call.tools
@@ -4410,6 +4494,20 @@ class ProcessStore:
             if not entry.cli.alive or now - entry.since > self.limits(entry.kind)[1]:
                 self.close(entry)
 
+    def release(self) -> int:
+        """Close every idle process (warm ones finish their transcripts); return how many there were."""
+        entries = list(self.idle)
+        for entry in entries:
+            self.close(entry)
+        return len(entries)
+
+    def retire(self, cli: CliProcess) -> bool:
+        """Close this process if it is idle here (a warm one finishes its transcript); false if it is not."""
+        entry = next((e for e in self.idle if e.cli is cli), None)
+        if entry is not None:
+            self.close(entry)
+        return entry is not None
+
     async def aclose(self) -> None:
         """At shutdown: close every idle process (warm ones finish their transcripts) and wait for them."""
         self.closing = True
@@ -4540,22 +4638,24 @@ class Prestart:
     def key(call: CliCall) -> tuple[Any, ...]:
         return call.launch, call.session_args[:1]
 
-    def expect(self, call: CliCall) -> None:
-        """Note these options as the most recently used, and refill to match."""
+    def expect(self, call: CliCall, *, refill: bool = True) -> None:
+        """Note these options as the most recently used, and refill to match (now, or when asked)."""
         key = self.key(call)
         self.recent[key] = replace(call, stdin=b"", system_prompt=None)
         self.recent.move_to_end(key)
         while len(self.recent) > self.size:
             self.recent.popitem(last=False)
-        self.refill()
+        if refill:
+            self.refill()
 
     def take(self, call: CliCall) -> CliProcess | None:
-        """A waiting process for this call's options, if one is ready; either way the store refills."""
+        """A waiting process for this call's options, if one is ready. The store refills when the attempt that
+        asks is over (Runner.attempt): a CLI's start-up takes a core for half a second, which the turn needs."""
         if self.size == 0 or self.runner.closing:
             return None
         found = self.runner.store.take("prestarted", self.key(call))
         self.hits, self.misses = self.hits + (found is not None), self.misses + (found is None)
-        self.expect(call)
+        self.expect(call, refill=False)
         return found
 
     def targets(self) -> dict[tuple[Any, ...], int]:
@@ -4567,8 +4667,8 @@ class Prestart:
         return counts
 
     def refill(self) -> None:
-        """Start what the targets lack, and close what they no longer want."""
-        if self.runner.closing:
+        """Start what the targets lack, and close what they no longer want; nothing while the runner rests."""
+        if self.runner.closing or self.runner.resting:
             return
         store, targets = self.runner.store, self.targets()
         for entry in [e for e in store.idle if e.kind == "prestarted"]:
@@ -4590,6 +4690,9 @@ class Prestart:
             await cli.start()
         except ProxyError as error:
             log.warning("could not pre-start a CLI process: %s", error.message)
+            return
+        if self.runner.resting:  # released while it started: nothing waits at rest
+            await cli.aclose()
             return
         self.runner.store.put("prestarted", key, cli)
 
@@ -4631,6 +4734,9 @@ class Runner:
         self.metrics = metrics or Metrics(settings.metrics)
         self.subscription = Subscription()  # the account's usage windows, from every process's reports
         self.prices = Prices()  # what each model costs, for model calls the CLI never priced
+        self.last_request = time.monotonic()  # when an attempt last began or ended
+        self.resting = False  # every idle process was released after CLAUDE_IDLE_RELEASE: none is restarted
+        self.checks: set[asyncio.Task[None]] = set()  # memory checks of processes at a turn boundary
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -4693,6 +4799,10 @@ class Runner:
         CLAUDE_TIMEOUT and the request's deadline. Whatever happens, the job's verdict decides what becomes of the
         process."""
         binary = self.binary()
+        self.last_request = time.monotonic()
+        if self.resting:  # the first request after a release: the pool fills again (this one starts cold)
+            self.resting = False
+            self.prestart.refill()
         async with self.slot() as slot:
             call, cli = await job.plan(self)
             cli = cli or self.process(call, binary)
@@ -4722,7 +4832,9 @@ class Runner:
                         " | ".join(cli.stderr),
                     )
                 self.note_login(error)
+                self.last_request = time.monotonic()
                 slot.until = self.settle(cli, job.verdict(cli, error))
+                self.prestart.refill()
 
     def note_login(self, error: BaseException | None) -> None:
         """What an attempt says about the CLI's login, for /health."""
@@ -4736,8 +4848,45 @@ class Runner:
         ends), or end it now, returning the end to wait on."""
         if verdict.action == "keep":
             self.store.put("warm", verdict.conversation, cli)
+            self.check_memory(cli)
             return None
         return self.store.closed(verdict.conversation, cli)
+
+    def check_memory(self, cli: CliProcess) -> None:
+        """At a turn boundary: a process past CLAUDE_CLI_MAX_MEMORY_MB is retired (long-lived CLI processes grow);
+        its conversation goes on in another process, seeded from the history we kept."""
+        ceiling = self.settings.cli_max_memory_mb * MiB
+        if not ceiling or cli.process is None:
+            return
+        if HAS_PROC and (resident_bytes(cli.process.pid) or 0) <= ceiling:  # most turns end here, at one small read
+            return
+        check = asyncio.create_task(self.retire_if_over(cli, cli.process.pid, ceiling))
+        self.checks.add(check)
+        check.add_done_callback(self.checks.discard)
+
+    async def retire_if_over(self, cli: CliProcess, pid: int, ceiling: int) -> None:
+        """Measure the process as the gauge does, off the event loop, and retire it if it is past ``ceiling``. One
+        taken for the next turn meanwhile is checked again at the end of that turn."""
+        size = (await memory_of([pid])).get(pid, 0)
+        if size > ceiling and self.store.retire(cli):
+            log.info(
+                "CLI process %d holds %d MiB (%s), over CLAUDE_CLI_MAX_MEMORY_MB=%d: retired",
+                pid,
+                size // MiB,
+                MEMORY_SOURCE,
+                self.settings.cli_max_memory_mb,
+            )
+
+    def release_idle(self, now: float | None = None) -> None:
+        """After CLAUDE_IDLE_RELEASE seconds without a request, release every idle process and start none until
+        the next request (which pays a cold start)."""
+        now = time.monotonic() if now is None else now
+        idle_for = now - self.last_request
+        if self.resting or not self.settings.idle_release or self.in_flight or self.queued:
+            return
+        if idle_for >= self.settings.idle_release:
+            self.resting = True
+            log.info("no request for %.0f s: released %d idle CLI processes", idle_for, self.store.release())
 
     def backoff(self, attempt: int) -> float:
         return min(60.0, self.settings.base_backoff * 2**attempt) * random.uniform(0.5, 1.0)
@@ -5347,10 +5496,10 @@ class SessionJob(Job):
             session.state = "new"
         if warm is not None:
             call = build_cli_call(self.chat, settings, Conversation(session.cli_id, True, self.newest, warm.pending))
-            if warm.call.options == call.options and warm.tools in (None, call.tools):
+            if warm.fits(call):
                 self.context, self.source = (*session.history, *self.newest), "waiting"
                 return call, warm
-            # Started with other options or functions (which a process cannot change): rebuild the conversation.
+            # Started with other options, hooks or functions (which a process cannot change): rebuild the conversation.
             store.closed(session, warm, graceful=True)
             await store.settled(session)
         transcript = self.sessions.transcript(session.cli_id)
@@ -6225,6 +6374,8 @@ function render(s) {
     if (el) el.textContent = count(n);
   }
   $("queued").textContent = count(s.queued);
+  $("memory").textContent = (s.cli_memory.bytes / 1048576).toFixed(0) + " MiB";
+  $("memory-measure").textContent = s.cli_memory.measure.toUpperCase();
   $("version").textContent = s.cli_version || "unknown";
   const peak = Math.max(1, ...hour.map((m) => m.requests));
   const bars = $("bars");
@@ -6305,6 +6456,7 @@ th { background: #f0f0f0; text-align: left; } .n { text-align: right; font-varia
 <div class="tile">parked at a call<b id="p-parked">-</b></div>
 <div class="tile">pre-started<b id="p-prestarted">-</b></div>
 <div class="tile">queued<b id="queued">-</b></div>
+<div class="tile">memory (<span id="memory-measure">-</span>)<b id="memory">-</b></div>
 </div>
 <h2>Subscription</h2>
 <div class="tiles"><div id="windows"></div>
@@ -6883,15 +7035,33 @@ def gauge_families(state: Any) -> list[Family]:
     ]
 
 
+async def cli_memory(runner: Runner) -> int:
+    """The memory the live CLI processes hold, in bytes (see MEMORY_SOURCE)."""
+    pids = [cli.process.pid for cli in list(runner.live) if cli.process and cli.process.returncode is None]
+    return sum((await memory_of(pids)).values())
+
+
+def memory_family(memory: int) -> Family:
+    return (
+        "claude_api_cli_memory_bytes",
+        "gauge",
+        "Memory held by the live CLI processes, in bytes: their proportional set size (measure=pss) where the OS "
+        "gives it, else their resident set size (measure=rss).",
+        [("", {"measure": MEMORY_SOURCE}, memory)],
+    )
+
+
 async def metrics_endpoint(request: Request) -> Response:
     viewer_allowed(request)
     state = request.app.state
-    text = exposition([*metric_families(state.metrics), *gauge_families(state), *state.runner.subscription.families()])
+    memory = await cli_memory(state.runner)
+    families = [*metric_families(state.metrics), *gauge_families(state), memory_family(memory)]
+    text = exposition([*families, *state.runner.subscription.families()])
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def status_report(state: Any) -> dict[str, Any]:
-    """What the status page shows, as /status.json gives it."""
+def status_report(state: Any, memory: int) -> dict[str, Any]:
+    """What the status page shows, as /status.json gives it; ``memory`` is what the CLI processes hold."""
     metrics: Metrics = state.metrics
     runner: Runner = state.runner
     fresh, _, read, write = metrics.total.tokens
@@ -6905,6 +7075,7 @@ def status_report(state: Any) -> dict[str, Any]:
         "models": {name: totals.report() for name, totals in metrics.models.items()},
         "cache_share": read / prompt if prompt else None,
         "processes": process_states(runner),
+        "cli_memory": {"bytes": memory, "measure": MEMORY_SOURCE},
         "queued": runner.queued,
         "failures": [asdict(failure) for failure in reversed(metrics.failures)],
         "subscription": runner.subscription.report(),
@@ -6918,7 +7089,9 @@ async def status_page(request: Request) -> Response:
 
 async def status_json(request: Request) -> Response:
     viewer_allowed(request)
-    return JSONResponse(status_report(request.app.state), headers={"Cache-Control": "no-store"})
+    state = request.app.state
+    report = status_report(state, await cli_memory(state.runner))
+    return JSONResponse(report, headers={"Cache-Control": "no-store"})
 
 
 async def index(request: Request) -> Response:
@@ -7116,12 +7289,13 @@ def sweep(app: Starlette, now: float | None = None) -> None:
     app.state.sessions.sweep(now)
     app.state.responses.sweep(now)
     app.state.runner.store.sweep(now)
+    app.state.runner.release_idle(now)
     app.state.runner.prestart.refill()
 
 
 async def sweep_forever(app: Starlette) -> None:
     settings: Settings = app.state.settings
-    interval = max(0.5, min(30.0, settings.session_ttl / 4, settings.warm_idle / 4))
+    interval = max(0.5, min(30.0, settings.session_ttl / 4, settings.warm_idle / 4, settings.idle_release / 4 or 30.0))
     while True:
         await asyncio.sleep(interval)
         sweep(app)

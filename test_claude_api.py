@@ -261,6 +261,7 @@ def test_settings_defaults() -> None:
     assert (settings.system_prompt_mode, settings.stream_mode, settings.keepalive) == ("replace", "live", 15.0)
     assert settings.max_body_bytes == 20 * 1024 * 1024 and settings.shutdown_grace == 10.0
     assert settings.body_timeout == 30.0
+    assert (settings.idle_release, settings.cli_max_memory_mb) == (900.0, 1024)
     assert settings.model_map["gpt-4o"] == "sonnet"
 
 
@@ -3092,6 +3093,59 @@ async def test_warm_idle_cools_the_process_but_keeps_the_session(fake: Fake) -> 
     assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
 
 
+async def test_idle_release_lets_every_idle_process_go_until_the_next_request(fake: Fake) -> None:
+    app = fake.app(auto_session="on", prewarm=1, idle_release=60)
+    async with client_for(app) as client:
+        await ready(client, 1)
+        sid = str(uuid.uuid4())
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
+        await ready(client, 1)
+        assert len(fake.alive()) == 2  # the session's warm process and a pre-started one
+        api.sweep(app, now=time.monotonic() + 30)
+        assert len(fake.alive()) == 2 and (await prewarm(client))["ready"] == 1  # not idle long enough yet
+        api.sweep(app, now=time.monotonic() + 61)
+        assert await eventually(lambda: fake.alive() == [])
+        api.sweep(app, now=time.monotonic() + 122)  # at rest, nothing is started again
+        assert (await prewarm(client))["ready"] == (await prewarm(client))["starting"] == 0
+        assert (await client.get("/health")).json()["sessions"]["explicit"] == 1  # the conversation is kept
+        second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
+        assert second.json()["choices"][0]["message"]["content"] == "echo: two"
+        await ready(client, 1)  # the request woke the pool
+    last = fake.calls()[-1]
+    assert last["pid"] != fake.calls()[0]["pid"]  # a cold start, the conversation seeded
+    assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
+
+
+async def test_idle_release_off_keeps_the_processes(fake: Fake) -> None:
+    app = fake.app(auto_session="on", prewarm=1, idle_release=0)
+    async with client_for(app) as client:
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": str(uuid.uuid4())})
+        await ready(client, 1)
+        api.sweep(app, now=time.monotonic() + 100)
+        await ready(client, 1)
+        assert len(fake.alive()) == 2
+
+
+@pytest.mark.parametrize("ceiling, retired", [(32, True), (0, False)], ids=["past-the-ceiling", "no-ceiling"])
+async def test_a_process_past_the_memory_ceiling_is_retired_and_its_conversation_seeded(
+    fake: Fake, ceiling: int, retired: bool
+) -> None:
+    fake.control(ballast_mb=64)
+    app = fake.app(auto_session="on", cli_max_memory_mb=ceiling)
+    sid = str(uuid.uuid4())
+    async with client_for(app) as client:
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": sid})
+        if retired:
+            assert await eventually(lambda: fake.alive() == [])  # retired at the turn boundary
+        else:
+            assert len(fake.alive()) == 1 and not app.state.runner.checks  # no check without a ceiling
+        second = await client.post("/v1/chat/completions", json={**chat("two"), "session_id": sid})
+        assert second.json()["choices"][0]["message"]["content"] == "echo: two"
+    first, last = fake.calls()
+    assert (last["pid"] != first["pid"]) is retired
+    assert conversation_shape(last["request"]) == [("user", "one"), ("assistant", "echo: one"), ("user", "two")]
+
+
 @pytest.mark.parametrize("noticed", ["swept", "found", "unnoticed"])
 async def test_a_warm_process_that_died_on_its_own_is_rebuilt_from_our_history(fake: Fake, noticed: str) -> None:
     # A warm process killed from outside may not have written its last turn to the transcript yet, so the
@@ -3270,8 +3324,41 @@ def test_a_turn_ends_without_a_call_only_when_none_is_needed(extra: dict[str, An
     policy = api.ToolPolicy(tool_request(**extra), api.PatternChecker({}))
     answer = policy.stop()
     assert answer == {} if reason is None else answer["decision"] == "block" and reason in answer["reason"]
+    assert api.needs_stop_hook(tool_request(**extra)) is (reason is not None)  # its process asks the Stop hook
     policy.deferred.append(api.ToolCall("toolu_1", "get_weather", "{}"))
     assert policy.stop() == {}  # a call was made: the turn may end
+
+
+async def test_only_a_process_for_turns_that_may_need_a_call_asks_the_stop_hook(fake: Fake) -> None:
+    # The CLI waits for the Stop hook's answer at the end of every turn: a plain turn's process goes without it.
+    fake.control(script=["ok", {"tool_use": [{"name": "get_weather", "input": {"city": "Paris"}}]}], default="ok")
+    app = fake.app(auto_session="on")
+    async with client_for(app) as client:
+        messages: list[Any] = [user("hi")]
+        first = (await client.post("/v1/chat/completions", json={"messages": messages})).json()
+        messages += [first["choices"][0]["message"], user("Paris?")]
+        forced = {"messages": messages, "tools": [WEATHER], "tool_choice": "required"}
+        called = (await client.post("/v1/chat/completions", json=forced)).json()["choices"][0]
+        assert called["finish_reason"] == "tool_calls"
+        [call] = called["message"]["tool_calls"]
+        messages += [called["message"], {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        last = await client.post("/v1/chat/completions", json={"messages": messages, "tools": [WEATHER]})
+        assert last.json()["choices"][0]["finish_reason"] == "stop"
+    plain, hooked, continued = (record["pid"] for record in fake.calls())
+    assert hooked != plain and continued == hooked  # rebuilt once for the forced turn, then continued natively
+    protocol = fake_protocol(fake.folder)
+    hooks = {
+        entry["pid"]: set(entry["line"]["request"]["hooks"])
+        for entry in protocol
+        if entry["dir"] == "in" and isinstance(entry["line"], dict) and entry["line"].get("request_id") == "initialize"
+    }
+    assert hooks == {plain: {"PreToolUse"}, hooked: {"PreToolUse", "Stop"}}
+    asked = [
+        entry["pid"]
+        for entry in protocol
+        if entry["dir"] == "out" and entry["line"].get("request", {}).get("callback_id") == "stop"
+    ]
+    assert asked == [hooked]  # the last turn, which ended without a call
 
 
 def test_a_json_reply_is_a_call_of_a_function_with_the_clients_schema() -> None:
@@ -5202,6 +5289,19 @@ async def test_prewarm_serves_one_request_per_process_and_refills(fake: Fake) ->
     assert wait_until(lambda: fake.alive() == [], 5)  # none survives shutdown
 
 
+async def test_the_pool_refills_once_the_turn_that_took_a_process_is_over(fake: Fake) -> None:
+    # A CLI's start-up would share the CPU with the turn that just took a pre-started process.
+    fake.control(default="silent_then_ok", silence=1.0)
+    app = fake.app(prewarm=1)
+    async with client_for(app) as client:
+        await ready(client, 1)
+        posted = asyncio.ensure_future(client.post("/v1/chat/completions", json={"messages": [user("one")]}))
+        assert await eventually(lambda: app.state.runner.in_flight == 1 and len(fake.calls()) == 1)
+        assert await prewarm(client) == {"size": 1, "ready": 0, "starting": 0, "hits": 1, "misses": 0}
+        assert (await posted).status_code == 200
+        await ready(client, 1)
+
+
 async def test_prewarm_replaces_dead_and_old_processes(fake: Fake) -> None:
     app = fake.app(prewarm=1, prewarm_max_age=60)
     async with client_for(app) as client:
@@ -5306,7 +5406,8 @@ def test_initialize_request_carries_the_system_prompt_in_the_mode_s_field() -> N
             {"messages": [{"role": "system", "content": "Be terse."}, user("hi")]}, settings
         )
         sent = json.loads(api.initialize_request(api.build_cli_call(request, settings)))["request"]
-        assert sent[name] == value and sent["hooks"] == api.HOOKS
+        assert sent[name] == value
+        assert sent["hooks"] == api.PRE_TOOL_USE_HOOK  # a plain turn: no Stop hook to wait for
     embed = make_settings(system_prompt_mode="embed")
     sent = json.loads(api.initialize_request(api.build_cli_call(api.parse_chat_request(chat(), embed), embed)))
     assert "systemPrompt" not in sent["request"] and "appendSystemPrompt" not in sent["request"]
@@ -5795,6 +5896,27 @@ async def test_metrics_show_the_queue_and_the_running_processes(fake: Fake) -> N
         done = await scrape(client)
     assert total(done, "claude_api_queue_length") == 0 and total(done, "claude_api_requests_total", status="200") == 2
     assert total(done, "claude_api_key_requests_total", key="-") == 2  # a server without keys: one key, "-"
+
+
+HAS_SMAPS_ROLLUP = os.path.exists("/proc/self/smaps_rollup")  # Linux 4.14 and later: proportional set sizes
+
+
+async def test_the_memory_of_live_cli_processes_is_shown(fake: Fake) -> None:
+    fake.control(ballast_mb=64)
+    app = fake.app(auto_session="on", warm_idle=5)
+    async with client_for(app) as client:
+        assert total(await scrape(client), "claude_api_cli_memory_bytes") == 0  # no process yet
+        await client.post("/v1/chat/completions", json={**chat("one"), "session_id": str(uuid.uuid4())})
+        [warm] = fake.alive()
+        scraped = await scrape(client)
+        status = (await client.get("/status.json")).json()["cli_memory"]
+        measure = "pss" if HAS_SMAPS_ROLLUP else "rss"
+        assert total(scraped, "claude_api_cli_memory_bytes", measure=measure) >= 64 * 1024 * 1024
+        assert status["measure"] == measure and status["bytes"] >= 64 * 1024 * 1024
+        api.sweep(app, now=time.monotonic() + 6)
+        assert await eventually(lambda: fake.alive() == [])
+        assert total(await scrape(client), "claude_api_cli_memory_bytes") == 0
+        assert (await client.get("/status.json")).json()["cli_memory"]["bytes"] == 0
 
 
 async def test_metrics_off_leaves_no_endpoint_and_counts_nothing(fake: Fake) -> None:

@@ -13,6 +13,7 @@
 - ``mcp_connects``: how many times a server added by ``mcp_set_servers`` is connected (initialize,
   notifications/initialized, tools/list) when the next turn starts: 1 as 2.1.332 does, 2 as 2.1.197 does.
 - ``control_protocol``: false for a CLI without the control protocol: control requests get no answer.
+- ``ballast_mb``: memory each process holds (resident) from its start, as a CLI process that has grown.
 
 Like the real CLI (2.1.197 and 2.1.332, measured), the process keeps its conversation between turns, answers
 the control protocol on stdin (``initialize`` with hooks and the system prompt, ``mcp_set_servers``), connects
@@ -57,6 +58,8 @@ if "--help" in args:
 if args[:2] == ["auth", "status"]:
     print(json.dumps({"loggedIn": control.get("logged_in", True), "authMethod": "fake"}))
     sys.exit(0 if control.get("logged_in", True) else 1)
+# Memory this process holds for its life, written so that it is resident: a CLI process that has grown.
+BALLAST = b"\1" * (int(control.get("ballast_mb", 0)) * 1024 * 1024)
 calls = HOME / "calls"
 calls.mkdir(exist_ok=True)
 (HOME / "protocol").mkdir(exist_ok=True)
