@@ -5225,6 +5225,11 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
     kept: int = 0  # kept_bytes of its history
+    users: int = 0  # requests holding or waiting for its lock: a session with any is never forgotten or evicted
+
+    @property
+    def idle(self) -> bool:
+        return self.users == 0
 
     @property
     def pinned(self) -> bool:
@@ -5312,7 +5317,7 @@ class Sessions:
         if (
             session is None
             or session.history != list(prior.turns if prior else ())
-            or session.lock.locked()
+            or not session.idle
             or (session.system, session.cli_model) != (chat.system, chat.cli_model)
         ):
             key = f"response-{uuid.uuid4()}"
@@ -5344,7 +5349,7 @@ class Sessions:
             held[session.owner] = held.get(session.owner, 0) + 1
         share = self.settings.max_sessions / len(held)
         idle = min(
-            (s for s in self.explicit.values() if not s.lock.locked() and (s.owner == owner or held[s.owner] > share)),
+            (s for s in self.explicit.values() if s.idle and (s.owner == owner or held[s.owner] > share)),
             key=lambda s: (held[s.owner] <= share, s.last_used),
             default=None,
         )
@@ -5359,7 +5364,7 @@ class Sessions:
     def kept(self) -> list[Kept]:
         """Everything kept between requests, each with its size; the busy sessions can not go."""
         sessions = {id(s): s for s in (*self.explicit.values(), *self.auto.values())}.values()
-        entries = [Kept(s.owner, s.kept, s.last_used, s if not s.lock.locked() else None) for s in sessions]
+        entries = [Kept(s.owner, s.kept, s.last_used, s if s.idle else None) for s in sessions]
         return entries + [
             Kept(r.owner, r.kept, r.last_used, response_id) for response_id, r in self.responses.items.items()
         ]
@@ -5415,8 +5420,8 @@ class Sessions:
 
     def forget(self, session: Session) -> None:
         """Drop a session for good: its process, its place in the maps, its transcript."""
-        if session.kind != "automatic":
-            self.explicit.pop((session.owner, session.key), None)
+        if session.kind != "automatic" and self.explicit.get((session.owner, session.key)) is session:
+            del self.explicit[session.owner, session.key]
         self.runner.store.discard(session)
         self.runner.store.died.discard(session)
         task = asyncio.ensure_future(self.delete_transcript(session))
@@ -5427,7 +5432,7 @@ class Sessions:
         """Drop sessions idle past CLAUDE_SESSION_TTL."""
         now = time.monotonic() if now is None else now
         for session in [*self.explicit.values(), *self.auto.values()]:
-            if not session.lock.locked() and now - session.last_used > self.settings.session_ttl:
+            if session.idle and now - session.last_used > self.settings.session_ttl:
                 for key in [k for k, s in self.auto.items() if s is session]:
                     del self.auto[key]
                 self.forget(session)
@@ -5470,18 +5475,24 @@ class SessionJob(Job):
         if session.lock.locked() and sessions.waiting >= sessions.settings.max_queue:
             raise Overloaded(f"Too many requests waiting on session {session.key}; retry shortly.", retry_after=5)
         sessions.waiting += 1
+        session.users += 1
         try:
             await session.lock.acquire()
+        except BaseException:
+            session.users -= 1
+            raise
         finally:
             sessions.waiting -= 1
         try:
             yield
         finally:
             session.last_used = time.monotonic()
+            session.users -= 1
             session.lock.release()
-            if (session.kind == "automatic" or self.created) and not self.registered:
+            if (session.kind == "automatic" or self.created) and not self.registered and session.idle:
                 # An automatic session nobody can reach again, or a new one whose first turn failed: it holds no
-                # conversation, and must not take the place of another.
+                # conversation, and must not take the place of another. One with a request waiting on it stays
+                # registered: that request's turn runs in it, not beside a second session of the same id.
                 sessions.forget(session)
 
     async def plan(self, runner: Runner) -> tuple[CliCall, CliProcess | None]:

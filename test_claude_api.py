@@ -2232,6 +2232,32 @@ async def test_one_keys_sessions_cannot_evict_another_keys_within_its_share(fake
     assert len(fake.calls()[-1]["request"]["messages"]) > 1  # her turn went on with its context
 
 
+async def test_a_new_session_with_a_request_waiting_outlives_its_failed_first_turn(fake: Fake) -> None:
+    # A new session whose first turn fails is forgotten, but not while another request waits on it: that request's
+    # turn runs in it, and a third request for the same id finds the same session, never a twin beside it.
+    app = fake.app()
+    async with client_for(app):
+        sessions, settings = app.state.sessions, app.state.settings
+        request = api.parse_chat_body({**chat("hi"), "session_id": str(uuid.uuid4())}, settings)
+        first, _ = sessions.job(request)
+        second, _ = sessions.job(request)
+        assert second.session is first.session
+        let_go = asyncio.Event()
+
+        async def wait_in_line() -> None:
+            async with second.hold():
+                await let_go.wait()
+
+        async with first.hold():  # the first turn runs, and fails: it registers nothing
+            waiting = asyncio.create_task(wait_in_line())
+            assert await eventually(lambda: first.session.users == 2)
+        assert [s for s in sessions.explicit.values()] == [first.session]
+        third, _ = sessions.job(request)
+        assert third.session is first.session
+        let_go.set()
+        await waiting
+
+
 def kept_in(app: Starlette) -> tuple[int, list[str]]:
     """The text and image data that the sessions and stored responses hold, and each session's first user text."""
     sessions = app.state.sessions
