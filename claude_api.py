@@ -42,6 +42,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import functools
 import hashlib
 import hmac
 import itertools
@@ -59,7 +60,17 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -673,15 +684,11 @@ class Turn:
         """Characters, for the context-length floor."""
         return len(self.text) + sum(len(call.name) + len(call.arguments) for call in self.calls)
 
-    @property
+    @functools.cached_property
     def kept_bytes(self) -> int:
         """About what keeping it costs in memory: its text, its parts, its images' data, its calls."""
         parts = sum(len(p) if isinstance(p, str) else sum(map(len, p.source.values())) for p in self.parts)
         return len(self.text) + parts + sum(len(call.name) + len(call.arguments) for call in self.calls)
-
-
-def kept_bytes(turns: Iterable[Turn]) -> int:
-    return sum(turn.kept_bytes for turn in turns)
 
 
 @dataclass(frozen=True)
@@ -5224,7 +5231,6 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: one turn at a time
     last_used: float = field(default_factory=time.monotonic)
     owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
-    kept: int = 0  # kept_bytes of its history
     users: int = 0  # requests holding or waiting for its lock: a session with any is never forgotten or evicted
 
     @property
@@ -5330,7 +5336,6 @@ class Sessions:
                 "response",
                 history=list(prior.turns) if prior else [],
                 owner=owner,
-                kept=prior.kept if prior else 0,
             )
             job = SessionJob(self, session, chat, new_input if prior else None)
             job.created = True
@@ -5362,27 +5367,39 @@ class Sessions:
         self.forget(idle)
 
     def kept(self) -> list[Kept]:
-        """Everything kept between requests, each with its size; the busy sessions can not go."""
+        """Everything kept between requests, least recently used first, each with the size of the turns it holds
+        that none before it holds; the busy sessions can not go. Sessions and stored responses share their turns
+        (a response continued holds its prior's turns, and its session the same ones), so each turn counts once:
+        a holder's turns are its prior's plus its own, so reading them newest first, the first one already
+        counted ends the new ones."""
         sessions = {id(s): s for s in (*self.explicit.values(), *self.auto.values())}.values()
-        entries = [Kept(s.owner, s.kept, s.last_used, s if s.idle else None) for s in sessions]
-        return entries + [
-            Kept(r.owner, r.kept, r.last_used, response_id) for response_id, r in self.responses.items.items()
+        holders: list[tuple[float, str, Sequence[Turn], Session | str | None]] = [
+            (s.last_used, s.owner, s.history, s if s.idle else None) for s in sessions
         ]
+        holders += [(r.last_used, r.owner, r.turns, key) for key, r in self.responses.items.items()]
+        holders.sort(key=lambda holder: holder[0])
+        seen: set[int] = set()
+
+        def unseen(turns: Sequence[Turn]) -> int:
+            size = 0
+            for turn in reversed(turns):
+                if id(turn) in seen:
+                    break
+                seen.add(id(turn))
+                size += turn.kept_bytes
+            return size
+
+        return [Kept(owner, unseen(turns), used, what) for used, owner, turns, what in holders]
 
     def fit_memory(self) -> None:
         """Keep what sessions and stored responses hold within CLAUDE_MAX_KEPT_BYTES: past it, idle ones go, those
         of a key holding more than its share (the budget over the keys holding any) first, each least recently
         used first."""
         budget = self.settings.max_kept_bytes
-        if (
-            sum(s.kept for s in self.explicit.values())
-            + sum(s.kept for s in self.auto.values())
-            + sum(r.kept for r in self.responses.items.values())
-            <= budget
-        ):  # the common case, counted without building the list
-            return
         entries = self.kept()
         total = sum(entry.size for entry in entries)
+        if total <= budget:
+            return
         held: dict[str, int] = {}
         for entry in entries:
             held[entry.owner] = held.get(entry.owner, 0) + entry.size
@@ -5549,7 +5566,6 @@ class SessionJob(Job):
     def answered(self, turn: Turn, exact: bool) -> None:
         session = self.session
         session.history = [*self.context, turn]
-        session.kept = kept_bytes(session.history)
         if session.kind != "automatic":
             self.registered = True
             self.sessions.explicit.setdefault((session.owner, session.key), session)  # a failed turn's twin forgot it
@@ -5569,7 +5585,6 @@ class StoredResponse:
     session: Session | None  # the CLI conversation whose head it is, when there is one
     owner: str = ""  # the API key that made it (see KEY_OWNER)
     created: float = field(default_factory=time.monotonic)
-    kept: int = 0  # kept_bytes of its turns
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -5601,7 +5616,7 @@ class ResponseStore:
 
     def put(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
         session = job.session if isinstance(job, SessionJob) else None
-        self.items[response_id] = StoredResponse(turns, session, owner, kept=kept_bytes(turns))
+        self.items[response_id] = StoredResponse(turns, session, owner)
         while len(self.items) > MAX_AUTO_SESSIONS:
             self.items.popitem(last=False)
 

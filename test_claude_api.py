@@ -2258,12 +2258,31 @@ async def test_a_new_session_with_a_request_waiting_outlives_its_failed_first_tu
         await waiting
 
 
+async def test_a_chain_of_responses_counts_the_turns_it_shares_once(fake: Fake) -> None:
+    # Each response continued holds its prior's turns, and its session the same ones: the byte budget counts each
+    # turn once, so a long chain over one large turn keeps every response, and its first stays continuable.
+    app = fake.app(max_kept_bytes=400_000)
+    async with client_for(app) as client:
+        post = {"model": "sonnet", "input": "x" * 100_000}
+        ids = []
+        for n in range(8):
+            answer = await client.post("/v1/responses", json=post)
+            assert answer.status_code == 200, answer.text
+            ids.append(answer.json()["id"])
+            post = {"model": "sonnet", "input": f"go on {n}", "previous_response_id": ids[-1]}
+        assert set(ids) <= set(app.state.responses.items)
+        branch = {"model": "sonnet", "input": "from the start", "previous_response_id": ids[0]}
+        assert (await client.post("/v1/responses", json=branch)).status_code == 200
+
+
 def kept_in(app: Starlette) -> tuple[int, list[str]]:
-    """The text and image data that the sessions and stored responses hold, and each session's first user text."""
+    """The text and image data that the sessions and stored responses hold, each turn once (they share turns), and
+    each session's first user text."""
     sessions = app.state.sessions
     held = {id(s): s for s in (*sessions.explicit.values(), *sessions.auto.values())}.values()
-    turns = [t for s in held for t in s.history] + [t for r in app.state.responses.items.values() for t in r.turns]
-    size = sum(len(t.text) + sum(len(p.source.get("data", "")) for p in t.images) for t in turns)
+    responses = app.state.responses.items.values()
+    turns = {id(t): t for t in [*(t for s in held for t in s.history), *(t for r in responses for t in r.turns)]}
+    size = sum(len(t.text) + sum(len(p.source.get("data", "")) for p in t.images) for t in turns.values())
     return size, sorted(s.history[0].text for s in held if s.history)
 
 
