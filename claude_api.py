@@ -3495,7 +3495,7 @@ class Reservation:
 
     key: str
     usd: float
-    expires: float  # a request that somehow never ends holds nothing past this
+    expires: float  # a backstop: every way a request ends settles its hold, but none outlives the key's day
     used: float = 0.0
     settled: bool = False  # the request ended: what it cost is in the key's spending now
 
@@ -3518,26 +3518,27 @@ class KeyLimits:
         self.spent: dict[str, tuple[int, float]] = {}  # (day, dollars) by key name
         self.reservations: dict[str, list[Reservation]] = {}  # by key name, of requests under way
         self.costs: dict[str, deque[float]] = {}  # the last requests' costs by key name, "" for the whole server
-        self.hold_for = settings.request_timeout + settings.body_timeout + 60
 
     def spent_today(self, key: str, now: float) -> float:
         day, spent = self.spent.get(key, (0, 0.0))
         return spent if day == int(now // DAY) else 0.0
 
-    def held(self, key: str, now: float) -> float:
-        """What the key's requests under way hold, the ended and expired ones dropped."""
+    def held(self, key: str, now: float) -> tuple[float, int]:
+        """What the key's requests under way hold, and how many there are, the ended and expired ones dropped. A
+        request charged past its estimate holds nothing more, yet it is still under way."""
         live = [r for r in self.reservations.get(key, ()) if not r.settled and r.expires > now]
         self.reservations[key] = live
-        return sum(r.held for r in live)
+        return sum(r.held for r in live), len(live)
 
     def estimate(self, key: str) -> float:
         costs = self.costs.get(key) or self.costs.get("")
         return sum(costs) / len(costs) if costs else DEFAULT_ESTIMATE
 
-    def admit(self, key: str, now: float | None = None) -> None:
-        """Count a request against its key's limits, or raise KeyLimitReached."""
+    def admit(self, key: str, now: float | None = None, *, spends: bool = True) -> None:
+        """Count a request against its key's limits, or raise KeyLimitReached. One that ``spends`` nothing (a
+        token count, made locally) counts against the requests per minute only."""
         now = time.time() if now is None else now
-        if (usd := self.usd.get(key, self.usd.get("*"))) is not None:
+        if spends and (usd := self.usd.get(key, self.usd.get("*"))) is not None:
             spent, held = self.spent_today(key, now), self.held(key, now)
             if spent >= usd:
                 raise KeyLimitReached(
@@ -3545,7 +3546,7 @@ class KeyLimits:
                     "(CLAUDE_KEY_USD_PER_DAY); it resets at midnight UTC.",
                     retry_after=(int(now // DAY) + 1) * DAY - now,
                 )
-            self.check_held(key, usd, spent, held, self.estimate(key))
+            self.check_held(key, usd, spent, *held, self.estimate(key))
         if (rpm := self.rpm.get(key, self.rpm.get("*"))) is not None:
             recent = self.recent.setdefault(key, deque())
             while recent and recent[0] <= now - 60:
@@ -3558,10 +3559,10 @@ class KeyLimits:
             recent.append(now)
 
     @staticmethod
-    def check_held(key: str, usd: float, spent: float, held: float, estimate: float) -> None:
+    def check_held(key: str, usd: float, spent: float, held: float, under_way: int, estimate: float) -> None:
         """Refuse a request whose estimate, with what the key spent and what its requests under way hold, would
         pass its dollars; one at a time always goes."""
-        if held > 0 and spent + held + estimate > usd:
+        if under_way and spent + held + estimate > usd:
             raise KeyLimitReached(
                 f"The key {key!r} has spent {dollars(spent)} today and its requests under way may spend "
                 f"{dollars(held)} more, against its limit of {dollars(usd)} a day (CLAUDE_KEY_USD_PER_DAY); "
@@ -3577,8 +3578,8 @@ class KeyLimits:
             return None
         now = time.time() if now is None else now
         estimate = max(self.estimate(key), least)
-        self.check_held(key, usd, self.spent_today(key, now), self.held(key, now), estimate)
-        reservation = Reservation(key, estimate, now + self.hold_for)
+        self.check_held(key, usd, self.spent_today(key, now), *self.held(key, now), estimate)
+        reservation = Reservation(key, estimate, (int(now // DAY) + 1) * DAY)
         self.reservations.setdefault(key, []).append(reservation)
         return reservation
 
@@ -6845,7 +6846,7 @@ async def count_tokens(request: Request) -> Response:
     It counts against the key's requests per minute all the same: checking a body is work this server does."""
     state = request.app.state
     settings: Settings = state.settings
-    state.limits.admit(key_name(request))
+    state.limits.admit(key_name(request), spends=False)
     chat, _ = await off_loop(parse_messages_request, await read_json(request, settings), settings, count_only=True)
     return with_request_id(JSONResponse({"input_tokens": estimate_input_tokens(chat)}))
 

@@ -6409,6 +6409,36 @@ async def test_a_request_holds_at_least_what_its_input_costs(fake: Fake) -> None
     assert sorted(a.status_code for a in answers) == [200, 429, 429, 429, 429]
 
 
+def test_a_request_charged_past_its_estimate_is_still_under_way() -> None:
+    # A request charged more than it held holds nothing more, but it is running: the next one must fit the limit
+    # with what is spent, not go through as if it ran alone.
+    limits = api.KeyLimits(make_settings(api_keys=KEYS, key_usd_per_day="bob:1"))
+    limits.spend("bob", 0.50)
+    running = limits.reserve("bob", least=0.10)
+    assert running is not None
+    running.used = 0.45
+    limits.spend("bob", 0.45)
+    with pytest.raises(api.KeyLimitReached, match="under way"):
+        limits.reserve("bob", least=0.10)
+    running.settled = True
+    assert limits.reserve("bob", least=0.10) is not None  # alone again: one at a time always goes
+
+
+async def test_count_tokens_is_not_refused_for_dollars(fake: Fake) -> None:
+    # A token count is made here and spends nothing: a key at its dollar limit may still count, within its minute.
+    app = fake.app(api_keys=KEYS, key_usd_per_day="bob:0.0001", key_rpm="bob:2")
+    bob = bearer("sk-bob-secret")
+    body = {"model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=chat(), headers=bob)).is_success  # past its dollars
+        spent = await client.post("/v1/chat/completions", json=chat(), headers=bob)
+        assert spent.status_code == 429
+        counted = await client.post("/v1/messages/count_tokens", json=body, headers=bob)
+        assert counted.status_code == 200, counted.text
+        refused = await client.post("/v1/messages/count_tokens", json=body, headers=bob)
+    assert refused.status_code == 429 and "per minute" in refused.json()["error"]["message"]
+
+
 async def test_status_failures_carry_no_message(fake: Fake) -> None:
     app = fake.app(api_keys=KEYS)
     async with client_for(app) as client:
