@@ -3981,7 +3981,11 @@ class ToolPolicy:
         self.denials += 1
         if not self.corrected:
             self.corrected, self.corrections = True, self.corrections + 1
-        if self.corrections > MAX_CORRECTIONS or self.denials > MAX_DENIALS:
+        if self.denials > MAX_DENIALS:
+            raise InvalidModelOutput(
+                f"The model made more than {MAX_DENIALS} refused calls in one turn; the last one: {problem}"
+            )
+        if self.corrections > MAX_CORRECTIONS:
             raise InvalidModelOutput(
                 f"The model's answers broke the request's rules {self.corrections} times in one turn; the last "
                 f"time: {problem}"
