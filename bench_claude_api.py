@@ -1358,14 +1358,18 @@ class BareCli:
             cwd=call.cwd,
             start_new_session=True,
         )
+        self.first_token: float | None = None  # seconds to the latest turn's first text delta
 
     def turn(self, text: str, expect: str) -> tuple[float, float]:
         """Ask; return (perf_counter at the start, seconds to the result line)."""
         assert self.process.stdin and self.process.stdout
         start = time.perf_counter()
+        self.first_token = None
         self.process.stdin.write(api.user_message_line([{"type": "text", "text": text}]))
         self.process.stdin.flush()
         for line in self.process.stdout:
+            if self.first_token is None and event_type(line) == "text_delta":
+                self.first_token = time.perf_counter() - start
             event = json.loads(line)
             if event.get("type") == "result":
                 if event.get("result") != expect:
@@ -1388,67 +1392,124 @@ async def settled_then(pool: WarmPool, ask: Callable[[], tuple[float, float]]) -
     return await asyncio.to_thread(ask)
 
 
-def limit_warm_turns(lab: Lab, runs: int) -> dict[str, list[float]]:
-    """``runs`` conversations of SESSION_TURNS turns each, a stateless SDK client through a server with the
-    default settings beside the bare CLI, taking turns: turns 2 onwards, beyond the stand-in's own time."""
-    added: dict[str, list[float]] = {"server": [], "bare": []}
+async def beyond_standin(lab: Lab, spans: list[tuple[float, float]]) -> float:
+    """Seconds of the (start, seconds) spans beyond the stand-in's own time."""
+    await asyncio.sleep(0.02)  # a stream's span is noted just after its last byte
+    return sum(seconds - lab.standin.upstream_seconds(start, start + seconds) for start, seconds in spans)
+
+
+@dataclass
+class LimitTurns:
+    """The warm turns of figure 13, each beyond the stand-in's own time, and the agent chat's cache."""
+
+    added: dict[str, list[float]] = field(default_factory=lambda: {"server": [], "agent": [], "bare": []})
+    agent: AgentChat = field(default_factory=lambda: AgentChat())  # defined with figure 9, below
+
+
+async def limit_conversation(lab: Lab, http: httpx.AsyncClient, url: str, n: int, got: LimitTurns) -> None:
+    """One conversation of each side, taking turns: a stateless SDK client, the same client's agent chat with
+    8 functions (each turn a call and its result sent back: two requests), and the bare CLI."""
+    messages: list[Any] = [{"role": "system", "content": SESSION_SYSTEM}]
+    with StatelessChat(url) as chat, BareCli(lab, SESSION_SYSTEM) as bare:
+
+        async def agent(turn: int) -> list[tuple[float, float]]:
+            messages.append({"role": "user", "content": tool_question(turn)})
+            exchanges = await agent_turn(http, url, messages, FUNCTIONS)
+            if turn:
+                got.agent.prompt.append(sum(e.usage.get("prompt_tokens", 0) for e in exchanges))
+                got.agent.cached.append(
+                    sum((e.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for e in exchanges)
+                )
+            return [(e.start, e.seconds) for e in exchanges]
+
+        async def server(turn: int) -> list[tuple[float, float]]:
+            return [(await asyncio.to_thread(chat.turn, question(turn), SESSION_ANSWER))[:2]]
+
+        async def alone(turn: int) -> list[tuple[float, float]]:
+            return [await asyncio.to_thread(bare.turn, question(turn), SESSION_ANSWER)]
+
+        sides = {"server": server, "agent": agent, "bare": alone}
+        names = list(sides)
+        for turn in range(SESSION_TURNS):
+            k = (n + turn) % len(names)
+            for name in names[k:] + names[:k]:
+                spans = await sides[name](turn)
+                added = await beyond_standin(lab, spans)
+                if turn:
+                    got.added[name].append(added)
+
+
+def limit_warm_turns(lab: Lab, runs: int) -> LimitTurns:
+    """``runs`` conversations of SESSION_TURNS turns from each side (see ``limit_conversation``), through a server
+    with the default settings and with the bare CLI: turns 2 onwards, beyond the stand-in's own time."""
+    got = LimitTurns()
+
+    async def measure(url: str) -> None:
+        async with client() as http:
+            for n in range(runs):
+                await limit_conversation(lab, http, url, n, got)
+
+    lab.standin.reset(default=replace(TOOLS_REPLY, delay=0.0))  # text without functions, a call with them
+    lab.standin.forget_cache()
     with t.serve(lab.app()) as url:
-        for n in range(runs):
-            with StatelessChat(url) as chat, BareCli(lab, SESSION_SYSTEM) as bare:
-                sides: dict[str, Callable[[str, str], tuple[float, float]]] = {
-                    "server": lambda text, expect: chat.turn(text, expect)[:2],
-                    "bare": bare.turn,
-                }
-                for turn in range(SESSION_TURNS):
-                    for name in ["server", "bare"] if (n + turn) % 2 == 0 else ["bare", "server"]:
-                        start, seconds = sides[name](question(turn), SESSION_ANSWER)
-                        time.sleep(0.02)  # a stream's span is noted just after its last byte
-                        if turn:
-                            added[name].append(seconds - lab.standin.upstream_seconds(start, start + seconds))
-    return added
+        asyncio.run(measure(url))
+    return got
 
 
 def limit_first_turns(lab: Lab, runs: int) -> tuple[dict[str, list[float]], Row]:
-    """A one-shot request to a server with its pool full, beside a bare CLI's first turn (started, then idle),
-    alternating: each beyond the stand-in's own time."""
-    added: dict[str, list[float]] = {"server": [], "bare": []}
+    """Taking turns: a one-shot request to a server with its pool full beside a bare CLI's first turn (started,
+    then idle), each beyond the stand-in's own time; and a streamed one-shot request's first content chunk beside
+    the first text delta of a warm turn of a bare CLI kept running."""
 
-    async def measure(url: str) -> Row:
+    async def measure(url: str) -> tuple[dict[str, list[float]], Row]:
         async with client() as http:
             pool = WarmPool(http, url)
-            for n in range(runs + 1):
-                for name in ["server", "bare"] if n % 2 == 0 else ["bare", "server"]:
-                    if name == "server":
-                        await pool.settle()
-                        start = time.perf_counter()
-                        seconds = await timed_completion(http, url, fresh_prompt())
-                    else:
-                        with BareCli(lab, api.NEUTRAL_SYSTEM_PROMPT) as bare:
-                            start, seconds = await settled_then(pool, lambda: bare.turn(PROMPT, STREAM_REPLY.text))
-                    await asyncio.sleep(0.02)
-                    if n:  # the first round warms the pool's options up
-                        added[name].append(seconds - lab.standin.upstream_seconds(start, start + seconds))
-            return await pool.row(LIMIT_FIGURE, runs + 1)
+            with BareCli(lab, api.NEUTRAL_SYSTEM_PROMPT) as warm:
+
+                async def one_shot() -> float:
+                    await pool.settle()
+                    start = time.perf_counter()
+                    return await beyond_standin(lab, [(start, await timed_completion(http, url, fresh_prompt()))])
+
+                async def first_turn() -> float:
+                    with BareCli(lab, api.NEUTRAL_SYSTEM_PROMPT) as bare:
+                        span = await settled_then(pool, lambda: bare.turn(PROMPT, STREAM_REPLY.text))
+                    return await beyond_standin(lab, [span])
+
+                async def streamed() -> float:
+                    await pool.settle()
+                    return await timed_first_chunk(http, url, fresh_prompt())
+
+                async def warm_token() -> float:
+                    await settled_then(pool, lambda: warm.turn(PROMPT, STREAM_REPLY.text))
+                    if warm.first_token is None:
+                        raise BenchError("the bare CLI printed no text_delta stream_event")
+                    return warm.first_token
+
+                # The warm-ups warm the pool's options up, and the kept bare CLI past its first turn.
+                samplers = {"server": one_shot, "bare": first_turn, "stream": streamed, "bare token": warm_token}
+                got = await interleaved(runs, samplers)
+            return got, await pool.row(LIMIT_FIGURE, 2 * (runs + 1))
 
     lab.standin.reset(default=t.Reply(text=STREAM_REPLY.text))
     with t.serve(lab.app()) as url:
-        row = asyncio.run(measure(url))
-    return added, row
+        return asyncio.run(measure(url))
 
 
 def bench_limit(lab: Lab, runs: int) -> list[Row]:
-    lab.standin.reset(default=t.Reply(text=SESSION_ANSWER))
     warm = limit_warm_turns(lab, runs)
     first, pool_row = limit_first_turns(lab, runs)
     lab.standin.reset()
     p50 = {
-        f"{kind} {name}": percentile(got[name], 50) for kind, got in (("warm", warm), ("first", first)) for name in got
+        f"{kind} {name}": percentile(got[name], 50)
+        for kind, got in (("warm", warm.added), ("first", first))
+        for name in got
     }
     turn_ratio = p50["warm server"] / p50["warm bare"]
     first_ratio = p50["first server"] / p50["warm bare"]
     return [
-        Row(LIMIT_FIGURE, "bare CLI, warm turn (2-10), beyond the stand-in", p50_p95(warm["bare"]), "the limit"),
-        Row(LIMIT_FIGURE, "server, a stateless client's turn (2-10), beyond", p50_p95(warm["server"])),
+        Row(LIMIT_FIGURE, "bare CLI, warm turn (2-10), beyond the stand-in", p50_p95(warm.added["bare"]), "the limit"),
+        Row(LIMIT_FIGURE, "server, a stateless client's turn (2-10), beyond", p50_p95(warm.added["server"])),
         Row(
             LIMIT_FIGURE,
             "  server turn / bare warm turn",
@@ -1470,6 +1531,26 @@ def bench_limit(lab: Lab, runs: int) -> list[Row]:
             f"{first_ratio:.2f}x at p50",
             f"<= {LIMIT_FIRST_GOAL:.2f}x",
             verdict(first_ratio <= LIMIT_FIRST_GOAL),
+        ),
+        Row(LIMIT_FIGURE, "bare CLI, warm turn: first text delta", p50_p95(first["bare token"]), "the limit"),
+        Row(LIMIT_FIGURE, "server, streamed one-shot, pool full: first token", p50_p95(first["stream"])),
+        Row(
+            LIMIT_FIGURE,
+            "  first token: server / bare warm turn",
+            f"{p50['first stream'] / p50['first bare token']:.2f}x at p50 "
+            f"({signed_ms(p50['first stream'] - p50['first bare token'])})",
+            "report",
+        ),
+        Row(
+            LIMIT_FIGURE,
+            f"server, agent turn with {len(FUNCTIONS)} functions (2-10: call + result, two requests), beyond",
+            f"{p50_p95(warm.added['agent'])}; {warm.agent.share(0):.1%} of its prompt tokens from cache",
+        ),
+        Row(
+            LIMIT_FIGURE,
+            "  agent turn / bare plain warm turn (a bare CLI has no client functions)",
+            f"{p50['warm agent'] / p50['warm bare']:.2f}x at p50 ({signed_ms(p50['warm agent'] - p50['warm bare'])})",
+            "report",
         ),
         pool_row,
     ]
