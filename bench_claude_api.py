@@ -1336,12 +1336,44 @@ LIMIT_TURN_GOAL = 1.20  # a stateless client's turn through the server / the bar
 LIMIT_FIRST_GOAL = 1.50  # a one-shot request with the pool full / the bare CLI's warm turn, at most
 
 
+# The bare CLI's functions: an MCP server on stdio (newline-delimited JSON-RPC) with the 8 functions of figure 9,
+# each answering at once, as the client of the server's agent turn does.
+MCP_FUNCTIONS_SCRIPT = """
+import json, os, sys
+functions = json.loads(os.environ["BENCH_FUNCTIONS"])
+tools = [{"name": f["name"], "description": f["description"], "inputSchema": f["parameters"]} for f in functions]
+for line in sys.stdin:
+    message = json.loads(line)
+    method, params = message.get("method"), message.get("params") or {}
+    if "id" not in message:
+        continue
+    if method == "initialize":
+        info = {"name": "bench", "version": "1"}
+        result = {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}}, "serverInfo": info}
+    elif method == "tools/list":
+        result = {"tools": tools}
+    elif method == "tools/call":
+        value = {"function": params.get("name"), "ok": True, "value": f"result for {params.get('arguments')}"}
+        result = {"content": [{"type": "text", "text": json.dumps(value)}]}
+    elif method == "ping":
+        result = {}
+    else:
+        answer = {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32601, "message": "unknown method"}}
+        print(json.dumps(answer), flush=True)
+        continue
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"""
+MCP_FUNCTIONS_SERVER = "bench"
+
+
 class BareCli:
     """The CLI alone, as the limit: one process with the server's argv, environment and working directory (the
     system prompt ``system``), in stream-json mode, sent one user line per turn; no server, no control requests,
-    no hooks. A turn is timed from the write of its line to the CLI's result line."""
+    no hooks. With ``functions``, the CLI's own way to call functions: figure 9's 8 functions from an MCP server
+    on stdio (MCP_FUNCTIONS_SCRIPT), allowed to run. A turn is timed from the write of its line to the CLI's result
+    line."""
 
-    def __init__(self, lab: Lab, system: str) -> None:
+    def __init__(self, lab: Lab, system: str, functions: bool = False) -> None:
         assert lab.json_call
         call = lab.json_call
         argv = call.fresh_argv()
@@ -1349,6 +1381,16 @@ class BareCli:
         own = prompt.with_name(f"bare-{uuid.uuid4().hex}.txt")
         own.write_text(system, encoding="utf-8")
         argv[argv.index("--system-prompt-file") + 1] = str(own)
+        if functions:
+            listed = json.dumps([f["function"] for f in FUNCTIONS])
+            server = {
+                "command": sys.executable,
+                "args": ["-c", MCP_FUNCTIONS_SCRIPT],
+                "env": {"BENCH_FUNCTIONS": listed},
+            }
+            config = own.with_suffix(".mcp.json")
+            config.write_text(json.dumps({"mcpServers": {MCP_FUNCTIONS_SERVER: server}}), encoding="utf-8")
+            argv += ["--mcp-config", str(config), "--allowedTools", f"mcp__{MCP_FUNCTIONS_SERVER}"]
         self.process = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -1361,7 +1403,7 @@ class BareCli:
         self.first_token: float | None = None  # seconds to the latest turn's first text delta
 
     def turn(self, text: str, expect: str) -> tuple[float, float]:
-        """Ask; return (perf_counter at the start, seconds to the result line)."""
+        """Ask; return (perf_counter at the start, seconds to the result line, whose answer ends with ``expect``)."""
         assert self.process.stdin and self.process.stdout
         start = time.perf_counter()
         self.first_token = None
@@ -1372,7 +1414,7 @@ class BareCli:
                 self.first_token = time.perf_counter() - start
             event = json.loads(line)
             if event.get("type") == "result":
-                if event.get("result") != expect:
+                if not str(event.get("result")).endswith(expect):
                     raise BenchError(f"the bare CLI answered {json.dumps(event)[:300]}")
                 return start, time.perf_counter() - start
         raise BenchError("the bare CLI exited before its result")
@@ -1402,7 +1444,9 @@ async def beyond_standin(lab: Lab, spans: list[tuple[float, float]]) -> float:
 class LimitTurns:
     """The warm turns of figure 13, each beyond the stand-in's own time, and the agent chat's cache."""
 
-    added: dict[str, list[float]] = field(default_factory=lambda: {"server": [], "agent": [], "bare": []})
+    added: dict[str, list[float]] = field(
+        default_factory=lambda: {"server": [], "agent": [], "bare": [], "bare agent": []}
+    )
     agent: AgentChat = field(default_factory=lambda: AgentChat())  # defined with figure 9, below
 
 
@@ -1410,7 +1454,11 @@ async def limit_conversation(lab: Lab, http: httpx.AsyncClient, url: str, n: int
     """One conversation of each side, taking turns: a stateless SDK client, the same client's agent chat with
     8 functions (each turn a call and its result sent back: two requests), and the bare CLI."""
     messages: list[Any] = [{"role": "system", "content": SESSION_SYSTEM}]
-    with StatelessChat(url) as chat, BareCli(lab, SESSION_SYSTEM) as bare:
+    with (
+        StatelessChat(url) as chat,
+        BareCli(lab, SESSION_SYSTEM) as bare,
+        BareCli(lab, SESSION_SYSTEM, functions=True) as bare_agent,
+    ):
 
         async def agent(turn: int) -> list[tuple[float, float]]:
             messages.append({"role": "user", "content": tool_question(turn)})
@@ -1428,7 +1476,10 @@ async def limit_conversation(lab: Lab, http: httpx.AsyncClient, url: str, n: int
         async def alone(turn: int) -> list[tuple[float, float]]:
             return [await asyncio.to_thread(bare.turn, question(turn), SESSION_ANSWER)]
 
-        sides = {"server": server, "agent": agent, "bare": alone}
+        async def alone_agent(turn: int) -> list[tuple[float, float]]:
+            return [await asyncio.to_thread(bare_agent.turn, tool_question(turn), SESSION_ANSWER)]
+
+        sides = {"server": server, "agent": agent, "bare": alone, "bare agent": alone_agent}
         names = list(sides)
         for turn in range(SESSION_TURNS):
             k = (n + turn) % len(names)
@@ -1543,13 +1594,20 @@ def bench_limit(lab: Lab, runs: int) -> list[Row]:
         ),
         Row(
             LIMIT_FIGURE,
-            f"server, agent turn with {len(FUNCTIONS)} functions (2-10: call + result, two requests), beyond",
+            f"bare CLI, agent turn (2-10), {len(FUNCTIONS)} functions on a stdio MCP server, beyond",
+            p50_p95(warm.added["bare agent"]),
+            "the limit",
+        ),
+        Row(
+            LIMIT_FIGURE,
+            "server, agent turn (2-10): call + result (two requests), beyond",
             f"{p50_p95(warm.added['agent'])}; {warm.agent.share(0):.1%} of its prompt tokens from cache",
         ),
         Row(
             LIMIT_FIGURE,
-            "  agent turn / bare plain warm turn (a bare CLI has no client functions)",
-            f"{p50['warm agent'] / p50['warm bare']:.2f}x at p50 ({signed_ms(p50['warm agent'] - p50['warm bare'])})",
+            "  server agent turn / bare agent turn",
+            f"{p50['warm agent'] / p50['warm bare agent']:.2f}x at p50 "
+            f"({signed_ms(p50['warm agent'] - p50['warm bare agent'])})",
             "report",
         ),
         pool_row,
