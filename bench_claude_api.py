@@ -2,7 +2,7 @@
 
     python bench_claude_api.py [--runs N] [--cli PATH] [--figure N ...]
 
-Prints one table with eleven figures (or only those named with --figure), then a one-line verdict per goal:
+Prints one table with thirteen figures (or only those named with --figure), then a one-line verdict per goal:
   1. a one-shot, non-streaming request, each a new conversation: a plain ``claude -p`` for reference; the CLI
      run directly with the server's argv (to its exit, and to its result line); the HTTP round trip through a
      server with CLAUDE_PREWARM=0, which starts a CLI per request as the direct run does (goal: within 1.10x of
@@ -49,8 +49,12 @@ Prints one table with eleven figures (or only those named with --figure), then a
   13. the limit: the CLI alone (a bare process with the server's argv, environment and system prompt, in
      stream-json mode, no server and no hooks) beside the server, taking turns, each beyond the stand-in's own
      time: a stateless SDK client's turns 2-10 through a server with the default settings against the bare
-     process's warm turns (goal: within 1.2x), and a one-shot request to a server with its pool full against the
-     bare process's first turn (started, then idle) and its warm turn (goal: within 1.5x of the warm turn).
+     process's warm turns (goal: within 1.2x); the same client's agent chat with figure 9's 8 functions (each
+     turn a call and its result sent back: two requests) against a bare process given the same functions by an
+     MCP server on stdio (one turn: the CLI calls them itself); a one-shot request to a server with its pool
+     full against the bare process's first turn (started, then idle) and its warm turn (goal: within 1.5x of
+     the warm turn); and the first content chunk of a streamed one-shot request, pool full, against the first
+     text delta of a bare process's warm turn.
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
