@@ -1456,7 +1456,8 @@ class LimitTurns:
 
 async def limit_conversation(lab: Lab, http: httpx.AsyncClient, url: str, n: int, got: LimitTurns) -> None:
     """One conversation of each side, taking turns: a stateless SDK client, the same client's agent chat with
-    8 functions (each turn a call and its result sent back: two requests), and the bare CLI."""
+    8 functions (each turn a call and its result sent back: two requests), the bare CLI, and a bare CLI with the
+    same functions on an MCP server of its own (each turn a call it makes itself, then the answer)."""
     messages: list[Any] = [{"role": "system", "content": SESSION_SYSTEM}]
     with (
         StatelessChat(url) as chat,
