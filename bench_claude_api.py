@@ -2,7 +2,7 @@
 
     python bench_claude_api.py [--runs N] [--cli PATH] [--figure N ...]
 
-Prints one table with eleven figures (or only those named with --figure), then a one-line verdict per goal:
+Prints one table with thirteen figures (or only those named with --figure), then a one-line verdict per goal:
   1. a one-shot, non-streaming request, each a new conversation: a plain ``claude -p`` for reference; the CLI
      run directly with the server's argv (to its exit, and to its result line); the HTTP round trip through a
      server with CLAUDE_PREWARM=0, which starts a CLI per request as the direct run does (goal: within 1.10x of
@@ -49,8 +49,12 @@ Prints one table with eleven figures (or only those named with --figure), then a
   13. the limit: the CLI alone (a bare process with the server's argv, environment and system prompt, in
      stream-json mode, no server and no hooks) beside the server, taking turns, each beyond the stand-in's own
      time: a stateless SDK client's turns 2-10 through a server with the default settings against the bare
-     process's warm turns (goal: within 1.2x), and a one-shot request to a server with its pool full against the
-     bare process's first turn (started, then idle) and its warm turn (goal: within 1.5x of the warm turn).
+     process's warm turns (goal: within 1.2x); the same client's agent chat with figure 9's 8 functions (each
+     turn a call and its result sent back: two requests) against a bare process given the same functions by an
+     MCP server on stdio (one turn: the CLI calls them itself); a one-shot request to a server with its pool
+     full against the bare process's first turn (started, then idle) and its warm turn (goal: within 1.5x of
+     the warm turn); and the first content chunk of a streamed one-shot request, pool full, against the first
+     text delta of a bare process's warm turn.
 
 The real CLI talks to ``StandIn`` (a Messages-API stand-in from testdata/support.py) on a loopback port,
 with HOME in a temporary directory and ANTHROPIC_API_KEY=sk-test, so no account is needed. Its
@@ -1336,12 +1340,44 @@ LIMIT_TURN_GOAL = 1.20  # a stateless client's turn through the server / the bar
 LIMIT_FIRST_GOAL = 1.50  # a one-shot request with the pool full / the bare CLI's warm turn, at most
 
 
+# The bare CLI's functions: an MCP server on stdio (newline-delimited JSON-RPC) with the 8 functions of figure 9,
+# each answering at once, as the client of the server's agent turn does.
+MCP_FUNCTIONS_SCRIPT = """
+import json, os, sys
+functions = json.loads(os.environ["BENCH_FUNCTIONS"])
+tools = [{"name": f["name"], "description": f["description"], "inputSchema": f["parameters"]} for f in functions]
+for line in sys.stdin:
+    message = json.loads(line)
+    method, params = message.get("method"), message.get("params") or {}
+    if "id" not in message:
+        continue
+    if method == "initialize":
+        info = {"name": "bench", "version": "1"}
+        result = {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}}, "serverInfo": info}
+    elif method == "tools/list":
+        result = {"tools": tools}
+    elif method == "tools/call":
+        value = {"function": params.get("name"), "ok": True, "value": f"result for {params.get('arguments')}"}
+        result = {"content": [{"type": "text", "text": json.dumps(value)}]}
+    elif method == "ping":
+        result = {}
+    else:
+        answer = {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32601, "message": "unknown method"}}
+        print(json.dumps(answer), flush=True)
+        continue
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"""
+MCP_FUNCTIONS_SERVER = "bench"
+
+
 class BareCli:
     """The CLI alone, as the limit: one process with the server's argv, environment and working directory (the
     system prompt ``system``), in stream-json mode, sent one user line per turn; no server, no control requests,
-    no hooks. A turn is timed from the write of its line to the CLI's result line."""
+    no hooks. With ``functions``, the CLI's own way to call functions: figure 9's 8 functions from an MCP server
+    on stdio (MCP_FUNCTIONS_SCRIPT), allowed to run. A turn is timed from the write of its line to the CLI's result
+    line."""
 
-    def __init__(self, lab: Lab, system: str) -> None:
+    def __init__(self, lab: Lab, system: str, functions: bool = False) -> None:
         assert lab.json_call
         call = lab.json_call
         argv = call.fresh_argv()
@@ -1349,6 +1385,16 @@ class BareCli:
         own = prompt.with_name(f"bare-{uuid.uuid4().hex}.txt")
         own.write_text(system, encoding="utf-8")
         argv[argv.index("--system-prompt-file") + 1] = str(own)
+        if functions:
+            listed = json.dumps([f["function"] for f in FUNCTIONS])
+            server = {
+                "command": sys.executable,
+                "args": ["-c", MCP_FUNCTIONS_SCRIPT],
+                "env": {"BENCH_FUNCTIONS": listed},
+            }
+            config = own.with_suffix(".mcp.json")
+            config.write_text(json.dumps({"mcpServers": {MCP_FUNCTIONS_SERVER: server}}), encoding="utf-8")
+            argv += ["--mcp-config", str(config), "--allowedTools", f"mcp__{MCP_FUNCTIONS_SERVER}"]
         self.process = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -1358,17 +1404,21 @@ class BareCli:
             cwd=call.cwd,
             start_new_session=True,
         )
+        self.first_token: float | None = None  # seconds to the latest turn's first text delta
 
     def turn(self, text: str, expect: str) -> tuple[float, float]:
-        """Ask; return (perf_counter at the start, seconds to the result line)."""
+        """Ask; return (perf_counter at the start, seconds to the result line, whose answer ends with ``expect``)."""
         assert self.process.stdin and self.process.stdout
         start = time.perf_counter()
+        self.first_token = None
         self.process.stdin.write(api.user_message_line([{"type": "text", "text": text}]))
         self.process.stdin.flush()
         for line in self.process.stdout:
+            if self.first_token is None and event_type(line) == "text_delta":
+                self.first_token = time.perf_counter() - start
             event = json.loads(line)
             if event.get("type") == "result":
-                if event.get("result") != expect:
+                if not str(event.get("result")).endswith(expect):
                     raise BenchError(f"the bare CLI answered {json.dumps(event)[:300]}")
                 return start, time.perf_counter() - start
         raise BenchError("the bare CLI exited before its result")
@@ -1388,67 +1438,134 @@ async def settled_then(pool: WarmPool, ask: Callable[[], tuple[float, float]]) -
     return await asyncio.to_thread(ask)
 
 
-def limit_warm_turns(lab: Lab, runs: int) -> dict[str, list[float]]:
-    """``runs`` conversations of SESSION_TURNS turns each, a stateless SDK client through a server with the
-    default settings beside the bare CLI, taking turns: turns 2 onwards, beyond the stand-in's own time."""
-    added: dict[str, list[float]] = {"server": [], "bare": []}
+async def beyond_standin(lab: Lab, spans: list[tuple[float, float]]) -> float:
+    """Seconds of the (start, seconds) spans beyond the stand-in's own time."""
+    await asyncio.sleep(0.02)  # a stream's span is noted just after its last byte
+    return sum(seconds - lab.standin.upstream_seconds(start, start + seconds) for start, seconds in spans)
+
+
+@dataclass
+class LimitTurns:
+    """The warm turns of figure 13, each beyond the stand-in's own time, and the agent chat's cache."""
+
+    added: dict[str, list[float]] = field(
+        default_factory=lambda: {"server": [], "agent": [], "bare": [], "bare agent": []}
+    )
+    agent: AgentChat = field(default_factory=lambda: AgentChat())  # defined with figure 9, below
+
+
+async def limit_conversation(lab: Lab, http: httpx.AsyncClient, url: str, n: int, got: LimitTurns) -> None:
+    """One conversation of each side, taking turns: a stateless SDK client, the same client's agent chat with
+    8 functions (each turn a call and its result sent back: two requests), the bare CLI, and a bare CLI with the
+    same functions on an MCP server of its own (each turn a call it makes itself, then the answer)."""
+    messages: list[Any] = [{"role": "system", "content": SESSION_SYSTEM}]
+    with (
+        StatelessChat(url) as chat,
+        BareCli(lab, SESSION_SYSTEM) as bare,
+        BareCli(lab, SESSION_SYSTEM, functions=True) as bare_agent,
+    ):
+
+        async def agent(turn: int) -> list[tuple[float, float]]:
+            messages.append({"role": "user", "content": tool_question(turn)})
+            exchanges = await agent_turn(http, url, messages, FUNCTIONS)
+            if turn:
+                got.agent.prompt.append(sum(e.usage.get("prompt_tokens", 0) for e in exchanges))
+                got.agent.cached.append(
+                    sum((e.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for e in exchanges)
+                )
+            return [(e.start, e.seconds) for e in exchanges]
+
+        async def server(turn: int) -> list[tuple[float, float]]:
+            return [(await asyncio.to_thread(chat.turn, question(turn), SESSION_ANSWER))[:2]]
+
+        async def alone(turn: int) -> list[tuple[float, float]]:
+            return [await asyncio.to_thread(bare.turn, question(turn), SESSION_ANSWER)]
+
+        async def alone_agent(turn: int) -> list[tuple[float, float]]:
+            return [await asyncio.to_thread(bare_agent.turn, tool_question(turn), SESSION_ANSWER)]
+
+        sides = {"server": server, "agent": agent, "bare": alone, "bare agent": alone_agent}
+        names = list(sides)
+        for turn in range(SESSION_TURNS):
+            k = (n + turn) % len(names)
+            for name in names[k:] + names[:k]:
+                spans = await sides[name](turn)
+                added = await beyond_standin(lab, spans)
+                if turn:
+                    got.added[name].append(added)
+
+
+def limit_warm_turns(lab: Lab, runs: int) -> LimitTurns:
+    """``runs`` conversations of SESSION_TURNS turns from each side (see ``limit_conversation``), through a server
+    with the default settings and with the bare CLI: turns 2 onwards, beyond the stand-in's own time."""
+    got = LimitTurns()
+
+    async def measure(url: str) -> None:
+        async with client() as http:
+            for n in range(runs):
+                await limit_conversation(lab, http, url, n, got)
+
+    lab.standin.reset(default=replace(TOOLS_REPLY, delay=0.0))  # text without functions, a call with them
+    lab.standin.forget_cache()
     with t.serve(lab.app()) as url:
-        for n in range(runs):
-            with StatelessChat(url) as chat, BareCli(lab, SESSION_SYSTEM) as bare:
-                sides: dict[str, Callable[[str, str], tuple[float, float]]] = {
-                    "server": lambda text, expect: chat.turn(text, expect)[:2],
-                    "bare": bare.turn,
-                }
-                for turn in range(SESSION_TURNS):
-                    for name in ["server", "bare"] if (n + turn) % 2 == 0 else ["bare", "server"]:
-                        start, seconds = sides[name](question(turn), SESSION_ANSWER)
-                        time.sleep(0.02)  # a stream's span is noted just after its last byte
-                        if turn:
-                            added[name].append(seconds - lab.standin.upstream_seconds(start, start + seconds))
-    return added
+        asyncio.run(measure(url))
+    return got
 
 
 def limit_first_turns(lab: Lab, runs: int) -> tuple[dict[str, list[float]], Row]:
-    """A one-shot request to a server with its pool full, beside a bare CLI's first turn (started, then idle),
-    alternating: each beyond the stand-in's own time."""
-    added: dict[str, list[float]] = {"server": [], "bare": []}
+    """Taking turns: a one-shot request to a server with its pool full beside a bare CLI's first turn (started,
+    then idle), each beyond the stand-in's own time; and a streamed one-shot request's first content chunk beside
+    the first text delta of a warm turn of a bare CLI kept running."""
 
-    async def measure(url: str) -> Row:
+    async def measure(url: str) -> tuple[dict[str, list[float]], Row]:
         async with client() as http:
             pool = WarmPool(http, url)
-            for n in range(runs + 1):
-                for name in ["server", "bare"] if n % 2 == 0 else ["bare", "server"]:
-                    if name == "server":
-                        await pool.settle()
-                        start = time.perf_counter()
-                        seconds = await timed_completion(http, url, fresh_prompt())
-                    else:
-                        with BareCli(lab, api.NEUTRAL_SYSTEM_PROMPT) as bare:
-                            start, seconds = await settled_then(pool, lambda: bare.turn(PROMPT, STREAM_REPLY.text))
-                    await asyncio.sleep(0.02)
-                    if n:  # the first round warms the pool's options up
-                        added[name].append(seconds - lab.standin.upstream_seconds(start, start + seconds))
-            return await pool.row(LIMIT_FIGURE, runs + 1)
+            with BareCli(lab, api.NEUTRAL_SYSTEM_PROMPT) as warm:
+
+                async def one_shot() -> float:
+                    await pool.settle()
+                    start = time.perf_counter()
+                    return await beyond_standin(lab, [(start, await timed_completion(http, url, fresh_prompt()))])
+
+                async def first_turn() -> float:
+                    with BareCli(lab, api.NEUTRAL_SYSTEM_PROMPT) as bare:
+                        span = await settled_then(pool, lambda: bare.turn(PROMPT, STREAM_REPLY.text))
+                    return await beyond_standin(lab, [span])
+
+                async def streamed() -> float:
+                    await pool.settle()
+                    return await timed_first_chunk(http, url, fresh_prompt())
+
+                async def warm_token() -> float:
+                    await settled_then(pool, lambda: warm.turn(PROMPT, STREAM_REPLY.text))
+                    if warm.first_token is None:
+                        raise BenchError("the bare CLI printed no text_delta stream_event")
+                    return warm.first_token
+
+                # The warm-ups warm the pool's options up, and the kept bare CLI past its first turn.
+                samplers = {"server": one_shot, "bare": first_turn, "stream": streamed, "bare token": warm_token}
+                got = await interleaved(runs, samplers)
+            return got, await pool.row(LIMIT_FIGURE, 2 * (runs + 1))
 
     lab.standin.reset(default=t.Reply(text=STREAM_REPLY.text))
     with t.serve(lab.app()) as url:
-        row = asyncio.run(measure(url))
-    return added, row
+        return asyncio.run(measure(url))
 
 
 def bench_limit(lab: Lab, runs: int) -> list[Row]:
-    lab.standin.reset(default=t.Reply(text=SESSION_ANSWER))
     warm = limit_warm_turns(lab, runs)
     first, pool_row = limit_first_turns(lab, runs)
     lab.standin.reset()
     p50 = {
-        f"{kind} {name}": percentile(got[name], 50) for kind, got in (("warm", warm), ("first", first)) for name in got
+        f"{kind} {name}": percentile(got[name], 50)
+        for kind, got in (("warm", warm.added), ("first", first))
+        for name in got
     }
     turn_ratio = p50["warm server"] / p50["warm bare"]
     first_ratio = p50["first server"] / p50["warm bare"]
     return [
-        Row(LIMIT_FIGURE, "bare CLI, warm turn (2-10), beyond the stand-in", p50_p95(warm["bare"]), "the limit"),
-        Row(LIMIT_FIGURE, "server, a stateless client's turn (2-10), beyond", p50_p95(warm["server"])),
+        Row(LIMIT_FIGURE, "bare CLI, warm turn (2-10), beyond the stand-in", p50_p95(warm.added["bare"]), "the limit"),
+        Row(LIMIT_FIGURE, "server, a stateless client's turn (2-10), beyond", p50_p95(warm.added["server"])),
         Row(
             LIMIT_FIGURE,
             "  server turn / bare warm turn",
@@ -1470,6 +1587,33 @@ def bench_limit(lab: Lab, runs: int) -> list[Row]:
             f"{first_ratio:.2f}x at p50",
             f"<= {LIMIT_FIRST_GOAL:.2f}x",
             verdict(first_ratio <= LIMIT_FIRST_GOAL),
+        ),
+        Row(LIMIT_FIGURE, "bare CLI, warm turn: first text delta", p50_p95(first["bare token"]), "the limit"),
+        Row(LIMIT_FIGURE, "server, streamed one-shot, pool full: first token", p50_p95(first["stream"])),
+        Row(
+            LIMIT_FIGURE,
+            "  first token: server / bare warm turn",
+            f"{p50['first stream'] / p50['first bare token']:.2f}x at p50 "
+            f"({signed_ms(p50['first stream'] - p50['first bare token'])})",
+            "report",
+        ),
+        Row(
+            LIMIT_FIGURE,
+            f"bare CLI, agent turn (2-10), {len(FUNCTIONS)} functions on a stdio MCP server, beyond",
+            p50_p95(warm.added["bare agent"]),
+            "the limit",
+        ),
+        Row(
+            LIMIT_FIGURE,
+            "server, agent turn (2-10): call + result (two requests), beyond",
+            f"{p50_p95(warm.added['agent'])}; {warm.agent.share(0):.1%} of its prompt tokens from cache",
+        ),
+        Row(
+            LIMIT_FIGURE,
+            "  server agent turn / bare agent turn",
+            f"{p50['warm agent'] / p50['warm bare agent']:.2f}x at p50 "
+            f"({signed_ms(p50['warm agent'] - p50['warm bare agent'])})",
+            "report",
         ),
         pool_row,
     ]
