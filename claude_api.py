@@ -74,7 +74,7 @@ from collections.abc import (
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, TypedDict, TypeVar
+from typing import Any, Literal, Protocol, TypedDict
 
 import uvicorn
 from starlette.applications import Starlette
@@ -1141,10 +1141,7 @@ def native_messages(turns: Iterable[Turn], pending: Mapping[str, dict[str, Any]]
         if user:
             messages.append(NativeMessage("user", user))
         blocks = assistant_blocks(turn, open_calls)
-        if messages and messages[-1].role == "assistant":
-            messages[-1].blocks.extend(blocks)
-        else:
-            messages.append(NativeMessage("assistant", blocks or [{"type": "text", "text": "(no answer)"}]))
+        messages.append(NativeMessage("assistant", blocks or [{"type": "text", "text": "(no answer)"}]))
     user = close_calls(results) + loose
     if user:
         messages.append(NativeMessage("user", user))
@@ -2832,7 +2829,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
     if not messages or messages[-1].role == "assistant":
         messages.append(NativeMessage("user", [{"type": "text", "text": CONTINUE}]))
     system: str | None = request.system or None
-    field: SystemField = "systemPrompt"
+    system_field: SystemField = "systemPrompt"
     if settings.system_prompt_mode == "embed":
         if system and not (conversation and conversation.resume):
             first = next(m for m in messages if m.role == "user")
@@ -2842,7 +2839,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
                 first.blocks.insert(0, {"type": "text", "text": f"{system}\n\n"})
         system = None  # keep the CLI's own prompt: the plan accepts only that one
     elif settings.system_prompt_mode == "append":
-        field = "appendSystemPrompt"
+        system_field = "appendSystemPrompt"
     else:
         system = system or NEUTRAL_SYSTEM_PROMPT
     env = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(request.max_tokens)} if request.max_tokens else {}
@@ -2854,7 +2851,7 @@ def build_cli_call(request: ChatRequest, settings: Settings, conversation: Conve
         args=tuple(args),
         stdin=user_message_line(messages[-1].blocks),
         system_prompt=system,
-        system_field=field,
+        system_field=system_field,
         env=env,
         session_args=session_args,
         history=tuple(messages[:-1]),
@@ -4108,6 +4105,7 @@ class CliProcess:
         version_args: tuple[str, ...] = (),
         on_started: Callable[[float], None] = lambda seconds: None,
         on_limits: Callable[[Mapping[str, Any]], None] = lambda info: None,
+        prices: Prices | None = None,
     ) -> None:
         self.binary, self.call, self.workdir, self.environ = binary, call, workdir, environ
         self.on_closed, self.on_started, self.on_limits = on_closed, on_started, on_limits
@@ -4116,7 +4114,7 @@ class CliProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
         self.cost_so_far = 0.0  # the CLI's running total over the turns this process answered
-        self.prices = Prices()  # the runner's, shared by its processes
+        self.prices = prices or Prices()  # the runner's, shared by its processes
         self.tools: tuple[Tool, ...] | None = None  # the functions it offers, fixed once set (the CLI cannot swap them)
         self.pending: dict[str, dict[str, Any]] = {}  # the calls its last turn stopped at, with a result for each
         self.policy: ToolPolicy | None = None  # the rules of the turn under way
@@ -4798,8 +4796,8 @@ class Runner:
             version_args=self.version_args,
             on_started=self.metrics.process_started,
             on_limits=self.subscription.update,
+            prices=self.prices,
         )
-        cli.prices = self.prices
         self.live.add(cli)
         return cli
 
@@ -5237,6 +5235,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     owner: str = ""  # the API key that made it (see KEY_OWNER); no other key can reach it
     users: int = 0  # requests holding or waiting for its lock: a session with any is never forgotten or evicted
+    kept: int = 0  # kept_bytes of its history as it answered, turns it shares with others included
 
     @property
     def idle(self) -> bool:
@@ -5401,6 +5400,9 @@ class Sessions:
         of a key holding more than its share (the budget over the keys holding any) first, each least recently
         used first."""
         budget = self.settings.max_kept_bytes
+        holders = (*self.explicit.values(), *self.auto.values(), *self.responses.items.values())
+        if sum(holder.kept for holder in holders) <= budget:
+            return  # the common case, at one addition a holder: their shared turns counted in each, a bound above
         entries = self.kept()
         total = sum(entry.size for entry in entries)
         if total <= budget:
@@ -5571,6 +5573,7 @@ class SessionJob(Job):
     def answered(self, turn: Turn, exact: bool) -> None:
         session = self.session
         session.history = [*self.context, turn]
+        session.kept = sum(turn.kept_bytes for turn in session.history)
         if session.kind != "automatic":
             self.registered = True
             self.sessions.explicit.setdefault((session.owner, session.key), session)  # a failed turn's twin forgot it
@@ -5591,6 +5594,7 @@ class StoredResponse:
     owner: str = ""  # the API key that made it (see KEY_OWNER)
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    kept: int = 0  # kept_bytes of its turns, those it shares with others included
 
 
 @dataclass(frozen=True)
@@ -5621,7 +5625,7 @@ class ResponseStore:
 
     def put(self, response_id: str, turns: tuple[Turn, ...], job: Job, owner: str = "") -> None:
         session = job.session if isinstance(job, SessionJob) else None
-        self.items[response_id] = StoredResponse(turns, session, owner)
+        self.items[response_id] = StoredResponse(turns, session, owner, kept=sum(turn.kept_bytes for turn in turns))
         while len(self.items) > MAX_AUTO_SESSIONS:
             self.items.popitem(last=False)
 
@@ -6655,16 +6659,9 @@ async def read_json(request: Request, settings: Settings) -> Any:
         raise RequestTimeout(
             f"The request body did not arrive within CLAUDE_BODY_TIMEOUT={settings.body_timeout:g} s."
         ) from None
-    return await off_loop(decode_json, body)
-
-
-T = TypeVar("T")
-
-
-async def off_loop(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``work`` run in a worker thread: parsing a body and checking its schemas take time in proportion to the
-    body, and the event loop goes on serving every other request (/health within milliseconds) meanwhile."""
-    return await asyncio.to_thread(work, *args, **kwargs)
+    # Parsing a body, as checking its schemas in each route after, takes time in proportion to the body: both run
+    # in a worker thread, and the event loop goes on serving every other request (/health within milliseconds).
+    return await asyncio.to_thread(decode_json, body)
 
 
 async def until_disconnect(request: Request) -> None:
@@ -6816,7 +6813,7 @@ async def chat_completions(request: Request) -> Response:
     settings: Settings = state.settings
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat = await off_loop(parse_chat_body, body, settings, request.headers.get("x-session-id"))
+    chat = await asyncio.to_thread(parse_chat_body, body, settings, request.headers.get("x-session-id"))
     reserve(request, chat)
     renderer = ChatStream(chat.model, chat.include_usage)
     return await serve_chat(
@@ -6830,7 +6827,9 @@ async def create_message(request: Request) -> Response:
     settings: Settings = state.settings
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat, messages = await off_loop(parse_messages_request, body, settings, request.headers.get("x-session-id"))
+    chat, messages = await asyncio.to_thread(
+        parse_messages_request, body, settings, request.headers.get("x-session-id")
+    )
     reserve(request, chat)
     renderer = AnthropicStream(chat.model, messages.thinking)
     response = await serve_chat(
@@ -6851,7 +6850,9 @@ async def count_tokens(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     state.limits.admit(key_name(request), spends=False)
-    chat, _ = await off_loop(parse_messages_request, await read_json(request, settings), settings, count_only=True)
+    chat, _ = await asyncio.to_thread(
+        parse_messages_request, await read_json(request, settings), settings, count_only=True
+    )
     return with_request_id(JSONResponse({"input_tokens": estimate_input_tokens(chat)}))
 
 
@@ -6884,7 +6885,7 @@ async def create_response(request: Request) -> Response:
     sessions: Sessions = state.sessions
     state.limits.admit(key_name(request))
     body = await read_json(request, settings)
-    chat = await off_loop(parse_responses_body, body, settings)
+    chat = await asyncio.to_thread(parse_responses_body, body, settings)
     reserve(request, chat)
     responses: ResponseStore = state.responses
     store = body.get("store", True) is not False
